@@ -1,0 +1,132 @@
+//! Configuration access for modules and adapters.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// One problem found in the configuration, with the key path it concerns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `pools.orders.workers`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigProblem {
+    /// A problem at `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Errors of typed section access.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The section does not exist.
+    #[error("config section {0} is missing")]
+    Missing(String),
+    /// The section does not have the expected shape.
+    #[error("config section {section}: {message}")]
+    Invalid {
+        /// The section's key path.
+        section: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Called with the new value of a section after a reload changed it.
+pub type ConfigSubscriber = Box<dyn Fn(&serde_json::Value) + Send + Sync>;
+
+/// Read access to the validated configuration.
+///
+/// Implemented by the runtime core's configuration manager. Sections are addressed by
+/// dotted key path (`apps.mail_order_bot`). Values are already validated when a module sees
+/// them: start-up and reload validate everything before anything is applied.
+///
+/// ```
+/// use runtime_contracts::{ConfigProvider, ConfigSubscriber};
+/// struct Fixed(serde_json::Value);
+/// impl ConfigProvider for Fixed {
+///     fn section(&self, path: &str) -> Option<serde_json::Value> { self.0.pointer(path).cloned() }
+///     fn subscribe(&self, _path: &str, _s: ConfigSubscriber) {}
+/// }
+/// let cfg = Fixed(serde_json::json!({"workers": 4}));
+/// let provider: &dyn ConfigProvider = &cfg;
+/// let workers: u32 = provider.typed("/workers").unwrap();
+/// assert_eq!(workers, 4);
+/// ```
+pub trait ConfigProvider: Send + Sync {
+    /// The current value of a section, if present.
+    fn section(&self, path: &str) -> Option<serde_json::Value>;
+    /// Registers `subscriber` to be called after each reload that changed `path`.
+    fn subscribe(&self, path: &str, subscriber: ConfigSubscriber);
+}
+
+impl dyn ConfigProvider + '_ {
+    /// The section deserialised into `T`.
+    pub fn typed<T: DeserializeOwned>(&self, path: &str) -> Result<T, ConfigError> {
+        let value = self
+            .section(path)
+            .ok_or_else(|| ConfigError::Missing(path.to_owned()))?;
+        serde_json::from_value(value).map_err(|e| ConfigError::Invalid {
+            section: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Deserialises one configuration section into `T`, collecting every unknown key and the
+/// first type error with its full key path (`prefix` is the section's own path). Used by the
+/// runtime, its adapters and modules alike, so that every problem reads the same way.
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Pool { workers: u32 }
+/// let value = serde_json::json!({"workers": "four", "wokers": 4});
+/// let problems = runtime_contracts::config::parse_section::<Pool>(&value, "pools.orders")
+///     .err().unwrap();
+/// let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+/// assert_eq!(keys, ["pools.orders.wokers", "pools.orders.workers"]);
+/// ```
+pub fn parse_section<T: DeserializeOwned>(
+    value: &serde_json::Value,
+    prefix: &str,
+) -> Result<T, Vec<ConfigProblem>> {
+    let join = |path: String| match (prefix.is_empty(), path.is_empty() || path == ".") {
+        (_, true) => prefix.to_owned(),
+        (true, false) => path,
+        (false, false) => format!("{prefix}.{path}"),
+    };
+    let mut problems = Vec::new();
+    let mut unknown = Vec::new();
+    let result: Result<T, _> = {
+        let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let track = serde_ignored::Deserializer::new(value, &mut record);
+        serde_path_to_error::deserialize(track)
+    };
+    for path in unknown {
+        problems.push(ConfigProblem::new(join(path), "unknown key"));
+    }
+    match result {
+        Ok(parsed) if problems.is_empty() => Ok(parsed),
+        Ok(_) => Err(problems),
+        Err(err) => {
+            let key = join(err.path().to_string());
+            problems.push(ConfigProblem::new(key, err.into_inner().to_string()));
+            Err(problems)
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Business handlers: the only place where an application's logic runs.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::source::{SourceError, TaskSource};
+use crate::task::{AttemptFailure, Task};
+use crate::BoxFuture;
+
+/// A recorded business outcome: the handler finished, and what happened is written down
+/// (an order was created, the sender is unknown, ...). Every outcome is a *success* for the
+/// runtime: the source completes the task (for mail: `\Seen`) and the queue acknowledges it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Short machine-readable name, e.g. `created` or `unknown_client`.
+    pub kind: String,
+    /// Optional human-readable detail.
+    pub detail: Option<String>,
+}
+
+impl Outcome {
+    /// An outcome with no detail.
+    pub fn new(kind: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            detail: None,
+        }
+    }
+
+    /// Adds a human-readable detail.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// Why a handler did not produce an outcome. The variant is the retry intent: the runtime,
+/// not the handler, decides when to try again, using the pool's retry policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// A transient failure (database busy, content not readable yet). The runtime retries
+    /// after `after` if given, else after its backoff, until the pool's `max_attempts`.
+    #[error("retriable failure: {reason}")]
+    Retry {
+        /// Why the attempt failed.
+        reason: String,
+        /// A delay the handler asks for, overriding the backoff for this attempt.
+        after: Option<Duration>,
+    },
+    /// A failure that no retry can fix: the task is dead-lettered at once.
+    #[error("permanent failure: {0}")]
+    Permanent(String),
+}
+
+impl HandlerError {
+    /// A retriable failure that lets the runtime choose the delay.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Self::Retry {
+            reason: reason.into(),
+            after: None,
+        }
+    }
+}
+
+/// What a handler can reach besides its task: the content behind the task's pointer.
+#[derive(Clone)]
+pub struct HandlerContext {
+    source: Arc<dyn TaskSource>,
+}
+
+impl fmt::Debug for HandlerContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerContext")
+            .field("source", &self.source.id())
+            .finish()
+    }
+}
+
+impl HandlerContext {
+    /// A context whose content comes from `source`, the source that published the task.
+    pub fn new(source: Arc<dyn TaskSource>) -> Self {
+        Self { source }
+    }
+
+    /// Loads the bytes the task points at from its source; `Ok(None)` when the thing
+    /// pointed at is gone (deleted or moved since it was published).
+    pub async fn load_content(&self, task: &Task) -> Result<Option<Vec<u8>>, SourceError> {
+        self.source.load_content(task).await
+    }
+}
+
+/// Handles tasks of one kind.
+///
+/// Rules:
+/// - Called by a worker of the pool the handler is registered on, once per delivery, possibly
+///   concurrently for different tasks and, after a crash or a race between processes, more
+///   than once for the same task: a handler must be idempotent (the mail bot relies on a
+///   unique key in its database).
+/// - Returns `Ok(Outcome)` when the result is recorded; only then does the source complete
+///   the task (for mail: set `\Seen`) and the queue acknowledge it.
+/// - Never retries by itself: it returns [`HandlerError::Retry`] or
+///   [`HandlerError::Permanent`] and the runtime applies the pool's policy.
+/// - Cancellation: the future may be dropped at an `.await` when the pool's handler timeout
+///   expires or the shutdown deadline passes; the task then goes back to the queue. Work
+///   must therefore be committed atomically (one transaction), never half-way.
+/// - A panic is caught at the worker boundary and recorded as a failed attempt.
+///
+/// ```
+/// use runtime_contracts::{BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler};
+/// struct Echo;
+/// impl TaskHandler for Echo {
+///     fn handle<'a>(&'a self, task: &'a Task, _ctx: &'a HandlerContext)
+///         -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+///         Box::pin(async move {
+///             if task.payload.is_null() {
+///                 return Err(HandlerError::Permanent("empty pointer".into()));
+///             }
+///             Ok(Outcome::new("echoed"))
+///         })
+///     }
+/// }
+/// ```
+pub trait TaskHandler: Send + Sync {
+    /// Handles one delivery of `task`.
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>>;
+
+    /// Called once when the runtime dead-letters `task`, so the application can record the
+    /// failure where its users look (the bot writes a `failed` outcome). Must not fail:
+    /// problems are logged. The default does nothing.
+    fn on_dead_letter<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+        failure: &'a AttemptFailure,
+    ) -> BoxFuture<'a, ()> {
+        let _ = (task, ctx, failure);
+        Box::pin(async {})
+    }
+}

@@ -1,0 +1,85 @@
+//! Application modules: how a business application plugs into the runtime.
+
+use std::sync::Arc;
+
+use crate::config::{ConfigProblem, ConfigProvider};
+use crate::handler::TaskHandler;
+use crate::health::HealthContributor;
+use crate::BoxFuture;
+
+/// Why a module could not register.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModuleError {
+    /// Its configuration is unusable.
+    #[error("module {module}: invalid configuration: {message}")]
+    Config {
+        /// Module name.
+        module: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A resource it needs (a database) could not be opened.
+    #[error("module {module}: {message}")]
+    Init {
+        /// Module name.
+        module: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Where a module registers its parts. Implemented by the runtime core's builder.
+pub trait ModuleRegistry: Send {
+    /// Registers `handler` for tasks of `kind` on the worker pool named `pool`.
+    fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>);
+    /// Registers a health contributor.
+    fn health(&mut self, contributor: Arc<dyn HealthContributor>);
+    /// Registers a shared service others can look up by type (e.g. the database pool).
+    fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>);
+}
+
+/// A business application hosted by the runtime.
+///
+/// Rules:
+/// - The runtime calls `validate_config` with the module's section before anything starts,
+///   together with its own validation, and reports every problem at once.
+/// - Then it calls `register` once; the module opens what it needs (its database) and
+///   registers handlers and health contributors. Sources, queues and pools are chosen by the
+///   configuration and composed by the binary; the module names the pool it handles.
+/// - A module never sees the queue or the source types: its handlers reach content through
+///   their [`crate::HandlerContext`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use runtime_contracts::*;
+/// struct Noop;
+/// impl TaskHandler for Noop {
+///     fn handle<'a>(&'a self, _t: &'a Task, _c: &'a HandlerContext)
+///         -> BoxFuture<'a, Result<Outcome, HandlerError>> { Box::pin(async { Ok(Outcome::new("noop")) }) }
+/// }
+/// struct App;
+/// impl ApplicationModule for App {
+///     fn name(&self) -> &str { "app" }
+///     fn config_section(&self) -> &str { "apps.app" }
+///     fn validate_config(&self, _section: Option<&serde_json::Value>) -> Vec<ConfigProblem> { vec![] }
+///     fn register<'a>(&'a self, registry: &'a mut dyn ModuleRegistry, _c: &'a dyn ConfigProvider)
+///         -> BoxFuture<'a, Result<(), ModuleError>> {
+///         Box::pin(async move { registry.handler("default", "noop", Arc::new(Noop)); Ok(()) })
+///     }
+/// }
+/// ```
+pub trait ApplicationModule: Send + Sync {
+    /// The module's name.
+    fn name(&self) -> &str;
+    /// The dotted key of its configuration section, e.g. `apps.mail_order_bot`.
+    fn config_section(&self) -> &str;
+    /// Every problem in its section (`None` when the section is absent), keys in full.
+    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem>;
+    /// Opens its resources and registers its parts.
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>>;
+}

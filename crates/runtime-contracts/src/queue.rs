@@ -1,0 +1,179 @@
+//! Task queues: where published tasks wait for a worker.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::task::{AttemptFailure, Task};
+use crate::BoxFuture;
+
+/// Errors a queue reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The queue is at capacity; the publisher should leave its work where it is and try later.
+    #[error("queue {queue} is full ({capacity} tasks)")]
+    Full {
+        /// Queue name.
+        queue: String,
+        /// Its capacity.
+        capacity: usize,
+    },
+    /// The lease is unknown: it expired and was handed to another consumer, or was settled.
+    #[error("lease {0} is unknown or expired")]
+    UnknownLease(String),
+    /// The queue's backend is unavailable.
+    #[error("queue backend unavailable: {0}")]
+    Unavailable(String),
+    /// A dead letter with this id does not exist.
+    #[error("dead letter {0} not found")]
+    DeadLetterNotFound(String),
+}
+
+/// What `publish` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishResult {
+    /// The task was enqueued.
+    Enqueued,
+    /// A task with the same id is already pending, in flight, scheduled or dead: nothing was added.
+    AlreadyKnown,
+}
+
+/// A consumed task, held exclusively by one consumer until it is settled with `ack`, `nack`
+/// or `dead_letter`, or until the lease expires and the task becomes visible again.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    /// The task, with `attempt` and `history` as of this delivery.
+    pub task: Task,
+    /// Opaque receipt that identifies this delivery to the queue.
+    pub receipt: String,
+}
+
+/// Counters and gauges of one queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Tasks ready to be consumed.
+    pub depth: u64,
+    /// Tasks waiting for their retry delay.
+    pub scheduled: u64,
+    /// Tasks leased and not yet settled.
+    pub in_flight: u64,
+    /// Tasks accepted by `publish` since start.
+    pub published: u64,
+    /// Tasks acknowledged since start.
+    pub processed: u64,
+    /// Failed attempts (nacks with a failure) since start.
+    pub failed: u64,
+    /// Tasks in the dead-letter store now.
+    pub dead: u64,
+}
+
+/// A queue of tasks with lease semantics.
+///
+/// Rules:
+/// - Sources call `publish`; workers call `consume` and then exactly one of `ack`, `nack` or
+///   `dead_letter` for each lease. The runtime's retry policy decides between them; the
+///   queue never decides to retry on its own, except that an expired lease makes its task
+///   visible again (a worker died without settling).
+/// - `publish` is idempotent by task id: a task whose id is pending, in flight, scheduled or
+///   dead is not added twice ([`PublishResult::AlreadyKnown`]).
+/// - `consume` is cancel safe: if its future is dropped, no task is leased.
+/// - `nack(lease, delay, Some(failure))` counts a failed attempt; `nack(lease, delay, None)`
+///   returns the task untouched (shutdown), without counting an attempt.
+///
+/// ```
+/// # use std::time::Duration;
+/// use runtime_contracts::{Lease, QueueError, Task, TaskQueue};
+/// async fn drain_one(queue: &dyn TaskQueue) -> Result<Option<Task>, QueueError> {
+///     let Some(lease) = queue.consume(Duration::from_millis(10)).await? else { return Ok(None) };
+///     queue.ack(&lease).await?;
+///     Ok(Some(lease.task))
+/// }
+/// ```
+pub trait TaskQueue: Send + Sync {
+    /// The queue's name.
+    fn name(&self) -> &str;
+
+    /// Adds a task. Errors leave nothing half-published; the source keeps its work unread.
+    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>>;
+
+    /// Leases the next visible task, waiting up to `wait` for one. Cancel safe.
+    fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>>;
+
+    /// Settles a lease as done: the task is removed.
+    fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>>;
+
+    /// Settles a lease as not done: the task becomes visible again after `retry_delay`.
+    /// With a failure, the attempt is counted and appended to the task's history.
+    fn nack<'a>(
+        &'a self,
+        lease: &'a Lease,
+        retry_delay: Duration,
+        failure: Option<AttemptFailure>,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
+
+    /// Settles a lease as given up: the task, with `failure` appended to its history, moves
+    /// to the dead letters, where it stays until replayed or purged.
+    fn dead_letter<'a>(
+        &'a self,
+        lease: &'a Lease,
+        failure: AttemptFailure,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
+
+    /// Current counters.
+    fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>>;
+
+    /// The dead-letter capability, for queues that offer listing, replay and purge.
+    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+        None
+    }
+}
+
+/// A dead-lettered task and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Id of the dead letter (the task id).
+    pub id: String,
+    /// The task, with its full attempt history.
+    pub task: Task,
+    /// The reason it was given up (the last failure).
+    pub reason: String,
+    /// When, milliseconds since the Unix epoch.
+    pub dead_at_unix_ms: u64,
+}
+
+/// One page of dead letters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterPage {
+    /// The dead letters of this page, oldest first.
+    pub items: Vec<DeadLetter>,
+    /// Cursor of the next page, if there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// Operator access to a queue's dead letters: list, replay, purge.
+///
+/// Replay puts a task back on the queue with its attempt counter reset (its history is
+/// kept), so a fixed fault gets a full set of attempts. Called by operators through the
+/// control plane or CLI, never by workers.
+///
+/// ```
+/// use runtime_contracts::{DeadLetterStore, QueueError};
+/// async fn replay_everything(store: &dyn DeadLetterStore) -> Result<usize, QueueError> {
+///     store.replay_all().await
+/// }
+/// ```
+pub trait DeadLetterStore: Send + Sync {
+    /// Lists up to `limit` dead letters after `cursor`.
+    fn list(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<DeadLetterPage, QueueError>>;
+    /// Puts one dead letter back on the queue.
+    fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
+    /// Puts every dead letter back on the queue; returns how many.
+    fn replay_all(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
+    /// Deletes one dead letter for good.
+    fn purge<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
+}

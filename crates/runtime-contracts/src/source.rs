@@ -1,0 +1,178 @@
+//! Task sources: where work comes from, and where it is completed.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::queue::TaskQueue;
+use crate::shutdown::Shutdown;
+use crate::task::Task;
+use crate::trace::TraceFactory;
+use crate::BoxFuture;
+
+/// Errors a source reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// An I/O failure reaching what the source reads (a directory, a server).
+    #[error("source {source_id}: {message}")]
+    Io {
+        /// The source's id.
+        source_id: String,
+        /// What failed.
+        message: String,
+    },
+    /// The task's pointer is not one this source understands.
+    #[error("source {source_id}: invalid pointer: {message}")]
+    InvalidPointer {
+        /// The source's id.
+        source_id: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The content behind the pointer is larger than the source allows.
+    #[error("source {source_id}: content of {size} bytes is above the {limit}-byte limit")]
+    TooLarge {
+        /// The source's id.
+        source_id: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// Lifecycle state of a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    /// Created, not started.
+    Idle,
+    /// Running and publishing.
+    Running,
+    /// Running but unable to reach what it reads; retrying.
+    Degraded,
+    /// Stopped.
+    Stopped,
+}
+
+/// A snapshot of a source's progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// Lifecycle state.
+    pub state: SourceState,
+    /// Tasks published since start.
+    pub published: u64,
+    /// Tasks completed since start.
+    pub completed: u64,
+    /// Tasks published and not yet completed or released.
+    pub pending: u64,
+    /// Time since the last successful scan, poll or event.
+    pub last_event_age: Option<Duration>,
+    /// The last error, if the source is degraded.
+    pub last_error: Option<String>,
+}
+
+/// What happened to a task that will not be completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// It was dead-lettered; the source must not publish it again on its own.
+    DeadLettered,
+    /// It went back to a queue that outlives this process, or was dropped with an
+    /// in-memory queue at shutdown; the source may publish it again after a restart.
+    Returned,
+}
+
+/// Tells a source whether the pool behind its queue can take more work.
+pub trait Backpressure: Send + Sync {
+    /// Resolves once in-flight plus queued work is below the pool's high watermark.
+    /// Cancel safe.
+    fn wait_for_capacity(&self) -> BoxFuture<'_, ()>;
+}
+
+/// What the runtime hands a source when it starts it.
+#[derive(Clone)]
+pub struct SourceContext {
+    /// The queue to publish to.
+    pub queue: Arc<dyn TaskQueue>,
+    /// Fires when the source must stop.
+    pub shutdown: Shutdown,
+    /// The pool's backpressure: wait for capacity before fetching more.
+    pub backpressure: Arc<dyn Backpressure>,
+    /// Writes trace context into the headers of published tasks.
+    pub tracer: Arc<dyn TraceFactory>,
+}
+
+impl fmt::Debug for SourceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceContext")
+            .field("queue", &self.queue.name())
+            .field("shutdown", &self.shutdown.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A source of tasks: a mailbox, a directory, a webhook, a schedule.
+///
+/// Rules:
+/// - `start` is called once by the runtime; its future *is* the running source: it scans or
+///   listens, publishes pointer tasks, and returns when `ctx.shutdown` fires. It returns an
+///   error only when it cannot run at all; transient failures are retried inside with
+///   backoff and shown in `status`. Stopping is cancelling `ctx.shutdown` and awaiting.
+/// - Publishing: one task per unit of work, never again while that task is pending, in
+///   flight or dead-lettered. Before fetching more, the source waits on `ctx.backpressure`.
+///   If publishing fails, the work stays where it is (mail stays unread).
+/// - `complete` is called by a worker only after the handler succeeded (the outcome is
+///   committed). It performs the source-side action (for mail: set `\Seen`), must be
+///   idempotent, and if it fails the runtime retries the task; the handler then sees its
+///   own earlier result.
+/// - `load_content` is called by handlers through their context to read what a pointer
+///   points at; `Ok(None)` means it is gone.
+/// - `release` is called when a task will not be completed (dead-lettered or returned).
+///
+/// ```
+/// use runtime_contracts::*;
+/// struct Empty;
+/// impl TaskSource for Empty {
+///     fn id(&self) -> &str { "empty" }
+///     fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
+///         Box::pin(async move { ctx.shutdown.cancelled().await; Ok(()) })
+///     }
+///     fn status(&self) -> SourceStatus {
+///         SourceStatus { state: SourceState::Idle, published: 0, completed: 0, pending: 0,
+///                        last_event_age: None, last_error: None }
+///     }
+///     fn load_content<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
+///         Box::pin(async { Ok(None) })
+///     }
+///     fn complete<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
+///         Box::pin(async { Ok(()) })
+///     }
+/// }
+/// ```
+pub trait TaskSource: Send + Sync {
+    /// The source's id, unique within the runtime; tasks carry it in [`Task::source`].
+    fn id(&self) -> &str;
+
+    /// Runs the source until `ctx.shutdown` fires.
+    fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>>;
+
+    /// A snapshot of its progress.
+    fn status(&self) -> SourceStatus;
+
+    /// Reads the content the task points at; `Ok(None)` if it is gone.
+    fn load_content<'a>(
+        &'a self,
+        task: &'a Task,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>>;
+
+    /// The source-side completion, after the handler succeeded.
+    fn complete<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), SourceError>>;
+
+    /// Tells the source a task will not be completed. The default does nothing.
+    fn release(&self, task: &Task, disposition: Disposition) {
+        let _ = (task, disposition);
+    }
+}

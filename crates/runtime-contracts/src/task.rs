@@ -1,0 +1,168 @@
+//! The unit of work and its envelope.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Trace context and other string headers carried with a task (W3C `traceparent`,
+/// `tracestate`, ...). Ordered so that an envelope serialises the same way every time.
+pub type Headers = BTreeMap<String, String>;
+
+/// Stable identity of a task. A source derives it from what the task points at (for a
+/// Maildir message: the source id and the file's unique name), so publishing the same
+/// pointer twice yields the same id and a queue can refuse the second copy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub String);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One failed attempt, kept in the task's history so that a dead letter shows every reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptFailure {
+    /// The attempt number that failed, starting at 1.
+    pub attempt: u32,
+    /// Why it failed, in words an operator can act on.
+    pub reason: String,
+    /// When it failed, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+}
+
+/// Errors raised when building a task.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TaskError {
+    /// The payload is larger than [`Task::MAX_PAYLOAD_BYTES`]: tasks carry pointers, not content.
+    #[error("task payload is {actual} bytes, above the {limit}-byte limit for pointer payloads")]
+    PayloadTooLarge {
+        /// Serialised size of the payload.
+        actual: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The id or kind is empty.
+    #[error("task {0} must not be empty")]
+    Empty(&'static str),
+}
+
+/// A unit of work: a small *pointer* to something a source owns (a mail file, an IMAP UID),
+/// never the content itself, plus the envelope the runtime needs to route, trace and retry it.
+///
+/// ```
+/// use runtime_contracts::Task;
+/// let task = Task::new("maildir:inbox:1700000000.M1P1.host", "mail.message", "inbox",
+///     serde_json::json!({"file": "1700000000.M1P1.host"})).unwrap();
+/// assert_eq!(task.attempt, 0);
+/// assert_eq!(task.schema_version, Task::SCHEMA_VERSION);
+/// assert_eq!(task.correlation_id, task.id.0);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Envelope schema version; a consumer refuses versions it does not know.
+    pub schema_version: u16,
+    /// Stable identity derived from the pointer.
+    pub id: TaskId,
+    /// What kind of work this is; selects the handler within a pool.
+    pub kind: String,
+    /// Id of the source that published the task and will complete it.
+    pub source: String,
+    /// The pointer: small JSON the source understands.
+    pub payload: serde_json::Value,
+    /// Trace context and other headers, carried unchanged across retries.
+    pub headers: Headers,
+    /// Id shared by every task that belongs to the same business flow.
+    pub correlation_id: String,
+    /// Id of the task or event that caused this one, if any.
+    pub causation_id: Option<String>,
+    /// How many attempts have failed so far (0 on the first delivery).
+    pub attempt: u32,
+    /// Every failed attempt, oldest first.
+    pub history: Vec<AttemptFailure>,
+}
+
+impl Task {
+    /// The envelope version this crate writes.
+    pub const SCHEMA_VERSION: u16 = 1;
+    /// The largest pointer payload a task may carry, serialised.
+    pub const MAX_PAYLOAD_BYTES: usize = 4096;
+
+    /// Builds a first-attempt task; the correlation id starts as the task id.
+    pub fn new(
+        id: impl Into<String>,
+        kind: impl Into<String>,
+        source: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Result<Self, TaskError> {
+        let id = id.into();
+        let kind = kind.into();
+        if id.is_empty() {
+            return Err(TaskError::Empty("id"));
+        }
+        if kind.is_empty() {
+            return Err(TaskError::Empty("kind"));
+        }
+        let actual = payload.to_string().len();
+        if actual > Self::MAX_PAYLOAD_BYTES {
+            return Err(TaskError::PayloadTooLarge {
+                actual,
+                limit: Self::MAX_PAYLOAD_BYTES,
+            });
+        }
+        Ok(Self {
+            schema_version: Self::SCHEMA_VERSION,
+            correlation_id: id.clone(),
+            id: TaskId(id),
+            kind,
+            source: source.into(),
+            payload,
+            headers: Headers::new(),
+            causation_id: None,
+            attempt: 0,
+            history: Vec::new(),
+        })
+    }
+
+    /// The reason of the latest failed attempt, if any.
+    pub fn last_failure(&self) -> Option<&AttemptFailure> {
+        self.history.last()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_content_sized_payloads() {
+        let big = "x".repeat(Task::MAX_PAYLOAD_BYTES);
+        let err = Task::new("t", "k", "s", serde_json::json!({ "body": big }))
+            .expect_err("payload above the limit");
+        assert!(matches!(err, TaskError::PayloadTooLarge { .. }));
+    }
+
+    #[test]
+    fn refuses_empty_id_and_kind() {
+        assert_eq!(
+            Task::new("", "k", "s", serde_json::Value::Null),
+            Err(TaskError::Empty("id"))
+        );
+        assert_eq!(
+            Task::new("t", "", "s", serde_json::Value::Null),
+            Err(TaskError::Empty("kind"))
+        );
+    }
+
+    #[test]
+    fn envelope_round_trips_through_json() {
+        let mut task = Task::new("t1", "k", "s", serde_json::json!({"uid": 7})).expect("task");
+        task.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        let text = serde_json::to_string(&task).expect("serialise");
+        let back: Task = serde_json::from_str(&text).expect("deserialise");
+        assert_eq!(back, task);
+    }
+}
