@@ -1,1 +1,43 @@
+//! The plba runtime core: everything between a source and a business handler that is not
+//! an adapter.
+//!
+//! - [`RuntimeManager`] owns the lifecycle: it starts pools before sources, reports status,
+//!   and shuts down in order (sources stop, in-flight work drains until a deadline, what is
+//!   left goes back to its queue).
+//! - [`ConfigurationManager`] loads TOML plus `PLBA__SECTION__KEY` environment overrides,
+//!   validates everything before anything starts and notifies subscribers on reload.
+//! - [`WorkerSupervisor`] runs named worker pools, catches handler panics and timeouts,
+//!   restarts dead workers and applies the [`RetryPolicy`].
+//! - [`HealthRegistry`], [`TraceService`] and [`ServiceContainer`] are the shared services.
+//!
+//! What it is not for: talking to any particular queue, mailbox or database. Those are
+//! adapters (`runtime-adapters`) and applications, composed by a binary.
+#![warn(missing_docs)]
 
+pub mod config;
+mod container;
+mod error;
+mod health;
+mod retry;
+mod runtime;
+mod shutdown;
+pub mod supervisor;
+mod trace;
+
+pub use config::{ConfigOrigin, ConfigReport, ConfigurationManager, PlatformConfig, PoolConfig};
+pub use container::ServiceContainer;
+pub use error::CoreError;
+pub use health::{HealthRegistry, HealthReport};
+pub use retry::RetryPolicy;
+pub use runtime::{RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport};
+pub use shutdown::TokenSignal;
+pub use supervisor::{PoolStatus, WorkerSupervisor};
+pub use trace::TraceService;
+
+/// Milliseconds since the Unix epoch, for records.
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

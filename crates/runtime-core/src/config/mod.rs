@@ -1,0 +1,340 @@
+//! Configuration: a TOML file (or embedded text) plus `PLBA__SECTION__KEY` environment
+//! overrides, validated as a whole before anything starts.
+//!
+//! Sections: `[runtime]` and `[pools.*]` belong to the platform; every other top-level
+//! section (`queue`, `sources`, `apps.<module>`) is claimed by a validator that the binary
+//! registers for the adapter or module that reads it. A key nobody claims is an error.
+
+mod platform;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use runtime_contracts::{ConfigProblem, ConfigProvider, ConfigSubscriber};
+
+pub use platform::{PlatformConfig, PoolConfig, RuntimeConfig};
+
+/// Where the configuration text comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigOrigin {
+    /// A TOML file.
+    File(PathBuf),
+    /// TOML text compiled into the binary, with a name for messages.
+    Embedded {
+        /// Shown in messages, e.g. `embedded config/default.toml`.
+        name: String,
+        /// The TOML text.
+        text: String,
+    },
+}
+
+impl fmt::Display for ConfigOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Embedded { name, .. } => f.write_str(name),
+        }
+    }
+}
+
+/// Every problem found in a configuration. Nothing is started or changed when one exists.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub struct ConfigReport {
+    /// Where the configuration came from.
+    pub origin: String,
+    /// The problems, each with its key path.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "configuration {} has {n} problem{}:",
+            self.origin,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one claimed section; `None` when it is absent.
+pub type SectionValidator =
+    Arc<dyn Fn(Option<&serde_json::Value>) -> Vec<ConfigProblem> + Send + Sync>;
+
+struct Loaded {
+    root: Arc<serde_json::Value>,
+    platform: PlatformConfig,
+}
+
+/// Loads, validates, serves and reloads the configuration.
+pub struct ConfigurationManager {
+    origin: ConfigOrigin,
+    env: Option<HashMap<String, String>>,
+    validators: Vec<(String, SectionValidator)>,
+    loaded: RwLock<Loaded>,
+    subscribers: Mutex<Vec<(String, ConfigSubscriber)>>,
+}
+
+impl fmt::Debug for ConfigurationManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigurationManager")
+            .field("origin", &self.origin.to_string())
+            .field(
+                "claimed",
+                &self.validators.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`ConfigurationManager`].
+#[derive(Default)]
+pub struct ConfigBuilder {
+    env: Option<HashMap<String, String>>,
+    validators: Vec<(String, SectionValidator)>,
+}
+
+impl fmt::Debug for ConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigBuilder").finish_non_exhaustive()
+    }
+}
+
+impl ConfigBuilder {
+    /// Claims the section at dotted `key` (`queue`, `sources`, `apps.mail_order_bot`) and
+    /// validates it with `validator`.
+    pub fn claim(
+        mut self,
+        key: &str,
+        validator: impl Fn(Option<&serde_json::Value>) -> Vec<ConfigProblem> + Send + Sync + 'static,
+    ) -> Self {
+        self.validators.push((key.to_owned(), Arc::new(validator)));
+        self
+    }
+
+    /// Uses `vars` instead of the process environment for `PLBA__...` overrides.
+    pub fn env(mut self, vars: HashMap<String, String>) -> Self {
+        self.env = Some(vars);
+        self
+    }
+
+    /// Reads and validates the configuration.
+    pub fn load(self, origin: ConfigOrigin) -> Result<ConfigurationManager, ConfigReport> {
+        let mut manager = ConfigurationManager {
+            origin,
+            env: self.env,
+            validators: self.validators,
+            loaded: RwLock::new(Loaded {
+                root: Arc::new(serde_json::Value::Null),
+                platform: PlatformConfig::default(),
+            }),
+            subscribers: Mutex::new(Vec::new()),
+        };
+        let loaded = manager.read_and_validate()?;
+        manager.loaded = RwLock::new(loaded);
+        Ok(manager)
+    }
+}
+
+impl ConfigurationManager {
+    /// A builder, to claim sections and set the environment.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// The platform sections as validated.
+    pub fn platform(&self) -> PlatformConfig {
+        self.read_lock().platform.clone()
+    }
+
+    /// The whole configuration as validated.
+    pub fn root(&self) -> Arc<serde_json::Value> {
+        Arc::clone(&self.read_lock().root)
+    }
+
+    /// Where it came from.
+    pub fn origin(&self) -> &ConfigOrigin {
+        &self.origin
+    }
+
+    /// Reads the origin again and validates it; if valid, replaces the current configuration
+    /// and notifies the subscribers of every changed section. Returns the changed dotted
+    /// keys. On any problem nothing changes.
+    pub fn reload(&self) -> Result<Vec<String>, ConfigReport> {
+        let fresh = self.read_and_validate()?;
+        let old = self.root();
+        let mut changed = Vec::new();
+        diff_keys(&old, &fresh.root, "", 2, &mut changed);
+        let new_root = Arc::clone(&fresh.root);
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        let subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        for (path, subscriber) in subscribers.iter() {
+            let before = lookup(&old, path);
+            let after = lookup(&new_root, path);
+            if before != after {
+                subscriber(after.unwrap_or(&serde_json::Value::Null));
+            }
+        }
+        Ok(changed)
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_and_validate(&self) -> Result<Loaded, ConfigReport> {
+        let report = |problems| ConfigReport {
+            origin: self.origin.to_string(),
+            problems,
+        };
+        let root = self.read_root().map_err(|p| report(vec![p]))?;
+        let mut problems = self.unclaimed_keys(&root);
+        let (platform, platform_problems) = PlatformConfig::from_root(&root);
+        problems.extend(platform_problems);
+        for (key, validator) in &self.validators {
+            problems.extend(validator(lookup(&root, key)));
+        }
+        match platform {
+            Some(platform) if problems.is_empty() => Ok(Loaded {
+                root: Arc::new(root),
+                platform,
+            }),
+            _ => Err(report(problems)),
+        }
+    }
+
+    fn read_root(&self) -> Result<serde_json::Value, ConfigProblem> {
+        use config::{Config, Environment, File, FileFormat};
+        let mut builder = Config::builder();
+        builder = match &self.origin {
+            ConfigOrigin::File(path) => {
+                if !path.is_file() {
+                    return Err(ConfigProblem::new(
+                        "(file)",
+                        format!("configuration file {} not found", path.display()),
+                    ));
+                }
+                builder.add_source(File::from(path.as_path()).format(FileFormat::Toml))
+            }
+            ConfigOrigin::Embedded { text, .. } => {
+                builder.add_source(File::from_str(text, FileFormat::Toml))
+            }
+        };
+        let env = Environment::with_prefix("PLBA")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(self.env.clone());
+        builder = builder.add_source(env);
+        let built = builder
+            .build()
+            .map_err(|e| ConfigProblem::new("(syntax)", e.to_string()))?;
+        built
+            .try_deserialize::<serde_json::Value>()
+            .map_err(|e| ConfigProblem::new("(syntax)", e.to_string()))
+    }
+
+    fn unclaimed_keys(&self, root: &serde_json::Value) -> Vec<ConfigProblem> {
+        let mut known: BTreeSet<&str> = ["runtime", "pools"].into_iter().collect();
+        let mut nested: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for (key, _) in &self.validators {
+            match key.split_once('.') {
+                Some((top, child)) => {
+                    nested.insert((top, child));
+                }
+                None => {
+                    known.insert(key);
+                }
+            }
+        }
+        let Some(map) = root.as_object() else {
+            return vec![ConfigProblem::new("(root)", "must be a table")];
+        };
+        let mut problems = Vec::new();
+        for (top, value) in map {
+            if known.contains(top.as_str()) {
+                continue;
+            }
+            let children: Vec<&str> = nested
+                .iter()
+                .filter(|(t, _)| *t == top)
+                .map(|(_, c)| *c)
+                .collect();
+            if children.is_empty() {
+                problems.push(ConfigProblem::new(top.clone(), "unknown section"));
+                continue;
+            }
+            if let Some(inner) = value.as_object() {
+                for child in inner.keys() {
+                    if !children.contains(&child.as_str()) {
+                        problems.push(ConfigProblem::new(
+                            format!("{top}.{child}"),
+                            "unknown section",
+                        ));
+                    }
+                }
+            }
+        }
+        problems
+    }
+}
+
+impl ConfigProvider for ConfigurationManager {
+    fn section(&self, path: &str) -> Option<serde_json::Value> {
+        lookup(&self.read_lock().root, path).cloned()
+    }
+
+    fn subscribe(&self, path: &str, subscriber: ConfigSubscriber) {
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((path.to_owned(), subscriber));
+    }
+}
+
+/// The value at dotted `path`; the empty path is the root.
+pub fn lookup<'a>(root: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    if path.is_empty() {
+        return Some(root);
+    }
+    path.split('.').try_fold(root, |v, key| v.get(key))
+}
+
+fn diff_keys(
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    prefix: &str,
+    depth: usize,
+    out: &mut Vec<String>,
+) {
+    if old == new {
+        return;
+    }
+    let (Some(a), Some(b), true) = (old.as_object(), new.as_object(), depth > 0) else {
+        out.push(prefix.to_owned());
+        return;
+    };
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for key in keys {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let null = serde_json::Value::Null;
+        diff_keys(
+            a.get(key).unwrap_or(&null),
+            b.get(key).unwrap_or(&null),
+            &path,
+            depth - 1,
+            out,
+        );
+    }
+}

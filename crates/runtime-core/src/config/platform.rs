@@ -1,0 +1,155 @@
+//! The platform's own configuration sections: `[runtime]` and `[pools.<name>]`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use runtime_contracts::config::parse_section;
+use runtime_contracts::ConfigProblem;
+use serde::{Deserialize, Serialize};
+
+use crate::retry::RetryPolicy;
+
+/// `[runtime]`: lifecycle settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RuntimeConfig {
+    /// How long in-flight work may take to finish at shutdown before it is given back to
+    /// its queue, in milliseconds.
+    pub shutdown_deadline_ms: u64,
+    /// Log filter in `tracing` syntax (`info`, `mail_order_bot=debug,info`). `RUST_LOG`
+    /// wins when set.
+    pub log: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_deadline_ms: 10_000,
+            log: "info".to_owned(),
+        }
+    }
+}
+
+/// `[pools.<name>]`: one worker pool and the queue it consumes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolConfig {
+    /// Concurrent workers.
+    pub workers: usize,
+    /// Longest a handler may run for one attempt, in milliseconds; then the attempt fails.
+    pub handler_timeout_ms: u64,
+    /// Attempts before a task is dead-lettered (the first delivery counts).
+    pub max_attempts: u32,
+    /// Sources feeding this pool stop fetching while queued plus in-flight work is at or
+    /// above this many tasks.
+    pub high_watermark: usize,
+    /// Backoff between attempts.
+    pub retry: RetryPolicy,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            workers: 4,
+            handler_timeout_ms: 30_000,
+            max_attempts: 5,
+            high_watermark: 256,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The handler timeout as a duration.
+    pub fn handler_timeout(&self) -> Duration {
+        Duration::from_millis(self.handler_timeout_ms)
+    }
+
+    fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        if self.workers == 0 {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.workers"),
+                "must be at least 1",
+            ));
+        }
+        if self.workers > 1024 {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.workers"),
+                "must be at most 1024",
+            ));
+        }
+        if self.handler_timeout_ms == 0 {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.handler_timeout_ms"),
+                "must be at least 1",
+            ));
+        }
+        if self.max_attempts == 0 {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.max_attempts"),
+                "must be at least 1",
+            ));
+        }
+        if self.high_watermark == 0 {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.high_watermark"),
+                "must be at least 1",
+            ));
+        }
+        problems.extend(self.retry.problems(&format!("{prefix}.retry")));
+        problems
+    }
+}
+
+/// The platform sections, typed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlatformConfig {
+    /// `[runtime]`.
+    pub runtime: RuntimeConfig,
+    /// `[pools.<name>]`, by name.
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+impl PlatformConfig {
+    /// Reads and checks `[runtime]` and `[pools]` from the whole configuration, collecting
+    /// every problem.
+    pub fn from_root(root: &serde_json::Value) -> (Option<Self>, Vec<ConfigProblem>) {
+        let mut problems = Vec::new();
+        let runtime = match root.get("runtime") {
+            None => Some(RuntimeConfig::default()),
+            Some(v) => parse_section::<RuntimeConfig>(v, "runtime")
+                .map_err(|p| problems.extend(p))
+                .ok(),
+        };
+        let mut pools = BTreeMap::new();
+        match root.get("pools") {
+            None => {}
+            Some(serde_json::Value::Object(map)) => {
+                for (name, value) in map {
+                    let key = format!("pools.{name}");
+                    match parse_section::<PoolConfig>(value, &key) {
+                        Ok(pool) => {
+                            problems.extend(pool.problems(&key));
+                            pools.insert(name.clone(), pool);
+                        }
+                        Err(p) => problems.extend(p),
+                    }
+                }
+            }
+            Some(_) => problems.push(ConfigProblem::new("pools", "must be a table of pools")),
+        }
+        if let Some(rt) = &runtime {
+            if rt.shutdown_deadline_ms == 0 {
+                problems.push(ConfigProblem::new(
+                    "runtime.shutdown_deadline_ms",
+                    "must be at least 1",
+                ));
+            }
+        }
+        match runtime {
+            Some(runtime) if problems.is_empty() => (Some(Self { runtime, pools }), problems),
+            _ => (None, problems),
+        }
+    }
+}

@@ -1,0 +1,284 @@
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::FutureExt;
+use runtime_contracts::{
+    AttemptFailure, BoxFuture, Disposition, HandlerContext, HandlerError, Lease, Outcome,
+    TaskHandler, TaskQueue, TaskSource, Worker, WorkerContext, WorkerError,
+};
+use tracing::Instrument;
+
+use super::{panic_message, PoolCounters, PoolSpec};
+use crate::config::PoolConfig;
+use crate::now_unix_ms;
+use crate::trace::TraceService;
+
+/// How long one `consume` call waits before the loop checks for shutdown again.
+const CONSUME_WAIT: Duration = Duration::from_millis(250);
+
+/// The worker loop of a pool: consume a lease, run the handler under a timeout with panics
+/// caught, complete at the source after success, then settle the lease (ack, nack with
+/// backoff, or dead letter).
+pub struct PoolWorker {
+    name: String,
+    queue: Arc<dyn TaskQueue>,
+    handlers: HashMap<String, Arc<dyn TaskHandler>>,
+    sources: HashMap<String, Arc<dyn TaskSource>>,
+    config: Arc<RwLock<PoolConfig>>,
+    counters: Arc<PoolCounters>,
+    trace: TraceService,
+}
+
+impl std::fmt::Debug for PoolWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolWorker")
+            .field("pool", &self.name)
+            .field("kinds", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Attempt {
+    Done(Outcome),
+    Failed {
+        reason: String,
+        after: Option<Duration>,
+    },
+    Permanent(String),
+    Abandoned,
+}
+
+impl PoolWorker {
+    pub(crate) fn new(
+        spec: PoolSpec,
+        config: Arc<RwLock<PoolConfig>>,
+        counters: Arc<PoolCounters>,
+        trace: TraceService,
+    ) -> Self {
+        Self {
+            name: spec.name,
+            queue: spec.queue,
+            handlers: spec.handlers,
+            sources: spec.sources,
+            config,
+            counters,
+            trace,
+        }
+    }
+
+    pub(crate) fn pool_name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn concurrency(&self) -> usize {
+        self.config().workers
+    }
+
+    fn config(&self) -> PoolConfig {
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    async fn run_loop(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+        let mut errors = 0u32;
+        loop {
+            if ctx.stop_consuming.is_cancelled() {
+                return Ok(());
+            }
+            let consumed = tokio::select! {
+                biased;
+                _ = ctx.stop_consuming.cancelled() => return Ok(()),
+                r = self.queue.consume(CONSUME_WAIT) => r,
+            };
+            match consumed {
+                Ok(Some(lease)) => {
+                    errors = 0;
+                    self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                    let span = self.trace.task_span(&lease.task, &self.name);
+                    self.process(lease, &ctx).instrument(span).await;
+                    self.counters.busy.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    errors = errors.saturating_add(1);
+                    let backoff = Duration::from_millis(100u64 << errors.min(6));
+                    tracing::warn!(pool = %self.name, error = %e, ?backoff, "consume failed");
+                    tokio::select! {
+                        _ = ctx.stop_consuming.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process(&self, lease: Lease, ctx: &WorkerContext) {
+        let task = &lease.task;
+        let Some(source) = self.sources.get(&task.source).cloned() else {
+            let reason = format!("no source {} is registered on pool {}", task.source, self.name);
+            return self.dead_letter(&lease, None, None, reason).await;
+        };
+        let Some(handler) = self.handlers.get(&task.kind).cloned() else {
+            let reason = format!("no handler for kind {} on pool {}", task.kind, self.name);
+            return self.dead_letter(&lease, Some(&source), None, reason).await;
+        };
+        let hctx = HandlerContext::new(Arc::clone(&source));
+        let attempt = self.attempt(&lease, &*handler, &hctx, ctx).await;
+        let attempt = match attempt {
+            Attempt::Done(outcome) => match source.complete(task).await {
+                Ok(()) => return self.succeed(&lease, &outcome).await,
+                Err(e) => Attempt::Failed {
+                    reason: format!("outcome {} recorded, but completion failed: {e}", outcome.kind),
+                    after: None,
+                },
+            },
+            other => other,
+        };
+        match attempt {
+            Attempt::Done(_) => {}
+            Attempt::Abandoned => self.give_back(&lease, &source).await,
+            Attempt::Permanent(reason) => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.dead_letter(&lease, Some(&source), Some((&*handler, &hctx)), reason)
+                    .await
+            }
+            Attempt::Failed { reason, after } => {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                let config = self.config();
+                let number = task.attempt.saturating_add(1);
+                if number >= config.max_attempts {
+                    let reason = format!("{reason} (attempt {number} of {})", config.max_attempts);
+                    return self
+                        .dead_letter(&lease, Some(&source), Some((&*handler, &hctx)), reason)
+                        .await;
+                }
+                let delay = after.unwrap_or_else(|| config.retry.backoff(number));
+                let failure = AttemptFailure {
+                    attempt: number,
+                    reason: reason.clone(),
+                    at_unix_ms: now_unix_ms(),
+                };
+                match self.queue.nack(&lease, delay, Some(failure)).await {
+                    Ok(()) => {
+                        self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(task = %task.id, attempt = number, ?delay, %reason, "attempt failed; retry scheduled");
+                    }
+                    Err(e) => {
+                        tracing::error!(task = %task.id, error = %e, "nack failed; the lease will expire and the task reappear")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        lease: &Lease,
+        handler: &dyn TaskHandler,
+        hctx: &HandlerContext,
+        ctx: &WorkerContext,
+    ) -> Attempt {
+        let timeout = self.config().handler_timeout();
+        let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(&lease.task, hctx)));
+        let future = match call {
+            Ok(future) => future,
+            Err(panic) => {
+                return Attempt::Failed {
+                    reason: format!("handler panicked: {}", panic_message(&*panic)),
+                    after: None,
+                }
+            }
+        };
+        let guarded = tokio::time::timeout(timeout, AssertUnwindSafe(future).catch_unwind());
+        let result = tokio::select! {
+            biased;
+            r = guarded => r,
+            _ = ctx.abandon_in_flight.cancelled() => return Attempt::Abandoned,
+        };
+        match result {
+            Err(_) => Attempt::Failed {
+                reason: format!("handler timed out after {} ms", timeout.as_millis()),
+                after: None,
+            },
+            Ok(Err(panic)) => Attempt::Failed {
+                reason: format!("handler panicked: {}", panic_message(&*panic)),
+                after: None,
+            },
+            Ok(Ok(Ok(outcome))) => Attempt::Done(outcome),
+            Ok(Ok(Err(HandlerError::Permanent(reason)))) => Attempt::Permanent(reason),
+            Ok(Ok(Err(HandlerError::Retry { reason, after }))) => Attempt::Failed { reason, after },
+            Ok(Ok(Err(other))) => Attempt::Failed {
+                reason: other.to_string(),
+                after: None,
+            },
+        }
+    }
+
+    async fn succeed(&self, lease: &Lease, outcome: &Outcome) {
+        if let Err(e) = self.queue.ack(lease).await {
+            tracing::warn!(task = %lease.task.id, error = %e, "ack failed after completion; a redelivery will find the recorded outcome");
+        }
+        self.counters.processed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            task = %lease.task.id,
+            outcome = %outcome.kind,
+            detail = outcome.detail.as_deref().unwrap_or(""),
+            "task completed"
+        );
+    }
+
+    async fn give_back(&self, lease: &Lease, source: &Arc<dyn TaskSource>) {
+        self.counters.returned.fetch_add(1, Ordering::Relaxed);
+        match self.queue.nack(lease, Duration::ZERO, None).await {
+            Ok(()) => tracing::warn!(
+                task = %lease.task.id,
+                "shutdown deadline passed: task returned to its queue, left unread at its source"
+            ),
+            Err(e) => tracing::warn!(
+                task = %lease.task.id, error = %e,
+                "shutdown deadline passed: task abandoned, left unread at its source"
+            ),
+        }
+        source.release(&lease.task, Disposition::Returned);
+    }
+
+    async fn dead_letter(
+        &self,
+        lease: &Lease,
+        source: Option<&Arc<dyn TaskSource>>,
+        handler: Option<(&dyn TaskHandler, &HandlerContext)>,
+        reason: String,
+    ) {
+        let failure = AttemptFailure {
+            attempt: lease.task.attempt.saturating_add(1),
+            reason: reason.clone(),
+            at_unix_ms: now_unix_ms(),
+        };
+        if let Err(e) = self.queue.dead_letter(lease, failure.clone()).await {
+            tracing::error!(task = %lease.task.id, error = %e, "dead-lettering failed; the lease will expire and the task reappear");
+            return;
+        }
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(task = %lease.task.id, %reason, "task dead-lettered; left unread at its source");
+        if let Some((handler, hctx)) = handler {
+            let notify = AssertUnwindSafe(handler.on_dead_letter(&lease.task, hctx, &failure));
+            if notify.catch_unwind().await.is_err() {
+                tracing::error!(task = %lease.task.id, "on_dead_letter panicked");
+            }
+        }
+        if let Some(source) = source {
+            source.release(&lease.task, Disposition::DeadLettered);
+        }
+    }
+}
+
+impl Worker for PoolWorker {
+    fn run(&self, ctx: WorkerContext) -> BoxFuture<'_, Result<(), WorkerError>> {
+        Box::pin(self.run_loop(ctx))
+    }
+}

@@ -1,0 +1,103 @@
+use std::sync::Arc;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::Context;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use runtime_contracts::{Headers, Task, TraceFactory};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// One span per task attempt, whose parent is the trace context the source wrote into the
+/// task's headers: every attempt of a task, retries included, joins the same trace.
+#[derive(Clone, Debug, Default)]
+pub struct TraceService {
+    propagator: Arc<TraceContextPropagator>,
+}
+
+struct HeaderInjector<'a>(&'a mut Headers);
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct HeaderExtractor<'a>(&'a Headers);
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+impl TraceService {
+    /// A trace service with the W3C trace-context propagator.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The span of one attempt of `task` on `pool`, parented on the task's trace context.
+    pub fn task_span(&self, task: &Task, pool: &str) -> tracing::Span {
+        let span = tracing::info_span!(
+            "task",
+            task = %task.id,
+            kind = %task.kind,
+            attempt = task.attempt + 1,
+            pool,
+            correlation_id = %task.correlation_id,
+        );
+        let parent = self.propagator.extract(&HeaderExtractor(&task.headers));
+        if parent.span().span_context().is_valid() {
+            // An error only means no OpenTelemetry layer is installed: nothing to join.
+            let _ = span.set_parent(parent);
+        }
+        span
+    }
+
+    /// The trace id carried in `headers`, if any.
+    pub fn trace_id(&self, headers: &Headers) -> Option<TraceId> {
+        let cx = self.propagator.extract(&HeaderExtractor(headers));
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| sc.trace_id())
+    }
+}
+
+impl TraceFactory for TraceService {
+    fn inject_current(&self, headers: &mut Headers) {
+        let current = tracing::Span::current().context();
+        let cx = if current.span().span_context().is_valid() {
+            current
+        } else {
+            let root = SpanContext::new(
+                TraceId::from_bytes(fastrand::u128(1..).to_be_bytes()),
+                SpanId::from_bytes(fastrand::u64(1..).to_be_bytes()),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            );
+            Context::new().with_remote_span_context(root)
+        };
+        self.propagator
+            .inject_context(&cx, &mut HeaderInjector(headers));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_tasks_carry_a_trace_that_survives_retries() {
+        let trace = TraceService::new();
+        let mut task = Task::new("t", "k", "s", serde_json::Value::Null).expect("task");
+        trace.inject_current(&mut task.headers);
+        let first = trace.trace_id(&task.headers).expect("traceparent written");
+        task.attempt = 3;
+        let _span = trace.task_span(&task, "pool");
+        assert_eq!(trace.trace_id(&task.headers), Some(first));
+        let mut other = Task::new("u", "k", "s", serde_json::Value::Null).expect("task");
+        trace.inject_current(&mut other.headers);
+        assert_ne!(trace.trace_id(&other.headers), Some(first));
+    }
+}
