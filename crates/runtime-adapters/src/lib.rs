@@ -1,1 +1,22 @@
+//! Adapters of the plba runtime: concrete queues and task sources, each behind a cargo
+//! feature so that a service compiles only what its configuration can select.
+//!
+//! | feature | module | what |
+//! |---|---|---|
+//! | `queue-memory` | [`queue::memory`] | bounded in-process queue with leases, delays and dead letters |
+//! | `source-maildir` | [`sources::maildir`] | a Maildir as Dovecot and Postfix write it |
+//!
+//! What it is not for: business logic, lifecycle and retry policy (see `runtime-core`).
+#![warn(missing_docs)]
 
+pub mod queue;
+pub mod sources;
+
+/// Milliseconds since the Unix epoch.
+#[allow(dead_code)]
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,409 @@
+//! A bounded in-process queue with leases, delayed retries and dead letters.
+//!
+//! It lives and dies with the process: whatever it holds at exit is dropped, and the
+//! source's own state (unread mail) is what brings that work back on the next start.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use runtime_contracts::{
+    AttemptFailure, BoxFuture, DeadLetter, DeadLetterPage, DeadLetterStore, Lease, PublishResult,
+    QueueError, QueueStats, Task, TaskId, TaskQueue,
+};
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::now_unix_ms;
+
+/// `[queue]` with `type = "memory"`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct MemoryQueueConfig {
+    /// Most tasks held at once (ready, scheduled and in flight); `publish` fails beyond.
+    pub capacity: usize,
+    /// A lease not settled within this many milliseconds expires and its task becomes
+    /// visible again (its worker died). Must exceed every pool's handler timeout.
+    pub lease_timeout_ms: u64,
+}
+
+impl Default for MemoryQueueConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            lease_timeout_ms: 300_000,
+        }
+    }
+}
+
+impl MemoryQueueConfig {
+    /// Problems with these values, keyed under `prefix`.
+    pub fn problems(&self, prefix: &str) -> Vec<runtime_contracts::ConfigProblem> {
+        use runtime_contracts::ConfigProblem;
+        let mut problems = Vec::new();
+        if self.capacity == 0 {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.capacity"),
+                "must be at least 1",
+            ));
+        }
+        if self.lease_timeout_ms == 0 {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.lease_timeout_ms"),
+                "must be at least 1",
+            ));
+        }
+        problems
+    }
+}
+
+#[derive(Default)]
+struct State {
+    ready: VecDeque<Task>,
+    scheduled: BTreeMap<(Instant, u64), Task>,
+    in_flight: HashMap<u64, (Task, Instant)>,
+    known: HashSet<TaskId>,
+    dead: BTreeMap<u64, DeadLetter>,
+    dead_index: HashMap<String, u64>,
+    next_seq: u64,
+    next_expiry_check: Option<Instant>,
+    published: u64,
+    processed: u64,
+    failed: u64,
+}
+
+impl State {
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn live(&self) -> usize {
+        self.ready.len() + self.scheduled.len() + self.in_flight.len()
+    }
+
+    fn promote_due(&mut self, now: Instant) {
+        while let Some(entry) = self.scheduled.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+        }
+    }
+
+    fn reclaim_expired(&mut self, now: Instant, lease_timeout: Duration) {
+        if self.next_expiry_check.is_some_and(|t| t > now) {
+            return;
+        }
+        self.next_expiry_check = Some(now + lease_timeout / 4);
+        let expired: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(receipt, _)| *receipt)
+            .collect();
+        for receipt in expired {
+            if let Some((task, _)) = self.in_flight.remove(&receipt) {
+                tracing::warn!(task = %task.id, "lease expired; task visible again");
+                self.ready.push_back(task);
+            }
+        }
+    }
+
+    fn take_lease(&mut self, receipt: &str) -> Result<Task, QueueError> {
+        receipt
+            .parse::<u64>()
+            .ok()
+            .and_then(|r| self.in_flight.remove(&r))
+            .map(|(task, _)| task)
+            .ok_or_else(|| QueueError::UnknownLease(receipt.to_owned()))
+    }
+}
+
+/// The in-memory queue. See the module docs.
+pub struct MemoryQueue {
+    name: String,
+    config: MemoryQueueConfig,
+    state: Mutex<State>,
+    available: Notify,
+}
+
+impl std::fmt::Debug for MemoryQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryQueue")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryQueue {
+    /// An empty queue.
+    pub fn new(name: impl Into<String>, config: MemoryQueueConfig) -> Self {
+        Self {
+            name: name.into(),
+            config,
+            state: Mutex::new(State::default()),
+            available: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn try_lease(&self) -> (Option<Lease>, Option<Instant>) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.promote_due(now);
+        state.reclaim_expired(now, self.lease_timeout());
+        let next_expiry = state
+            .next_expiry_check
+            .filter(|_| !state.in_flight.is_empty());
+        let next_due = state.scheduled.keys().next().map(|(t, _)| *t);
+        let next_due = match (next_due, next_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let Some(task) = state.ready.pop_front() else {
+            return (None, next_due);
+        };
+        let receipt = state.seq();
+        let more = !state.ready.is_empty();
+        state
+            .in_flight
+            .insert(receipt, (task.clone(), now + self.lease_timeout()));
+        drop(state);
+        if more {
+            // Pass the wake-up on: one publish notification may stand for many tasks.
+            self.available.notify_one();
+        }
+        let lease = Lease {
+            task,
+            receipt: receipt.to_string(),
+        };
+        (Some(lease), next_due)
+    }
+
+    fn lease_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.lease_timeout_ms)
+    }
+}
+
+impl TaskQueue for MemoryQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+        let result = {
+            let mut state = self.lock();
+            if state.known.contains(&task.id) {
+                Ok(PublishResult::AlreadyKnown)
+            } else if state.live() >= self.config.capacity {
+                Err(QueueError::Full {
+                    queue: self.name.clone(),
+                    capacity: self.config.capacity,
+                })
+            } else {
+                state.known.insert(task.id.clone());
+                state.ready.push_back(task);
+                state.published += 1;
+                Ok(PublishResult::Enqueued)
+            }
+        };
+        if result.as_ref().is_ok_and(|r| *r == PublishResult::Enqueued) {
+            self.available.notify_one();
+        }
+        Box::pin(std::future::ready(result))
+    }
+
+    fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + wait;
+            loop {
+                let notified = self.available.notified();
+                let (lease, next_due) = self.try_lease();
+                if lease.is_some() {
+                    return Ok(lease);
+                }
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                let until = next_due.map_or(deadline, |due| due.min(deadline));
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+        })
+    }
+
+    fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
+        let result = {
+            let mut state = self.lock();
+            state.take_lease(&lease.receipt).map(|task| {
+                state.known.remove(&task.id);
+                state.processed += 1;
+            })
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn nack<'a>(
+        &'a self,
+        lease: &'a Lease,
+        retry_delay: Duration,
+        failure: Option<AttemptFailure>,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        let result = {
+            let mut state = self.lock();
+            state.take_lease(&lease.receipt).map(|mut task| {
+                if let Some(failure) = failure {
+                    task.attempt = task.attempt.saturating_add(1);
+                    task.history.push(failure);
+                    state.failed += 1;
+                }
+                if retry_delay.is_zero() {
+                    state.ready.push_back(task);
+                } else {
+                    let seq = state.seq();
+                    state
+                        .scheduled
+                        .insert((Instant::now() + retry_delay, seq), task);
+                }
+            })
+        };
+        if result.is_ok() {
+            // Wake a waiter: the task is ready, or its due time may be earlier than the
+            // waiter's current sleep.
+            self.available.notify_one();
+        }
+        Box::pin(std::future::ready(result))
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        lease: &'a Lease,
+        failure: AttemptFailure,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        let result = {
+            let mut state = self.lock();
+            state.take_lease(&lease.receipt).map(|mut task| {
+                task.attempt = task.attempt.saturating_add(1);
+                task.history.push(failure.clone());
+                state.failed += 1;
+                let seq = state.seq();
+                let id = task.id.0.clone();
+                state.dead_index.insert(id.clone(), seq);
+                state.dead.insert(
+                    seq,
+                    DeadLetter {
+                        id,
+                        task,
+                        reason: failure.reason,
+                        dead_at_unix_ms: now_unix_ms(),
+                    },
+                );
+            })
+        };
+        Box::pin(std::future::ready(result))
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>> {
+        let state = self.lock();
+        let stats = QueueStats {
+            depth: state.ready.len() as u64,
+            scheduled: state.scheduled.len() as u64,
+            in_flight: state.in_flight.len() as u64,
+            published: state.published,
+            processed: state.processed,
+            failed: state.failed,
+            dead: state.dead.len() as u64,
+        };
+        Box::pin(std::future::ready(Ok(stats)))
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+}
+
+impl DeadLetterStore for MemoryQueue {
+    fn list(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<DeadLetterPage, QueueError>> {
+        let after = cursor.and_then(|c| c.parse::<u64>().ok()).unwrap_or(0);
+        let state = self.lock();
+        let mut items: Vec<(u64, DeadLetter)> = state
+            .dead
+            .range(after + 1..)
+            .take(limit.saturating_add(1))
+            .map(|(seq, d)| (*seq, d.clone()))
+            .collect();
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|(seq, _)| seq.to_string())
+        } else {
+            None
+        };
+        let page = DeadLetterPage {
+            items: items.into_iter().map(|(_, d)| d).collect(),
+            next_cursor,
+        };
+        Box::pin(std::future::ready(Ok(page)))
+    }
+
+    fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        let result = {
+            let mut state = self.lock();
+            match state.dead_index.remove(id).and_then(|seq| state.dead.remove(&seq)) {
+                Some(mut dead) => {
+                    dead.task.attempt = 0;
+                    state.ready.push_back(dead.task);
+                    Ok(())
+                }
+                None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
+            }
+        };
+        if result.is_ok() {
+            self.available.notify_one();
+        }
+        Box::pin(std::future::ready(result))
+    }
+
+    fn replay_all(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
+        let count = {
+            let mut state = self.lock();
+            let dead = std::mem::take(&mut state.dead);
+            state.dead_index.clear();
+            let count = dead.len();
+            for (_, mut d) in dead {
+                d.task.attempt = 0;
+                state.ready.push_back(d.task);
+            }
+            count
+        };
+        for _ in 0..count {
+            self.available.notify_one();
+        }
+        Box::pin(std::future::ready(Ok(count)))
+    }
+
+    fn purge<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        let result = {
+            let mut state = self.lock();
+            match state.dead_index.remove(id).and_then(|seq| state.dead.remove(&seq)) {
+                Some(dead) => {
+                    state.known.remove(&dead.task.id);
+                    Ok(())
+                }
+                None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
+            }
+        };
+        Box::pin(std::future::ready(result))
+    }
+}

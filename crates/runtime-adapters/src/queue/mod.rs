@@ -1,0 +1,4 @@
+//! Queue adapters.
+
+#[cfg(feature = "queue-memory")]
+pub mod memory;

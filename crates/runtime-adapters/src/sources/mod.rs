@@ -1,0 +1,4 @@
+//! Task source adapters.
+
+#[cfg(feature = "source-maildir")]
+pub mod maildir;
