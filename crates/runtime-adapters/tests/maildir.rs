@@ -88,7 +88,10 @@ impl Harness {
                 if now.is_some() && (before.is_none() || now < before) {
                     break;
                 }
-                assert!(tokio::time::Instant::now() < deadline, "no scan within 10 s");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no scan within 10 s"
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
@@ -122,10 +125,18 @@ async fn publishes_unseen_messages_once_and_marks_seen_only_on_completion() {
     let h = Harness::start(dir);
     h.wait_scans(3).await;
     let stats = h.queue.stats().await.expect("stats");
-    assert_eq!(stats.published, 2, "new/ and unseen cur/ only, once each across scans");
+    assert_eq!(
+        stats.published, 2,
+        "new/ and unseen cur/ only, once each across scans"
+    );
 
     let mut leases = Vec::new();
-    while let Some(lease) = h.queue.consume(Duration::from_millis(1)).await.expect("consume") {
+    while let Some(lease) = h
+        .queue
+        .consume(Duration::from_millis(1))
+        .await
+        .expect("consume")
+    {
         leases.push(lease);
     }
     let mut ids: Vec<String> = leases.iter().map(|l| l.task.id.0.clone()).collect();
@@ -142,12 +153,22 @@ async fn publishes_unseen_messages_once_and_marks_seen_only_on_completion() {
         (&leases[1], &leases[0])
     };
     h.source.complete(&ok.task).await.expect("complete");
-    h.source.complete(&ok.task).await.expect("completion is idempotent");
+    h.source
+        .complete(&ok.task)
+        .await
+        .expect("completion is idempotent");
     h.source.release(&failed.task, Disposition::DeadLettered);
     h.wait_scans(2).await;
-    assert_eq!(h.queue.stats().await.expect("stats").published, 2, "nothing republished");
+    assert_eq!(
+        h.queue.stats().await.expect("stats").published,
+        2,
+        "nothing republished"
+    );
     assert!(names(dir, "new").is_empty());
-    assert_eq!(names(dir, "cur"), ["1.A.host:2,S", "2.B.host:2,F", "3.C.host:2,RS"]);
+    assert_eq!(
+        names(dir, "cur"),
+        ["1.A.host:2,S", "2.B.host:2,F", "3.C.host:2,RS"]
+    );
     h.stop().await;
 }
 
@@ -159,13 +180,29 @@ async fn a_vanished_message_reads_as_gone_and_oversized_ones_are_refused() {
     deliver(dir, "2.B.host", &vec![b'y'; 4096]).expect("deliver big");
     let h = Harness::start(dir);
     h.wait_scans(1).await;
-    let a = h.queue.consume(Duration::from_millis(1)).await.expect("c").expect("a");
-    let b = h.queue.consume(Duration::from_millis(1)).await.expect("c").expect("b");
+    let a = h
+        .queue
+        .consume(Duration::from_millis(1))
+        .await
+        .expect("c")
+        .expect("a");
+    let b = h
+        .queue
+        .consume(Duration::from_millis(1))
+        .await
+        .expect("c")
+        .expect("b");
     std::fs::remove_file(dir.join("new/1.A.host")).expect("remove");
     assert_eq!(h.source.load_content(&a.task).await.expect("load"), None);
-    h.source.complete(&a.task).await.expect("completing a gone message is not an error");
+    h.source
+        .complete(&a.task)
+        .await
+        .expect("completing a gone message is not an error");
     let err = h.source.load_content(&b.task).await.expect_err("too large");
-    assert!(err.to_string().contains("above the 1024-byte limit"), "{err}");
+    assert!(
+        err.to_string().contains("above the 1024-byte limit"),
+        "{err}"
+    );
     h.stop().await;
 }
 
@@ -174,8 +211,9 @@ async fn hostile_pointers_are_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let source = MaildirSource::new("inbox", config(tmp.path()));
     for unique in ["../../etc/passwd", "", "..", "a/b"] {
-        let task = runtime_contracts::Task::new("t", "k", "inbox", serde_json::json!({"unique": unique}))
-            .expect("task");
+        let task =
+            runtime_contracts::Task::new("t", "k", "inbox", serde_json::json!({"unique": unique}))
+                .expect("task");
         assert!(source.load_content(&task).await.is_err(), "{unique:?}");
         assert!(source.complete(&task).await.is_err(), "{unique:?}");
     }

@@ -32,7 +32,10 @@ const NOW: Duration = Duration::from_millis(1);
 #[tokio::test]
 async fn publish_consume_ack_removes_the_task() {
     let q = queue(10);
-    assert_eq!(q.publish(task("a")).await.expect("publish"), PublishResult::Enqueued);
+    assert_eq!(
+        q.publish(task("a")).await.expect("publish"),
+        PublishResult::Enqueued
+    );
     let lease = q.consume(NOW).await.expect("consume").expect("a lease");
     assert_eq!(lease.task.id.0, "a");
     let stats = q.stats().await.expect("stats");
@@ -41,18 +44,30 @@ async fn publish_consume_ack_removes_the_task() {
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.in_flight, stats.processed), (0, 1));
     assert!(q.consume(NOW).await.expect("consume").is_none());
-    assert!(matches!(q.ack(&lease).await, Err(QueueError::UnknownLease(_))));
+    assert!(matches!(
+        q.ack(&lease).await,
+        Err(QueueError::UnknownLease(_))
+    ));
 }
 
 #[tokio::test]
 async fn the_same_id_is_not_published_twice_while_known() {
     let q = queue(10);
     q.publish(task("a")).await.expect("publish");
-    assert_eq!(q.publish(task("a")).await.expect("again"), PublishResult::AlreadyKnown);
+    assert_eq!(
+        q.publish(task("a")).await.expect("again"),
+        PublishResult::AlreadyKnown
+    );
     let lease = q.consume(NOW).await.expect("consume").expect("lease");
-    assert_eq!(q.publish(task("a")).await.expect("in flight"), PublishResult::AlreadyKnown);
+    assert_eq!(
+        q.publish(task("a")).await.expect("in flight"),
+        PublishResult::AlreadyKnown
+    );
     q.ack(&lease).await.expect("ack");
-    assert_eq!(q.publish(task("a")).await.expect("after ack"), PublishResult::Enqueued);
+    assert_eq!(
+        q.publish(task("a")).await.expect("after ack"),
+        PublishResult::Enqueued
+    );
 }
 
 #[tokio::test]
@@ -60,7 +75,10 @@ async fn it_is_bounded() {
     let q = queue(2);
     q.publish(task("a")).await.expect("a");
     q.publish(task("b")).await.expect("b");
-    assert!(matches!(q.publish(task("c")).await, Err(QueueError::Full { capacity: 2, .. })));
+    assert!(matches!(
+        q.publish(task("c")).await,
+        Err(QueueError::Full { capacity: 2, .. })
+    ));
 }
 
 #[tokio::test]
@@ -73,7 +91,10 @@ async fn nack_with_delay_hides_the_task_until_due_and_counts_the_attempt() {
         .expect("nack");
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.depth, stats.scheduled, stats.failed), (0, 1, 1));
-    assert!(q.consume(NOW).await.expect("consume").is_none(), "not before its delay");
+    assert!(
+        q.consume(NOW).await.expect("consume").is_none(),
+        "not before its delay"
+    );
     let again = q
         .consume(Duration::from_secs(10))
         .await
@@ -100,13 +121,25 @@ async fn dead_letters_keep_their_history_and_can_be_listed_replayed_and_purged()
     for id in ["a", "b", "c"] {
         q.publish(task(id)).await.expect("publish");
         let lease = q.consume(NOW).await.expect("consume").expect("lease");
-        q.dead_letter(&lease, failure(1)).await.expect("dead letter");
+        q.dead_letter(&lease, failure(1))
+            .await
+            .expect("dead letter");
     }
     assert_eq!(q.stats().await.expect("stats").dead, 3);
-    assert_eq!(q.publish(task("a")).await.expect("dead is known"), PublishResult::AlreadyKnown);
+    assert_eq!(
+        q.publish(task("a")).await.expect("dead is known"),
+        PublishResult::AlreadyKnown
+    );
     let store = q.dead_letters().expect("capability");
     let first = store.list(None, 2).await.expect("list");
-    assert_eq!(first.items.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(
+        first
+            .items
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     assert_eq!(first.items[0].reason, "boom 1");
     assert_eq!(first.items[0].task.history.len(), 1);
     let second = store.list(first.next_cursor, 2).await.expect("list");
@@ -116,12 +149,21 @@ async fn dead_letters_keep_their_history_and_can_be_listed_replayed_and_purged()
     store.replay("b").await.expect("replay");
     let lease = q.consume(NOW).await.expect("consume").expect("replayed");
     assert_eq!(lease.task.id.0, "b");
-    assert_eq!(lease.task.attempt, 0, "a replay gets a full set of attempts");
+    assert_eq!(
+        lease.task.attempt, 0,
+        "a replay gets a full set of attempts"
+    );
     assert_eq!(lease.task.history.len(), 1, "but keeps its history");
 
     store.purge("c").await.expect("purge");
-    assert!(matches!(store.purge("c").await, Err(QueueError::DeadLetterNotFound(_))));
-    assert_eq!(q.publish(task("c")).await.expect("purged is forgotten"), PublishResult::Enqueued);
+    assert!(matches!(
+        store.purge("c").await,
+        Err(QueueError::DeadLetterNotFound(_))
+    ));
+    assert_eq!(
+        q.publish(task("c")).await.expect("purged is forgotten"),
+        PublishResult::Enqueued
+    );
     assert_eq!(store.replay_all().await.expect("replay all"), 1);
     assert_eq!(q.stats().await.expect("stats").dead, 0);
 }
@@ -156,6 +198,10 @@ async fn a_waiting_consumer_wakes_on_publish() {
     };
     tokio::task::yield_now().await;
     q.publish(task("a")).await.expect("publish");
-    let lease = waiter.await.expect("join").expect("consume").expect("woken with the task");
+    let lease = waiter
+        .await
+        .expect("join")
+        .expect("consume")
+        .expect("woken with the task");
     assert_eq!(lease.task.id.0, "a");
 }

@@ -60,12 +60,12 @@ pub type ConfigSubscriber = Box<dyn Fn(&serde_json::Value) + Send + Sync>;
 /// use runtime_contracts::{ConfigProvider, ConfigSubscriber};
 /// struct Fixed(serde_json::Value);
 /// impl ConfigProvider for Fixed {
-///     fn section(&self, path: &str) -> Option<serde_json::Value> { self.0.pointer(path).cloned() }
+///     fn section(&self, path: &str) -> Option<serde_json::Value> { self.0.get(path).cloned() }
 ///     fn subscribe(&self, _path: &str, _s: ConfigSubscriber) {}
 /// }
 /// let cfg = Fixed(serde_json::json!({"workers": 4}));
 /// let provider: &dyn ConfigProvider = &cfg;
-/// let workers: u32 = provider.typed("/workers").unwrap();
+/// let workers: u32 = provider.typed("workers").unwrap();
 /// assert_eq!(workers, 4);
 /// ```
 pub trait ConfigProvider: Send + Sync {

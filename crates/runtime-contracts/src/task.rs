@@ -160,7 +160,8 @@ mod tests {
     #[test]
     fn envelope_round_trips_through_json() {
         let mut task = Task::new("t1", "k", "s", serde_json::json!({"uid": 7})).expect("task");
-        task.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        task.headers
+            .insert("traceparent".into(), "00-abc-def-01".into());
         let text = serde_json::to_string(&task).expect("serialise");
         let back: Task = serde_json::from_str(&text).expect("deserialise");
         assert_eq!(back, task);

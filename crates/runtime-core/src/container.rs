@@ -46,6 +46,9 @@ mod tests {
         let erased: Arc<dyn Any + Send + Sync> = Arc::new(String::from("dir"));
         c.insert_dyn(erased);
         assert_eq!(c.get::<Pool>().as_deref(), Some(&Pool(3)));
-        assert_eq!(c.get::<String>().as_deref().map(String::as_str), Some("dir"));
+        assert_eq!(
+            c.get::<String>().as_deref().map(String::as_str),
+            Some("dir")
+        );
     }
 }

@@ -32,7 +32,7 @@ pub use retry::RetryPolicy;
 pub use runtime::{RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport};
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};
-pub use trace::TraceService;
+pub use trace::{install_subscriber, TraceService};
 
 /// Milliseconds since the Unix epoch, for records.
 pub(crate) fn now_unix_ms() -> u64 {

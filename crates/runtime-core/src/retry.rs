@@ -115,7 +115,11 @@ mod tests {
             multiplier: 0.5,
             jitter: 2.0,
         };
-        let keys: Vec<String> = p.problems("pools.a.retry").into_iter().map(|p| p.key).collect();
+        let keys: Vec<String> = p
+            .problems("pools.a.retry")
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
         assert_eq!(
             keys,
             [

@@ -75,7 +75,11 @@ impl std::fmt::Debug for RuntimeBuilder {
             .field("queues", &self.queues.keys().collect::<Vec<_>>())
             .field(
                 "sources",
-                &self.sources.iter().map(|(s, p)| (s.id(), p)).collect::<Vec<_>>(),
+                &self
+                    .sources
+                    .iter()
+                    .map(|(s, p)| (s.id(), p))
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -344,9 +348,10 @@ impl RuntimeManager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let sources_scanned = self.sources.iter().all(|(s, _)| {
-            ended.contains_key(s.id()) || s.status().last_event_age.is_some()
-        });
+        let sources_scanned = self
+            .sources
+            .iter()
+            .all(|(s, _)| ended.contains_key(s.id()) || s.status().last_event_age.is_some());
         if !sources_scanned {
             return false;
         }

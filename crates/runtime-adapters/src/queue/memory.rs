@@ -360,7 +360,11 @@ impl DeadLetterStore for MemoryQueue {
     fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
         let result = {
             let mut state = self.lock();
-            match state.dead_index.remove(id).and_then(|seq| state.dead.remove(&seq)) {
+            match state
+                .dead_index
+                .remove(id)
+                .and_then(|seq| state.dead.remove(&seq))
+            {
                 Some(mut dead) => {
                     dead.task.attempt = 0;
                     state.ready.push_back(dead.task);
@@ -396,7 +400,11 @@ impl DeadLetterStore for MemoryQueue {
     fn purge<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
         let result = {
             let mut state = self.lock();
-            match state.dead_index.remove(id).and_then(|seq| state.dead.remove(&seq)) {
+            match state
+                .dead_index
+                .remove(id)
+                .and_then(|seq| state.dead.remove(&seq))
+            {
                 Some(dead) => {
                     state.known.remove(&dead.task.id);
                     Ok(())

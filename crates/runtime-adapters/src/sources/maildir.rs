@@ -195,8 +195,8 @@ impl MaildirSource {
         let mut located = HashMap::new();
         for sub in ["new", "cur"] {
             let dir = self.config.path.join(sub);
-            let entries =
-                std::fs::read_dir(&dir).map_err(|e| self.io_error(&format!("reading {}", dir.display()), e))?;
+            let entries = std::fs::read_dir(&dir)
+                .map_err(|e| self.io_error(&format!("reading {}", dir.display()), e))?;
             for entry in entries {
                 let entry = entry.map_err(|e| self.io_error("reading a directory entry", e))?;
                 let Ok(name) = entry.file_name().into_string() else {
@@ -236,8 +236,8 @@ impl MaildirSource {
             return Ok(Some(direct));
         }
         let cur = self.config.path.join("cur");
-        let entries =
-            std::fs::read_dir(&cur).map_err(|e| self.io_error(&format!("reading {}", cur.display()), e))?;
+        let entries = std::fs::read_dir(&cur)
+            .map_err(|e| self.io_error(&format!("reading {}", cur.display()), e))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
             if name.to_str().map(|n| split_name(n).0) == Some(unique) {
@@ -420,7 +420,19 @@ impl TaskSource for MaildirSource {
     }
 }
 
-/// Where a Maildir keeps a message: for tests and tools that deliver mail.
+/// Whether the Maildir holds a message with this unique name, in `new/` or `cur/`, seen or not.
+pub fn holds(maildir: &Path, unique: &str) -> bool {
+    ["new", "cur"].iter().any(|sub| {
+        std::fs::read_dir(maildir.join(sub)).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_str().map(|n| split_name(n).0) == Some(unique))
+        })
+    })
+}
+
+/// Delivers a message the way an MDA does (write to `tmp/`, rename into `new/`): for tests
+/// and tools that deliver mail.
 pub fn deliver(maildir: &Path, unique: &str, bytes: &[u8]) -> io::Result<PathBuf> {
     for sub in ["tmp", "new", "cur"] {
         std::fs::create_dir_all(maildir.join(sub))?;

@@ -16,6 +16,8 @@ use runtime_contracts::{ConfigProblem, ConfigProvider, ConfigSubscriber};
 
 pub use platform::{PlatformConfig, PoolConfig, RuntimeConfig};
 
+pub use runtime_contracts::config::parse_section;
+
 /// Where the configuration text comes from.
 #[derive(Clone, Debug)]
 pub enum ConfigOrigin {
@@ -78,6 +80,7 @@ pub struct ConfigurationManager {
     origin: ConfigOrigin,
     env: Option<HashMap<String, String>>,
     validators: Vec<(String, SectionValidator)>,
+    cross_checks: Vec<RootValidator>,
     loaded: RwLock<Loaded>,
     subscribers: Mutex<Vec<(String, ConfigSubscriber)>>,
 }
@@ -94,11 +97,15 @@ impl fmt::Debug for ConfigurationManager {
     }
 }
 
+/// Checks relations between sections of the whole configuration.
+pub type RootValidator = Arc<dyn Fn(&serde_json::Value) -> Vec<ConfigProblem> + Send + Sync>;
+
 /// Builds a [`ConfigurationManager`].
 #[derive(Default)]
 pub struct ConfigBuilder {
     env: Option<HashMap<String, String>>,
     validators: Vec<(String, SectionValidator)>,
+    cross_checks: Vec<RootValidator>,
 }
 
 impl fmt::Debug for ConfigBuilder {
@@ -119,6 +126,15 @@ impl ConfigBuilder {
         self
     }
 
+    /// Adds a check across sections (a source names a configured pool, ...).
+    pub fn cross_check(
+        mut self,
+        check: impl Fn(&serde_json::Value) -> Vec<ConfigProblem> + Send + Sync + 'static,
+    ) -> Self {
+        self.cross_checks.push(Arc::new(check));
+        self
+    }
+
     /// Uses `vars` instead of the process environment for `PLBA__...` overrides.
     pub fn env(mut self, vars: HashMap<String, String>) -> Self {
         self.env = Some(vars);
@@ -131,6 +147,7 @@ impl ConfigBuilder {
             origin,
             env: self.env,
             validators: self.validators,
+            cross_checks: self.cross_checks,
             loaded: RwLock::new(Loaded {
                 root: Arc::new(serde_json::Value::Null),
                 platform: PlatformConfig::default(),
@@ -200,6 +217,9 @@ impl ConfigurationManager {
         problems.extend(platform_problems);
         for (key, validator) in &self.validators {
             problems.extend(validator(lookup(&root, key)));
+        }
+        for check in &self.cross_checks {
+            problems.extend(check(&root));
         }
         match platform {
             Some(platform) if problems.is_empty() => Ok(Loaded {

@@ -100,7 +100,10 @@ pub struct WorkerSupervisor {
 impl std::fmt::Debug for WorkerSupervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerSupervisor")
-            .field("pools", &self.pools.iter().map(|p| &p.name).collect::<Vec<_>>())
+            .field(
+                "pools",
+                &self.pools.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }

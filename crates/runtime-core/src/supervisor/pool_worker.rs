@@ -120,7 +120,10 @@ impl PoolWorker {
     async fn process(&self, lease: Lease, ctx: &WorkerContext) {
         let task = &lease.task;
         let Some(source) = self.sources.get(&task.source).cloned() else {
-            let reason = format!("no source {} is registered on pool {}", task.source, self.name);
+            let reason = format!(
+                "no source {} is registered on pool {}",
+                task.source, self.name
+            );
             return self.dead_letter(&lease, None, None, reason).await;
         };
         let Some(handler) = self.handlers.get(&task.kind).cloned() else {
@@ -133,7 +136,10 @@ impl PoolWorker {
             Attempt::Done(outcome) => match source.complete(task).await {
                 Ok(()) => return self.succeed(&lease, &outcome).await,
                 Err(e) => Attempt::Failed {
-                    reason: format!("outcome {} recorded, but completion failed: {e}", outcome.kind),
+                    reason: format!(
+                        "outcome {} recorded, but completion failed: {e}",
+                        outcome.kind
+                    ),
                     after: None,
                 },
             },

@@ -1,0 +1,272 @@
+//! The command line: `run`, `check-config`, `orders list`, `outcomes list`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use runtime_core::{ConfigReport, RuntimeManager};
+
+use crate::compose::{build_runtime, load_config};
+use crate::domain::store::{OrderStore, StoredOrder, StoredOutcome};
+use crate::module::{BotConfig, MailOrderModule, SECTION};
+
+/// Exit code for an invalid configuration.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// mail-order-bot: turns purchase-order emails into orders, each exactly once.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the bot until SIGINT or SIGTERM (or, with --once, until the mailbox is drained).
+    Run {
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Process what is there, then exit once every queue has drained.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate a configuration and print every problem with its key.
+    CheckConfig {
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Read the orders in the store.
+    Orders {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Read the recorded outcome of every message.
+    Outcomes {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: ListAction,
+    },
+}
+
+/// A read-only listing.
+#[derive(Debug, Subcommand)]
+pub enum ListAction {
+    /// List them.
+    List {
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned text for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::CheckConfig { config } => match load_config(config.as_deref(), None) {
+            Ok(_) => {
+                println!("configuration is valid");
+                Ok(0)
+            }
+            Err(report) => {
+                eprintln!("{report}");
+                Ok(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config, once } => run(config, once).await,
+        Command::Orders {
+            action: ListAction::List { config, format },
+        } => {
+            let store = open_store(config).await?;
+            let orders = store.orders_after(0).await?;
+            print_orders(&orders, format)?;
+            Ok(0)
+        }
+        Command::Outcomes {
+            action: ListAction::List { config, format },
+        } => {
+            let store = open_store(config).await?;
+            print_outcomes(&store.outcomes().await?, format)?;
+            Ok(0)
+        }
+    }
+}
+
+fn config_or_exit(
+    config: Option<&std::path::Path>,
+) -> Result<runtime_core::ConfigurationManager, u8> {
+    load_config(config, None).map_err(|report: ConfigReport| {
+        eprintln!("{report}");
+        EXIT_CONFIG
+    })
+}
+
+async fn open_store(config: Option<PathBuf>) -> anyhow::Result<OrderStore> {
+    let manager = match config_or_exit(config.as_deref()) {
+        Ok(m) => m,
+        Err(_) => anyhow::bail!("invalid configuration"),
+    };
+    let root = manager.root();
+    let bot = BotConfig::check(runtime_core::config::lookup(&root, SECTION))
+        .map_err(|_| anyhow::anyhow!("invalid [{SECTION}] section"))?;
+    OrderStore::open(&bot.store_url)
+        .await
+        .with_context(|| format!("opening the order store {}", bot.store_url))
+}
+
+async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
+    let manager = match config_or_exit(config.as_deref()) {
+        Ok(m) => Arc::new(m),
+        Err(code) => return Ok(code),
+    };
+    runtime_core::install_subscriber(&manager.platform().runtime.log);
+    let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule))
+        .await
+        .context("composing the runtime")?;
+    let store = runtime
+        .services()
+        .get::<OrderStore>()
+        .context("the bot registered no order store")?;
+    let before = store.last_order_id().await?;
+    runtime.start()?;
+    let interrupted = wait(&runtime, once).await?;
+    let report = runtime.shutdown().await;
+    let created = store.orders_after(before).await?;
+    print_run_summary(&runtime, &created, store.orders_after(0).await?.len()).await;
+    if !report.drained_in_time {
+        eprintln!(
+            "shutdown deadline passed: unfinished tasks went back to their queue and stay unread"
+        );
+    }
+    Ok(if interrupted && once { 130 } else { 0 })
+}
+
+/// Waits for the end of the run; true when a signal ended it.
+async fn wait(runtime: &RuntimeManager, once: bool) -> anyhow::Result<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let drained = async {
+        if once {
+            runtime.wait_until_idle(Duration::from_millis(50)).await
+        } else {
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        _ = drained => Ok(false),
+        _ = term.recv() => { tracing::info!("SIGTERM received"); Ok(true) }
+        _ = int.recv() => { tracing::info!("SIGINT received"); Ok(true) }
+    }
+}
+
+async fn print_run_summary(runtime: &RuntimeManager, created: &[StoredOrder], total: usize) {
+    let status = runtime.status().await;
+    for pool in &status.pools {
+        println!(
+            "pool {}: {} processed, {} failed attempts, {} retried, {} dead-lettered",
+            pool.name, pool.processed, pool.failed, pool.retried, pool.dead_lettered
+        );
+    }
+    for pool in status.pools.iter().map(|p| p.name.as_str()) {
+        let Some(dead) = runtime.queue(pool).and_then(|q| q.dead_letters()) else {
+            continue;
+        };
+        if let Ok(page) = dead.list(None, 100).await {
+            for d in page.items {
+                println!("dead letter {}: {} (left unread)", d.id, d.reason);
+            }
+        }
+    }
+    if created.is_empty() {
+        println!("no new orders ({total} in the store)");
+    } else {
+        println!(
+            "created {} new orders ({total} in the store):",
+            created.len()
+        );
+        print_order_table(created);
+    }
+}
+
+fn print_orders(orders: &[StoredOrder], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(orders)?),
+        Format::Table => print_order_table(orders),
+    }
+    Ok(())
+}
+
+fn print_order_table(orders: &[StoredOrder]) {
+    println!(
+        "{:>5}  {:<8}  {:<24}  {:<32}  LINES",
+        "ORDER", "CLIENT", "NAME", "SENDER"
+    );
+    for o in orders {
+        let lines: Vec<String> = o
+            .lines
+            .iter()
+            .map(|l| format!("{} x{}", l.sku, l.quantity))
+            .collect();
+        println!(
+            "{:>5}  {:<8}  {:<24}  {:<32}  {}",
+            o.id,
+            o.client_id,
+            truncate(&o.client_name, 24),
+            truncate(&o.sender, 32),
+            lines.join(", ")
+        );
+    }
+}
+
+fn print_outcomes(outcomes: &[StoredOutcome], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(outcomes)?),
+        Format::Table => {
+            println!(
+                "{:<16}  {:>5}  {:>5}  {:<40}  REASON",
+                "OUTCOME", "ORDER", "SEEN", "MESSAGE"
+            );
+            for o in outcomes {
+                println!(
+                    "{:<16}  {:>5}  {:>5}  {:<40}  {}",
+                    o.outcome,
+                    o.order_id.map(|i| i.to_string()).unwrap_or_default(),
+                    o.deliveries,
+                    truncate(&o.message_identity, 40),
+                    o.reason.as_deref().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}

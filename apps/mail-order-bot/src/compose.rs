@@ -1,0 +1,244 @@
+//! Composition: the configuration's choices turned into a running runtime. This is the only
+//! part of the bot that knows the runtime core and the adapters.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
+use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
+use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
+use runtime_core::config::{lookup, parse_section};
+use runtime_core::{
+    ConfigOrigin, ConfigReport, ConfigurationManager, RuntimeBuilder, RuntimeManager,
+};
+
+use crate::module::{BotConfig, MailOrderModule, SECTION};
+
+/// The default configuration, compiled in: runs with no server at all.
+pub const DEFAULT_CONFIG: &str = include_str!("../../../config/default.toml");
+
+/// The sample mail the default configuration seeds its Maildir with.
+static SAMPLES: include_dir::Dir<'_> = include_dir::include_dir!("$CARGO_MANIFEST_DIR/samples");
+
+/// Where the configuration comes from: a file, or the embedded default.
+pub fn origin(path: Option<&Path>) -> ConfigOrigin {
+    match path {
+        Some(p) => ConfigOrigin::File(p.to_owned()),
+        None => ConfigOrigin::Embedded {
+            name: "embedded config/default.toml".into(),
+            text: DEFAULT_CONFIG.into(),
+        },
+    }
+}
+
+/// The `type` of a tagged section and the rest of it.
+fn split_type(
+    value: &serde_json::Value,
+    key: &str,
+) -> Result<(String, serde_json::Value), ConfigProblem> {
+    let Some(map) = value.as_object() else {
+        return Err(ConfigProblem::new(key, "must be a table"));
+    };
+    let Some(kind) = map.get("type").and_then(|t| t.as_str()) else {
+        return Err(ConfigProblem::new(
+            format!("{key}.type"),
+            "missing or not a string",
+        ));
+    };
+    let mut rest = map.clone();
+    rest.remove("type");
+    Ok((kind.to_owned(), serde_json::Value::Object(rest)))
+}
+
+/// The queue settings (`[queue]`), checked.
+pub fn queue_config(
+    section: Option<&serde_json::Value>,
+) -> Result<MemoryQueueConfig, Vec<ConfigProblem>> {
+    let Some(section) = section else {
+        return Ok(MemoryQueueConfig::default());
+    };
+    let (kind, rest) = split_type(section, "queue").map_err(|p| vec![p])?;
+    match kind.as_str() {
+        "memory" => {
+            let cfg: MemoryQueueConfig = parse_section(&rest, "queue")?;
+            let problems = cfg.problems("queue");
+            if problems.is_empty() {
+                Ok(cfg)
+            } else {
+                Err(problems)
+            }
+        }
+        other => Err(vec![ConfigProblem::new(
+            "queue.type",
+            format!("unknown queue type {other:?}; supported: \"memory\""),
+        )]),
+    }
+}
+
+/// One source's settings (`[sources.<id>]`), checked.
+pub fn source_config(
+    id: &str,
+    value: &serde_json::Value,
+) -> Result<MaildirConfig, Vec<ConfigProblem>> {
+    let key = format!("sources.{id}");
+    let (kind, rest) = split_type(value, &key).map_err(|p| vec![p])?;
+    match kind.as_str() {
+        "maildir" => {
+            let cfg: MaildirConfig = parse_section(&rest, &key)?;
+            let problems = cfg.problems(&key);
+            if problems.is_empty() {
+                Ok(cfg)
+            } else {
+                Err(problems)
+            }
+        }
+        other => Err(vec![ConfigProblem::new(
+            format!("{key}.type"),
+            format!("unknown source type {other:?}; supported: \"maildir\""),
+        )]),
+    }
+}
+
+fn check_sources(section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+    let Some(section) = section else {
+        return vec![ConfigProblem::new(
+            "sources",
+            "at least one source is needed",
+        )];
+    };
+    let Some(map) = section.as_object() else {
+        return vec![ConfigProblem::new("sources", "must be a table of sources")];
+    };
+    if map.is_empty() {
+        return vec![ConfigProblem::new(
+            "sources",
+            "at least one source is needed",
+        )];
+    }
+    map.iter()
+        .filter_map(|(id, v)| source_config(id, v).err())
+        .flatten()
+        .collect()
+}
+
+/// Relations between sections: sources and the bot name configured pools; leases outlive
+/// handler timeouts.
+fn cross_check(root: &serde_json::Value) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    let pools = root.get("pools").and_then(|p| p.as_object());
+    let pool_exists = |name: &str| pools.is_some_and(|p| p.contains_key(name));
+    if let Some(sources) = root.get("sources").and_then(|s| s.as_object()) {
+        for (id, source) in sources {
+            if let Some(pool) = source.get("pool").and_then(|p| p.as_str()) {
+                if !pool_exists(pool) {
+                    problems.push(ConfigProblem::new(
+                        format!("sources.{id}.pool"),
+                        format!("pool {pool:?} is not configured under [pools]"),
+                    ));
+                }
+            }
+        }
+    }
+    let bot_pool = lookup(root, SECTION)
+        .and_then(|s| s.get("pool"))
+        .and_then(|p| p.as_str())
+        .unwrap_or("orders");
+    if !pool_exists(bot_pool) {
+        problems.push(ConfigProblem::new(
+            format!("{SECTION}.pool"),
+            format!("pool {bot_pool:?} is not configured under [pools]"),
+        ));
+    }
+    if let (Ok(queue), Some(pools)) = (queue_config(root.get("queue")), pools) {
+        for (name, pool) in pools {
+            let timeout = pool
+                .get("handler_timeout_ms")
+                .and_then(|t| t.as_u64())
+                .unwrap_or(runtime_core::PoolConfig::default().handler_timeout_ms);
+            if queue.lease_timeout_ms <= timeout {
+                problems.push(ConfigProblem::new(
+                    "queue.lease_timeout_ms",
+                    format!("must exceed pools.{name}.handler_timeout_ms ({timeout})"),
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Loads and validates the whole configuration; `env` replaces the process environment.
+pub fn load_config(
+    path: Option<&Path>,
+    env: Option<HashMap<String, String>>,
+) -> Result<ConfigurationManager, ConfigReport> {
+    let module = MailOrderModule;
+    let mut builder = ConfigurationManager::builder()
+        .claim("queue", |v| queue_config(v).err().unwrap_or_default())
+        .claim("sources", check_sources)
+        .claim(SECTION, move |v| module.validate_config(v))
+        .cross_check(cross_check);
+    if let Some(env) = env {
+        builder = builder.env(env);
+    }
+    builder.load(origin(path))
+}
+
+/// Copies the bundled samples into `maildir`, skipping any already there. Returns how many
+/// were copied.
+pub fn seed_samples(maildir: &Path) -> std::io::Result<usize> {
+    let mut copied = 0;
+    let mut files: Vec<_> = SAMPLES.files().collect();
+    files.sort_by_key(|f| f.path());
+    for file in files {
+        let Some(stem) = file.path().file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let unique = format!("sample.{stem}");
+        if maildir::holds(maildir, &unique) {
+            continue;
+        }
+        maildir::deliver(maildir, &unique, file.contents())?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+/// Builds the runtime the configuration describes, hosting `module` (the bot, or a test's
+/// wrapper around it).
+pub async fn build_runtime(
+    config: Arc<ConfigurationManager>,
+    module: Arc<dyn ApplicationModule>,
+) -> anyhow::Result<RuntimeManager> {
+    let root = config.root();
+    let bot = BotConfig::check(lookup(&root, SECTION)).map_err(|p| ConfigReport {
+        origin: config.origin().to_string(),
+        problems: p,
+    })?;
+    if let Some(maildir) = &bot.seed_samples_into {
+        let n = seed_samples(maildir)?;
+        if n > 0 {
+            tracing::info!(count = n, maildir = %maildir.display(), "seeded sample mail");
+        }
+    }
+    let queue_cfg = queue_config(root.get("queue")).map_err(|p| ConfigReport {
+        origin: config.origin().to_string(),
+        problems: p,
+    })?;
+    let mut builder = RuntimeBuilder::new(Arc::clone(&config)).module(module);
+    for pool in config.platform().pools.keys() {
+        let queue: Arc<dyn TaskQueue> = Arc::new(MemoryQueue::new(pool.clone(), queue_cfg.clone()));
+        builder = builder.queue(pool, queue);
+    }
+    if let Some(sources) = root.get("sources").and_then(|s| s.as_object()) {
+        for (id, value) in sources {
+            let cfg = source_config(id, value).map_err(|p| ConfigReport {
+                origin: config.origin().to_string(),
+                problems: p,
+            })?;
+            let pool = cfg.pool.clone();
+            builder = builder.source(Arc::new(MaildirSource::new(id.clone(), cfg)), &pool);
+        }
+    }
+    Ok(builder.build().await?)
+}

@@ -1,0 +1,353 @@
+//! The order store: orders, their lines and one outcome per message, in SQLite through sqlx.
+//!
+//! Exactly-once is the database's job: `message_outcomes.message_identity` is the primary
+//! key and `orders.message_identity` is UNIQUE, and an order is written in the same
+//! transaction as its outcome.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::extract::OrderLine;
+use super::OutcomeKind;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The URL is not one the store understands.
+    #[error("store url {0:?} is not supported (use sqlite://PATH)")]
+    Url(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database folder could not be created.
+    #[error("creating {path}: {source}")]
+    Folder {
+        /// The folder.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// An order to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewOrder {
+    /// Client id.
+    pub client_id: String,
+    /// Client name.
+    pub client_name: String,
+    /// The lines, in order.
+    pub lines: Vec<OrderLine>,
+}
+
+/// One message's outcome to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recording {
+    /// Message identity.
+    pub identity: String,
+    /// Hash of the raw bytes.
+    pub content_sha256: String,
+    /// Sender address.
+    pub sender: Option<String>,
+    /// Subject.
+    pub subject: Option<String>,
+    /// The runtime task that carried it.
+    pub task_id: String,
+    /// The outcome.
+    pub outcome: OutcomeKind,
+    /// Why, for outcomes other than `created`.
+    pub reason: Option<String>,
+    /// The order, for `created`.
+    pub order: Option<NewOrder>,
+}
+
+/// What `record` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The outcome (and its order) were written.
+    New {
+        /// The new order's id, for `created`.
+        order_id: Option<i64>,
+    },
+    /// An outcome already existed for this identity; nothing new was written.
+    Duplicate {
+        /// The earlier outcome.
+        earlier: String,
+        /// The earlier order, if one was created.
+        order_id: Option<i64>,
+    },
+}
+
+/// An order as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoredOrder {
+    /// Order id.
+    pub id: i64,
+    /// Message identity.
+    pub message_identity: String,
+    /// Client id.
+    pub client_id: String,
+    /// Client name.
+    pub client_name: String,
+    /// Sender address.
+    pub sender: String,
+    /// Subject.
+    pub subject: Option<String>,
+    /// When, UTC.
+    pub created_at: String,
+    /// Lines.
+    pub lines: Vec<OrderLine>,
+}
+
+/// An outcome as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StoredOutcome {
+    /// Message identity.
+    pub message_identity: String,
+    /// Outcome name.
+    pub outcome: String,
+    /// Reason.
+    pub reason: Option<String>,
+    /// Order id, for `created`.
+    pub order_id: Option<i64>,
+    /// Sender.
+    pub sender: Option<String>,
+    /// Subject.
+    pub subject: Option<String>,
+    /// How many deliveries of this message were seen.
+    pub deliveries: i64,
+    /// When first recorded, UTC.
+    pub recorded_at: String,
+}
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// The store.
+#[derive(Clone, Debug)]
+pub struct OrderStore {
+    pool: SqlitePool,
+}
+
+impl OrderStore {
+    /// Opens (creating when missing) the database at `url` and applies the migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .ok_or_else(|| StoreError::Url(url.to_owned()))?;
+        let file = path.split('?').next().unwrap_or(path);
+        if let Some(parent) = std::path::Path::new(file).parent() {
+            if !parent.as_os_str().is_empty() && file != ":memory:" {
+                std::fs::create_dir_all(parent).map_err(|source| StoreError::Folder {
+                    path: parent.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Records one outcome, and its order when there is one, in one transaction. If this
+    /// identity already has an outcome other than `failed`, nothing is written and the
+    /// earlier outcome is returned as a duplicate (a `failed` outcome is replaced: the
+    /// message was retried after its fault was fixed).
+    pub async fn record(&self, rec: &Recording) -> Result<Recorded, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The first statement writes, so SQLite takes the write lock at once and two
+        // workers racing on one message are serialised by the database.
+        let claimed = sqlx::query(&format!(
+            "INSERT INTO message_outcomes
+                (message_identity, outcome, reason, content_sha256, sender, subject, task_id,
+                 recorded_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {NOW}, {NOW})
+             ON CONFLICT (message_identity) DO UPDATE SET
+                outcome = excluded.outcome, reason = excluded.reason,
+                content_sha256 = excluded.content_sha256, task_id = excluded.task_id,
+                deliveries = message_outcomes.deliveries + 1, updated_at = {NOW}
+             WHERE message_outcomes.outcome = 'failed'"
+        ))
+        .bind(&rec.identity)
+        .bind(rec.outcome.as_str())
+        .bind(&rec.reason)
+        .bind(&rec.content_sha256)
+        .bind(&rec.sender)
+        .bind(&rec.subject)
+        .bind(&rec.task_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            let earlier = sqlx::query(&format!(
+                "UPDATE message_outcomes SET deliveries = deliveries + 1, updated_at = {NOW}
+                 WHERE message_identity = ?1 RETURNING outcome, order_id"
+            ))
+            .bind(&rec.identity)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Recorded::Duplicate {
+                earlier: earlier.try_get("outcome")?,
+                order_id: earlier.try_get("order_id")?,
+            });
+        }
+        let mut order_id = None;
+        if let Some(order) = &rec.order {
+            let id: i64 = sqlx::query_scalar(&format!(
+                "INSERT INTO orders (message_identity, client_id, client_name, sender, subject, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, {NOW}) RETURNING id"
+            ))
+            .bind(&rec.identity)
+            .bind(&order.client_id)
+            .bind(&order.client_name)
+            .bind(rec.sender.as_deref().unwrap_or(""))
+            .bind(&rec.subject)
+            .fetch_one(&mut *tx)
+            .await?;
+            for (n, line) in order.lines.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO order_lines (order_id, line_no, sku, quantity, origin)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .bind(id)
+                .bind(n as i64 + 1)
+                .bind(&line.sku)
+                .bind(i64::from(line.quantity))
+                .bind(&line.origin)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("UPDATE message_outcomes SET order_id = ?1 WHERE message_identity = ?2")
+                .bind(id)
+                .bind(&rec.identity)
+                .execute(&mut *tx)
+                .await?;
+            order_id = Some(id);
+        }
+        tx.commit().await?;
+        Ok(Recorded::New { order_id })
+    }
+
+    /// Records that a message failed for good; never replaces another outcome.
+    pub async fn record_failure(
+        &self,
+        identity: &str,
+        content_sha256: &str,
+        task_id: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO message_outcomes
+                (message_identity, outcome, reason, content_sha256, task_id, recorded_at, updated_at)
+             VALUES (?1, 'failed', ?2, ?3, ?4, {NOW}, {NOW})
+             ON CONFLICT (message_identity) DO UPDATE SET reason = excluded.reason, updated_at = {NOW}
+             WHERE message_outcomes.outcome = 'failed'"
+        ))
+        .bind(identity)
+        .bind(reason)
+        .bind(content_sha256)
+        .bind(task_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Orders with an id above `after`, oldest first, with their lines.
+    pub async fn orders_after(&self, after: i64) -> Result<Vec<StoredOrder>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, message_identity, client_id, client_name, sender, subject, created_at
+             FROM orders WHERE id > ?1 ORDER BY id",
+        )
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut orders = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let lines = sqlx::query(
+                "SELECT sku, quantity, origin FROM order_lines WHERE order_id = ?1 ORDER BY line_no",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|l| {
+                Ok(OrderLine {
+                    sku: l.try_get("sku")?,
+                    quantity: u32::try_from(l.try_get::<i64, _>("quantity")?).unwrap_or(0),
+                    origin: l.try_get("origin")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            orders.push(StoredOrder {
+                id,
+                message_identity: row.try_get("message_identity")?,
+                client_id: row.try_get("client_id")?,
+                client_name: row.try_get("client_name")?,
+                sender: row.try_get("sender")?,
+                subject: row.try_get("subject")?,
+                created_at: row.try_get("created_at")?,
+                lines,
+            });
+        }
+        Ok(orders)
+    }
+
+    /// The highest order id, 0 when there is none.
+    pub async fn last_order_id(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM orders")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Every outcome, oldest first.
+    pub async fn outcomes(&self) -> Result<Vec<StoredOutcome>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_identity, outcome, reason, order_id, sender, subject, deliveries, recorded_at
+             FROM message_outcomes ORDER BY recorded_at, message_identity",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredOutcome {
+                    message_identity: r.try_get("message_identity")?,
+                    outcome: r.try_get("outcome")?,
+                    reason: r.try_get("reason")?,
+                    order_id: r.try_get("order_id")?,
+                    sender: r.try_get("sender")?,
+                    subject: r.try_get("subject")?,
+                    deliveries: r.try_get("deliveries")?,
+                    recorded_at: r.try_get("recorded_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

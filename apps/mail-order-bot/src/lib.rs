@@ -1,0 +1,12 @@
+//! mail-order-bot: reads purchase-order emails and creates each order exactly once.
+//!
+//! - [`domain`]: reading mail, resolving clients, extracting lines, storing outcomes.
+//! - [`module`]: the bot as a runtime application module (its handler and config section).
+//! - [`compose`]: the configuration turned into a running runtime (the only part that
+//!   knows `runtime-core` and `runtime-adapters`).
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod compose;
+pub mod domain;
+pub mod module;
