@@ -8,7 +8,7 @@ use std::sync::Arc;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
 use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
-use runtime_core::config::{lookup, parse_section};
+use runtime_core::config::{lookup, parse_section_with_unknown};
 use runtime_core::{
     ConfigOrigin, ConfigReport, ConfigurationManager, RuntimeBuilder, RuntimeManager,
 };
@@ -61,12 +61,12 @@ pub fn queue_config(
     let (kind, rest) = split_type(section, "queue").map_err(|p| vec![p])?;
     match kind.as_str() {
         "memory" => {
-            let cfg: MemoryQueueConfig = parse_section(&rest, "queue")?;
-            let problems = cfg.problems("queue");
-            if problems.is_empty() {
-                Ok(cfg)
-            } else {
-                Err(problems)
+            let (cfg, mut problems) =
+                parse_section_with_unknown::<MemoryQueueConfig>(&rest, "queue");
+            problems.extend(cfg.iter().flat_map(|c| c.problems("queue")));
+            match cfg {
+                Some(cfg) if problems.is_empty() => Ok(cfg),
+                _ => Err(problems),
             }
         }
         other => Err(vec![ConfigProblem::new(
@@ -85,12 +85,11 @@ pub fn source_config(
     let (kind, rest) = split_type(value, &key).map_err(|p| vec![p])?;
     match kind.as_str() {
         "maildir" => {
-            let cfg: MaildirConfig = parse_section(&rest, &key)?;
-            let problems = cfg.problems(&key);
-            if problems.is_empty() {
-                Ok(cfg)
-            } else {
-                Err(problems)
+            let (cfg, mut problems) = parse_section_with_unknown::<MaildirConfig>(&rest, &key);
+            problems.extend(cfg.iter().flat_map(|c| c.problems(&key)));
+            match cfg {
+                Some(cfg) if problems.is_empty() => Ok(cfg),
+                _ => Err(problems),
             }
         }
         other => Err(vec![ConfigProblem::new(

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use runtime_contracts::config::parse_section;
+use runtime_contracts::config::parse_section_with_unknown;
 use runtime_contracts::{
     ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
     HandlerError, HealthContributor, HealthStatus, ModuleError, ModuleRegistry, Outcome, Probe,
@@ -61,9 +61,14 @@ impl BotConfig {
         let Some(section) = section else {
             return Err(vec![ConfigProblem::new(SECTION, "missing section")]);
         };
-        let config: Self = parse_section(section, SECTION)?;
-        let mut problems =
-            ClientDirectory::problems(&config.clients, &format!("{SECTION}.clients"));
+        let (config, mut problems) = parse_section_with_unknown::<Self>(section, SECTION);
+        let Some(config) = config else {
+            return Err(problems);
+        };
+        problems.extend(ClientDirectory::problems(
+            &config.clients,
+            &format!("{SECTION}.clients"),
+        ));
         if !config.store_url.starts_with("sqlite:") {
             problems.push(ConfigProblem::new(
                 format!("{SECTION}.store_url"),

@@ -105,6 +105,18 @@ pub fn parse_section<T: DeserializeOwned>(
     value: &serde_json::Value,
     prefix: &str,
 ) -> Result<T, Vec<ConfigProblem>> {
+    match parse_section_with_unknown(value, prefix) {
+        (Some(parsed), problems) if problems.is_empty() => Ok(parsed),
+        (_, problems) => Err(problems),
+    }
+}
+
+/// Like [`parse_section`], but also returns the parsed value when the only problems are
+/// unknown keys, so that callers can go on to check its values and report everything.
+pub fn parse_section_with_unknown<T: DeserializeOwned>(
+    value: &serde_json::Value,
+    prefix: &str,
+) -> (Option<T>, Vec<ConfigProblem>) {
     let join = |path: String| match (prefix.is_empty(), path.is_empty() || path == ".") {
         (_, true) => prefix.to_owned(),
         (true, false) => path,
@@ -121,12 +133,11 @@ pub fn parse_section<T: DeserializeOwned>(
         problems.push(ConfigProblem::new(join(path), "unknown key"));
     }
     match result {
-        Ok(parsed) if problems.is_empty() => Ok(parsed),
-        Ok(_) => Err(problems),
+        Ok(parsed) => (Some(parsed), problems),
         Err(err) => {
             let key = join(err.path().to_string());
             problems.push(ConfigProblem::new(key, err.into_inner().to_string()));
-            Err(problems)
+            (None, problems)
         }
     }
 }

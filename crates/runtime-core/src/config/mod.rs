@@ -16,7 +16,7 @@ use runtime_contracts::{ConfigProblem, ConfigProvider, ConfigSubscriber};
 
 pub use platform::{PlatformConfig, PoolConfig, RuntimeConfig};
 
-pub use runtime_contracts::config::parse_section;
+pub use runtime_contracts::config::{parse_section, parse_section_with_unknown};
 
 /// Where the configuration text comes from.
 #[derive(Clone, Debug)]

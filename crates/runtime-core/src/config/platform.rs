@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use runtime_contracts::config::parse_section;
+use runtime_contracts::config::{parse_section, parse_section_with_unknown};
 use runtime_contracts::ConfigProblem;
 use serde::{Deserialize, Serialize};
 
@@ -128,12 +128,12 @@ impl PlatformConfig {
             Some(serde_json::Value::Object(map)) => {
                 for (name, value) in map {
                     let key = format!("pools.{name}");
-                    match parse_section::<PoolConfig>(value, &key) {
-                        Ok(pool) => {
-                            problems.extend(pool.problems(&key));
-                            pools.insert(name.clone(), pool);
-                        }
-                        Err(p) => problems.extend(p),
+                    let (pool, parse_problems) =
+                        parse_section_with_unknown::<PoolConfig>(value, &key);
+                    problems.extend(parse_problems);
+                    if let Some(pool) = pool {
+                        problems.extend(pool.problems(&key));
+                        pools.insert(name.clone(), pool);
                     }
                 }
             }

@@ -1,0 +1,280 @@
+//! Test kit shared by the bot's integration tests: a temp workspace with a Maildir and a
+//! SQLite store, mail generators, and assertions over both.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mail_order_bot::domain::store::OrderStore;
+use runtime_adapters::sources::maildir::deliver;
+
+/// A temp folder holding `maildir/` and `orders.db`, and a config pointing at them.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+pub const CLIENTS: &str = r#"
+[[apps.mail_order_bot.clients]]
+id = "C-1"
+name = "Acme"
+domains = ["acme.example"]
+
+[[apps.mail_order_bot.clients]]
+id = "C-2"
+name = "Nordic"
+addresses = ["buyer@nordic.example"]
+"#;
+
+impl Workspace {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(dir.path().join("maildir").join(sub)).expect("maildir");
+        }
+        Self { dir }
+    }
+
+    pub fn maildir(&self) -> PathBuf {
+        self.dir.path().join("maildir")
+    }
+
+    pub fn store_url(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("orders.db").display())
+    }
+
+    /// A config for this workspace; `max_attempts` and fast retries for tests.
+    pub fn config(&self, workers: usize, max_attempts: u32) -> PathBuf {
+        let text = format!(
+            r#"
+[runtime]
+shutdown_deadline_ms = 5000
+log = "warn,runtime_core=info"
+
+[queue]
+type = "memory"
+capacity = 100000
+lease_timeout_ms = 60000
+
+[pools.orders]
+workers = {workers}
+handler_timeout_ms = 20000
+max_attempts = {max_attempts}
+high_watermark = 64
+
+[pools.orders.retry]
+initial_backoff_ms = 10
+max_backoff_ms = 50
+jitter = 0.1
+
+[sources.inbox]
+type = "maildir"
+path = "{maildir}"
+pool = "orders"
+poll_interval_ms = 50
+
+[apps.mail_order_bot]
+store_url = "{store}"
+{CLIENTS}
+"#,
+            maildir = self.maildir().display(),
+            store = self.store_url(),
+        );
+        let path = self.dir.path().join("bot.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    pub fn deliver(&self, unique: &str, mail: &str) {
+        deliver(&self.maildir(), unique, mail.as_bytes()).expect("deliver");
+    }
+
+    pub fn deliver_bytes(&self, unique: &str, mail: &[u8]) {
+        deliver(&self.maildir(), unique, mail).expect("deliver");
+    }
+
+    pub async fn store(&self) -> OrderStore {
+        OrderStore::open(&self.store_url())
+            .await
+            .expect("open store")
+    }
+
+    /// Unique name → whether the file is marked seen, for every message in the Maildir.
+    pub fn seen_flags(&self) -> BTreeMap<String, bool> {
+        let mut out = BTreeMap::new();
+        for sub in ["new", "cur"] {
+            for entry in std::fs::read_dir(self.maildir().join(sub)).expect("read") {
+                let name = entry
+                    .expect("entry")
+                    .file_name()
+                    .into_string()
+                    .expect("utf-8");
+                let (unique, flags) = match name.split_once(":2,") {
+                    Some((u, f)) => (u.to_owned(), f.to_owned()),
+                    None => (name.clone(), String::new()),
+                };
+                out.insert(unique, sub == "cur" && flags.contains('S'));
+            }
+        }
+        out
+    }
+
+    /// The Message-ID of every message file, by unique name.
+    pub fn message_ids(&self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        for sub in ["new", "cur"] {
+            for entry in std::fs::read_dir(self.maildir().join(sub)).expect("read") {
+                let entry = entry.expect("entry");
+                let name = entry.file_name().into_string().expect("utf-8");
+                let unique = name.split(":2,").next().unwrap_or(&name).to_owned();
+                let text = String::from_utf8_lossy(&std::fs::read(entry.path()).expect("read"))
+                    .into_owned();
+                if let Some(id) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Message-ID: <"))
+                    .and_then(|l| l.strip_suffix('>'))
+                {
+                    out.insert(unique, format!("mid:{id}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A plain-text order from `from` with Message-ID `<{id}@test.example>`.
+pub fn order_mail(id: &str, from: &str, lines: &[(&str, u32)]) -> String {
+    let body: Vec<String> = lines.iter().map(|(s, q)| format!("{s} x {q}")).collect();
+    format!(
+        "From: Buyer <{from}>\r\nTo: orders@supplier.example\r\nSubject: Order {id}\r\n\
+         Message-ID: <{id}@test.example>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\r\nHello,\r\n\r\n{}\r\n\r\nThanks\r\n",
+        body.join("\r\n")
+    )
+}
+
+/// What a generated mailbox should end up as.
+#[derive(Debug, Default)]
+pub struct Expected {
+    /// Message identities that must have exactly one order.
+    pub orders: Vec<String>,
+    /// Message identities that must have an outcome but no order, with the outcome.
+    pub other: Vec<(String, &'static str)>,
+}
+
+/// Fills the workspace with `n` messages: mostly valid orders from both clients, every
+/// tenth from an unknown sender, every fifteenth with no lines, and every twentieth a
+/// resend of an earlier order (same Message-ID).
+pub fn fill_mailbox(ws: &Workspace, n: usize) -> Expected {
+    let mut expected = Expected::default();
+    for i in 0..n {
+        let unique = format!("{:06}.M{i}P1.test", 1_700_000_000 + i);
+        let id = format!("order-{i}");
+        if i % 20 == 19 {
+            let earlier = i - 10;
+            ws.deliver(
+                &unique,
+                &order_mail(
+                    &format!("order-{earlier}"),
+                    "x@acme.example",
+                    &[("SKU-1", 1)],
+                ),
+            );
+            continue;
+        }
+        if i % 10 == 9 {
+            ws.deliver(
+                &unique,
+                &order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)]),
+            );
+            expected
+                .other
+                .push((format!("mid:{id}@test.example"), "unknown_client"));
+            continue;
+        }
+        if i % 15 == 14 {
+            ws.deliver(&unique, &order_mail(&id, "x@acme.example", &[]));
+            expected
+                .other
+                .push((format!("mid:{id}@test.example"), "no_lines"));
+            continue;
+        }
+        let from = if i % 2 == 0 {
+            "purchasing@acme.example"
+        } else {
+            "buyer@nordic.example"
+        };
+        let sku = format!("SKU-{}", 1000 + i);
+        ws.deliver(
+            &unique,
+            &order_mail(&id, from, &[(&sku, (i % 7 + 1) as u32), ("SKU-42", 2)]),
+        );
+        expected.orders.push(format!("mid:{id}@test.example"));
+    }
+    expected
+}
+
+/// Waits for `condition` up to `limit`, checking every few milliseconds.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asserts the promises over a store and a Maildir: every expected order exists exactly
+/// once with one order per identity, and every message marked seen has a recorded outcome.
+pub async fn assert_exactly_once(ws: &Workspace, expected: &Expected) {
+    let store = ws.store().await;
+    let orders = store.orders_after(0).await.expect("orders");
+    let mut per_identity: HashMap<&str, usize> = HashMap::new();
+    for o in &orders {
+        *per_identity.entry(o.message_identity.as_str()).or_default() += 1;
+    }
+    assert!(
+        per_identity.values().all(|n| *n == 1),
+        "an order was created twice"
+    );
+    assert_eq!(orders.len(), expected.orders.len(), "order count");
+    for id in &expected.orders {
+        assert_eq!(per_identity.get(id.as_str()), Some(&1), "order for {id}");
+    }
+    let outcomes: HashMap<String, String> = store
+        .outcomes()
+        .await
+        .expect("outcomes")
+        .into_iter()
+        .map(|o| (o.message_identity, o.outcome))
+        .collect();
+    for (id, outcome) in &expected.other {
+        assert_eq!(
+            outcomes.get(id).map(String::as_str),
+            Some(*outcome),
+            "outcome of {id}"
+        );
+    }
+    assert_seen_only_with_outcome(ws, &outcomes);
+}
+
+/// Nothing is marked seen that has no recorded outcome.
+pub fn assert_seen_only_with_outcome(ws: &Workspace, outcomes: &HashMap<String, String>) {
+    let ids = ws.message_ids();
+    for (unique, seen) in ws.seen_flags() {
+        if seen {
+            let id = ids.get(&unique).expect("message id");
+            let outcome = outcomes.get(id).map(String::as_str);
+            assert!(
+                outcome.is_some_and(|o| o != "failed"),
+                "{unique} is seen but its outcome is {outcome:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Bad configurations are reported with their keys, all at once, before anything starts.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use mail_order_bot::compose::load_config;
+
+fn valid(dir: &Path) -> String {
+    std::fs::create_dir_all(dir.join("maildir/new")).expect("new");
+    std::fs::create_dir_all(dir.join("maildir/cur")).expect("cur");
+    format!(
+        r#"
+[runtime]
+shutdown_deadline_ms = 1000
+
+[queue]
+type = "memory"
+
+[pools.orders]
+workers = 2
+handler_timeout_ms = 5000
+
+[sources.inbox]
+type = "maildir"
+path = "{maildir}"
+pool = "orders"
+
+[apps.mail_order_bot]
+store_url = "sqlite://{db}"
+
+[[apps.mail_order_bot.clients]]
+id = "C-1"
+name = "Acme"
+domains = ["acme.example"]
+"#,
+        maildir = dir.join("maildir").display(),
+        db = dir.join("orders.db").display(),
+    )
+}
+
+/// Writes `text` as a config file and returns the problem keys and messages it produces.
+fn problems(dir: &Path, text: &str) -> Vec<(String, String)> {
+    let path = dir.join("bot.toml");
+    std::fs::write(&path, text).expect("write config");
+    match load_config(Some(&path), Some(HashMap::new())) {
+        Ok(_) => Vec::new(),
+        Err(report) => report
+            .problems
+            .into_iter()
+            .map(|p| (p.key, p.message))
+            .collect(),
+    }
+}
+
+fn check(mutate: impl Fn(&str) -> String, expected_key: &str, expected_words: &str) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = mutate(&valid(tmp.path()));
+    let got = problems(tmp.path(), &text);
+    assert!(
+        got.iter()
+            .any(|(k, m)| k == expected_key && m.contains(expected_words)),
+        "expected {expected_key}: …{expected_words}…, got {got:#?}"
+    );
+}
+
+#[test]
+fn the_valid_base_config_is_valid() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    assert_eq!(problems(tmp.path(), &valid(tmp.path())), vec![]);
+}
+
+#[test]
+fn each_bad_config_is_reported_with_its_key() {
+    let cases: Vec<(&str, Box<dyn Fn(&str) -> String>, &str, &str)> = vec![
+        (
+            "syntax error",
+            Box::new(|t: &str| t.replace("workers = 2", "workers = = 2")),
+            "(syntax)",
+            "",
+        ),
+        (
+            "unknown key",
+            Box::new(|t: &str| t.replace("workers = 2", "workers = 2\nwokers = 3")),
+            "pools.orders.wokers",
+            "unknown key",
+        ),
+        (
+            "unknown section",
+            Box::new(|t: &str| format!("{t}\n[telemetry]\nx = 1\n")),
+            "telemetry",
+            "unknown section",
+        ),
+        (
+            "wrong type",
+            Box::new(|t: &str| t.replace("workers = 2", "workers = \"four\"")),
+            "pools.orders.workers",
+            "invalid type",
+        ),
+        (
+            "zero workers",
+            Box::new(|t: &str| t.replace("workers = 2", "workers = 0")),
+            "pools.orders.workers",
+            "at least 1",
+        ),
+        (
+            "negative timeout",
+            Box::new(|t: &str| t.replace("handler_timeout_ms = 5000", "handler_timeout_ms = -5")),
+            "pools.orders.handler_timeout_ms",
+            "invalid value",
+        ),
+        (
+            "missing maildir",
+            Box::new(|t: &str| t.replace("/maildir\"", "/no-such-maildir\"")),
+            "sources.inbox.path",
+            "is not a maildir",
+        ),
+        (
+            "maildir path key missing",
+            Box::new(|t: &str| {
+                t.lines()
+                    .filter(|l| !l.starts_with("path ="))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }),
+            "sources.inbox",
+            "missing field `path`",
+        ),
+        (
+            "unknown source type",
+            Box::new(|t: &str| t.replace("type = \"maildir\"", "type = \"pop3\"")),
+            "sources.inbox.type",
+            "unknown source type",
+        ),
+        (
+            "source names a pool that does not exist",
+            Box::new(|t: &str| t.replace("pool = \"orders\"", "pool = \"invoices\"")),
+            "sources.inbox.pool",
+            "not configured",
+        ),
+        (
+            "bad client address",
+            Box::new(|t: &str| t.replace("domains = [\"acme.example\"]", "addresses = [\"acme\"]")),
+            "apps.mail_order_bot.clients[0].addresses[0]",
+            "not an email address",
+        ),
+        (
+            "unsupported store",
+            Box::new(|t: &str| t.replace("sqlite://", "mysql://")),
+            "apps.mail_order_bot.store_url",
+            "not supported",
+        ),
+    ];
+    for (name, mutate, key, words) in cases {
+        eprintln!("case: {name}");
+        check(mutate, key, words);
+    }
+}
+
+#[test]
+fn several_problems_are_all_reported_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = valid(tmp.path())
+        .replace("workers = 2", "workers = 0\nwokers = 1")
+        .replace(
+            "shutdown_deadline_ms = 1000",
+            "shutdown_deadline_ms = \"soon\"",
+        )
+        .replace("/maildir\"", "/no-such-maildir\"")
+        .replace("domains = [\"acme.example\"]", "domains = [\"nodot\"]");
+    let keys: Vec<String> = problems(tmp.path(), &text)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    for expected in [
+        "pools.orders.wokers",
+        "pools.orders.workers",
+        "runtime.shutdown_deadline_ms",
+        "sources.inbox.path",
+        "apps.mail_order_bot.clients[0].domains[0]",
+    ] {
+        assert!(
+            keys.iter().any(|k| k == expected),
+            "{expected} missing from {keys:?}"
+        );
+    }
+}
+
+#[test]
+fn environment_overrides_win_and_are_validated_too() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("bot.toml");
+    std::fs::write(&path, valid(tmp.path())).expect("write");
+    let env = HashMap::from([("PLBA__POOLS__ORDERS__WORKERS".to_owned(), "7".to_owned())]);
+    let manager = load_config(Some(&path), Some(env)).expect("valid");
+    assert_eq!(manager.platform().pools["orders"].workers, 7);
+    let env = HashMap::from([("PLBA__POOLS__ORDERS__WORKERS".to_owned(), "0".to_owned())]);
+    let report = load_config(Some(&path), Some(env)).expect_err("0 workers from env");
+    assert_eq!(report.problems[0].key, "pools.orders.workers");
+}
+
+#[test]
+fn the_cli_exits_non_zero_and_starts_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = valid(tmp.path()).replace("workers = 2", "workers = 0\nwokers = 1");
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(&path, text).expect("write");
+    let bin = env!("CARGO_BIN_EXE_mail-order-bot");
+
+    let check = Command::new(bin)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check-config");
+    assert_eq!(check.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        stderr.contains("pools.orders.workers: must be at least 1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pools.orders.wokers: unknown key"),
+        "{stderr}"
+    );
+
+    let run = Command::new(bin)
+        .args(["run", "--once", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(run.status.code(), Some(2));
+    assert!(
+        !tmp.path().join("orders.db").exists(),
+        "nothing was started"
+    );
+
+    let good = tmp.path().join("good.toml");
+    std::fs::write(&good, valid(tmp.path())).expect("write");
+    let ok = Command::new(bin)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run check-config");
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

@@ -1,0 +1,261 @@
+//! The whole flow in one process: Maildir → in-memory queue → worker pool → SQLite.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{assert_exactly_once, fill_mailbox, order_mail, Workspace};
+use mail_order_bot::compose::{build_runtime, load_config};
+use mail_order_bot::module::MailOrderModule;
+use runtime_contracts::{
+    ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
+    HandlerError, HealthContributor, ModuleError, ModuleRegistry, Outcome, Task, TaskHandler,
+};
+use runtime_core::RuntimeManager;
+
+/// Test-only module: the real bot, with its handler wrapped so that messages carrying
+/// `X-Test-Fault: error` always fail and `X-Test-Fault: panic` always panic.
+struct FaultyBot;
+
+struct Faulty(Arc<dyn TaskHandler>);
+
+impl TaskHandler for Faulty {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        Box::pin(async move {
+            let raw = ctx
+                .load_content(task)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&raw);
+            if text.contains("X-Test-Fault: error") {
+                return Err(HandlerError::retry("injected fault: the ERP is down"));
+            }
+            if text.contains("X-Test-Fault: panic") {
+                panic!("injected panic");
+            }
+            self.0.handle(task, ctx).await
+        })
+    }
+
+    fn on_dead_letter<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+        failure: &'a AttemptFailure,
+    ) -> BoxFuture<'a, ()> {
+        self.0.on_dead_letter(task, ctx, failure)
+    }
+}
+
+struct Wrapping<'r>(&'r mut dyn ModuleRegistry);
+
+impl ModuleRegistry for Wrapping<'_> {
+    fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
+        self.0.handler(pool, kind, Arc::new(Faulty(handler)));
+    }
+    fn health(&mut self, contributor: Arc<dyn HealthContributor>) {
+        self.0.health(contributor);
+    }
+    fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>) {
+        self.0.service(service);
+    }
+}
+
+impl ApplicationModule for FaultyBot {
+    fn name(&self) -> &str {
+        "faulty-bot"
+    }
+    fn config_section(&self) -> &str {
+        MailOrderModule.config_section()
+    }
+    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+        MailOrderModule.validate_config(section)
+    }
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
+        Box::pin(async move {
+            let mut wrapping = Wrapping(registry);
+            MailOrderModule.register(&mut wrapping, config).await
+        })
+    }
+}
+
+async fn run_once(ws: &Workspace, workers: usize, max_attempts: u32) -> RuntimeManager {
+    let path = ws.config(workers, max_attempts);
+    let config = Arc::new(load_config(Some(&path), Some(HashMap::new())).expect("config"));
+    let mut runtime = build_runtime(config, Arc::new(FaultyBot))
+        .await
+        .expect("runtime");
+    runtime.start().expect("start");
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        runtime.wait_until_idle(Duration::from_millis(10)),
+    )
+    .await
+    .expect("drained within 120 s");
+    let report = runtime.shutdown().await;
+    assert!(report.drained_in_time);
+    runtime
+}
+
+fn faulty_mail(id: &str, fault: &str) -> String {
+    order_mail(id, "purchasing@acme.example", &[("SKU-7", 1)]).replacen(
+        "MIME-Version",
+        &format!("X-Test-Fault: {fault}\r\nMIME-Version"),
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_messages_make_every_order_exactly_once() {
+    let ws = Workspace::new();
+    let expected = fill_mailbox(&ws, 200);
+    ws.deliver("fault.1", &faulty_mail("fault-1", "error"));
+    ws.deliver("fault.2", &faulty_mail("fault-2", "panic"));
+
+    let runtime = run_once(&ws, 4, 3).await;
+    assert_exactly_once(&ws, &expected).await;
+
+    let seen = ws.seen_flags();
+    let unseen: Vec<&String> = seen.iter().filter(|(_, s)| !**s).map(|(u, _)| u).collect();
+    assert_eq!(
+        unseen,
+        ["fault.1", "fault.2"],
+        "only the failing messages stay unseen"
+    );
+    let status = runtime.status().await;
+    assert_eq!(status.pools[0].dead_lettered, 2);
+    assert_eq!(status.pools[0].failed, 6, "three attempts each");
+    assert_eq!(status.pools[0].processed, 200);
+
+    let dead = runtime
+        .queue("orders")
+        .and_then(|q| q.dead_letters())
+        .expect("dead letters")
+        .list(None, 10)
+        .await
+        .expect("list");
+    let reasons: HashMap<String, String> = dead
+        .items
+        .into_iter()
+        .map(|d| (d.task.id.0, d.reason))
+        .collect();
+    assert!(reasons["maildir:inbox:fault.1"]
+        .contains("injected fault: the ERP is down (attempt 3 of 3)"));
+    assert!(reasons["maildir:inbox:fault.2"].contains("handler panicked: injected panic"));
+
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.outcome == "failed").collect();
+    assert_eq!(
+        failed.len(),
+        2,
+        "the failures are recorded in the store too"
+    );
+    assert!(failed
+        .iter()
+        .any(|o| o.message_identity == "mid:fault-1@test.example"
+            && o.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("ERP is down"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_creates_nothing_and_a_fixed_fault_is_picked_up_on_restart() {
+    let ws = Workspace::new();
+    let expected = fill_mailbox(&ws, 40);
+    ws.deliver("fault.1", &faulty_mail("fault-1", "error"));
+    run_once(&ws, 2, 2).await;
+    assert_exactly_once(&ws, &expected).await;
+
+    // The operator fixes the fault (here: the message no longer triggers it) and restarts.
+    let path = ws.maildir().join("new/fault.1");
+    let fixed = std::fs::read_to_string(&path)
+        .expect("still unread")
+        .replace("X-Test-Fault: error\r\n", "");
+    std::fs::write(&path, fixed).expect("fix");
+    let runtime = run_once(&ws, 2, 2).await;
+    assert_eq!(
+        runtime.status().await.pools[0].processed,
+        1,
+        "only the unread message is read again"
+    );
+    let mut expected = expected;
+    expected.orders.push("mid:fault-1@test.example".into());
+    assert_exactly_once(&ws, &expected).await;
+    assert!(ws.seen_flags().values().all(|s| *s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_mail_gets_a_recorded_outcome_never_a_panic() {
+    let ws = Workspace::new();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", b"".to_vec(), "unknown_client"),
+        ("garbage", vec![0xff, 0xfe, 0x00, 0x13, 0x37, b'\n', 0x80], "unknown_client"),
+        (
+            "no-from",
+            b"Message-ID: <nofrom@test.example>\r\nSubject: order\r\n\r\nSKU-1 x 1\r\n".to_vec(),
+            "unknown_client",
+        ),
+        (
+            "invalid-utf8-headers",
+            b"From: \xff\xfe <purchasing@acme.example>\r\nSubject: \xc3\x28 \xa0\xa1\r\nMessage-ID: <badutf@test.example>\r\n\r\nSKU-1 x 2\r\n".to_vec(),
+            "created",
+        ),
+        (
+            "broken-mime",
+            b"From: purchasing@acme.example\r\nMessage-ID: <broken@test.example>\r\nContent-Type: multipart/mixed; boundary=\"zzz\"\r\n\r\n--zzz\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!\r\n--zzz\r\nContent-Type: text/csv; name=\"o.csv\"\r\n\r\nsku,qty\r\nSKU-5,\"unterminated\r\n".to_vec(),
+            "no_lines",
+        ),
+        (
+            "header-only",
+            b"From: purchasing@acme.example\r\nMessage-ID: <hdr@test.example>\r\nSubject: x".to_vec(),
+            "no_lines",
+        ),
+        (
+            "no-blank-line-huge-header",
+            format!("From: purchasing@acme.example\r\nX-Long: {}\r\n", "a".repeat(200_000)).into_bytes(),
+            "no_lines",
+        ),
+    ];
+    for (unique, bytes, _) in &cases {
+        ws.deliver_bytes(unique, bytes);
+    }
+    let runtime = run_once(&ws, 2, 2).await;
+    let status = runtime.status().await;
+    assert_eq!(status.pools[0].dead_lettered, 0);
+    assert_eq!(status.pools[0].processed, cases.len() as u64);
+    assert!(
+        ws.seen_flags().values().all(|s| *s),
+        "every message has an outcome and is seen"
+    );
+
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    assert_eq!(outcomes.len(), cases.len());
+    let by_id: HashMap<&str, &str> = outcomes
+        .iter()
+        .map(|o| (o.message_identity.as_str(), o.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        by_id.get("mid:nofrom@test.example"),
+        Some(&"unknown_client")
+    );
+    assert_eq!(by_id.get("mid:badutf@test.example"), Some(&"created"));
+    assert_eq!(by_id.get("mid:broken@test.example"), Some(&"no_lines"));
+    assert_eq!(by_id.get("mid:hdr@test.example"), Some(&"no_lines"));
+    let mut kinds: Vec<&str> = outcomes.iter().map(|o| o.outcome.as_str()).collect();
+    let mut want: Vec<&str> = cases.iter().map(|(_, _, o)| *o).collect();
+    kinds.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(kinds, want);
+}
