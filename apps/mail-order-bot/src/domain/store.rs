@@ -162,8 +162,26 @@ impl OrderStore {
             .max_connections(8)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        Self::migrate(&pool).await?;
         Ok(Self { pool })
+    }
+
+    /// Applies the migrations. Two processes starting at once may race on a fresh
+    /// database (SQLite migrations take no lock); the loser retries and then finds the
+    /// migration applied.
+    async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+        let mut attempt = 0;
+        loop {
+            match sqlx::migrate!("./migrations").run(pool).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "migration raced; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Records one outcome, and its order when there is one, in one transaction. If this

@@ -49,7 +49,7 @@ impl Workspace {
             r#"
 [runtime]
 shutdown_deadline_ms = 5000
-log = "warn,runtime_core=info"
+log = "info"
 
 [queue]
 type = "memory"
@@ -167,48 +167,31 @@ pub struct Expected {
 /// resend of an earlier order (same Message-ID).
 pub fn fill_mailbox(ws: &Workspace, n: usize) -> Expected {
     let mut expected = Expected::default();
+    let mut orders_sent: Vec<String> = Vec::new();
     for i in 0..n {
         let unique = format!("{:06}.M{i}P1.test", 1_700_000_000 + i);
         let id = format!("order-{i}");
         if i % 20 == 19 {
-            let earlier = i - 10;
-            ws.deliver(
-                &unique,
-                &order_mail(
-                    &format!("order-{earlier}"),
-                    "x@acme.example",
-                    &[("SKU-1", 1)],
-                ),
-            );
+            // A resend: the same bytes as an earlier order.
+            let earlier = orders_sent[orders_sent.len() / 2].clone();
+            ws.deliver(&unique, &earlier);
             continue;
         }
         if i % 10 == 9 {
-            ws.deliver(
-                &unique,
-                &order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)]),
-            );
-            expected
-                .other
-                .push((format!("mid:{id}@test.example"), "unknown_client"));
+            ws.deliver(&unique, &order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)]));
+            expected.other.push((format!("mid:{id}@test.example"), "unknown_client"));
             continue;
         }
         if i % 15 == 14 {
             ws.deliver(&unique, &order_mail(&id, "x@acme.example", &[]));
-            expected
-                .other
-                .push((format!("mid:{id}@test.example"), "no_lines"));
+            expected.other.push((format!("mid:{id}@test.example"), "no_lines"));
             continue;
         }
-        let from = if i % 2 == 0 {
-            "purchasing@acme.example"
-        } else {
-            "buyer@nordic.example"
-        };
+        let from = if i % 2 == 0 { "purchasing@acme.example" } else { "buyer@nordic.example" };
         let sku = format!("SKU-{}", 1000 + i);
-        ws.deliver(
-            &unique,
-            &order_mail(&id, from, &[(&sku, (i % 7 + 1) as u32), ("SKU-42", 2)]),
-        );
+        let mail = order_mail(&id, from, &[(&sku, (i % 7 + 1) as u32), ("SKU-42", 2)]);
+        ws.deliver(&unique, &mail);
+        orders_sent.push(mail);
         expected.orders.push(format!("mid:{id}@test.example"));
     }
     expected
