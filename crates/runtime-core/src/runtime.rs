@@ -310,6 +310,11 @@ impl RuntimeManager {
         Ok(())
     }
 
+    /// A snapshot of the pools alone (no queue round trip).
+    pub fn pool_status(&self) -> Vec<PoolStatus> {
+        self.supervisor.status()
+    }
+
     /// A snapshot of modules, sources, pools and queues.
     pub async fn status(&self) -> RuntimeStatus {
         let mut queues = BTreeMap::new();

@@ -287,7 +287,8 @@ impl ConfigurationManager {
                 .filter(|(t, _)| *t == top)
                 .map(|(_, c)| *c)
                 .collect();
-            if children.is_empty() {
+            // `apps` is the platform's home for application sections: report its children.
+            if children.is_empty() && top != "apps" {
                 problems.push(ConfigProblem::new(top.clone(), "unknown section"));
                 continue;
             }
