@@ -179,7 +179,7 @@ impl OrderHandler {
             content_sha256: facts.content_sha256.clone(),
             sender: facts.sender.clone(),
             subject: facts.subject.clone(),
-            task_id: task.id.0.clone(),
+            task_id: task.id.to_string(),
             outcome: OutcomeKind::Created,
             reason: None,
             order: None,
@@ -268,7 +268,7 @@ impl TaskHandler for OrderHandler {
             };
             if let Err(e) = self
                 .store
-                .record_failure(&identity, &sha, &task.id.0, &failure.reason)
+                .record_failure(&identity, &sha, &task.id.as_str(), &failure.reason)
                 .await
             {
                 tracing::error!(task = %task.id, error = %e, "could not record the failed outcome");

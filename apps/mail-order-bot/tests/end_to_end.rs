@@ -149,7 +149,7 @@ async fn two_hundred_messages_make_every_order_exactly_once() {
     let reasons: HashMap<String, String> = dead
         .items
         .into_iter()
-        .map(|d| (d.task.id.0, d.reason))
+        .map(|d| (d.task.id.to_string(), d.reason))
         .collect();
     assert!(reasons["maildir:inbox:fault.1"]
         .contains("injected fault: the ERP is down (attempt 3 of 3)"));

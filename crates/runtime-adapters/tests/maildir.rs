@@ -139,7 +139,7 @@ async fn publishes_unseen_messages_once_and_marks_seen_only_on_completion() {
     {
         leases.push(lease);
     }
-    let mut ids: Vec<String> = leases.iter().map(|l| l.task.id.0.clone()).collect();
+    let mut ids: Vec<String> = leases.iter().map(|l| l.task.id.to_string()).collect();
     ids.sort();
     assert_eq!(ids, ["maildir:inbox:1.A.host", "maildir:inbox:2.B.host"]);
 
@@ -147,7 +147,7 @@ async fn publishes_unseen_messages_once_and_marks_seen_only_on_completion() {
     assert!(content.expect("present").starts_with(b"Subject:"));
 
     // Only the first one succeeds; the second is dead-lettered and must stay unseen.
-    let (ok, failed) = if leases[0].task.id.0.ends_with("1.A.host") {
+    let (ok, failed) = if leases[0].task.id.as_str().ends_with("1.A.host") {
         (&leases[0], &leases[1])
     } else {
         (&leases[1], &leases[0])

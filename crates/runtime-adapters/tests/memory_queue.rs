@@ -37,7 +37,7 @@ async fn publish_consume_ack_removes_the_task() {
         PublishResult::Enqueued
     );
     let lease = q.consume(NOW).await.expect("consume").expect("a lease");
-    assert_eq!(lease.task.id.0, "a");
+    assert_eq!(lease.task.id.as_str(), "a");
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.depth, stats.in_flight), (0, 1));
     q.ack(&lease).await.expect("ack");
@@ -148,7 +148,7 @@ async fn dead_letters_keep_their_history_and_can_be_listed_replayed_and_purged()
 
     store.replay("b").await.expect("replay");
     let lease = q.consume(NOW).await.expect("consume").expect("replayed");
-    assert_eq!(lease.task.id.0, "b");
+    assert_eq!(lease.task.id.as_str(), "b");
     assert_eq!(
         lease.task.attempt, 0,
         "a replay gets a full set of attempts"
@@ -203,5 +203,5 @@ async fn a_waiting_consumer_wakes_on_publish() {
         .expect("join")
         .expect("consume")
         .expect("woken with the task");
-    assert_eq!(lease.task.id.0, "a");
+    assert_eq!(lease.task.id.as_str(), "a");
 }

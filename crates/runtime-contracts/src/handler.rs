@@ -1,5 +1,6 @@
 //! Business handlers: the only place where an application's logic runs.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,14 +15,14 @@ use crate::BoxFuture;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     /// Short machine-readable name, e.g. `created` or `unknown_client`.
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     /// Optional human-readable detail.
     pub detail: Option<String>,
 }
 
 impl Outcome {
     /// An outcome with no detail.
-    pub fn new(kind: impl Into<String>) -> Self {
+    pub fn new(kind: impl Into<Cow<'static, str>>) -> Self {
         Self {
             kind: kind.into(),
             detail: None,

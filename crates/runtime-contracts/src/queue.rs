@@ -1,5 +1,6 @@
 //! Task queues: where published tasks wait for a worker.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,7 @@ pub enum QueueError {
     },
     /// The lease is unknown: it expired and was handed to another consumer, or was settled.
     #[error("lease {0} is unknown or expired")]
-    UnknownLease(String),
+    UnknownLease(u64),
     /// The queue's backend is unavailable.
     #[error("queue backend unavailable: {0}")]
     Unavailable(String),
@@ -43,10 +44,12 @@ pub enum PublishResult {
 /// or `dead_letter`, or until the lease expires and the task becomes visible again.
 #[derive(Clone, Debug)]
 pub struct Lease {
-    /// The task, with `attempt` and `history` as of this delivery.
-    pub task: Task,
-    /// Opaque receipt that identifies this delivery to the queue.
-    pub receipt: String,
+    /// The task, with `attempt` and `history` as of this delivery; shared with the queue's
+    /// in-flight record rather than copied.
+    pub task: Arc<Task>,
+    /// Opaque number that identifies this delivery to the queue that issued it (a queue
+    /// keeps whatever else it needs, such as a stream entry id, under this number).
+    pub receipt: u64,
 }
 
 /// Counters and gauges of one queue.
@@ -83,8 +86,9 @@ pub struct QueueStats {
 ///
 /// ```
 /// # use std::time::Duration;
+/// use std::sync::Arc;
 /// use runtime_contracts::{Lease, QueueError, Task, TaskQueue};
-/// async fn drain_one(queue: &dyn TaskQueue) -> Result<Option<Task>, QueueError> {
+/// async fn drain_one(queue: &dyn TaskQueue) -> Result<Option<Arc<Task>>, QueueError> {
 ///     let Some(lease) = queue.consume(Duration::from_millis(10)).await? else { return Ok(None) };
 ///     queue.ack(&lease).await?;
 ///     Ok(Some(lease.task))

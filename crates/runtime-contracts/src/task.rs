@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -12,13 +13,33 @@ pub type Headers = BTreeMap<String, String>;
 /// Stable identity of a task. A source derives it from what the task points at (for a
 /// Maildir message: the source id and the file's unique name), so publishing the same
 /// pointer twice yields the same id and a queue can refuse the second copy.
+///
+/// Cheap to clone: queues keep it in their indexes without copying the text.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct TaskId(pub String);
+pub struct TaskId(Arc<str>);
+
+impl TaskId {
+    /// An id from text.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for TaskId {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -50,6 +71,18 @@ pub enum TaskError {
     Empty(&'static str),
 }
 
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A unit of work: a small *pointer* to something a source owns (a mail file, an IMAP UID),
 /// never the content itself, plus the envelope the runtime needs to route, trace and retry it.
 ///
@@ -59,7 +92,7 @@ pub enum TaskError {
 ///     serde_json::json!({"file": "1700000000.M1P1.host"})).unwrap();
 /// assert_eq!(task.attempt, 0);
 /// assert_eq!(task.schema_version, Task::SCHEMA_VERSION);
-/// assert_eq!(task.correlation_id, task.id.0);
+/// assert_eq!(&*task.correlation_id, task.id.as_str());
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -68,15 +101,15 @@ pub struct Task {
     /// Stable identity derived from the pointer.
     pub id: TaskId,
     /// What kind of work this is; selects the handler within a pool.
-    pub kind: String,
+    pub kind: Arc<str>,
     /// Id of the source that published the task and will complete it.
-    pub source: String,
+    pub source: Arc<str>,
     /// The pointer: small JSON the source understands.
     pub payload: serde_json::Value,
     /// Trace context and other headers, carried unchanged across retries.
     pub headers: Headers,
     /// Id shared by every task that belongs to the same business flow.
-    pub correlation_id: String,
+    pub correlation_id: Arc<str>,
     /// Id of the task or event that caused this one, if any.
     pub causation_id: Option<String>,
     /// How many attempts have failed so far (0 on the first delivery).
@@ -91,14 +124,15 @@ impl Task {
     /// The largest pointer payload a task may carry, serialised.
     pub const MAX_PAYLOAD_BYTES: usize = 4096;
 
-    /// Builds a first-attempt task; the correlation id starts as the task id.
+    /// Builds a first-attempt task; the correlation id starts as the task id. Sources that
+    /// publish many tasks pass `kind` and `source` as shared `Arc<str>` to avoid copies.
     pub fn new(
-        id: impl Into<String>,
-        kind: impl Into<String>,
-        source: impl Into<String>,
+        id: impl Into<Arc<str>>,
+        kind: impl Into<Arc<str>>,
+        source: impl Into<Arc<str>>,
         payload: serde_json::Value,
     ) -> Result<Self, TaskError> {
-        let id = id.into();
+        let id: Arc<str> = id.into();
         let kind = kind.into();
         if id.is_empty() {
             return Err(TaskError::Empty("id"));
@@ -106,7 +140,10 @@ impl Task {
         if kind.is_empty() {
             return Err(TaskError::Empty("kind"));
         }
-        let actual = payload.to_string().len();
+        let mut counter = ByteCounter(0);
+        // Writing to a counter cannot fail; a failure would only undercount.
+        let _ = serde_json::to_writer(&mut counter, &payload);
+        let actual = counter.0;
         if actual > Self::MAX_PAYLOAD_BYTES {
             return Err(TaskError::PayloadTooLarge {
                 actual,
@@ -115,7 +152,7 @@ impl Task {
         }
         Ok(Self {
             schema_version: Self::SCHEMA_VERSION,
-            correlation_id: id.clone(),
+            correlation_id: Arc::clone(&id),
             id: TaskId(id),
             kind,
             source: source.into(),

@@ -47,6 +47,9 @@ impl TraceService {
             pool,
             correlation_id = %task.correlation_id,
         );
+        if task.headers.is_empty() {
+            return span;
+        }
         let parent = self.propagator.extract(&HeaderExtractor(&task.headers));
         if parent.span().span_context().is_valid() {
             // An error only means no OpenTelemetry layer is installed: nothing to join.

@@ -62,12 +62,12 @@ impl TaskSource for ScriptSource {
     }
     fn complete<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
-            self.completed.lock().expect("lock").push(task.id.0.clone());
+            self.completed.lock().expect("lock").push(task.id.to_string());
             Ok(())
         })
     }
     fn release(&self, task: &Task, disposition: Disposition) {
-        self.released.lock().expect("lock").push((task.id.0.clone(), disposition));
+        self.released.lock().expect("lock").push((task.id.to_string(), disposition));
     }
 }
 
@@ -81,7 +81,7 @@ struct ScriptHandler {
 impl TaskHandler for ScriptHandler {
     fn handle<'a>(&'a self, task: &'a Task, ctx: &'a HandlerContext) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
         Box::pin(async move {
-            *self.attempts.lock().expect("lock").entry(task.id.0.clone()).or_default() += 1;
+            *self.attempts.lock().expect("lock").entry(task.id.to_string()).or_default() += 1;
             let content = ctx.load_content(task).await.expect("content").expect("present");
             let payload: serde_json::Value = serde_json::from_slice(&content).expect("json");
             match payload["mode"].as_str().expect("mode") {
@@ -103,7 +103,7 @@ impl TaskHandler for ScriptHandler {
     }
     fn on_dead_letter<'a>(&'a self, task: &'a Task, _ctx: &'a HandlerContext, failure: &'a AttemptFailure) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            self.dead.lock().expect("lock").push((task.id.0.clone(), failure.reason.clone()));
+            self.dead.lock().expect("lock").push((task.id.to_string(), failure.reason.clone()));
         })
     }
 }

@@ -3,8 +3,8 @@
 //! It lives and dies with the process: whatever it holds at exit is dropped, and the
 //! source's own state (unread mail) is what brings that work back on the next start.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use runtime_contracts::{
@@ -12,6 +12,7 @@ use runtime_contracts::{
     QueueError, QueueStats, Task, TaskId, TaskQueue,
 };
 use serde::Deserialize;
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -60,9 +61,9 @@ impl MemoryQueueConfig {
 
 #[derive(Default)]
 struct State {
-    ready: VecDeque<Task>,
-    scheduled: BTreeMap<(Instant, u64), Task>,
-    in_flight: HashMap<u64, (Task, Instant)>,
+    ready: VecDeque<Arc<Task>>,
+    scheduled: BTreeMap<(Instant, u64), Arc<Task>>,
+    in_flight: HashMap<u64, (Arc<Task>, Instant)>,
     known: HashSet<TaskId>,
     dead: BTreeMap<u64, DeadLetter>,
     dead_index: HashMap<String, u64>,
@@ -84,6 +85,9 @@ impl State {
     }
 
     fn promote_due(&mut self, now: Instant) {
+        if self.scheduled.is_empty() {
+            return;
+        }
         while let Some(entry) = self.scheduled.first_entry() {
             if entry.key().0 > now {
                 break;
@@ -111,13 +115,11 @@ impl State {
         }
     }
 
-    fn take_lease(&mut self, receipt: &str) -> Result<Task, QueueError> {
-        receipt
-            .parse::<u64>()
-            .ok()
-            .and_then(|r| self.in_flight.remove(&r))
+    fn take_lease(&mut self, receipt: u64) -> Result<Arc<Task>, QueueError> {
+        self.in_flight
+            .remove(&receipt)
             .map(|(task, _)| task)
-            .ok_or_else(|| QueueError::UnknownLease(receipt.to_owned()))
+            .ok_or(QueueError::UnknownLease(receipt))
     }
 }
 
@@ -153,8 +155,7 @@ impl MemoryQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn try_lease(&self) -> (Option<Lease>, Option<Instant>) {
-        let now = Instant::now();
+    fn try_lease(&self, now: Instant) -> (Option<Lease>, Option<Instant>) {
         let mut state = self.lock();
         state.promote_due(now);
         state.reclaim_expired(now, self.lease_timeout());
@@ -173,7 +174,7 @@ impl MemoryQueue {
         let more = !state.ready.is_empty();
         state
             .in_flight
-            .insert(receipt, (task.clone(), now + self.lease_timeout()));
+            .insert(receipt, (Arc::clone(&task), now + self.lease_timeout()));
         drop(state);
         if more {
             // Pass the wake-up on: one publish notification may stand for many tasks.
@@ -181,7 +182,7 @@ impl MemoryQueue {
         }
         let lease = Lease {
             task,
-            receipt: receipt.to_string(),
+            receipt,
         };
         (Some(lease), next_due)
     }
@@ -208,7 +209,7 @@ impl TaskQueue for MemoryQueue {
                 })
             } else {
                 state.known.insert(task.id.clone());
-                state.ready.push_back(task);
+                state.ready.push_back(Arc::new(task));
                 state.published += 1;
                 Ok(PublishResult::Enqueued)
             }
@@ -221,14 +222,15 @@ impl TaskQueue for MemoryQueue {
 
     fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
         Box::pin(async move {
-            let deadline = Instant::now() + wait;
+            let mut now = Instant::now();
+            let deadline = now + wait;
             loop {
                 let notified = self.available.notified();
-                let (lease, next_due) = self.try_lease();
+                let (lease, next_due) = self.try_lease(now);
                 if lease.is_some() {
                     return Ok(lease);
                 }
-                if Instant::now() >= deadline {
+                if now >= deadline {
                     return Ok(None);
                 }
                 let until = next_due.map_or(deadline, |due| due.min(deadline));
@@ -236,6 +238,7 @@ impl TaskQueue for MemoryQueue {
                     _ = notified => {}
                     _ = tokio::time::sleep_until(until) => {}
                 }
+                now = Instant::now();
             }
         })
     }
@@ -243,7 +246,7 @@ impl TaskQueue for MemoryQueue {
     fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
         let result = {
             let mut state = self.lock();
-            state.take_lease(&lease.receipt).map(|task| {
+            state.take_lease(lease.receipt).map(|task| {
                 state.known.remove(&task.id);
                 state.processed += 1;
             })
@@ -259,12 +262,14 @@ impl TaskQueue for MemoryQueue {
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         let result = {
             let mut state = self.lock();
-            state.take_lease(&lease.receipt).map(|mut task| {
+            state.take_lease(lease.receipt).map(|task| {
+                let mut task = Arc::unwrap_or_clone(task);
                 if let Some(failure) = failure {
                     task.attempt = task.attempt.saturating_add(1);
                     task.history.push(failure);
                     state.failed += 1;
                 }
+                let task = Arc::new(task);
                 if retry_delay.is_zero() {
                     state.ready.push_back(task);
                 } else {
@@ -290,12 +295,13 @@ impl TaskQueue for MemoryQueue {
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         let result = {
             let mut state = self.lock();
-            state.take_lease(&lease.receipt).map(|mut task| {
+            state.take_lease(lease.receipt).map(|task| {
+                let mut task = Arc::unwrap_or_clone(task);
                 task.attempt = task.attempt.saturating_add(1);
                 task.history.push(failure.clone());
                 state.failed += 1;
                 let seq = state.seq();
-                let id = task.id.0.clone();
+                let id = task.id.to_string();
                 state.dead_index.insert(id.clone(), seq);
                 state.dead.insert(
                     seq,
@@ -367,7 +373,7 @@ impl DeadLetterStore for MemoryQueue {
             {
                 Some(mut dead) => {
                     dead.task.attempt = 0;
-                    state.ready.push_back(dead.task);
+                    state.ready.push_back(Arc::new(dead.task));
                     Ok(())
                 }
                 None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
@@ -387,7 +393,7 @@ impl DeadLetterStore for MemoryQueue {
             let count = dead.len();
             for (_, mut d) in dead {
                 d.task.attempt = 0;
-                state.ready.push_back(d.task);
+                state.ready.push_back(Arc::new(d.task));
             }
             count
         };

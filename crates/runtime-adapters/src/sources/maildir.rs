@@ -117,6 +117,8 @@ struct Inner {
 /// The Maildir source. See the module docs.
 pub struct MaildirSource {
     id: String,
+    shared_id: std::sync::Arc<str>,
+    kind: std::sync::Arc<str>,
     config: MaildirConfig,
     inner: Mutex<Inner>,
 }
@@ -139,8 +141,11 @@ struct Candidate {
 impl MaildirSource {
     /// A source reading `config.path`.
     pub fn new(id: impl Into<String>, config: MaildirConfig) -> Self {
+        let id: String = id.into();
         Self {
-            id: id.into(),
+            shared_id: id.as_str().into(),
+            kind: config.kind.as_str().into(),
+            id,
             config,
             inner: Mutex::new(Inner::default()),
         }
@@ -265,8 +270,8 @@ impl MaildirSource {
             let payload = serde_json::json!({"unique": candidate.unique, "size": candidate.size});
             let mut task = Task::new(
                 self.task_id(&candidate.unique),
-                self.config.kind.clone(),
-                self.id.clone(),
+                std::sync::Arc::clone(&self.kind),
+                std::sync::Arc::clone(&self.shared_id),
                 payload,
             )
             .map_err(|e| SourceError::InvalidPointer {

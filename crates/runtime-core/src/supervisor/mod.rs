@@ -134,6 +134,7 @@ impl WorkerSupervisor {
             Arc::clone(&config),
             Arc::clone(&counters),
             trace,
+            (self.stop_consuming.clone(), self.abandon_in_flight.clone()),
         ));
         let workers = worker.concurrency();
         let name = worker.pool_name().to_owned();

@@ -1,14 +1,15 @@
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ahash::AHashMap as HashMap;
 use futures::FutureExt;
 use runtime_contracts::{
     AttemptFailure, BoxFuture, Disposition, HandlerContext, HandlerError, Lease, Outcome,
     TaskHandler, TaskQueue, TaskSource, Worker, WorkerContext, WorkerError,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{panic_message, PoolCounters, PoolSpec};
@@ -30,6 +31,8 @@ pub struct PoolWorker {
     config: Arc<RwLock<PoolConfig>>,
     counters: Arc<PoolCounters>,
     trace: TraceService,
+    stop_consuming: CancellationToken,
+    abandon_in_flight: CancellationToken,
 }
 
 impl std::fmt::Debug for PoolWorker {
@@ -57,15 +60,18 @@ impl PoolWorker {
         config: Arc<RwLock<PoolConfig>>,
         counters: Arc<PoolCounters>,
         trace: TraceService,
+        tokens: (CancellationToken, CancellationToken),
     ) -> Self {
         Self {
             name: spec.name,
             queue: spec.queue,
-            handlers: spec.handlers,
-            sources: spec.sources,
+            handlers: spec.handlers.into_iter().collect(),
+            sources: spec.sources.into_iter().collect(),
             config,
             counters,
             trace,
+            stop_consuming: tokens.0,
+            abandon_in_flight: tokens.1,
         }
     }
 
@@ -77,6 +83,13 @@ impl PoolWorker {
         self.config().workers
     }
 
+    fn handler_timeout(&self) -> Duration {
+        self.config
+            .read()
+            .map(|c| c.handler_timeout())
+            .unwrap_or_else(|e| e.into_inner().handler_timeout())
+    }
+
     fn config(&self) -> PoolConfig {
         self.config
             .read()
@@ -84,23 +97,22 @@ impl PoolWorker {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
-    async fn run_loop(&self, ctx: WorkerContext) -> Result<(), WorkerError> {
+    // The pool's own tokens are used rather than the context's signals: they are the same
+    // tokens, without a boxed future per task on the hot path.
+    async fn run_loop(&self) -> Result<(), WorkerError> {
         let mut errors = 0u32;
         loop {
-            if ctx.stop_consuming.is_cancelled() {
+            if self.stop_consuming.is_cancelled() {
                 return Ok(());
             }
-            let consumed = tokio::select! {
-                biased;
-                _ = ctx.stop_consuming.cancelled() => return Ok(()),
-                r = self.queue.consume(CONSUME_WAIT) => r,
-            };
-            match consumed {
+            // Not raced with the stop signal: `consume` returns within CONSUME_WAIT, and a
+            // lease it took is processed like any other.
+            match self.queue.consume(CONSUME_WAIT).await {
                 Ok(Some(lease)) => {
                     errors = 0;
                     self.counters.busy.fetch_add(1, Ordering::Relaxed);
                     let span = self.trace.task_span(&lease.task, &self.name);
-                    self.process(lease, &ctx).instrument(span).await;
+                    self.process(lease).instrument(span).await;
                     self.counters.busy.fetch_sub(1, Ordering::Relaxed);
                 }
                 Ok(None) => {}
@@ -109,7 +121,7 @@ impl PoolWorker {
                     let backoff = Duration::from_millis(100u64 << errors.min(6));
                     tracing::warn!(pool = %self.name, error = %e, ?backoff, "consume failed");
                     tokio::select! {
-                        _ = ctx.stop_consuming.cancelled() => return Ok(()),
+                        _ = self.stop_consuming.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
                     }
                 }
@@ -117,21 +129,21 @@ impl PoolWorker {
         }
     }
 
-    async fn process(&self, lease: Lease, ctx: &WorkerContext) {
+    async fn process(&self, lease: Lease) {
         let task = &lease.task;
-        let Some(source) = self.sources.get(&task.source).cloned() else {
+        let Some(source) = self.sources.get(&*task.source).cloned() else {
             let reason = format!(
                 "no source {} is registered on pool {}",
                 task.source, self.name
             );
             return self.dead_letter(&lease, None, None, reason).await;
         };
-        let Some(handler) = self.handlers.get(&task.kind).cloned() else {
+        let Some(handler) = self.handlers.get(&*task.kind).cloned() else {
             let reason = format!("no handler for kind {} on pool {}", task.kind, self.name);
             return self.dead_letter(&lease, Some(&source), None, reason).await;
         };
         let hctx = HandlerContext::new(Arc::clone(&source));
-        let attempt = self.attempt(&lease, &*handler, &hctx, ctx).await;
+        let attempt = self.attempt(&lease, &*handler, &hctx).await;
         let attempt = match attempt {
             Attempt::Done(outcome) => match source.complete(task).await {
                 Ok(()) => return self.succeed(&lease, &outcome).await,
@@ -187,9 +199,8 @@ impl PoolWorker {
         lease: &Lease,
         handler: &dyn TaskHandler,
         hctx: &HandlerContext,
-        ctx: &WorkerContext,
     ) -> Attempt {
-        let timeout = self.config().handler_timeout();
+        let timeout = self.handler_timeout();
         let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(&lease.task, hctx)));
         let future = match call {
             Ok(future) => future,
@@ -204,7 +215,7 @@ impl PoolWorker {
         let result = tokio::select! {
             biased;
             r = guarded => r,
-            _ = ctx.abandon_in_flight.cancelled() => return Attempt::Abandoned,
+            _ = self.abandon_in_flight.cancelled() => return Attempt::Abandoned,
         };
         match result {
             Err(_) => Attempt::Failed {
@@ -284,7 +295,7 @@ impl PoolWorker {
 }
 
 impl Worker for PoolWorker {
-    fn run(&self, ctx: WorkerContext) -> BoxFuture<'_, Result<(), WorkerError>> {
-        Box::pin(self.run_loop(ctx))
+    fn run(&self, _ctx: WorkerContext) -> BoxFuture<'_, Result<(), WorkerError>> {
+        Box::pin(self.run_loop())
     }
 }

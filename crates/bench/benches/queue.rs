@@ -1,0 +1,203 @@
+//! No-op tasks through publish → consume → handler → ack with 4 workers, on plba's
+//! in-memory queue and worker pool, beside two baselines measured in the same run:
+//! (a) a plain tokio mpsc channel shared by 4 workers, the in-process limit, and
+//! (b) apalis 1.0's in-memory backend with the same handler and a concurrency of 4.
+//!
+//! Prints tasks/s for each (best of several rounds) and plba's ratio to each baseline.
+//! `PLBA_BENCH_TASKS` sets the task count (default 200000).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apalis::prelude::*;
+use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
+use runtime_contracts::{
+    BoxFuture, HandlerContext, HandlerError, Outcome, SourceContext, SourceError, SourceState,
+    SourceStatus, Task, TaskHandler, TaskQueue, TaskSource,
+};
+use runtime_core::supervisor::PoolSpec;
+use runtime_core::{PoolConfig, TraceService, WorkerSupervisor};
+
+const WORKERS: usize = 4;
+const ROUNDS: usize = 3;
+
+fn noop(n: u64) -> u64 {
+    std::hint::black_box(n)
+}
+
+async fn mpsc_round(n: u64) -> Duration {
+    let (tx, rx) = tokio::sync::mpsc::channel::<u64>(n as usize);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    for i in 0..n {
+        tx.send(i).await.expect("send");
+    }
+    drop(tx);
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let rx = Arc::clone(&rx);
+        let done = Arc::clone(&done);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let item = rx.lock().await.recv().await;
+                let Some(item) = item else { break };
+                noop(item);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.expect("join");
+    }
+    assert_eq!(done.load(Ordering::Relaxed), n);
+    start.elapsed()
+}
+
+static APALIS_DONE: AtomicU64 = AtomicU64::new(0);
+static APALIS_TARGET: AtomicU64 = AtomicU64::new(0);
+
+async fn apalis_handler(item: u64, worker: WorkerContext) {
+    noop(item);
+    if APALIS_DONE.fetch_add(1, Ordering::Relaxed) + 1 == APALIS_TARGET.load(Ordering::Relaxed) {
+        let _ = worker.stop();
+    }
+}
+
+async fn apalis_round(n: u64) -> Duration {
+    APALIS_DONE.store(0, Ordering::Relaxed);
+    APALIS_TARGET.store(n, Ordering::Relaxed);
+    let mut storage = MemoryStorage::new();
+    let start = Instant::now();
+    for i in 0..n {
+        storage.push(i).await.expect("push");
+    }
+    let worker = WorkerBuilder::new("bench")
+        .backend(storage)
+        .concurrency(WORKERS)
+        .build(apalis_handler);
+    worker.run().await.expect("apalis worker");
+    assert_eq!(APALIS_DONE.load(Ordering::Relaxed), n);
+    start.elapsed()
+}
+
+struct NullSource;
+impl TaskSource for NullSource {
+    fn id(&self) -> &str {
+        "bench"
+    }
+    fn start(&self, _ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn status(&self) -> SourceStatus {
+        SourceStatus {
+            state: SourceState::Running,
+            published: 0,
+            completed: 0,
+            pending: 0,
+            last_event_age: None,
+            last_error: None,
+        }
+    }
+    fn load_content<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn complete<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+struct Noop;
+impl TaskHandler for Noop {
+    fn handle<'a>(&'a self, task: &'a Task, _ctx: &'a HandlerContext) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        noop(task.attempt.into());
+        Box::pin(async { Ok(Outcome::new("noop")) })
+    }
+}
+
+async fn plba_round(n: u64) -> Duration {
+    let queue = Arc::new(MemoryQueue::new(
+        "bench",
+        MemoryQueueConfig {
+            capacity: n as usize,
+            lease_timeout_ms: 600_000,
+        },
+    ));
+    let (kind, source): (Arc<str>, Arc<str>) = ("noop".into(), "bench".into());
+    let start = Instant::now();
+    for i in 0..n {
+        let task = Task::new(format!("t{i}"), Arc::clone(&kind), Arc::clone(&source), serde_json::Value::Null)
+            .expect("task");
+        queue.publish(task).await.expect("publish");
+    }
+    let mut supervisor = WorkerSupervisor::new();
+    let handlers: HashMap<String, Arc<dyn TaskHandler>> = HashMap::from([("noop".to_owned(), Arc::new(Noop) as _)]);
+    let sources: HashMap<String, Arc<dyn TaskSource>> = HashMap::from([("bench".to_owned(), Arc::new(NullSource) as _)]);
+    supervisor.start_pool(
+        PoolSpec {
+            name: "bench".into(),
+            config: PoolConfig {
+                workers: WORKERS,
+                ..PoolConfig::default()
+            },
+            queue: queue.clone(),
+            handlers,
+            sources,
+        },
+        TraceService::new(),
+    );
+    loop {
+        let stats = queue.stats().await.expect("stats");
+        if stats.processed == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let elapsed = start.elapsed();
+    supervisor.shutdown(Duration::from_secs(5)).await;
+    elapsed
+}
+
+fn best(rounds: &[Duration]) -> Duration {
+    rounds.iter().copied().min().unwrap_or_default()
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn main() {
+    let n: u64 = std::env::var("PLBA_BENCH_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    // One runtime thread per core, as a service would run; WORKERS is the concurrency.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (mut plba, mut apalis, mut mpsc) = (Vec::new(), Vec::new(), Vec::new());
+    if std::env::var("PLBA_BENCH_ONLY").as_deref() == Ok("plba") {
+        // For profiling the runtime alone.
+        let d = runtime.block_on(plba_round(n));
+        println!("plba only: {:.0} tasks/s", rate(n, d));
+        return;
+    }
+    runtime.block_on(async {
+        // Interleaved rounds, so that noise from the shared machine hits all three alike.
+        for _ in 0..ROUNDS {
+            mpsc.push(mpsc_round(n).await);
+            apalis.push(apalis_round(n).await);
+            plba.push(plba_round(n).await);
+        }
+    });
+    let (p, a, m) = (rate(n, best(&plba)), rate(n, best(&apalis)), rate(n, best(&mpsc)));
+    println!("no-op tasks: {n}, workers: {WORKERS}, best of {ROUNDS} interleaved rounds");
+    println!("  tokio mpsc (in-process limit)      {m:>12.0} tasks/s");
+    println!("  apalis 1.0 MemoryStorage           {a:>12.0} tasks/s");
+    println!("  plba MemoryQueue + WorkerSupervisor{p:>12.0} tasks/s  (leases, acks, retries, stats, spans)");
+    println!("  ratio plba / apalis: {:.2}", p / a);
+    println!("  ratio plba / mpsc:   {:.2}", p / m);
+}
