@@ -268,7 +268,7 @@ impl TaskHandler for OrderHandler {
             };
             if let Err(e) = self
                 .store
-                .record_failure(&identity, &sha, &task.id.as_str(), &failure.reason)
+                .record_failure(&identity, &sha, task.id.as_str(), &failure.reason)
                 .await
             {
                 tracing::error!(task = %task.id, error = %e, "could not record the failed outcome");

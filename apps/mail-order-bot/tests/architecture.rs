@@ -15,7 +15,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-const FORBIDDEN: &[&str] = &["runtime_core", "runtime_adapters", "runtime-core", "runtime-adapters"];
+const FORBIDDEN: &[&str] = &[
+    "runtime_core",
+    "runtime_adapters",
+    "runtime-core",
+    "runtime-adapters",
+];
 
 fn offenders(files: &[PathBuf]) -> Vec<String> {
     let mut found = Vec::new();
@@ -38,7 +43,11 @@ fn domain_code_imports_only_runtime_contracts() {
     rust_files(&src.join("domain"), &mut files);
     assert!(files.len() >= 5, "the domain files were found: {files:?}");
     let found = offenders(&files);
-    assert!(found.is_empty(), "domain code reaches past the contracts:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "domain code reaches past the contracts:\n{}",
+        found.join("\n")
+    );
 }
 
 #[test]

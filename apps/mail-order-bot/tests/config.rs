@@ -72,7 +72,8 @@ fn the_valid_base_config_is_valid() {
 
 #[test]
 fn each_bad_config_is_reported_with_its_key() {
-    let cases: Vec<(&str, Box<dyn Fn(&str) -> String>, &str, &str)> = vec![
+    type Mutation = Box<dyn Fn(&str) -> String>;
+    let cases: Vec<(&str, Mutation, &str, &str)> = vec![
         (
             "syntax error",
             Box::new(|t: &str| t.replace("workers = 2", "workers = = 2")),

@@ -28,7 +28,12 @@ async fn orders_so_far(ws: &Workspace) -> usize {
     if !ws.dir.path().join("orders.db").exists() {
         return 0;
     }
-    ws.store().await.orders_after(0).await.map(|o| o.len()).unwrap_or(0)
+    ws.store()
+        .await
+        .orders_after(0)
+        .await
+        .map(|o| o.len())
+        .unwrap_or(0)
 }
 
 fn signal(child: &Child, sig: Signal) {
@@ -64,7 +69,10 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_duplicates_nothing() {
     let (code, _, _) = finish(bot);
     assert_eq!(code, -1, "killed by a signal");
     let left = unseen(&ws);
-    assert!(left > 0, "the kill came mid-run ({left} messages left unread)");
+    assert!(
+        left > 0,
+        "the kill came mid-run ({left} messages left unread)"
+    );
     // Whatever the kill interrupted, nothing seen lacks its outcome.
     let outcomes = ws
         .store()
@@ -101,7 +109,10 @@ async fn sigterm_mid_run_finishes_or_returns_in_flight_work() {
     assert_eq!(code, 0, "a graceful stop: {stderr}");
     assert!(stderr.contains("SIGTERM received"), "{stderr}");
     assert!(stderr.contains("shutdown: stopping sources"), "{stderr}");
-    assert!(stderr.contains("shutdown: draining in-flight tasks"), "{stderr}");
+    assert!(
+        stderr.contains("shutdown: draining in-flight tasks"),
+        "{stderr}"
+    );
     assert!(stdout.contains("pool orders:"), "{stdout}");
     assert!(unseen(&ws) > 0, "the stop came mid-run");
     let outcomes = ws

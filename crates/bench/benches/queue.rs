@@ -3,7 +3,7 @@
 //! (a) a plain tokio mpsc channel shared by 4 workers, the in-process limit, and
 //! (b) apalis 1.0's in-memory backend with the same handler and a concurrency of 4.
 //!
-//! Prints tasks/s for each (best of several rounds) and plba's ratio to each baseline.
+//! Prints tasks/s for each (median of several interleaved rounds) and plba's ratio to each baseline.
 //! `PLBA_BENCH_TASKS` sets the task count (default 200000).
 
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ use runtime_core::supervisor::PoolSpec;
 use runtime_core::{PoolConfig, TraceService, WorkerSupervisor};
 
 const WORKERS: usize = 4;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn noop(n: u64) -> u64 {
     std::hint::black_box(n)
@@ -101,7 +101,10 @@ impl TaskSource for NullSource {
             last_error: None,
         }
     }
-    fn load_content<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
+    fn load_content<'a>(
+        &'a self,
+        _t: &'a Task,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
         Box::pin(async { Ok(None) })
     }
     fn complete<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
@@ -111,13 +114,17 @@ impl TaskSource for NullSource {
 
 struct Noop;
 impl TaskHandler for Noop {
-    fn handle<'a>(&'a self, task: &'a Task, _ctx: &'a HandlerContext) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        _ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
         noop(task.attempt.into());
         Box::pin(async { Ok(Outcome::new("noop")) })
     }
 }
 
-async fn plba_round(n: u64) -> Duration {
+async fn plba_round(n: u64, prefetch: usize) -> Duration {
     let queue = Arc::new(MemoryQueue::new(
         "bench",
         MemoryQueueConfig {
@@ -128,18 +135,26 @@ async fn plba_round(n: u64) -> Duration {
     let (kind, source): (Arc<str>, Arc<str>) = ("noop".into(), "bench".into());
     let start = Instant::now();
     for i in 0..n {
-        let task = Task::new(format!("t{i}"), Arc::clone(&kind), Arc::clone(&source), serde_json::Value::Null)
-            .expect("task");
+        let task = Task::new(
+            format!("t{i}"),
+            Arc::clone(&kind),
+            Arc::clone(&source),
+            serde_json::Value::Null,
+        )
+        .expect("task");
         queue.publish(task).await.expect("publish");
     }
     let mut supervisor = WorkerSupervisor::new();
-    let handlers: HashMap<String, Arc<dyn TaskHandler>> = HashMap::from([("noop".to_owned(), Arc::new(Noop) as _)]);
-    let sources: HashMap<String, Arc<dyn TaskSource>> = HashMap::from([("bench".to_owned(), Arc::new(NullSource) as _)]);
+    let handlers: HashMap<String, Arc<dyn TaskHandler>> =
+        HashMap::from([("noop".to_owned(), Arc::new(Noop) as _)]);
+    let sources: HashMap<String, Arc<dyn TaskSource>> =
+        HashMap::from([("bench".to_owned(), Arc::new(NullSource) as _)]);
     supervisor.start_pool(
         PoolSpec {
             name: "bench".into(),
             config: PoolConfig {
                 workers: WORKERS,
+                prefetch,
                 ..PoolConfig::default()
             },
             queue: queue.clone(),
@@ -160,8 +175,10 @@ async fn plba_round(n: u64) -> Duration {
     elapsed
 }
 
-fn best(rounds: &[Duration]) -> Duration {
-    rounds.iter().copied().min().unwrap_or_default()
+fn median(rounds: &[Duration]) -> Duration {
+    let mut sorted = rounds.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
 fn rate(n: u64, d: Duration) -> f64 {
@@ -178,10 +195,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (mut plba, mut apalis, mut mpsc) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plba, mut plba16, mut apalis, mut mpsc) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     if std::env::var("PLBA_BENCH_ONLY").as_deref() == Ok("plba") {
         // For profiling the runtime alone.
-        let d = runtime.block_on(plba_round(n));
+        let d = runtime.block_on(plba_round(n, 1));
         println!("plba only: {:.0} tasks/s", rate(n, d));
         return;
     }
@@ -190,14 +208,26 @@ fn main() {
         for _ in 0..ROUNDS {
             mpsc.push(mpsc_round(n).await);
             apalis.push(apalis_round(n).await);
-            plba.push(plba_round(n).await);
+            plba.push(plba_round(n, 1).await);
+            plba16.push(plba_round(n, 16).await);
         }
     });
-    let (p, a, m) = (rate(n, best(&plba)), rate(n, best(&apalis)), rate(n, best(&mpsc)));
-    println!("no-op tasks: {n}, workers: {WORKERS}, best of {ROUNDS} interleaved rounds");
-    println!("  tokio mpsc (in-process limit)      {m:>12.0} tasks/s");
-    println!("  apalis 1.0 MemoryStorage           {a:>12.0} tasks/s");
-    println!("  plba MemoryQueue + WorkerSupervisor{p:>12.0} tasks/s  (leases, acks, retries, stats, spans)");
-    println!("  ratio plba / apalis: {:.2}", p / a);
-    println!("  ratio plba / mpsc:   {:.2}", p / m);
+    let (p, p16) = (rate(n, median(&plba)), rate(n, median(&plba16)));
+    let (a, m) = (rate(n, median(&apalis)), rate(n, median(&mpsc)));
+    println!("no-op tasks: {n}, workers: {WORKERS}, median of {ROUNDS} interleaved rounds");
+    println!("  (a) tokio mpsc, 4 workers (in-process limit)  {m:>10.0} tasks/s");
+    println!("  (b) apalis 1.0 MemoryStorage, concurrency 4   {a:>10.0} tasks/s");
+    println!("  plba, prefetch 1 (default)                    {p:>10.0} tasks/s");
+    println!("  plba, prefetch 16                             {p16:>10.0} tasks/s");
+    println!("  (plba does leases, acks, idempotent publish, retries, timeouts, panic capture, stats, spans)");
+    println!(
+        "  ratio plba / apalis:  prefetch 1 {:.2}   prefetch 16 {:.2}",
+        p / a,
+        p16 / a
+    );
+    println!(
+        "  ratio plba / mpsc:    prefetch 1 {:.2}   prefetch 16 {:.2}",
+        p / m,
+        p16 / m
+    );
 }

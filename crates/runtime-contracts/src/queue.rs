@@ -104,6 +104,19 @@ pub trait TaskQueue: Send + Sync {
     /// Leases the next visible task, waiting up to `wait` for one. Cancel safe.
     fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>>;
 
+    /// Leases up to `max` visible tasks at once, waiting up to `wait` for the first one;
+    /// an empty vector when none came. Cancel safe. Queues that can hand out several
+    /// tasks for the price of one round trip (one lock, one `XREADGROUP`) override it; the
+    /// default takes one.
+    fn consume_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Lease>, QueueError>> {
+        let _ = max;
+        Box::pin(async move { Ok(self.consume(wait).await?.into_iter().collect()) })
+    }
+
     /// Settles a lease as done: the task is removed.
     fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>>;
 

@@ -17,9 +17,21 @@ fn contracts_depend_on_no_runtime_and_no_io_crate() {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
-    let allowed = ["serde", "serde_json", "serde_ignored", "serde_path_to_error", "thiserror"];
+    let allowed = [
+        "serde",
+        "serde_json",
+        "serde_ignored",
+        "serde_path_to_error",
+        "thiserror",
+    ];
     for dep in &deps {
-        assert!(allowed.contains(dep), "runtime-contracts must not depend on {dep}");
+        assert!(
+            allowed.contains(dep),
+            "runtime-contracts must not depend on {dep}"
+        );
     }
-    assert!(deps.contains(&"serde"), "the parse found the dependencies: {deps:?}");
+    assert!(
+        deps.contains(&"serde"),
+        "the parse found the dependencies: {deps:?}"
+    );
 }

@@ -42,28 +42,45 @@ fn a_missing_file_is_a_clear_problem() {
     let report = ConfigurationManager::builder()
         .load(ConfigOrigin::File("/nonexistent/plba.toml".into()))
         .expect_err("missing");
-    assert!(report.to_string().contains("/nonexistent/plba.toml not found"), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains("/nonexistent/plba.toml not found"),
+        "{report}"
+    );
 }
 
 #[test]
 fn reload_applies_a_valid_edit_notifies_subscribers_and_rejects_a_bad_one_whole() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let path = write(tmp.path(), "[pools.a]\nworkers = 2\n[pools.b]\nworkers = 1\n");
+    let path = write(
+        tmp.path(),
+        "[pools.a]\nworkers = 2\n[pools.b]\nworkers = 1\n",
+    );
     let manager = ConfigurationManager::builder()
         .env(HashMap::new())
         .load(ConfigOrigin::File(path.clone()))
         .expect("valid");
     let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
     let sink = Arc::clone(&seen);
-    manager.subscribe("pools.a", Box::new(move |v| sink.lock().expect("lock").push(v.clone())));
+    manager.subscribe(
+        "pools.a",
+        Box::new(move |v| sink.lock().expect("lock").push(v.clone())),
+    );
 
-    write(tmp.path(), "[pools.a]\nworkers = 0\n[pools.b]\nworkers = 3\n");
+    write(
+        tmp.path(),
+        "[pools.a]\nworkers = 0\n[pools.b]\nworkers = 3\n",
+    );
     let report = manager.reload().expect_err("0 workers");
     assert_eq!(report.problems[0].key, "pools.a.workers");
     assert_eq!(manager.platform().pools["b"].workers, 1, "nothing changed");
     assert!(seen.lock().expect("lock").is_empty());
 
-    write(tmp.path(), "[pools.a]\nworkers = 6\n[pools.b]\nworkers = 1\n");
+    write(
+        tmp.path(),
+        "[pools.a]\nworkers = 6\n[pools.b]\nworkers = 1\n",
+    );
     let changed = manager.reload().expect("valid edit");
     assert_eq!(changed, ["pools.a"]);
     assert_eq!(manager.platform().pools["a"].workers, 6);

@@ -36,8 +36,13 @@ impl TaskSource for ScriptSource {
                     _ = ctx.backpressure.wait_for_capacity() => {}
                 }
                 self.waiting_for_capacity.store(false, Ordering::SeqCst);
-                let mut task = Task::new(format!("t{i}"), "job", "script", serde_json::json!({ "mode": mode }))
-                    .expect("task");
+                let mut task = Task::new(
+                    format!("t{i}"),
+                    "job",
+                    "script",
+                    serde_json::json!({ "mode": mode }),
+                )
+                .expect("task");
                 ctx.tracer.inject_current(&mut task.headers);
                 ctx.queue.publish(task).await.expect("publish");
                 self.published.fetch_add(1, Ordering::SeqCst);
@@ -53,21 +58,33 @@ impl TaskSource for ScriptSource {
             published: self.published.load(Ordering::SeqCst),
             completed: self.completed.lock().expect("lock").len() as u64,
             pending: 0,
-            last_event_age: self.scanned.load(Ordering::SeqCst).then_some(Duration::ZERO),
+            last_event_age: self
+                .scanned
+                .load(Ordering::SeqCst)
+                .then_some(Duration::ZERO),
             last_error: None,
         }
     }
-    fn load_content<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
+    fn load_content<'a>(
+        &'a self,
+        task: &'a Task,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
         Box::pin(async move { Ok(Some(task.payload.to_string().into_bytes())) })
     }
     fn complete<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
-            self.completed.lock().expect("lock").push(task.id.to_string());
+            self.completed
+                .lock()
+                .expect("lock")
+                .push(task.id.to_string());
             Ok(())
         })
     }
     fn release(&self, task: &Task, disposition: Disposition) {
-        self.released.lock().expect("lock").push((task.id.to_string(), disposition));
+        self.released
+            .lock()
+            .expect("lock")
+            .push((task.id.to_string(), disposition));
     }
 }
 
@@ -79,10 +96,23 @@ struct ScriptHandler {
 }
 
 impl TaskHandler for ScriptHandler {
-    fn handle<'a>(&'a self, task: &'a Task, ctx: &'a HandlerContext) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
         Box::pin(async move {
-            *self.attempts.lock().expect("lock").entry(task.id.to_string()).or_default() += 1;
-            let content = ctx.load_content(task).await.expect("content").expect("present");
+            *self
+                .attempts
+                .lock()
+                .expect("lock")
+                .entry(task.id.to_string())
+                .or_default() += 1;
+            let content = ctx
+                .load_content(task)
+                .await
+                .expect("content")
+                .expect("present");
             let payload: serde_json::Value = serde_json::from_slice(&content).expect("json");
             match payload["mode"].as_str().expect("mode") {
                 "ok" => Ok(Outcome::new("done")),
@@ -101,9 +131,17 @@ impl TaskHandler for ScriptHandler {
             }
         })
     }
-    fn on_dead_letter<'a>(&'a self, task: &'a Task, _ctx: &'a HandlerContext, failure: &'a AttemptFailure) -> BoxFuture<'a, ()> {
+    fn on_dead_letter<'a>(
+        &'a self,
+        task: &'a Task,
+        _ctx: &'a HandlerContext,
+        failure: &'a AttemptFailure,
+    ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            self.dead.lock().expect("lock").push((task.id.to_string(), failure.reason.clone()));
+            self.dead
+                .lock()
+                .expect("lock")
+                .push((task.id.to_string(), failure.reason.clone()));
         })
     }
 }
@@ -119,7 +157,11 @@ impl ApplicationModule for ScriptModule {
     fn validate_config(&self, _section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
         Vec::new()
     }
-    fn register<'a>(&'a self, registry: &'a mut dyn ModuleRegistry, _config: &'a dyn ConfigProvider) -> BoxFuture<'a, Result<(), ModuleError>> {
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        _config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
         Box::pin(async move {
             registry.handler("jobs", "job", self.0.clone());
             Ok(())
@@ -140,9 +182,15 @@ async fn rig(script: Vec<&'static str>, pool_toml: &str, deadline_ms: u64) -> Ri
     );
     let config = ConfigurationManager::builder()
         .env(HashMap::new())
-        .load(ConfigOrigin::Embedded { name: "test".into(), text })
+        .load(ConfigOrigin::Embedded {
+            name: "test".into(),
+            text,
+        })
         .expect("config");
-    let source = Arc::new(ScriptSource { script, ..Default::default() });
+    let source = Arc::new(ScriptSource {
+        script,
+        ..Default::default()
+    });
     let handler = Arc::new(ScriptHandler {
         gate: tokio::sync::Semaphore::new(0),
         attempts: Mutex::default(),
@@ -157,13 +205,21 @@ async fn rig(script: Vec<&'static str>, pool_toml: &str, deadline_ms: u64) -> Ri
         .await
         .expect("build");
     runtime.start().expect("start");
-    Rig { runtime, source, handler, queue }
+    Rig {
+        runtime,
+        source,
+        handler,
+        queue,
+    }
 }
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -176,9 +232,12 @@ async fn each_failure_kind_gets_its_policy() {
         1000,
     )
     .await;
-    tokio::time::timeout(Duration::from_secs(30), rig.runtime.wait_until_idle(Duration::from_millis(5)))
-        .await
-        .expect("idle");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rig.runtime.wait_until_idle(Duration::from_millis(5)),
+    )
+    .await
+    .expect("idle");
     let status = rig.runtime.status().await;
     let pool = &status.pools[0];
     assert_eq!(pool.processed, 2);
@@ -189,38 +248,75 @@ async fn each_failure_kind_gets_its_policy() {
     let attempts = rig.handler.attempts.lock().expect("lock").clone();
     assert_eq!(attempts["t1"], 3, "retry: up to max_attempts");
     assert_eq!(attempts["t2"], 1, "permanent: dead-lettered at once");
-    assert_eq!(attempts["t3"], 3, "a panic is a failed attempt, and the worker lives on");
+    assert_eq!(
+        attempts["t3"], 3,
+        "a panic is a failed attempt, and the worker lives on"
+    );
     assert_eq!(attempts["t4"], 3, "a timeout is a failed attempt");
 
     let mut completed = rig.source.completed.lock().expect("lock").clone();
     completed.sort();
-    assert_eq!(completed, ["t0", "t5"], "only successes are completed at the source");
+    assert_eq!(
+        completed,
+        ["t0", "t5"],
+        "only successes are completed at the source"
+    );
     let released = rig.source.released.lock().expect("lock").clone();
     assert_eq!(released.len(), 4);
-    assert!(released.iter().all(|(_, d)| *d == Disposition::DeadLettered));
+    assert!(released
+        .iter()
+        .all(|(_, d)| *d == Disposition::DeadLettered));
 
-    let page = rig.queue.dead_letters().expect("dlq").list(None, 10).await.expect("list");
+    let page = rig
+        .queue
+        .dead_letters()
+        .expect("dlq")
+        .list(None, 10)
+        .await
+        .expect("list");
     let by_id: HashMap<_, _> = page.items.iter().map(|d| (d.id.as_str(), d)).collect();
-    assert_eq!(by_id["t1"].task.history.len(), 3, "the attempt history is kept");
+    assert_eq!(
+        by_id["t1"].task.history.len(),
+        3,
+        "the attempt history is kept"
+    );
     assert!(by_id["t1"].reason.contains("not yet (attempt 3 of 3)"));
     assert_eq!(by_id["t2"].task.history.len(), 1);
-    assert!(by_id["t3"].reason.contains("handler panicked: handler exploded"));
+    assert!(by_id["t3"]
+        .reason
+        .contains("handler panicked: handler exploded"));
     assert!(by_id["t4"].reason.contains("timed out after 50 ms"));
-    assert_eq!(rig.handler.dead.lock().expect("lock").len(), 4, "the module heard of each");
+    assert_eq!(
+        rig.handler.dead.lock().expect("lock").len(),
+        4,
+        "the module heard of each"
+    );
     rig.runtime.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_join_the_trace_of_the_first_attempt() {
     let rig = rig(vec!["retry"], "workers = 1\nmax_attempts = 2", 1000).await;
-    tokio::time::timeout(Duration::from_secs(30), rig.runtime.wait_until_idle(Duration::from_millis(5)))
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rig.runtime.wait_until_idle(Duration::from_millis(5)),
+    )
+    .await
+    .expect("idle");
+    let page = rig
+        .queue
+        .dead_letters()
+        .expect("dlq")
+        .list(None, 1)
         .await
-        .expect("idle");
-    let page = rig.queue.dead_letters().expect("dlq").list(None, 1).await.expect("list");
+        .expect("list");
     let task = &page.items[0].task;
     assert_eq!(task.attempt, 2);
     let trace = runtime_core::TraceService::new();
-    assert!(trace.trace_id(&task.headers).is_some(), "the source wrote a trace context and retries kept it");
+    assert!(
+        trace.trace_id(&task.headers).is_some(),
+        "the source wrote a trace context and retries kept it"
+    );
     rig.runtime.shutdown().await;
 }
 
@@ -228,16 +324,20 @@ async fn retries_join_the_trace_of_the_first_attempt() {
 async fn a_source_stops_fetching_above_the_high_watermark() {
     let rig = rig(vec!["block"; 40], "workers = 2\nhigh_watermark = 5", 5000).await;
     until("the source to wait for capacity", || {
-        rig.source.waiting_for_capacity.load(Ordering::SeqCst) && rig.source.published.load(Ordering::SeqCst) == 5
+        rig.source.waiting_for_capacity.load(Ordering::SeqCst)
+            && rig.source.published.load(Ordering::SeqCst) == 5
     })
     .await;
     let stats = rig.queue.stats().await.expect("stats");
     assert_eq!(stats.depth + stats.in_flight, 5, "{stats:?}");
     assert_eq!(rig.source.published.load(Ordering::SeqCst), 5);
     rig.handler.gate.add_permits(1000);
-    tokio::time::timeout(Duration::from_secs(30), rig.runtime.wait_until_idle(Duration::from_millis(5)))
-        .await
-        .expect("idle");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rig.runtime.wait_until_idle(Duration::from_millis(5)),
+    )
+    .await
+    .expect("idle");
     assert_eq!(rig.source.completed.lock().expect("lock").len(), 40);
     rig.runtime.shutdown().await;
 }
@@ -245,16 +345,25 @@ async fn a_source_stops_fetching_above_the_high_watermark() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_returns_what_outlives_the_deadline_to_the_queue() {
     let rig = rig(vec!["block", "block", "ok"], "workers = 2", 100).await;
-    until("two tasks in flight", || rig.runtime.pool_status()[0].busy == 2).await;
+    until("two tasks in flight", || {
+        rig.runtime.pool_status()[0].busy == 2
+    })
+    .await;
     let report = rig.runtime.shutdown().await;
     assert!(!report.drained_in_time);
     assert_eq!(report.pools[0].returned, 2);
-    assert_eq!(report.queues["jobs"].depth, 3, "both in-flight tasks went back, the third never left");
+    assert_eq!(
+        report.queues["jobs"].depth, 3,
+        "both in-flight tasks went back, the third never left"
+    );
     assert_eq!(report.queues["jobs"].in_flight, 0);
     let released = rig.source.released.lock().expect("lock").clone();
     assert_eq!(released.len(), 2);
     assert!(released.iter().all(|(_, d)| *d == Disposition::Returned));
-    assert!(rig.source.completed.lock().expect("lock").is_empty(), "nothing returned was completed");
+    assert!(
+        rig.source.completed.lock().expect("lock").is_empty(),
+        "nothing returned was completed"
+    );
 }
 
 /// A worker that panics on its first run and then idles until told to stop.
@@ -276,7 +385,9 @@ impl Worker for Flaky {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_is_restarted() {
     let supervisor = WorkerSupervisor::new();
-    let worker = Arc::new(Flaky { runs: AtomicUsize::new(0) });
+    let worker = Arc::new(Flaky {
+        runs: AtomicUsize::new(0),
+    });
     let counters = Arc::new(PoolCounters::default());
     supervisor.start_workers("flaky", worker.clone(), 1, counters);
     until("the restart", || worker.runs.load(Ordering::SeqCst) >= 2).await;

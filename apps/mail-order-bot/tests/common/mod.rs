@@ -178,16 +178,27 @@ pub fn fill_mailbox(ws: &Workspace, n: usize) -> Expected {
             continue;
         }
         if i % 10 == 9 {
-            ws.deliver(&unique, &order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)]));
-            expected.other.push((format!("mid:{id}@test.example"), "unknown_client"));
+            ws.deliver(
+                &unique,
+                &order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)]),
+            );
+            expected
+                .other
+                .push((format!("mid:{id}@test.example"), "unknown_client"));
             continue;
         }
         if i % 15 == 14 {
             ws.deliver(&unique, &order_mail(&id, "x@acme.example", &[]));
-            expected.other.push((format!("mid:{id}@test.example"), "no_lines"));
+            expected
+                .other
+                .push((format!("mid:{id}@test.example"), "no_lines"));
             continue;
         }
-        let from = if i % 2 == 0 { "purchasing@acme.example" } else { "buyer@nordic.example" };
+        let from = if i % 2 == 0 {
+            "purchasing@acme.example"
+        } else {
+            "buyer@nordic.example"
+        };
         let sku = format!("SKU-{}", 1000 + i);
         let mail = order_mail(&id, from, &[(&sku, (i % 7 + 1) as u32), ("SKU-42", 2)]);
         ws.deliver(&unique, &mail);

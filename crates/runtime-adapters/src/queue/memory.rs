@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use runtime_contracts::{
     AttemptFailure, BoxFuture, DeadLetter, DeadLetterPage, DeadLetterStore, Lease, PublishResult,
     QueueError, QueueStats, Task, TaskId, TaskQueue,
 };
 use serde::Deserialize;
-use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -64,7 +64,6 @@ struct State {
     ready: VecDeque<Arc<Task>>,
     scheduled: BTreeMap<(Instant, u64), Arc<Task>>,
     in_flight: HashMap<u64, (Arc<Task>, Instant)>,
-    known: HashSet<TaskId>,
     dead: BTreeMap<u64, DeadLetter>,
     dead_index: HashMap<String, u64>,
     next_seq: u64,
@@ -123,11 +122,45 @@ impl State {
     }
 }
 
+/// Ids of every task the queue holds (ready, scheduled, in flight or dead), for idempotent
+/// publishing. Sharded and locked apart from the queue state, so that the hash work of a
+/// large backlog stays out of the consumers' critical section.
+struct KnownIds {
+    shards: Vec<Mutex<HashSet<TaskId>>>,
+    hasher: ahash::RandomState,
+}
+
+impl KnownIds {
+    const SHARDS: usize = 16;
+
+    fn new() -> Self {
+        Self {
+            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, id: &TaskId) -> MutexGuard<'_, HashSet<TaskId>> {
+        let i = (self.hasher.hash_one(id) as usize) % Self::SHARDS;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `id`; false when it was already there.
+    fn insert(&self, id: &TaskId) -> bool {
+        self.shard(id).insert(id.clone())
+    }
+
+    fn remove(&self, id: &TaskId) {
+        self.shard(id).remove(id);
+    }
+}
+
 /// The in-memory queue. See the module docs.
 pub struct MemoryQueue {
     name: String,
     config: MemoryQueueConfig,
     state: Mutex<State>,
+    known: KnownIds,
     available: Notify,
 }
 
@@ -147,6 +180,7 @@ impl MemoryQueue {
             name: name.into(),
             config,
             state: Mutex::new(State::default()),
+            known: KnownIds::new(),
             available: Notify::new(),
         }
     }
@@ -155,36 +189,57 @@ impl MemoryQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn try_lease(&self, now: Instant) -> (Option<Lease>, Option<Instant>) {
+    /// Leases up to `max` ready tasks under one lock; also returns when the next scheduled
+    /// task or lease expiry is due, for a consumer that found nothing.
+    fn try_lease(&self, now: Instant, max: usize) -> (Vec<Lease>, Option<Instant>) {
         let mut state = self.lock();
         state.promote_due(now);
         state.reclaim_expired(now, self.lease_timeout());
+        let take = max.max(1).min(state.ready.len());
+        let mut leases = Vec::with_capacity(take);
+        for _ in 0..take {
+            let Some(task) = state.ready.pop_front() else {
+                break;
+            };
+            let receipt = state.seq();
+            state
+                .in_flight
+                .insert(receipt, (Arc::clone(&task), now + self.lease_timeout()));
+            leases.push(Lease { task, receipt });
+        }
+        let more = !state.ready.is_empty();
         let next_expiry = state
             .next_expiry_check
             .filter(|_| !state.in_flight.is_empty());
         let next_due = state.scheduled.keys().next().map(|(t, _)| *t);
-        let next_due = match (next_due, next_expiry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let Some(task) = state.ready.pop_front() else {
-            return (None, next_due);
-        };
-        let receipt = state.seq();
-        let more = !state.ready.is_empty();
-        state
-            .in_flight
-            .insert(receipt, (Arc::clone(&task), now + self.lease_timeout()));
         drop(state);
-        if more {
+        if more && !leases.is_empty() {
             // Pass the wake-up on: one publish notification may stand for many tasks.
             self.available.notify_one();
         }
-        let lease = Lease {
-            task,
-            receipt,
+        let wake = match (next_due, next_expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        (Some(lease), next_due)
+        (leases, wake)
+    }
+
+    async fn lease_batch(&self, max: usize, wait: Duration) -> Vec<Lease> {
+        let mut now = Instant::now();
+        let deadline = now + wait;
+        loop {
+            let notified = self.available.notified();
+            let (leases, next_due) = self.try_lease(now, max);
+            if !leases.is_empty() || now >= deadline {
+                return leases;
+            }
+            let until = next_due.map_or(deadline, |due| due.min(deadline));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            now = Instant::now();
+        }
     }
 
     fn lease_timeout(&self) -> Duration {
@@ -198,17 +253,18 @@ impl TaskQueue for MemoryQueue {
     }
 
     fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
-        let result = {
+        let result = if !self.known.insert(&task.id) {
+            Ok(PublishResult::AlreadyKnown)
+        } else {
             let mut state = self.lock();
-            if state.known.contains(&task.id) {
-                Ok(PublishResult::AlreadyKnown)
-            } else if state.live() >= self.config.capacity {
+            if state.live() >= self.config.capacity {
+                drop(state);
+                self.known.remove(&task.id);
                 Err(QueueError::Full {
                     queue: self.name.clone(),
                     capacity: self.config.capacity,
                 })
             } else {
-                state.known.insert(task.id.clone());
                 state.ready.push_back(Arc::new(task));
                 state.published += 1;
                 Ok(PublishResult::Enqueued)
@@ -221,36 +277,27 @@ impl TaskQueue for MemoryQueue {
     }
 
     fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
-        Box::pin(async move {
-            let mut now = Instant::now();
-            let deadline = now + wait;
-            loop {
-                let notified = self.available.notified();
-                let (lease, next_due) = self.try_lease(now);
-                if lease.is_some() {
-                    return Ok(lease);
-                }
-                if now >= deadline {
-                    return Ok(None);
-                }
-                let until = next_due.map_or(deadline, |due| due.min(deadline));
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep_until(until) => {}
-                }
-                now = Instant::now();
-            }
-        })
+        Box::pin(async move { Ok(self.lease_batch(1, wait).await.pop()) })
+    }
+
+    fn consume_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Lease>, QueueError>> {
+        Box::pin(async move { Ok(self.lease_batch(max, wait).await) })
     }
 
     fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
         let result = {
             let mut state = self.lock();
-            state.take_lease(lease.receipt).map(|task| {
-                state.known.remove(&task.id);
+            let taken = state.take_lease(lease.receipt);
+            if taken.is_ok() {
                 state.processed += 1;
-            })
+            }
+            taken
         };
+        let result = result.map(|task| self.known.remove(&task.id));
         Box::pin(std::future::ready(result))
     }
 
@@ -411,13 +458,11 @@ impl DeadLetterStore for MemoryQueue {
                 .remove(id)
                 .and_then(|seq| state.dead.remove(&seq))
             {
-                Some(dead) => {
-                    state.known.remove(&dead.task.id);
-                    Ok(())
-                }
+                Some(dead) => Ok(dead.task.id),
                 None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
             }
         };
+        let result = result.map(|id| self.known.remove(&id));
         Box::pin(std::future::ready(result))
     }
 }

@@ -43,6 +43,10 @@ pub struct PoolConfig {
     /// Sources feeding this pool stop fetching while queued plus in-flight work is at or
     /// above this many tasks.
     pub high_watermark: usize,
+    /// Tasks a worker leases at once (then handles one after another). 1 spreads work most
+    /// evenly and suits heavy tasks such as mail; raise it for pools of many small tasks, where
+    /// one round trip to the queue per task would dominate.
+    pub prefetch: usize,
     /// Backoff between attempts.
     pub retry: RetryPolicy,
 }
@@ -54,6 +58,7 @@ impl Default for PoolConfig {
             handler_timeout_ms: 30_000,
             max_attempts: 5,
             high_watermark: 256,
+            prefetch: 1,
             retry: RetryPolicy::default(),
         }
     }
@@ -89,6 +94,12 @@ impl PoolConfig {
             problems.push(ConfigProblem::new(
                 format!("{prefix}.max_attempts"),
                 "must be at least 1",
+            ));
+        }
+        if !(1..=1024).contains(&self.prefetch) {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.prefetch"),
+                "must be between 1 and 1024",
             ));
         }
         if self.high_watermark == 0 {

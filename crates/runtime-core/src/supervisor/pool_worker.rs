@@ -90,6 +90,24 @@ impl PoolWorker {
             .unwrap_or_else(|e| e.into_inner().handler_timeout())
     }
 
+    fn prefetch(&self) -> usize {
+        self.config
+            .read()
+            .map(|c| c.prefetch)
+            .unwrap_or_else(|e| e.into_inner().prefetch)
+    }
+
+    async fn give_back_unstarted(&self, lease: Lease) {
+        match self.sources.get(&*lease.task.source) {
+            Some(source) => self.give_back(&lease, source).await,
+            None => {
+                if let Err(e) = self.queue.nack(&lease, Duration::ZERO, None).await {
+                    tracing::warn!(task = %lease.task.id, error = %e, "could not return an unstarted task");
+                }
+            }
+        }
+    }
+
     fn config(&self) -> PoolConfig {
         self.config
             .read()
@@ -107,15 +125,26 @@ impl PoolWorker {
             }
             // Not raced with the stop signal: `consume` returns within CONSUME_WAIT, and a
             // lease it took is processed like any other.
-            match self.queue.consume(CONSUME_WAIT).await {
-                Ok(Some(lease)) => {
-                    errors = 0;
-                    self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                    let span = self.trace.task_span(&lease.task, &self.name);
-                    self.process(lease).instrument(span).await;
-                    self.counters.busy.fetch_sub(1, Ordering::Relaxed);
+            let prefetch = self.prefetch();
+            match self.queue.consume_batch(prefetch, CONSUME_WAIT).await {
+                Ok(leases) => {
+                    if !leases.is_empty() {
+                        errors = 0;
+                    }
+                    let mut leases = leases.into_iter();
+                    while let Some(lease) = leases.next() {
+                        if self.abandon_in_flight.is_cancelled() {
+                            for unstarted in std::iter::once(lease).chain(leases.by_ref()) {
+                                self.give_back_unstarted(unstarted).await;
+                            }
+                            break;
+                        }
+                        self.counters.busy.fetch_add(1, Ordering::Relaxed);
+                        let span = self.trace.task_span(&lease.task, &self.name);
+                        self.process(lease).instrument(span).await;
+                        self.counters.busy.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
-                Ok(None) => {}
                 Err(e) => {
                     errors = errors.saturating_add(1);
                     let backoff = Duration::from_millis(100u64 << errors.min(6));
