@@ -205,3 +205,21 @@ async fn a_waiting_consumer_wakes_on_publish() {
         .expect("woken with the task");
     assert_eq!(lease.task.id.as_str(), "a");
 }
+
+#[tokio::test]
+async fn a_batch_leases_up_to_max_with_one_receipt_each() {
+    let q = queue(10);
+    for id in ["a", "b", "c"] {
+        q.publish(task(id)).await.expect("publish");
+    }
+    let batch = q.consume_batch(2, NOW).await.expect("batch");
+    assert_eq!(batch.iter().map(|l| l.task.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_ne!(batch[0].receipt, batch[1].receipt);
+    assert_eq!(q.stats().await.expect("stats").in_flight, 2);
+    for lease in &batch {
+        q.ack(lease).await.expect("ack");
+    }
+    let rest = q.consume_batch(16, NOW).await.expect("batch");
+    assert_eq!(rest.len(), 1);
+    assert!(q.consume_batch(16, NOW).await.expect("empty").is_empty());
+}

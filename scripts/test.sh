@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs what the tests need when it is missing, starts any
+# servers on free loopback ports and stops them afterwards.
+#
+# Today the suite needs only the Rust toolchain: SQLite is compiled in (sqlx bundles it)
+# and every other part (Maildir, in-memory queue) is plain files and memory. Servers named
+# by later capabilities (redis-server, dovecot-imapd, PostgreSQL) are installed and started
+# here, never skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+
+if ! need cargo; then
+    echo "error: cargo is not installed; install the Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+if ! need cc; then
+    echo "installing a C compiler (the bundled SQLite is C)" >&2
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: no C compiler and not root; install gcc" >&2
+        exit 1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null
+fi
+
+cargo test --workspace --locked "$@"
