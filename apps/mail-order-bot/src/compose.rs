@@ -121,33 +121,30 @@ fn check_sources(section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
         .collect()
 }
 
-/// Relations between sections: sources and the bot name configured pools; leases outlive
-/// handler timeouts.
+/// Relations between sections: sources publish to a known pool; leases outlive handler
+/// timeouts.
 fn cross_check(root: &serde_json::Value) -> Vec<ConfigProblem> {
     let mut problems = Vec::new();
     let pools = root.get("pools").and_then(|p| p.as_object());
-    let pool_exists = |name: &str| pools.is_some_and(|p| p.contains_key(name));
+    // The bot declares its pool; without a [pools.<name>] it runs with default settings.
+    let bot_pool = lookup(root, SECTION)
+        .and_then(|s| s.get("pool"))
+        .and_then(|p| p.as_str())
+        .unwrap_or("orders");
+    let pool_exists = |name: &str| name == bot_pool || pools.is_some_and(|p| p.contains_key(name));
     if let Some(sources) = root.get("sources").and_then(|s| s.as_object()) {
         for (id, source) in sources {
             if let Some(pool) = source.get("pool").and_then(|p| p.as_str()) {
                 if !pool_exists(pool) {
                     problems.push(ConfigProblem::new(
                         format!("sources.{id}.pool"),
-                        format!("pool {pool:?} is not configured under [pools]"),
+                        format!(
+                            "pool {pool:?} is neither configured under [pools] nor the bot's pool"
+                        ),
                     ));
                 }
             }
         }
-    }
-    let bot_pool = lookup(root, SECTION)
-        .and_then(|s| s.get("pool"))
-        .and_then(|p| p.as_str())
-        .unwrap_or("orders");
-    if !pool_exists(bot_pool) {
-        problems.push(ConfigProblem::new(
-            format!("{SECTION}.pool"),
-            format!("pool {bot_pool:?} is not configured under [pools]"),
-        ));
     }
     if let (Ok(queue), Some(pools)) = (queue_config(root.get("queue")), pools) {
         for (name, pool) in pools {
@@ -224,11 +221,11 @@ pub async fn build_runtime(
         origin: config.origin().to_string(),
         problems: p,
     })?;
-    let mut builder = RuntimeBuilder::new(Arc::clone(&config)).module(module);
-    for pool in config.platform().pools.keys() {
-        let queue: Arc<dyn TaskQueue> = Arc::new(MemoryQueue::new(pool.clone(), queue_cfg.clone()));
-        builder = builder.queue(pool, queue);
-    }
+    let mut builder = RuntimeBuilder::new(Arc::clone(&config))
+        .module(module)
+        .queue_factory(move |pool| -> Arc<dyn TaskQueue> {
+            Arc::new(MemoryQueue::new(pool, queue_cfg.clone()))
+        });
     if let Some(sources) = root.get("sources").and_then(|s| s.as_object()) {
         for (id, value) in sources {
             let cfg = source_config(id, value).map_err(|p| ConfigReport {

@@ -137,7 +137,7 @@ fn each_bad_config_is_reported_with_its_key() {
             "source names a pool that does not exist",
             Box::new(|t: &str| t.replace("pool = \"orders\"", "pool = \"invoices\"")),
             "sources.inbox.pool",
-            "not configured",
+            "neither configured under [pools]",
         ),
         (
             "bad client address",

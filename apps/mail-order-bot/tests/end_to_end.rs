@@ -12,6 +12,7 @@ use mail_order_bot::module::MailOrderModule;
 use runtime_contracts::{
     ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
     HandlerError, HealthContributor, ModuleError, ModuleRegistry, Outcome, Task, TaskHandler,
+    TaskQueue, TaskSource,
 };
 use runtime_core::RuntimeManager;
 
@@ -60,6 +61,15 @@ struct Wrapping<'r>(&'r mut dyn ModuleRegistry);
 impl ModuleRegistry for Wrapping<'_> {
     fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
         self.0.handler(pool, kind, Arc::new(Faulty(handler)));
+    }
+    fn pool(&mut self, name: &str) {
+        self.0.pool(name);
+    }
+    fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>) {
+        self.0.queue(pool, queue);
+    }
+    fn source(&mut self, source: Arc<dyn TaskSource>, pool: &str) {
+        self.0.source(source, pool);
     }
     fn health(&mut self, contributor: Arc<dyn HealthContributor>) {
         self.0.health(contributor);

@@ -213,7 +213,10 @@ async fn a_batch_leases_up_to_max_with_one_receipt_each() {
         q.publish(task(id)).await.expect("publish");
     }
     let batch = q.consume_batch(2, NOW).await.expect("batch");
-    assert_eq!(batch.iter().map(|l| l.task.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(
+        batch.iter().map(|l| l.task.id.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     assert_ne!(batch[0].receipt, batch[1].receipt);
     assert_eq!(q.stats().await.expect("stats").in_flight, 2);
     for lease in &batch {

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use crate::config::{ConfigProblem, ConfigProvider};
 use crate::handler::TaskHandler;
 use crate::health::HealthContributor;
+use crate::queue::TaskQueue;
+use crate::source::TaskSource;
 use crate::BoxFuture;
 
 /// Why a module could not register.
@@ -30,9 +32,22 @@ pub enum ModuleError {
 }
 
 /// Where a module registers its parts. Implemented by the runtime core's builder.
+///
+/// Sources, queues and pools usually come from the configuration, composed by the binary; a
+/// module registers its own only for what the configuration cannot describe (a schedule it
+/// owns, a queue it needs apart).
 pub trait ModuleRegistry: Send {
-    /// Registers `handler` for tasks of `kind` on the worker pool named `pool`.
+    /// Registers `handler` for tasks of `kind` on the worker pool named `pool` (which
+    /// declares the pool, see [`ModuleRegistry::pool`]).
     fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>);
+    /// Declares a worker pool the module needs. When the configuration has no
+    /// `[pools.<name>]`, the pool runs with the platform's default settings.
+    fn pool(&mut self, name: &str);
+    /// Registers a queue the module brings for the pool `pool`, instead of the configured
+    /// queue type.
+    fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>);
+    /// Registers a source the module brings, publishing to the queue of `pool`.
+    fn source(&mut self, source: Arc<dyn TaskSource>, pool: &str);
     /// Registers a health contributor.
     fn health(&mut self, contributor: Arc<dyn HealthContributor>);
     /// Registers a shared service others can look up by type (e.g. the database pool).
@@ -45,8 +60,8 @@ pub trait ModuleRegistry: Send {
 /// - The runtime calls `validate_config` with the module's section before anything starts,
 ///   together with its own validation, and reports every problem at once.
 /// - Then it calls `register` once; the module opens what it needs (its database) and
-///   registers handlers and health contributors. Sources, queues and pools are chosen by the
-///   configuration and composed by the binary; the module names the pool it handles.
+///   registers handlers, the pools they run on, health contributors and shared services,
+///   and any source or queue of its own. Nothing runs until every module has registered.
 /// - A module never sees the queue or the source types: its handlers reach content through
 ///   their [`crate::HandlerContext`].
 ///

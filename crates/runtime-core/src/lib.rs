@@ -29,7 +29,9 @@ pub use container::ServiceContainer;
 pub use error::CoreError;
 pub use health::{HealthRegistry, HealthReport};
 pub use retry::RetryPolicy;
-pub use runtime::{RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport};
+pub use runtime::{
+    QueueFactory, RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport,
+};
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};
 pub use trace::{install_subscriber, TraceService};

@@ -60,10 +60,14 @@ pub struct ShutdownReport {
     pub queues: BTreeMap<String, QueueStats>,
 }
 
+/// Makes the queue of a pool that has none registered.
+pub type QueueFactory = Box<dyn Fn(&str) -> Arc<dyn TaskQueue> + Send + Sync>;
+
 /// Composes a runtime: configuration, queues, sources and modules.
 pub struct RuntimeBuilder {
     config: Arc<ConfigurationManager>,
     queues: BTreeMap<String, Arc<dyn TaskQueue>>,
+    queue_factory: Option<QueueFactory>,
     sources: Vec<(Arc<dyn TaskSource>, String)>,
     modules: Vec<Arc<dyn ApplicationModule>>,
     trace: TraceService,
@@ -87,16 +91,32 @@ impl std::fmt::Debug for RuntimeBuilder {
 
 struct Registrar<'a> {
     handlers: &'a mut HashMap<String, HashMap<String, Arc<dyn TaskHandler>>>,
+    pools: &'a mut std::collections::BTreeSet<String>,
+    queues: &'a mut BTreeMap<String, Arc<dyn TaskQueue>>,
+    sources: &'a mut Vec<(Arc<dyn TaskSource>, String)>,
     health: &'a HealthRegistry,
     services: &'a ServiceContainer,
 }
 
 impl ModuleRegistry for Registrar<'_> {
     fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
+        self.pool(pool);
         self.handlers
             .entry(pool.to_owned())
             .or_default()
             .insert(kind.to_owned(), handler);
+    }
+
+    fn pool(&mut self, name: &str) {
+        self.pools.insert(name.to_owned());
+    }
+
+    fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>) {
+        self.queues.insert(pool.to_owned(), queue);
+    }
+
+    fn source(&mut self, source: Arc<dyn TaskSource>, pool: &str) {
+        self.sources.push((source, pool.to_owned()));
     }
 
     fn health(&mut self, contributor: Arc<dyn HealthContributor>) {
@@ -114,10 +134,20 @@ impl RuntimeBuilder {
         Self {
             config,
             queues: BTreeMap::new(),
+            queue_factory: None,
             sources: Vec::new(),
             modules: Vec::new(),
             trace: TraceService::new(),
         }
+    }
+
+    /// Makes the queue of every pool that has none registered (the configured queue type).
+    pub fn queue_factory(
+        mut self,
+        factory: impl Fn(&str) -> Arc<dyn TaskQueue> + Send + Sync + 'static,
+    ) -> Self {
+        self.queue_factory = Some(Box::new(factory));
+        self
     }
 
     /// The queue consumed by the pool named `pool`.
@@ -139,33 +169,46 @@ impl RuntimeBuilder {
     }
 
     /// Registers the modules and checks that the parts fit. Nothing runs yet.
-    pub async fn build(self) -> Result<RuntimeManager, CoreError> {
+    pub async fn build(mut self) -> Result<RuntimeManager, CoreError> {
         let health = HealthRegistry::default();
         let services = Arc::new(ServiceContainer::default());
         let mut handlers = HashMap::new();
+        let mut declared = std::collections::BTreeSet::new();
         for module in &self.modules {
             let mut registrar = Registrar {
                 handlers: &mut handlers,
+                pools: &mut declared,
+                queues: &mut self.queues,
+                sources: &mut self.sources,
                 health: &health,
                 services: &services,
             };
             module.register(&mut registrar, &*self.config).await?;
         }
-        let platform = self.config.platform();
+        // Configured pools keep their settings; pools only declared by a module get defaults.
+        let mut pools = self.config.platform().pools;
+        for name in declared {
+            pools.entry(name).or_default();
+        }
         let mut problems = Vec::new();
-        for (pool, config) in &platform.pools {
+        for pool in pools.keys() {
             if !self.queues.contains_key(pool) {
-                problems.push(format!("pool {pool} has no queue"));
+                match &self.queue_factory {
+                    Some(make) => {
+                        let queue = make(pool);
+                        self.queues.insert(pool.clone(), queue);
+                    }
+                    None => problems.push(format!("pool {pool} has no queue")),
+                }
             }
             if !handlers.contains_key(pool) {
                 problems.push(format!("pool {pool} has no handler"));
             }
-            let _ = config;
         }
         for (source, pool) in &self.sources {
-            if !platform.pools.contains_key(pool) {
+            if !pools.contains_key(pool) {
                 problems.push(format!(
-                    "source {} publishes to pool {pool}, which is not configured",
+                    "source {} publishes to pool {pool}, which is neither configured nor declared by a module",
                     source.id()
                 ));
             }
@@ -176,6 +219,7 @@ impl RuntimeBuilder {
         }
         Ok(RuntimeManager {
             config: self.config,
+            pools,
             queues: self.queues,
             sources: self.sources,
             modules: self.modules.iter().map(|m| m.name().to_owned()).collect(),
@@ -195,6 +239,7 @@ impl RuntimeBuilder {
 /// Owns the lifecycle: starts pools, then sources; reports status; shuts down in order.
 pub struct RuntimeManager {
     config: Arc<ConfigurationManager>,
+    pools: BTreeMap<String, crate::config::PoolConfig>,
     queues: BTreeMap<String, Arc<dyn TaskQueue>>,
     sources: Vec<(Arc<dyn TaskSource>, String)>,
     modules: Vec<String>,
@@ -253,8 +298,7 @@ impl RuntimeManager {
         if self.state() != RuntimeState::Built {
             return Err(CoreError::State("already started"));
         }
-        let platform = self.config.platform();
-        for (pool, pool_config) in &platform.pools {
+        for (pool, pool_config) in &self.pools {
             let (Some(queue), Some(handlers)) = (self.queues.get(pool), self.handlers.get(pool))
             else {
                 continue;
@@ -277,8 +321,7 @@ impl RuntimeManager {
             tracing::info!(pool, workers = pool_config.workers, "pool started");
         }
         for (source, pool) in &self.sources {
-            let (Some(queue), Some(pool_config)) =
-                (self.queues.get(pool), platform.pools.get(pool))
+            let (Some(queue), Some(pool_config)) = (self.queues.get(pool), self.pools.get(pool))
             else {
                 continue;
             };

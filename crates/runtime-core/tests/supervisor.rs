@@ -394,3 +394,103 @@ async fn a_dead_worker_is_restarted() {
     assert!(supervisor.shutdown(Duration::from_secs(5)).await);
     assert_eq!(worker.runs.load(Ordering::SeqCst), 2);
 }
+
+/// A module that brings its own source and declares its pool without configuring it.
+struct SelfContained {
+    handler: Arc<ScriptHandler>,
+    source: Arc<ScriptSource>,
+}
+impl ApplicationModule for SelfContained {
+    fn name(&self) -> &str {
+        "self-contained"
+    }
+    fn config_section(&self) -> &str {
+        "apps.self_contained"
+    }
+    fn validate_config(&self, _section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+        Vec::new()
+    }
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        _config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
+        Box::pin(async move {
+            registry.pool("jobs");
+            registry.handler("jobs", "job", self.handler.clone());
+            registry.source(self.source.clone(), "jobs");
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_can_bring_its_source_and_an_unconfigured_pool_runs_with_defaults() {
+    let config = ConfigurationManager::builder()
+        .env(HashMap::new())
+        .load(ConfigOrigin::Embedded {
+            name: "empty".into(),
+            text: String::new(),
+        })
+        .expect("an empty config is valid");
+    let source = Arc::new(ScriptSource {
+        script: vec!["ok", "ok", "ok"],
+        ..Default::default()
+    });
+    let handler = Arc::new(ScriptHandler {
+        gate: tokio::sync::Semaphore::new(0),
+        attempts: Mutex::default(),
+        dead: Mutex::default(),
+    });
+    let made = Arc::new(AtomicUsize::new(0));
+    let counter = made.clone();
+    let mut runtime = RuntimeBuilder::new(Arc::new(config))
+        .module(Arc::new(SelfContained {
+            handler,
+            source: source.clone(),
+        }))
+        .queue_factory(move |pool| -> Arc<dyn TaskQueue> {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Arc::new(MemoryQueue::new(pool, MemoryQueueConfig::default()))
+        })
+        .build()
+        .await
+        .expect("build");
+    runtime.start().expect("start");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        runtime.wait_until_idle(Duration::from_millis(5)),
+    )
+    .await
+    .expect("idle");
+    assert_eq!(
+        made.load(Ordering::SeqCst),
+        1,
+        "one queue for the declared pool"
+    );
+    let pools = runtime.pool_status();
+    assert_eq!(
+        pools[0].workers,
+        runtime_core::PoolConfig::default().workers
+    );
+    assert_eq!(source.completed.lock().expect("lock").len(), 3);
+    runtime.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pool_without_a_handler_or_queue_is_refused_before_anything_starts() {
+    let config = ConfigurationManager::builder()
+        .env(HashMap::new())
+        .load(ConfigOrigin::Embedded {
+            name: "t".into(),
+            text: "[pools.lonely]\n".into(),
+        })
+        .expect("valid");
+    let err = RuntimeBuilder::new(Arc::new(config))
+        .build()
+        .await
+        .expect_err("incomplete");
+    let text = err.to_string();
+    assert!(text.contains("pool lonely has no queue"), "{text}");
+    assert!(text.contains("pool lonely has no handler"), "{text}");
+}
