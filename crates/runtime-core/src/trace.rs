@@ -68,28 +68,32 @@ impl TraceService {
 
 /// Installs the process-wide subscriber: human-readable logs on stderr filtered by
 /// `RUST_LOG` or else `filter`, plus an OpenTelemetry layer so that spans carry trace ids
-/// (no exporter is configured: ids join logs and task headers). Returns `false` when a
-/// subscriber was already installed.
+/// (no exporter is configured: ids join logs and task headers). The log filter applies to
+/// the logs only: task spans reach the OpenTelemetry layer whatever the log level, so a
+/// quiet log never breaks a trace. Returns `false` when a subscriber was already installed.
 pub fn install_subscriber(filter: &str) -> bool {
     use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::{EnvFilter, Layer};
 
-    let filter = EnvFilter::try_from_default_env()
+    let log_filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
     let tracer = provider.tracer("plba");
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(log_filter);
+    let traces = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(LevelFilter::INFO);
     tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(logs)
+        .with(traces)
         .try_init()
         .is_ok()
 }
