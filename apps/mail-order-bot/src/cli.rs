@@ -138,8 +138,8 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
         Ok(m) => Arc::new(m),
         Err(code) => return Ok(code),
     };
-    runtime_core::install_subscriber(&manager.platform().runtime.log);
-    let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule))
+    let logs = runtime_core::install_subscriber(&manager.platform().runtime.log);
+    let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule), logs)
         .await
         .context("composing the runtime")?;
     let store = runtime

@@ -10,7 +10,7 @@ use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
 use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
 use runtime_core::config::{lookup, parse_section_with_unknown};
 use runtime_core::{
-    ConfigOrigin, ConfigReport, ConfigurationManager, RuntimeBuilder, RuntimeManager,
+    ConfigOrigin, ConfigReport, ConfigurationManager, LogControl, RuntimeBuilder, RuntimeManager,
 };
 
 use crate::module::{BotConfig, MailOrderModule, SECTION};
@@ -205,6 +205,7 @@ pub fn seed_samples(maildir: &Path) -> std::io::Result<usize> {
 pub async fn build_runtime(
     config: Arc<ConfigurationManager>,
     module: Arc<dyn ApplicationModule>,
+    logs: Option<LogControl>,
 ) -> anyhow::Result<RuntimeManager> {
     let root = config.root();
     let bot = BotConfig::check(lookup(&root, SECTION)).map_err(|p| ConfigReport {
@@ -223,6 +224,7 @@ pub async fn build_runtime(
     })?;
     let mut builder = RuntimeBuilder::new(Arc::clone(&config))
         .module(module)
+        .log_control(logs)
         .queue_factory(move |pool| -> Arc<dyn TaskQueue> {
             Arc::new(MemoryQueue::new(pool, queue_cfg.clone()))
         });

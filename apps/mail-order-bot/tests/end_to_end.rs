@@ -104,7 +104,7 @@ impl ApplicationModule for FaultyBot {
 async fn run_once(ws: &Workspace, workers: usize, max_attempts: u32) -> RuntimeManager {
     let path = ws.config(workers, max_attempts);
     let config = Arc::new(load_config(Some(&path), Some(HashMap::new())).expect("config"));
-    let mut runtime = build_runtime(config, Arc::new(FaultyBot))
+    let mut runtime = build_runtime(config, Arc::new(FaultyBot), None)
         .await
         .expect("runtime");
     runtime.start().expect("start");

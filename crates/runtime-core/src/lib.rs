@@ -18,6 +18,7 @@ pub mod config;
 mod container;
 mod error;
 mod health;
+pub mod metrics;
 mod retry;
 mod runtime;
 mod shutdown;
@@ -28,13 +29,15 @@ pub use config::{ConfigOrigin, ConfigReport, ConfigurationManager, PlatformConfi
 pub use container::ServiceContainer;
 pub use error::CoreError;
 pub use health::{HealthRegistry, HealthReport};
+pub use metrics::Metrics;
 pub use retry::RetryPolicy;
 pub use runtime::{
-    QueueFactory, RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport,
+    QueueFactory, ReloadReport, RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus,
+    ShutdownReport, SourceReport,
 };
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};
-pub use trace::{install_subscriber, TraceService};
+pub use trace::{install_subscriber, LogControl, TraceService};
 
 /// Milliseconds since the Unix epoch, for records.
 pub(crate) fn now_unix_ms() -> u64 {

@@ -66,21 +66,57 @@ impl TraceService {
     }
 }
 
+/// Reads and changes the log filter of the running process.
+pub struct LogControl {
+    current: std::sync::Mutex<String>,
+    apply: Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogControl")
+            .field("current", &self.current())
+            .finish()
+    }
+}
+
+impl LogControl {
+    /// The filter in force, in `tracing` syntax.
+    pub fn current(&self) -> String {
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the filter; an invalid one is refused and nothing changes.
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        let parsed = tracing_subscriber::EnvFilter::try_new(filter)
+            .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+        (self.apply)(parsed)?;
+        if let Ok(mut current) = self.current.lock() {
+            *current = filter.to_owned();
+        }
+        Ok(())
+    }
+}
+
 /// Installs the process-wide subscriber: human-readable logs on stderr filtered by
 /// `RUST_LOG` or else `filter`, plus an OpenTelemetry layer so that spans carry trace ids
 /// (no exporter is configured: ids join logs and task headers). The log filter applies to
 /// the logs only: task spans reach the OpenTelemetry layer whatever the log level, so a
-/// quiet log never breaks a trace. Returns `false` when a subscriber was already installed.
-pub fn install_subscriber(filter: &str) -> bool {
+/// quiet log never breaks a trace. Returns the handle that changes the log filter at run
+/// time, or `None` when a subscriber was already installed.
+pub fn install_subscriber(filter: &str) -> Option<LogControl> {
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, Layer};
+    use tracing_subscriber::{reload, EnvFilter, Layer};
 
-    let log_filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| EnvFilter::try_new(v).is_ok());
+    let initial = from_env.unwrap_or_else(|| filter.to_owned());
+    let log_filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (log_filter, handle) = reload::Layer::new(log_filter);
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
     let tracer = provider.tracer("plba");
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -95,7 +131,11 @@ pub fn install_subscriber(filter: &str) -> bool {
         .with(logs)
         .with(traces)
         .try_init()
-        .is_ok()
+        .ok()?;
+    Some(LogControl {
+        current: std::sync::Mutex::new(initial),
+        apply: Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+    })
 }
 
 impl TraceFactory for TraceService {

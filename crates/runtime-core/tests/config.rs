@@ -82,7 +82,7 @@ fn reload_applies_a_valid_edit_notifies_subscribers_and_rejects_a_bad_one_whole(
         "[pools.a]\nworkers = 6\n[pools.b]\nworkers = 1\n",
     );
     let changed = manager.reload().expect("valid edit");
-    assert_eq!(changed, ["pools.a"]);
+    assert_eq!(changed, ["pools.a.workers"]);
     assert_eq!(manager.platform().pools["a"].workers, 6);
     let seen = seen.lock().expect("lock");
     assert_eq!(seen.len(), 1);

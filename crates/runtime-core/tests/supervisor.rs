@@ -384,7 +384,7 @@ impl Worker for Flaky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_is_restarted() {
-    let supervisor = WorkerSupervisor::new();
+    let mut supervisor = WorkerSupervisor::new();
     let worker = Arc::new(Flaky {
         runs: AtomicUsize::new(0),
     });
@@ -493,4 +493,27 @@ async fn a_pool_without_a_handler_or_queue_is_refused_before_anything_starts() {
     let text = err.to_string();
     assert!(text.contains("pool lonely has no queue"), "{text}");
     assert!(text.contains("pool lonely has no handler"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_grows_and_shrinks_while_it_runs() {
+    let rig = rig(vec!["block"; 6], "workers = 1", 5000).await;
+    until("one worker busy", || rig.runtime.pool_status()[0].busy == 1).await;
+    assert!(rig.runtime.resize_pool("jobs", 3));
+    until("three workers busy", || {
+        rig.runtime.pool_status()[0].busy == 3
+    })
+    .await;
+    assert!(rig.runtime.resize_pool("jobs", 1));
+    assert_eq!(rig.runtime.pool_status()[0].workers, 1);
+    rig.handler.gate.add_permits(1000);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rig.runtime.wait_until_idle(Duration::from_millis(5)),
+    )
+    .await
+    .expect("idle");
+    assert_eq!(rig.source.completed.lock().expect("lock").len(), 6);
+    assert!(!rig.runtime.resize_pool("nope", 2));
+    rig.runtime.shutdown().await;
 }

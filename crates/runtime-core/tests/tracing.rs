@@ -107,7 +107,10 @@ impl ApplicationModule for Module {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_run_in_the_trace_the_source_started() {
-    assert!(runtime_core::install_subscriber("warn"));
+    let logs = runtime_core::install_subscriber("warn").expect("first subscriber");
+    assert_eq!(logs.current(), "warn");
+    assert!(logs.set("not a [valid filter").is_err());
+    assert_eq!(logs.current(), "warn");
     let text = "[pools.jobs]\nmax_attempts = 5\n[pools.jobs.retry]\ninitial_backoff_ms = 1\nmax_backoff_ms = 5\n";
     let config = ConfigurationManager::builder()
         .env(HashMap::new())

@@ -183,12 +183,12 @@ impl ConfigurationManager {
 
     /// Reads the origin again and validates it; if valid, replaces the current configuration
     /// and notifies the subscribers of every changed section. Returns the changed dotted
-    /// keys. On any problem nothing changes.
+    /// keys, leaf by leaf (`pools.orders.workers`). On any problem nothing changes.
     pub fn reload(&self) -> Result<Vec<String>, ConfigReport> {
         let fresh = self.read_and_validate()?;
         let old = self.root();
         let mut changed = Vec::new();
-        diff_keys(&old, &fresh.root, "", 2, &mut changed);
+        diff_keys(&old, &fresh.root, "", usize::MAX, &mut changed);
         let new_root = Arc::clone(&fresh.root);
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         let subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());

@@ -19,6 +19,12 @@ pub struct RuntimeConfig {
     /// Log filter in `tracing` syntax (`info`, `mail_order_bot=debug,info`). `RUST_LOG`
     /// wins when set.
     pub log: String,
+    /// A source is not ready when its last successful scan, poll or event is older than
+    /// this, in milliseconds.
+    pub source_progress_bound_ms: u64,
+    /// A pool is not ready when its queue holds work and no task has settled for this
+    /// long, in milliseconds.
+    pub pool_progress_bound_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -26,6 +32,8 @@ impl Default for RuntimeConfig {
         Self {
             shutdown_deadline_ms: 10_000,
             log: "info".to_owned(),
+            source_progress_bound_ms: 60_000,
+            pool_progress_bound_ms: 300_000,
         }
     }
 }
@@ -151,10 +159,25 @@ impl PlatformConfig {
             Some(_) => problems.push(ConfigProblem::new("pools", "must be a table of pools")),
         }
         if let Some(rt) = &runtime {
-            if rt.shutdown_deadline_ms == 0 {
+            for (key, value) in [
+                ("shutdown_deadline_ms", rt.shutdown_deadline_ms),
+                ("source_progress_bound_ms", rt.source_progress_bound_ms),
+                ("pool_progress_bound_ms", rt.pool_progress_bound_ms),
+            ] {
+                if value == 0 {
+                    problems.push(ConfigProblem::new(
+                        format!("runtime.{key}"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+            if tracing_subscriber::EnvFilter::try_new(&rt.log).is_err() {
                 problems.push(ConfigProblem::new(
-                    "runtime.shutdown_deadline_ms",
-                    "must be at least 1",
+                    "runtime.log",
+                    format!(
+                        "{:?} is not a log filter (e.g. \"info\" or \"mail_order_bot=debug,warn\")",
+                        rt.log
+                    ),
                 ));
             }
         }

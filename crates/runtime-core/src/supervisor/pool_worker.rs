@@ -14,11 +14,23 @@ use tracing::Instrument;
 
 use super::{panic_message, PoolCounters, PoolSpec};
 use crate::config::PoolConfig;
+use crate::metrics::Metrics;
 use crate::now_unix_ms;
 use crate::trace::TraceService;
 
 /// How long one `consume` call waits before the loop checks for shutdown again.
 const CONSUME_WAIT: Duration = Duration::from_millis(250);
+
+/// What a pool's workers share with the supervisor.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<RwLock<PoolConfig>>,
+    pub(crate) counters: Arc<PoolCounters>,
+    pub(crate) trace: TraceService,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) desired: Arc<super::Roster>,
+    pub(crate) stop_consuming: CancellationToken,
+    pub(crate) abandon_in_flight: CancellationToken,
+}
 
 /// The worker loop of a pool: consume a lease, run the handler under a timeout with panics
 /// caught, complete at the source after success, then settle the lease (ack, nack with
@@ -28,11 +40,7 @@ pub struct PoolWorker {
     queue: Arc<dyn TaskQueue>,
     handlers: HashMap<String, Arc<dyn TaskHandler>>,
     sources: HashMap<String, Arc<dyn TaskSource>>,
-    config: Arc<RwLock<PoolConfig>>,
-    counters: Arc<PoolCounters>,
-    trace: TraceService,
-    stop_consuming: CancellationToken,
-    abandon_in_flight: CancellationToken,
+    shared: Shared,
 }
 
 impl std::fmt::Debug for PoolWorker {
@@ -55,23 +63,13 @@ enum Attempt {
 }
 
 impl PoolWorker {
-    pub(crate) fn new(
-        spec: PoolSpec,
-        config: Arc<RwLock<PoolConfig>>,
-        counters: Arc<PoolCounters>,
-        trace: TraceService,
-        tokens: (CancellationToken, CancellationToken),
-    ) -> Self {
+    pub(crate) fn new(spec: PoolSpec, shared: Shared) -> Self {
         Self {
             name: spec.name,
             queue: spec.queue,
             handlers: spec.handlers.into_iter().collect(),
             sources: spec.sources.into_iter().collect(),
-            config,
-            counters,
-            trace,
-            stop_consuming: tokens.0,
-            abandon_in_flight: tokens.1,
+            shared,
         }
     }
 
@@ -84,14 +82,16 @@ impl PoolWorker {
     }
 
     fn handler_timeout(&self) -> Duration {
-        self.config
+        self.shared
+            .config
             .read()
             .map(|c| c.handler_timeout())
             .unwrap_or_else(|e| e.into_inner().handler_timeout())
     }
 
     fn prefetch(&self) -> usize {
-        self.config
+        self.shared
+            .config
             .read()
             .map(|c| c.prefetch)
             .unwrap_or_else(|e| e.into_inner().prefetch)
@@ -109,7 +109,8 @@ impl PoolWorker {
     }
 
     fn config(&self) -> PoolConfig {
-        self.config
+        self.shared
+            .config
             .read()
             .map(|c| c.clone())
             .unwrap_or_else(|e| e.into_inner().clone())
@@ -117,10 +118,11 @@ impl PoolWorker {
 
     // The pool's own tokens are used rather than the context's signals: they are the same
     // tokens, without a boxed future per task on the hot path.
-    async fn run_loop(&self) -> Result<(), WorkerError> {
+    async fn run_loop(&self, index: usize) -> Result<(), WorkerError> {
         let mut errors = 0u32;
         loop {
-            if self.stop_consuming.is_cancelled() {
+            let retired = index >= self.shared.desired.desired.load(Ordering::SeqCst);
+            if self.shared.stop_consuming.is_cancelled() || retired {
                 return Ok(());
             }
             // Not raced with the stop signal: `consume` returns within CONSUME_WAIT, and a
@@ -133,16 +135,16 @@ impl PoolWorker {
                     }
                     let mut leases = leases.into_iter();
                     while let Some(lease) = leases.next() {
-                        if self.abandon_in_flight.is_cancelled() {
+                        if self.shared.abandon_in_flight.is_cancelled() {
                             for unstarted in std::iter::once(lease).chain(leases.by_ref()) {
                                 self.give_back_unstarted(unstarted).await;
                             }
                             break;
                         }
-                        self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                        let span = self.trace.task_span(&lease.task, &self.name);
+                        self.shared.counters.busy.fetch_add(1, Ordering::Relaxed);
+                        let span = self.shared.trace.task_span(&lease.task, &self.name);
                         self.process(lease).instrument(span).await;
-                        self.counters.busy.fetch_sub(1, Ordering::Relaxed);
+                        self.shared.counters.busy.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
                 Err(e) => {
@@ -150,7 +152,7 @@ impl PoolWorker {
                     let backoff = Duration::from_millis(100u64 << errors.min(6));
                     tracing::warn!(pool = %self.name, error = %e, ?backoff, "consume failed");
                     tokio::select! {
-                        _ = self.stop_consuming.cancelled() => return Ok(()),
+                        _ = self.shared.stop_consuming.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
                     }
                 }
@@ -172,7 +174,18 @@ impl PoolWorker {
             return self.dead_letter(&lease, Some(&source), None, reason).await;
         };
         let hctx = HandlerContext::new(Arc::clone(&source));
+        let labels = Metrics::labels(&self.name, &task.kind);
+        let started = std::time::Instant::now();
         let attempt = self.attempt(&lease, &*handler, &hctx).await;
+        self.shared
+            .metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if !matches!(attempt, Attempt::Done(_) | Attempt::Abandoned) {
+            self.shared.metrics.failed.get_or_create(&labels).inc();
+        }
+        self.shared.counters.progressed();
         let attempt = match attempt {
             Attempt::Done(outcome) => match source.complete(task).await {
                 Ok(()) => return self.succeed(&lease, &outcome).await,
@@ -190,12 +203,12 @@ impl PoolWorker {
             Attempt::Done(_) => {}
             Attempt::Abandoned => self.give_back(&lease, &source).await,
             Attempt::Permanent(reason) => {
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
                 self.dead_letter(&lease, Some(&source), Some((&*handler, &hctx)), reason)
                     .await
             }
             Attempt::Failed { reason, after } => {
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
                 let config = self.config();
                 let number = task.attempt.saturating_add(1);
                 if number >= config.max_attempts {
@@ -212,7 +225,8 @@ impl PoolWorker {
                 };
                 match self.queue.nack(&lease, delay, Some(failure)).await {
                     Ok(()) => {
-                        self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                        self.shared.counters.retried.fetch_add(1, Ordering::Relaxed);
+                        self.shared.metrics.retried.get_or_create(&labels).inc();
                         tracing::warn!(task = %task.id, attempt = number, ?delay, %reason, "attempt failed; retry scheduled");
                     }
                     Err(e) => {
@@ -244,7 +258,7 @@ impl PoolWorker {
         let result = tokio::select! {
             biased;
             r = guarded => r,
-            _ = self.abandon_in_flight.cancelled() => return Attempt::Abandoned,
+            _ = self.shared.abandon_in_flight.cancelled() => return Attempt::Abandoned,
         };
         match result {
             Err(_) => Attempt::Failed {
@@ -269,7 +283,20 @@ impl PoolWorker {
         if let Err(e) = self.queue.ack(lease).await {
             tracing::warn!(task = %lease.task.id, error = %e, "ack failed after completion; a redelivery will find the recorded outcome");
         }
-        self.counters.processed.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .processed
+            .fetch_add(1, Ordering::Relaxed);
+        let m = &self.shared.metrics;
+        m.processed
+            .get_or_create(&Metrics::labels(&self.name, &lease.task.kind))
+            .inc();
+        m.outcomes
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                queue: self.name.clone(),
+                outcome: outcome.kind.to_string(),
+            })
+            .inc();
         tracing::info!(
             task = %lease.task.id,
             outcome = %outcome.kind,
@@ -279,7 +306,10 @@ impl PoolWorker {
     }
 
     async fn give_back(&self, lease: &Lease, source: &Arc<dyn TaskSource>) {
-        self.counters.returned.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .returned
+            .fetch_add(1, Ordering::Relaxed);
         match self.queue.nack(lease, Duration::ZERO, None).await {
             Ok(()) => tracing::warn!(
                 task = %lease.task.id,
@@ -309,7 +339,15 @@ impl PoolWorker {
             tracing::error!(task = %lease.task.id, error = %e, "dead-lettering failed; the lease will expire and the task reappear");
             return;
         }
-        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .dead_lettered
+            .get_or_create(&Metrics::labels(&self.name, &lease.task.kind))
+            .inc();
         tracing::error!(task = %lease.task.id, %reason, "task dead-lettered; left unread at its source");
         if let Some((handler, hctx)) = handler {
             let notify = AssertUnwindSafe(handler.on_dead_letter(&lease.task, hctx, &failure));
@@ -324,7 +362,7 @@ impl PoolWorker {
 }
 
 impl Worker for PoolWorker {
-    fn run(&self, _ctx: WorkerContext) -> BoxFuture<'_, Result<(), WorkerError>> {
-        Box::pin(self.run_loop())
+    fn run(&self, ctx: WorkerContext) -> BoxFuture<'_, Result<(), WorkerError>> {
+        Box::pin(self.run_loop(ctx.index))
     }
 }

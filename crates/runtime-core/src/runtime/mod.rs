@@ -3,9 +3,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runtime_contracts::{
-    ApplicationModule, Backpressure, BoxFuture, HealthContributor, HealthStatus, ModuleRegistry,
-    Probe, QueueStats, SourceContext, SourceState, SourceStatus, TaskHandler, TaskQueue,
-    TaskSource,
+    ApplicationModule, HealthContributor, ModuleRegistry, QueueStats, SourceContext, SourceState,
+    TaskHandler, TaskQueue, TaskSource,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -15,9 +14,16 @@ use crate::config::ConfigurationManager;
 use crate::container::ServiceContainer;
 use crate::error::CoreError;
 use crate::health::HealthRegistry;
+use crate::metrics::Metrics;
 use crate::shutdown::TokenSignal;
 use crate::supervisor::{PoolSpec, PoolStatus, WorkerSupervisor};
-use crate::trace::TraceService;
+use crate::trace::{LogControl, TraceService};
+
+mod parts;
+mod reload;
+
+use parts::{MeteredQueue, PoolHealth, QueueBackpressure, SourceControl, SourceHealth};
+pub use reload::ReloadReport;
 
 /// Lifecycle state of the runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +39,27 @@ pub enum RuntimeState {
     Stopped,
 }
 
+/// A snapshot of one source, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceReport {
+    /// The pool it feeds.
+    pub pool: String,
+    /// Lifecycle state.
+    pub state: SourceState,
+    /// Whether an operator paused it.
+    pub paused: bool,
+    /// Tasks published since start.
+    pub published: u64,
+    /// Tasks completed since start.
+    pub completed: u64,
+    /// Tasks published and not yet completed or released.
+    pub pending: u64,
+    /// Milliseconds since its last successful scan, poll or event.
+    pub last_event_age_ms: Option<u64>,
+    /// Its last error, if degraded.
+    pub last_error: Option<String>,
+}
+
 /// A snapshot of the whole runtime.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RuntimeStatus {
@@ -41,7 +68,7 @@ pub struct RuntimeStatus {
     /// Hosted modules.
     pub modules: Vec<String>,
     /// Sources by id.
-    pub sources: BTreeMap<String, SourceStatus>,
+    pub sources: BTreeMap<String, SourceReport>,
     /// Pools.
     pub pools: Vec<PoolStatus>,
     /// Queues by name.
@@ -71,6 +98,8 @@ pub struct RuntimeBuilder {
     sources: Vec<(Arc<dyn TaskSource>, String)>,
     modules: Vec<Arc<dyn ApplicationModule>>,
     trace: TraceService,
+    live_keys: Vec<String>,
+    logs: Option<Arc<LogControl>>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -138,7 +167,23 @@ impl RuntimeBuilder {
             sources: Vec::new(),
             modules: Vec::new(),
             trace: TraceService::new(),
+            live_keys: Vec::new(),
+            logs: None,
         }
+    }
+
+    /// Configuration keys (patterns: `*` is one segment, a final `**` the rest) that
+    /// something outside the core applies live on reload, through a
+    /// [`runtime_contracts::ConfigProvider::subscribe`] callback.
+    pub fn live_keys<I: IntoIterator<Item = S>, S: Into<String>>(mut self, keys: I) -> Self {
+        self.live_keys.extend(keys.into_iter().map(Into::into));
+        self
+    }
+
+    /// The handle that changes the log filter, so that reload and operators can.
+    pub fn log_control(mut self, logs: Option<LogControl>) -> Self {
+        self.logs = logs.map(Arc::new);
+        self
     }
 
     /// Makes the queue of every pool that has none registered (the configured queue type).
@@ -205,6 +250,7 @@ impl RuntimeBuilder {
                 problems.push(format!("pool {pool} has no handler"));
             }
         }
+        let mut source_controls = HashMap::new();
         for (source, pool) in &self.sources {
             if !pools.contains_key(pool) {
                 problems.push(format!(
@@ -212,19 +258,30 @@ impl RuntimeBuilder {
                     source.id()
                 ));
             }
-            health.register(Arc::new(SourceHealth(Arc::clone(source))));
+            let control = Arc::new(SourceControl::default());
+            source_controls.insert(source.id().to_owned(), Arc::clone(&control));
+            health.register(Arc::new(SourceHealth {
+                source: Arc::clone(source),
+                control,
+                config: Arc::clone(&self.config),
+            }));
         }
         if !problems.is_empty() {
             return Err(CoreError::Composition(problems.join("; ")));
         }
+        let metrics = Arc::new(Metrics::default());
         Ok(RuntimeManager {
             config: self.config,
             pools,
+            source_controls,
+            live_keys: self.live_keys,
+            logs: self.logs,
+            metrics: Arc::clone(&metrics),
             queues: self.queues,
             sources: self.sources,
             modules: self.modules.iter().map(|m| m.name().to_owned()).collect(),
             handlers,
-            supervisor: WorkerSupervisor::new(),
+            supervisor: WorkerSupervisor::with_metrics(metrics),
             health,
             services,
             trace: self.trace,
@@ -240,6 +297,10 @@ impl RuntimeBuilder {
 pub struct RuntimeManager {
     config: Arc<ConfigurationManager>,
     pools: BTreeMap<String, crate::config::PoolConfig>,
+    source_controls: HashMap<String, Arc<SourceControl>>,
+    live_keys: Vec<String>,
+    logs: Option<Arc<LogControl>>,
+    metrics: Arc<Metrics>,
     queues: BTreeMap<String, Arc<dyn TaskQueue>>,
     sources: Vec<(Arc<dyn TaskSource>, String)>,
     modules: Vec<String>,
@@ -318,19 +379,38 @@ impl RuntimeManager {
                 },
                 self.trace.clone(),
             );
+            if let (Some(counters), Some(live_config)) = (
+                self.supervisor.counters(pool),
+                self.supervisor.pool_config(pool),
+            ) {
+                let _ = live_config;
+                self.health.register(Arc::new(PoolHealth {
+                    name: pool.clone(),
+                    queue: Arc::clone(queue),
+                    counters,
+                    config: Arc::clone(&self.config),
+                }));
+            }
             tracing::info!(pool, workers = pool_config.workers, "pool started");
         }
         for (source, pool) in &self.sources {
-            let (Some(queue), Some(pool_config)) = (self.queues.get(pool), self.pools.get(pool))
-            else {
+            let (Some(queue), Some(pool_config), Some(control)) = (
+                self.queues.get(pool),
+                self.supervisor.pool_config(pool),
+                self.source_controls.get(source.id()),
+            ) else {
                 continue;
             };
             let ctx = SourceContext {
-                queue: Arc::clone(queue),
+                queue: Arc::new(MeteredQueue {
+                    inner: Arc::clone(queue),
+                    metrics: Arc::clone(&self.metrics),
+                }),
                 shutdown: Arc::new(TokenSignal(self.source_stop.child_token())),
                 backpressure: Arc::new(QueueBackpressure {
                     queue: Arc::clone(queue),
-                    high_watermark: pool_config.high_watermark as u64,
+                    pool: pool_config,
+                    control: Arc::clone(control),
                 }),
                 tracer: Arc::new(self.trace.clone()),
             };
@@ -353,6 +433,106 @@ impl RuntimeManager {
         Ok(())
     }
 
+    fn source_report(&self, source: &dyn TaskSource, pool: &str) -> SourceReport {
+        let status = source.status();
+        SourceReport {
+            pool: pool.to_owned(),
+            state: status.state,
+            paused: self
+                .source_controls
+                .get(source.id())
+                .is_some_and(|c| c.is_paused()),
+            published: status.published,
+            completed: status.completed,
+            pending: status.pending,
+            last_event_age_ms: status
+                .last_event_age
+                .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
+            last_error: status.last_error,
+        }
+    }
+
+    /// Stops a source from fetching more work (what it published goes on); false for an
+    /// unknown source. Readiness reports the pause.
+    pub fn pause_source(&self, id: &str) -> bool {
+        self.source_controls.get(id).is_some_and(|c| {
+            c.set_paused(true);
+            tracing::info!(source = id, "source paused");
+            true
+        })
+    }
+
+    /// Lets a paused source fetch again; false for an unknown source.
+    pub fn resume_source(&self, id: &str) -> bool {
+        self.source_controls.get(id).is_some_and(|c| {
+            c.set_paused(false);
+            tracing::info!(source = id, "source resumed");
+            true
+        })
+    }
+
+    /// Sets a pool's worker count now (reload does this from the configuration); false for
+    /// an unknown pool.
+    pub fn resize_pool(&self, pool: &str, workers: usize) -> bool {
+        workers > 0 && self.supervisor.resize(pool, workers)
+    }
+
+    /// The ids of the sources.
+    pub fn source_ids(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .map(|(s, _)| s.id().to_owned())
+            .collect()
+    }
+
+    /// The names of the pools (and their queues).
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    /// The log filter control, when the runtime owns the process's subscriber.
+    pub fn logs(&self) -> Option<&Arc<LogControl>> {
+        self.logs.as_ref()
+    }
+
+    /// Prometheus text: counters as recorded, gauges read now.
+    pub async fn metrics_text(&self) -> String {
+        use crate::metrics::NameLabel;
+        for (name, queue) in &self.queues {
+            if let Ok(stats) = queue.stats().await {
+                let label = NameLabel { name: name.clone() };
+                let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                self.metrics
+                    .queue_depth
+                    .get_or_create(&label)
+                    .set(gauge(stats.depth));
+                self.metrics
+                    .queue_in_flight
+                    .get_or_create(&label)
+                    .set(gauge(stats.in_flight));
+                self.metrics
+                    .queue_scheduled
+                    .get_or_create(&label)
+                    .set(gauge(stats.scheduled));
+                self.metrics
+                    .queue_dead
+                    .get_or_create(&label)
+                    .set(gauge(stats.dead));
+            }
+        }
+        for (source, _) in &self.sources {
+            if let Some(age) = source.status().last_event_age {
+                self.metrics
+                    .source_age
+                    .get_or_create(&NameLabel {
+                        name: source.id().to_owned(),
+                    })
+                    .set(age.as_secs_f64());
+            }
+        }
+        self.metrics.encode()
+    }
+
     /// A snapshot of the pools alone (no queue round trip).
     pub fn pool_status(&self) -> Vec<PoolStatus> {
         self.supervisor.status()
@@ -372,7 +552,7 @@ impl RuntimeManager {
             sources: self
                 .sources
                 .iter()
-                .map(|(s, _)| (s.id().to_owned(), s.status()))
+                .map(|(s, pool)| (s.id().to_owned(), self.source_report(s.as_ref(), pool)))
                 .collect(),
             pools: self.supervisor.status(),
             queues,
@@ -450,48 +630,5 @@ impl RuntimeManager {
             pools: status.pools,
             queues: status.queues,
         }
-    }
-}
-
-struct QueueBackpressure {
-    queue: Arc<dyn TaskQueue>,
-    high_watermark: u64,
-}
-
-impl Backpressure for QueueBackpressure {
-    fn wait_for_capacity(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            loop {
-                match self.queue.stats().await {
-                    Ok(s) if s.depth + s.scheduled + s.in_flight < self.high_watermark => return,
-                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
-        })
-    }
-}
-
-struct SourceHealth(Arc<dyn TaskSource>);
-
-impl HealthContributor for SourceHealth {
-    fn name(&self) -> &str {
-        self.0.id()
-    }
-
-    fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
-        Box::pin(async move {
-            if probe == Probe::Liveness {
-                return HealthStatus::Up;
-            }
-            let status = self.0.status();
-            match status.state {
-                SourceState::Running => HealthStatus::Up,
-                state => HealthStatus::Down {
-                    reason: status
-                        .last_error
-                        .unwrap_or_else(|| format!("source is {state:?}").to_lowercase()),
-                },
-            }
-        })
     }
 }

@@ -1,0 +1,168 @@
+//! Prometheus metrics of the runtime: counters recorded as tasks move, gauges read at
+//! scrape time.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of per-task metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// The queue (and pool).
+    pub queue: String,
+    /// The task kind.
+    pub kind: String,
+}
+
+/// Labels of outcome counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// The queue (and pool).
+    pub queue: String,
+    /// The outcome the handler recorded.
+    pub outcome: String,
+}
+
+/// A label set of one name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    /// The queue or source.
+    pub name: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+/// Every metric of the runtime.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub(crate) published: Family<TaskLabels, Counter>,
+    pub(crate) processed: Family<TaskLabels, Counter>,
+    pub(crate) failed: Family<TaskLabels, Counter>,
+    pub(crate) retried: Family<TaskLabels, Counter>,
+    pub(crate) dead_lettered: Family<TaskLabels, Counter>,
+    pub(crate) duration: Family<TaskLabels, Histogram, fn() -> Histogram>,
+    pub(crate) outcomes: Family<OutcomeLabels, Counter>,
+    pub(crate) queue_depth: Family<NameLabel, Gauge>,
+    pub(crate) queue_in_flight: Family<NameLabel, Gauge>,
+    pub(crate) queue_scheduled: Family<NameLabel, Gauge>,
+    pub(crate) queue_dead: Family<NameLabel, Gauge>,
+    pub(crate) source_age: Family<NameLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            registry: Mutex::new(Registry::with_prefix("plba")),
+            published: Family::default(),
+            processed: Family::default(),
+            failed: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            outcomes: Family::default(),
+            queue_depth: Family::default(),
+            queue_in_flight: Family::default(),
+            queue_scheduled: Family::default(),
+            queue_dead: Family::default(),
+            source_age: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            r.register(
+                "tasks_published",
+                "Tasks published to a queue",
+                m.published.clone(),
+            );
+            r.register(
+                "tasks_processed",
+                "Tasks that ended with an outcome",
+                m.processed.clone(),
+            );
+            r.register(
+                "tasks_failed",
+                "Failed attempts (errors, timeouts, panics)",
+                m.failed.clone(),
+            );
+            r.register(
+                "tasks_retried",
+                "Failed attempts scheduled again",
+                m.retried.clone(),
+            );
+            r.register(
+                "tasks_dead_lettered",
+                "Tasks given up",
+                m.dead_lettered.clone(),
+            );
+            r.register(
+                "handler_duration_seconds",
+                "Time a handler took for one attempt",
+                m.duration.clone(),
+            );
+            r.register(
+                "outcomes",
+                "Outcomes recorded by handlers, by kind",
+                m.outcomes.clone(),
+            );
+            r.register(
+                "queue_depth",
+                "Tasks ready in a queue",
+                m.queue_depth.clone(),
+            );
+            r.register(
+                "queue_in_flight",
+                "Tasks leased and not settled",
+                m.queue_in_flight.clone(),
+            );
+            r.register(
+                "queue_scheduled",
+                "Tasks waiting for their retry delay",
+                m.queue_scheduled.clone(),
+            );
+            r.register(
+                "queue_dead",
+                "Tasks in a queue's dead letters",
+                m.queue_dead.clone(),
+            );
+            r.register(
+                "source_last_event_age_seconds",
+                "Time since a source's last successful scan, poll or event",
+                m.source_age.clone(),
+            );
+        }
+        m
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub(crate) fn labels(queue: &str, kind: &str) -> TaskLabels {
+        TaskLabels {
+            queue: queue.to_owned(),
+            kind: kind.to_owned(),
+        }
+    }
+}

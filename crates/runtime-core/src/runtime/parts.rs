@@ -1,0 +1,230 @@
+//! The runtime's own parts around sources and pools: pause control, backpressure, publish
+//! metrics, and the health checks that read them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use runtime_contracts::{
+    AttemptFailure, Backpressure, BoxFuture, DeadLetterStore, HealthContributor, HealthStatus,
+    Lease, Probe, PublishResult, QueueError, QueueStats, SourceState, Task, TaskQueue, TaskSource,
+};
+use tokio::sync::Notify;
+
+use crate::config::{ConfigurationManager, PoolConfig};
+use crate::metrics::Metrics;
+use crate::supervisor::PoolCounters;
+
+/// Whether an operator paused a source.
+#[derive(Debug, Default)]
+pub(crate) struct SourceControl {
+    paused: AtomicBool,
+    resumed: Notify,
+}
+
+impl SourceControl {
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        if !paused {
+            self.resumed.notify_waiters();
+        }
+    }
+}
+
+/// A source may fetch more while its pool's queued plus in-flight work is below the pool's
+/// high watermark, and while it is not paused.
+pub(crate) struct QueueBackpressure {
+    pub(crate) queue: Arc<dyn TaskQueue>,
+    pub(crate) pool: Arc<RwLock<PoolConfig>>,
+    pub(crate) control: Arc<SourceControl>,
+}
+
+impl Backpressure for QueueBackpressure {
+    fn wait_for_capacity(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                if self.control.is_paused() {
+                    let resumed = self.control.resumed.notified();
+                    if self.control.is_paused() {
+                        resumed.await;
+                    }
+                    continue;
+                }
+                let watermark = self
+                    .pool
+                    .read()
+                    .map(|c| c.high_watermark as u64)
+                    .unwrap_or(u64::MAX);
+                match self.queue.stats().await {
+                    Ok(s) if s.depth + s.scheduled + s.in_flight < watermark => return,
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+    }
+}
+
+/// The queue as a source sees it: publishing is counted by queue and kind.
+pub(crate) struct MeteredQueue {
+    pub(crate) inner: Arc<dyn TaskQueue>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl TaskQueue for MeteredQueue {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+        let labels = Metrics::labels(self.inner.name(), &task.kind);
+        Box::pin(async move {
+            let result = self.inner.publish(task).await;
+            if matches!(result, Ok(PublishResult::Enqueued)) {
+                self.metrics.published.get_or_create(&labels).inc();
+            }
+            result
+        })
+    }
+
+    fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
+        self.inner.consume(wait)
+    }
+
+    fn consume_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Lease>, QueueError>> {
+        self.inner.consume_batch(max, wait)
+    }
+
+    fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
+        self.inner.ack(lease)
+    }
+
+    fn nack<'a>(
+        &'a self,
+        lease: &'a Lease,
+        retry_delay: Duration,
+        failure: Option<AttemptFailure>,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        self.inner.nack(lease, retry_delay, failure)
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        lease: &'a Lease,
+        failure: AttemptFailure,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        self.inner.dead_letter(lease, failure)
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>> {
+        self.inner.stats()
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+        self.inner.dead_letters()
+    }
+}
+
+/// Readiness of a source: running, not paused, and making progress within the bound.
+pub(crate) struct SourceHealth {
+    pub(crate) source: Arc<dyn TaskSource>,
+    pub(crate) control: Arc<SourceControl>,
+    pub(crate) config: Arc<ConfigurationManager>,
+}
+
+impl HealthContributor for SourceHealth {
+    fn name(&self) -> &str {
+        self.source.id()
+    }
+
+    fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
+        Box::pin(async move {
+            if probe == Probe::Liveness {
+                return HealthStatus::Up;
+            }
+            let id = self.source.id();
+            if self.control.is_paused() {
+                return HealthStatus::Down {
+                    reason: format!("source {id} is paused"),
+                };
+            }
+            let status = self.source.status();
+            if status.state != SourceState::Running {
+                return HealthStatus::Down {
+                    reason: status.last_error.unwrap_or_else(|| {
+                        format!(
+                            "source {id} is {}",
+                            format!("{:?}", status.state).to_lowercase()
+                        )
+                    }),
+                };
+            }
+            let bound =
+                Duration::from_millis(self.config.platform().runtime.source_progress_bound_ms);
+            match status.last_event_age {
+                Some(age) if age > bound => HealthStatus::Down {
+                    reason: format!(
+                        "source {id} made no progress for {} ms (bound {} ms)",
+                        age.as_millis(),
+                        bound.as_millis()
+                    ),
+                },
+                _ => HealthStatus::Up,
+            }
+        })
+    }
+}
+
+/// Readiness of a pool: not stuck, i.e. not holding queued work with nothing settled for
+/// longer than the bound.
+pub(crate) struct PoolHealth {
+    pub(crate) name: String,
+    pub(crate) queue: Arc<dyn TaskQueue>,
+    pub(crate) counters: Arc<PoolCounters>,
+    pub(crate) config: Arc<ConfigurationManager>,
+}
+
+impl HealthContributor for PoolHealth {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
+        Box::pin(async move {
+            if probe == Probe::Liveness {
+                return HealthStatus::Up;
+            }
+            let stats = match self.queue.stats().await {
+                Ok(stats) => stats,
+                Err(e) => {
+                    return HealthStatus::Down {
+                        reason: format!("queue {} unavailable: {e}", self.name),
+                    }
+                }
+            };
+            let bound =
+                Duration::from_millis(self.config.platform().runtime.pool_progress_bound_ms);
+            let idle_for = self.counters.since_progress();
+            if stats.depth + stats.in_flight > 0 && idle_for > bound {
+                return HealthStatus::Down {
+                    reason: format!(
+                        "pool {} has {} queued and {} in flight but settled nothing for {} ms (bound {} ms)",
+                        self.name,
+                        stats.depth,
+                        stats.in_flight,
+                        idle_for.as_millis(),
+                        bound.as_millis()
+                    ),
+                };
+            }
+            HealthStatus::Up
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! Reloading the configuration: validate everything, then apply what is safe live and
+//! report what needs a restart.
+
+use serde::{Deserialize, Serialize};
+
+use super::RuntimeManager;
+use crate::config::ConfigReport;
+
+/// What a reload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// Every key whose value changed.
+    pub changed: Vec<String>,
+    /// Changed keys now in effect.
+    pub applied: Vec<String>,
+    /// Changed keys that take effect only after a restart.
+    pub needs_restart: Vec<String>,
+}
+
+/// Keys the core applies live (for pools that already run).
+const CORE_LIVE_KEYS: &[&str] = &[
+    "runtime.log",
+    "runtime.shutdown_deadline_ms",
+    "runtime.source_progress_bound_ms",
+    "runtime.pool_progress_bound_ms",
+    "pools.*.workers",
+    "pools.*.handler_timeout_ms",
+    "pools.*.max_attempts",
+    "pools.*.high_watermark",
+    "pools.*.prefetch",
+    "pools.*.retry.**",
+];
+
+/// Whether dotted `key` matches `pattern` (`*` is one segment, a final `**` the rest).
+pub(crate) fn key_matches(pattern: &str, key: &str) -> bool {
+    let mut pattern = pattern.split('.');
+    let mut key = key.split('.');
+    loop {
+        match (pattern.next(), key.next()) {
+            (Some("**"), _) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(p), Some(k)) if p == k => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl RuntimeManager {
+    /// Reads the configuration again. If it has any problem, nothing changes and every
+    /// problem is returned. Otherwise the new configuration replaces the old, what is safe
+    /// live (pool sizes and policies, log filter, bounds, and keys registered with
+    /// [`super::RuntimeBuilder::live_keys`]) takes effect now, and the rest is reported as
+    /// needing a restart.
+    pub fn reload(&self) -> Result<ReloadReport, ConfigReport> {
+        let changed = self.config.reload()?;
+        let platform = self.config.platform();
+        let mut report = ReloadReport {
+            changed: changed.clone(),
+            ..ReloadReport::default()
+        };
+        let mut pools_to_update = std::collections::BTreeSet::new();
+        for key in changed {
+            let running_pool = key
+                .strip_prefix("pools.")
+                .and_then(|rest| rest.split('.').next())
+                .filter(|pool| {
+                    self.pools.contains_key(*pool) && platform.pools.contains_key(*pool)
+                });
+            let core_live = CORE_LIVE_KEYS.iter().any(|p| key_matches(p, &key))
+                && (!key.starts_with("pools.") || running_pool.is_some());
+            let elsewhere_live = self.live_keys.iter().any(|p| key_matches(p, &key));
+            if key == "runtime.log" && self.logs.is_none() {
+                report.needs_restart.push(key);
+                continue;
+            }
+            if core_live || elsewhere_live {
+                if let Some(pool) = running_pool {
+                    pools_to_update.insert(pool.to_owned());
+                }
+                report.applied.push(key);
+            } else {
+                report.needs_restart.push(key);
+            }
+        }
+        for pool in pools_to_update {
+            if let Some(config) = platform.pools.get(&pool) {
+                self.supervisor.update_pool(&pool, config.clone());
+            }
+        }
+        if report.applied.iter().any(|k| k == "runtime.log") {
+            if let Some(logs) = &self.logs {
+                // Validated with the configuration, so this cannot fail in practice.
+                if let Err(e) = logs.set(&platform.runtime.log) {
+                    tracing::error!(error = %e, "log filter not applied");
+                }
+            }
+        }
+        tracing::info!(
+            applied = ?report.applied,
+            needs_restart = ?report.needs_restart,
+            "configuration reloaded"
+        );
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_matches;
+
+    #[test]
+    fn patterns() {
+        assert!(key_matches("pools.*.workers", "pools.orders.workers"));
+        assert!(!key_matches("pools.*.workers", "pools.orders.retry.jitter"));
+        assert!(key_matches("pools.*.retry.**", "pools.orders.retry.jitter"));
+        assert!(key_matches("runtime.log", "runtime.log"));
+        assert!(!key_matches("runtime.log", "runtime.logs"));
+        assert!(!key_matches("sources.*.poll_interval_ms", "sources.inbox"));
+    }
+}
