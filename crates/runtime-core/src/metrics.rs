@@ -1,13 +1,14 @@
 //! Prometheus metrics of the runtime: counters recorded as tasks move, gauges read at
 //! scrape time.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 /// Labels of per-task metrics.
@@ -35,10 +36,85 @@ pub struct NameLabel {
     pub name: String,
 }
 
+const DURATION_BOUNDS: [f64; 13] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A histogram of atomic counters: recording takes no lock, so workers of a busy pool do
+/// not queue behind one another to record a duration.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    inner: Arc<HistogramInner>,
+}
+
+#[derive(Debug)]
+struct HistogramInner {
+    bounds: &'static [f64],
+    /// One counter per bound, then one for +Inf.
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            inner: Arc::new(HistogramInner {
+                bounds,
+                buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                count: AtomicU64::new(0),
+                sum_nanos: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.inner.bounds.partition_point(|b| *b < secs);
+        self.inner.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.inner.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let inner = &self.inner;
+        let buckets: Vec<(f64, u64)> = inner
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        let sum = inner.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let count = inner.count.load(Ordering::Relaxed);
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 fn duration_histogram() -> Histogram {
-    Histogram::new([
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ])
+    Histogram::new(&DURATION_BOUNDS)
+}
+
+/// The per-task metrics of one (queue, kind); clones share the underlying values.
+#[derive(Clone, Debug)]
+pub(crate) struct KindMetrics {
+    pub(crate) processed: Counter,
+    pub(crate) failed: Counter,
+    pub(crate) retried: Counter,
+    pub(crate) dead_lettered: Counter,
+    pub(crate) duration: Histogram,
 }
 
 /// Every metric of the runtime.
@@ -157,6 +233,28 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// The metric handles of one (queue, kind), to keep and use without a lookup per task.
+    pub(crate) fn for_kind(&self, queue: &str, kind: &str) -> KindMetrics {
+        let labels = Self::labels(queue, kind);
+        KindMetrics {
+            processed: self.processed.get_or_create(&labels).clone(),
+            failed: self.failed.get_or_create(&labels).clone(),
+            retried: self.retried.get_or_create(&labels).clone(),
+            dead_lettered: self.dead_lettered.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The outcome counter of one (queue, outcome).
+    pub(crate) fn for_outcome(&self, queue: &str, outcome: &str) -> Counter {
+        self.outcomes
+            .get_or_create(&OutcomeLabels {
+                queue: queue.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .clone()
     }
 
     pub(crate) fn labels(queue: &str, kind: &str) -> TaskLabels {

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use super::{panic_message, PoolCounters, PoolSpec};
 use crate::config::PoolConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{KindMetrics, Metrics};
 use crate::now_unix_ms;
 use crate::trace::TraceService;
 
@@ -41,6 +41,9 @@ pub struct PoolWorker {
     handlers: HashMap<String, Arc<dyn TaskHandler>>,
     sources: HashMap<String, Arc<dyn TaskSource>>,
     shared: Shared,
+    /// Metric handles by task kind and by outcome, so that recording costs no label lookup.
+    kind_metrics: RwLock<HashMap<Arc<str>, Arc<KindMetrics>>>,
+    outcome_metrics: RwLock<HashMap<String, prometheus_client::metrics::counter::Counter>>,
 }
 
 impl std::fmt::Debug for PoolWorker {
@@ -70,6 +73,41 @@ impl PoolWorker {
             handlers: spec.handlers.into_iter().collect(),
             sources: spec.sources.into_iter().collect(),
             shared,
+            kind_metrics: RwLock::default(),
+            outcome_metrics: RwLock::default(),
+        }
+    }
+
+    fn metrics_of(&self, kind: &Arc<str>) -> Arc<KindMetrics> {
+        if let Some(m) = self
+            .kind_metrics
+            .read()
+            .ok()
+            .and_then(|m| m.get(kind).cloned())
+        {
+            return m;
+        }
+        let m = Arc::new(self.shared.metrics.for_kind(&self.name, kind));
+        if let Ok(mut cache) = self.kind_metrics.write() {
+            cache.insert(Arc::clone(kind), Arc::clone(&m));
+        }
+        m
+    }
+
+    fn count_outcome(&self, outcome: &str) {
+        if let Some(c) = self
+            .outcome_metrics
+            .read()
+            .ok()
+            .and_then(|m| m.get(outcome).cloned())
+        {
+            c.inc();
+            return;
+        }
+        let c = self.shared.metrics.for_outcome(&self.name, outcome);
+        c.inc();
+        if let Ok(mut cache) = self.outcome_metrics.write() {
+            cache.insert(outcome.to_owned(), c);
         }
     }
 
@@ -174,21 +212,17 @@ impl PoolWorker {
             return self.dead_letter(&lease, Some(&source), None, reason).await;
         };
         let hctx = HandlerContext::new(Arc::clone(&source));
-        let labels = Metrics::labels(&self.name, &task.kind);
+        let metrics = self.metrics_of(&task.kind);
         let started = std::time::Instant::now();
         let attempt = self.attempt(&lease, &*handler, &hctx).await;
-        self.shared
-            .metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        metrics.duration.observe(started.elapsed());
         if !matches!(attempt, Attempt::Done(_) | Attempt::Abandoned) {
-            self.shared.metrics.failed.get_or_create(&labels).inc();
+            metrics.failed.inc();
         }
         self.shared.counters.progressed();
         let attempt = match attempt {
             Attempt::Done(outcome) => match source.complete(task).await {
-                Ok(()) => return self.succeed(&lease, &outcome).await,
+                Ok(()) => return self.succeed(&lease, &outcome, &metrics).await,
                 Err(e) => Attempt::Failed {
                     reason: format!(
                         "outcome {} recorded, but completion failed: {e}",
@@ -226,7 +260,7 @@ impl PoolWorker {
                 match self.queue.nack(&lease, delay, Some(failure)).await {
                     Ok(()) => {
                         self.shared.counters.retried.fetch_add(1, Ordering::Relaxed);
-                        self.shared.metrics.retried.get_or_create(&labels).inc();
+                        metrics.retried.inc();
                         tracing::warn!(task = %task.id, attempt = number, ?delay, %reason, "attempt failed; retry scheduled");
                     }
                     Err(e) => {
@@ -279,7 +313,7 @@ impl PoolWorker {
         }
     }
 
-    async fn succeed(&self, lease: &Lease, outcome: &Outcome) {
+    async fn succeed(&self, lease: &Lease, outcome: &Outcome, metrics: &KindMetrics) {
         if let Err(e) = self.queue.ack(lease).await {
             tracing::warn!(task = %lease.task.id, error = %e, "ack failed after completion; a redelivery will find the recorded outcome");
         }
@@ -287,16 +321,8 @@ impl PoolWorker {
             .counters
             .processed
             .fetch_add(1, Ordering::Relaxed);
-        let m = &self.shared.metrics;
-        m.processed
-            .get_or_create(&Metrics::labels(&self.name, &lease.task.kind))
-            .inc();
-        m.outcomes
-            .get_or_create(&crate::metrics::OutcomeLabels {
-                queue: self.name.clone(),
-                outcome: outcome.kind.to_string(),
-            })
-            .inc();
+        metrics.processed.inc();
+        self.count_outcome(&outcome.kind);
         tracing::info!(
             task = %lease.task.id,
             outcome = %outcome.kind,
@@ -343,11 +369,7 @@ impl PoolWorker {
             .counters
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .metrics
-            .dead_lettered
-            .get_or_create(&Metrics::labels(&self.name, &lease.task.kind))
-            .inc();
+        self.metrics_of(&lease.task.kind).dead_lettered.inc();
         tracing::error!(task = %lease.task.id, %reason, "task dead-lettered; left unread at its source");
         if let Some((handler, hctx)) = handler {
             let notify = AssertUnwindSafe(handler.on_dead_letter(&lease.task, hctx, &failure));
