@@ -8,9 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use runtime_core::{ConfigReport, RuntimeManager};
 
-use crate::compose::{build_runtime, load_config};
+use crate::compose::{build_runtime, control_config, load_config};
 use crate::domain::store::{OrderStore, StoredOrder, StoredOutcome};
 use crate::module::{BotConfig, MailOrderModule, SECTION};
+use runtime_adapters::control::ControlServer;
 
 /// Exit code for an invalid configuration.
 pub const EXIT_CONFIG: u8 = 2;
@@ -148,8 +149,13 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
         .context("the bot registered no order store")?;
     let before = store.last_order_id().await?;
     runtime.start()?;
+    let runtime = Arc::new(runtime);
+    let control = start_control(&manager, &runtime).await?;
     let interrupted = wait(&runtime, once).await?;
     let report = runtime.shutdown().await;
+    if let Some(control) = control {
+        control.stop().await;
+    }
     let created = store.orders_after(before).await?;
     print_run_summary(&runtime, &created, store.orders_after(0).await?.len()).await;
     if !report.drained_in_time {
@@ -160,11 +166,36 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
     Ok(if interrupted && once { 130 } else { 0 })
 }
 
-/// Waits for the end of the run; true when a signal ended it.
+async fn start_control(
+    manager: &runtime_core::ConfigurationManager,
+    runtime: &Arc<RuntimeManager>,
+) -> anyhow::Result<Option<ControlServer>> {
+    let cfg = control_config(manager.root().get("control")).map_err(|p| {
+        anyhow::anyhow!(
+            "invalid [control]: {}",
+            p.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let server = ControlServer::start(Arc::clone(runtime), &cfg)
+        .await
+        .with_context(|| format!("starting the control plane on {}", cfg.bind))?;
+    eprintln!("control plane listening on http://{}", server.local_addr());
+    Ok(Some(server))
+}
+
+/// Waits for the end of the run; true when a signal ended it. SIGHUP reloads the
+/// configuration and goes on.
 async fn wait(runtime: &RuntimeManager, once: bool) -> anyhow::Result<bool> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let drained = async {
         if once {
             runtime.wait_until_idle(Duration::from_millis(50)).await
@@ -172,10 +203,17 @@ async fn wait(runtime: &RuntimeManager, once: bool) -> anyhow::Result<bool> {
             std::future::pending::<()>().await
         }
     };
-    tokio::select! {
-        _ = drained => Ok(false),
-        _ = term.recv() => { tracing::info!("SIGTERM received"); Ok(true) }
-        _ = int.recv() => { tracing::info!("SIGINT received"); Ok(true) }
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            _ = &mut drained => return Ok(false),
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return Ok(true) }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return Ok(true) }
+            _ = hup.recv() => match runtime.reload() {
+                Ok(report) => tracing::info!(?report, "SIGHUP: configuration reloaded"),
+                Err(report) => tracing::error!(%report, "SIGHUP: configuration rejected; nothing changed"),
+            },
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use runtime_adapters::control::ControlConfig;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
 use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
@@ -73,6 +74,21 @@ pub fn queue_config(
             "queue.type",
             format!("unknown queue type {other:?}; supported: \"memory\""),
         )]),
+    }
+}
+
+/// The control plane's settings (`[control]`), checked; disabled when absent.
+pub fn control_config(
+    section: Option<&serde_json::Value>,
+) -> Result<ControlConfig, Vec<ConfigProblem>> {
+    let Some(section) = section else {
+        return Ok(ControlConfig::default());
+    };
+    let (cfg, mut problems) = parse_section_with_unknown::<ControlConfig>(section, "control");
+    problems.extend(cfg.iter().flat_map(|c| c.problems("control")));
+    match cfg {
+        Some(cfg) if problems.is_empty() => Ok(cfg),
+        _ => Err(problems),
     }
 }
 
@@ -172,6 +188,7 @@ pub fn load_config(
     let mut builder = ConfigurationManager::builder()
         .claim("queue", |v| queue_config(v).err().unwrap_or_default())
         .claim("sources", check_sources)
+        .claim("control", |v| control_config(v).err().unwrap_or_default())
         .claim(SECTION, move |v| module.validate_config(v))
         .cross_check(cross_check);
     if let Some(env) = env {
@@ -225,6 +242,7 @@ pub async fn build_runtime(
     let mut builder = RuntimeBuilder::new(Arc::clone(&config))
         .module(module)
         .log_control(logs)
+        .live_keys(["sources.*.poll_interval_ms"])
         .queue_factory(move |pool| -> Arc<dyn TaskQueue> {
             Arc::new(MemoryQueue::new(pool, queue_cfg.clone()))
         });
@@ -235,7 +253,18 @@ pub async fn build_runtime(
                 problems: p,
             })?;
             let pool = cfg.pool.clone();
-            builder = builder.source(Arc::new(MaildirSource::new(id.clone(), cfg)), &pool);
+            let source = Arc::new(MaildirSource::new(id.clone(), cfg));
+            let live = Arc::clone(&source);
+            runtime_contracts::ConfigProvider::subscribe(
+                &*config,
+                &format!("sources.{id}.poll_interval_ms"),
+                Box::new(move |v| {
+                    if let Some(ms) = v.as_u64() {
+                        live.set_poll_interval_ms(ms);
+                    }
+                }),
+            );
+            builder = builder.source(source, &pool);
         }
     }
     Ok(builder.build().await?)

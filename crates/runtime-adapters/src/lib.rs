@@ -5,10 +5,13 @@
 //! |---|---|---|
 //! | `queue-memory` | [`queue::memory`] | bounded in-process queue with leases, delays and dead letters |
 //! | `source-maildir` | [`sources::maildir`] | a Maildir as Dovecot and Postfix write it |
+//! | `control-http` | `control` | the operators' HTTP control plane (axum) |
 //!
 //! What it is not for: business logic, lifecycle and retry policy (see `runtime-core`).
 #![warn(missing_docs)]
 
+#[cfg(feature = "control-http")]
+pub mod control;
 pub mod queue;
 pub mod sources;
 

@@ -187,6 +187,22 @@ pub trait DeadLetterStore: Send + Sync {
         cursor: Option<String>,
         limit: usize,
     ) -> BoxFuture<'_, Result<DeadLetterPage, QueueError>>;
+    /// One dead letter with its full attempt history. The default walks the list.
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeadLetter>, QueueError>> {
+        Box::pin(async move {
+            let mut cursor = None;
+            loop {
+                let page = self.list(cursor, 256).await?;
+                if let Some(found) = page.items.into_iter().find(|d| d.id == id) {
+                    return Ok(Some(found));
+                }
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(None),
+                }
+            }
+        })
+    }
     /// Puts one dead letter back on the queue.
     fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Puts every dead letter back on the queue; returns how many.

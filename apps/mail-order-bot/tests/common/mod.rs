@@ -45,6 +45,17 @@ impl Workspace {
 
     /// A config for this workspace; `max_attempts` and fast retries for tests.
     pub fn config(&self, workers: usize, max_attempts: u32) -> PathBuf {
+        self.config_with(workers, max_attempts, "")
+    }
+
+    /// The text of [`Workspace::config`] with `extra` appended (e.g. a `[control]` section).
+    pub fn config_text(&self, workers: usize, max_attempts: u32, extra: &str) -> String {
+        let path = self.config_with(workers, max_attempts, extra);
+        std::fs::read_to_string(path).expect("read config")
+    }
+
+    /// [`Workspace::config`] with `extra` appended.
+    pub fn config_with(&self, workers: usize, max_attempts: u32, extra: &str) -> PathBuf {
         let text = format!(
             r#"
 [runtime]
@@ -76,6 +87,7 @@ poll_interval_ms = 50
 [apps.mail_order_bot]
 store_url = "{store}"
 {CLIENTS}
+{extra}
 "#,
             maildir = self.maildir().display(),
             store = self.store_url(),

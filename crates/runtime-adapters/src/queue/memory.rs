@@ -410,6 +410,16 @@ impl DeadLetterStore for MemoryQueue {
         Box::pin(std::future::ready(Ok(page)))
     }
 
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeadLetter>, QueueError>> {
+        let state = self.lock();
+        let found = state
+            .dead_index
+            .get(id)
+            .and_then(|seq| state.dead.get(seq))
+            .cloned();
+        Box::pin(std::future::ready(Ok(found)))
+    }
+
     fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
         let result = {
             let mut state = self.lock();

@@ -120,6 +120,7 @@ pub struct MaildirSource {
     shared_id: std::sync::Arc<str>,
     kind: std::sync::Arc<str>,
     config: MaildirConfig,
+    poll_interval_ms: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -145,6 +146,7 @@ impl MaildirSource {
         Self {
             shared_id: id.as_str().into(),
             kind: config.kind.as_str().into(),
+            poll_interval_ms: std::sync::atomic::AtomicU64::new(config.poll_interval_ms),
             id,
             config,
             inner: Mutex::new(Inner::default()),
@@ -301,9 +303,12 @@ impl MaildirSource {
     async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {
         self.ensure_layout()?;
         self.lock().state = Some(SourceState::Running);
-        let interval = Duration::from_millis(self.config.poll_interval_ms);
         let mut failures = 0u32;
         while !ctx.shutdown.is_cancelled() {
+            let interval = Duration::from_millis(
+                self.poll_interval_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
             let pause = match self.publish_new(&ctx).await {
                 Ok(()) => {
                     failures = 0;
@@ -329,6 +334,14 @@ impl MaildirSource {
         }
         self.lock().state = Some(SourceState::Stopped);
         Ok(())
+    }
+
+    /// Changes the pause between scans while the source runs (configuration reload).
+    pub fn set_poll_interval_ms(&self, ms: u64) {
+        if ms > 0 {
+            self.poll_interval_ms
+                .store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn mark_seen(&self, unique: &str) -> Result<(), SourceError> {

@@ -1,0 +1,628 @@
+//! The HTTP control plane: every route and every bad request in process
+//! (`tower::ServiceExt::oneshot`), readiness, reload, and one run of the real bot over a
+//! real port where a dead letter is replayed after its fault is fixed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use common::{order_mail, wait_for, Workspace};
+use http_body_util::BodyExt;
+use mail_order_bot::compose::{build_runtime, control_config, load_config};
+use mail_order_bot::module::MailOrderModule;
+use runtime_core::RuntimeManager;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const CONTROL: &str = r#"
+[control]
+enabled = true
+bind = "127.0.0.1:0"
+read_tokens = ["read-token-1"]
+admin_tokens = ["admin-token-1"]
+max_body_bytes = 1024
+"#;
+
+const READ: Option<&str> = Some("read-token-1");
+const ADMIN: Option<&str> = Some("admin-token-1");
+
+struct Plane {
+    app: Router,
+    runtime: Arc<RuntimeManager>,
+    ws: Workspace,
+    config_path: std::path::PathBuf,
+}
+
+async fn plane(logs: Option<runtime_core::LogControl>) -> Plane {
+    let ws = Workspace::new();
+    let config_path = ws.config_with(2, 2, CONTROL);
+    let manager = Arc::new(load_config(Some(&config_path), Some(HashMap::new())).expect("config"));
+    let cfg = control_config(manager.root().get("control")).expect("control config");
+    let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule), logs)
+        .await
+        .expect("runtime");
+    runtime.start().expect("start");
+    let runtime = Arc::new(runtime);
+    let app = runtime_adapters::control::router(Arc::clone(&runtime), &cfg);
+    let plane = Plane {
+        app,
+        runtime,
+        ws,
+        config_path,
+    };
+    wait_for(Duration::from_secs(30), "the first scan", || async {
+        plane.runtime.status().await.sources["inbox"]
+            .last_event_age_ms
+            .is_some()
+    })
+    .await;
+    plane
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+    fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<(&str, Vec<u8>)>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some((content_type, bytes)) => {
+            if !content_type.is_empty() {
+                req = req.header("content-type", content_type);
+            }
+            Body::from(bytes)
+        }
+        None => Body::empty(),
+    };
+    let resp = app
+        .clone()
+        .oneshot(req.body(body).expect("request"))
+        .await
+        .expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply {
+        status,
+        headers,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+fn json_body(v: Value) -> Option<(&'static str, Vec<u8>)> {
+    Some(("application/json", v.to_string().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_and_every_bad_request_gets_a_json_error() {
+    let logs = runtime_core::install_subscriber("info");
+    let p = plane(logs).await;
+    let app = &p.app;
+
+    // Health is open; the rest needs a token.
+    let live = call(app, "GET", "/health/live", None, None).await;
+    assert_eq!(live.status, StatusCode::OK, "{}", live.text);
+    assert_eq!(live.json()["healthy"], true);
+    let ready = call(app, "GET", "/health/ready", None, None).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text);
+
+    let no_token = call(app, "GET", "/status", None, None).await;
+    assert_eq!(no_token.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        no_token.headers["www-authenticate"],
+        "Bearer realm=\"plba\""
+    );
+    assert_eq!(no_token.code(), "unauthorized");
+    let wrong = call(app, "GET", "/status", Some("nope"), None).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        !wrong.text.contains("read-token-1"),
+        "secrets never appear in a response"
+    );
+
+    let status = call(app, "GET", "/status", READ, None).await;
+    assert_eq!(status.status, StatusCode::OK);
+    let s = status.json();
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["pools"][0]["name"], "orders");
+    assert_eq!(s["sources"]["inbox"]["paused"], false);
+    assert!(s["queues"]["orders"]["depth"].is_number());
+
+    let metrics = call(app, "GET", "/metrics", READ, None).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(metrics.headers["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .starts_with("text/plain"));
+    assert!(
+        metrics.text.contains("plba_queue_depth{name=\"orders\"}"),
+        "{}",
+        metrics.text
+    );
+    assert!(metrics
+        .text
+        .contains("plba_source_last_event_age_seconds{name=\"inbox\"}"));
+
+    // Admin routes refuse a read token.
+    let forbidden = call(app, "POST", "/sources/inbox/pause", READ, None).await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    assert_eq!(forbidden.code(), "forbidden");
+
+    // Pause: readiness turns down with the reason, then up again.
+    let paused = call(app, "POST", "/sources/inbox/pause", ADMIN, None).await;
+    assert_eq!(paused.status, StatusCode::OK, "{}", paused.text);
+    let not_ready = call(app, "GET", "/health/ready", None, None).await;
+    assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        not_ready.text.contains("source inbox is paused"),
+        "{}",
+        not_ready.text
+    );
+    assert_eq!(
+        call(app, "GET", "/status", READ, None).await.json()["sources"]["inbox"]["paused"],
+        true
+    );
+    assert_eq!(
+        call(app, "POST", "/sources/inbox/resume", ADMIN, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(app, "GET", "/health/ready", None, None).await.status,
+        StatusCode::OK
+    );
+    let unknown_source = call(app, "POST", "/sources/nope/pause", ADMIN, None).await;
+    assert_eq!(
+        (unknown_source.status, unknown_source.code().as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+
+    // Unknown route, wrong method, bad parameters.
+    let unknown = call(app, "GET", "/nope", READ, None).await;
+    assert_eq!(
+        (unknown.status, unknown.code().as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let method = call(app, "DELETE", "/status", ADMIN, None).await;
+    assert_eq!(
+        (method.status, method.code().as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+    let bad_path = call(app, "POST", "/sources/%FF%FE/pause", ADMIN, None).await;
+    assert_eq!(
+        (bad_path.status, bad_path.code().as_str()),
+        (StatusCode::BAD_REQUEST, "bad_path_parameter")
+    );
+    let bad_query = call(
+        app,
+        "GET",
+        "/queues/orders/dead-letters?limit=many",
+        READ,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (bad_query.status, bad_query.code().as_str()),
+        (StatusCode::BAD_REQUEST, "bad_query_parameter")
+    );
+    let bad_limit = call(
+        app,
+        "GET",
+        "/queues/orders/dead-letters?limit=0",
+        READ,
+        None,
+    )
+    .await;
+    assert_eq!(bad_limit.status, StatusCode::BAD_REQUEST);
+    let no_queue = call(app, "GET", "/queues/nope/dead-letters", READ, None).await;
+    assert_eq!(no_queue.status, StatusCode::NOT_FOUND);
+
+    // Bodies: invalid JSON, wrong content type, wrong fields, too large.
+    let invalid = call(
+        app,
+        "POST",
+        "/loggers",
+        ADMIN,
+        Some(("application/json", b"{not json".to_vec())),
+    )
+    .await;
+    assert_eq!(
+        (invalid.status, invalid.code().as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_json")
+    );
+    let wrong_type = call(
+        app,
+        "POST",
+        "/loggers",
+        ADMIN,
+        Some(("text/plain", b"{\"filter\":\"info\"}".to_vec())),
+    )
+    .await;
+    assert_eq!(
+        (wrong_type.status, wrong_type.code().as_str()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let wrong_field = call(
+        app,
+        "POST",
+        "/loggers",
+        ADMIN,
+        json_body(json!({"level": "info"})),
+    )
+    .await;
+    assert_eq!(
+        (wrong_field.status, wrong_field.code().as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
+    let big = json!({"filter": "x".repeat(4096)});
+    let too_large = call(app, "POST", "/loggers", ADMIN, json_body(big)).await;
+    assert_eq!(
+        (too_large.status, too_large.code().as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+
+    // Log levels at run time.
+    assert_eq!(
+        call(app, "GET", "/loggers", READ, None).await.json()["filter"],
+        "info"
+    );
+    let bad_filter = call(
+        app,
+        "POST",
+        "/loggers",
+        ADMIN,
+        json_body(json!({"filter": "info,[unclosed"})),
+    )
+    .await;
+    assert_eq!(
+        (bad_filter.status, bad_filter.code().as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_log_filter")
+    );
+    let set = call(
+        app,
+        "POST",
+        "/loggers",
+        ADMIN,
+        json_body(json!({"filter": "warn,mail_order_bot=debug"})),
+    )
+    .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.text);
+    assert_eq!(
+        call(app, "GET", "/loggers", READ, None).await.json()["filter"],
+        "warn,mail_order_bot=debug"
+    );
+
+    // Configuration, secrets redacted.
+    let config = call(app, "GET", "/config", READ, None).await;
+    assert_eq!(config.status, StatusCode::OK);
+    assert_eq!(config.json()["control"]["admin_tokens"], "[redacted]");
+    assert!(!config.text.contains("admin-token-1") && !config.text.contains("read-token-1"));
+
+    // Dead-letter routes on an empty store.
+    let list = call(app, "GET", "/queues/orders/dead-letters", READ, None).await;
+    assert_eq!(list.json(), json!({"items": [], "next_cursor": null}));
+    let missing = call(app, "GET", "/queues/orders/dead-letters/nope", READ, None).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(
+            app,
+            "POST",
+            "/queues/orders/dead-letters/nope/replay",
+            ADMIN,
+            None
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(
+            app,
+            "DELETE",
+            "/queues/orders/dead-letters/nope",
+            ADMIN,
+            None
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+    let none = call(
+        app,
+        "POST",
+        "/queues/orders/dead-letters/replay",
+        ADMIN,
+        json_body(json!({})),
+    )
+    .await;
+    assert_eq!(none.json(), json!({"replayed": []}));
+
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
+    let p = plane(None).await;
+    let doc = call(&p.app, "GET", "/openapi.json", READ, None)
+        .await
+        .json();
+    assert_eq!(doc, runtime_adapters::control::openapi_document());
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut operations = 0;
+    for (path, methods) in paths {
+        for (method, op) in methods.as_object().expect("methods") {
+            operations += 1;
+            let uri = path.replace("{queue}", "orders").replace("{id}", "x");
+            let body = op
+                .get("requestBody")
+                .map(|_| ("application/json", b"{}".to_vec()));
+            let reply = call(&p.app, &method.to_uppercase(), &uri, ADMIN, body).await;
+            let routed = !(reply.status == StatusCode::NOT_FOUND
+                && reply.text.contains("no such route"))
+                && reply.status != StatusCode::METHOD_NOT_ALLOWED;
+            assert!(
+                routed,
+                "{method} {path} is documented but not routed: {} {}",
+                reply.status, reply.text
+            );
+            let secured = op.get("security").is_some();
+            let anonymous = call(&p.app, &method.to_uppercase(), &uri, None, None).await;
+            assert_eq!(
+                anonymous.status == StatusCode::UNAUTHORIZED,
+                secured,
+                "{method} {path}: documented security differs from what the route does"
+            );
+        }
+    }
+    assert!(operations >= 16, "{operations} operations documented");
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rejects_a_bad_edit_whole_and_applies_a_good_one_live() {
+    let p = plane(None).await;
+    let app = &p.app;
+    let status = call(app, "GET", "/status", READ, None).await.json();
+    assert_eq!(status["pools"][0]["workers"], 2);
+
+    // One edit with a good change and a bad one: rejected as a whole.
+    let text =
+        p.ws.config_text(5, 2, CONTROL)
+            .replace("jitter = 0.1", "jitter = 7.0");
+    std::fs::write(&p.config_path, text).expect("write");
+    let rejected = call(app, "POST", "/config/reload", ADMIN, None).await;
+    assert_eq!(
+        (rejected.status, rejected.code().as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config")
+    );
+    assert!(
+        rejected.text.contains("pools.orders.retry.jitter"),
+        "{}",
+        rejected.text
+    );
+    assert_eq!(
+        call(app, "GET", "/status", READ, None).await.json()["pools"][0]["workers"],
+        2,
+        "nothing changed"
+    );
+
+    // A valid edit: applied live, visible in /status; a restart-only key is reported.
+    let text =
+        p.ws.config_text(5, 2, CONTROL)
+            .replace("capacity = 100000", "capacity = 5000");
+    std::fs::write(&p.config_path, text).expect("write");
+    let applied = call(app, "POST", "/config/reload", ADMIN, None).await;
+    assert_eq!(applied.status, StatusCode::OK, "{}", applied.text);
+    let report = applied.json();
+    assert_eq!(report["applied"], json!(["pools.orders.workers"]));
+    assert_eq!(report["needs_restart"], json!(["queue.capacity"]));
+    assert_eq!(
+        call(app, "GET", "/status", READ, None).await.json()["pools"][0]["workers"],
+        5
+    );
+    p.runtime.shutdown().await;
+}
+
+/// A minimal HTTP/1.1 client for the real-port test.
+fn http(addr: &str, method: &str, path: &str, token: &str) -> (u16, Value) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
+    let ws = Workspace::new();
+    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
+    let config = ws.config_with(2, 2, control);
+    // The fault: the order database refuses one article, as a failing ERP would.
+    ws.store().await;
+    let db = sqlx::SqlitePool::connect(&ws.store_url())
+        .await
+        .expect("db");
+    sqlx::query(
+        "CREATE TRIGGER erp_down BEFORE INSERT ON order_lines WHEN NEW.sku = 'SKU-666'
+         BEGIN SELECT RAISE(ABORT, 'ERP rejected SKU-666'); END",
+    )
+    .execute(&db)
+    .await
+    .expect("trigger");
+    ws.deliver(
+        "1.good",
+        &order_mail("good", "purchasing@acme.example", &[("SKU-1", 1)]),
+    );
+    ws.deliver(
+        "2.bad",
+        &order_mail("bad", "purchasing@acme.example", &[("SKU-666", 3)]),
+    );
+
+    let mut bot = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PLBA_CONTROL_ADMIN_TOKENS", "e2e-admin")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = bot.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.strip_prefix("control plane listening on http://") {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the control plane address");
+
+    assert_eq!(http(&addr, "GET", "/health/live", "").0, 200);
+    let dead_id = {
+        let addr = addr.clone();
+        let found = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let sink = found.clone();
+        wait_for(
+            Duration::from_secs(60),
+            "the failing message to be dead-lettered",
+            || {
+                let (addr, sink) = (addr.clone(), sink.clone());
+                async move {
+                    let (status, page) =
+                        http(&addr, "GET", "/queues/orders/dead-letters", "e2e-admin");
+                    let id = page["items"][0]["id"].as_str().map(str::to_owned);
+                    *sink.lock().expect("lock") = id.clone();
+                    status == 200 && id.is_some()
+                }
+            },
+        )
+        .await;
+        let id = found.lock().expect("lock").clone().expect("id");
+        id
+    };
+    assert_eq!(dead_id, "maildir:inbox:2.bad");
+    let (_, one) = http(
+        &addr,
+        "GET",
+        &format!("/queues/orders/dead-letters/{dead_id}"),
+        "e2e-admin",
+    );
+    assert!(
+        one["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ERP rejected SKU-666"),
+        "{one}"
+    );
+    assert_eq!(one["task"]["history"].as_array().map(Vec::len), Some(2));
+    assert!(
+        !ws.seen_flags()["2.bad"],
+        "the failing message stays unread"
+    );
+    assert_eq!(
+        http(
+            &addr,
+            "POST",
+            &format!("/queues/orders/dead-letters/{dead_id}/replay"),
+            "wrong"
+        )
+        .0,
+        401
+    );
+
+    // Fix the fault, replay through the API, and the order appears.
+    sqlx::query("DROP TRIGGER erp_down")
+        .execute(&db)
+        .await
+        .expect("fix");
+    let (status, body) = http(
+        &addr,
+        "POST",
+        &format!("/queues/orders/dead-letters/{dead_id}/replay"),
+        "e2e-admin",
+    );
+    assert_eq!(status, 200, "{body}");
+    wait_for(Duration::from_secs(60), "the replayed order", || async {
+        let orders = ws.store().await.orders_after(0).await.expect("orders");
+        orders
+            .iter()
+            .any(|o| o.lines.iter().any(|l| l.sku == "SKU-666"))
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(10),
+        "the message to be marked seen",
+        || async { ws.seen_flags()["2.bad"] },
+    )
+    .await;
+    let (_, page) = http(&addr, "GET", "/queues/orders/dead-letters", "e2e-admin");
+    assert_eq!(page["items"], json!([]));
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    let bad: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.message_identity == "mid:bad@test.example")
+        .collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(
+        bad[0].outcome, "created",
+        "the failed outcome was replaced by the order"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(bot.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("sigterm");
+    assert!(bot.wait().expect("wait").success());
+}

@@ -1,0 +1,302 @@
+//! The operators' HTTP control plane (`control-http` feature): health with progress,
+//! status, Prometheus metrics, dead-letter operations, source pause/resume, log levels and
+//! configuration reload, with bearer tokens, limits and JSON errors.
+//!
+//! Safe by default: it binds 127.0.0.1, refuses a non-loopback address without tokens,
+//! answers every error as JSON with a stable code, and never echoes a secret.
+
+mod auth;
+mod error;
+mod extract;
+mod openapi;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use runtime_contracts::ConfigProblem;
+use runtime_core::RuntimeManager;
+use serde::Deserialize;
+use tower::ServiceBuilder;
+
+pub use auth::{Role, Tokens};
+pub use error::ApiError;
+pub use openapi::openapi_document;
+
+/// Environment variables that add tokens (comma-separated), so that tokens need not be
+/// written in the configuration file.
+pub const READ_TOKENS_ENV: &str = "PLBA_CONTROL_READ_TOKENS";
+/// See [`READ_TOKENS_ENV`].
+pub const ADMIN_TOKENS_ENV: &str = "PLBA_CONTROL_ADMIN_TOKENS";
+
+/// `[control]`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ControlConfig {
+    /// Serve the control plane.
+    pub enabled: bool,
+    /// Address to listen on; loopback unless tokens are configured.
+    pub bind: String,
+    /// Tokens allowed to read (GET routes).
+    pub read_tokens: Vec<String>,
+    /// Tokens allowed to read and to act.
+    pub admin_tokens: Vec<String>,
+    /// Leave `/health/live` and `/health/ready` open to callers without a token (probes).
+    pub open_health: bool,
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Longest a request may take, in milliseconds (408 beyond).
+    pub request_timeout_ms: u64,
+    /// Requests served at once; more get 503 with `Retry-After`.
+    pub max_concurrent_requests: usize,
+}
+
+impl std::fmt::Debug for ControlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlConfig")
+            .field("enabled", &self.enabled)
+            .field("bind", &self.bind)
+            .field("read_tokens", &self.read_tokens.len())
+            .field("admin_tokens", &self.admin_tokens.len())
+            .field("open_health", &self.open_health)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: "127.0.0.1:8080".to_owned(),
+            read_tokens: Vec::new(),
+            admin_tokens: Vec::new(),
+            open_health: true,
+            max_body_bytes: 64 * 1024,
+            request_timeout_ms: 10_000,
+            max_concurrent_requests: 64,
+        }
+    }
+}
+
+fn env_tokens(var: &str) -> Vec<String> {
+    std::env::var(var)
+        .map(|v| {
+            v.split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl ControlConfig {
+    /// The configured tokens plus those from the environment.
+    pub fn tokens(&self) -> Tokens {
+        let mut read = self.read_tokens.clone();
+        read.extend(env_tokens(READ_TOKENS_ENV));
+        let mut admin = self.admin_tokens.clone();
+        admin.extend(env_tokens(ADMIN_TOKENS_ENV));
+        Tokens::new(&read, &admin)
+    }
+
+    /// Every problem, keyed under `prefix` (`control`).
+    pub fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        match self.bind.parse::<SocketAddr>() {
+            Err(_) => problems.push(ConfigProblem::new(
+                format!("{prefix}.bind"),
+                format!("{:?} is not an address such as 127.0.0.1:8080", self.bind),
+            )),
+            Ok(addr) if self.enabled && !addr.ip().is_loopback() && !self.tokens().any() => {
+                problems.push(ConfigProblem::new(
+                    format!("{prefix}.bind"),
+                    format!(
+                        "refusing to listen on non-loopback {addr} without tokens; set admin_tokens/read_tokens or {ADMIN_TOKENS_ENV}"
+                    ),
+                ))
+            }
+            Ok(_) => {}
+        }
+        for (key, zero) in [
+            ("max_body_bytes", self.max_body_bytes == 0),
+            ("request_timeout_ms", self.request_timeout_ms == 0),
+            ("max_concurrent_requests", self.max_concurrent_requests == 0),
+        ] {
+            if zero {
+                problems.push(ConfigProblem::new(
+                    format!("{prefix}.{key}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct Ctl {
+    pub(crate) runtime: Arc<RuntimeManager>,
+}
+
+/// The control plane's router, with its limits, auth and JSON errors, ready to serve or to
+/// test in-process with `tower::ServiceExt::oneshot`.
+pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
+    let tokens = Arc::new(config.tokens());
+    let routes = routes::table(config.open_health)
+        .into_iter()
+        .fold(Router::new(), |router, route| {
+            let guard = auth::Guard {
+                tokens: Arc::clone(&tokens),
+                role: route.role,
+            };
+            let method_router = (route.handler)()
+                .route_layer(axum::middleware::from_fn_with_state(guard, auth::require));
+            router.route(route.path, method_router)
+        })
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+        .with_state(Ctl { runtime });
+    let limits = ServiceBuilder::new()
+        .map_response(json_errors)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+        .layer(HandleErrorLayer::new(on_overload))
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            config.max_concurrent_requests,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(config.request_timeout_ms),
+        ))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            config.max_body_bytes,
+        ));
+    routes.layer(limits)
+}
+
+async fn on_overload(error: tower::BoxError) -> ApiError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests at once; retry shortly",
+        )
+    } else {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "request failed",
+        )
+    }
+}
+
+fn on_panic(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a control-plane handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the request failed",
+    )
+    .into_response()
+}
+
+/// Gives every error response a JSON body, whatever layer produced it (timeouts, body
+/// limits, method errors).
+fn json_errors<B>(response: axum::http::Response<B>) -> Response
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response.map(axum::body::Body::new);
+    }
+    let message = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let mut replaced = ApiError::new(status, error::code_for(status), message).into_response();
+    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+        if let Some(value) = response.headers().get(&name) {
+            replaced.headers_mut().insert(name, value.clone());
+        }
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE
+        && !replaced.headers().contains_key(header::RETRY_AFTER)
+    {
+        replaced
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    replaced
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlServer {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlServer {
+    /// Binds `config.bind` and serves until [`ControlServer::stop`].
+    pub async fn start(
+        runtime: Arc<RuntimeManager>,
+        config: &ControlConfig,
+    ) -> std::io::Result<Self> {
+        let problems = config.problems("control");
+        if let Some(p) = problems.first() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                p.to_string(),
+            ));
+        }
+        let listener = tokio::net::TcpListener::bind(&config.bind).await?;
+        let addr = listener.local_addr()?;
+        let app = router(runtime, config);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "control plane stopped with an error");
+            }
+        });
+        tracing::info!(%addr, "control plane listening");
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets open requests finish, and waits.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}

@@ -1,0 +1,512 @@
+//! The routes: one table that builds the router, decides each route's role and writes the
+//! OpenAPI document, so the three cannot drift apart.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, MethodRouter};
+use axum::Json;
+use runtime_contracts::{DeadLetter, DeadLetterStore, Probe};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::Role;
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::Ctl;
+
+/// One route of the control plane.
+pub(crate) struct Route {
+    pub(crate) method: &'static str,
+    pub(crate) path: &'static str,
+    pub(crate) role: Role,
+    pub(crate) summary: &'static str,
+    /// The request body the route takes, as a JSON schema, if any.
+    pub(crate) body: Option<fn() -> Value>,
+    pub(crate) handler: fn() -> MethodRouter<Ctl>,
+}
+
+/// Every route. Health routes are open when `open_health`.
+pub(crate) fn table(open_health: bool) -> Vec<Route> {
+    let health = if open_health { Role::Open } else { Role::Read };
+    vec![
+        Route {
+            method: "get",
+            path: "/health/live",
+            role: health,
+            summary: "The process is alive (never depends on shared dependencies)",
+            body: None,
+            handler: || get(live),
+        },
+        Route {
+            method: "get",
+            path: "/health/ready",
+            role: health,
+            summary: "Every readiness contributor, with the reason of each that is down",
+            body: None,
+            handler: || get(ready),
+        },
+        Route {
+            method: "get",
+            path: "/status",
+            role: Role::Read,
+            summary: "Runtime state, modules, sources, pools and queues",
+            body: None,
+            handler: || get(status),
+        },
+        Route {
+            method: "get",
+            path: "/metrics",
+            role: Role::Read,
+            summary: "Prometheus text exposition",
+            body: None,
+            handler: || get(metrics),
+        },
+        Route {
+            method: "get",
+            path: "/queues/{queue}/dead-letters",
+            role: Role::Read,
+            summary: "Dead letters, oldest first, with cursor pagination and kind/reason filters",
+            body: None,
+            handler: || get(dead_letters),
+        },
+        Route {
+            method: "get",
+            path: "/queues/{queue}/dead-letters/{id}",
+            role: Role::Read,
+            summary: "One dead letter with its error history",
+            body: None,
+            handler: || get(dead_letter),
+        },
+        Route {
+            method: "post",
+            path: "/queues/{queue}/dead-letters/{id}/replay",
+            role: Role::Admin,
+            summary: "Put one dead letter back on its queue",
+            body: None,
+            handler: || post(replay_one),
+        },
+        Route {
+            method: "post",
+            path: "/queues/{queue}/dead-letters/replay",
+            role: Role::Admin,
+            summary: "Replay every dead letter matching the filter",
+            body: Some(filter_schema),
+            handler: || post(replay_matching),
+        },
+        Route {
+            method: "delete",
+            path: "/queues/{queue}/dead-letters/{id}",
+            role: Role::Admin,
+            summary: "Delete one dead letter for good",
+            body: None,
+            handler: || delete(purge_one),
+        },
+        Route {
+            method: "post",
+            path: "/sources/{id}/pause",
+            role: Role::Admin,
+            summary: "Stop a source from fetching more work",
+            body: None,
+            handler: || post(pause),
+        },
+        Route {
+            method: "post",
+            path: "/sources/{id}/resume",
+            role: Role::Admin,
+            summary: "Let a paused source fetch again",
+            body: None,
+            handler: || post(resume),
+        },
+        Route {
+            method: "get",
+            path: "/loggers",
+            role: Role::Read,
+            summary: "The log filter in force",
+            body: None,
+            handler: || get(loggers),
+        },
+        Route {
+            method: "post",
+            path: "/loggers",
+            role: Role::Admin,
+            summary: "Change the log filter at run time",
+            body: Some(logger_schema),
+            handler: || post(set_loggers),
+        },
+        Route {
+            method: "get",
+            path: "/config",
+            role: Role::Read,
+            summary: "The configuration in force, secrets redacted",
+            body: None,
+            handler: || get(config),
+        },
+        Route {
+            method: "post",
+            path: "/config/reload",
+            role: Role::Admin,
+            summary: "Validate the configuration file again and apply what is safe live",
+            body: None,
+            handler: || post(reload),
+        },
+        Route {
+            method: "get",
+            path: "/openapi.json",
+            role: Role::Read,
+            summary: "This document",
+            body: None,
+            handler: || get(openapi),
+        },
+    ]
+}
+
+async fn health(ctl: &Ctl, probe: Probe) -> Response {
+    let report = ctl.runtime.health().check(probe).await;
+    let status = if report.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report)).into_response()
+}
+
+async fn live(State(ctl): State<Ctl>) -> Response {
+    health(&ctl, Probe::Liveness).await
+}
+
+async fn ready(State(ctl): State<Ctl>) -> Response {
+    health(&ctl, Probe::Readiness).await
+}
+
+async fn status(State(ctl): State<Ctl>) -> Json<runtime_core::RuntimeStatus> {
+    Json(ctl.runtime.status().await)
+}
+
+async fn metrics(State(ctl): State<Ctl>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ctl.runtime.metrics_text().await,
+    )
+        .into_response()
+}
+
+fn store<'a>(ctl: &'a Ctl, queue: &str) -> Result<&'a dyn DeadLetterStore, ApiError> {
+    let q = ctl
+        .runtime
+        .queue(queue)
+        .ok_or_else(|| ApiError::not_found(format!("no queue {queue:?}")))?;
+    q.dead_letters().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_supported",
+            format!("queue {queue:?} keeps no dead letters"),
+        )
+    })
+}
+
+fn queue_error(e: runtime_contracts::QueueError) -> ApiError {
+    match e {
+        runtime_contracts::QueueError::DeadLetterNotFound(id) => {
+            ApiError::not_found(format!("no dead letter {id:?}"))
+        }
+        other => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_unavailable",
+            other.to_string(),
+        ),
+    }
+}
+
+/// Which dead letters an operation concerns.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Filter {
+    /// Only tasks of this kind.
+    kind: Option<String>,
+    /// Only dead letters whose reason contains this text.
+    reason: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, d: &DeadLetter) -> bool {
+        self.kind.as_deref().is_none_or(|k| &*d.task.kind == k)
+            && self.reason.as_deref().is_none_or(|r| d.reason.contains(r))
+    }
+}
+
+fn filter_schema() -> Value {
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "kind": {"type": "string"}, "reason": {"type": "string", "description": "substring of the reason"}}})
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+    kind: Option<String>,
+    reason: Option<String>,
+}
+
+/// Most dead letters looked at for one listing request.
+const SCAN_LIMIT: usize = 10_000;
+
+async fn dead_letters(
+    State(ctl): State<Ctl>,
+    ApiPath(queue): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let store = store(&ctl, &queue)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "bad_query_parameter",
+            "limit must be between 1 and 500",
+        ));
+    }
+    let filter = Filter {
+        kind: q.kind,
+        reason: q.reason,
+    };
+    let mut cursor = q.cursor;
+    let mut items = Vec::new();
+    let mut scanned = 0;
+    loop {
+        // Ask for no more than still fits, so that the cursor never skips a match.
+        let page = store
+            .list(cursor.clone(), limit - items.len())
+            .await
+            .map_err(queue_error)?;
+        scanned += page.items.len();
+        items.extend(page.items.into_iter().filter(|d| filter.keeps(d)));
+        cursor = page.next_cursor;
+        if items.len() >= limit || cursor.is_none() || scanned >= SCAN_LIMIT {
+            break;
+        }
+    }
+    Ok(Json(json!({ "items": items, "next_cursor": cursor })))
+}
+
+async fn dead_letter(
+    State(ctl): State<Ctl>,
+    ApiPath((queue, id)): ApiPath<(String, String)>,
+) -> Result<Json<DeadLetter>, ApiError> {
+    let store = store(&ctl, &queue)?;
+    match store.get(&id).await.map_err(queue_error)? {
+        Some(d) => Ok(Json(d)),
+        None => Err(ApiError::not_found(format!(
+            "no dead letter {id:?} in queue {queue:?}"
+        ))),
+    }
+}
+
+async fn replay_one(
+    State(ctl): State<Ctl>,
+    ApiPath((queue, id)): ApiPath<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    store(&ctl, &queue)?
+        .replay(&id)
+        .await
+        .map_err(queue_error)?;
+    tracing::info!(queue, id, "dead letter replayed by an operator");
+    Ok(Json(json!({ "replayed": [id] })))
+}
+
+async fn replay_matching(
+    State(ctl): State<Ctl>,
+    ApiPath(queue): ApiPath<String>,
+    ApiJson(filter): ApiJson<Filter>,
+) -> Result<Json<Value>, ApiError> {
+    let store = store(&ctl, &queue)?;
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list(cursor, 500).await.map_err(queue_error)?;
+        ids.extend(
+            page.items
+                .iter()
+                .filter(|d| filter.keeps(d))
+                .map(|d| d.id.clone()),
+        );
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let mut replayed = Vec::new();
+    for id in ids {
+        match store.replay(&id).await {
+            Ok(()) => replayed.push(id),
+            // Replayed or purged by someone else meanwhile: not ours to report.
+            Err(runtime_contracts::QueueError::DeadLetterNotFound(_)) => {}
+            Err(e) => return Err(queue_error(e)),
+        }
+    }
+    tracing::info!(
+        queue,
+        count = replayed.len(),
+        "dead letters replayed by an operator"
+    );
+    Ok(Json(json!({ "replayed": replayed })))
+}
+
+async fn purge_one(
+    State(ctl): State<Ctl>,
+    ApiPath((queue, id)): ApiPath<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    store(&ctl, &queue)?.purge(&id).await.map_err(queue_error)?;
+    tracing::info!(queue, id, "dead letter deleted by an operator");
+    Ok(Json(json!({ "deleted": id })))
+}
+
+async fn pause(
+    State(ctl): State<Ctl>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !ctl.runtime.pause_source(&id) {
+        return Err(ApiError::not_found(format!("no source {id:?}")));
+    }
+    Ok(Json(json!({ "source": id, "paused": true })))
+}
+
+async fn resume(
+    State(ctl): State<Ctl>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !ctl.runtime.resume_source(&id) {
+        return Err(ApiError::not_found(format!("no source {id:?}")));
+    }
+    Ok(Json(json!({ "source": id, "paused": false })))
+}
+
+fn log_control(ctl: &Ctl) -> Result<&std::sync::Arc<runtime_core::LogControl>, ApiError> {
+    ctl.runtime.logs().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_supported",
+            "this process does not own its log subscriber",
+        )
+    })
+}
+
+async fn loggers(State(ctl): State<Ctl>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "filter": log_control(&ctl)?.current() })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoggerUpdate {
+    filter: String,
+}
+
+fn logger_schema() -> Value {
+    json!({"type": "object", "required": ["filter"], "additionalProperties": false,
+        "properties": {"filter": {"type": "string", "example": "info,mail_order_bot=debug"}}})
+}
+
+async fn set_loggers(
+    State(ctl): State<Ctl>,
+    ApiJson(update): ApiJson<LoggerUpdate>,
+) -> Result<Json<Value>, ApiError> {
+    let logs = log_control(&ctl)?;
+    logs.set(&update.filter)
+        .map_err(|e| ApiError::bad_request("invalid_log_filter", e))?;
+    tracing::info!(filter = update.filter, "log filter changed by an operator");
+    Ok(Json(json!({ "filter": logs.current() })))
+}
+
+/// Keys whose values are never shown.
+const SECRET_KEYS: &[&str] = &["password", "secret", "token", "credential", "api_key"];
+
+/// The configuration with every secret replaced, including passwords inside URLs.
+pub(crate) fn redact(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let lower = k.to_lowercase();
+                    let secret = SECRET_KEYS.iter().any(|s| lower.contains(s));
+                    (
+                        k.clone(),
+                        if secret {
+                            json!("[redacted]")
+                        } else {
+                            redact(v)
+                        },
+                    )
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redact).collect()),
+        Value::String(s) => Value::String(redact_url(s)),
+        other => other.clone(),
+    }
+}
+
+fn redact_url(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return s.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return s.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:[redacted]@{host}"),
+        None => s.to_owned(),
+    }
+}
+
+async fn config(State(ctl): State<Ctl>) -> Json<Value> {
+    Json(redact(&ctl.runtime.config().root()))
+}
+
+async fn reload(State(ctl): State<Ctl>) -> Result<Json<runtime_core::ReloadReport>, ApiError> {
+    let runtime = ctl.runtime.clone();
+    // Reading and validating a file is blocking work.
+    let result = tokio::task::spawn_blocking(move || runtime.reload())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "reload failed",
+            )
+        })?;
+    match result {
+        Ok(report) => Ok(Json(report)),
+        Err(report) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            format!(
+                "the configuration has {} problem(s); nothing changed",
+                report.problems.len()
+            ),
+        )
+        .with_details(json!({ "problems": report.problems }))),
+    }
+}
+
+async fn openapi(State(_): State<Ctl>) -> Json<Value> {
+    Json(super::openapi::openapi_document())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_at_any_depth() {
+        let v = json!({"control": {"admin_tokens": ["t"], "bind": "127.0.0.1:8080"},
+            "store": {"url": "postgres://bot:hunter2@db/orders"}, "imap": {"password_file": "/x"}});
+        let r = redact(&v);
+        assert_eq!(r["control"]["admin_tokens"], "[redacted]");
+        assert_eq!(r["control"]["bind"], "127.0.0.1:8080");
+        assert_eq!(r["store"]["url"], "postgres://bot:[redacted]@db/orders");
+        assert_eq!(r["imap"]["password_file"], "[redacted]");
+        assert!(!r.to_string().contains("hunter2"));
+    }
+}
