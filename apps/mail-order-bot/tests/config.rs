@@ -146,6 +146,20 @@ fn each_bad_config_is_reported_with_its_key() {
             "not an email address",
         ),
         (
+            "control plane on a public address without tokens",
+            Box::new(|t: &str| {
+                format!("{t}\n[control]\nenabled = true\nbind = \"0.0.0.0:8080\"\n")
+            }),
+            "control.bind",
+            "refusing to listen on non-loopback",
+        ),
+        (
+            "control plane bind is not an address",
+            Box::new(|t: &str| format!("{t}\n[control]\nbind = \"localhost\"\n")),
+            "control.bind",
+            "is not an address",
+        ),
+        (
             "unsupported store",
             Box::new(|t: &str| t.replace("sqlite://", "mysql://")),
             "apps.mail_order_bot.store_url",

@@ -626,3 +626,61 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
     .expect("sigterm");
     assert!(bot.wait().expect("wait").success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_time_out_and_excess_ones_are_shed_with_retry_after() {
+    let ws = Workspace::new();
+    let extra =
+        "\n[control]\nenabled = true\nmax_concurrent_requests = 1\nrequest_timeout_ms = 300\n";
+    let path = ws.config_with(1, 2, extra);
+    let manager = Arc::new(load_config(Some(&path), Some(HashMap::new())).expect("config"));
+    let cfg = control_config(manager.root().get("control")).expect("control");
+    let mut runtime = build_runtime(manager, Arc::new(MailOrderModule), None)
+        .await
+        .expect("runtime");
+    runtime.start().expect("start");
+    let runtime = Arc::new(runtime);
+    let app = runtime_adapters::control::router(Arc::clone(&runtime), &cfg);
+
+    // A request whose body never arrives holds the only slot until it times out.
+    let (polled_tx, polled_rx) = tokio::sync::oneshot::channel::<()>();
+    let stalled_body = futures::stream::once(async move {
+        let _ = polled_tx.send(());
+        std::future::pending::<Result<axum::body::Bytes, std::io::Error>>().await
+    });
+    let stalled = Request::builder()
+        .method("POST")
+        .uri("/loggers")
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stalled_body))
+        .expect("request");
+    let first = tokio::spawn(app.clone().oneshot(stalled));
+    polled_rx
+        .await
+        .expect("the stalled request reached its handler");
+
+    let shed = call(&app, "GET", "/status", None, None).await;
+    assert_eq!(
+        (shed.status, shed.code().as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+    );
+    assert_eq!(shed.headers["retry-after"], "1");
+
+    let timed_out = first.await.expect("join").expect("infallible");
+    assert_eq!(timed_out.status(), StatusCode::REQUEST_TIMEOUT);
+    let body = timed_out
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&body).expect("JSON error");
+    assert_eq!(v["error"]["code"], "request_timeout");
+
+    // The slot is free again.
+    assert_eq!(
+        call(&app, "GET", "/status", None, None).await.status,
+        StatusCode::OK
+    );
+    runtime.shutdown().await;
+}

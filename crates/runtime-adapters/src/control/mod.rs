@@ -173,7 +173,8 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
         .layer(HandleErrorLayer::new(on_overload))
         .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
+        // Global: one semaphore for every route (`Router::layer` wraps each route apart).
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             config.max_concurrent_requests,
         ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
