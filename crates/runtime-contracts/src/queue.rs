@@ -69,6 +69,12 @@ pub struct QueueStats {
     pub failed: u64,
     /// Tasks in the dead-letter store now.
     pub dead: u64,
+    /// Entries not yet delivered to the consumer group, for queues that know it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+    /// Age of the oldest task leased and not settled, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_ms: Option<u64>,
 }
 
 /// A queue of tasks with lease semantics.

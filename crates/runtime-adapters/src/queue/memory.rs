@@ -374,6 +374,7 @@ impl TaskQueue for MemoryQueue {
             processed: state.processed,
             failed: state.failed,
             dead: state.dead.len() as u64,
+            ..QueueStats::default()
         };
         Box::pin(std::future::ready(Ok(stats)))
     }

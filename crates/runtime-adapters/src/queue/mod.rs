@@ -2,3 +2,6 @@
 
 #[cfg(feature = "queue-memory")]
 pub mod memory;
+
+#[cfg(feature = "queue-redis")]
+pub mod redis;

@@ -1,0 +1,1080 @@
+//! A durable queue on Redis Streams (`queue-redis` feature): a stream and a consumer group
+//! per queue, delayed retries in a sorted set moved back atomically by a Lua script, dead
+//! letters in a stream of their own, idempotent publish by task id, and reclaiming of work
+//! whose consumer died (`XAUTOCLAIM`), with a delivery count that dead-letters poison.
+//!
+//! Keys of queue `Q` under prefix `P`: `P:Q:stream` (group `plba`), `P:Q:scheduled` (sorted
+//! set of task ids by due time) with `P:Q:scheduled:env` (their envelopes), `P:Q:dead`
+//! (stream) with `P:Q:dead:index` (task id → dead entry id), and `P:Q:known:<task id>`
+//! (`SET NX` with a TTL) for publish idempotency.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis::{self, Value};
+use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use runtime_contracts::{
+    AttemptFailure, BoxFuture, ConfigProblem, DeadLetter, DeadLetterPage, DeadLetterStore,
+    HealthContributor, HealthStatus, Lease, Probe, PublishResult, QueueError, QueueStats, Task,
+    TaskQueue,
+};
+use serde::Deserialize;
+
+use crate::now_unix_ms;
+
+/// `[queue]` with `type = "redis"`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct RedisQueueConfig {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    pub url: String,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Consumer name in the group; host name and process id when empty.
+    pub consumer: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Entries read per `XREADGROUP`.
+    pub batch_size: usize,
+    /// Work pending longer than this (ms) is taken over from its consumer. Must exceed every
+    /// pool's handler timeout, or live work would be stolen.
+    pub claim_min_idle_ms: u64,
+    /// How often a consumer looks for work to take over and for due retries (ms).
+    pub reclaim_interval_ms: u64,
+    /// Deliveries after which an entry whose consumers keep dying is dead-lettered as
+    /// `worker_lost`.
+    pub max_deliveries: u64,
+    /// Largest envelope accepted from the stream, in bytes; larger is `undecodable`.
+    pub max_entry_bytes: usize,
+    /// How long a published task id is remembered for idempotent publishing (s).
+    pub dedupe_ttl_secs: u64,
+}
+
+impl Default for RedisQueueConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "plba".to_owned(),
+            consumer: String::new(),
+            pool_size: 8,
+            batch_size: 32,
+            claim_min_idle_ms: 120_000,
+            reclaim_interval_ms: 5_000,
+            max_deliveries: 5,
+            max_entry_bytes: 64 * 1024,
+            dedupe_ttl_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl RedisQueueConfig {
+    /// Problems with these values, keyed under `prefix`; `handler_timeouts` are the pools'.
+    pub fn problems(&self, prefix: &str, handler_timeouts: &[(String, u64)]) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        if redis::parse_redis_url(&self.url).is_none() {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.url"),
+                "not a redis:// URL",
+            ));
+        }
+        for (key, zero) in [
+            ("pool_size", self.pool_size == 0),
+            ("batch_size", self.batch_size == 0),
+            ("claim_min_idle_ms", self.claim_min_idle_ms == 0),
+            ("reclaim_interval_ms", self.reclaim_interval_ms == 0),
+            ("max_deliveries", self.max_deliveries == 0),
+            ("max_entry_bytes", self.max_entry_bytes == 0),
+            ("dedupe_ttl_secs", self.dedupe_ttl_secs == 0),
+        ] {
+            if zero {
+                problems.push(ConfigProblem::new(
+                    format!("{prefix}.{key}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        for (pool, timeout) in handler_timeouts {
+            if self.claim_min_idle_ms <= *timeout {
+                problems.push(ConfigProblem::new(
+                    format!("{prefix}.claim_min_idle_ms"),
+                    format!("must exceed pools.{pool}.handler_timeout_ms ({timeout}), or live work would be taken over"),
+                ));
+            }
+        }
+        problems
+    }
+
+    fn consumer_name(&self) -> String {
+        if !self.consumer.is_empty() {
+            return self.consumer.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "host".to_owned());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+const GROUP: &str = "plba";
+const REASON_WORKER_LOST: &str = "worker_lost";
+const REASON_UNDECODABLE: &str = "undecodable";
+
+/// Moves due retries back onto the stream; one script, so two processes moving at once
+/// never move the same retry twice.
+const MOVE_DUE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  local env = redis.call('HGET', KEYS[2], id)
+  if env then
+    redis.call('XADD', KEYS[3], '*', 'env', env)
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+return #due
+";
+
+struct Keys {
+    stream: String,
+    scheduled: String,
+    scheduled_env: String,
+    dead: String,
+    dead_index: String,
+    known_prefix: String,
+}
+
+impl Keys {
+    fn new(prefix: &str, queue: &str) -> Self {
+        let base = format!("{prefix}:{queue}");
+        Self {
+            stream: format!("{base}:stream"),
+            scheduled: format!("{base}:scheduled"),
+            scheduled_env: format!("{base}:scheduled:env"),
+            dead: format!("{base}:dead"),
+            dead_index: format!("{base}:dead:index"),
+            known_prefix: format!("{base}:known:"),
+        }
+    }
+
+    fn known(&self, id: &str) -> String {
+        format!("{}{id}", self.known_prefix)
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// One field of a stream entry.
+type Field = (String, Vec<u8>);
+/// A stream entry: its id and fields.
+type Entry = (String, Vec<Field>);
+
+/// `[id, [field, value, ...]]` entries of a stream reply.
+fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = text(pair.first()?)?;
+            let fields = match pair.get(1) {
+                Some(Value::Array(kv)) => kv
+                    .chunks(2)
+                    .filter_map(|c| {
+                        let k = text(c.first()?)?;
+                        let v = match c.get(1)? {
+                            Value::BulkString(b) => b.clone(),
+                            other => text(other)?.into_bytes(),
+                        };
+                        Some((k, v))
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Some((id, fields))
+        })
+        .collect()
+}
+
+fn field<'a>(fields: &'a [Field], name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+/// What became of an entry read from the stream.
+enum Decoded {
+    Task(Task),
+    Undecodable(String),
+}
+
+fn decode(fields: &[Field], max_bytes: usize) -> Decoded {
+    let Some(raw) = field(fields, "env") else {
+        return Decoded::Undecodable("entry has no `env` field".into());
+    };
+    if raw.len() > max_bytes {
+        return Decoded::Undecodable(format!(
+            "envelope of {} bytes is above the {max_bytes}-byte cap",
+            raw.len()
+        ));
+    }
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Decoded::Undecodable("envelope is not UTF-8".into());
+    };
+    match serde_json::from_str::<Task>(text) {
+        Ok(task) if task.schema_version == Task::SCHEMA_VERSION => Decoded::Task(task),
+        Ok(task) => Decoded::Undecodable(format!(
+            "unknown envelope schema version {}",
+            task.schema_version
+        )),
+        Err(e) => Decoded::Undecodable(format!("envelope does not decode: {e}")),
+    }
+}
+
+fn encode(task: &Task) -> Result<String, QueueError> {
+    serde_json::to_string(task)
+        .map_err(|e| QueueError::Unavailable(format!("encoding the envelope: {e}")))
+}
+
+/// The Redis Streams queue. See the module docs.
+pub struct RedisQueue {
+    name: String,
+    config: RedisQueueConfig,
+    consumer: String,
+    keys: Keys,
+    pool: Pool,
+    /// Lease receipt → stream entry id.
+    leases: Mutex<HashMap<u64, String>>,
+    next_receipt: AtomicU64,
+    last_maintenance: Mutex<Option<Instant>>,
+    published: AtomicU64,
+    processed: AtomicU64,
+    failed: AtomicU64,
+    move_due: redis::Script,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("name", &self.name)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisQueue {
+    /// A queue named `name`; connects lazily (an unreachable server is an error of the
+    /// first operation, and of readiness, not of construction).
+    pub fn new(name: impl Into<String>, config: RedisQueueConfig) -> Result<Self, QueueError> {
+        let name = name.into();
+        let mut pool_config = PoolConfig::from_url(config.url.clone());
+        pool_config.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size));
+        let pool = pool_config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(unavailable)?;
+        Ok(Self {
+            keys: Keys::new(&config.key_prefix, &name),
+            consumer: config.consumer_name(),
+            name,
+            config,
+            pool,
+            leases: Mutex::default(),
+            next_receipt: AtomicU64::new(1),
+            last_maintenance: Mutex::default(),
+            published: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            move_due: redis::Script::new(MOVE_DUE),
+        })
+    }
+
+    /// The consumer name this process uses in the group.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, QueueError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    async fn ensure_group(&self, conn: &mut deadpool_redis::Connection) -> Result<(), QueueError> {
+        let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    fn lease(&self, task: Task, entry: String) -> Lease {
+        let receipt = self.next_receipt.fetch_add(1, Ordering::Relaxed);
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(receipt, entry);
+        Lease {
+            task: Arc::new(task),
+            receipt,
+        }
+    }
+
+    fn take_entry(&self, lease: &Lease) -> Result<String, QueueError> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&lease.receipt)
+            .ok_or(QueueError::UnknownLease(lease.receipt))
+    }
+
+    /// Writes a dead letter and removes the entry from the main stream, atomically.
+    async fn bury(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        entry: &str,
+        task_id: &str,
+        envelope: &str,
+        reason: &str,
+    ) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XADD")
+            .arg(&self.keys.dead)
+            .arg("*")
+            .arg("env")
+            .arg(envelope)
+            .arg("reason")
+            .arg(reason)
+            .arg("task")
+            .arg(task_id)
+            .arg("at")
+            .arg(now_unix_ms())
+            .cmd("XACK")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .arg(entry)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&self.keys.stream)
+            .arg(entry)
+            .ignore();
+        let (dead_id,): (String,) = pipe.query_async(conn).await.map_err(unavailable)?;
+        let _: () = redis::cmd("HSET")
+            .arg(&self.keys.dead_index)
+            .arg(task_id)
+            .arg(&dead_id)
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Turns read entries into leases; undecodable ones are dead-lettered and acknowledged.
+    async fn admit(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        read: Vec<Entry>,
+    ) -> Result<Vec<Lease>, QueueError> {
+        let mut leases = Vec::with_capacity(read.len());
+        for (entry, fields) in read {
+            match decode(&fields, self.config.max_entry_bytes) {
+                Decoded::Task(task) => leases.push(self.lease(task, entry)),
+                Decoded::Undecodable(why) => {
+                    tracing::error!(queue = %self.name, entry, %why, "undecodable entry dead-lettered");
+                    let raw = field(&fields, "env")
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    let id = format!("undecodable:{entry}");
+                    self.bury(
+                        conn,
+                        &entry,
+                        &id,
+                        &raw,
+                        &format!("{REASON_UNDECODABLE}: {why}"),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Moves due retries and takes over work of dead consumers, at most once per
+    /// `reclaim_interval_ms` per process.
+    async fn maintain(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        max: usize,
+    ) -> Result<Vec<Lease>, QueueError> {
+        {
+            let mut last = self
+                .last_maintenance
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let interval = Duration::from_millis(self.config.reclaim_interval_ms);
+            if last.is_some_and(|t| t.elapsed() < interval) {
+                return Ok(Vec::new());
+            }
+            *last = Some(Instant::now());
+        }
+        self.move_due_retries(conn).await?;
+        self.reclaim(conn, max).await
+    }
+
+    async fn move_due_retries(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+    ) -> Result<u64, QueueError> {
+        let moved: u64 = self
+            .move_due
+            .key(&self.keys.scheduled)
+            .key(&self.keys.scheduled_env)
+            .key(&self.keys.stream)
+            .arg(now_unix_ms())
+            .arg(1000)
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(moved)
+    }
+
+    async fn reclaim(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        max: usize,
+    ) -> Result<Vec<Lease>, QueueError> {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(self.config.claim_min_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(max.min(self.config.batch_size).max(1))
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        let claimed = match &reply {
+            Value::Array(parts) => parts.get(1).map(entries).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let counts = self.delivery_counts(conn).await?;
+        let mut keep = Vec::new();
+        for (entry, fields) in claimed {
+            let deliveries = counts.get(&entry).copied().unwrap_or(1);
+            if deliveries > self.config.max_deliveries {
+                let raw = field(&fields, "env")
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                let task_id = match decode(&fields, self.config.max_entry_bytes) {
+                    Decoded::Task(t) => t.id.to_string(),
+                    Decoded::Undecodable(_) => format!("undecodable:{entry}"),
+                };
+                tracing::error!(queue = %self.name, entry, deliveries, "consumers kept dying on this entry; dead-lettered as worker_lost");
+                self.bury(
+                    conn,
+                    &entry,
+                    &task_id,
+                    &raw,
+                    &format!("{REASON_WORKER_LOST}: {deliveries} deliveries without a result"),
+                )
+                .await?;
+            } else {
+                tracing::warn!(queue = %self.name, entry, deliveries, "took over work whose consumer stopped answering");
+                keep.push((entry, fields));
+            }
+        }
+        self.admit(conn, keep).await
+    }
+
+    async fn delivery_counts(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+    ) -> Result<HashMap<String, u64>, QueueError> {
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .arg(&self.consumer)
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        let mut counts = HashMap::new();
+        if let Value::Array(rows) = reply {
+            for row in rows {
+                if let Value::Array(cols) = row {
+                    if let (Some(id), Some(Value::Int(n))) =
+                        (cols.first().and_then(text), cols.get(3))
+                    {
+                        counts.insert(id, u64::try_from(*n).unwrap_or(0));
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn read(&self, max: usize, wait: Duration) -> Result<Vec<Lease>, QueueError> {
+        let mut conn = self.conn().await?;
+        self.ensure_group(&mut conn).await?;
+        let reclaimed = self.maintain(&mut conn, max).await?;
+        if !reclaimed.is_empty() {
+            return Ok(reclaimed);
+        }
+        let mut block = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        loop {
+            let read = self.read_new(&mut conn, max, block).await?;
+            if read.is_empty() {
+                return Ok(Vec::new());
+            }
+            let leases = self.admit(&mut conn, read).await?;
+            if !leases.is_empty() {
+                return Ok(leases);
+            }
+            // Everything read was undecodable and is dead-lettered: read on, without waiting.
+            block = 1;
+        }
+    }
+
+    async fn read_new(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        max: usize,
+        block_ms: u64,
+    ) -> Result<Vec<Entry>, QueueError> {
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(max.min(self.config.batch_size).max(1))
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&self.keys.stream)
+            .arg(">")
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(match &reply {
+            Value::Array(streams) => streams
+                .iter()
+                .filter_map(|s| match s {
+                    Value::Array(pair) => pair.get(1).map(entries),
+                    _ => None,
+                })
+                .flatten()
+                .collect(),
+            Value::Map(streams) => streams.iter().flat_map(|(_, v)| entries(v)).collect(),
+            _ => Vec::new(),
+        })
+    }
+}
+
+impl TaskQueue for RedisQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+        Box::pin(async move {
+            let envelope = encode(&task)?;
+            let mut conn = self.conn().await?;
+            self.ensure_group(&mut conn).await?;
+            let known = self.keys.known(task.id.as_str());
+            let fresh: Option<String> = redis::cmd("SET")
+                .arg(&known)
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(self.config.dedupe_ttl_secs)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if fresh.is_none() {
+                return Ok(PublishResult::AlreadyKnown);
+            }
+            let added: redis::RedisResult<String> = redis::cmd("XADD")
+                .arg(&self.keys.stream)
+                .arg("*")
+                .arg("env")
+                .arg(&envelope)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = added {
+                // Best effort: forget the id so that the source may publish it again.
+                let _: redis::RedisResult<()> =
+                    redis::cmd("DEL").arg(&known).query_async(&mut conn).await;
+                return Err(unavailable(e));
+            }
+            self.published.fetch_add(1, Ordering::Relaxed);
+            Ok(PublishResult::Enqueued)
+        })
+    }
+
+    fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
+        Box::pin(async move { Ok(self.read(1, wait).await?.pop()) })
+    }
+
+    fn consume_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Lease>, QueueError>> {
+        Box::pin(self.read(max, wait))
+    }
+
+    fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let entry = self.take_entry(lease)?;
+            let mut conn = self.conn().await?;
+            let _: () = redis::pipe()
+                .atomic()
+                .cmd("XACK")
+                .arg(&self.keys.stream)
+                .arg(GROUP)
+                .arg(&entry)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&self.keys.stream)
+                .arg(&entry)
+                .ignore()
+                .cmd("DEL")
+                .arg(self.keys.known(lease.task.id.as_str()))
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            self.processed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    fn nack<'a>(
+        &'a self,
+        lease: &'a Lease,
+        retry_delay: Duration,
+        failure: Option<AttemptFailure>,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let entry = self.take_entry(lease)?;
+            let mut task = (*lease.task).clone();
+            if let Some(failure) = failure {
+                task.attempt = task.attempt.saturating_add(1);
+                task.history.push(failure);
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            let envelope = encode(&task)?;
+            let mut conn = self.conn().await?;
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if retry_delay.is_zero() {
+                pipe.cmd("XADD")
+                    .arg(&self.keys.stream)
+                    .arg("*")
+                    .arg("env")
+                    .arg(&envelope)
+                    .ignore();
+            } else {
+                let due =
+                    now_unix_ms() + u64::try_from(retry_delay.as_millis()).unwrap_or(u64::MAX / 2);
+                pipe.cmd("HSET")
+                    .arg(&self.keys.scheduled_env)
+                    .arg(task.id.as_str())
+                    .arg(&envelope)
+                    .ignore()
+                    .cmd("ZADD")
+                    .arg(&self.keys.scheduled)
+                    .arg(due)
+                    .arg(task.id.as_str())
+                    .ignore();
+            }
+            pipe.cmd("XACK")
+                .arg(&self.keys.stream)
+                .arg(GROUP)
+                .arg(&entry)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&self.keys.stream)
+                .arg(&entry)
+                .ignore();
+            let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        lease: &'a Lease,
+        failure: AttemptFailure,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let entry = self.take_entry(lease)?;
+            let mut task = (*lease.task).clone();
+            task.attempt = task.attempt.saturating_add(1);
+            task.history.push(failure.clone());
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            let envelope = encode(&task)?;
+            let mut conn = self.conn().await?;
+            self.bury(
+                &mut conn,
+                &entry,
+                task.id.as_str(),
+                &envelope,
+                &failure.reason,
+            )
+            .await
+        })
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            self.ensure_group(&mut conn).await?;
+            let (length, pending, scheduled, dead): (u64, Value, u64, u64) = redis::pipe()
+                .cmd("XLEN")
+                .arg(&self.keys.stream)
+                .cmd("XPENDING")
+                .arg(&self.keys.stream)
+                .arg(GROUP)
+                .cmd("ZCARD")
+                .arg(&self.keys.scheduled)
+                .cmd("XLEN")
+                .arg(&self.keys.dead)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let (in_flight, oldest) = match &pending {
+                Value::Array(p) => (
+                    p.first()
+                        .and_then(text)
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0),
+                    p.get(1).and_then(text),
+                ),
+                _ => (0, None),
+            };
+            let oldest_pending_age_ms = oldest
+                .and_then(|id| id.split('-').next().and_then(|ms| ms.parse::<u64>().ok()))
+                .map(|ms| now_unix_ms().saturating_sub(ms));
+            let lag = self.group_lag(&mut conn).await;
+            Ok(QueueStats {
+                depth: length.saturating_sub(in_flight),
+                scheduled,
+                in_flight,
+                published: self.published.load(Ordering::Relaxed),
+                processed: self.processed.load(Ordering::Relaxed),
+                failed: self.failed.load(Ordering::Relaxed),
+                dead,
+                lag,
+                oldest_pending_age_ms,
+            })
+        })
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+}
+
+impl RedisQueue {
+    async fn group_lag(&self, conn: &mut deadpool_redis::Connection) -> Option<u64> {
+        let groups: Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.keys.stream)
+            .query_async(conn)
+            .await
+            .ok()?;
+        let Value::Array(groups) = groups else {
+            return None;
+        };
+        for g in groups {
+            let pairs: Vec<(String, Value)> = match g {
+                Value::Array(kv) => kv
+                    .chunks(2)
+                    .filter_map(|c| Some((text(c.first()?)?, c.get(1)?.clone())))
+                    .collect(),
+                Value::Map(kv) => kv
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((text(&k)?, v)))
+                    .collect(),
+                _ => continue,
+            };
+            let is_ours = pairs
+                .iter()
+                .any(|(k, v)| k == "name" && text(v).as_deref() == Some(GROUP));
+            if is_ours {
+                return pairs
+                    .iter()
+                    .find(|(k, _)| k == "lag")
+                    .and_then(|(_, v)| text(v))
+                    .and_then(|l| l.parse().ok());
+            }
+        }
+        None
+    }
+
+    async fn dead_entry(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        id: &str,
+    ) -> Result<Option<(String, DeadLetter)>, QueueError> {
+        let entry: Option<String> = redis::cmd("HGET")
+            .arg(&self.keys.dead_index)
+            .arg(id)
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(entry) = entry else { return Ok(None) };
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&self.keys.dead)
+            .arg(&entry)
+            .arg(&entry)
+            .query_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(entries(&reply)
+            .into_iter()
+            .next()
+            .and_then(|(e, f)| to_dead_letter(&f).map(|d| (e, d))))
+    }
+}
+
+fn to_dead_letter(fields: &[Field]) -> Option<DeadLetter> {
+    let id = String::from_utf8(field(fields, "task")?.to_vec()).ok()?;
+    let reason = String::from_utf8_lossy(field(fields, "reason").unwrap_or_default()).into_owned();
+    let at = std::str::from_utf8(field(fields, "at").unwrap_or_default())
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
+    let env = field(fields, "env").unwrap_or_default();
+    let task = serde_json::from_slice::<Task>(env).unwrap_or_else(|_| {
+        // An undecodable envelope is kept as a task whose payload is the raw text.
+        let raw = String::from_utf8_lossy(env).into_owned();
+        Task::new(
+            id.clone(),
+            "undecodable",
+            "redis",
+            serde_json::json!({ "raw": raw.chars().take(1024).collect::<String>() }),
+        )
+        .unwrap_or_else(|_| {
+            Task::new(
+                "undecodable",
+                "undecodable",
+                "redis",
+                serde_json::Value::Null,
+            )
+            .unwrap_or_else(|_| unreachable_task())
+        })
+    });
+    Some(DeadLetter {
+        id,
+        task,
+        reason,
+        dead_at_unix_ms: at,
+    })
+}
+
+fn unreachable_task() -> Task {
+    // Task::new only fails on empty ids and kinds or big payloads; the literals above are neither.
+    Task {
+        schema_version: Task::SCHEMA_VERSION,
+        id: runtime_contracts::TaskId::new("undecodable"),
+        kind: "undecodable".into(),
+        source: "redis".into(),
+        payload: serde_json::Value::Null,
+        headers: Default::default(),
+        correlation_id: "undecodable".into(),
+        causation_id: None,
+        attempt: 0,
+        history: Vec::new(),
+    }
+}
+
+impl DeadLetterStore for RedisQueue {
+    fn list(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<DeadLetterPage, QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let start = cursor
+                .map(|c| format!("({c}"))
+                .unwrap_or_else(|| "-".to_owned());
+            let reply: Value = redis::cmd("XRANGE")
+                .arg(&self.keys.dead)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit.saturating_add(1))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let mut rows: Vec<(String, DeadLetter)> = entries(&reply)
+                .into_iter()
+                .filter_map(|(e, f)| to_dead_letter(&f).map(|d| (e, d)))
+                .collect();
+            let next_cursor = if rows.len() > limit {
+                rows.truncate(limit);
+                rows.last().map(|(e, _)| e.clone())
+            } else {
+                None
+            };
+            Ok(DeadLetterPage {
+                items: rows.into_iter().map(|(_, d)| d).collect(),
+                next_cursor,
+            })
+        })
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<DeadLetter>, QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            Ok(self.dead_entry(&mut conn, id).await?.map(|(_, d)| d))
+        })
+    }
+
+    fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let Some((entry, mut dead)) = self.dead_entry(&mut conn, id).await? else {
+                return Err(QueueError::DeadLetterNotFound(id.to_owned()));
+            };
+            dead.task.attempt = 0;
+            let envelope = encode(&dead.task)?;
+            let _: () = redis::pipe()
+                .atomic()
+                .cmd("XADD")
+                .arg(&self.keys.stream)
+                .arg("*")
+                .arg("env")
+                .arg(&envelope)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&self.keys.dead)
+                .arg(&entry)
+                .ignore()
+                .cmd("HDEL")
+                .arg(&self.keys.dead_index)
+                .arg(id)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn replay_all(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
+        Box::pin(async move {
+            let mut count = 0;
+            loop {
+                let page = self.list(None, 500).await?;
+                if page.items.is_empty() {
+                    return Ok(count);
+                }
+                for d in page.items {
+                    match self.replay(&d.id).await {
+                        Ok(()) => count += 1,
+                        Err(QueueError::DeadLetterNotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        })
+    }
+
+    fn purge<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let Some((entry, _)) = self.dead_entry(&mut conn, id).await? else {
+                return Err(QueueError::DeadLetterNotFound(id.to_owned()));
+            };
+            let _: () = redis::pipe()
+                .atomic()
+                .cmd("XDEL")
+                .arg(&self.keys.dead)
+                .arg(&entry)
+                .ignore()
+                .cmd("HDEL")
+                .arg(&self.keys.dead_index)
+                .arg(id)
+                .ignore()
+                .cmd("DEL")
+                .arg(self.keys.known(id))
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+}
+
+/// Readiness of the Redis server behind a queue: one `PING` per probe, bounded in time.
+pub struct RedisHealth(pub Arc<RedisQueue>);
+
+impl std::fmt::Debug for RedisHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RedisHealth").field(&self.0.name).finish()
+    }
+}
+
+impl HealthContributor for RedisHealth {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
+        Box::pin(async move {
+            if probe == Probe::Liveness {
+                return HealthStatus::Up;
+            }
+            let ping = async {
+                let mut conn = self.0.conn().await?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            };
+            match tokio::time::timeout(Duration::from_secs(2), ping).await {
+                Ok(Ok(_)) => HealthStatus::Up,
+                Ok(Err(e)) => HealthStatus::Down {
+                    reason: format!("redis unavailable: {e}"),
+                },
+                Err(_) => HealthStatus::Down {
+                    reason: "redis did not answer PING within 2 s".into(),
+                },
+            }
+        })
+    }
+}
