@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use runtime_adapters::control::ControlConfig;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
+use runtime_adapters::queue::redis::{RedisHealth, RedisQueue, RedisQueueConfig};
 use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
 use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
 use runtime_core::config::{lookup, parse_section_with_unknown};
@@ -52,27 +53,81 @@ fn split_type(
     Ok((kind.to_owned(), serde_json::Value::Object(rest)))
 }
 
-/// The queue settings (`[queue]`), checked.
-pub fn queue_config(
-    section: Option<&serde_json::Value>,
-) -> Result<MemoryQueueConfig, Vec<ConfigProblem>> {
-    let Some(section) = section else {
-        return Ok(MemoryQueueConfig::default());
+/// The configured queue type.
+#[derive(Clone, Debug)]
+pub enum QueueChoice {
+    /// `type = "memory"`.
+    Memory(MemoryQueueConfig),
+    /// `type = "redis"`.
+    Redis(RedisQueueConfig),
+}
+
+/// Every pool's handler timeout, the bot's pool included when only declared.
+fn handler_timeouts(root: &serde_json::Value) -> Vec<(String, u64)> {
+    let default = runtime_core::PoolConfig::default().handler_timeout_ms;
+    let mut timeouts: Vec<(String, u64)> = root
+        .get("pools")
+        .and_then(|p| p.as_object())
+        .map(|pools| {
+            pools
+                .iter()
+                .map(|(name, pool)| {
+                    let t = pool.get("handler_timeout_ms").and_then(|t| t.as_u64());
+                    (name.clone(), t.unwrap_or(default))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let bot_pool = lookup(root, SECTION)
+        .and_then(|s| s.get("pool"))
+        .and_then(|p| p.as_str())
+        .unwrap_or("orders");
+    if !timeouts.iter().any(|(n, _)| n == bot_pool) {
+        timeouts.push((bot_pool.to_owned(), default));
+    }
+    timeouts
+}
+
+/// The queue settings (`[queue]`), checked against the pools' handler timeouts; the
+/// in-memory queue when absent.
+pub fn queue_config(root: &serde_json::Value) -> Result<QueueChoice, Vec<ConfigProblem>> {
+    let Some(section) = root.get("queue") else {
+        return Ok(QueueChoice::Memory(MemoryQueueConfig::default()));
     };
     let (kind, rest) = split_type(section, "queue").map_err(|p| vec![p])?;
+    let timeouts = handler_timeouts(root);
     match kind.as_str() {
         "memory" => {
             let (cfg, mut problems) =
                 parse_section_with_unknown::<MemoryQueueConfig>(&rest, "queue");
-            problems.extend(cfg.iter().flat_map(|c| c.problems("queue")));
+            if let Some(c) = &cfg {
+                problems.extend(c.problems("queue"));
+                for (pool, timeout) in &timeouts {
+                    if c.lease_timeout_ms <= *timeout {
+                        problems.push(ConfigProblem::new(
+                            "queue.lease_timeout_ms",
+                            format!("must exceed pools.{pool}.handler_timeout_ms ({timeout})"),
+                        ));
+                    }
+                }
+            }
             match cfg {
-                Some(cfg) if problems.is_empty() => Ok(cfg),
+                Some(cfg) if problems.is_empty() => Ok(QueueChoice::Memory(cfg)),
+                _ => Err(problems),
+            }
+        }
+        "redis" => {
+            let (cfg, mut problems) =
+                parse_section_with_unknown::<RedisQueueConfig>(&rest, "queue");
+            problems.extend(cfg.iter().flat_map(|c| c.problems("queue", &timeouts)));
+            match cfg {
+                Some(cfg) if problems.is_empty() => Ok(QueueChoice::Redis(cfg)),
                 _ => Err(problems),
             }
         }
         other => Err(vec![ConfigProblem::new(
             "queue.type",
-            format!("unknown queue type {other:?}; supported: \"memory\""),
+            format!("unknown queue type {other:?}; supported: \"memory\", \"redis\""),
         )]),
     }
 }
@@ -162,20 +217,6 @@ fn cross_check(root: &serde_json::Value) -> Vec<ConfigProblem> {
             }
         }
     }
-    if let (Ok(queue), Some(pools)) = (queue_config(root.get("queue")), pools) {
-        for (name, pool) in pools {
-            let timeout = pool
-                .get("handler_timeout_ms")
-                .and_then(|t| t.as_u64())
-                .unwrap_or(runtime_core::PoolConfig::default().handler_timeout_ms);
-            if queue.lease_timeout_ms <= timeout {
-                problems.push(ConfigProblem::new(
-                    "queue.lease_timeout_ms",
-                    format!("must exceed pools.{name}.handler_timeout_ms ({timeout})"),
-                ));
-            }
-        }
-    }
     problems
 }
 
@@ -186,11 +227,12 @@ pub fn load_config(
 ) -> Result<ConfigurationManager, ConfigReport> {
     let module = MailOrderModule;
     let mut builder = ConfigurationManager::builder()
-        .claim("queue", |v| queue_config(v).err().unwrap_or_default())
+        .claim("queue", |_| Vec::new())
         .claim("sources", check_sources)
         .claim("control", |v| control_config(v).err().unwrap_or_default())
         .claim(SECTION, move |v| module.validate_config(v))
-        .cross_check(cross_check);
+        .cross_check(cross_check)
+        .cross_check(|root| queue_config(root).err().unwrap_or_default());
     if let Some(env) = env {
         builder = builder.env(env);
     }
@@ -235,17 +277,32 @@ pub async fn build_runtime(
             tracing::info!(count = n, maildir = %maildir.display(), "seeded sample mail");
         }
     }
-    let queue_cfg = queue_config(root.get("queue")).map_err(|p| ConfigReport {
+    let queue_choice = queue_config(&root).map_err(|p| ConfigReport {
         origin: config.origin().to_string(),
         problems: p,
     })?;
     let mut builder = RuntimeBuilder::new(Arc::clone(&config))
         .module(module)
         .log_control(logs)
-        .live_keys(["sources.*.poll_interval_ms"])
-        .queue_factory(move |pool| -> Arc<dyn TaskQueue> {
-            Arc::new(MemoryQueue::new(pool, queue_cfg.clone()))
-        });
+        .live_keys(["sources.*.poll_interval_ms"]);
+    builder = match queue_choice {
+        QueueChoice::Memory(cfg) => builder.queue_factory(move |pool| -> Arc<dyn TaskQueue> {
+            Arc::new(MemoryQueue::new(pool, cfg.clone()))
+        }),
+        QueueChoice::Redis(cfg) => {
+            let mut pools: Vec<String> = config.platform().pools.keys().cloned().collect();
+            if !pools.contains(&bot.pool) {
+                pools.push(bot.pool.clone());
+            }
+            for pool in pools {
+                let queue = Arc::new(RedisQueue::new(pool.clone(), cfg.clone())?);
+                builder = builder
+                    .health(Arc::new(RedisHealth(Arc::clone(&queue))))
+                    .queue(&pool, queue);
+            }
+            builder
+        }
+    };
     if let Some(sources) = root.get("sources").and_then(|s| s.as_object()) {
         for (id, value) in sources {
             let cfg = source_config(id, value).map_err(|p| ConfigReport {

@@ -100,6 +100,7 @@ pub struct RuntimeBuilder {
     trace: TraceService,
     live_keys: Vec<String>,
     logs: Option<Arc<LogControl>>,
+    health: Vec<Arc<dyn HealthContributor>>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -169,6 +170,7 @@ impl RuntimeBuilder {
             trace: TraceService::new(),
             live_keys: Vec::new(),
             logs: None,
+            health: Vec::new(),
         }
     }
 
@@ -183,6 +185,12 @@ impl RuntimeBuilder {
     /// The handle that changes the log filter, so that reload and operators can.
     pub fn log_control(mut self, logs: Option<LogControl>) -> Self {
         self.logs = logs.map(Arc::new);
+        self
+    }
+
+    /// A health contributor of the composition itself (a queue's server, say).
+    pub fn health(mut self, contributor: Arc<dyn HealthContributor>) -> Self {
+        self.health.push(contributor);
         self
     }
 
@@ -216,6 +224,9 @@ impl RuntimeBuilder {
     /// Registers the modules and checks that the parts fit. Nothing runs yet.
     pub async fn build(mut self) -> Result<RuntimeManager, CoreError> {
         let health = HealthRegistry::default();
+        for contributor in self.health.drain(..) {
+            health.register(contributor);
+        }
         let services = Arc::new(ServiceContainer::default());
         let mut handlers = HashMap::new();
         let mut declared = std::collections::BTreeSet::new();
