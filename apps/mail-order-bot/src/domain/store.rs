@@ -158,12 +158,28 @@ impl OrderStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?;
-        Self::migrate(&pool).await?;
-        Ok(Self { pool })
+        // Processes starting together on a fresh file can find it locked while another one
+        // switches it to WAL or migrates it: try again a few times before giving up.
+        let mut attempt = 0u64;
+        loop {
+            let opened = async {
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(options.clone())
+                    .await?;
+                Self::migrate(&pool).await?;
+                Ok::<_, StoreError>(pool)
+            };
+            match opened.await {
+                Ok(pool) => return Ok(Self { pool }),
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "opening the store raced another process; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Applies the migrations. Two processes starting at once may race on a fresh

@@ -54,6 +54,27 @@ impl Workspace {
         std::fs::read_to_string(path).expect("read config")
     }
 
+    /// A config whose queue is the Redis Streams queue at `url`; work pending for more than
+    /// `claim_ms` is taken over (handler timeouts are 1 s below it).
+    pub fn config_redis(&self, url: &str, workers: usize, claim_ms: u64, extra: &str) -> PathBuf {
+        let text = self
+            .config_text(workers, 3, extra)
+            .replace(
+                "type = \"memory\"\ncapacity = 100000\nlease_timeout_ms = 60000",
+                &format!(
+                    "type = \"redis\"\nurl = \"{url}\"\nclaim_min_idle_ms = {claim_ms}\nreclaim_interval_ms = 100\nmax_deliveries = 3"
+                ),
+            )
+            .replace("handler_timeout_ms = 20000", &format!("handler_timeout_ms = {}", claim_ms - 1000));
+        assert!(
+            text.contains("type = \"redis\""),
+            "the queue section was replaced"
+        );
+        let path = self.dir.path().join("bot-redis.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
     /// [`Workspace::config`] with `extra` appended.
     pub fn config_with(&self, workers: usize, max_attempts: u32, extra: &str) -> PathBuf {
         let text = format!(

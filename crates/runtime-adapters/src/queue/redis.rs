@@ -121,6 +121,15 @@ const GROUP: &str = "plba";
 const REASON_WORKER_LOST: &str = "worker_lost";
 const REASON_UNDECODABLE: &str = "undecodable";
 
+/// Publishes unless the id is known: the check and the append are one step, so a crash
+/// between them cannot leave an id marked known with no entry.
+const PUBLISH: &str = r"
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then
+  return redis.call('XADD', KEYS[2], '*', 'env', ARGV[1])
+end
+return false
+";
+
 /// Moves due retries back onto the stream; one script, so two processes moving at once
 /// never move the same retry twice.
 const MOVE_DUE: &str = r"
@@ -268,6 +277,7 @@ pub struct RedisQueue {
     processed: AtomicU64,
     failed: AtomicU64,
     move_due: redis::Script,
+    publish: redis::Script,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -302,6 +312,7 @@ impl RedisQueue {
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             move_due: redis::Script::new(MOVE_DUE),
+            publish: redis::Script::new(PUBLISH),
         })
     }
 
@@ -609,31 +620,17 @@ impl TaskQueue for RedisQueue {
             let envelope = encode(&task)?;
             let mut conn = self.conn().await?;
             self.ensure_group(&mut conn).await?;
-            let known = self.keys.known(task.id.as_str());
-            let fresh: Option<String> = redis::cmd("SET")
-                .arg(&known)
-                .arg(1)
-                .arg("NX")
-                .arg("EX")
+            let added: Option<String> = self
+                .publish
+                .key(self.keys.known(task.id.as_str()))
+                .key(&self.keys.stream)
+                .arg(&envelope)
                 .arg(self.config.dedupe_ttl_secs)
-                .query_async(&mut conn)
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            if fresh.is_none() {
+            if added.is_none() {
                 return Ok(PublishResult::AlreadyKnown);
-            }
-            let added: redis::RedisResult<String> = redis::cmd("XADD")
-                .arg(&self.keys.stream)
-                .arg("*")
-                .arg("env")
-                .arg(&envelope)
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = added {
-                // Best effort: forget the id so that the source may publish it again.
-                let _: redis::RedisResult<()> =
-                    redis::cmd("DEL").arg(&known).query_async(&mut conn).await;
-                return Err(unavailable(e));
             }
             self.published.fetch_add(1, Ordering::Relaxed);
             Ok(PublishResult::Enqueued)
