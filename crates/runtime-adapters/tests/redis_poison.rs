@@ -16,7 +16,7 @@ use runtime_core::{ConfigurationManager, RuntimeBuilder};
 
 const WORKER_ENV: &str = "PLBA_POISON_WORKER";
 
-fn config(url: &str, consumer: &str) -> RedisQueueConfig {
+fn queue_config(url: &str, consumer: &str) -> RedisQueueConfig {
     RedisQueueConfig {
         url: url.to_owned(),
         consumer: consumer.to_owned(),
@@ -114,7 +114,7 @@ fn worker(url: &str, consumer: &str) {
                 text: text.into(),
             })
             .expect("config");
-        let queue = Arc::new(RedisQueue::new("jobs", config(url, consumer)).expect("queue"));
+        let queue = Arc::new(RedisQueue::new("jobs", queue_config(url, consumer)).expect("queue"));
         let mut runtime = RuntimeBuilder::new(Arc::new(config))
             .queue("jobs", queue)
             .source(Arc::new(NoSource), "jobs")
@@ -135,7 +135,7 @@ fn scenario() {
         .enable_all()
         .build()
         .expect("runtime");
-    let publisher = RedisQueue::new("jobs", config(&url, "publisher")).expect("queue");
+    let publisher = RedisQueue::new("jobs", queue_config(&url, "publisher")).expect("queue");
     rt.block_on(async {
         for (id, poison) in [
             ("ok-1", false),
