@@ -126,6 +126,17 @@ pub trait TaskQueue: Send + Sync {
     /// Settles a lease as done: the task is removed.
     fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>>;
 
+    /// Settles several leases as done. Queues with a round trip per command override it to
+    /// send them together; the default acknowledges one after another.
+    fn ack_batch<'a>(&'a self, leases: &'a [Lease]) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            for lease in leases {
+                self.ack(lease).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Settles a lease as not done: the task becomes visible again after `retry_delay`.
     /// With a failure, the attempt is counted and appended to the task's history.
     fn nack<'a>(

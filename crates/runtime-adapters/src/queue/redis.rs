@@ -24,6 +24,9 @@ use serde::Deserialize;
 
 use crate::now_unix_ms;
 
+/// A multiplexed connection: many requests in flight on one socket.
+type Conn = redis::aio::MultiplexedConnection;
+
 /// `[queue]` with `type = "redis"`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default)]
@@ -278,6 +281,11 @@ pub struct RedisQueue {
     failed: AtomicU64,
     move_due: redis::Script,
     publish: redis::Script,
+    /// The connection shared by every non-blocking command (publish, ack, stats, ...);
+    /// blocking reads take their own from the pool. Dropped on any error, so that the next
+    /// command reconnects.
+    shared: Mutex<Option<Conn>>,
+    group_ready: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -313,6 +321,8 @@ impl RedisQueue {
             failed: AtomicU64::new(0),
             move_due: redis::Script::new(MOVE_DUE),
             publish: redis::Script::new(PUBLISH),
+            shared: Mutex::new(None),
+            group_ready: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -321,11 +331,33 @@ impl RedisQueue {
         &self.consumer
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, QueueError> {
-        self.pool.get().await.map_err(unavailable)
+    async fn conn(&self) -> Result<Conn, QueueError> {
+        if let Some(c) = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(c);
+        }
+        let pooled = self.pool.get().await.map_err(|e| self.broken(e))?;
+        let conn = deadpool_redis::Connection::take(pooled);
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
     }
 
-    async fn ensure_group(&self, conn: &mut deadpool_redis::Connection) -> Result<(), QueueError> {
+    /// Records a failed command: the shared connection is dropped (the next command
+    /// reconnects) and the group is checked again (a restarted server may have lost it).
+    fn broken(&self, e: impl std::fmt::Display) -> QueueError {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.group_ready.store(false, Ordering::Relaxed);
+        unavailable(e)
+    }
+
+    async fn ensure_group(&self, conn: &mut Conn) -> Result<(), QueueError> {
+        if self.group_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.keys.stream)
@@ -335,10 +367,12 @@ impl RedisQueue {
             .query_async(conn)
             .await;
         match created {
-            Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
-            Err(e) => Err(unavailable(e)),
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("BUSYGROUP") => {}
+            Err(e) => return Err(self.broken(e)),
         }
+        self.group_ready.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     fn lease(&self, task: Task, entry: String) -> Lease {
@@ -364,7 +398,7 @@ impl RedisQueue {
     /// Writes a dead letter and removes the entry from the main stream, atomically.
     async fn bury(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Conn,
         entry: &str,
         task_id: &str,
         envelope: &str,
@@ -392,23 +426,19 @@ impl RedisQueue {
             .arg(&self.keys.stream)
             .arg(entry)
             .ignore();
-        let (dead_id,): (String,) = pipe.query_async(conn).await.map_err(unavailable)?;
+        let (dead_id,): (String,) = pipe.query_async(conn).await.map_err(|e| self.broken(e))?;
         let _: () = redis::cmd("HSET")
             .arg(&self.keys.dead_index)
             .arg(task_id)
             .arg(&dead_id)
             .query_async(conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.broken(e))?;
         Ok(())
     }
 
     /// Turns read entries into leases; undecodable ones are dead-lettered and acknowledged.
-    async fn admit(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        read: Vec<Entry>,
-    ) -> Result<Vec<Lease>, QueueError> {
+    async fn admit(&self, conn: &mut Conn, read: Vec<Entry>) -> Result<Vec<Lease>, QueueError> {
         let mut leases = Vec::with_capacity(read.len());
         for (entry, fields) in read {
             match decode(&fields, self.config.max_entry_bytes) {
@@ -435,11 +465,7 @@ impl RedisQueue {
 
     /// Moves due retries and takes over work of dead consumers, at most once per
     /// `reclaim_interval_ms` per process.
-    async fn maintain(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        max: usize,
-    ) -> Result<Vec<Lease>, QueueError> {
+    async fn maintain(&self, conn: &mut Conn, max: usize) -> Result<Vec<Lease>, QueueError> {
         {
             let mut last = self
                 .last_maintenance
@@ -455,10 +481,7 @@ impl RedisQueue {
         self.reclaim(conn, max).await
     }
 
-    async fn move_due_retries(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-    ) -> Result<u64, QueueError> {
+    async fn move_due_retries(&self, conn: &mut Conn) -> Result<u64, QueueError> {
         let moved: u64 = self
             .move_due
             .key(&self.keys.scheduled)
@@ -468,15 +491,11 @@ impl RedisQueue {
             .arg(1000)
             .invoke_async(conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.broken(e))?;
         Ok(moved)
     }
 
-    async fn reclaim(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-        max: usize,
-    ) -> Result<Vec<Lease>, QueueError> {
+    async fn reclaim(&self, conn: &mut Conn, max: usize) -> Result<Vec<Lease>, QueueError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(&self.keys.stream)
             .arg(GROUP)
@@ -487,7 +506,7 @@ impl RedisQueue {
             .arg(max.min(self.config.batch_size).max(1))
             .query_async(conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.broken(e))?;
         let claimed = match &reply {
             Value::Array(parts) => parts.get(1).map(entries).unwrap_or_default(),
             _ => Vec::new(),
@@ -524,10 +543,7 @@ impl RedisQueue {
         self.admit(conn, keep).await
     }
 
-    async fn delivery_counts(
-        &self,
-        conn: &mut deadpool_redis::Connection,
-    ) -> Result<HashMap<String, u64>, QueueError> {
+    async fn delivery_counts(&self, conn: &mut Conn) -> Result<HashMap<String, u64>, QueueError> {
         let reply: Value = redis::cmd("XPENDING")
             .arg(&self.keys.stream)
             .arg(GROUP)
@@ -537,7 +553,7 @@ impl RedisQueue {
             .arg(&self.consumer)
             .query_async(conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.broken(e))?;
         let mut counts = HashMap::new();
         if let Value::Array(rows) = reply {
             for row in rows {
@@ -560,9 +576,12 @@ impl RedisQueue {
         if !reclaimed.is_empty() {
             return Ok(reclaimed);
         }
+        // A blocking read holds its connection until it returns: never the shared one.
+        let mut pooled = self.pool.get().await.map_err(|e| self.broken(e))?;
+        let blocking: &mut Conn = &mut pooled;
         let mut block = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
         loop {
-            let read = self.read_new(&mut conn, max, block).await?;
+            let read = self.read_new(blocking, max, block).await?;
             if read.is_empty() {
                 return Ok(Vec::new());
             }
@@ -577,7 +596,7 @@ impl RedisQueue {
 
     async fn read_new(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Conn,
         max: usize,
         block_ms: u64,
     ) -> Result<Vec<Entry>, QueueError> {
@@ -594,7 +613,7 @@ impl RedisQueue {
             .arg(">")
             .query_async(conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.broken(e))?;
         Ok(match &reply {
             Value::Array(streams) => streams
                 .iter()
@@ -628,7 +647,7 @@ impl TaskQueue for RedisQueue {
                 .arg(self.config.dedupe_ttl_secs)
                 .invoke_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.broken(e))?;
             if added.is_none() {
                 return Ok(PublishResult::AlreadyKnown);
             }
@@ -650,28 +669,44 @@ impl TaskQueue for RedisQueue {
     }
 
     fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
+        self.ack_batch(std::slice::from_ref(lease))
+    }
+
+    fn ack_batch<'a>(&'a self, leases: &'a [Lease]) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
-            let entry = self.take_entry(lease)?;
-            let mut conn = self.conn().await?;
-            let _: () = redis::pipe()
-                .atomic()
-                .cmd("XACK")
-                .arg(&self.keys.stream)
-                .arg(GROUP)
-                .arg(&entry)
-                .ignore()
-                .cmd("XDEL")
-                .arg(&self.keys.stream)
-                .arg(&entry)
-                .ignore()
-                .cmd("DEL")
-                .arg(self.keys.known(lease.task.id.as_str()))
-                .ignore()
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            self.processed.fetch_add(1, Ordering::Relaxed);
-            Ok(())
+            let mut entries = Vec::with_capacity(leases.len());
+            let mut unknown = None;
+            for lease in leases {
+                match self.take_entry(lease) {
+                    Ok(entry) => entries.push((entry, lease.task.id.as_str())),
+                    Err(e) => unknown = Some(e),
+                }
+            }
+            if !entries.is_empty() {
+                let mut conn = self.conn().await?;
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                pipe.cmd("XACK").arg(&self.keys.stream).arg(GROUP);
+                for (entry, _) in &entries {
+                    pipe.arg(entry);
+                }
+                pipe.ignore().cmd("XDEL").arg(&self.keys.stream);
+                for (entry, _) in &entries {
+                    pipe.arg(entry);
+                }
+                pipe.ignore().cmd("DEL");
+                for (_, id) in &entries {
+                    pipe.arg(self.keys.known(id));
+                }
+                pipe.ignore();
+                let _: () = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.broken(e))?;
+                self.processed
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+            }
+            unknown.map_or(Ok(()), Err)
         })
     }
 
@@ -723,7 +758,10 @@ impl TaskQueue for RedisQueue {
                 .arg(&self.keys.stream)
                 .arg(&entry)
                 .ignore();
-            let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let _: () = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
             Ok(())
         })
     }
@@ -768,7 +806,7 @@ impl TaskQueue for RedisQueue {
                 .arg(&self.keys.dead)
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.broken(e))?;
             let (in_flight, oldest) = match &pending {
                 Value::Array(p) => (
                     p.first()
@@ -803,7 +841,7 @@ impl TaskQueue for RedisQueue {
 }
 
 impl RedisQueue {
-    async fn group_lag(&self, conn: &mut deadpool_redis::Connection) -> Option<u64> {
+    async fn group_lag(&self, conn: &mut Conn) -> Option<u64> {
         let groups: Value = redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.keys.stream)
@@ -841,7 +879,7 @@ impl RedisQueue {
 
     async fn dead_entry(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut Conn,
         id: &str,
     ) -> Result<Option<(String, DeadLetter)>, QueueError> {
         let entry: Option<String> = redis::cmd("HGET")
@@ -849,7 +887,7 @@ impl RedisQueue {
             .arg(id)
             .query_async(conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.broken(e))?;
         let Some(entry) = entry else { return Ok(None) };
         let reply: Value = redis::cmd("XRANGE")
             .arg(&self.keys.dead)
@@ -857,7 +895,7 @@ impl RedisQueue {
             .arg(&entry)
             .query_async(conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.broken(e))?;
         Ok(entries(&reply)
             .into_iter()
             .next()
@@ -935,7 +973,7 @@ impl DeadLetterStore for RedisQueue {
                 .arg(limit.saturating_add(1))
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.broken(e))?;
             let mut rows: Vec<(String, DeadLetter)> = entries(&reply)
                 .into_iter()
                 .filter_map(|(e, f)| to_dead_letter(&f).map(|d| (e, d)))
@@ -986,7 +1024,7 @@ impl DeadLetterStore for RedisQueue {
                 .ignore()
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.broken(e))?;
             Ok(())
         })
     }
@@ -1031,7 +1069,7 @@ impl DeadLetterStore for RedisQueue {
                 .ignore()
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.broken(e))?;
             Ok(())
         })
     }
@@ -1061,7 +1099,7 @@ impl HealthContributor for RedisHealth {
                 redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
-                    .map_err(unavailable)
+                    .map_err(|e| self.0.broken(e))
             };
             match tokio::time::timeout(Duration::from_secs(2), ping).await {
                 Ok(Ok(_)) => HealthStatus::Up,

@@ -171,6 +171,9 @@ impl PoolWorker {
                     if !leases.is_empty() {
                         errors = 0;
                     }
+                    // Successes of a batch are acknowledged together, in one round trip
+                    // (their sources have already completed them).
+                    let mut done = Vec::with_capacity(leases.len());
                     let mut leases = leases.into_iter();
                     while let Some(lease) = leases.next() {
                         if self.shared.abandon_in_flight.is_cancelled() {
@@ -181,9 +184,12 @@ impl PoolWorker {
                         }
                         self.shared.counters.busy.fetch_add(1, Ordering::Relaxed);
                         let span = self.shared.trace.task_span(&lease.task, &self.name);
-                        self.process(lease).instrument(span).await;
+                        if let Some(completed) = self.process(lease).instrument(span).await {
+                            done.push(completed);
+                        }
                         self.shared.counters.busy.fetch_sub(1, Ordering::Relaxed);
                     }
+                    self.acknowledge(&done).await;
                 }
                 Err(e) => {
                     errors = errors.saturating_add(1);
@@ -198,23 +204,36 @@ impl PoolWorker {
         }
     }
 
-    async fn process(&self, lease: Lease) {
+    /// Handles one lease; returns it when it succeeded and awaits its acknowledgement.
+    async fn process(&self, lease: Lease) -> Option<Lease> {
+        self.settle(&lease).await.then_some(lease)
+    }
+
+    /// Runs the handler and settles the lease, except a success's acknowledgement; true
+    /// for a success.
+    async fn settle(&self, lease: &Lease) -> bool {
         let task = &lease.task;
         let Some(source) = self.sources.get(&*task.source).cloned() else {
             let reason = format!(
                 "no source {} is registered on pool {}",
                 task.source, self.name
             );
-            return self.dead_letter(&lease, None, None, reason).await;
+            {
+                self.dead_letter(lease, None, None, reason).await;
+                return false;
+            }
         };
         let Some(handler) = self.handlers.get(&*task.kind).cloned() else {
             let reason = format!("no handler for kind {} on pool {}", task.kind, self.name);
-            return self.dead_letter(&lease, Some(&source), None, reason).await;
+            {
+                self.dead_letter(lease, Some(&source), None, reason).await;
+                return false;
+            }
         };
         let hctx = HandlerContext::new(Arc::clone(&source));
         let metrics = self.metrics_of(&task.kind);
         let started = std::time::Instant::now();
-        let attempt = self.attempt(&lease, &*handler, &hctx).await;
+        let attempt = self.attempt(lease, &*handler, &hctx).await;
         metrics.duration.observe(started.elapsed());
         if !matches!(attempt, Attempt::Done(_) | Attempt::Abandoned) {
             metrics.failed.inc();
@@ -222,7 +241,10 @@ impl PoolWorker {
         self.shared.counters.progressed();
         let attempt = match attempt {
             Attempt::Done(outcome) => match source.complete(task).await {
-                Ok(()) => return self.succeed(&lease, &outcome, &metrics).await,
+                Ok(()) => {
+                    self.succeed(lease, &outcome, &metrics);
+                    return true;
+                }
                 Err(e) => Attempt::Failed {
                     reason: format!(
                         "outcome {} recorded, but completion failed: {e}",
@@ -235,10 +257,10 @@ impl PoolWorker {
         };
         match attempt {
             Attempt::Done(_) => {}
-            Attempt::Abandoned => self.give_back(&lease, &source).await,
+            Attempt::Abandoned => self.give_back(lease, &source).await,
             Attempt::Permanent(reason) => {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.dead_letter(&lease, Some(&source), Some((&*handler, &hctx)), reason)
+                self.dead_letter(lease, Some(&source), Some((&*handler, &hctx)), reason)
                     .await
             }
             Attempt::Failed { reason, after } => {
@@ -247,9 +269,9 @@ impl PoolWorker {
                 let number = task.attempt.saturating_add(1);
                 if number >= config.max_attempts {
                     let reason = format!("{reason} (attempt {number} of {})", config.max_attempts);
-                    return self
-                        .dead_letter(&lease, Some(&source), Some((&*handler, &hctx)), reason)
+                    self.dead_letter(lease, Some(&source), Some((&*handler, &hctx)), reason)
                         .await;
+                    return false;
                 }
                 let delay = after.unwrap_or_else(|| config.retry.backoff(number));
                 let failure = AttemptFailure {
@@ -257,7 +279,7 @@ impl PoolWorker {
                     reason: reason.clone(),
                     at_unix_ms: now_unix_ms(),
                 };
-                match self.queue.nack(&lease, delay, Some(failure)).await {
+                match self.queue.nack(lease, delay, Some(failure)).await {
                     Ok(()) => {
                         self.shared.counters.retried.fetch_add(1, Ordering::Relaxed);
                         metrics.retried.inc();
@@ -268,7 +290,8 @@ impl PoolWorker {
                     }
                 }
             }
-        }
+        };
+        false
     }
 
     async fn attempt(
@@ -313,10 +336,16 @@ impl PoolWorker {
         }
     }
 
-    async fn succeed(&self, lease: &Lease, outcome: &Outcome, metrics: &KindMetrics) {
-        if let Err(e) = self.queue.ack(lease).await {
-            tracing::warn!(task = %lease.task.id, error = %e, "ack failed after completion; a redelivery will find the recorded outcome");
+    async fn acknowledge(&self, done: &[Lease]) {
+        if done.is_empty() {
+            return;
         }
+        if let Err(e) = self.queue.ack_batch(done).await {
+            tracing::warn!(tasks = done.len(), error = %e, "ack failed after completion; a redelivery will find the recorded outcomes");
+        }
+    }
+
+    fn succeed(&self, lease: &Lease, outcome: &Outcome, metrics: &KindMetrics) {
         self.shared
             .counters
             .processed
