@@ -301,6 +301,27 @@ impl TaskQueue for MemoryQueue {
         Box::pin(std::future::ready(result))
     }
 
+    fn ack_batch<'a>(&'a self, leases: &'a [Lease]) -> BoxFuture<'a, Result<(), QueueError>> {
+        let mut taken = Vec::with_capacity(leases.len());
+        let mut result = Ok(());
+        {
+            let mut state = self.lock();
+            for lease in leases {
+                match state.take_lease(lease.receipt) {
+                    Ok(task) => {
+                        state.processed += 1;
+                        taken.push(task);
+                    }
+                    Err(e) => result = Err(e),
+                }
+            }
+        }
+        for task in taken {
+            self.known.remove(&task.id);
+        }
+        Box::pin(std::future::ready(result))
+    }
+
     fn nack<'a>(
         &'a self,
         lease: &'a Lease,

@@ -173,7 +173,7 @@ impl PoolWorker {
                     }
                     // Successes of a batch are acknowledged together, in one round trip
                     // (their sources have already completed them).
-                    let mut done = Vec::with_capacity(leases.len());
+                    let mut done = Vec::new();
                     let mut leases = leases.into_iter();
                     while let Some(lease) = leases.next() {
                         if self.shared.abandon_in_flight.is_cancelled() {
