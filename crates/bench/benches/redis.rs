@@ -2,8 +2,8 @@
 //! `XREADGROUP`/`XACK` loop on the same private redis-server in the same run.
 //!
 //! Modes: a backlog drained by 1 and by 4 consumers, and produce+consume at once with 4
-//! consumers (the raw producer pipelines `XADD`s; plba's publishes go through 16 concurrent
-//! publishers, as sources would); each with AOF off and with AOF `everysec`. Prints tasks/s, plba's ratio to the
+//! consumers (both producers send 1,000 tasks per round trip: pipelined `XADD`s, and
+//! `publish_batch`); each with AOF off and with AOF `everysec`. Prints tasks/s, plba's ratio to the
 //! raw loop (target: at least 0.5) and the process's peak RSS. `PLBA_BENCH_REDIS_TASKS`
 //! sets the task count (default 100000).
 
@@ -209,28 +209,19 @@ async fn plba(url: &str, n: u64, consumers: usize, produce: bool) -> Duration {
     let start = Instant::now();
     let producer = produce.then(|| {
         let queue = Arc::clone(&queue);
-        // Sources publish one task at a time; 16 of them at once share the connection,
-        // which pipelines their commands.
+        // Sources publish what a scan finds in chunks (`publish_batch`), as the raw
+        // producer pipelines its XADDs.
         tokio::spawn(async move {
-            let publishers: Vec<_> = (0..16u64)
-                .map(|p| {
-                    let queue = Arc::clone(&queue);
-                    tokio::spawn(async move {
-                        for i in (p..n).step_by(16) {
-                            let task = Task::new(
-                                format!("t{i}"),
-                                "noop",
-                                "bench",
-                                serde_json::Value::Null,
-                            )
-                            .expect("task");
-                            queue.publish(task).await.expect("publish");
-                        }
+            let mut i = 0;
+            while i < n {
+                let chunk = (i..(i + 1000).min(n))
+                    .map(|j| {
+                        Task::new(format!("t{j}"), "noop", "bench", serde_json::Value::Null)
+                            .expect("task")
                     })
-                })
-                .collect();
-            for p in publishers {
-                p.await.expect("publisher");
+                    .collect();
+                queue.publish_batch(chunk).await.expect("publish");
+                i += 1000;
             }
         })
     });

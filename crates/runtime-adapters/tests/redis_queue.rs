@@ -381,3 +381,23 @@ async fn redis_down_means_errors_and_not_ready_then_recovery() {
         .expect("the AOF kept the task");
     assert_eq!(lease.task.id.as_str(), "a");
 }
+
+#[tokio::test]
+async fn a_batch_publishes_in_one_call_and_says_which_were_new() {
+    let server = RedisServer::start(false);
+    let q = queue(&server, "c1");
+    q.publish(task("b")).await.expect("publish");
+    let results = q
+        .publish_batch(vec![task("a"), task("b"), task("c")])
+        .await
+        .expect("batch");
+    assert_eq!(
+        results,
+        [
+            PublishResult::Enqueued,
+            PublishResult::AlreadyKnown,
+            PublishResult::Enqueued
+        ]
+    );
+    assert_eq!(q.stats().await.expect("stats").depth, 3);
+}

@@ -107,6 +107,22 @@ pub trait TaskQueue: Send + Sync {
     /// Adds a task. Errors leave nothing half-published; the source keeps its work unread.
     fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>>;
 
+    /// Adds several tasks, each as `publish` would, with one round trip where the queue
+    /// can; returns one result per task, in order. An error means none or only some were
+    /// added: publishing is idempotent, so the caller simply publishes them all again later.
+    fn publish_batch(
+        &self,
+        tasks: Vec<Task>,
+    ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                results.push(self.publish(task).await?);
+            }
+            Ok(results)
+        })
+    }
+
     /// Leases the next visible task, waiting up to `wait` for one. Cancel safe.
     fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>>;
 

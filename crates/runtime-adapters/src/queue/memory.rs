@@ -242,17 +242,7 @@ impl MemoryQueue {
         }
     }
 
-    fn lease_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.lease_timeout_ms)
-    }
-}
-
-impl TaskQueue for MemoryQueue {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+    fn publish_now(&self, task: Task) -> Result<PublishResult, QueueError> {
         let result = if !self.known.insert(&task.id) {
             Ok(PublishResult::AlreadyKnown)
         } else {
@@ -273,7 +263,35 @@ impl TaskQueue for MemoryQueue {
         if result.as_ref().is_ok_and(|r| *r == PublishResult::Enqueued) {
             self.available.notify_one();
         }
-        Box::pin(std::future::ready(result))
+        result
+    }
+
+    fn lease_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.lease_timeout_ms)
+    }
+}
+
+impl TaskQueue for MemoryQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+        Box::pin(std::future::ready(self.publish_now(task)))
+    }
+
+    fn publish_batch(
+        &self,
+        tasks: Vec<Task>,
+    ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
+        let mut results = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match self.publish_now(task) {
+                Ok(r) => results.push(r),
+                Err(e) => return Box::pin(std::future::ready(Err(e))),
+            }
+        }
+        Box::pin(std::future::ready(Ok(results)))
     }
 
     fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {

@@ -286,6 +286,7 @@ pub struct RedisQueue {
     /// command reconnects.
     shared: Mutex<Option<Conn>>,
     group_ready: std::sync::atomic::AtomicBool,
+    publish_loaded: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -323,6 +324,7 @@ impl RedisQueue {
             publish: redis::Script::new(PUBLISH),
             shared: Mutex::new(None),
             group_ready: std::sync::atomic::AtomicBool::new(false),
+            publish_loaded: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -351,6 +353,7 @@ impl RedisQueue {
     fn broken(&self, e: impl std::fmt::Display) -> QueueError {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.group_ready.store(false, Ordering::Relaxed);
+        self.publish_loaded.store(false, Ordering::Relaxed);
         unavailable(e)
     }
 
@@ -653,6 +656,54 @@ impl TaskQueue for RedisQueue {
             }
             self.published.fetch_add(1, Ordering::Relaxed);
             Ok(PublishResult::Enqueued)
+        })
+    }
+
+    fn publish_batch(
+        &self,
+        tasks: Vec<Task>,
+    ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
+        Box::pin(async move {
+            if tasks.is_empty() {
+                return Ok(Vec::new());
+            }
+            let envelopes = tasks.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+            let mut conn = self.conn().await?;
+            self.ensure_group(&mut conn).await?;
+            if !self.publish_loaded.load(Ordering::Relaxed) {
+                self.publish
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(|e| self.broken(e))?;
+                self.publish_loaded.store(true, Ordering::Relaxed);
+            }
+            let mut pipe = redis::pipe();
+            for (task, envelope) in tasks.iter().zip(&envelopes) {
+                pipe.cmd("EVALSHA")
+                    .arg(self.publish.get_hash())
+                    .arg(2)
+                    .arg(self.keys.known(task.id.as_str()))
+                    .arg(&self.keys.stream)
+                    .arg(envelope)
+                    .arg(self.config.dedupe_ttl_secs);
+            }
+            let added: Vec<Option<String>> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            let results: Vec<PublishResult> = added
+                .iter()
+                .map(|a| match a {
+                    Some(_) => PublishResult::Enqueued,
+                    None => PublishResult::AlreadyKnown,
+                })
+                .collect();
+            let enqueued = results
+                .iter()
+                .filter(|r| **r == PublishResult::Enqueued)
+                .count();
+            self.published.fetch_add(enqueued as u64, Ordering::Relaxed);
+            Ok(results)
         })
     }
 

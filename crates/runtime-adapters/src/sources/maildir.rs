@@ -38,6 +38,9 @@ pub struct MaildirConfig {
     pub max_message_bytes: u64,
 }
 
+/// Pointers published per call to the queue (one round trip for a durable queue).
+const PUBLISH_CHUNK: usize = 32;
+
 fn default_kind() -> String {
     "mail.message".to_owned()
 }
@@ -256,6 +259,7 @@ impl MaildirSource {
 
     async fn publish_new(&self, ctx: &SourceContext) -> Result<(), SourceError> {
         let candidates = self.scan()?;
+        let mut chunk: Vec<(String, Task)> = Vec::with_capacity(PUBLISH_CHUNK);
         for candidate in candidates {
             if self.lock().pending.contains(&candidate.unique) {
                 continue;
@@ -264,10 +268,6 @@ impl MaildirSource {
             // so a message completed since the listing is gone from its listed path here.
             if !candidate.path.exists() {
                 continue;
-            }
-            tokio::select! {
-                _ = ctx.shutdown.cancelled() => return Ok(()),
-                _ = ctx.backpressure.wait_for_capacity() => {}
             }
             let payload = serde_json::json!({"unique": candidate.unique, "size": candidate.size});
             let mut task = Task::new(
@@ -281,23 +281,46 @@ impl MaildirSource {
                 message: e.to_string(),
             })?;
             ctx.tracer.inject_current(&mut task.headers);
-            match ctx.queue.publish(task).await {
-                Ok(result) => {
-                    let mut inner = self.lock();
-                    inner.pending.insert(candidate.unique);
-                    if result == PublishResult::Enqueued {
-                        inner.published += 1;
-                    }
-                }
-                Err(e) => {
-                    return Err(SourceError::Io {
-                        source_id: self.id.clone(),
-                        message: format!("publishing failed, message left unread: {e}"),
-                    })
-                }
+            chunk.push((candidate.unique, task));
+            if chunk.len() == PUBLISH_CHUNK && !self.publish_chunk(ctx, &mut chunk).await? {
+                return Ok(());
             }
         }
+        self.publish_chunk(ctx, &mut chunk).await?;
         Ok(())
+    }
+
+    /// Publishes a chunk of pointers in one call once the pool has capacity; false when
+    /// shutdown came first (nothing of the chunk was published).
+    async fn publish_chunk(
+        &self,
+        ctx: &SourceContext,
+        chunk: &mut Vec<(String, Task)>,
+    ) -> Result<bool, SourceError> {
+        if chunk.is_empty() {
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(false),
+            _ = ctx.backpressure.wait_for_capacity() => {}
+        }
+        let (uniques, tasks): (Vec<String>, Vec<Task>) = std::mem::take(chunk).into_iter().unzip();
+        let results = ctx
+            .queue
+            .publish_batch(tasks)
+            .await
+            .map_err(|e| SourceError::Io {
+                source_id: self.id.clone(),
+                message: format!("publishing failed, messages left unread: {e}"),
+            })?;
+        let mut inner = self.lock();
+        for (unique, result) in uniques.into_iter().zip(results) {
+            inner.pending.insert(unique);
+            if result == PublishResult::Enqueued {
+                inner.published += 1;
+            }
+        }
+        Ok(true)
     }
 
     async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {

@@ -90,6 +90,23 @@ impl TaskQueue for MeteredQueue {
         })
     }
 
+    fn publish_batch(
+        &self,
+        tasks: Vec<Task>,
+    ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
+        let kinds: Vec<std::sync::Arc<str>> = tasks.iter().map(|t| t.kind.clone()).collect();
+        Box::pin(async move {
+            let results = self.inner.publish_batch(tasks).await?;
+            for (kind, result) in kinds.iter().zip(&results) {
+                if *result == PublishResult::Enqueued {
+                    let labels = Metrics::labels(self.inner.name(), kind);
+                    self.metrics.published.get_or_create(&labels).inc();
+                }
+            }
+            Ok(results)
+        })
+    }
+
     fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
         self.inner.consume(wait)
     }
