@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
+use plba_testkit::NullSource;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_contracts::{
-    BoxFuture, HandlerContext, HandlerError, Outcome, SourceContext, SourceError, SourceState,
-    SourceStatus, Task, TaskHandler, TaskQueue, TaskSource,
+    BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler, TaskQueue, TaskSource,
 };
 use runtime_core::supervisor::PoolSpec;
 use runtime_core::{PoolConfig, TraceService, WorkerSupervisor};
@@ -83,35 +83,6 @@ async fn apalis_round(n: u64) -> Duration {
     start.elapsed()
 }
 
-struct NullSource;
-impl TaskSource for NullSource {
-    fn id(&self) -> &str {
-        "bench"
-    }
-    fn start(&self, _ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn status(&self) -> SourceStatus {
-        SourceStatus {
-            state: SourceState::Running,
-            published: 0,
-            completed: 0,
-            pending: 0,
-            last_event_age: None,
-            last_error: None,
-        }
-    }
-    fn load_content<'a>(
-        &'a self,
-        _t: &'a Task,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
-        Box::pin(async { Ok(None) })
-    }
-    fn complete<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
 struct Noop;
 impl TaskHandler for Noop {
     fn handle<'a>(
@@ -148,7 +119,7 @@ async fn plba_round(n: u64, prefetch: usize) -> Duration {
     let handlers: HashMap<String, Arc<dyn TaskHandler>> =
         HashMap::from([("noop".to_owned(), Arc::new(Noop) as _)]);
     let sources: HashMap<String, Arc<dyn TaskSource>> =
-        HashMap::from([("bench".to_owned(), Arc::new(NullSource) as _)]);
+        HashMap::from([("bench".to_owned(), Arc::new(NullSource("bench")) as _)]);
     supervisor.start_pool(
         PoolSpec {
             name: "bench".into(),

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plba_testkit::RedisServer;
+use plba_testkit::{NullSource, OneHandler, RedisServer};
 use runtime_adapters::queue::redis::{RedisQueue, RedisQueueConfig};
 use runtime_contracts::*;
 use runtime_core::config::ConfigOrigin;
@@ -43,62 +43,6 @@ impl TaskHandler for AbortOnPoison {
     }
 }
 
-struct Module;
-impl ApplicationModule for Module {
-    fn name(&self) -> &str {
-        "poison-test"
-    }
-    fn config_section(&self) -> &str {
-        "apps.poison"
-    }
-    fn validate_config(&self, _s: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
-        Vec::new()
-    }
-    fn register<'a>(
-        &'a self,
-        r: &'a mut dyn ModuleRegistry,
-        _c: &'a dyn ConfigProvider,
-    ) -> BoxFuture<'a, Result<(), ModuleError>> {
-        Box::pin(async move {
-            r.handler("jobs", "job", Arc::new(AbortOnPoison));
-            Ok(())
-        })
-    }
-}
-
-/// Nothing to publish: the scenario publishes. Completion is a no-op.
-struct NoSource;
-impl TaskSource for NoSource {
-    fn id(&self) -> &str {
-        "test"
-    }
-    fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
-        Box::pin(async move {
-            ctx.shutdown.cancelled().await;
-            Ok(())
-        })
-    }
-    fn status(&self) -> SourceStatus {
-        SourceStatus {
-            state: SourceState::Running,
-            published: 0,
-            completed: 0,
-            pending: 0,
-            last_event_age: Some(Duration::ZERO),
-            last_error: None,
-        }
-    }
-    fn load_content<'a>(
-        &'a self,
-        _t: &'a Task,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
-        Box::pin(async { Ok(None) })
-    }
-    fn complete<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
-
 /// A worker process: runs the runtime until the queue is drained (or it aborts).
 fn worker(url: &str, consumer: &str) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -117,8 +61,12 @@ fn worker(url: &str, consumer: &str) {
         let queue = Arc::new(RedisQueue::new("jobs", queue_config(url, consumer)).expect("queue"));
         let mut runtime = RuntimeBuilder::new(Arc::new(config))
             .queue("jobs", queue)
-            .source(Arc::new(NoSource), "jobs")
-            .module(Arc::new(Module))
+            .source(Arc::new(NullSource("test")), "jobs")
+            .module(Arc::new(OneHandler {
+                pool: "jobs",
+                kind: "job",
+                handler: Arc::new(AbortOnPoison),
+            }))
             .build()
             .await
             .expect("build");

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use plba_testkit::OneHandler;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_contracts::*;
 use runtime_core::config::ConfigOrigin;
@@ -146,29 +147,6 @@ impl TaskHandler for ScriptHandler {
     }
 }
 
-struct ScriptModule(Arc<ScriptHandler>);
-impl ApplicationModule for ScriptModule {
-    fn name(&self) -> &str {
-        "script"
-    }
-    fn config_section(&self) -> &str {
-        "apps.script"
-    }
-    fn validate_config(&self, _section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
-        Vec::new()
-    }
-    fn register<'a>(
-        &'a self,
-        registry: &'a mut dyn ModuleRegistry,
-        _config: &'a dyn ConfigProvider,
-    ) -> BoxFuture<'a, Result<(), ModuleError>> {
-        Box::pin(async move {
-            registry.handler("jobs", "job", self.0.clone());
-            Ok(())
-        })
-    }
-}
-
 struct Rig {
     runtime: RuntimeManager,
     source: Arc<ScriptSource>,
@@ -200,7 +178,11 @@ async fn rig(script: Vec<&'static str>, pool_toml: &str, deadline_ms: u64) -> Ri
     let mut runtime = RuntimeBuilder::new(Arc::new(config))
         .queue("jobs", queue.clone())
         .source(source.clone(), "jobs")
-        .module(Arc::new(ScriptModule(handler.clone())))
+        .module(Arc::new(OneHandler {
+            pool: "jobs",
+            kind: "job",
+            handler: handler.clone(),
+        }))
         .build()
         .await
         .expect("build");

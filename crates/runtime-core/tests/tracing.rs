@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::trace::TraceContextExt;
+use plba_testkit::OneHandler;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_contracts::*;
 use runtime_core::config::ConfigOrigin;
@@ -82,29 +83,6 @@ impl TaskHandler for Recorder {
     }
 }
 
-struct Module(Arc<Recorder>);
-impl ApplicationModule for Module {
-    fn name(&self) -> &str {
-        "m"
-    }
-    fn config_section(&self) -> &str {
-        "apps.m"
-    }
-    fn validate_config(&self, _s: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
-        Vec::new()
-    }
-    fn register<'a>(
-        &'a self,
-        r: &'a mut dyn ModuleRegistry,
-        _c: &'a dyn ConfigProvider,
-    ) -> BoxFuture<'a, Result<(), ModuleError>> {
-        Box::pin(async move {
-            r.handler("jobs", "job", self.0.clone());
-            Ok(())
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_run_in_the_trace_the_source_started() {
     let logs = runtime_core::install_subscriber("warn").expect("first subscriber");
@@ -126,7 +104,11 @@ async fn retries_run_in_the_trace_the_source_started() {
             Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default())),
         )
         .source(Arc::new(OneTask), "jobs")
-        .module(Arc::new(Module(recorder.clone())))
+        .module(Arc::new(OneHandler {
+            pool: "jobs",
+            kind: "job",
+            handler: recorder.clone(),
+        }))
         .build()
         .await
         .expect("build");

@@ -1,12 +1,100 @@
 //! The workspace's test harness: real servers started on free loopback ports from a private
 //! temp dir, stopped when dropped. A test that needs a server and cannot get one fails with
 //! a clear message; it never skips. `scripts/test.sh` installs the servers when missing.
+//!
+//! Also the two parts many runtime tests need around the part they test: a source that
+//! publishes nothing ([`NullSource`]) and a module that registers one handler
+//! ([`OneHandler`]).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use runtime_contracts::{
+    ApplicationModule, BoxFuture, ConfigProblem, ConfigProvider, ModuleError, ModuleRegistry,
+    SourceContext, SourceError, SourceState, SourceStatus, Task, TaskHandler, TaskSource,
+};
+
+/// A source with id `id` that publishes nothing (tests publish themselves), has nothing to
+/// load, and completes without doing anything. It reports one scan at once, so that
+/// `wait_until_idle` depends on the queues alone.
+#[derive(Debug)]
+pub struct NullSource(pub &'static str);
+
+impl TaskSource for NullSource {
+    fn id(&self) -> &str {
+        self.0
+    }
+    fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(async move {
+            ctx.shutdown.cancelled().await;
+            Ok(())
+        })
+    }
+    fn status(&self) -> SourceStatus {
+        SourceStatus {
+            state: SourceState::Running,
+            published: 0,
+            completed: 0,
+            pending: 0,
+            last_event_age: Some(Duration::ZERO),
+            last_error: None,
+        }
+    }
+    fn load_content<'a>(
+        &'a self,
+        _t: &'a Task,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn complete<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A module that registers one handler for `kind` on `pool` and has no configuration.
+pub struct OneHandler {
+    /// The pool.
+    pub pool: &'static str,
+    /// The task kind.
+    pub kind: &'static str,
+    /// The handler.
+    pub handler: Arc<dyn TaskHandler>,
+}
+
+impl std::fmt::Debug for OneHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneHandler")
+            .field("pool", &self.pool)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl ApplicationModule for OneHandler {
+    fn name(&self) -> &str {
+        "test-module"
+    }
+    fn config_section(&self) -> &str {
+        "apps.test"
+    }
+    fn validate_config(&self, _section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+        Vec::new()
+    }
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        _config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
+        Box::pin(async move {
+            registry.handler(self.pool, self.kind, Arc::clone(&self.handler));
+            Ok(())
+        })
+    }
+}
 
 /// A free TCP port on 127.0.0.1 (free when asked; the server binds it right after).
 pub fn free_port() -> u16 {
