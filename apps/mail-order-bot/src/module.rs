@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::domain::clients::{ClientDirectory, ClientEntry};
 use crate::domain::extract::CsvLimits;
-use crate::domain::message::{identity_of, read_mail, sha256_hex, MailFacts};
+use crate::domain::message::{identity_of, read_mail, rfc822_parts, sha256_hex, MailFacts};
 use crate::domain::store::{NewOrder, OrderStore, Recorded, Recording};
 use crate::domain::OutcomeKind;
 
@@ -36,6 +36,10 @@ pub struct BotConfig {
     /// Most data rows read from one CSV attachment.
     #[serde(default = "default_csv_max_rows")]
     pub csv_max_rows: usize,
+    /// Most `message/rfc822` parts a message may declare (forwarded mail); beyond, it is
+    /// `rejected` unparsed, because the parser aborts the process on very deep nesting.
+    #[serde(default = "default_max_rfc822_nesting")]
+    pub max_rfc822_nesting: usize,
     /// Demo only: copy the bundled sample mail into this Maildir before starting (a
     /// sample already there, seen or not, is not copied again).
     #[serde(default)]
@@ -50,6 +54,9 @@ fn default_pool() -> String {
 }
 fn default_kind() -> String {
     "mail.message".to_owned()
+}
+fn default_max_rfc822_nesting() -> usize {
+    64
 }
 fn default_csv_max_rows() -> usize {
     CsvLimits::default().max_rows
@@ -143,6 +150,7 @@ pub struct OrderHandler {
     store: OrderStore,
     clients: Arc<ClientDirectory>,
     csv_limits: CsvLimits,
+    max_rfc822_nesting: usize,
 }
 
 impl OrderHandler {
@@ -155,6 +163,7 @@ impl OrderHandler {
                 max_rows: cfg.csv_max_rows,
                 ..CsvLimits::default()
             },
+            max_rfc822_nesting: cfg.max_rfc822_nesting,
         }
     }
 
@@ -210,6 +219,37 @@ impl OrderHandler {
         rec
     }
 
+    /// Records a `rejected` outcome for a message that is never parsed.
+    async fn reject(
+        &self,
+        task: &Task,
+        raw: &[u8],
+        reason: String,
+    ) -> Result<Outcome, HandlerError> {
+        let rec = Recording {
+            identity: format!("sha256:{}", sha256_hex(raw)),
+            content_sha256: sha256_hex(raw),
+            sender: None,
+            subject: None,
+            task_id: task.id.to_string(),
+            outcome: OutcomeKind::Rejected,
+            reason: Some(reason.clone()),
+            order: None,
+        };
+        let recorded = self
+            .store
+            .record(&rec)
+            .await
+            .map_err(|e| HandlerError::retry(format!("recording the outcome: {e}")))?;
+        Ok(match recorded {
+            Recorded::New { .. } => {
+                Outcome::new(OutcomeKind::Rejected.as_str()).with_detail(reason)
+            }
+            Recorded::Duplicate { earlier, .. } => Outcome::new(OutcomeKind::Duplicate.as_str())
+                .with_detail(format!("{} already recorded as {earlier}", rec.identity)),
+        })
+    }
+
     async fn handle_task(
         &self,
         task: &Task,
@@ -218,6 +258,19 @@ impl OrderHandler {
         let Some(raw) = self.load(task, ctx).await? else {
             return Ok(Outcome::new("skipped").with_detail("message gone"));
         };
+        let parts = rfc822_parts(&raw);
+        if parts > self.max_rfc822_nesting {
+            return self
+                .reject(
+                    task,
+                    &raw,
+                    format!(
+                        "max_rfc822_nesting: {parts} message/rfc822 parts, above the limit of {}",
+                        self.max_rfc822_nesting
+                    ),
+                )
+                .await;
+        }
         let limits = self.csv_limits;
         // Parsing is CPU work on untrusted input: keep it off the async worker threads.
         let facts = tokio::task::spawn_blocking(move || read_mail(&raw, limits))

@@ -233,6 +233,17 @@ async fn malformed_mail_gets_a_recorded_outcome_never_a_panic() {
             "no_lines",
         ),
         (
+            // ~30,000 nested forwards: mail-parser 0.11 aborts the process on this (stack
+            // overflow in Drop), so it must be rejected before parsing.
+            "nested-rfc822",
+            format!(
+                "From: purchasing@acme.example\r\nMessage-ID: <deep@test.example>\r\nContent-Type: message/rfc822\r\n\r\n{}Subject: x\r\n\r\nSKU-1 x 1\r\n",
+                "Content-Type: message/rfc822\r\n\r\n".repeat(30_000)
+            )
+            .into_bytes(),
+            "rejected",
+        ),
+        (
             "no-blank-line-huge-header",
             format!("From: purchasing@acme.example\r\nX-Long: {}\r\n", "a".repeat(200_000)).into_bytes(),
             "no_lines",

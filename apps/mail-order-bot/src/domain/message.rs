@@ -20,6 +20,17 @@ pub struct MailFacts {
     pub extraction: Extraction,
 }
 
+/// How many `message/rfc822` parts the raw bytes declare, counted without parsing
+/// (case-insensitive). mail-parser 0.11 overflows its stack on deeply nested messages and
+/// aborts the process in `Drop`, where no `catch_unwind` can help, so depth must be bounded
+/// before the parser ever sees the bytes. Counting every declaration bounds the depth.
+pub fn rfc822_parts(raw: &[u8]) -> usize {
+    const NEEDLE: &[u8] = b"message/rfc822";
+    raw.windows(NEEDLE.len())
+        .filter(|w| w.eq_ignore_ascii_case(NEEDLE))
+        .count()
+}
+
 /// SHA-256 of `bytes`, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -128,6 +139,15 @@ mod tests {
         let raw = "From: \"orders@acme.example\" <mallory@evil.example>\r\n\r\nSKU-1 x 1";
         let facts = read_mail(raw.as_bytes(), CsvLimits::default());
         assert_eq!(facts.sender.as_deref(), Some("mallory@evil.example"));
+    }
+
+    #[test]
+    fn rfc822_parts_are_counted_in_any_case() {
+        assert_eq!(
+            rfc822_parts(b"Content-Type: Message/RFC822\r\n\r\nContent-Type: message/rfc822"),
+            2
+        );
+        assert_eq!(rfc822_parts(b"Content-Type: text/plain"), 0);
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum OutcomeKind {
     UnknownClient,
     /// No order lines were found.
     NoLines,
+    /// A safety limit was hit (the reason names it); the message is never parsed.
+    Rejected,
     /// The message could not be handled after every attempt; it stays unread.
     Failed,
 }
@@ -33,6 +35,7 @@ impl OutcomeKind {
             Self::Duplicate => "duplicate",
             Self::UnknownClient => "unknown_client",
             Self::NoLines => "no_lines",
+            Self::Rejected => "rejected",
             Self::Failed => "failed",
         }
     }
