@@ -305,3 +305,73 @@ pub fn assert_seen_only_with_outcome(ws: &Workspace, outcomes: &HashMap<String, 
         }
     }
 }
+
+/// A bot process whose output goes to files in the workspace (a pipe nobody reads would fill
+/// up and stall it).
+pub struct BotProcess {
+    pub child: std::process::Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl BotProcess {
+    /// Starts `mail-order-bot run --config CONFIG [--once]` in the workspace.
+    pub fn spawn(ws: &Workspace, config: &std::path::Path, once: bool) -> Self {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let stdout = ws.dir.path().join(format!("bot-{n}.out"));
+        let stderr = ws.dir.path().join(format!("bot-{n}.err"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"));
+        cmd.arg("run").arg("--config").arg(config);
+        if once {
+            cmd.arg("--once");
+        }
+        let child = cmd
+            .current_dir(ws.dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn the bot");
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, sig).expect("send signal");
+    }
+
+    /// Waits for the exit: the exit code (-1 when killed by a signal), stdout and stderr.
+    pub fn finish(mut self) -> (i32, String, String) {
+        let status = self.child.wait().expect("wait");
+        let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        (
+            status.code().unwrap_or(-1),
+            read(&self.stdout),
+            read(&self.stderr),
+        )
+    }
+}
+
+/// Orders in the workspace's store so far (0 before the bot created it).
+pub async fn orders_so_far(ws: &Workspace) -> usize {
+    if !ws.dir.path().join("orders.db").exists() {
+        return 0;
+    }
+    ws.store()
+        .await
+        .orders_after(0)
+        .await
+        .map(|o| o.len())
+        .unwrap_or(0)
+}
+
+/// Messages not marked seen.
+pub fn unseen(ws: &Workspace) -> usize {
+    ws.seen_flags().values().filter(|s| !**s).count()
+}
