@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use runtime_contracts::config::parse_section_with_unknown;
+use runtime_contracts::config::{parse_section_with_unknown, require_positive};
 use runtime_contracts::{
     ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
     HandlerError, HealthContributor, HealthStatus, ModuleError, ModuleRegistry, Outcome, Probe,
@@ -82,12 +82,13 @@ impl BotConfig {
                 format!("{:?} is not supported; use sqlite://PATH", config.store_url),
             ));
         }
-        if config.csv_max_rows == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{SECTION}.csv_max_rows"),
-                "must be at least 1",
-            ));
-        }
+        problems.extend(require_positive(
+            SECTION,
+            &[
+                ("csv_max_rows", config.csv_max_rows as u64),
+                ("max_rfc822_nesting", config.max_rfc822_nesting as u64),
+            ],
+        ));
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
-use plba_testkit::NullSource;
+use plba_testkit::StaticSource;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_contracts::{
     BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler, TaskQueue, TaskSource,
@@ -118,8 +118,10 @@ async fn plba_round(n: u64, prefetch: usize) -> Duration {
     let mut supervisor = WorkerSupervisor::new();
     let handlers: HashMap<String, Arc<dyn TaskHandler>> =
         HashMap::from([("noop".to_owned(), Arc::new(Noop) as _)]);
-    let sources: HashMap<String, Arc<dyn TaskSource>> =
-        HashMap::from([("bench".to_owned(), Arc::new(NullSource("bench")) as _)]);
+    let sources: HashMap<String, Arc<dyn TaskSource>> = HashMap::from([(
+        "bench".to_owned(),
+        Arc::new(StaticSource::empty("bench")) as _,
+    )]);
     supervisor.start_pool(
         PoolSpec {
             name: "bench".into(),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plba_testkit::{NullSource, RedisServer};
+use plba_testkit::{RedisServer, StaticSource};
 use runtime_adapters::queue::redis::{RedisQueue, RedisQueueConfig};
 use runtime_contracts::{
     BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler, TaskQueue, TaskSource,
@@ -198,8 +198,10 @@ async fn plba(url: &str, n: u64, consumers: usize, produce: bool) -> Duration {
     let mut supervisor = WorkerSupervisor::new();
     let handlers: HashMap<String, Arc<dyn TaskHandler>> =
         HashMap::from([("noop".to_owned(), Arc::new(Noop(Arc::clone(&handled))) as _)]);
-    let sources: HashMap<String, Arc<dyn TaskSource>> =
-        HashMap::from([("bench".to_owned(), Arc::new(NullSource("bench")) as _)]);
+    let sources: HashMap<String, Arc<dyn TaskSource>> = HashMap::from([(
+        "bench".to_owned(),
+        Arc::new(StaticSource::empty("bench")) as _,
+    )]);
     supervisor.start_pool(
         PoolSpec {
             name: "bench".into(),

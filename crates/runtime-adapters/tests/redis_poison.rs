@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plba_testkit::{NullSource, OneHandler, RedisServer};
+use plba_testkit::{OneHandler, RedisServer, StaticSource};
 use runtime_adapters::queue::redis::{RedisQueue, RedisQueueConfig};
 use runtime_contracts::*;
 use runtime_core::config::ConfigOrigin;
@@ -61,11 +61,12 @@ fn worker(url: &str, consumer: &str) {
         let queue = Arc::new(RedisQueue::new("jobs", queue_config(url, consumer)).expect("queue"));
         let mut runtime = RuntimeBuilder::new(Arc::new(config))
             .queue("jobs", queue)
-            .source(Arc::new(NullSource("test")), "jobs")
+            .source(Arc::new(StaticSource::empty("test")), "jobs")
             .module(Arc::new(OneHandler {
                 pool: "jobs",
                 kind: "job",
                 handler: Arc::new(AbortOnPoison),
+                source: None,
             }))
             .build()
             .await

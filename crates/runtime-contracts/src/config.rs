@@ -24,6 +24,21 @@ impl ConfigProblem {
     }
 }
 
+/// One problem per key whose value is zero: `must be at least 1`. The one check every
+/// section has (counts, sizes, durations), written once.
+///
+/// ```
+/// let p = runtime_contracts::config::require_positive("pools.a", &[("workers", 0), ("prefetch", 4)]);
+/// assert_eq!(p, [runtime_contracts::ConfigProblem::new("pools.a.workers", "must be at least 1")]);
+/// ```
+pub fn require_positive(prefix: &str, values: &[(&str, u64)]) -> Vec<ConfigProblem> {
+    values
+        .iter()
+        .filter(|(_, v)| *v == 0)
+        .map(|(key, _)| ConfigProblem::new(format!("{prefix}.{key}"), "must be at least 1"))
+        .collect()
+}
+
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.key, self.message)

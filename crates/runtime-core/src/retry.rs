@@ -43,13 +43,10 @@ impl RetryPolicy {
     /// Problems with the policy's values, keyed under `prefix`.
     pub fn problems(&self, prefix: &str) -> Vec<runtime_contracts::ConfigProblem> {
         use runtime_contracts::ConfigProblem;
-        let mut problems = Vec::new();
-        if self.initial_backoff_ms == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.initial_backoff_ms"),
-                "must be at least 1",
-            ));
-        }
+        let mut problems = runtime_contracts::config::require_positive(
+            prefix,
+            &[("initial_backoff_ms", self.initial_backoff_ms)],
+        );
         if self.max_backoff_ms < self.initial_backoff_ms {
             problems.push(ConfigProblem::new(
                 format!("{prefix}.max_backoff_ms"),

@@ -182,6 +182,7 @@ async fn rig(script: Vec<&'static str>, pool_toml: &str, deadline_ms: u64) -> Ri
             pool: "jobs",
             kind: "job",
             handler: handler.clone(),
+            source: None,
         }))
         .build()
         .await
@@ -377,35 +378,6 @@ async fn a_dead_worker_is_restarted() {
     assert_eq!(worker.runs.load(Ordering::SeqCst), 2);
 }
 
-/// A module that brings its own source and declares its pool without configuring it.
-struct SelfContained {
-    handler: Arc<ScriptHandler>,
-    source: Arc<ScriptSource>,
-}
-impl ApplicationModule for SelfContained {
-    fn name(&self) -> &str {
-        "self-contained"
-    }
-    fn config_section(&self) -> &str {
-        "apps.self_contained"
-    }
-    fn validate_config(&self, _section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
-        Vec::new()
-    }
-    fn register<'a>(
-        &'a self,
-        registry: &'a mut dyn ModuleRegistry,
-        _config: &'a dyn ConfigProvider,
-    ) -> BoxFuture<'a, Result<(), ModuleError>> {
-        Box::pin(async move {
-            registry.pool("jobs");
-            registry.handler("jobs", "job", self.handler.clone());
-            registry.source(self.source.clone(), "jobs");
-            Ok(())
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_can_bring_its_source_and_an_unconfigured_pool_runs_with_defaults() {
     let config = ConfigurationManager::builder()
@@ -427,9 +399,12 @@ async fn a_module_can_bring_its_source_and_an_unconfigured_pool_runs_with_defaul
     let made = Arc::new(AtomicUsize::new(0));
     let counter = made.clone();
     let mut runtime = RuntimeBuilder::new(Arc::new(config))
-        .module(Arc::new(SelfContained {
+        // A module that brings its own source and declares its pool without configuring it.
+        .module(Arc::new(OneHandler {
+            pool: "jobs",
+            kind: "job",
             handler,
-            source: source.clone(),
+            source: Some(source.clone()),
         }))
         .queue_factory(move |pool| -> Arc<dyn TaskQueue> {
             counter.fetch_add(1, Ordering::SeqCst);

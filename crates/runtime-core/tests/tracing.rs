@@ -6,47 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::trace::TraceContextExt;
-use plba_testkit::OneHandler;
+use plba_testkit::{OneHandler, StaticSource};
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_contracts::*;
 use runtime_core::config::ConfigOrigin;
 use runtime_core::{ConfigurationManager, RuntimeBuilder, TraceService};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-struct OneTask;
-impl TaskSource for OneTask {
-    fn id(&self) -> &str {
-        "one"
-    }
-    fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
-        Box::pin(async move {
-            let mut task = Task::new("t", "job", "one", serde_json::Value::Null).expect("task");
-            ctx.tracer.inject_current(&mut task.headers);
-            ctx.queue.publish(task).await.expect("publish");
-            ctx.shutdown.cancelled().await;
-            Ok(())
-        })
-    }
-    fn status(&self) -> SourceStatus {
-        SourceStatus {
-            state: SourceState::Running,
-            published: 1,
-            completed: 0,
-            pending: 0,
-            last_event_age: Some(Duration::ZERO),
-            last_error: None,
-        }
-    }
-    fn load_content<'a>(
-        &'a self,
-        _t: &'a Task,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
-        Box::pin(async { Ok(None) })
-    }
-    fn complete<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
 
 /// Fails twice, then succeeds; records the trace id it ran under and the task's header.
 #[derive(Default)]
@@ -103,11 +68,18 @@ async fn retries_run_in_the_trace_the_source_started() {
             "jobs",
             Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default())),
         )
-        .source(Arc::new(OneTask), "jobs")
+        .source(
+            Arc::new(StaticSource::publishing(
+                "one",
+                vec![Task::new("t", "job", "one", serde_json::Value::Null).expect("task")],
+            )),
+            "jobs",
+        )
         .module(Arc::new(OneHandler {
             pool: "jobs",
             kind: "job",
             handler: recorder.clone(),
+            source: None,
         }))
         .build()
         .await

@@ -3,8 +3,8 @@
 //! a clear message; it never skips. `scripts/test.sh` installs the servers when missing.
 //!
 //! Also the two parts many runtime tests need around the part they test: a source that
-//! publishes nothing ([`NullSource`]) and a module that registers one handler
-//! ([`OneHandler`]).
+//! publishes a fixed list of tasks, or none ([`StaticSource`]), and a module that registers
+//! one handler ([`OneHandler`]).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,18 +18,52 @@ use runtime_contracts::{
     SourceContext, SourceError, SourceState, SourceStatus, Task, TaskHandler, TaskSource,
 };
 
-/// A source with id `id` that publishes nothing (tests publish themselves), has nothing to
-/// load, and completes without doing anything. It reports one scan at once, so that
+/// A source that publishes a fixed list of tasks when started (with the trace context
+/// written into each, as a real source does), then waits for shutdown. It has nothing to
+/// load, completes without doing anything, and reports its scan at once, so that
 /// `wait_until_idle` depends on the queues alone.
-#[derive(Debug)]
-pub struct NullSource(pub &'static str);
+pub struct StaticSource {
+    id: &'static str,
+    tasks: std::sync::Mutex<Vec<Task>>,
+}
 
-impl TaskSource for NullSource {
+impl std::fmt::Debug for StaticSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticSource")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StaticSource {
+    /// A source that publishes nothing (the test publishes itself).
+    pub fn empty(id: &'static str) -> Self {
+        Self::publishing(id, Vec::new())
+    }
+
+    /// A source that publishes `tasks` once, when started.
+    pub fn publishing(id: &'static str, tasks: Vec<Task>) -> Self {
+        Self {
+            id,
+            tasks: std::sync::Mutex::new(tasks),
+        }
+    }
+}
+
+impl TaskSource for StaticSource {
     fn id(&self) -> &str {
-        self.0
+        self.id
     }
     fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(async move {
+            let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+            for mut task in tasks {
+                ctx.tracer.inject_current(&mut task.headers);
+                ctx.queue.publish(task).await.map_err(|e| SourceError::Io {
+                    source_id: self.id.to_owned(),
+                    message: e.to_string(),
+                })?;
+            }
             ctx.shutdown.cancelled().await;
             Ok(())
         })
@@ -55,7 +89,8 @@ impl TaskSource for NullSource {
     }
 }
 
-/// A module that registers one handler for `kind` on `pool` and has no configuration.
+/// A module that registers one handler for `kind` on `pool` (declaring the pool), and
+/// optionally a source of its own publishing to it; it has no configuration.
 pub struct OneHandler {
     /// The pool.
     pub pool: &'static str,
@@ -63,6 +98,8 @@ pub struct OneHandler {
     pub kind: &'static str,
     /// The handler.
     pub handler: Arc<dyn TaskHandler>,
+    /// A source the module brings, if any.
+    pub source: Option<Arc<dyn TaskSource>>,
 }
 
 impl std::fmt::Debug for OneHandler {
@@ -90,7 +127,11 @@ impl ApplicationModule for OneHandler {
         _config: &'a dyn ConfigProvider,
     ) -> BoxFuture<'a, Result<(), ModuleError>> {
         Box::pin(async move {
+            registry.pool(self.pool);
             registry.handler(self.pool, self.kind, Arc::clone(&self.handler));
+            if let Some(source) = &self.source {
+                registry.source(Arc::clone(source), self.pool);
+            }
             Ok(())
         })
     }

@@ -122,18 +122,17 @@ impl ControlConfig {
             }
             Ok(_) => {}
         }
-        for (key, zero) in [
-            ("max_body_bytes", self.max_body_bytes == 0),
-            ("request_timeout_ms", self.request_timeout_ms == 0),
-            ("max_concurrent_requests", self.max_concurrent_requests == 0),
-        ] {
-            if zero {
-                problems.push(ConfigProblem::new(
-                    format!("{prefix}.{key}"),
-                    "must be at least 1",
-                ));
-            }
-        }
+        problems.extend(runtime_contracts::config::require_positive(
+            prefix,
+            &[
+                ("max_body_bytes", self.max_body_bytes as u64),
+                ("request_timeout_ms", self.request_timeout_ms),
+                (
+                    "max_concurrent_requests",
+                    self.max_concurrent_requests as u64,
+                ),
+            ],
+        ));
         problems
     }
 }

@@ -41,21 +41,13 @@ impl Default for MemoryQueueConfig {
 impl MemoryQueueConfig {
     /// Problems with these values, keyed under `prefix`.
     pub fn problems(&self, prefix: &str) -> Vec<runtime_contracts::ConfigProblem> {
-        use runtime_contracts::ConfigProblem;
-        let mut problems = Vec::new();
-        if self.capacity == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.capacity"),
-                "must be at least 1",
-            ));
-        }
-        if self.lease_timeout_ms == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.lease_timeout_ms"),
-                "must be at least 1",
-            ));
-        }
-        problems
+        runtime_contracts::config::require_positive(
+            prefix,
+            &[
+                ("capacity", self.capacity as u64),
+                ("lease_timeout_ms", self.lease_timeout_ms),
+            ],
+        )
     }
 }
 

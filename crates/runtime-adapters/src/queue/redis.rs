@@ -82,22 +82,18 @@ impl RedisQueueConfig {
                 "not a redis:// URL",
             ));
         }
-        for (key, zero) in [
-            ("pool_size", self.pool_size == 0),
-            ("batch_size", self.batch_size == 0),
-            ("claim_min_idle_ms", self.claim_min_idle_ms == 0),
-            ("reclaim_interval_ms", self.reclaim_interval_ms == 0),
-            ("max_deliveries", self.max_deliveries == 0),
-            ("max_entry_bytes", self.max_entry_bytes == 0),
-            ("dedupe_ttl_secs", self.dedupe_ttl_secs == 0),
-        ] {
-            if zero {
-                problems.push(ConfigProblem::new(
-                    format!("{prefix}.{key}"),
-                    "must be at least 1",
-                ));
-            }
-        }
+        problems.extend(runtime_contracts::config::require_positive(
+            prefix,
+            &[
+                ("pool_size", self.pool_size as u64),
+                ("batch_size", self.batch_size as u64),
+                ("claim_min_idle_ms", self.claim_min_idle_ms),
+                ("reclaim_interval_ms", self.reclaim_interval_ms),
+                ("max_deliveries", self.max_deliveries),
+                ("max_entry_bytes", self.max_entry_bytes as u64),
+                ("dedupe_ttl_secs", self.dedupe_ttl_secs),
+            ],
+        ));
         for (pool, timeout) in handler_timeouts {
             if self.claim_min_idle_ms <= *timeout {
                 problems.push(ConfigProblem::new(

@@ -54,19 +54,13 @@ fn default_max_message_bytes() -> u64 {
 impl MaildirConfig {
     /// Problems with these values, keyed under `prefix`.
     pub fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
-        let mut problems = Vec::new();
-        if self.poll_interval_ms == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.poll_interval_ms"),
-                "must be at least 1",
-            ));
-        }
-        if self.max_message_bytes == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.max_message_bytes"),
-                "must be at least 1",
-            ));
-        }
+        let mut problems = runtime_contracts::config::require_positive(
+            prefix,
+            &[
+                ("poll_interval_ms", self.poll_interval_ms),
+                ("max_message_bytes", self.max_message_bytes),
+            ],
+        );
         if !self.create_if_missing {
             for sub in ["new", "cur"] {
                 if !self.path.join(sub).is_dir() {

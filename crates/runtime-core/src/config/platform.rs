@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use runtime_contracts::config::{parse_section, parse_section_with_unknown};
+use runtime_contracts::config::{parse_section, parse_section_with_unknown, require_positive};
 use runtime_contracts::ConfigProblem;
 use serde::{Deserialize, Serialize};
 
@@ -79,41 +79,25 @@ impl PoolConfig {
     }
 
     fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
-        let mut problems = Vec::new();
-        if self.workers == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.workers"),
-                "must be at least 1",
-            ));
-        }
+        let mut problems = require_positive(
+            prefix,
+            &[
+                ("workers", self.workers as u64),
+                ("handler_timeout_ms", self.handler_timeout_ms),
+                ("max_attempts", u64::from(self.max_attempts)),
+                ("high_watermark", self.high_watermark as u64),
+            ],
+        );
         if self.workers > 1024 {
             problems.push(ConfigProblem::new(
                 format!("{prefix}.workers"),
                 "must be at most 1024",
             ));
         }
-        if self.handler_timeout_ms == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.handler_timeout_ms"),
-                "must be at least 1",
-            ));
-        }
-        if self.max_attempts == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.max_attempts"),
-                "must be at least 1",
-            ));
-        }
         if !(1..=1024).contains(&self.prefetch) {
             problems.push(ConfigProblem::new(
                 format!("{prefix}.prefetch"),
                 "must be between 1 and 1024",
-            ));
-        }
-        if self.high_watermark == 0 {
-            problems.push(ConfigProblem::new(
-                format!("{prefix}.high_watermark"),
-                "must be at least 1",
             ));
         }
         problems.extend(self.retry.problems(&format!("{prefix}.retry")));
@@ -159,18 +143,14 @@ impl PlatformConfig {
             Some(_) => problems.push(ConfigProblem::new("pools", "must be a table of pools")),
         }
         if let Some(rt) = &runtime {
-            for (key, value) in [
-                ("shutdown_deadline_ms", rt.shutdown_deadline_ms),
-                ("source_progress_bound_ms", rt.source_progress_bound_ms),
-                ("pool_progress_bound_ms", rt.pool_progress_bound_ms),
-            ] {
-                if value == 0 {
-                    problems.push(ConfigProblem::new(
-                        format!("runtime.{key}"),
-                        "must be at least 1",
-                    ));
-                }
-            }
+            problems.extend(require_positive(
+                "runtime",
+                &[
+                    ("shutdown_deadline_ms", rt.shutdown_deadline_ms),
+                    ("source_progress_bound_ms", rt.source_progress_bound_ms),
+                    ("pool_progress_bound_ms", rt.pool_progress_bound_ms),
+                ],
+            ));
             if tracing_subscriber::EnvFilter::try_new(&rt.log).is_err() {
                 problems.push(ConfigProblem::new(
                     "runtime.log",
