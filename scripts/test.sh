@@ -2,10 +2,10 @@
 # Runs the whole test suite. Installs what the tests need when it is missing, starts any
 # servers on free loopback ports and stops them afterwards.
 #
-# Today the suite needs only the Rust toolchain: SQLite is compiled in (sqlx bundles it)
-# and every other part (Maildir, in-memory queue) is plain files and memory. Servers named
-# by later capabilities (redis-server, dovecot-imapd, PostgreSQL) are installed and started
-# here, never skipped.
+# SQLite is compiled in (sqlx bundles it). The tests start their own redis-server and their
+# own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root) on
+# free loopback ports; this script installs the packages when they are missing. A test that
+# needs a server it cannot start fails; none is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,7 @@ status=0
 # Servers the tests start privately, on free loopback ports (they never use a running one).
 missing=()
 need redis-server || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+need initdb || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "error: missing ${missing[*]} and not root; install them with apt-get" >&2

@@ -13,10 +13,11 @@ use runtime_contracts::{
 };
 use serde::Deserialize;
 
-use crate::domain::clients::{ClientDirectory, ClientEntry};
+use crate::domain::clients::{load_clients_file, ClientDirectory, ClientEntry};
 use crate::domain::extract::CsvLimits;
-use crate::domain::message::{identity_of, read_mail, rfc822_parts, sha256_hex, MailFacts};
-use crate::domain::store::{NewOrder, OrderStore, Recorded, Recording};
+use crate::domain::message::{identity_of, read_mail, sha256_hex, MailFacts, MailLimits};
+use crate::domain::sheets::SheetLimits;
+use crate::domain::store::{Backend, NewOrder, OrderStore, Recorded, Recording};
 use crate::domain::OutcomeKind;
 
 /// The module's configuration key.
@@ -25,7 +26,7 @@ pub const SECTION: &str = "apps.mail_order_bot";
 /// `[apps.mail_order_bot]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct BotConfig {
-    /// Where orders and outcomes are stored: `sqlite://PATH`.
+    /// Where orders and outcomes are stored: `sqlite://PATH` or `postgres://…`.
     pub store_url: String,
     /// The worker pool whose tasks the bot handles.
     #[serde(default = "default_pool")]
@@ -33,9 +34,24 @@ pub struct BotConfig {
     /// The task kind the bot handles.
     #[serde(default = "default_kind")]
     pub task_kind: String,
-    /// Most data rows read from one CSV attachment.
+    /// Largest message read, in bytes; larger ones are `rejected` unparsed.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Most data rows read from one table (CSV, spreadsheet, HTML).
     #[serde(default = "default_csv_max_rows")]
     pub csv_max_rows: usize,
+    /// Longest CSV record, in bytes; longer ones are reported as invalid.
+    #[serde(default = "default_csv_max_line_bytes")]
+    pub csv_max_line_bytes: usize,
+    /// Most uncompressed bytes an XLSX or ODS attachment (a zip) may declare.
+    #[serde(default = "default_xlsx_max_uncompressed_bytes")]
+    pub xlsx_max_uncompressed_bytes: u64,
+    /// Highest compression ratio of a zip entry above 1 MiB in an XLSX or ODS attachment.
+    #[serde(default = "default_zip_max_ratio")]
+    pub zip_max_ratio: u64,
+    /// Most cells a spreadsheet sheet may span (rows × columns).
+    #[serde(default = "default_sheet_max_cells")]
+    pub sheet_max_cells: u64,
     /// Most `message/rfc822` parts a message may declare (forwarded mail); beyond, it is
     /// `rejected` unparsed, because the parser aborts the process on very deep nesting.
     #[serde(default = "default_max_rfc822_nesting")]
@@ -44,9 +60,16 @@ pub struct BotConfig {
     /// sample already there, seen or not, is not copied again).
     #[serde(default)]
     pub seed_samples_into: Option<PathBuf>,
-    /// The client directory.
+    /// Clients listed in the configuration.
     #[serde(default)]
     pub clients: Vec<ClientEntry>,
+    /// A file with more clients: TOML (`[[clients]]` tables) or CSV (columns `id`, `name`,
+    /// `addresses`, `domains`, optional `attachments`, `read_body`; lists separated by `;`).
+    #[serde(default)]
+    pub clients_file: Option<PathBuf>,
+    /// Also read clients from the store's `clients` table.
+    #[serde(default)]
+    pub clients_from_store: bool,
 }
 
 fn default_pool() -> String {
@@ -61,8 +84,41 @@ fn default_max_rfc822_nesting() -> usize {
 fn default_csv_max_rows() -> usize {
     CsvLimits::default().max_rows
 }
+fn default_csv_max_line_bytes() -> usize {
+    CsvLimits::default().max_record_bytes
+}
+fn default_max_message_bytes() -> usize {
+    MailLimits::default().max_message_bytes
+}
+fn default_xlsx_max_uncompressed_bytes() -> u64 {
+    SheetLimits::default().max_uncompressed_bytes
+}
+fn default_zip_max_ratio() -> u64 {
+    SheetLimits::default().max_zip_ratio
+}
+fn default_sheet_max_cells() -> u64 {
+    SheetLimits::default().max_cells
+}
 
 impl BotConfig {
+    /// The limits applied to each message.
+    pub fn limits(&self) -> MailLimits {
+        MailLimits {
+            max_message_bytes: self.max_message_bytes,
+            max_rfc822_nesting: self.max_rfc822_nesting,
+            csv: CsvLimits {
+                max_rows: self.csv_max_rows,
+                max_record_bytes: self.csv_max_line_bytes,
+            },
+            sheets: SheetLimits {
+                max_uncompressed_bytes: self.xlsx_max_uncompressed_bytes,
+                max_zip_ratio: self.zip_max_ratio,
+                max_cells: self.sheet_max_cells,
+                max_rows: self.csv_max_rows,
+            },
+        }
+    }
+
     /// Every problem in the section.
     pub fn check(section: Option<&serde_json::Value>) -> Result<Self, Vec<ConfigProblem>> {
         let Some(section) = section else {
@@ -76,17 +132,37 @@ impl BotConfig {
             &config.clients,
             &format!("{SECTION}.clients"),
         ));
-        if !config.store_url.starts_with("sqlite:") {
+        if let Some(path) = &config.clients_file {
+            match load_clients_file(path) {
+                Ok(entries) => problems.extend(ClientDirectory::problems(
+                    &[config.clients.clone(), entries].concat(),
+                    &format!("{SECTION}.clients_file"),
+                )),
+                Err(e) => problems.push(ConfigProblem::new(format!("{SECTION}.clients_file"), e)),
+            }
+        }
+        if Backend::of(&config.store_url).is_none() {
             problems.push(ConfigProblem::new(
                 format!("{SECTION}.store_url"),
-                format!("{:?} is not supported; use sqlite://PATH", config.store_url),
+                format!(
+                    "{:?} is not supported; use sqlite://PATH or postgres://USER@HOST/DB",
+                    config.store_url
+                ),
             ));
         }
         problems.extend(require_positive(
             SECTION,
             &[
+                ("max_message_bytes", config.max_message_bytes as u64),
                 ("csv_max_rows", config.csv_max_rows as u64),
+                ("csv_max_line_bytes", config.csv_max_line_bytes as u64),
                 ("max_rfc822_nesting", config.max_rfc822_nesting as u64),
+                (
+                    "xlsx_max_uncompressed_bytes",
+                    config.xlsx_max_uncompressed_bytes,
+                ),
+                ("zip_max_ratio", config.zip_max_ratio),
+                ("sheet_max_cells", config.sheet_max_cells),
             ],
         ));
         if problems.is_empty() {
@@ -136,7 +212,34 @@ impl ApplicationModule for MailOrderModule {
                     module: self.name().to_owned(),
                     message: e.to_string(),
                 })?;
-            let handler = OrderHandler::new(store.clone(), &cfg);
+            let mut clients = cfg.clients.clone();
+            if let Some(path) = &cfg.clients_file {
+                clients.extend(
+                    load_clients_file(path).map_err(|message| ModuleError::Config {
+                        module: self.name().to_owned(),
+                        message,
+                    })?,
+                );
+            }
+            if cfg.clients_from_store {
+                let from_store = store.clients().await.map_err(|e| ModuleError::Init {
+                    module: self.name().to_owned(),
+                    message: format!("reading the clients table: {e}"),
+                })?;
+                clients.extend(from_store);
+            }
+            let problems = ClientDirectory::problems(&clients, &format!("{SECTION}.clients"));
+            if !problems.is_empty() {
+                return Err(ModuleError::Config {
+                    module: self.name().to_owned(),
+                    message: problems
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+            let handler = OrderHandler::new(store.clone(), &cfg, &clients);
             registry.handler(&cfg.pool, &cfg.task_kind, Arc::new(handler));
             registry.health(Arc::new(StoreHealth(store.clone())));
             registry.service(Arc::new(store));
@@ -150,21 +253,16 @@ impl ApplicationModule for MailOrderModule {
 pub struct OrderHandler {
     store: OrderStore,
     clients: Arc<ClientDirectory>,
-    csv_limits: CsvLimits,
-    max_rfc822_nesting: usize,
+    limits: MailLimits,
 }
 
 impl OrderHandler {
-    /// A handler writing to `store`, resolving clients from `cfg`.
-    pub fn new(store: OrderStore, cfg: &BotConfig) -> Self {
+    /// A handler writing to `store`, with the limits of `cfg`, resolving `clients`.
+    pub fn new(store: OrderStore, cfg: &BotConfig, clients: &[ClientEntry]) -> Self {
         Self {
             store,
-            clients: Arc::new(ClientDirectory::new(&cfg.clients)),
-            csv_limits: CsvLimits {
-                max_rows: cfg.csv_max_rows,
-                ..CsvLimits::default()
-            },
-            max_rfc822_nesting: cfg.max_rfc822_nesting,
+            clients: Arc::new(ClientDirectory::new(clients)),
+            limits: cfg.limits(),
         }
     }
 
@@ -182,73 +280,69 @@ impl OrderHandler {
         }
     }
 
-    /// Decides the outcome of a parsed message.
-    fn decide(&self, facts: &MailFacts, task: &Task) -> Recording {
+    /// Decides the outcome of a read message: a limit hit, then an automatic message, then
+    /// the client, then the lines of the parts that client's options read.
+    pub fn decide(&self, facts: &MailFacts, task_id: &str) -> Recording {
         let mut rec = Recording {
             identity: facts.identity.clone(),
             content_sha256: facts.content_sha256.clone(),
+            fingerprint: facts.fingerprint.clone(),
             sender: facts.sender.clone(),
             subject: facts.subject.clone(),
-            task_id: task.id.to_string(),
+            task_id: task_id.to_owned(),
             outcome: OutcomeKind::Created,
             reason: None,
             order: None,
         };
-        let invalid = (!facts.extraction.invalid.is_empty())
-            .then(|| format!("invalid lines: {}", facts.extraction.invalid.join("; ")));
+        let mut outcome = |kind: OutcomeKind, reason: String| {
+            rec.outcome = kind;
+            rec.reason = Some(reason);
+        };
+        if let Some(limit) = &facts.rejected {
+            outcome(OutcomeKind::Rejected, limit.clone());
+            return rec;
+        }
+        if let Some(why) = &facts.auto_reply {
+            outcome(OutcomeKind::AutoReply, why.clone());
+            return rec;
+        }
         let Some(sender) = facts.sender.as_deref() else {
-            rec.outcome = OutcomeKind::UnknownClient;
-            rec.reason = Some("the message has no usable From address".into());
+            outcome(
+                OutcomeKind::UnknownClient,
+                "the message has no usable From address".into(),
+            );
             return rec;
         };
         let Some(client) = self.clients.resolve(sender) else {
-            rec.outcome = OutcomeKind::UnknownClient;
-            rec.reason = Some(format!("no client for sender {sender}"));
+            outcome(
+                OutcomeKind::UnknownClient,
+                format!("no client for sender {sender}"),
+            );
             return rec;
         };
-        if facts.extraction.lines.is_empty() {
-            rec.outcome = OutcomeKind::NoLines;
-            rec.reason = Some(invalid.unwrap_or_else(|| "no order lines found".into()));
+        let extraction = facts.extraction(|kind| client.reads(kind));
+        let invalid = (!extraction.invalid.is_empty())
+            .then(|| format!("invalid lines: {}", extraction.invalid.join("; ")));
+        if extraction.lines.is_empty() {
+            match (&facts.unsupported, invalid) {
+                (Some(what), _) => outcome(
+                    OutcomeKind::UnsupportedContent,
+                    format!("{what}; no order lines in readable parts"),
+                ),
+                (None, invalid) => outcome(
+                    OutcomeKind::NoLines,
+                    invalid.unwrap_or_else(|| "no order lines found".into()),
+                ),
+            }
             return rec;
         }
         rec.reason = invalid;
         rec.order = Some(NewOrder {
             client_id: client.id.clone(),
             client_name: client.name.clone(),
-            lines: facts.extraction.lines.clone(),
+            lines: extraction.lines,
         });
         rec
-    }
-
-    /// Records a `rejected` outcome for a message that is never parsed.
-    async fn reject(
-        &self,
-        task: &Task,
-        raw: &[u8],
-        reason: String,
-    ) -> Result<Outcome, HandlerError> {
-        let rec = Recording {
-            identity: format!("sha256:{}", sha256_hex(raw)),
-            content_sha256: sha256_hex(raw),
-            sender: None,
-            subject: None,
-            task_id: task.id.to_string(),
-            outcome: OutcomeKind::Rejected,
-            reason: Some(reason.clone()),
-            order: None,
-        };
-        let recorded = self
-            .store
-            .record(&rec)
-            .await
-            .map_err(|e| HandlerError::retry(format!("recording the outcome: {e}")))?;
-        Ok(match recorded {
-            Recorded::New { .. } => {
-                Outcome::new(OutcomeKind::Rejected.as_str()).with_detail(reason)
-            }
-            Recorded::Duplicate { earlier, .. } => Outcome::new(OutcomeKind::Duplicate.as_str())
-                .with_detail(format!("{} already recorded as {earlier}", rec.identity)),
-        })
     }
 
     async fn handle_task(
@@ -259,44 +353,43 @@ impl OrderHandler {
         let Some(raw) = self.load(task, ctx).await? else {
             return Ok(Outcome::new("skipped").with_detail("message gone"));
         };
-        let parts = rfc822_parts(&raw);
-        if parts > self.max_rfc822_nesting {
-            return self
-                .reject(
-                    task,
-                    &raw,
-                    format!(
-                        "max_rfc822_nesting: {parts} message/rfc822 parts, above the limit of {}",
-                        self.max_rfc822_nesting
-                    ),
-                )
-                .await;
-        }
-        let limits = self.csv_limits;
+        let limits = self.limits;
         // Parsing is CPU work on untrusted input: keep it off the async worker threads.
-        let facts = tokio::task::spawn_blocking(move || read_mail(&raw, limits))
+        // read_mail checks the size and the nesting before the parser sees the bytes.
+        let facts = tokio::task::spawn_blocking(move || read_mail(&raw, &limits))
             .await
             .map_err(|e| HandlerError::retry(format!("parsing the message: {e}")))?;
-        let rec = self.decide(&facts, task);
+        let rec = self.decide(&facts, task.id.as_str());
         let recorded = self
             .store
             .record(&rec)
             .await
             .map_err(|e| HandlerError::retry(format!("recording the outcome: {e}")))?;
-        let outcome = match recorded {
-            Recorded::New { order_id: Some(id) } => {
-                Outcome::new(OutcomeKind::Created.as_str()).with_detail(format!("order {id}"))
-            }
-            Recorded::New { order_id: None } => Outcome::new(rec.outcome.as_str())
-                .with_detail(rec.reason.clone().unwrap_or_default()),
-            Recorded::Duplicate { earlier, order_id } => {
-                Outcome::new(OutcomeKind::Duplicate.as_str()).with_detail(match order_id {
-                    Some(id) => format!("{} already {earlier} as order {id}", rec.identity),
-                    None => format!("{} already recorded as {earlier}", rec.identity),
-                })
-            }
-        };
-        Ok(outcome)
+        Ok(outcome_of(&rec, &recorded))
+    }
+}
+
+/// What the runtime reports for a recorded message.
+pub fn outcome_of(rec: &Recording, recorded: &Recorded) -> Outcome {
+    match recorded {
+        Recorded::New { order_id: Some(id) } => {
+            Outcome::new(OutcomeKind::Created.as_str()).with_detail(format!("order {id}"))
+        }
+        Recorded::New { order_id: None } => {
+            Outcome::new(rec.outcome.as_str()).with_detail(rec.reason.clone().unwrap_or_default())
+        }
+        Recorded::Conflict {
+            identity, earlier, ..
+        } => Outcome::new(OutcomeKind::ConflictingDuplicate.as_str()).with_detail(format!(
+            "{} was first recorded as {earlier} for different content; kept for an operator as {identity}",
+            rec.identity
+        )),
+        Recorded::Duplicate { earlier, order_id } => {
+            Outcome::new(OutcomeKind::Duplicate.as_str()).with_detail(match order_id {
+                Some(id) => format!("{} already {earlier} as order {id}", rec.identity),
+                None => format!("{} already recorded as {earlier}", rec.identity),
+            })
+        }
     }
 }
 

@@ -267,3 +267,181 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// The folder of PostgreSQL's server programs (`initdb`, `pg_ctl`): Debian keeps them out of
+/// `PATH`, under `/usr/lib/postgresql/VERSION/bin`; the newest version wins.
+fn postgres_bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return bin;
+    }
+    find("initdb", "apt-get install postgresql")
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A private PostgreSQL cluster: `initdb` into a temp dir and a server on a free loopback
+/// port, trust authentication, stopped (immediately) when dropped. PostgreSQL refuses to
+/// run as root, so as root the cluster belongs to, and runs as, the `postgres` user.
+pub struct PostgresServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    run_as: Option<String>,
+    databases: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for PostgresServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresServer")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+impl PostgresServer {
+    /// Creates and starts the cluster. Panics with the server's log when it cannot.
+    pub fn start() -> Self {
+        let bin = postgres_bin_dir();
+        let run_as = is_root().then(|| "postgres".to_owned());
+        let dir = tempfile::Builder::new()
+            .prefix("plba-pg")
+            .tempdir()
+            .expect("tempdir");
+        if let Some(user) = &run_as {
+            let status = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(
+                status.success(),
+                "chown {user} {}: is the postgres user there? (apt-get install postgresql)",
+                dir.path().display()
+            );
+        }
+        let server = Self {
+            port: free_port(),
+            dir,
+            bin,
+            run_as,
+            databases: std::sync::atomic::AtomicUsize::new(0),
+        };
+        let data = server.dir.path().join("data");
+        server.run_checked(
+            "initdb",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        );
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            server.port,
+            server.dir.path().display()
+        );
+        server.run_checked(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-l",
+                &server.dir.path().join("server.log").display().to_string(),
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+        server
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn run_checked(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("running {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} failed: {}{}\nserver log: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        );
+    }
+
+    /// A new, empty database; its URL (`postgres://postgres@127.0.0.1:PORT/NAME`).
+    pub fn create_database(&self) -> String {
+        let n = self
+            .databases
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("plba_test_{n}");
+        self.run_checked(
+            "createdb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                &name,
+            ],
+        );
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

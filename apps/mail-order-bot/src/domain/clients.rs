@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use runtime_contracts::ConfigProblem;
 use serde::{Deserialize, Serialize};
 
+use super::message::PartKind;
+
 /// One client as configured.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientEntry {
@@ -18,6 +20,17 @@ pub struct ClientEntry {
     /// Sender domains of this client (every address at the domain matches).
     #[serde(default)]
     pub domains: Vec<String>,
+    /// Which attachment kinds are read for this client (`csv`, `xlsx`, `xls`, `ods`); all
+    /// when absent, none when empty.
+    #[serde(default)]
+    pub attachments: Option<Vec<PartKind>>,
+    /// Whether order lines in the message text are read (default true).
+    #[serde(default = "yes")]
+    pub read_body: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A resolved client.
@@ -27,6 +40,20 @@ pub struct Client {
     pub id: String,
     /// Client name.
     pub name: String,
+    /// Attachment kinds read; `None` means all.
+    pub attachments: Option<Vec<PartKind>>,
+    /// Whether the message text is read.
+    pub read_body: bool,
+}
+
+impl Client {
+    /// Whether lines found in a part of `kind` count for this client.
+    pub fn reads(&self, kind: PartKind) -> bool {
+        match kind {
+            PartKind::Body => self.read_body,
+            other => self.attachments.as_ref().is_none_or(|a| a.contains(&other)),
+        }
+    }
 }
 
 /// Looks clients up by sender address, then by the address's domain.
@@ -100,6 +127,8 @@ impl ClientDirectory {
             let client = Client {
                 id: entry.id.clone(),
                 name: entry.name.clone(),
+                attachments: entry.attachments.clone(),
+                read_body: entry.read_body,
             };
             for a in &entry.addresses {
                 dir.by_address.insert(normalise(a), client.clone());
@@ -121,6 +150,87 @@ impl ClientDirectory {
     }
 }
 
+fn split_list(cell: &str) -> Vec<String> {
+    cell.split([';', ',', ' '])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Reads clients from a TOML file (`[[clients]]` tables with the fields of
+/// [`ClientEntry`]) or a CSV file (header `id,name,addresses,domains[,attachments][,read_body]`,
+/// lists separated by `;`). The error says which file and what is wrong.
+pub fn load_clients_file(path: &std::path::Path) -> Result<Vec<ClientEntry>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let is_csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if !is_csv {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            clients: Vec<ClientEntry>,
+        }
+        return toml::from_str::<File>(&text)
+            .map(|f| f.clients)
+            .map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(text.trim_start_matches('\u{feff}').as_bytes());
+    let headers = reader
+        .headers()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .clone();
+    let column = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
+    let (Some(id), Some(name)) = (column("id"), column("name")) else {
+        return Err(format!(
+            "{}: the header needs id and name columns",
+            path.display()
+        ));
+    };
+    let (addresses, domains) = (column("addresses"), column("domains"));
+    let (attachments, read_body) = (column("attachments"), column("read_body"));
+    let mut entries = Vec::new();
+    for (n, record) in reader.records().enumerate() {
+        let record = record.map_err(|e| format!("{} row {}: {e}", path.display(), n + 2))?;
+        let get = |i: Option<usize>| i.and_then(|i| record.get(i)).unwrap_or("");
+        let kinds = match attachments.map(|i| record.get(i).unwrap_or("")) {
+            None => None,
+            Some(cell) if cell.eq_ignore_ascii_case("all") => None,
+            Some(cell) => Some(
+                split_list(cell)
+                    .iter()
+                    .map(|k| {
+                        serde_json::from_value::<PartKind>(serde_json::Value::String(
+                            k.to_lowercase(),
+                        ))
+                        .map_err(|_| {
+                            format!(
+                                "{} row {}: unknown attachment kind {k:?}",
+                                path.display(),
+                                n + 2
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        entries.push(ClientEntry {
+            id: get(Some(id)).to_owned(),
+            name: get(Some(name)).to_owned(),
+            addresses: split_list(get(addresses)),
+            domains: split_list(get(domains)),
+            attachments: kinds,
+            read_body: !matches!(get(read_body).to_lowercase().as_str(), "false" | "no" | "0"),
+        });
+    }
+    Ok(entries)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,12 +242,16 @@ mod tests {
                 name: "Acme".into(),
                 addresses: vec![],
                 domains: vec!["acme.example".into()],
+                attachments: None,
+                read_body: true,
             },
             ClientEntry {
                 id: "C-2".into(),
                 name: "Buyer at Acme's reseller".into(),
                 addresses: vec!["Buyer@Acme.Example".into()],
                 domains: vec![],
+                attachments: None,
+                read_body: true,
             },
         ])
     }
@@ -175,12 +289,16 @@ mod tests {
                 name: "n".into(),
                 addresses: vec!["not-an-address".into()],
                 domains: vec!["nodot".into()],
+                attachments: None,
+                read_body: true,
             },
             ClientEntry {
                 id: "C-9".into(),
                 name: "n".into(),
                 addresses: vec![],
                 domains: vec![],
+                attachments: None,
+                read_body: true,
             },
         ];
         let keys: Vec<String> = ClientDirectory::problems(&entries, "c")
@@ -191,5 +309,42 @@ mod tests {
             keys,
             ["c[0].id", "c[0].addresses[0]", "c[0].domains[0]", "c[1]"]
         );
+    }
+
+    #[test]
+    fn clients_from_toml_and_csv_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let toml_path = dir.path().join("clients.toml");
+        std::fs::write(
+            &toml_path,
+            "[[clients]]\nid = \"C-1\"\nname = \"Acme\"\ndomains = [\"acme.example\"]\nattachments = [\"csv\"]\n",
+        )
+        .expect("write");
+        let from_toml = load_clients_file(&toml_path).expect("toml");
+        assert_eq!(from_toml[0].attachments, Some(vec![PartKind::Csv]));
+        let csv_path = dir.path().join("clients.csv");
+        std::fs::write(
+            &csv_path,
+            "id,name,addresses,domains,attachments,read_body\nC-2,Nordic,a@n.example;b@n.example,,xlsx;ods,no\nC-3,Ural,,ural.example,all,yes\n",
+        )
+        .expect("write");
+        let from_csv = load_clients_file(&csv_path).expect("csv");
+        assert_eq!(from_csv[0].addresses, ["a@n.example", "b@n.example"]);
+        assert_eq!(
+            from_csv[0].attachments,
+            Some(vec![PartKind::Xlsx, PartKind::Ods])
+        );
+        assert!(!from_csv[0].read_body);
+        assert_eq!(from_csv[1].attachments, None);
+        let d = ClientDirectory::new(&from_csv);
+        let c2 = d.resolve("a@n.example").expect("C-2");
+        assert!(!c2.reads(PartKind::Body) && c2.reads(PartKind::Ods) && !c2.reads(PartKind::Csv));
+        std::fs::write(&csv_path, "id,name,attachments\nC-4,X,pdf\n").expect("write");
+        assert!(load_clients_file(&csv_path)
+            .expect_err("pdf is not a kind")
+            .contains("unknown attachment kind"));
+        assert!(load_clients_file(&dir.path().join("missing.toml"))
+            .expect_err("missing")
+            .contains("missing.toml"));
     }
 }

@@ -35,8 +35,35 @@ impl Extraction {
 pub const MAX_QUANTITY: u32 = 1_000_000;
 
 const UNITS: &[&str] = &[
-    "pcs", "pc", "pcs.", "pc.", "pieces", "piece", "units", "unit", "ea", "ea.", "each", "stk",
-    "stk.", "stück", "st.", "шт", "шт.", "pz", "pièces",
+    "pcs",
+    "pc",
+    "pcs.",
+    "pc.",
+    "pieces",
+    "piece",
+    "units",
+    "unit",
+    "ea",
+    "ea.",
+    "each",
+    "stk",
+    "stk.",
+    "stück",
+    "st.",
+    "st",
+    "шт",
+    "шт.",
+    "штук",
+    "штуки",
+    "pz",
+    "pièces",
+    "pièce",
+    "pce",
+    "pces",
+    "u.",
+    "uds",
+    "boxes",
+    "box",
 ];
 
 fn is_sku(token: &str) -> bool {
@@ -152,24 +179,49 @@ fn parse_line(line: &str) -> Parsed {
     }
 }
 
-/// True for the line that starts quoted or forwarded history in a reply: what follows is
-/// an earlier message, and its lines are not part of this order.
-fn starts_history(line: &str) -> bool {
+/// True for the line that starts quoted history in a reply (`On … wrote:`, Outlook's
+/// `-----Original Message-----` or its `From:`/`Sent:` block): what follows is an earlier
+/// message, and its lines are not part of this order.
+fn starts_history(line: &str, next: Option<&str>) -> bool {
     let t = line.trim();
     let lower = t.to_lowercase();
+    let next = next.map(|n| n.trim().to_lowercase()).unwrap_or_default();
     (t.starts_with("-----") && lower.contains("original message"))
         || (t.len() >= 10 && t.chars().all(|c| c == '_'))
         || (lower.starts_with("on ") && lower.ends_with("wrote:"))
         || (lower.starts_with("am ") && lower.ends_with("schrieb:"))
+        || (lower.starts_with("le ") && lower.ends_with("a écrit :"))
+        || ((lower.starts_with("from:") || lower.starts_with("von:") || lower.starts_with("de :"))
+            && ["sent:", "gesendet:", "envoyé :", "date:"]
+                .iter()
+                .any(|p| next.starts_with(p)))
+}
+
+/// How a text body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextMode {
+    /// A new message or a reply: reading stops at the signature and at quoted history.
+    Message,
+    /// A forwarded message (`Fwd:`): the forwarded part is what the sender passes on, so
+    /// forwarding markers and signatures do not stop reading; `>` quotes are still skipped.
+    Forward,
 }
 
 /// Order lines of a text body. Quoted lines (`>`), the signature (after `-- `) and quoted
 /// history of a reply are skipped.
 pub fn lines_from_text(text: &str) -> Extraction {
+    lines_from_text_in(text, TextMode::Message).0
+}
+
+/// Like [`lines_from_text`]; also says whether reading stopped at a signature or at history
+/// (so a caller reading a document in pieces knows to stop too).
+pub fn lines_from_text_in(text: &str, mode: TextMode) -> (Extraction, bool) {
     let mut out = Extraction::default();
-    for (n, raw) in text.lines().enumerate() {
-        if raw == "-- " || raw == "--" || starts_history(raw) {
-            break;
+    let lines: Vec<&str> = text.lines().collect();
+    for (n, raw) in lines.iter().enumerate() {
+        let stop = raw.trim_end() == "--" || starts_history(raw, lines.get(n + 1).copied());
+        if stop && mode == TextMode::Message {
+            return (out, true);
         }
         if raw.trim_start().starts_with('>') {
             continue;
@@ -186,15 +238,15 @@ pub fn lines_from_text(text: &str) -> Extraction {
             Parsed::NotAnOrderLine => {}
         }
     }
-    out
+    (out, false)
 }
 
-/// Limits on CSV attachments.
+/// Limits on tables read from attachments and HTML bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CsvLimits {
-    /// Most data rows read.
+    /// Most data rows read from one table.
     pub max_rows: usize,
-    /// Longest record, in bytes.
+    /// Longest CSV record, in bytes.
     pub max_record_bytes: usize,
 }
 
@@ -209,111 +261,157 @@ impl Default for CsvLimits {
 
 const SKU_HEADERS: &[&str] = &[
     "sku",
+    "sku code",
     "article",
     "article no",
     "article number",
+    "art no",
+    "art nr",
+    "art.-nr",
+    "art.nr",
     "item",
     "item no",
+    "item code",
+    "item number",
     "part",
+    "part no",
     "part number",
     "product code",
+    "code",
     "artikel",
     "artikelnummer",
-    "art.-nr.",
+    "artikel-nr",
+    "artikelnr",
+    "bestellnummer",
     "référence",
     "reference",
     "réf",
+    "ref",
+    "code article",
     "артикул",
+    "код",
+    "код товара",
 ];
 const QTY_HEADERS: &[&str] = &[
     "qty",
     "quantity",
+    "qty ordered",
+    "order qty",
     "amount",
     "count",
+    "units",
+    "pcs",
     "menge",
     "anzahl",
+    "stückzahl",
+    "bestellmenge",
     "quantité",
     "quantite",
     "qté",
+    "qte",
     "количество",
     "кол-во",
+    "кол",
 ];
 
-fn detect_delimiter(text: &str) -> u8 {
-    let first = text.lines().next().unwrap_or("");
-    [b',', b';', b'\t']
-        .into_iter()
-        .max_by_key(|d| first.bytes().filter(|b| b == d).count())
-        .unwrap_or(b',')
+fn normalise_header(cell: &str) -> String {
+    let lower = cell.to_lowercase();
+    let trimmed = lower.trim_matches(|c: char| {
+        c.is_whitespace() || matches!(c, '"' | '.' | ':' | '#' | '*' | '№')
+    });
+    let words: Vec<&str> = trimmed.split_whitespace().collect();
+    let joined = words.join(" ");
+    // "Qty (pcs)", "Menge [Stk]": the unit in brackets is not part of the name.
+    match joined.find(['(', '[']) {
+        Some(i) if i > 0 => joined[..i].trim_end().to_owned(),
+        _ => joined,
+    }
 }
 
-fn header_index(headers: &csv::StringRecord, names: &[&str]) -> Option<usize> {
-    headers
-        .iter()
-        .position(|h| names.contains(&h.trim().trim_matches('"').to_lowercase().as_str()))
+fn header_column(row: &[String], names: &[&str]) -> Option<usize> {
+    row.iter()
+        .position(|h| names.contains(&normalise_header(h).as_str()))
 }
 
-/// Order lines of a CSV file with a header row naming the SKU and quantity columns.
-pub fn lines_from_csv(text: &str, origin: &str, limits: CsvLimits) -> Extraction {
+/// The rows searched for a header row before a table is taken as having none.
+pub const HEADER_SEARCH_ROWS: usize = 20;
+
+/// The header row of a table: its index and the SKU and quantity columns. Title rows above
+/// it (a company name, an order number) are allowed.
+pub fn find_header(rows: &[Vec<String>]) -> Option<(usize, usize, usize)> {
+    rows.iter()
+        .take(HEADER_SEARCH_ROWS)
+        .enumerate()
+        .find_map(|(i, row)| {
+            let sku = header_column(row, SKU_HEADERS)?;
+            let qty = header_column(row, QTY_HEADERS)?;
+            (sku != qty).then_some((i, sku, qty))
+        })
+}
+
+/// An article number in a table column whose header names it: digits-only numbers are
+/// article numbers there (they are not in free text, where they would be quantities).
+fn is_table_sku(token: &str) -> bool {
+    let len_ok = (1..=40).contains(&token.chars().count());
+    let chars_ok = token
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    let ends_ok = token.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && token.ends_with(|c: char| c.is_ascii_alphanumeric());
+    len_ok && chars_ok && ends_ok && token.chars().any(|c| c.is_ascii_digit())
+}
+
+/// A quantity cell: `5`, `5 pcs`, or `5.0` as spreadsheets write whole numbers.
+fn table_quantity(cell: &str) -> Result<u32, String> {
+    let mut tokens = cell.split_whitespace();
+    let number = tokens.next().unwrap_or("");
+    let rest: Vec<&str> = tokens.collect();
+    if !only_unit_left(&rest) {
+        return Err(format!("quantity {cell:?} is not a whole number"));
+    }
+    let whole = number
+        .strip_suffix(".0")
+        .or_else(|| number.strip_suffix(",0"))
+        .unwrap_or(number);
+    quantity(whole)
+}
+
+/// Order lines of a table (CSV, spreadsheet or HTML) whose header row names the SKU and
+/// quantity columns. Rows are read after the header; empty rows are skipped; a row whose
+/// article number or quantity is not valid is reported.
+pub fn lines_from_table(rows: &[Vec<String>], origin: &str, max_rows: usize) -> Extraction {
     let mut out = Extraction::default();
-    let text = text.trim_start_matches('\u{feff}');
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(detect_delimiter(text))
-        .flexible(true)
-        .has_headers(true)
-        .from_reader(text.as_bytes());
-    let headers = match reader.headers() {
-        Ok(h) => h.clone(),
-        Err(e) => {
-            out.invalid
-                .push(format!("{origin}: unreadable header row: {e}"));
-            return out;
-        }
-    };
-    let (Some(sku_col), Some(qty_col)) = (
-        header_index(&headers, SKU_HEADERS),
-        header_index(&headers, QTY_HEADERS),
-    ) else {
+    let Some((header, sku_col, qty_col)) = find_header(rows) else {
         out.invalid.push(format!(
-            "{origin}: no SKU and quantity columns in the header row"
+            "{origin}: no SKU and quantity columns in a header row"
         ));
         return out;
     };
-    for (i, record) in reader.records().enumerate() {
-        let row = i + 2;
-        if i >= limits.max_rows {
+    for (i, record) in rows.iter().enumerate().skip(header + 1) {
+        let row = i + 1;
+        if i - header > max_rows {
             out.invalid.push(format!(
-                "{origin}: more than {} rows; the rest was not read",
-                limits.max_rows
+                "{origin}: more than {max_rows} rows; the rest was not read"
             ));
             break;
         }
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                out.invalid.push(format!("{origin} row {row}: {e}"));
-                continue;
+        let sku_cell = record.get(sku_col).map_or("", |s| s.trim());
+        let qty = record.get(qty_col).map_or("", |s| s.trim());
+        if sku_cell.is_empty() && qty.is_empty() {
+            continue;
+        }
+        // "SKU-1 (blue)": the article number is the cell's first word.
+        let sku = sku_cell.split_whitespace().next().unwrap_or("");
+        if !is_table_sku(sku) {
+            // A totals row ("Total", 12) or a note under the table is not an order line.
+            if sku_cell.chars().any(|c| c.is_ascii_digit()) || sku_cell.is_empty() {
+                out.invalid.push(format!(
+                    "{origin} row {row}: {sku_cell:?} is not an article number"
+                ));
             }
-        };
-        if record.as_slice().len() > limits.max_record_bytes {
-            out.invalid.push(format!(
-                "{origin} row {row}: longer than {} bytes",
-                limits.max_record_bytes
-            ));
             continue;
         }
-        let sku = record.get(sku_col).unwrap_or("").trim();
-        let qty = record.get(qty_col).unwrap_or("").trim();
-        if sku.is_empty() && qty.is_empty() {
-            continue;
-        }
-        if !is_sku(sku) {
-            out.invalid.push(format!(
-                "{origin} row {row}: {sku:?} is not an article number"
-            ));
-            continue;
-        }
-        match quantity(qty) {
+        match table_quantity(qty) {
             Ok(quantity) => out.lines.push(OrderLine {
                 sku: sku.to_uppercase(),
                 quantity,
@@ -321,9 +419,55 @@ pub fn lines_from_csv(text: &str, origin: &str, limits: CsvLimits) -> Extraction
             }),
             Err(why) => out
                 .invalid
-                .push(format!("{origin} row {row}: {sku}: {why}")),
+                .push(format!("{origin} row {row}: {}: {why}", sku.to_uppercase())),
         }
     }
+    out
+}
+
+fn detect_delimiter(text: &str) -> u8 {
+    // The header is not always the first line (title rows), so look at a few lines.
+    let sample: String = text.lines().take(5).collect::<Vec<_>>().join("\n");
+    [b',', b';', b'\t']
+        .into_iter()
+        .max_by_key(|d| sample.bytes().filter(|b| b == d).count())
+        .unwrap_or(b',')
+}
+
+/// Order lines of a CSV file: delimiter `,` `;` or tab detected, BOM skipped, quoted fields
+/// with delimiters and newlines, a header row naming the SKU and quantity columns.
+pub fn lines_from_csv(text: &str, origin: &str, limits: CsvLimits) -> Extraction {
+    let text = text.trim_start_matches('\u{feff}');
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(detect_delimiter(text))
+        .flexible(true)
+        .has_headers(false)
+        .from_reader(text.as_bytes());
+    let mut rows = Vec::new();
+    let mut problems = Vec::new();
+    let cap = limits.max_rows.saturating_add(HEADER_SEARCH_ROWS + 1);
+    for (i, record) in reader.records().enumerate() {
+        if i >= cap {
+            break;
+        }
+        match record {
+            Ok(r) if r.as_slice().len() > limits.max_record_bytes => {
+                problems.push(format!(
+                    "{origin} row {}: longer than {} bytes",
+                    i + 1,
+                    limits.max_record_bytes
+                ));
+                rows.push(Vec::new());
+            }
+            Ok(r) => rows.push(r.iter().map(str::to_owned).collect()),
+            Err(e) => {
+                problems.push(format!("{origin} row {}: {e}", i + 1));
+                rows.push(Vec::new());
+            }
+        }
+    }
+    let mut out = lines_from_table(&rows, origin, limits.max_rows);
+    out.invalid.extend(problems);
     out
 }
 
@@ -430,5 +574,47 @@ mod tests {
         );
         assert_eq!(got.lines.len(), 5);
         assert_eq!(got.invalid.len(), 1);
+    }
+
+    #[test]
+    fn tables_with_title_rows_numeric_skus_and_spreadsheet_numbers() {
+        let rows: Vec<Vec<String>> = [
+            vec!["Purchase order 4711", ""],
+            vec!["", ""],
+            vec!["Art.-Nr.", "Menge (Stk)"],
+            vec!["100234", "5.0"],
+            vec!["SKU-2 (blue)", "3 pcs"],
+            vec!["Total", "8"],
+            vec!["SKU-3", "2.5"],
+        ]
+        .iter()
+        .map(|r| r.iter().map(|c| (*c).to_owned()).collect())
+        .collect();
+        let got = lines_from_table(&rows, "order.xlsx", 100);
+        let pairs: Vec<(&str, u32)> = got
+            .lines
+            .iter()
+            .map(|l| (l.sku.as_str(), l.quantity))
+            .collect();
+        assert_eq!(pairs, [("100234", 5), ("SKU-2", 3)]);
+        assert_eq!(got.invalid.len(), 1, "{:?}", got.invalid);
+        assert!(got.invalid[0].contains("SKU-3"));
+    }
+
+    #[test]
+    fn forwarded_text_is_read_past_the_markers() {
+        let text = "FYI\n-- \nJane\n---------- Forwarded message ---------\nFrom: a@b.example\nDate: Mon\n\nSKU-1 x 2";
+        assert!(lines_from_text(text).lines.is_empty());
+        let (got, _) = lines_from_text_in(text, TextMode::Forward);
+        assert_eq!(got.lines.len(), 1);
+    }
+
+    #[test]
+    fn outlook_reply_headers_start_history() {
+        check(
+            "SKU-1 x 1\nFrom: Bob <b@x.example>\nSent: Monday\nSKU-9 x 9",
+            &[("SKU-1", 1)],
+            0,
+        );
     }
 }

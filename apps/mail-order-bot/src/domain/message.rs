@@ -1,24 +1,16 @@
 //! Reading one raw email into the facts the bot needs.
 
-use mail_parser::{MessageParser, MimeHeaders};
+use std::borrow::Cow;
+
+use mail_parser::decoders::base64::base64_decode;
+use mail_parser::decoders::quoted_printable::quoted_printable_decode;
+use mail_parser::{Message, MessageParser, MessagePart, MimeHeaders, PartType};
 use sha2::{Digest, Sha256};
 
-use super::extract::{lines_from_csv, lines_from_text, CsvLimits, Extraction};
-
-/// The facts of one email.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MailFacts {
-    /// `mid:<Message-ID>`, or `sha256:<hex of the raw bytes>` when there is none.
-    pub identity: String,
-    /// SHA-256 of the raw bytes, hex.
-    pub content_sha256: String,
-    /// The bare From address, lower-cased; never the display name.
-    pub sender: Option<String>,
-    /// The decoded subject.
-    pub subject: Option<String>,
-    /// Lines found in the body and in CSV attachments.
-    pub extraction: Extraction,
-}
+use super::charset;
+use super::extract::{lines_from_csv, lines_from_text_in, CsvLimits, Extraction, TextMode};
+use super::html::lines_from_html;
+use super::sheets::{lines_from_sheet, SheetFormat, SheetLimits};
 
 /// How many `message/rfc822` parts the raw bytes declare, counted without parsing
 /// (case-insensitive). mail-parser 0.11 overflows its stack on deeply nested messages and
@@ -55,29 +47,405 @@ fn usable_message_id(id: Option<&str>) -> Option<String> {
     sane.then(|| format!("mid:{id}"))
 }
 
-fn is_csv(part: &mail_parser::MessagePart<'_>) -> bool {
-    let by_type = part.content_type().is_some_and(|ct| {
-        let sub = ct.subtype().unwrap_or("").to_ascii_lowercase();
-        sub == "csv" || sub == "comma-separated-values"
-    });
-    let by_name = part
-        .attachment_name()
-        .is_some_and(|n| n.to_ascii_lowercase().ends_with(".csv"));
-    by_type || by_name
+/// Every limit applied to one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MailLimits {
+    /// Largest message read, in bytes; larger ones are `rejected` unparsed.
+    pub max_message_bytes: usize,
+    /// Most `message/rfc822` parts; beyond, the message is `rejected` unparsed.
+    pub max_rfc822_nesting: usize,
+    /// CSV limits.
+    pub csv: CsvLimits,
+    /// Spreadsheet limits.
+    pub sheets: SheetLimits,
 }
 
-/// Parses `raw` and extracts its order lines. Never panics on bad input: what cannot be
-/// read is simply absent from the facts.
-pub fn read_mail(raw: &[u8], csv_limits: CsvLimits) -> MailFacts {
-    let content_sha256 = sha256_hex(raw);
-    let Some(message) = MessageParser::default().parse(raw) else {
-        return MailFacts {
-            identity: format!("sha256:{content_sha256}"),
+impl Default for MailLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 25 * 1024 * 1024,
+            max_rfc822_nesting: 64,
+            csv: CsvLimits::default(),
+            sheets: SheetLimits::default(),
+        }
+    }
+}
+
+/// Where order lines were found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartKind {
+    /// The message text (plain or HTML), forwarded messages included.
+    Body,
+    /// A CSV attachment.
+    Csv,
+    /// An XLSX attachment.
+    Xlsx,
+    /// An XLS attachment.
+    Xls,
+    /// An ODS attachment.
+    Ods,
+}
+
+/// The lines found in one part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartLines {
+    /// What kind of part.
+    pub kind: PartKind,
+    /// What was found there.
+    pub extraction: Extraction,
+}
+
+/// How the message was classified before any client or line was looked at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailFacts {
+    /// `mid:<Message-ID>`, or `sha256:<hex of the raw bytes>` when there is none.
+    pub identity: String,
+    /// SHA-256 of the raw bytes, hex.
+    pub content_sha256: String,
+    /// SHA-256 of what the message says (sender, subject, decoded texts and attachments),
+    /// hex: the same for two deliveries of one message whatever relays added to its header
+    /// or however they re-encoded it; different when the content differs.
+    pub fingerprint: String,
+    /// The bare From address, lower-cased; never the display name.
+    pub sender: Option<String>,
+    /// The decoded subject.
+    pub subject: Option<String>,
+    /// Lines found, per part.
+    pub parts: Vec<PartLines>,
+    /// Why this is an automatic message (bounce, DSN, out-of-office), if it is one.
+    pub auto_reply: Option<String>,
+    /// Content the bot cannot read (encrypted, TNEF), if any.
+    pub unsupported: Option<String>,
+    /// The limit hit, if one was: the message is `rejected`.
+    pub rejected: Option<String>,
+}
+
+impl MailFacts {
+    fn empty(raw: &[u8], identity: String) -> Self {
+        let content_sha256 = sha256_hex(raw);
+        Self {
+            identity,
+            fingerprint: content_sha256.clone(),
             content_sha256,
             sender: None,
             subject: None,
-            extraction: Extraction::default(),
-        };
+            parts: Vec::new(),
+            auto_reply: None,
+            unsupported: None,
+            rejected: None,
+        }
+    }
+
+    /// The lines of the parts `wanted` accepts, in message order.
+    pub fn extraction(&self, wanted: impl Fn(PartKind) -> bool) -> Extraction {
+        let mut out = Extraction::default();
+        for part in self.parts.iter().filter(|p| wanted(p.kind)) {
+            out.extend(part.extraction.clone());
+        }
+        out
+    }
+}
+
+fn attachment_kind(part: &MessagePart<'_>) -> Option<Result<PartKind, String>> {
+    let (ctype, sub) = part
+        .content_type()
+        .map_or((String::new(), String::new()), |ct| {
+            (
+                ct.ctype().to_ascii_lowercase(),
+                ct.subtype().unwrap_or("").to_ascii_lowercase(),
+            )
+        });
+    let name = part.attachment_name().unwrap_or("").to_lowercase();
+    let ext = name.rsplit_once('.').map_or("", |(_, e)| e);
+    let unsupported = |what: &str| Some(Err(what.to_owned()));
+    match (ctype.as_str(), sub.as_str(), ext) {
+        (_, "ms-tnef" | "vnd.ms-tnef", _) | (_, _, "dat")
+            if name == "winmail.dat" || sub.contains("tnef") =>
+        {
+            unsupported("TNEF (winmail.dat) from Outlook")
+        }
+        ("application", "pkcs7-mime" | "x-pkcs7-mime", _) | (_, _, "p7m") => {
+            unsupported("S/MIME encrypted or opaque-signed content")
+        }
+        ("application", "pgp-encrypted", _) | (_, _, "pgp" | "gpg" | "asc")
+            if sub != "pgp-signature" =>
+        {
+            unsupported("PGP encrypted content")
+        }
+        (_, "csv" | "comma-separated-values", _) | (_, _, "csv") => Some(Ok(PartKind::Csv)),
+        (_, _, "xlsx" | "xlsm")
+        | (_, "vnd.openxmlformats-officedocument.spreadsheetml.sheet", _) => {
+            Some(Ok(PartKind::Xlsx))
+        }
+        (_, _, "xls") | (_, "vnd.ms-excel", _) => Some(Ok(PartKind::Xls)),
+        (_, _, "ods") | (_, "vnd.oasis.opendocument.spreadsheet", _) => Some(Ok(PartKind::Ods)),
+        _ => None,
+    }
+}
+
+/// The bytes of a part after its transfer encoding, before any charset: re-read from the
+/// raw message when mail-parser's own decoding lost characters.
+fn part_bytes<'m>(message: &'m Message<'m>, part: &'m MessagePart<'m>) -> Cow<'m, [u8]> {
+    let raw = message
+        .raw_message
+        .get(part.offset_body as usize..part.offset_end as usize);
+    match (raw, part.encoding) {
+        (Some(raw), mail_parser::Encoding::Base64) => {
+            base64_decode(raw).map_or(Cow::Borrowed(part.contents()), Cow::Owned)
+        }
+        (Some(raw), mail_parser::Encoding::QuotedPrintable) => {
+            quoted_printable_decode(raw).map_or(Cow::Borrowed(part.contents()), Cow::Owned)
+        }
+        (Some(raw), mail_parser::Encoding::None) => Cow::Borrowed(raw),
+        (None, _) => Cow::Borrowed(part.contents()),
+    }
+}
+
+fn declared_charset<'m>(part: &'m MessagePart<'m>) -> Option<&'m str> {
+    part.content_type().and_then(|ct| ct.attribute("charset"))
+}
+
+/// The text of a text part, charset fallbacks applied.
+fn part_text<'m>(message: &'m Message<'m>, part: &'m MessagePart<'m>) -> Cow<'m, str> {
+    match &part.body {
+        PartType::Text(t) | PartType::Html(t) if !charset::lost_characters(t) => {
+            Cow::Borrowed(t.as_ref())
+        }
+        _ => Cow::Owned(
+            charset::decode(&part_bytes(message, part), declared_charset(part)).into_owned(),
+        ),
+    }
+}
+
+const AUTO_SUBJECTS: &[&str] = &[
+    "automatic reply",
+    "auto:",
+    "autoreply",
+    "auto-reply",
+    "out of office",
+    "out of the office",
+    "abwesenheitsnotiz",
+    "automatische antwort",
+    "réponse automatique",
+    "absence",
+    "автоответ",
+    "автоматический ответ",
+    "undeliverable",
+    "undelivered mail",
+    "delivery status notification",
+    "mail delivery failed",
+    "delivery failure",
+    "returned mail",
+    "failure notice",
+];
+
+/// Why `message` is an automatic message, if it is one (RFC 3834 `Auto-Submitted`, DSN
+/// reports, bounces from the null sender or a mailer daemon, out-of-office replies).
+fn auto_reply(message: &Message<'_>, sender: Option<&str>) -> Option<String> {
+    let header = |name: &str| message.header_raw(name).map(|v| v.trim().to_lowercase());
+    if let Some(v) = header("Auto-Submitted").filter(|v| !v.starts_with("no")) {
+        return Some(format!("Auto-Submitted: {v}"));
+    }
+    if let Some(ct) = message.content_type() {
+        if ct.ctype().eq_ignore_ascii_case("multipart")
+            && ct
+                .subtype()
+                .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+        {
+            let kind = ct.attribute("report-type").unwrap_or("report");
+            return Some(format!("multipart/report ({kind})"));
+        }
+    }
+    for name in ["X-Autoreply", "X-Autorespond", "X-Auto-Reply"] {
+        if header(name).is_some() {
+            return Some(format!("{name} header"));
+        }
+    }
+    if header("Precedence").is_some_and(|p| p == "auto_reply") {
+        return Some("Precedence: auto_reply".into());
+    }
+    if header("Return-Path").is_some_and(|r| r == "<>") {
+        return Some("sent from the null sender (Return-Path: <>)".into());
+    }
+    if let Some(local) = sender.and_then(|s| s.split('@').next()) {
+        if matches!(local, "mailer-daemon" | "postmaster") {
+            return Some(format!("sent by {local}"));
+        }
+    }
+    let subject = message.subject().unwrap_or("").trim().to_lowercase();
+    AUTO_SUBJECTS
+        .iter()
+        .find(|p| subject.starts_with(*p))
+        .map(|p| format!("subject starts with {p:?}"))
+}
+
+fn is_forward(subject: Option<&str>) -> bool {
+    let s = subject.unwrap_or("").trim_start().to_lowercase();
+    [
+        "fwd:",
+        "fw:",
+        "wg:",
+        "tr:",
+        "fwd :",
+        "tr :",
+        "пересл:",
+        "fw :",
+    ]
+    .iter()
+    .any(|p| s.starts_with(p))
+}
+
+/// Reads one message (or a forwarded one inside it) into `facts`.
+struct Reader<'l> {
+    limits: &'l MailLimits,
+    hasher: Sha256,
+    parts: Vec<PartLines>,
+    unsupported: Option<String>,
+    rejected: Option<String>,
+    unnamed: usize,
+}
+
+impl Reader<'_> {
+    fn hash_text(&mut self, text: &str) {
+        for word in text.split_whitespace() {
+            self.hasher.update(word.as_bytes());
+            self.hasher.update(b" ");
+        }
+        self.hasher.update(b"\n");
+    }
+
+    fn body(&mut self, message: &Message<'_>, mode: TextMode) {
+        let mut text = Extraction::default();
+        for part in message.text_bodies() {
+            if part.is_text_html() || !part.is_text() {
+                continue;
+            }
+            let body = part_text(message, part);
+            self.hash_text(&body);
+            if body.contains("-----BEGIN PGP MESSAGE-----") {
+                self.unsupported = Some("inline PGP encrypted text".into());
+            }
+            text.extend(lines_from_text_in(&body, mode).0);
+        }
+        let mut chosen = text;
+        if chosen.lines.is_empty() {
+            let mut html = Extraction::default();
+            for part in message.html_bodies() {
+                if !part.is_text_html() {
+                    continue;
+                }
+                let body = part_text(message, part);
+                self.hash_text(&body);
+                html.extend(lines_from_html(
+                    &body,
+                    "body",
+                    mode,
+                    self.limits.csv.max_rows,
+                ));
+            }
+            if !html.lines.is_empty() || chosen.invalid.is_empty() {
+                chosen = html;
+            }
+        }
+        self.parts.push(PartLines {
+            kind: PartKind::Body,
+            extraction: chosen,
+        });
+    }
+
+    fn message(&mut self, message: &Message<'_>, mode: TextMode) {
+        if let Some(ct) = message.content_type() {
+            let full = format!(
+                "{}/{}",
+                ct.ctype().to_ascii_lowercase(),
+                ct.subtype().unwrap_or("").to_ascii_lowercase()
+            );
+            match full.as_str() {
+                "multipart/encrypted" => {
+                    self.unsupported = Some("PGP/MIME encrypted message".into());
+                }
+                "application/pkcs7-mime" | "application/x-pkcs7-mime" => {
+                    self.unsupported = Some("S/MIME encrypted or opaque-signed message".into());
+                }
+                _ => {}
+            }
+        }
+        self.body(message, mode);
+        for part in message.attachments() {
+            if let Some(nested) = part.message() {
+                // A forwarded message is read like a body of this one.
+                self.message(nested, TextMode::Forward);
+                continue;
+            }
+            let Some(kind) = attachment_kind(part) else {
+                continue;
+            };
+            let kind = match kind {
+                Ok(kind) => kind,
+                Err(what) => {
+                    self.unsupported = Some(what);
+                    continue;
+                }
+            };
+            self.unnamed += 1;
+            let name = part.attachment_name().map_or_else(
+                || format!("attachment-{}", self.unnamed),
+                |n| n.chars().filter(|c| !c.is_control()).take(200).collect(),
+            );
+            let bytes = part_bytes(message, part);
+            self.hasher.update(name.as_bytes());
+            self.hasher.update(&bytes);
+            let extraction = match kind {
+                PartKind::Csv => {
+                    let text = charset::decode(&bytes, declared_charset(part));
+                    lines_from_csv(&text, &name, self.limits.csv)
+                }
+                PartKind::Xlsx | PartKind::Xls | PartKind::Ods => {
+                    let format = match kind {
+                        PartKind::Xlsx => SheetFormat::Xlsx,
+                        PartKind::Xls => SheetFormat::Xls,
+                        _ => SheetFormat::Ods,
+                    };
+                    match lines_from_sheet(&bytes, format, &name, self.limits.sheets) {
+                        Ok(extraction) => extraction,
+                        Err(hit) => {
+                            self.rejected.get_or_insert(hit.to_string());
+                            continue;
+                        }
+                    }
+                }
+                PartKind::Body => continue,
+            };
+            self.parts.push(PartLines { kind, extraction });
+        }
+    }
+}
+
+/// Parses `raw` and extracts its order lines, applying `limits` first. Never panics on bad
+/// input: what cannot be read is absent from the facts, and a limit hit is in `rejected`.
+pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
+    if raw.len() > limits.max_message_bytes {
+        let mut facts = MailFacts::empty(raw, identity_of(raw));
+        facts.rejected = Some(format!(
+            "max_message_bytes: the message has {} bytes, above the limit of {}",
+            raw.len(),
+            limits.max_message_bytes
+        ));
+        return facts;
+    }
+    let nesting = rfc822_parts(raw);
+    if nesting > limits.max_rfc822_nesting {
+        let mut facts = MailFacts::empty(raw, identity_of(raw));
+        facts.rejected = Some(format!(
+            "max_rfc822_nesting: {nesting} message/rfc822 parts, above the limit of {}",
+            limits.max_rfc822_nesting
+        ));
+        return facts;
+    }
+    let content_sha256 = sha256_hex(raw);
+    let Some(message) = MessageParser::default().parse(raw) else {
+        return MailFacts::empty(raw, format!("sha256:{content_sha256}"));
     };
     let identity = usable_message_id(message.message_id())
         .unwrap_or_else(|| format!("sha256:{content_sha256}"));
@@ -87,30 +455,36 @@ pub fn read_mail(raw: &[u8], csv_limits: CsvLimits) -> MailFacts {
         .map(|a| a.trim().to_lowercase())
         .filter(|a| a.contains('@'));
     let subject = message.subject().map(str::to_owned);
-
-    let mut extraction = Extraction::default();
-    for i in 0..message.text_body_count() {
-        if let Some(text) = message.body_text(i) {
-            extraction.extend(lines_from_text(&text));
-        }
-    }
-    for (i, part) in message.attachments().enumerate() {
-        if !is_csv(part) {
-            continue;
-        }
-        let name = part
-            .attachment_name()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("attachment-{}.csv", i + 1));
-        let text = String::from_utf8_lossy(part.contents());
-        extraction.extend(lines_from_csv(&text, &name, csv_limits));
-    }
+    let auto_reply = auto_reply(&message, sender.as_deref());
+    let mode = if is_forward(subject.as_deref()) {
+        TextMode::Forward
+    } else {
+        TextMode::Message
+    };
+    let mut reader = Reader {
+        limits,
+        hasher: Sha256::new(),
+        parts: Vec::new(),
+        unsupported: None,
+        rejected: None,
+        unnamed: 0,
+    };
+    reader
+        .hasher
+        .update(sender.as_deref().unwrap_or("").as_bytes());
+    reader.hasher.update(b"\n");
+    reader.hash_text(subject.as_deref().unwrap_or(""));
+    reader.message(&message, mode);
     MailFacts {
         identity,
         content_sha256,
+        fingerprint: hex::encode(reader.hasher.finalize()),
         sender,
         subject,
-        extraction,
+        parts: reader.parts,
+        auto_reply,
+        unsupported: reader.unsupported,
+        rejected: reader.rejected,
     }
 }
 
@@ -123,21 +497,21 @@ mod tests {
         let raw = b"Message-ID: <abc@x.example>\r\nFrom: a@b.example\r\n\r\nhi";
         assert_eq!(identity_of(raw), "mid:abc@x.example");
         assert_eq!(
-            read_mail(raw, CsvLimits::default()).identity,
+            read_mail(raw, &MailLimits::default()).identity,
             "mid:abc@x.example"
         );
         let none = b"From: a@b.example\r\n\r\nhi";
         assert!(identity_of(none).starts_with("sha256:"));
         assert_eq!(
             identity_of(none),
-            read_mail(none, CsvLimits::default()).identity
+            read_mail(none, &MailLimits::default()).identity
         );
     }
 
     #[test]
     fn the_display_name_is_never_the_sender() {
         let raw = "From: \"orders@acme.example\" <mallory@evil.example>\r\n\r\nSKU-1 x 1";
-        let facts = read_mail(raw.as_bytes(), CsvLimits::default());
+        let facts = read_mail(raw.as_bytes(), &MailLimits::default());
         assert_eq!(facts.sender.as_deref(), Some("mallory@evil.example"));
     }
 
@@ -158,9 +532,9 @@ mod tests {
             b"From: \xff\xff\r\nSubject: \xc3\x28\r\n\r\n\xff",
             b"Content-Type: multipart/mixed; boundary=\"x\"\r\n\r\n--x\r\n--x--",
         ] {
-            let facts = read_mail(raw, CsvLimits::default());
+            let facts = read_mail(raw, &MailLimits::default());
             assert!(facts.identity.starts_with("sha256:") || facts.identity.starts_with("mid:"));
-            assert!(facts.extraction.lines.is_empty());
+            assert!(facts.extraction(|_| true).lines.is_empty());
         }
     }
 }

@@ -4,9 +4,12 @@
 //! Invariant: this module, like `module.rs`, uses no runtime crate but `runtime-contracts`
 //! (checked by `tests/architecture.rs`). It knows nothing of Maildir, IMAP or queues.
 
+pub mod charset;
 pub mod clients;
 pub mod extract;
+pub mod html;
 pub mod message;
+pub mod sheets;
 pub mod store;
 
 /// Every outcome a message can end with.
@@ -15,13 +18,20 @@ pub mod store;
 pub enum OutcomeKind {
     /// An order was created.
     Created,
-    /// The message was seen before; nothing new was created.
+    /// The message was seen before (same identity, same content); nothing new was created.
     Duplicate,
+    /// A message with the Message-ID of an earlier one but different content: kept for an
+    /// operator under its own identity, never silently dropped, never an order.
+    ConflictingDuplicate,
     /// The sender matches no client.
     UnknownClient,
     /// No order lines were found.
     NoLines,
-    /// A safety limit was hit (the reason names it); the message is never parsed.
+    /// A bounce, a delivery report or an out-of-office reply: never an order, never answered.
+    AutoReply,
+    /// Content the bot cannot read (S/MIME, PGP, TNEF `winmail.dat`) and no lines elsewhere.
+    UnsupportedContent,
+    /// A safety limit was hit (the reason names it); the process lives on.
     Rejected,
     /// The message could not be handled after every attempt; it stays unread.
     Failed,
@@ -33,6 +43,9 @@ impl OutcomeKind {
         match self {
             Self::Created => "created",
             Self::Duplicate => "duplicate",
+            Self::ConflictingDuplicate => "conflicting_duplicate",
+            Self::AutoReply => "auto_reply",
+            Self::UnsupportedContent => "unsupported_content",
             Self::UnknownClient => "unknown_client",
             Self::NoLines => "no_lines",
             Self::Rejected => "rejected",

@@ -1,16 +1,20 @@
-//! The order store: orders, their lines and one outcome per message, in SQLite through sqlx.
+//! The order store: orders, their lines and one outcome per message, in SQLite or
+//! PostgreSQL through sqlx (`sqlite://PATH` or `postgres://…`), with the same schema and the
+//! same statements on both.
 //!
 //! Exactly-once is the database's job: `message_outcomes.message_identity` is the primary
 //! key and `orders.message_identity` is UNIQUE, and an order is written in the same
 //! transaction as its outcome.
 
-use std::str::FromStr;
+use std::sync::Once;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+use sqlx::{Executor, Row};
 
+use super::clients::ClientEntry;
 use super::extract::OrderLine;
 use super::OutcomeKind;
 
@@ -19,7 +23,7 @@ use super::OutcomeKind;
 #[non_exhaustive]
 pub enum StoreError {
     /// The URL is not one the store understands.
-    #[error("store url {0:?} is not supported (use sqlite://PATH)")]
+    #[error("store url {0:?} is not supported (use sqlite://PATH or postgres://…)")]
     Url(String),
     /// The database failed.
     #[error("database: {0}")]
@@ -55,6 +59,8 @@ pub struct Recording {
     pub identity: String,
     /// Hash of the raw bytes.
     pub content_sha256: String,
+    /// Hash of what the message says (see `MailFacts::fingerprint`).
+    pub fingerprint: String,
     /// Sender address.
     pub sender: Option<String>,
     /// Subject.
@@ -75,6 +81,16 @@ pub enum Recorded {
     /// The outcome (and its order) were written.
     New {
         /// The new order's id, for `created`.
+        order_id: Option<i64>,
+    },
+    /// An outcome already existed for this identity with different content: the message
+    /// was recorded as `conflicting_duplicate` under `identity`.
+    Conflict {
+        /// The identity the conflicting message was recorded under.
+        identity: String,
+        /// The earlier outcome of the Message-ID.
+        earlier: String,
+        /// The earlier order, if one was created.
         order_id: Option<i64>,
     },
     /// An outcome already existed for this identity; nothing new was written.
@@ -128,50 +144,118 @@ pub struct StoredOutcome {
     pub recorded_at: String,
 }
 
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+/// The database behind the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite (the embedded default).
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a store URL.
+    pub fn of(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+
+    /// The current time as an ISO 8601 UTC string with milliseconds, in SQL.
+    fn now(self) -> &'static str {
+        match self {
+            Self::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            Self::Postgres => {
+                r#"to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#
+            }
+        }
+    }
+}
 
 /// The store.
 #[derive(Clone, Debug)]
 pub struct OrderStore {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
+}
+
+fn install_drivers() {
+    static DRIVERS: Once = Once::new();
+    DRIVERS.call_once(sqlx::any::install_default_drivers);
+}
+
+/// `sqlite://PATH` with the file created when missing.
+fn sqlite_url(url: &str) -> Result<String, StoreError> {
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| StoreError::Url(url.to_owned()))?;
+    let (file, query) = path.split_once('?').unwrap_or((path, ""));
+    if file == ":memory:" || file.is_empty() {
+        return Err(StoreError::Url(url.to_owned()));
+    }
+    if let Some(parent) = std::path::Path::new(file).parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::Folder {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    let mode = if query.contains("mode=") {
+        ""
+    } else {
+        "mode=rwc"
+    };
+    let sep = if query.is_empty() || mode.is_empty() {
+        ""
+    } else {
+        "&"
+    };
+    Ok(format!("sqlite://{file}?{query}{sep}{mode}"))
 }
 
 impl OrderStore {
-    /// Opens (creating when missing) the database at `url` and applies the migrations.
+    /// Opens the database at `url` (`sqlite://PATH`, created when missing, or
+    /// `postgres://…`) and applies the migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let path = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .ok_or_else(|| StoreError::Url(url.to_owned()))?;
-        let file = path.split('?').next().unwrap_or(path);
-        if let Some(parent) = std::path::Path::new(file).parent() {
-            if !parent.as_os_str().is_empty() && file != ":memory:" {
-                std::fs::create_dir_all(parent).map_err(|source| StoreError::Folder {
-                    path: parent.display().to_string(),
-                    source,
-                })?;
-            }
-        }
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true);
-        // Processes starting together on a fresh file can find it locked while another one
-        // switches it to WAL or migrates it: try again a few times before giving up.
+        install_drivers();
+        let backend = Backend::of(url).ok_or_else(|| StoreError::Url(url.to_owned()))?;
+        let connect_url = match backend {
+            Backend::Sqlite => sqlite_url(url)?,
+            Backend::Postgres => url.to_owned(),
+        };
+        // Processes starting together on a fresh database can find it locked while another
+        // one migrates it: try again a few times before giving up.
         let mut attempt = 0u64;
         loop {
             let opened = async {
-                let pool = SqlitePoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(8)
-                    .connect_with(options.clone())
+                    .acquire_timeout(Duration::from_secs(30))
+                    .after_connect(move |conn, _| {
+                        Box::pin(async move {
+                            if backend == Backend::Sqlite {
+                                conn.execute(
+                                    "PRAGMA busy_timeout = 30000; PRAGMA journal_mode = WAL; \
+                                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                                )
+                                .await?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .connect(&connect_url)
                     .await?;
-                Self::migrate(&pool).await?;
+                Self::migrate(&pool, backend).await?;
                 Ok::<_, StoreError>(pool)
             };
             match opened.await {
-                Ok(pool) => return Ok(Self { pool }),
+                Ok(pool) => return Ok(Self { pool, backend }),
                 Err(e) if attempt < 5 => {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "opening the store raced another process; retrying");
@@ -182,13 +266,21 @@ impl OrderStore {
         }
     }
 
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// Applies the migrations. Two processes starting at once may race on a fresh
-    /// database (SQLite migrations take no lock); the loser retries and then finds the
-    /// migration applied.
-    async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    /// database; the loser retries and then finds the migration applied.
+    async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
+        let migrator = match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
         let mut attempt = 0;
         loop {
-            match sqlx::migrate!("./migrations").run(pool).await {
+            match migrator.run(pool).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < 5 => {
                     attempt += 1;
@@ -200,29 +292,36 @@ impl OrderStore {
         }
     }
 
-    /// Records one outcome, and its order when there is one, in one transaction. If this
-    /// identity already has an outcome other than `failed`, nothing is written and the
-    /// earlier outcome is returned as a duplicate (a `failed` outcome is replaced: the
-    /// message was retried after its fault was fixed).
+    /// Records one outcome, and its order when there is one, in one transaction.
+    ///
+    /// If this identity already has an outcome other than `failed`, nothing is written for
+    /// it: with the same content fingerprint the message is a duplicate (its `deliveries`
+    /// count goes up); with a different one it is a different message reusing the
+    /// Message-ID, recorded as `conflicting_duplicate` under `identity#fingerprint` for an
+    /// operator. A `failed` outcome is replaced: the message was retried after its fault
+    /// was fixed.
     pub async fn record(&self, rec: &Recording) -> Result<Recorded, StoreError> {
+        let now = self.backend.now();
         let mut tx = self.pool.begin().await?;
-        // The first statement writes, so SQLite takes the write lock at once and two
-        // workers racing on one message are serialised by the database.
+        // The first statement writes, so the database takes the row (SQLite: the write
+        // lock) at once and two workers racing on one message are serialised by it.
         let claimed = sqlx::query(&format!(
             "INSERT INTO message_outcomes
-                (message_identity, outcome, reason, content_sha256, sender, subject, task_id,
-                 recorded_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {NOW}, {NOW})
+                (message_identity, outcome, reason, content_sha256, content_fingerprint,
+                 sender, subject, task_id, recorded_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {now}, {now})
              ON CONFLICT (message_identity) DO UPDATE SET
                 outcome = excluded.outcome, reason = excluded.reason,
-                content_sha256 = excluded.content_sha256, task_id = excluded.task_id,
-                deliveries = message_outcomes.deliveries + 1, updated_at = {NOW}
+                content_sha256 = excluded.content_sha256,
+                content_fingerprint = excluded.content_fingerprint, task_id = excluded.task_id,
+                deliveries = message_outcomes.deliveries + 1, updated_at = {now}
              WHERE message_outcomes.outcome = 'failed'"
         ))
         .bind(&rec.identity)
         .bind(rec.outcome.as_str())
         .bind(&rec.reason)
         .bind(&rec.content_sha256)
+        .bind(&rec.fingerprint)
         .bind(&rec.sender)
         .bind(&rec.subject)
         .bind(&rec.task_id)
@@ -230,24 +329,70 @@ impl OrderStore {
         .await?
         .rows_affected();
         if claimed == 0 {
-            let earlier = sqlx::query(&format!(
-                "UPDATE message_outcomes SET deliveries = deliveries + 1, updated_at = {NOW}
-                 WHERE message_identity = ?1 RETURNING outcome, order_id"
-            ))
+            let earlier = sqlx::query(
+                "SELECT outcome, order_id, content_fingerprint FROM message_outcomes
+                 WHERE message_identity = $1",
+            )
             .bind(&rec.identity)
             .fetch_one(&mut *tx)
             .await?;
+            let outcome: String = earlier.try_get("outcome")?;
+            let order_id: Option<i64> = earlier.try_get("order_id")?;
+            let fingerprint: Option<String> = earlier.try_get("content_fingerprint")?;
+            let conflicting = rec.identity.starts_with("mid:")
+                && fingerprint.as_deref().is_some_and(|f| f != rec.fingerprint);
+            if conflicting {
+                let identity = format!("{}#{}", rec.identity, rec.fingerprint);
+                let reason = match order_id {
+                    Some(id) => format!(
+                        "the Message-ID was first recorded as {outcome} (order {id}) for different content; kept for an operator"
+                    ),
+                    None => format!(
+                        "the Message-ID was first recorded as {outcome} for different content; kept for an operator"
+                    ),
+                };
+                sqlx::query(&format!(
+                    "INSERT INTO message_outcomes
+                        (message_identity, outcome, reason, content_sha256, content_fingerprint,
+                         sender, subject, task_id, recorded_at, updated_at)
+                     VALUES ($1, 'conflicting_duplicate', $2, $3, $4, $5, $6, $7, {now}, {now})
+                     ON CONFLICT (message_identity) DO UPDATE SET
+                        deliveries = message_outcomes.deliveries + 1, updated_at = {now}"
+                ))
+                .bind(&identity)
+                .bind(&reason)
+                .bind(&rec.content_sha256)
+                .bind(&rec.fingerprint)
+                .bind(&rec.sender)
+                .bind(&rec.subject)
+                .bind(&rec.task_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(Recorded::Conflict {
+                    identity,
+                    earlier: outcome,
+                    order_id,
+                });
+            }
+            sqlx::query(&format!(
+                "UPDATE message_outcomes SET deliveries = deliveries + 1, updated_at = {now}
+                 WHERE message_identity = $1"
+            ))
+            .bind(&rec.identity)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             return Ok(Recorded::Duplicate {
-                earlier: earlier.try_get("outcome")?,
-                order_id: earlier.try_get("order_id")?,
+                earlier: outcome,
+                order_id,
             });
         }
         let mut order_id = None;
         if let Some(order) = &rec.order {
             let id: i64 = sqlx::query_scalar(&format!(
                 "INSERT INTO orders (message_identity, client_id, client_name, sender, subject, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, {NOW}) RETURNING id"
+                 VALUES ($1, $2, $3, $4, $5, {now}) RETURNING id"
             ))
             .bind(&rec.identity)
             .bind(&order.client_id)
@@ -259,7 +404,7 @@ impl OrderStore {
             for (n, line) in order.lines.iter().enumerate() {
                 sqlx::query(
                     "INSERT INTO order_lines (order_id, line_no, sku, quantity, origin)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                     VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(id)
                 .bind(n as i64 + 1)
@@ -269,7 +414,7 @@ impl OrderStore {
                 .execute(&mut *tx)
                 .await?;
             }
-            sqlx::query("UPDATE message_outcomes SET order_id = ?1 WHERE message_identity = ?2")
+            sqlx::query("UPDATE message_outcomes SET order_id = $1 WHERE message_identity = $2")
                 .bind(id)
                 .bind(&rec.identity)
                 .execute(&mut *tx)
@@ -288,11 +433,12 @@ impl OrderStore {
         task_id: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
+        let now = self.backend.now();
         sqlx::query(&format!(
             "INSERT INTO message_outcomes
                 (message_identity, outcome, reason, content_sha256, task_id, recorded_at, updated_at)
-             VALUES (?1, 'failed', ?2, ?3, ?4, {NOW}, {NOW})
-             ON CONFLICT (message_identity) DO UPDATE SET reason = excluded.reason, updated_at = {NOW}
+             VALUES ($1, 'failed', $2, $3, $4, {now}, {now})
+             ON CONFLICT (message_identity) DO UPDATE SET reason = excluded.reason, updated_at = {now}
              WHERE message_outcomes.outcome = 'failed'"
         ))
         .bind(identity)
@@ -308,7 +454,7 @@ impl OrderStore {
     pub async fn orders_after(&self, after: i64) -> Result<Vec<StoredOrder>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, message_identity, client_id, client_name, sender, subject, created_at
-             FROM orders WHERE id > ?1 ORDER BY id",
+             FROM orders WHERE id > $1 ORDER BY id",
         )
         .bind(after)
         .fetch_all(&self.pool)
@@ -317,7 +463,7 @@ impl OrderStore {
         for row in rows {
             let id: i64 = row.try_get("id")?;
             let lines = sqlx::query(
-                "SELECT sku, quantity, origin FROM order_lines WHERE order_id = ?1 ORDER BY line_no",
+                "SELECT sku, quantity, origin FROM order_lines WHERE order_id = $1 ORDER BY line_no",
             )
             .bind(id)
             .fetch_all(&self.pool)
@@ -348,7 +494,7 @@ impl OrderStore {
     /// The highest order id, 0 when there is none.
     pub async fn last_order_id(&self) -> Result<i64, StoreError> {
         Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM orders")
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM orders")
                 .fetch_one(&self.pool)
                 .await?,
         )
@@ -373,6 +519,45 @@ impl OrderStore {
                     subject: r.try_get("subject")?,
                     deliveries: r.try_get("deliveries")?,
                     recorded_at: r.try_get("recorded_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// The clients of the `clients` table (lists are separated by `;`; `attachments` NULL
+    /// means all kinds).
+    pub async fn clients(&self) -> Result<Vec<ClientEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, addresses, domains, attachments, read_body FROM clients ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let list = |s: String| -> Vec<String> {
+            s.split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        rows.into_iter()
+            .map(|r| {
+                let attachments: Option<String> = r.try_get("attachments")?;
+                Ok(ClientEntry {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    addresses: list(r.try_get("addresses")?),
+                    domains: list(r.try_get("domains")?),
+                    attachments: attachments.map(|a| {
+                        list(a)
+                            .into_iter()
+                            .filter_map(|k| {
+                                serde_json::from_value(serde_json::Value::String(k.to_lowercase()))
+                                    .ok()
+                            })
+                            .collect()
+                    }),
+                    read_body: r.try_get::<i64, _>("read_body")? != 0,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
