@@ -1,4 +1,5 @@
-//! The whole flow in one process: Maildir → in-memory queue → worker pool → SQLite.
+//! The whole flow in one process: Maildir → in-memory queue → worker pool → SQLite, and the
+//! same flow into a private PostgreSQL.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 use common::{assert_exactly_once, fill_mailbox, order_mail, Workspace};
 use mail_order_bot::compose::{build_runtime, load_config};
 use mail_order_bot::module::MailOrderModule;
+use plba_testkit::PostgresServer;
 use runtime_contracts::{
     ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
     HandlerError, HealthContributor, ModuleError, ModuleRegistry, Outcome, Task, TaskHandler,
@@ -129,7 +131,16 @@ fn faulty_mail(id: &str, fault: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_messages_make_every_order_exactly_once() {
-    let ws = Workspace::new();
+    two_hundred_messages(Workspace::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_messages_make_every_order_exactly_once_on_postgres() {
+    let server = PostgresServer::start();
+    two_hundred_messages(Workspace::with_store(server.create_database())).await;
+}
+
+async fn two_hundred_messages(ws: Workspace) {
     let expected = fill_mailbox(&ws, 200);
     ws.deliver("fault.1", &faulty_mail("fault-1", "error"));
     ws.deliver("fault.2", &faulty_mail("fault-2", "panic"));

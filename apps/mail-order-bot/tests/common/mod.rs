@@ -12,6 +12,8 @@ use runtime_adapters::sources::maildir::deliver;
 /// A temp folder holding `maildir/` and `orders.db`, and a config pointing at them.
 pub struct Workspace {
     pub dir: tempfile::TempDir,
+    /// The store URL, when not the workspace's own SQLite file.
+    pub store: Option<String>,
 }
 
 pub const CLIENTS: &str = r#"
@@ -32,7 +34,15 @@ impl Workspace {
         for sub in ["tmp", "new", "cur"] {
             std::fs::create_dir_all(dir.path().join("maildir").join(sub)).expect("maildir");
         }
-        Self { dir }
+        Self { dir, store: None }
+    }
+
+    /// A workspace whose orders go to the database at `store_url` (e.g. PostgreSQL).
+    pub fn with_store(store_url: String) -> Self {
+        Self {
+            store: Some(store_url),
+            ..Self::new()
+        }
     }
 
     pub fn maildir(&self) -> PathBuf {
@@ -40,6 +50,9 @@ impl Workspace {
     }
 
     pub fn store_url(&self) -> String {
+        if let Some(url) = &self.store {
+            return url.clone();
+        }
         format!("sqlite://{}", self.dir.path().join("orders.db").display())
     }
 
