@@ -56,6 +56,10 @@ pub struct BotConfig {
     /// `rejected` unparsed, because the parser aborts the process on very deep nesting.
     #[serde(default = "default_max_rfc822_nesting")]
     pub max_rfc822_nesting: usize,
+    /// Most `multipart/*` parts a message may declare; beyond, it is `rejected` unparsed
+    /// (the parser's time grows with the square of their nesting).
+    #[serde(default = "default_max_multipart_parts")]
+    pub max_multipart_parts: usize,
     /// Demo only: copy the bundled sample mail into this Maildir before starting (a
     /// sample already there, seen or not, is not copied again).
     #[serde(default)]
@@ -87,6 +91,9 @@ fn default_csv_max_rows() -> usize {
 fn default_csv_max_line_bytes() -> usize {
     CsvLimits::default().max_record_bytes
 }
+fn default_max_multipart_parts() -> usize {
+    MailLimits::default().max_multipart_parts
+}
 fn default_max_message_bytes() -> usize {
     MailLimits::default().max_message_bytes
 }
@@ -106,6 +113,7 @@ impl BotConfig {
         MailLimits {
             max_message_bytes: self.max_message_bytes,
             max_rfc822_nesting: self.max_rfc822_nesting,
+            max_multipart_parts: self.max_multipart_parts,
             csv: CsvLimits {
                 max_rows: self.csv_max_rows,
                 max_record_bytes: self.csv_max_line_bytes,
@@ -157,6 +165,7 @@ impl BotConfig {
                 ("csv_max_rows", config.csv_max_rows as u64),
                 ("csv_max_line_bytes", config.csv_max_line_bytes as u64),
                 ("max_rfc822_nesting", config.max_rfc822_nesting as u64),
+                ("max_multipart_parts", config.max_multipart_parts as u64),
                 (
                     "xlsx_max_uncompressed_bytes",
                     config.xlsx_max_uncompressed_bytes,
@@ -356,9 +365,11 @@ impl OrderHandler {
         let limits = self.limits;
         // Parsing is CPU work on untrusted input: keep it off the async worker threads.
         // read_mail checks the size and the nesting before the parser sees the bytes.
+        // A panic in the parser is deterministic: retrying cannot help, so the message is
+        // dead-lettered at once and recorded as `failed` with the reason, still unread.
         let facts = tokio::task::spawn_blocking(move || read_mail(&raw, &limits))
             .await
-            .map_err(|e| HandlerError::retry(format!("parsing the message: {e}")))?;
+            .map_err(|e| HandlerError::Permanent(format!("the mail parser failed: {e}")))?;
         let rec = self.decide(&facts, task.id.as_str());
         let recorded = self
             .store

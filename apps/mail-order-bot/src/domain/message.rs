@@ -17,9 +17,19 @@ use super::sheets::{lines_from_sheet, SheetFormat, SheetLimits};
 /// aborts the process in `Drop`, where no `catch_unwind` can help, so depth must be bounded
 /// before the parser ever sees the bytes. Counting every declaration bounds the depth.
 pub fn rfc822_parts(raw: &[u8]) -> usize {
-    const NEEDLE: &[u8] = b"message/rfc822";
-    raw.windows(NEEDLE.len())
-        .filter(|w| w.eq_ignore_ascii_case(NEEDLE))
+    count_ignoring_case(raw, b"message/rfc822")
+}
+
+/// How many `multipart/…` parts the raw bytes declare, counted without parsing. mail-parser's
+/// time grows with the square of multipart nesting (3,000 levels in 160 KB take 130 ms in a
+/// release build, so a 25 MB message could take hours): bounded before parsing too.
+pub fn multipart_parts(raw: &[u8]) -> usize {
+    count_ignoring_case(raw, b"multipart/")
+}
+
+fn count_ignoring_case(raw: &[u8], needle: &[u8]) -> usize {
+    raw.windows(needle.len())
+        .filter(|w| w.eq_ignore_ascii_case(needle))
         .count()
 }
 
@@ -54,6 +64,8 @@ pub struct MailLimits {
     pub max_message_bytes: usize,
     /// Most `message/rfc822` parts; beyond, the message is `rejected` unparsed.
     pub max_rfc822_nesting: usize,
+    /// Most `multipart/*` parts; beyond, the message is `rejected` unparsed.
+    pub max_multipart_parts: usize,
     /// CSV limits.
     pub csv: CsvLimits,
     /// Spreadsheet limits.
@@ -65,6 +77,7 @@ impl Default for MailLimits {
         Self {
             max_message_bytes: 25 * 1024 * 1024,
             max_rfc822_nesting: 64,
+            max_multipart_parts: 128,
             csv: CsvLimits::default(),
             sheets: SheetLimits::default(),
         }
@@ -440,6 +453,15 @@ pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
         facts.rejected = Some(format!(
             "max_rfc822_nesting: {nesting} message/rfc822 parts, above the limit of {}",
             limits.max_rfc822_nesting
+        ));
+        return facts;
+    }
+    let multiparts = multipart_parts(raw);
+    if multiparts > limits.max_multipart_parts {
+        let mut facts = MailFacts::empty(raw, identity_of(raw));
+        facts.rejected = Some(format!(
+            "max_multipart_parts: {multiparts} multipart parts, above the limit of {}",
+            limits.max_multipart_parts
         ));
         return facts;
     }

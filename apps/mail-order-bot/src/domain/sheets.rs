@@ -79,6 +79,31 @@ pub fn lines_from_sheet(
     origin: &str,
     limits: SheetLimits,
 ) -> Result<Extraction, LimitHit> {
+    // calamine asserts on some malformed files (found by fuzzing: an XLS record shorter than
+    // it expects). A panic in a spreadsheet reader makes this one attachment unreadable; it
+    // must not fail the whole message again and again.
+    let guarded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_sheet(bytes, format, origin, limits)
+    }));
+    guarded.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Ok(unreadable(
+            origin,
+            &format!("the spreadsheet reader failed on this file ({why})"),
+        ))
+    })
+}
+
+fn read_sheet(
+    bytes: &[u8],
+    format: SheetFormat,
+    origin: &str,
+    limits: SheetLimits,
+) -> Result<Extraction, LimitHit> {
     let read = match format {
         SheetFormat::Xlsx => {
             check_zip(bytes, origin, limits)?;

@@ -84,6 +84,13 @@ def col_name(i):
     return s
 
 
+def zinfo(name):
+    """A zip entry with a fixed time, so that the corpus is the same on every run."""
+    info = zipfile.ZipInfo(name, date_time=(2024, 11, 18, 9, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
 def xlsx(sheets, dimension=True, extra_cells=()):
     """A minimal XLSX as Excel writes it: shared strings, numbers as numbers."""
     strings = []
@@ -123,28 +130,28 @@ def xlsx(sheets, dimension=True, extra_cells=()):
             '%s<sheetData>%s</sheetData></worksheet>' % (dim, "".join(out)))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("[Content_Types].xml",
+        z.writestr(zinfo("[Content_Types].xml"),
                    '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
                    '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
                    '<Default Extension="xml" ContentType="application/xml"/>'
                    '<Override PartName="/xl/workbook.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
                    + "".join('<Override PartName="/xl/worksheets/sheet%d.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/>' % (i + 1) for i in range(len(sheets)))
                    + '<Override PartName="/xl/sharedStrings.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sharedStrings+xml"/></Types>')
-        z.writestr("_rels/.rels",
+        z.writestr(zinfo("_rels/.rels"),
                    '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
                    '<Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument" Target="xl/workbook.xml"/></Relationships>')
-        z.writestr("xl/workbook.xml",
+        z.writestr(zinfo("xl/workbook.xml"),
                    '<?xml version="1.0" encoding="UTF-8"?><workbook xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" '
                    'xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"><sheets>'
                    + "".join('<sheet name="%s" sheetId="%d" r:id="rId%d"/>' % (["Cover", "Order", "Notes"][i] if len(sheets) > 1 else "Sheet1", i + 1, i + 1) for i in range(len(sheets)))
                    + '</sheets></workbook>')
-        z.writestr("xl/_rels/workbook.xml.rels",
+        z.writestr(zinfo("xl/_rels/workbook.xml.rels"),
                    '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
                    + "".join('<Relationship Id="rId%d" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet" Target="worksheets/sheet%d.xml"/>' % (i + 1, i + 1) for i in range(len(sheets)))
                    + '<Relationship Id="rId%d" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/sharedStrings" Target="sharedStrings.xml"/></Relationships>' % (len(sheets) + 1))
         for i, xml in enumerate(sheet_xml):
-            z.writestr("xl/worksheets/sheet%d.xml" % (i + 1), xml)
-        z.writestr("xl/sharedStrings.xml",
+            z.writestr(zinfo("xl/worksheets/sheet%d.xml" % (i + 1)), xml)
+        z.writestr(zinfo("xl/sharedStrings.xml"),
                    '<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="%d" uniqueCount="%d">%s</sst>'
                    % (len(strings), len(strings), "".join("<si><t>%s</t></si>" % s.replace("&", "&amp;").replace("<", "&lt;") for s in strings)))
     return buf.getvalue()
@@ -154,8 +161,8 @@ def zip_bomb_xlsx(entry_bytes):
     """An XLSX-named zip whose sheet inflates to entry_bytes of zeros (declared honestly)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
-        z.writestr("[Content_Types].xml", "<Types/>")
-        with z.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as f:
+        z.writestr(zinfo("[Content_Types].xml"), "<Types/>")
+        with z.open(zinfo("xl/worksheets/sheet1.xml"), "w", force_zip64=True) as f:
             chunk = b"0" * (1 << 20)
             for _ in range(entry_bytes >> 20):
                 f.write(chunk)
@@ -184,9 +191,9 @@ def ods(rows, raw_content=None):
                '<office:body><office:spreadsheet>%s</office:spreadsheet></office:body></office:document-content>' % body)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(zipfile.ZipInfo("mimetype"), "application/vnd.oasis.opendocument.spreadsheet")
-        z.writestr("META-INF/manifest.xml", '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.3"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/><manifest:file-entry manifest:full-path="content.xml" manifest:media-type="text/xml"/></manifest:manifest>')
-        z.writestr("content.xml", content)
+        z.writestr(zipfile.ZipInfo("mimetype", date_time=(2024, 11, 18, 9, 0, 0)), "application/vnd.oasis.opendocument.spreadsheet")
+        z.writestr(zinfo("META-INF/manifest.xml"), '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.3"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/><manifest:file-entry manifest:full-path="content.xml" manifest:media-type="text/xml"/></manifest:manifest>')
+        z.writestr(zinfo("content.xml"), content)
     return buf.getvalue()
 
 
@@ -530,6 +537,15 @@ def main():
     case("067-applemail-text-around-attachment",
          headers(pacific, "PO 6700", "po6700@pacific.example", APPLE) + 'Content-Type: multipart/mixed; boundary="%s"\n\n--%s\nContent-Transfer-Encoding: 7bit\nContent-Type: text/plain; charset=us-ascii\n\nHi, lines:\nPAC-6701 x 1\n\n--%s\nContent-Disposition: inline; filename=extra.csv\nContent-Type: text/csv; name="extra.csv"\nContent-Transfer-Encoding: 7bit\n\nSKU;Qty\nPAC-6702;2\n\n--%s\nContent-Transfer-Encoding: 7bit\nContent-Type: text/plain; charset=us-ascii\n\nand one more: PAC-6703 x 3\nPAC-6704 x 4\n--%s--\n' % (ab, ab, ab, ab, ab),
          "created", ["PAC-6701:1", "PAC-6704:4", "PAC-6702:2"])
+
+    mp = "".join("--b%d\nContent-Type: multipart/mixed; boundary=b%d\n\n" % (i, i + 1) for i in range(200))
+    case("068-multipart-nested-200-levels",
+         headers(acme, "nested multipart", "mp@acme.example") + "Content-Type: multipart/mixed; boundary=b0\n\n" + mp + "--b200\nContent-Type: text/plain\n\nSKU-1 x 1\n",
+         "rejected", reason="max_multipart_parts")
+
+    case("069-html-nested-deeper-than-real-mail",
+         headers(nordic, "PO deep", "deep@nordic.example", "X-Mailer: generator 1.0") + "Content-Type: text/html; charset=utf-8\n\n" + "<div>" * 2000 + "SKU-6901 x 3<br>SKU-6902 x 4" + "</div>" * 2000 + "\n",
+         "created", ["SKU-6901:3", "SKU-6902:4"])
 
     with open(os.path.join(HERE, "expected.toml"), "w", encoding="utf-8") as f:
         f.write("# One [[case]] per .eml file, processed in this order into one store.\n"
