@@ -165,6 +165,28 @@ fn each_bad_config_is_reported_with_its_key() {
             "apps.mail_order_bot.store_url",
             "not supported",
         ),
+        (
+            "a limit of zero",
+            Box::new(|t: &str| {
+                t.replace(
+                    "[apps.mail_order_bot]",
+                    "[apps.mail_order_bot]\nsheet_max_cells = 0",
+                )
+            }),
+            "apps.mail_order_bot.sheet_max_cells",
+            "at least 1",
+        ),
+        (
+            "missing clients file",
+            Box::new(|t: &str| {
+                t.replace(
+                    "[apps.mail_order_bot]",
+                    "[apps.mail_order_bot]\nclients_file = \"/no/such/clients.csv\"",
+                )
+            }),
+            "apps.mail_order_bot.clients_file",
+            "/no/such/clients.csv",
+        ),
     ];
     for (name, mutate, key, words) in cases {
         eprintln!("case: {name}");

@@ -109,10 +109,10 @@ fn read_sheet(
             check_zip(bytes, origin, limits)?;
             read_xlsx(bytes, origin, limits)?
         }
-        SheetFormat::Xls => {
-            check_xls(bytes, origin, limits)?;
-            read_with_calamine::<Xls<_>>(bytes)
-        }
+        SheetFormat::Xls => match check_xls(bytes, origin, limits)? {
+            Ok(()) => read_with_calamine::<Xls<_>>(bytes),
+            Err(why) => Err(why),
+        },
         SheetFormat::Ods => {
             check_zip(bytes, origin, limits)?;
             check_ods(bytes, origin, limits)?;
@@ -305,21 +305,37 @@ where
     Ok(sheets)
 }
 
-/// Measures an XLS before calamine reads it: calamine reserves room for a sheet's declared
-/// DIMENSIONS and then builds the dense range of the cells present, so both are bounded.
-fn check_xls(bytes: &[u8], origin: &str, limits: SheetLimits) -> Result<(), LimitHit> {
-    let Ok(mut file) = cfb::CompoundFile::open(Cursor::new(bytes)) else {
-        return Ok(()); // not a compound file: calamine reports it as unreadable
+/// Checks an XLS before calamine reads it. calamine's own compound-file reader follows FAT
+/// chains without looking for cycles (found by fuzzing: a looping chain grows a buffer until
+/// the allocation aborts the process), so the file must first open with the `cfb` crate,
+/// which validates the FAT and the chains it walks, and its workbook stream must read to the
+/// end. Then the sheet sizes are measured: calamine reserves room for a sheet's declared
+/// DIMENSIONS and builds the dense range of the cells present, so both are bounded.
+///
+/// `Ok(Err(why))`: not a readable XLS; `Err`: a limit was hit.
+fn check_xls(
+    bytes: &[u8],
+    origin: &str,
+    limits: SheetLimits,
+) -> Result<Result<(), String>, LimitHit> {
+    let mut file = match cfb::CompoundFile::open(Cursor::new(bytes)) {
+        Ok(file) => file,
+        Err(e) => return Ok(Err(format!("not a valid Excel 97-2003 file: {e}"))),
     };
-    let mut stream = Vec::new();
     let opened = file
         .open_stream("/Workbook")
         .or_else(|_| file.open_stream("/Book"));
-    let Ok(mut workbook) = opened else {
-        return Ok(());
+    let mut workbook = match opened {
+        Ok(stream) => stream,
+        Err(e) => return Ok(Err(format!("no workbook stream: {e}"))),
     };
-    if workbook.read_to_end(&mut stream).is_err() {
-        return Ok(());
+    let mut stream = Vec::new();
+    if let Err(e) = workbook
+        .by_ref()
+        .take(limits.max_uncompressed_bytes)
+        .read_to_end(&mut stream)
+    {
+        return Ok(Err(format!("unreadable workbook stream: {e}")));
     }
     let mut pos = 0usize;
     let (mut max_row, mut max_col) = (0u64, 0u64);
@@ -376,7 +392,7 @@ fn check_xls(bytes: &[u8], origin: &str, limits: SheetLimits) -> Result<(), Limi
             limits.max_cells,
         ));
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Measures an ODS before calamine reads it: repeated rows and columns expand into cells
