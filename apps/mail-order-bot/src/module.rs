@@ -275,14 +275,15 @@ impl OrderHandler {
         }
     }
 
-    async fn load(
-        &self,
-        task: &Task,
-        ctx: &HandlerContext,
-    ) -> Result<Option<Vec<u8>>, HandlerError> {
+    async fn load(&self, task: &Task, ctx: &HandlerContext) -> Result<Loaded, HandlerError> {
         match ctx.load_content(task).await {
-            Ok(content) => Ok(content),
-            Err(e @ (SourceError::TooLarge { .. } | SourceError::InvalidPointer { .. })) => {
+            Ok(Some(content)) => Ok(Loaded::Mail(content)),
+            Ok(None) => Ok(Loaded::Gone),
+            // The source refused to read it whole: a recorded outcome, never a retry.
+            Err(SourceError::TooLarge { size, limit, .. }) => Ok(Loaded::TooLarge(format!(
+                "max_message_bytes: the message has {size} bytes, above the source's limit of {limit}"
+            ))),
+            Err(e @ SourceError::InvalidPointer { .. }) => {
                 Err(HandlerError::Permanent(e.to_string()))
             }
             Err(e) => Err(HandlerError::retry(format!("reading the message: {e}"))),
@@ -359,8 +360,30 @@ impl OrderHandler {
         task: &Task,
         ctx: &HandlerContext,
     ) -> Result<Outcome, HandlerError> {
-        let Some(raw) = self.load(task, ctx).await? else {
-            return Ok(Outcome::new("skipped").with_detail("message gone"));
+        let raw = match self.load(task, ctx).await? {
+            Loaded::Mail(raw) => raw,
+            Loaded::Gone => return Ok(Outcome::new("skipped").with_detail("message gone")),
+            Loaded::TooLarge(reason) => {
+                // The bytes were never read, so the task names the message.
+                let identity = format!("task:{}", task.id);
+                let rec = Recording {
+                    fingerprint: identity.clone(),
+                    content_sha256: String::new(),
+                    identity,
+                    sender: None,
+                    subject: None,
+                    task_id: task.id.to_string(),
+                    outcome: OutcomeKind::Rejected,
+                    reason: Some(reason),
+                    order: None,
+                };
+                let recorded = self
+                    .store
+                    .record(&rec)
+                    .await
+                    .map_err(|e| HandlerError::retry(format!("recording the outcome: {e}")))?;
+                return Ok(outcome_of(&rec, &recorded));
+            }
         };
         let limits = self.limits;
         // Parsing is CPU work on untrusted input: keep it off the async worker threads.
@@ -378,6 +401,13 @@ impl OrderHandler {
             .map_err(|e| HandlerError::retry(format!("recording the outcome: {e}")))?;
         Ok(outcome_of(&rec, &recorded))
     }
+}
+
+/// What loading a task's message gave.
+enum Loaded {
+    Mail(Vec<u8>),
+    Gone,
+    TooLarge(String),
 }
 
 /// What the runtime reports for a recorded message.

@@ -104,8 +104,11 @@ impl ApplicationModule for FaultyBot {
 }
 
 async fn run_once(ws: &Workspace, workers: usize, max_attempts: u32) -> RuntimeManager {
-    let path = ws.config(workers, max_attempts);
-    let config = Arc::new(load_config(Some(&path), Some(HashMap::new())).expect("config"));
+    run_config(&ws.config(workers, max_attempts)).await
+}
+
+async fn run_config(path: &std::path::Path) -> RuntimeManager {
+    let config = Arc::new(load_config(Some(path), Some(HashMap::new())).expect("config"));
     let mut runtime = build_runtime(config, Arc::new(FaultyBot), None)
         .await
         .expect("runtime");
@@ -290,4 +293,47 @@ async fn malformed_mail_gets_a_recorded_outcome_never_a_panic() {
     kinds.sort_unstable();
     want.sort_unstable();
     assert_eq!(kinds, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_above_the_sources_size_limit_is_rejected_and_completed() {
+    let ws = Workspace::new();
+    let text = ws.config_text(2, 3, "").replace(
+        "poll_interval_ms = 50",
+        "poll_interval_ms = 50\nmax_message_bytes = 4096",
+    );
+    let path = ws.dir.path().join("small.toml");
+    std::fs::write(&path, text).expect("write config");
+    let big = order_mail("big-1", "purchasing@acme.example", &[("SKU-1", 1)]).replacen(
+        "MIME-Version",
+        &format!("X-Padding: {}\r\nMIME-Version", "p".repeat(8000)),
+        1,
+    );
+    ws.deliver("big.1", &big);
+    ws.deliver(
+        "small.1",
+        &order_mail("small-1", "purchasing@acme.example", &[("SKU-2", 2)]),
+    );
+    let runtime = run_config(&path).await;
+    let status = runtime.status().await;
+    assert_eq!(
+        status.pools[0].dead_lettered, 0,
+        "a limit is an outcome, not a failure"
+    );
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    let rejected: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.outcome == "rejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{outcomes:?}");
+    assert!(rejected[0]
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.contains("max_message_bytes") && r.contains("4096")));
+    assert_eq!(rejected[0].message_identity, "task:maildir:inbox:big.1");
+    assert!(outcomes.iter().any(|o| o.outcome == "created"));
+    assert!(
+        ws.seen_flags().values().all(|s| *s),
+        "both have an outcome, so both are seen"
+    );
 }
