@@ -26,6 +26,8 @@ struct Case {
     lines: Vec<String>,
     reason: Option<String>,
     subject: Option<String>,
+    /// Where every line of the order was found (`body`, `body table 1`, a file name).
+    origin: Option<String>,
     #[serde(default)]
     limits: BTreeMap<String, u64>,
 }
@@ -90,21 +92,25 @@ async fn walk(store_url: &str) {
                 case.outcome
             ));
         }
-        let lines: Vec<String> = match &recorded {
+        let stored = match &recorded {
             Recorded::New { order_id: Some(id) } => store
                 .orders_after(id - 1)
                 .await
                 .expect("orders")
                 .first()
-                .map(|o| {
-                    o.lines
-                        .iter()
-                        .map(|l| format!("{}:{}", l.sku, l.quantity))
-                        .collect()
-                })
+                .map(|o| o.lines.clone())
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
+        let lines: Vec<String> = stored
+            .iter()
+            .map(|l| format!("{}:{}", l.sku, l.quantity))
+            .collect();
+        if let Some(want) = &case.origin {
+            if let Some(other) = stored.iter().find(|l| &l.origin != want) {
+                problems.push(format!("a line from {:?}, expected {want:?}", other.origin));
+            }
+        }
         if lines != case.lines {
             problems.push(format!("lines {lines:?}, expected {:?}", case.lines));
         }

@@ -34,21 +34,21 @@ def ew(text, charset="utf-8"):
     return "=?%s?B?%s?=" % (charset, base64.b64encode(text.encode(charset)).decode())
 
 
-def case(name, raw, outcome, lines=(), reason=None, subject=None, **overrides):
+def case(name, raw, outcome, lines=(), reason=None, subject=None, origin=None, **overrides):
     if isinstance(raw, str):
         raw = crlf(raw).encode("utf-8")
     path = os.path.join(HERE, name + ".eml")
     with open(path, "wb") as f:
         f.write(raw)
     CASES.append(dict(file=name + ".eml", outcome=outcome, lines=list(lines), reason=reason,
-                      subject=subject, overrides=overrides))
+                      subject=subject, origin=origin, overrides=overrides))
 
 
-def raw_case(name, parts, outcome, lines=(), reason=None, subject=None, **overrides):
+def raw_case(name, parts, outcome, lines=(), reason=None, subject=None, origin=None, **overrides):
     """A case assembled from str and bytes pieces (for 8-bit bodies in legacy charsets)."""
     raw = b"".join(crlf(p).encode("ascii") if isinstance(p, str) else p.replace(b"\n", b"\r\n")
                    for p in parts)
-    case(name, raw, outcome, lines, reason, subject, **overrides)
+    case(name, raw, outcome, lines, reason, subject, origin, **overrides)
 
 
 TB = "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.5.0"
@@ -283,7 +283,7 @@ def main():
          headers(berlin, "Bestellung 5000", "AM0PR07MB5234.5000@berlin.example", OUTLOOK)
          + 'Content-Type: multipart/alternative; boundary="%s"\n\n--%s\nContent-Type: text/plain; charset="utf-8"\nContent-Transfer-Encoding: base64\n\n%s\n\n--%s\nContent-Type: text/html; charset="utf-8"\nContent-Transfer-Encoding: quoted-printable\n\n%s\n--%s--\n'
          % (bnd, bnd, b64(outlook_text.encode()), bnd, qp(outlook_html.encode()), bnd),
-         "created", ["DE-5001:250", "DE-5002:250"])
+         "created", ["DE-5001:250", "DE-5002:250"], origin="body table 1")
 
     gm_text = "Hi team,\n\nSKU-1101 x 3\nSKU-1102 x 4\n\nBest,\nJane\n"
     gm_html = '<div dir="ltr">Hi team,<div><br></div><div>SKU-1101 x 3</div><div>SKU-1102 x 4</div><div><br></div><div>Best,</div><div>Jane</div></div>\n'
@@ -375,7 +375,7 @@ def main():
     case("030-csv-rfc2231-filename",
          with_attachment(berlin, "Bestellung März", "b3000@berlin.example", "Anbei.", "Bestellung März.csv", "Artikel,Menge\nDE-3001,1\nDE-3002,2\n".encode(), "text/csv; charset=utf-8", TB,
                          name_param="filename*=UTF-8''Bestellung%20M%C3%A4rz.csv"),
-         "created", ["DE-3001:1", "DE-3002:2"])
+         "created", ["DE-3001:1", "DE-3002:2"], origin="Bestellung März.csv")
 
     case("031-csv-koi8r-declared",
          with_attachment(ural, "zakaz koi8", "z3100@ural.example", "Vo vlozhenii.", "zakaz.csv", "Артикул,Кол-во\nSKU-3101,2\n".encode("koi8-r"), "text/csv; charset=koi8-r", TB),
@@ -400,7 +400,7 @@ def main():
     case("035-xls-excel97",
          with_attachment(berlin, "Bestellung 3500", "b3500@berlin.example", "Alte Excel-Datei.", "bestellung.xls",
                          xls([["Artikel", "Menge"], ["DE-3501", 7], ["DE-3502", 8]]), "application/vnd.ms-excel", OUTLOOK),
-         "created", ["DE-3501:7", "DE-3502:8"])
+         "created", ["DE-3501:7", "DE-3502:8"], origin="bestellung.xls")
 
     case("036-libreoffice-ods",
          with_attachment(martin, "Commande 3600", "c3600@martin.example", "Fichier LibreOffice.", "commande.ods",
@@ -556,6 +556,8 @@ def main():
                 toml_str(c["file"]), toml_str(c["outcome"]), ", ".join(toml_str(l) for l in c["lines"])))
             if c["reason"]:
                 f.write("reason = %s\n" % toml_str(c["reason"]))
+            if c["origin"]:
+                f.write("origin = %s\n" % toml_str(c["origin"]))
             if c["subject"]:
                 f.write("subject = %s\n" % toml_str(c["subject"]))
             if c["overrides"]:
