@@ -129,6 +129,26 @@ end
 return false
 ";
 
+/// `PUBLISH` for a batch: KEYS[1] is the stream, KEYS[2..] the tasks' known keys, ARGV[1]
+/// the TTL and ARGV[2..] the envelopes. One call per chunk instead of one per task.
+const PUBLISH_BATCH: &str = r"
+local ttl = tonumber(ARGV[1])
+local added = {}
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
+    redis.call('XADD', KEYS[1], '*', 'env', ARGV[i])
+    added[i - 1] = 1
+  else
+    added[i - 1] = 0
+  end
+end
+return added
+";
+
+/// Tasks per `PUBLISH_BATCH` call: long enough to amortise the call, short enough not to
+/// hold Redis (scripts run alone) for more than about a millisecond.
+const PUBLISH_CHUNK: usize = 128;
+
 /// Moves due retries back onto the stream; one script, so two processes moving at once
 /// never move the same retry twice.
 const MOVE_DUE: &str = r"
@@ -277,6 +297,7 @@ pub struct RedisQueue {
     failed: AtomicU64,
     move_due: redis::Script,
     publish: redis::Script,
+    publish_batch: redis::Script,
     /// The connection shared by every non-blocking command (publish, ack, stats, ...);
     /// blocking reads take their own from the pool. Dropped on any error, so that the next
     /// command reconnects.
@@ -318,6 +339,7 @@ impl RedisQueue {
             failed: AtomicU64::new(0),
             move_due: redis::Script::new(MOVE_DUE),
             publish: redis::Script::new(PUBLISH),
+            publish_batch: redis::Script::new(PUBLISH_BATCH),
             shared: Mutex::new(None),
             group_ready: std::sync::atomic::AtomicBool::new(false),
             publish_loaded: std::sync::atomic::AtomicBool::new(false),
@@ -667,31 +689,39 @@ impl TaskQueue for RedisQueue {
             let mut conn = self.conn().await?;
             self.ensure_group(&mut conn).await?;
             if !self.publish_loaded.load(Ordering::Relaxed) {
-                self.publish
+                self.publish_batch
                     .load_async(&mut conn)
                     .await
                     .map_err(|e| self.broken(e))?;
                 self.publish_loaded.store(true, Ordering::Relaxed);
             }
             let mut pipe = redis::pipe();
-            for (task, envelope) in tasks.iter().zip(&envelopes) {
+            for (chunk, envs) in tasks
+                .chunks(PUBLISH_CHUNK)
+                .zip(envelopes.chunks(PUBLISH_CHUNK))
+            {
                 pipe.cmd("EVALSHA")
-                    .arg(self.publish.get_hash())
-                    .arg(2)
-                    .arg(self.keys.known(task.id.as_str()))
-                    .arg(&self.keys.stream)
-                    .arg(envelope)
-                    .arg(self.config.dedupe_ttl_secs);
+                    .arg(self.publish_batch.get_hash())
+                    .arg(chunk.len() + 1)
+                    .arg(&self.keys.stream);
+                for task in chunk {
+                    pipe.arg(self.keys.known(task.id.as_str()));
+                }
+                pipe.arg(self.config.dedupe_ttl_secs);
+                for envelope in envs {
+                    pipe.arg(envelope);
+                }
             }
-            let added: Vec<Option<String>> = pipe
+            let added: Vec<Vec<i64>> = pipe
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.broken(e))?;
             let results: Vec<PublishResult> = added
                 .iter()
+                .flatten()
                 .map(|a| match a {
-                    Some(_) => PublishResult::Enqueued,
-                    None => PublishResult::AlreadyKnown,
+                    1 => PublishResult::Enqueued,
+                    _ => PublishResult::AlreadyKnown,
                 })
                 .collect();
             let enqueued = results

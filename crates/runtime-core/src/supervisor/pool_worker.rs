@@ -158,22 +158,29 @@ impl PoolWorker {
     // tokens, without a boxed future per task on the hot path.
     async fn run_loop(&self, index: usize) -> Result<(), WorkerError> {
         let mut errors = 0u32;
+        // Successes of the previous batch, acknowledged together in one round trip while the
+        // next batch is read (their sources have already completed them, so a lost
+        // acknowledgement only means a redelivery that finds the recorded outcome).
+        let mut unacked: Vec<Lease> = Vec::new();
         loop {
             let retired = index >= self.shared.desired.desired.load(Ordering::SeqCst);
             if self.shared.stop_consuming.is_cancelled() || retired {
+                self.acknowledge(&unacked).await;
                 return Ok(());
             }
             // Not raced with the stop signal: `consume` returns within CONSUME_WAIT, and a
             // lease it took is processed like any other.
             let prefetch = self.prefetch();
-            match self.queue.consume_batch(prefetch, CONSUME_WAIT).await {
+            let (_, consumed) = tokio::join!(
+                self.acknowledge(&unacked),
+                self.queue.consume_batch(prefetch, CONSUME_WAIT)
+            );
+            unacked.clear();
+            match consumed {
                 Ok(leases) => {
                     if !leases.is_empty() {
                         errors = 0;
                     }
-                    // Successes of a batch are acknowledged together, in one round trip
-                    // (their sources have already completed them).
-                    let mut done = Vec::new();
                     let mut leases = leases.into_iter();
                     while let Some(lease) = leases.next() {
                         if self.shared.abandon_in_flight.is_cancelled() {
@@ -185,11 +192,10 @@ impl PoolWorker {
                         self.shared.counters.busy.fetch_add(1, Ordering::Relaxed);
                         let span = self.shared.trace.task_span(&lease.task, &self.name);
                         if let Some(completed) = self.process(lease).instrument(span).await {
-                            done.push(completed);
+                            unacked.push(completed);
                         }
                         self.shared.counters.busy.fetch_sub(1, Ordering::Relaxed);
                     }
-                    self.acknowledge(&done).await;
                 }
                 Err(e) => {
                     errors = errors.saturating_add(1);
