@@ -435,34 +435,43 @@ impl Reader<'_> {
     }
 }
 
-/// Parses `raw` and extracts its order lines, applying `limits` first. Never panics on bad
-/// input: what cannot be read is absent from the facts, and a limit hit is in `rejected`.
-pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
+/// The limit `raw` hits before any parser may see it, named as in the configuration.
+fn limit_before_parsing(raw: &[u8], limits: &MailLimits) -> Option<String> {
     if raw.len() > limits.max_message_bytes {
-        let mut facts = MailFacts::empty(raw, identity_of(raw));
-        facts.rejected = Some(format!(
+        return Some(format!(
             "max_message_bytes: the message has {} bytes, above the limit of {}",
             raw.len(),
             limits.max_message_bytes
         ));
-        return facts;
     }
-    let nesting = rfc822_parts(raw);
-    if nesting > limits.max_rfc822_nesting {
+    let counted = [
+        (
+            "max_rfc822_nesting",
+            "message/rfc822",
+            rfc822_parts(raw),
+            limits.max_rfc822_nesting,
+        ),
+        (
+            "max_multipart_parts",
+            "multipart",
+            multipart_parts(raw),
+            limits.max_multipart_parts,
+        ),
+    ];
+    counted
+        .into_iter()
+        .find(|c| c.2 > c.3)
+        .map(|(key, what, found, max)| {
+            format!("{key}: {found} {what} parts, above the limit of {max}")
+        })
+}
+
+/// Parses `raw` and extracts its order lines, applying `limits` first. Never panics on bad
+/// input: what cannot be read is absent from the facts, and a limit hit is in `rejected`.
+pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
+    if let Some(limit) = limit_before_parsing(raw, limits) {
         let mut facts = MailFacts::empty(raw, identity_of(raw));
-        facts.rejected = Some(format!(
-            "max_rfc822_nesting: {nesting} message/rfc822 parts, above the limit of {}",
-            limits.max_rfc822_nesting
-        ));
-        return facts;
-    }
-    let multiparts = multipart_parts(raw);
-    if multiparts > limits.max_multipart_parts {
-        let mut facts = MailFacts::empty(raw, identity_of(raw));
-        facts.rejected = Some(format!(
-            "max_multipart_parts: {multiparts} multipart parts, above the limit of {}",
-            limits.max_multipart_parts
-        ));
+        facts.rejected = Some(limit);
         return facts;
     }
     let content_sha256 = sha256_hex(raw);
