@@ -40,11 +40,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The identity of a raw message: its Message-ID, else a hash of its bytes.
 pub fn identity_of(raw: &[u8]) -> String {
-    let parsed = MessageParser::default().parse_headers(raw);
-    parsed
-        .as_ref()
-        .and_then(|m| usable_message_id(m.message_id()))
+    let message_id = std::panic::catch_unwind(|| {
+        MessageParser::default()
+            .parse_headers(raw)
+            .as_ref()
+            .and_then(|m| usable_message_id(m.message_id()))
+    });
+    message_id
+        .ok()
+        .flatten()
         .unwrap_or_else(|| format!("sha256:{}", sha256_hex(raw)))
+}
+
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 fn usable_message_id(id: Option<&str>) -> Option<String> {
@@ -474,6 +487,23 @@ pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
         facts.rejected = Some(limit);
         return facts;
     }
+    // mail-parser 0.11 panics on some malformed MIME (found by fuzzing: "Invalid part ID,
+    // could not find multipart"). Such a message can never be read, so it is recorded as
+    // rejected rather than retried until it is dead-lettered.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_and_read(raw, limits))) {
+        Ok(facts) => facts,
+        Err(panic) => {
+            let mut facts = MailFacts::empty(raw, identity_of(raw));
+            facts.rejected = Some(format!(
+                "mime_parser: the MIME parser failed on this message ({})",
+                panic_text(&*panic)
+            ));
+            facts
+        }
+    }
+}
+
+fn parse_and_read(raw: &[u8], limits: &MailLimits) -> MailFacts {
     let content_sha256 = sha256_hex(raw);
     let Some(message) = MessageParser::default().parse(raw) else {
         return MailFacts::empty(raw, format!("sha256:{content_sha256}"));

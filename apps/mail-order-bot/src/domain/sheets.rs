@@ -86,11 +86,7 @@ pub fn lines_from_sheet(
         read_sheet(bytes, format, origin, limits)
     }));
     guarded.unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let why = super::message::panic_text(&*panic);
         Ok(unreadable(
             origin,
             &format!("the spreadsheet reader failed on this file ({why})"),
