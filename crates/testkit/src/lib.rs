@@ -20,11 +20,13 @@ use runtime_contracts::{
 
 /// A source that publishes a fixed list of tasks when started (with the trace context
 /// written into each, as a real source does), then waits for shutdown. It has nothing to
-/// load, completes without doing anything, and reports its scan at once, so that
-/// `wait_until_idle` depends on the queues alone.
+/// load, completes without doing anything, and reports its scan once its tasks are
+/// published (an empty one at once), so that `wait_until_idle` cannot find the queues idle
+/// before the tasks are in them.
 pub struct StaticSource {
     id: &'static str,
     tasks: std::sync::Mutex<Vec<Task>>,
+    scanned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for StaticSource {
@@ -45,6 +47,7 @@ impl StaticSource {
     pub fn publishing(id: &'static str, tasks: Vec<Task>) -> Self {
         Self {
             id,
+            scanned: std::sync::atomic::AtomicBool::new(tasks.is_empty()),
             tasks: std::sync::Mutex::new(tasks),
         }
     }
@@ -64,6 +67,8 @@ impl TaskSource for StaticSource {
                     message: e.to_string(),
                 })?;
             }
+            self.scanned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             ctx.shutdown.cancelled().await;
             Ok(())
         })
@@ -74,7 +79,10 @@ impl TaskSource for StaticSource {
             published: 0,
             completed: 0,
             pending: 0,
-            last_event_age: Some(Duration::ZERO),
+            last_event_age: self
+                .scanned
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(Duration::ZERO),
             last_error: None,
         }
     }
