@@ -2,9 +2,11 @@
 # Runs the whole test suite. Installs what the tests need when it is missing, starts any
 # servers on free loopback ports and stops them afterwards.
 #
-# SQLite is compiled in (sqlx bundles it). The tests start their own redis-server and their
-# own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root) on
-# free loopback ports; this script installs the packages when they are missing. A test that
+# SQLite is compiled in (sqlx bundles it). The tests start their own redis-server, their
+# own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root) and
+# their own Dovecot (config, users and a test CA in a short temp dir; mailboxes owned by a
+# dedicated system user) on free loopback ports; this script installs the packages when
+# they are missing. A test that
 # needs a server it cannot start fails; none is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,8 @@ status=0
 missing=()
 need redis-server || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 need initdb || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+need dovecot || [ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
+need openssl || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "error: missing ${missing[*]} and not root; install them with apt-get" >&2

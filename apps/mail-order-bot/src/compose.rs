@@ -8,6 +8,7 @@ use std::sync::Arc;
 use runtime_adapters::control::ControlConfig;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_adapters::queue::redis::{RedisHealth, RedisQueue, RedisQueueConfig};
+use runtime_adapters::sources::imap::{ImapConfig, ImapMode, ImapSource};
 use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
 use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
 use runtime_core::config::{lookup, parse_section_with_unknown};
@@ -147,25 +148,61 @@ pub fn control_config(
     }
 }
 
+/// One source's settings, by type.
+#[derive(Debug)]
+pub enum SourceConfig {
+    /// `type = "maildir"`.
+    Maildir(MaildirConfig),
+    /// `type = "imap_poll"` or `type = "imap_idle"`: the same settings.
+    Imap(Box<ImapConfig>, ImapMode),
+}
+
+impl SourceConfig {
+    /// The pool the source feeds.
+    pub fn pool(&self) -> &str {
+        match self {
+            Self::Maildir(c) => &c.pool,
+            Self::Imap(c, _) => &c.pool,
+        }
+    }
+}
+
+fn checked<T: serde::de::DeserializeOwned>(
+    rest: &serde_json::Value,
+    key: &str,
+    problems_of: impl Fn(&T, &str) -> Vec<ConfigProblem>,
+) -> Result<T, Vec<ConfigProblem>> {
+    let (cfg, mut problems) = parse_section_with_unknown::<T>(rest, key);
+    problems.extend(cfg.iter().flat_map(|c| problems_of(c, key)));
+    match cfg {
+        Some(cfg) if problems.is_empty() => Ok(cfg),
+        _ => Err(problems),
+    }
+}
+
 /// One source's settings (`[sources.<id>]`), checked.
 pub fn source_config(
     id: &str,
     value: &serde_json::Value,
-) -> Result<MaildirConfig, Vec<ConfigProblem>> {
+) -> Result<SourceConfig, Vec<ConfigProblem>> {
     let key = format!("sources.{id}");
     let (kind, rest) = split_type(value, &key).map_err(|p| vec![p])?;
     match kind.as_str() {
-        "maildir" => {
-            let (cfg, mut problems) = parse_section_with_unknown::<MaildirConfig>(&rest, &key);
-            problems.extend(cfg.iter().flat_map(|c| c.problems(&key)));
-            match cfg {
-                Some(cfg) if problems.is_empty() => Ok(cfg),
-                _ => Err(problems),
-            }
+        "maildir" => checked(&rest, &key, MaildirConfig::problems).map(SourceConfig::Maildir),
+        "imap_poll" | "imap_idle" => {
+            let mode = if kind == "imap_idle" {
+                ImapMode::Idle
+            } else {
+                ImapMode::Poll
+            };
+            checked(&rest, &key, ImapConfig::problems)
+                .map(|c| SourceConfig::Imap(Box::new(c), mode))
         }
         other => Err(vec![ConfigProblem::new(
             format!("{key}.type"),
-            format!("unknown source type {other:?}; supported: \"maildir\""),
+            format!(
+                "unknown source type {other:?}; supported: \"maildir\", \"imap_poll\", \"imap_idle\""
+            ),
         )]),
     }
 }
@@ -309,18 +346,24 @@ pub async fn build_runtime(
                 origin: config.origin().to_string(),
                 problems: p,
             })?;
-            let pool = cfg.pool.clone();
-            let source = Arc::new(MaildirSource::new(id.clone(), cfg));
-            let live = Arc::clone(&source);
-            runtime_contracts::ConfigProvider::subscribe(
-                &*config,
-                &format!("sources.{id}.poll_interval_ms"),
-                Box::new(move |v| {
-                    if let Some(ms) = v.as_u64() {
-                        live.set_poll_interval_ms(ms);
-                    }
-                }),
-            );
+            let pool = cfg.pool().to_owned();
+            let source: Arc<dyn runtime_contracts::TaskSource> = match cfg {
+                SourceConfig::Maildir(cfg) => {
+                    let source = Arc::new(MaildirSource::new(id.clone(), cfg));
+                    let live = Arc::clone(&source);
+                    runtime_contracts::ConfigProvider::subscribe(
+                        &*config,
+                        &format!("sources.{id}.poll_interval_ms"),
+                        Box::new(move |v| {
+                            if let Some(ms) = v.as_u64() {
+                                live.set_poll_interval_ms(ms);
+                            }
+                        }),
+                    );
+                    source
+                }
+                SourceConfig::Imap(cfg, mode) => Arc::new(ImapSource::new(id.clone(), *cfg, mode)),
+            };
             builder = builder.source(source, &pool);
         }
     }

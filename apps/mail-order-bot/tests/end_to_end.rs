@@ -7,101 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{assert_exactly_once, fill_mailbox, order_mail, Workspace};
+use common::{assert_exactly_once, fill_mailbox, order_mail, FaultyBot, Workspace};
 use mail_order_bot::compose::{build_runtime, load_config};
-use mail_order_bot::module::MailOrderModule;
 use plba_testkit::PostgresServer;
-use runtime_contracts::{
-    ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
-    HandlerError, HealthContributor, ModuleError, ModuleRegistry, Outcome, Task, TaskHandler,
-    TaskQueue, TaskSource,
-};
 use runtime_core::RuntimeManager;
-
-/// Test-only module: the real bot, with its handler wrapped so that messages carrying
-/// `X-Test-Fault: error` always fail and `X-Test-Fault: panic` always panic.
-struct FaultyBot;
-
-struct Faulty(Arc<dyn TaskHandler>);
-
-impl TaskHandler for Faulty {
-    fn handle<'a>(
-        &'a self,
-        task: &'a Task,
-        ctx: &'a HandlerContext,
-    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
-        Box::pin(async move {
-            let raw = ctx
-                .load_content(task)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            let text = String::from_utf8_lossy(&raw);
-            if text.contains("X-Test-Fault: error") {
-                return Err(HandlerError::retry("injected fault: the ERP is down"));
-            }
-            if text.contains("X-Test-Fault: panic") {
-                panic!("injected panic");
-            }
-            self.0.handle(task, ctx).await
-        })
-    }
-
-    fn on_dead_letter<'a>(
-        &'a self,
-        task: &'a Task,
-        ctx: &'a HandlerContext,
-        failure: &'a AttemptFailure,
-    ) -> BoxFuture<'a, ()> {
-        self.0.on_dead_letter(task, ctx, failure)
-    }
-}
-
-struct Wrapping<'r>(&'r mut dyn ModuleRegistry);
-
-impl ModuleRegistry for Wrapping<'_> {
-    fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
-        self.0.handler(pool, kind, Arc::new(Faulty(handler)));
-    }
-    fn pool(&mut self, name: &str) {
-        self.0.pool(name);
-    }
-    fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>) {
-        self.0.queue(pool, queue);
-    }
-    fn source(&mut self, source: Arc<dyn TaskSource>, pool: &str) {
-        self.0.source(source, pool);
-    }
-    fn health(&mut self, contributor: Arc<dyn HealthContributor>) {
-        self.0.health(contributor);
-    }
-    fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>) {
-        self.0.service(service);
-    }
-}
-
-impl ApplicationModule for FaultyBot {
-    fn name(&self) -> &str {
-        "faulty-bot"
-    }
-    fn config_section(&self) -> &str {
-        MailOrderModule.config_section()
-    }
-    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
-        MailOrderModule.validate_config(section)
-    }
-    fn register<'a>(
-        &'a self,
-        registry: &'a mut dyn ModuleRegistry,
-        config: &'a dyn ConfigProvider,
-    ) -> BoxFuture<'a, Result<(), ModuleError>> {
-        Box::pin(async move {
-            let mut wrapping = Wrapping(registry);
-            MailOrderModule.register(&mut wrapping, config).await
-        })
-    }
-}
 
 async fn run_once(ws: &Workspace, workers: usize, max_attempts: u32) -> RuntimeManager {
     run_config(&ws.config(workers, max_attempts)).await

@@ -6,6 +6,7 @@
 //! publishes a fixed list of tasks, or none ([`StaticSource`]), and a module that registers
 //! one handler ([`OneHandler`]).
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -451,5 +452,404 @@ impl Drop for PostgresServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Runs a command, panicking with its output when it fails.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The system user that owns the test mailboxes: Dovecot refuses mail access as root.
+const MAIL_USER: &str = "plbamail";
+
+fn mail_user_ids() -> (String, String) {
+    let exists = Command::new("id")
+        .arg("-u")
+        .arg(MAIL_USER)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        assert!(
+            is_root(),
+            "the {MAIL_USER} user is missing and only root can create it"
+        );
+        run(
+            "useradd",
+            &[
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                MAIL_USER,
+            ],
+        );
+    }
+    let uid = run("id", &["-u", MAIL_USER]).trim().to_owned();
+    let gid = run("id", &["-g", MAIL_USER]).trim().to_owned();
+    (uid, gid)
+}
+
+/// A private Dovecot (IMAP only): its own configuration in a short temp dir, passwd-file
+/// users, maildir mailboxes owned by a dedicated system user, a plain listener and an
+/// implicit-TLS listener on free loopback ports, with a certificate from its own test CA.
+/// Stopped when dropped.
+pub struct DovecotServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    tls_port: u16,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for DovecotServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DovecotServer")
+            .field("port", &self.port)
+            .field("tls_port", &self.tls_port)
+            .finish()
+    }
+}
+
+impl DovecotServer {
+    /// Starts Dovecot with these `(user, password)` accounts; each gets an empty INBOX.
+    pub fn start(users: &[(&str, &str)]) -> Self {
+        let binary = find("dovecot", "apt-get install dovecot-imapd");
+        let (uid, gid) = mail_user_ids();
+        // Socket paths must stay under 107 bytes: a short folder in /tmp.
+        let dir = tempfile::Builder::new()
+            .prefix("dc")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let d = dir.path().to_path_buf();
+        run("chmod", &["0755", &d.display().to_string()]);
+        let passwd: String = users
+            .iter()
+            .map(|(u, p)| format!("{u}:{{PLAIN}}{p}::::::\n"))
+            .collect();
+        std::fs::write(d.join("passwd"), passwd).expect("passwd");
+        for (user, _) in users {
+            std::fs::create_dir_all(d.join("home").join(user).join("Maildir")).expect("maildir");
+        }
+        run(
+            "chown",
+            &[
+                "-R",
+                &format!("{uid}:{gid}"),
+                &d.join("home").display().to_string(),
+            ],
+        );
+        Self::make_certificates(&d);
+        let server = Self {
+            port: free_port(),
+            tls_port: free_port(),
+            dir,
+            child: None,
+        };
+        let conf = format!(
+            r#"protocols = imap
+listen = 127.0.0.1
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = plba-{port}
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+ssl = yes
+ssl_cert = <{d}/server.pem
+ssl_key = <{d}/server.key
+auth_mechanisms = plain login
+disable_plaintext_auth = no
+mail_location = maildir:~/Maildir
+mail_max_userip_connections = 20
+first_valid_uid = {uid}
+default_internal_user = dovecot
+default_login_user = dovenull
+passdb {{
+  driver = passwd-file
+  args = username_format=%u {d}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={d}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {tls_port}
+    ssl = yes
+  }}
+}}
+service stats {{
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+"#,
+            d = d.display(),
+            port = server.port,
+            tls_port = server.tls_port,
+        );
+        std::fs::write(d.join("dovecot.conf"), conf).expect("dovecot.conf");
+        let mut server = server;
+        server.spawn(&binary);
+        server
+    }
+
+    fn make_certificates(d: &Path) {
+        let p = |name: &str| d.join(name).display().to_string();
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        let (ca_key, ca_pem) = (p("ca.key"), p("ca.pem"));
+        args.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_pem,
+            "-days",
+            "3",
+            "-subj",
+            "/CN=plba test CA",
+        ]);
+        run("openssl", &args);
+        let mut args = vec!["req"];
+        args.extend(ec);
+        let (key, csr) = (p("server.key"), p("server.csr"));
+        args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
+        run("openssl", &args);
+        let (pem, ext) = (p("server.pem"), p("server.ext"));
+        run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "3",
+                "-extfile",
+                &ext,
+            ],
+        );
+        run("chmod", &["0644", &key]);
+    }
+
+    fn spawn(&mut self, binary: &Path) {
+        let child = Command::new(binary)
+            .arg("-F")
+            .arg("-c")
+            .arg(self.dir.path().join("dovecot.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dovecot");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.greets() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "dovecot on port {} did not greet within 20 s; log: {}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn greets(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).is_ok() && &buf == b"* OK"
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+    }
+
+    /// The plain IMAP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The implicit-TLS (IMAPS) port.
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
+    }
+
+    /// The PEM file of the CA that signed the server's certificate (for `localhost`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Stops Dovecot (SIGTERM to the master, which stops its processes).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            // Its login and mail processes may outlive the master for a moment.
+            let start = Instant::now();
+            while self.greets() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts it again on the same ports with the same mailboxes.
+    pub fn restart(&mut self) {
+        self.stop();
+        let binary = find("dovecot", "apt-get install dovecot-imapd");
+        self.spawn(&binary);
+    }
+
+    /// Appends `messages` to `mailbox` over IMAP, in one pipelined exchange (`LITERAL+`).
+    pub fn append(&self, user: &str, password: &str, mailbox: &str, messages: &[Vec<u8>]) {
+        let mut imap = ImapLine::login(self.port, user, password);
+        for (n, message) in messages.iter().enumerate() {
+            let mut command =
+                format!("A{n} APPEND {mailbox} {{{}+}}\r\n", message.len()).into_bytes();
+            command.extend_from_slice(message);
+            command.extend_from_slice(b"\r\n");
+            imap.send(&command);
+        }
+        for n in 0..messages.len() {
+            imap.expect_ok(&format!("A{n}"));
+        }
+    }
+
+    /// UID → flags of every message in `mailbox`.
+    pub fn flags(&self, user: &str, password: &str, mailbox: &str) -> BTreeMap<u32, Vec<String>> {
+        let mut imap = ImapLine::login(self.port, user, password);
+        imap.send(format!("S EXAMINE {mailbox}\r\n").as_bytes());
+        imap.expect_ok("S");
+        imap.send(b"F UID FETCH 1:* (FLAGS)\r\n");
+        let mut out = BTreeMap::new();
+        for line in imap.until_tagged("F") {
+            let Some(rest) = line.split_once("FETCH (").map(|(_, r)| r) else {
+                continue;
+            };
+            let uid = rest
+                .split("UID ")
+                .nth(1)
+                .and_then(|r| r.split([' ', ')']).next())
+                .and_then(|u| u.parse().ok());
+            let flags = rest
+                .split("FLAGS (")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .map(|f| f.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default();
+            if let Some(uid) = uid {
+                out.insert(uid, flags);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for DovecotServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A line-oriented IMAP client for test set-up and checks (plain TCP).
+struct ImapLine {
+    stream: std::io::BufReader<TcpStream>,
+}
+
+impl ImapLine {
+    fn login(port: u16, user: &str, password: &str) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to dovecot");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut imap = Self {
+            stream: std::io::BufReader::new(stream),
+        };
+        let greeting = imap.line();
+        assert!(greeting.starts_with("* OK"), "greeting: {greeting}");
+        imap.send(format!("L LOGIN {user} {password}\r\n").as_bytes());
+        imap.expect_ok("L");
+        imap
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream
+            .get_mut()
+            .write_all(bytes)
+            .expect("write to dovecot");
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).expect("read from dovecot");
+        line
+    }
+
+    fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            assert!(!line.is_empty(), "dovecot closed the connection");
+            if line.starts_with(&format!("{tag} ")) {
+                assert!(line.starts_with(&format!("{tag} OK")), "{line}");
+                return lines;
+            }
+            lines.push(line);
+        }
+    }
+
+    fn expect_ok(&mut self, tag: &str) {
+        self.until_tagged(tag);
     }
 }

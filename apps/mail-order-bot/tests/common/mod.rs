@@ -6,8 +6,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use mail_order_bot::domain::store::OrderStore;
+use mail_order_bot::module::MailOrderModule;
 use runtime_adapters::sources::maildir::deliver;
+use runtime_contracts::{
+    ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
+    HandlerError, HealthContributor, ModuleError, ModuleRegistry, Outcome, Task, TaskHandler,
+    TaskQueue, TaskSource,
+};
 
 /// A temp folder holding `maildir/` and `orders.db`, and a config pointing at them.
 pub struct Workspace {
@@ -208,33 +216,39 @@ pub struct Expected {
     pub other: Vec<(String, &'static str)>,
 }
 
-/// Fills the workspace with `n` messages: mostly valid orders from both clients, every
-/// tenth from an unknown sender, every fifteenth with no lines, and every twentieth a
-/// resend of an earlier order (same Message-ID).
+/// Fills the workspace's Maildir with [`mixed_mail`]`(n)`.
 pub fn fill_mailbox(ws: &Workspace, n: usize) -> Expected {
+    let (mails, expected) = mixed_mail(n);
+    for (i, mail) in mails.iter().enumerate() {
+        ws.deliver(&format!("{:06}.M{i}P1.test", 1_700_000_000 + i), mail);
+    }
+    expected
+}
+
+/// `n` messages: mostly valid orders from both clients, every tenth from an unknown
+/// sender, every fifteenth with no lines, and every twentieth a resend of an earlier order
+/// (same Message-ID, same bytes).
+pub fn mixed_mail(n: usize) -> (Vec<String>, Expected) {
     let mut expected = Expected::default();
+    let mut mails = Vec::with_capacity(n);
     let mut orders_sent: Vec<String> = Vec::new();
     for i in 0..n {
-        let unique = format!("{:06}.M{i}P1.test", 1_700_000_000 + i);
         let id = format!("order-{i}");
         if i % 20 == 19 {
             // A resend: the same bytes as an earlier order.
             let earlier = orders_sent[orders_sent.len() / 2].clone();
-            ws.deliver(&unique, &earlier);
+            mails.push(earlier);
             continue;
         }
         if i % 10 == 9 {
-            ws.deliver(
-                &unique,
-                &order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)]),
-            );
+            mails.push(order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)]));
             expected
                 .other
                 .push((format!("mid:{id}@test.example"), "unknown_client"));
             continue;
         }
         if i % 15 == 14 {
-            ws.deliver(&unique, &order_mail(&id, "x@acme.example", &[]));
+            mails.push(order_mail(&id, "x@acme.example", &[]));
             expected
                 .other
                 .push((format!("mid:{id}@test.example"), "no_lines"));
@@ -247,11 +261,11 @@ pub fn fill_mailbox(ws: &Workspace, n: usize) -> Expected {
         };
         let sku = format!("SKU-{}", 1000 + i);
         let mail = order_mail(&id, from, &[(&sku, (i % 7 + 1) as u32), ("SKU-42", 2)]);
-        ws.deliver(&unique, &mail);
+        mails.push(mail.clone());
         orders_sent.push(mail);
         expected.orders.push(format!("mid:{id}@test.example"));
     }
-    expected
+    (mails, expected)
 }
 
 /// Waits for `condition` up to `limit`, checking every few milliseconds.
@@ -273,6 +287,15 @@ where
 /// Asserts the promises over a store and a Maildir: every expected order exists exactly
 /// once with one order per identity, and every message marked seen has a recorded outcome.
 pub async fn assert_exactly_once(ws: &Workspace, expected: &Expected) {
+    let outcomes = assert_store_exactly_once(ws, expected).await;
+    assert_seen_only_with_outcome(ws, &outcomes);
+}
+
+/// The store part of [`assert_exactly_once`]; returns identity → outcome.
+pub async fn assert_store_exactly_once(
+    ws: &Workspace,
+    expected: &Expected,
+) -> HashMap<String, String> {
     let store = ws.store().await;
     let orders = store.orders_after(0).await.expect("orders");
     let mut per_identity: HashMap<&str, usize> = HashMap::new();
@@ -301,7 +324,7 @@ pub async fn assert_exactly_once(ws: &Workspace, expected: &Expected) {
             "outcome of {id}"
         );
     }
-    assert_seen_only_with_outcome(ws, &outcomes);
+    outcomes
 }
 
 /// Nothing is marked seen that has no recorded outcome.
@@ -387,4 +410,89 @@ pub async fn orders_so_far(ws: &Workspace) -> usize {
 /// Messages not marked seen.
 pub fn unseen(ws: &Workspace) -> usize {
     ws.seen_flags().values().filter(|s| !**s).count()
+}
+
+/// Test-only module: the real bot, with its handler wrapped so that messages carrying
+/// `X-Test-Fault: error` always fail and `X-Test-Fault: panic` always panic.
+pub struct FaultyBot;
+
+struct Faulty(Arc<dyn TaskHandler>);
+
+impl TaskHandler for Faulty {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        Box::pin(async move {
+            let raw = ctx
+                .load_content(task)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&raw);
+            if text.contains("X-Test-Fault: error") {
+                return Err(HandlerError::retry("injected fault: the ERP is down"));
+            }
+            if text.contains("X-Test-Fault: panic") {
+                panic!("injected panic");
+            }
+            self.0.handle(task, ctx).await
+        })
+    }
+
+    fn on_dead_letter<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+        failure: &'a AttemptFailure,
+    ) -> BoxFuture<'a, ()> {
+        self.0.on_dead_letter(task, ctx, failure)
+    }
+}
+
+struct Wrapping<'r>(&'r mut dyn ModuleRegistry);
+
+impl ModuleRegistry for Wrapping<'_> {
+    fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
+        self.0.handler(pool, kind, Arc::new(Faulty(handler)));
+    }
+    fn pool(&mut self, name: &str) {
+        self.0.pool(name);
+    }
+    fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>) {
+        self.0.queue(pool, queue);
+    }
+    fn source(&mut self, source: Arc<dyn TaskSource>, pool: &str) {
+        self.0.source(source, pool);
+    }
+    fn health(&mut self, contributor: Arc<dyn HealthContributor>) {
+        self.0.health(contributor);
+    }
+    fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>) {
+        self.0.service(service);
+    }
+}
+
+impl ApplicationModule for FaultyBot {
+    fn name(&self) -> &str {
+        "faulty-bot"
+    }
+    fn config_section(&self) -> &str {
+        MailOrderModule.config_section()
+    }
+    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+        MailOrderModule.validate_config(section)
+    }
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
+        Box::pin(async move {
+            let mut wrapping = Wrapping(registry);
+            MailOrderModule.register(&mut wrapping, config).await
+        })
+    }
 }

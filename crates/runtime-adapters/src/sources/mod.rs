@@ -2,3 +2,6 @@
 
 #[cfg(feature = "source-maildir")]
 pub mod maildir;
+
+#[cfg(feature = "source-imap")]
+pub mod imap;

@@ -1,0 +1,252 @@
+//! The bot on a real, private Dovecot: the IMAP source by polling and by IDLE from the same
+//! configuration (only `type` differs), failures, restarts, a wrong password and TLS.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{assert_store_exactly_once, mixed_mail, order_mail, wait_for, FaultyBot, Workspace};
+use mail_order_bot::compose::{build_runtime, load_config};
+use plba_testkit::DovecotServer;
+use runtime_contracts::{Probe, SourceState};
+use runtime_core::RuntimeManager;
+
+const USER: &str = "orders";
+const PASSWORD: &str = "s3cret-Pa55";
+
+/// The workspace's configuration with its Maildir source replaced by an IMAP source on
+/// `server`; `source` is the body of `[sources.inbox]` after `type`.
+fn imap_config(ws: &Workspace, kind: &str, source: &str, max_attempts: u32) -> std::path::PathBuf {
+    let text = ws.config_text(4, max_attempts, "");
+    let start = text.find("[sources.inbox]").expect("source section");
+    let end = text.find("[apps.mail_order_bot]").expect("app section");
+    let password_file = ws.dir.path().join("imap-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+    let section = format!(
+        "[sources.inbox]\ntype = \"{kind}\"\npool = \"orders\"\nuser = \"{USER}\"\npassword_file = \"{}\"\nmax_backoff_ms = 2000\n{source}\n\n",
+        password_file.display()
+    );
+    let text = format!("{}{section}{}", &text[..start], &text[end..]);
+    let path = ws.dir.path().join(format!("bot-{kind}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn plain(server: &DovecotServer) -> String {
+    format!(
+        "host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 200",
+        server.port()
+    )
+}
+
+async fn start(path: &std::path::Path) -> RuntimeManager {
+    let config = Arc::new(load_config(Some(path), Some(HashMap::new())).expect("config"));
+    let mut runtime = build_runtime(config, Arc::new(FaultyBot), None)
+        .await
+        .expect("runtime");
+    runtime.start().expect("start");
+    runtime
+}
+
+async fn drain(runtime: &RuntimeManager) {
+    tokio::time::timeout(
+        Duration::from_secs(180),
+        runtime.wait_until_idle(Duration::from_millis(20)),
+    )
+    .await
+    .expect("drained within 180 s");
+}
+
+fn bytes(mails: &[String]) -> Vec<Vec<u8>> {
+    mails.iter().map(|m| m.clone().into_bytes()).collect()
+}
+
+/// UIDs of messages with and without `\Seen`.
+fn seen_split(server: &DovecotServer) -> (usize, usize) {
+    let flags = server.flags(USER, PASSWORD, "INBOX");
+    let seen = flags
+        .values()
+        .filter(|f| f.iter().any(|x| x == "\\Seen"))
+        .count();
+    (seen, flags.len() - seen)
+}
+
+/// 500 mixed messages (orders, unknown senders, no lines, resends): every order once,
+/// every message seen, because every message has a committed outcome.
+async fn backlog(kind: &str) {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let ws = Workspace::new();
+    let (mails, expected) = mixed_mail(500);
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails));
+    let runtime = start(&imap_config(&ws, kind, &plain(&server), 3)).await;
+    drain(&runtime).await;
+    runtime.shutdown().await;
+    let outcomes = assert_store_exactly_once(&ws, &expected).await;
+    assert_eq!(seen_split(&server), (500, 0), "every message seen");
+    let store = ws.store().await;
+    let deliveries: i64 = store
+        .outcomes()
+        .await
+        .expect("outcomes")
+        .iter()
+        .map(|o| o.deliveries)
+        .sum();
+    assert_eq!(
+        deliveries,
+        500,
+        "each message recorded once ({} identities)",
+        outcomes.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_of_500_by_polling() {
+    backlog("imap_poll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_of_500_by_idle() {
+    backlog("imap_idle").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_message_stays_unseen_and_gets_the_keyword() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let ws = Workspace::new();
+    let failing = order_mail("fails", "purchasing@acme.example", &[("SKU-1", 1)]).replacen(
+        "MIME-Version",
+        "X-Test-Fault: error\r\nMIME-Version",
+        1,
+    );
+    let fine = order_mail("fine", "purchasing@acme.example", &[("SKU-2", 2)]);
+    server.append(USER, PASSWORD, "INBOX", &bytes(&[failing, fine]));
+    let runtime = start(&imap_config(&ws, "imap_poll", &plain(&server), 3)).await;
+    drain(&runtime).await;
+    let flags = server.flags(USER, PASSWORD, "INBOX");
+    wait_for(Duration::from_secs(20), "the keyword", || async {
+        server.flags(USER, PASSWORD, "INBOX")[&1]
+            .iter()
+            .any(|f| f == "$OrderBotFailed")
+    })
+    .await;
+    // Still published once: the dead-lettered message is not searched again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    let flags_after = server.flags(USER, PASSWORD, "INBOX");
+    assert!(!flags_after[&1].iter().any(|f| f == "\\Seen"), "{flags:?}");
+    assert!(flags_after[&2].iter().any(|f| f == "\\Seen"));
+    assert_eq!(status.pools[0].dead_lettered, 1);
+    assert_eq!(status.pools[0].failed, 3, "three attempts, then no more");
+    assert_eq!(status.sources["inbox"].published, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_restarted_mid_run_loses_and_doubles_nothing() {
+    let mut server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let ws = Workspace::new();
+    let (mails, expected) = mixed_mail(300);
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails));
+    let runtime = start(&imap_config(&ws, "imap_idle", &plain(&server), 5)).await;
+    wait_for(Duration::from_secs(60), "some orders", || async {
+        common::orders_so_far(&ws).await >= 20
+    })
+    .await;
+    server.restart();
+    drain(&runtime).await;
+    runtime.shutdown().await;
+    assert_store_exactly_once(&ws, &expected).await;
+    assert_eq!(seen_split(&server), (300, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_picks_up_mail_appended_while_busy() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let ws = Workspace::new();
+    let runtime = start(&imap_config(&ws, "imap_idle", &plain(&server), 3)).await;
+    drain(&runtime).await;
+    let (mails, expected) = mixed_mail(120);
+    for chunk in mails.chunks(20) {
+        server.append(USER, PASSWORD, "INBOX", &bytes(chunk));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for(Duration::from_secs(60), "every message seen", || async {
+        seen_split(&server) == (120, 0)
+    })
+    .await;
+    runtime.shutdown().await;
+    assert_store_exactly_once(&ws, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_a_clear_error_without_a_hot_loop() {
+    let server = DovecotServer::start(&[(USER, "another-password")]);
+    let ws = Workspace::new();
+    let runtime = start(&imap_config(&ws, "imap_poll", &plain(&server), 3)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = runtime.status().await;
+    let ready = runtime.health().check(Probe::Readiness).await;
+    runtime.shutdown().await;
+    let source = &status.sources["inbox"];
+    assert_eq!(source.state, SourceState::Degraded);
+    let error = source.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("login as orders refused") && error.contains("AUTHENTICATIONFAILED"),
+        "{error}"
+    );
+    assert!(!error.contains(PASSWORD), "the password is never shown");
+    assert!(!ready.healthy, "not ready: {ready:?}");
+    let attempts = server.log().matches("auth failed").count()
+        + server.log().matches("Authentication failed").count();
+    assert!(
+        (1..=6).contains(&attempts),
+        "{attempts} login attempts in 3 s: backoff, not a hot loop\n{}",
+        server.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_works_with_the_custom_ca_and_fails_clearly_without_it() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    server.append(
+        USER,
+        PASSWORD,
+        "INBOX",
+        &bytes(&[order_mail(
+            "tls-1",
+            "purchasing@acme.example",
+            &[("SKU-9", 9)],
+        )]),
+    );
+    let tls = |ca: &str| {
+        format!(
+            "host = \"localhost\"\nport = {}\ntls = \"implicit\"\npoll_interval_ms = 200\n{ca}",
+            server.tls_port()
+        )
+    };
+
+    let without = Workspace::new();
+    let runtime = start(&imap_config(&without, "imap_poll", &tls(""), 3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    let error = status.sources["inbox"]
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        error.starts_with("tls: handshake with localhost"),
+        "{error}"
+    );
+    assert!(error.contains("UnknownIssuer"), "{error}");
+
+    let with = Workspace::new();
+    let ca = format!("ca_file = \"{}\"", server.ca_file().display());
+    let runtime = start(&imap_config(&with, "imap_poll", &tls(&ca), 3)).await;
+    drain(&runtime).await;
+    runtime.shutdown().await;
+    assert_eq!(common::orders_so_far(&with).await, 1);
+    assert_eq!(seen_split(&server), (1, 0));
+}

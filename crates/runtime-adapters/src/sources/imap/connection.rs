@@ -1,0 +1,193 @@
+//! Connecting and logging in (plain, STARTTLS or implicit TLS with rustls), and a bounded
+//! pool of logged-in sessions for the workers.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_imap::{Client, Session};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+
+use super::config::{ImapConfig, TlsMode};
+
+/// A byte stream: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug> Io for T {}
+
+/// A logged-in session.
+pub type ImapSession = Session<Box<dyn Io>>;
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server refused the login: retrying soon will not help.
+    #[error("login as {user} refused: {message}")]
+    Login {
+        /// The user.
+        user: String,
+        /// The server's words.
+        message: String,
+    },
+    /// TLS could not be set up (certificate not trusted, wrong name, bad CA file).
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The network or the protocol failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Builds the TLS client configuration: the CA file's certificates, else the public roots.
+pub fn tls_config(config: &ImapConfig) -> Result<Option<Arc<ClientConfig>>, ConnectError> {
+    if config.tls == TlsMode::None {
+        return Ok(None);
+    }
+    let mut roots = RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ConnectError::Tls(format!("reading {}: {e}", path.display())))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ConnectError::Tls(format!("reading {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(ConnectError::Tls(format!(
+                    "{} holds no certificate",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| ConnectError::Tls(format!("{}: {e}", path.display())))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let tls = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConnectError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(tls)))
+}
+
+async fn upgrade(
+    tls: &Arc<ClientConfig>,
+    host: &str,
+    stream: Box<dyn Io>,
+) -> Result<Box<dyn Io>, ConnectError> {
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| ConnectError::Tls(format!("{host:?} is not a server name: {e}")))?;
+    let stream = TlsConnector::from(Arc::clone(tls))
+        .connect(name, stream)
+        .await
+        .map_err(|e| ConnectError::Tls(format!("handshake with {host}: {e}")))?;
+    Ok(Box::new(stream))
+}
+
+/// Connects, secures the connection as configured and logs in.
+pub async fn connect(
+    config: &ImapConfig,
+    tls: Option<&Arc<ClientConfig>>,
+    password: &str,
+) -> Result<ImapSession, ConnectError> {
+    let limit = Duration::from_millis(config.connect_timeout_ms);
+    let io = |e: String| ConnectError::Io(e);
+    let address = format!("{}:{}", config.host, config.port);
+    let tcp = tokio::time::timeout(limit, TcpStream::connect(&address))
+        .await
+        .map_err(|_| io(format!("connecting to {address}: timed out")))?
+        .map_err(|e| io(format!("connecting to {address}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream: Box<dyn Io> = Box::new(tcp);
+    let tls_needed = |mode| {
+        tls.ok_or_else(|| ConnectError::Tls(format!("{mode:?} without a TLS configuration")))
+    };
+    if config.tls == TlsMode::Implicit {
+        stream = upgrade(tls_needed(config.tls)?, &config.host, stream).await?;
+    }
+    let mut client = Client::new(stream);
+    tokio::time::timeout(limit, client.read_response())
+        .await
+        .map_err(|_| io(format!("{address}: no greeting")))?
+        .map_err(|e| io(format!("{address}: reading the greeting: {e}")))?
+        .ok_or_else(|| io(format!("{address}: closed before the greeting")))?;
+    if config.tls == TlsMode::Starttls {
+        client
+            .run_command_and_check_ok("STARTTLS", None)
+            .await
+            .map_err(|e| ConnectError::Tls(format!("STARTTLS refused: {e}")))?;
+        let upgraded = upgrade(tls_needed(config.tls)?, &config.host, client.into_inner()).await?;
+        client = Client::new(upgraded);
+    }
+    client
+        .login(&config.user, password)
+        .await
+        .map_err(|(e, _)| match e {
+            async_imap::error::Error::No(message) | async_imap::error::Error::Bad(message) => {
+                ConnectError::Login {
+                    user: config.user.clone(),
+                    message,
+                }
+            }
+            other => io(format!("logging in: {other}")),
+        })
+}
+
+/// A worker connection and the mailbox it has selected, with its UIDVALIDITY.
+pub struct Pooled {
+    pub session: ImapSession,
+    pub selected: Option<(String, u32)>,
+}
+
+/// At most `size` logged-in sessions, shared by the workers; a session that failed is
+/// dropped, and the next checkout connects anew.
+pub struct Pool {
+    idle: Mutex<Vec<Pooled>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    /// A pool of at most `size` sessions.
+    pub fn new(size: usize) -> Self {
+        Self {
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(size)),
+        }
+    }
+
+    /// Waits for a free slot; returns an idle session if there is one.
+    pub async fn checkout(&self) -> (Option<Pooled>, OwnedSemaphorePermit) {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .unwrap_or_else(|_| unreachable_closed());
+        let session = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        (session, permit)
+    }
+
+    /// Returns a healthy session for the next checkout.
+    pub fn checkin(&self, session: Pooled, permit: OwnedSemaphorePermit) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(session);
+        drop(permit);
+    }
+
+    /// Drops every idle session (after the server restarted, for instance).
+    pub fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// The pool's semaphore is never closed.
+fn unreachable_closed() -> OwnedSemaphorePermit {
+    panic!("the IMAP connection pool's semaphore was closed")
+}

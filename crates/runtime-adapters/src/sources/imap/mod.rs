@@ -1,0 +1,623 @@
+//! An IMAP mailbox as a task source, by polling (`type = "imap_poll"`) or IDLE
+//! (`type = "imap_idle"`) behind one contract: same settings, same pointer tasks, same
+//! completion.
+//!
+//! - Tasks are pointers (account, mailbox, UIDVALIDITY, UID): the MIME bytes never travel
+//!   through the queue. Workers fetch `BODY.PEEK[]` (which does not set `\Seen`) through a
+//!   bounded pool of logged-in connections.
+//! - `complete` sets `\Seen` (`UID STORE +FLAGS.SILENT`) after the outcome is committed. A
+//!   dead-lettered task gets the configured keyword (`$OrderBotFailed`) and stays unseen;
+//!   searches exclude that keyword, so it is not published again, even after a restart.
+//! - A pointer is published once: the source remembers what is pending, in flight or
+//!   dead-lettered, and publishing is idempotent by task id as well.
+//! - UIDVALIDITY changes drop the old pointers (they load as gone) and the messages are
+//!   found again under their new UIDs; the store's unique message identity prevents a
+//!   second order.
+//! - Every I/O error reconnects with exponential backoff and jitter. A refused login makes
+//!   the source degraded (not ready) with the server's words, and is retried slowly.
+
+mod config;
+mod connection;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use runtime_contracts::{
+    BoxFuture, Disposition, PublishResult, SourceContext, SourceError, SourceState, SourceStatus,
+    Task, TaskSource,
+};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_rustls::rustls::ClientConfig;
+
+pub use config::{ImapConfig, ImapMode, TlsMode};
+use connection::{connect, tls_config, ConnectError, ImapSession, Pool, Pooled};
+
+/// Where a task points.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Pointer {
+    mailbox: String,
+    uid_validity: u32,
+    uid: u32,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Task ids published and not completed (dead-lettered ones stay here).
+    pending: HashSet<String>,
+    /// UIDVALIDITY last seen per mailbox.
+    validity: HashMap<String, u32>,
+    state: Option<SourceState>,
+    published: u64,
+    completed: u64,
+    last_event: Option<Instant>,
+    last_error: Option<String>,
+    connects: u64,
+}
+
+/// The IMAP source. See the module docs.
+pub struct ImapSource {
+    id: String,
+    shared_id: Arc<str>,
+    kind: Arc<str>,
+    mode: ImapMode,
+    config: ImapConfig,
+    account: String,
+    tls: Option<Arc<ClientConfig>>,
+    password: Result<String, String>,
+    pool: Pool,
+    inner: Mutex<Inner>,
+    keywords: mpsc::UnboundedSender<Pointer>,
+    keyword_rx: Mutex<Option<mpsc::UnboundedReceiver<Pointer>>>,
+}
+
+impl std::fmt::Debug for ImapSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImapSource")
+            .field("id", &self.id)
+            .field("mode", &self.mode)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn jittered(base: Duration) -> Duration {
+    let factor = 0.75 + fastrand::f64() * 0.5;
+    base.mul_f64(factor)
+}
+
+impl ImapSource {
+    /// A source reading `config`'s mailboxes; the password is read now (from the
+    /// environment or the file) and never printed.
+    pub fn new(id: impl Into<String>, config: ImapConfig, mode: ImapMode) -> Self {
+        let id: String = id.into();
+        let (keywords, keyword_rx) = mpsc::unbounded_channel();
+        let tls = tls_config(&config);
+        let password = match &tls {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => config.password(),
+        };
+        Self {
+            shared_id: id.as_str().into(),
+            kind: config.kind.as_str().into(),
+            account: format!("{}@{}", config.user, config.host),
+            tls: tls.ok().flatten(),
+            password,
+            pool: Pool::new(config.connections),
+            mode,
+            id,
+            config,
+            inner: Mutex::new(Inner::default()),
+            keywords,
+            keyword_rx: Mutex::new(Some(keyword_rx)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn io(&self, message: impl Into<String>) -> SourceError {
+        SourceError::Io {
+            source_id: self.id.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn task_id(&self, p: &Pointer) -> String {
+        format!(
+            "imap:{}:{}:{}:{}",
+            self.id, p.mailbox, p.uid_validity, p.uid
+        )
+    }
+
+    fn pointer_of(&self, task: &Task) -> Result<Pointer, SourceError> {
+        let field = |k: &str| task.payload.get(k);
+        let number = |k: &str| {
+            field(k)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+        };
+        match (
+            field("mailbox").and_then(serde_json::Value::as_str),
+            number("uid_validity"),
+            number("uid"),
+        ) {
+            (Some(mailbox), Some(uid_validity), Some(uid))
+                if self.config.mailboxes.iter().any(|m| m == mailbox) && uid > 0 =>
+            {
+                Ok(Pointer {
+                    mailbox: mailbox.to_owned(),
+                    uid_validity,
+                    uid,
+                })
+            }
+            _ => Err(SourceError::InvalidPointer {
+                source_id: self.id.clone(),
+                message: format!(
+                    "task {} does not point at a message of a configured mailbox",
+                    task.id
+                ),
+            }),
+        }
+    }
+
+    async fn login(&self) -> Result<ImapSession, ConnectError> {
+        let password = self.password.clone().map_err(ConnectError::Tls)?;
+        self.lock().connects += 1;
+        connect(&self.config, self.tls.as_ref(), &password).await
+    }
+
+    // ---- the watcher: search, publish, wait --------------------------------------------
+
+    async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {
+        if let Err(e) = &self.password {
+            return Err(self.io(format!("cannot start: {e}")));
+        }
+        let keyword_rx = self
+            .keyword_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let keywords = async {
+            if let Some(rx) = keyword_rx {
+                self.keyword_worker(rx, &ctx).await;
+            }
+        };
+        tokio::join!(self.watch(&ctx), keywords);
+        self.lock().state = Some(SourceState::Stopped);
+        Ok(())
+    }
+
+    async fn watch(&self, ctx: &SourceContext) {
+        let mut failures = 0u32;
+        while !ctx.shutdown.is_cancelled() {
+            let error = match self.login().await {
+                Ok(session) => {
+                    failures = 0;
+                    {
+                        let mut inner = self.lock();
+                        inner.state = Some(SourceState::Running);
+                        inner.last_error = None;
+                    }
+                    match self.session_loop(session, ctx).await {
+                        Ok(()) => return,
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            failures = failures.saturating_add(1);
+            // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... up to max_backoff_ms.
+            let base = Duration::from_millis(250u64 << failures.min(16))
+                .min(Duration::from_millis(self.config.max_backoff_ms));
+            let pause = jittered(base);
+            tracing::warn!(source = %self.id, error = %error, ?pause, "imap connection failed; reconnecting");
+            {
+                let mut inner = self.lock();
+                inner.state = Some(SourceState::Degraded);
+                inner.last_error = Some(error);
+            }
+            self.pool.clear();
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Searches and waits on one logged-in session until shutdown (`Ok`) or an error.
+    async fn session_loop(
+        &self,
+        mut session: ImapSession,
+        ctx: &SourceContext,
+    ) -> Result<(), String> {
+        loop {
+            for mailbox in &self.config.mailboxes {
+                if !self.search_and_publish(&mut session, mailbox, ctx).await? {
+                    let _ = session.logout().await;
+                    return Ok(());
+                }
+            }
+            self.lock().last_event = Some(Instant::now());
+            while session.unsolicited_responses.try_recv().is_ok() {}
+            match self.mode {
+                ImapMode::Poll => {
+                    let pause = Duration::from_millis(self.config.poll_interval_ms);
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => {
+                            let _ = session.logout().await;
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    // A cheap check that the connection still answers.
+                    session.noop().await.map_err(|e| format!("NOOP: {e}"))?;
+                }
+                ImapMode::Idle => {
+                    let first = &self.config.mailboxes[0];
+                    session
+                        .select(first)
+                        .await
+                        .map_err(|e| format!("SELECT {first}: {e}"))?;
+                    session = match self.idle(session, ctx).await? {
+                        Some(session) => session,
+                        None => return Ok(()),
+                    };
+                }
+            }
+        }
+    }
+
+    /// One IDLE: returns the session after a wake-up, a re-issue or a dead connection
+    /// check; `None` at shutdown.
+    async fn idle(
+        &self,
+        session: ImapSession,
+        ctx: &SourceContext,
+    ) -> Result<Option<ImapSession>, String> {
+        let mut handle = session.idle();
+        handle.init().await.map_err(|e| format!("IDLE: {e}"))?;
+        let reissue = Duration::from_secs(self.config.idle_reissue_secs);
+        let dead_after = Duration::from_secs(self.config.idle_dead_after_secs);
+        let woke = {
+            // The inner timeout restarts with every response the server sends (Dovecot says
+            // "Still here" every two minutes); the outer one re-issues IDLE in time.
+            let (wait, interrupt) = handle.wait_with_timeout(dead_after);
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => { drop(interrupt); None }
+                r = tokio::time::timeout(reissue, wait) => Some(r),
+            }
+        };
+        match woke {
+            None => {
+                if let Ok(mut session) = handle.done().await {
+                    let _ = session.logout().await;
+                }
+                Ok(None)
+            }
+            Some(Ok(Ok(async_imap::extensions::idle::IdleResponse::Timeout))) => Err(format!(
+                "the IDLE connection sent nothing for {} s; taken for dead",
+                dead_after.as_secs()
+            )),
+            Some(Ok(Err(e))) => Err(format!("IDLE: {e}")),
+            // New data, or time to re-issue: end IDLE, search again.
+            Some(_) => handle
+                .done()
+                .await
+                .map(Some)
+                .map_err(|e| format!("DONE: {e}")),
+        }
+    }
+
+    /// Searches one mailbox and publishes what is new; false when shutdown came first.
+    async fn search_and_publish(
+        &self,
+        session: &mut ImapSession,
+        mailbox: &str,
+        ctx: &SourceContext,
+    ) -> Result<bool, String> {
+        let selected = session
+            .select(mailbox)
+            .await
+            .map_err(|e| format!("SELECT {mailbox}: {e}"))?;
+        let uid_validity = selected
+            .uid_validity
+            .ok_or_else(|| format!("SELECT {mailbox}: no UIDVALIDITY"))?;
+        {
+            let mut inner = self.lock();
+            let previous = inner.validity.insert(mailbox.to_owned(), uid_validity);
+            if previous.is_some_and(|v| v != uid_validity) {
+                // Old pointers are dropped: they load as gone; the messages come back below
+                // under their new UIDs.
+                let prefix = format!("imap:{}:{mailbox}:", self.id);
+                inner.pending.retain(|id| !id.starts_with(&prefix));
+                tracing::warn!(source = %self.id, mailbox, uid_validity, "UIDVALIDITY changed; searching the mailbox again");
+            }
+        }
+        let query = format!(
+            "{} NOT KEYWORD {}",
+            self.config.search, self.config.failed_keyword
+        );
+        let uids: BTreeSet<u32> = session
+            .uid_search(&query)
+            .await
+            .map_err(|e| format!("UID SEARCH {query}: {e}"))?
+            .into_iter()
+            .collect();
+        let mut chunk = Vec::with_capacity(self.config.batch_size);
+        for uid in uids {
+            let pointer = Pointer {
+                mailbox: mailbox.to_owned(),
+                uid_validity,
+                uid,
+            };
+            let id = self.task_id(&pointer);
+            if self.lock().pending.contains(&id) {
+                continue;
+            }
+            let payload = serde_json::json!({
+                "account": self.account,
+                "mailbox": pointer.mailbox,
+                "uid_validity": pointer.uid_validity,
+                "uid": pointer.uid,
+            });
+            let mut task = Task::new(
+                id.clone(),
+                Arc::clone(&self.kind),
+                Arc::clone(&self.shared_id),
+                payload,
+            )
+            .map_err(|e| e.to_string())?;
+            ctx.tracer.inject_current(&mut task.headers);
+            chunk.push((id, task));
+            if chunk.len() >= self.config.batch_size && !self.publish(ctx, &mut chunk).await? {
+                return Ok(false);
+            }
+        }
+        self.publish(ctx, &mut chunk).await
+    }
+
+    async fn publish(
+        &self,
+        ctx: &SourceContext,
+        chunk: &mut Vec<(String, Task)>,
+    ) -> Result<bool, String> {
+        if chunk.is_empty() {
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(false),
+            _ = ctx.backpressure.wait_for_capacity() => {}
+        }
+        let (ids, tasks): (Vec<String>, Vec<Task>) = std::mem::take(chunk).into_iter().unzip();
+        let results = ctx
+            .queue
+            .publish_batch(tasks)
+            .await
+            .map_err(|e| format!("publishing failed, messages left unseen: {e}"))?;
+        let mut inner = self.lock();
+        for (id, result) in ids.into_iter().zip(results) {
+            inner.pending.insert(id);
+            if result == PublishResult::Enqueued {
+                inner.published += 1;
+            }
+        }
+        Ok(true)
+    }
+
+    // ---- worker connections: fetch and flag ---------------------------------------------
+
+    /// A pooled session with `pointer`'s mailbox selected; `None` when the mailbox's
+    /// UIDVALIDITY is no longer the pointer's (the session goes back to the pool).
+    async fn checkout(
+        &self,
+        pointer: &Pointer,
+    ) -> Result<Option<(Pooled, OwnedSemaphorePermit)>, SourceError> {
+        let (pooled, permit) = self.pool.checkout().await;
+        let mut pooled = match pooled {
+            Some(p) => p,
+            None => Pooled {
+                session: self.login().await.map_err(|e| self.io(e.to_string()))?,
+                selected: None,
+            },
+        };
+        let current = pooled
+            .selected
+            .as_ref()
+            .filter(|(m, _)| *m == pointer.mailbox)
+            .map(|(_, v)| *v);
+        let validity = match current {
+            Some(v) => v,
+            None => {
+                let selected = pooled
+                    .session
+                    .select(&pointer.mailbox)
+                    .await
+                    .map_err(|e| self.io(format!("SELECT {}: {e}", pointer.mailbox)))?;
+                let v = selected.uid_validity.unwrap_or(0);
+                pooled.selected = Some((pointer.mailbox.clone(), v));
+                v
+            }
+        };
+        if validity != pointer.uid_validity {
+            self.pool.checkin(pooled, permit);
+            return Ok(None);
+        }
+        Ok(Some((pooled, permit)))
+    }
+
+    /// Puts a session back after a successful command; a failed one is dropped (the next
+    /// checkout connects anew).
+    fn checkin<T>(
+        &self,
+        pooled: Pooled,
+        permit: OwnedSemaphorePermit,
+        result: Result<T, String>,
+    ) -> Result<T, SourceError> {
+        while pooled.session.unsolicited_responses.try_recv().is_ok() {}
+        match result {
+            Ok(value) => {
+                self.pool.checkin(pooled, permit);
+                Ok(value)
+            }
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    async fn store(&self, pointer: &Pointer, flags: &str) -> Result<(), SourceError> {
+        let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
+            return Ok(());
+        };
+        let uid = pointer.uid.to_string();
+        let result = match pooled.session.uid_store(&uid, flags).await {
+            Ok(responses) => responses
+                .try_collect::<Vec<_>>()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("UID STORE {uid} {flags}: {e}")),
+            Err(e) => Err(format!("UID STORE {uid} {flags}: {e}")),
+        };
+        self.checkin(pooled, permit, result)
+    }
+
+    async fn fetch(&self, pointer: &Pointer) -> Result<Fetched, SourceError> {
+        let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
+            return Ok(Fetched::Gone);
+        };
+        let uid = pointer.uid.to_string();
+        let max = self.config.max_message_bytes;
+        let session = &mut pooled.session;
+        let result = async {
+            let sizes: Vec<_> = session
+                .uid_fetch(&uid, "RFC822.SIZE")
+                .await
+                .map_err(|e| format!("UID FETCH {uid} RFC822.SIZE: {e}"))?
+                .try_collect()
+                .await
+                .map_err(|e| format!("UID FETCH {uid} RFC822.SIZE: {e}"))?;
+            let Some(size) = sizes.iter().find_map(|f| f.size) else {
+                return Ok(Fetched::Gone);
+            };
+            if u64::from(size) > max {
+                return Ok(Fetched::TooLarge(u64::from(size)));
+            }
+            let bodies: Vec<_> = session
+                .uid_fetch(&uid, "BODY.PEEK[]")
+                .await
+                .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?
+                .try_collect()
+                .await
+                .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?;
+            Ok(bodies
+                .iter()
+                .find_map(|f| f.body().map(<[u8]>::to_vec))
+                .map_or(Fetched::Gone, Fetched::Body))
+        }
+        .await;
+        self.checkin(pooled, permit, result)
+    }
+
+    /// Sets the failure keyword on dead-lettered messages, off the worker's path.
+    async fn keyword_worker(&self, mut rx: mpsc::UnboundedReceiver<Pointer>, ctx: &SourceContext) {
+        let flags = format!("+FLAGS.SILENT ({})", self.config.failed_keyword);
+        loop {
+            let pointer = tokio::select! {
+                _ = ctx.shutdown.cancelled() => None,
+                p = rx.recv() => p,
+            };
+            let Some(pointer) = pointer else { break };
+            if let Err(e) = self.store(&pointer, &flags).await {
+                tracing::error!(source = %self.id, uid = pointer.uid, mailbox = %pointer.mailbox, error = %e,
+                    "could not set the failure keyword; the message stays unseen");
+            }
+        }
+        // At shutdown, flag what is already queued, without waiting for more.
+        while let Ok(pointer) = rx.try_recv() {
+            let _ = self.store(&pointer, &flags).await;
+        }
+    }
+}
+
+impl TaskSource for ImapSource {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
+        Box::pin(self.run(ctx))
+    }
+
+    fn status(&self) -> SourceStatus {
+        let inner = self.lock();
+        SourceStatus {
+            state: inner.state.unwrap_or(SourceState::Idle),
+            published: inner.published,
+            completed: inner.completed,
+            pending: inner.pending.len() as u64,
+            last_event_age: inner.last_event.map(|t| t.elapsed()),
+            last_error: inner.last_error.clone(),
+        }
+    }
+
+    fn load_content<'a>(
+        &'a self,
+        task: &'a Task,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
+        Box::pin(async move {
+            let pointer = self.pointer_of(task)?;
+            let max = self.config.max_message_bytes;
+            let fetched = self.fetch(&pointer).await?;
+            match fetched {
+                Fetched::Gone => Ok(None),
+                Fetched::Body(bytes) => Ok(Some(bytes)),
+                Fetched::TooLarge(size) => Err(SourceError::TooLarge {
+                    source_id: self.id.clone(),
+                    size,
+                    limit: max,
+                }),
+            }
+        })
+    }
+
+    fn complete<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let pointer = self.pointer_of(task)?;
+            // After a UIDVALIDITY change the old UID means nothing: nothing to flag.
+            self.store(&pointer, "+FLAGS.SILENT (\\Seen)").await?;
+            let mut inner = self.lock();
+            inner.pending.remove(task.id.as_str());
+            inner.completed += 1;
+            Ok(())
+        })
+    }
+
+    fn release(&self, task: &Task, disposition: Disposition) {
+        match disposition {
+            // Stays pending (never published again by this process) and gets the keyword
+            // (never searched again, even after a restart); it stays unseen for a person.
+            Disposition::DeadLettered => {
+                if let Ok(pointer) = self.pointer_of(task) {
+                    let _ = self.keywords.send(pointer);
+                }
+            }
+            Disposition::Returned => {
+                self.lock().pending.remove(task.id.as_str());
+            }
+        }
+    }
+}
+
+enum Fetched {
+    Body(Vec<u8>),
+    TooLarge(u64),
+    Gone,
+}
+
+impl ImapSource {
+    /// How many times the source has tried to log in (watcher and workers).
+    pub fn login_attempts(&self) -> u64 {
+        self.lock().connects
+    }
+}
