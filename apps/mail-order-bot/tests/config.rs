@@ -285,3 +285,43 @@ fn the_cli_exits_non_zero_and_starts_nothing() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[test]
+fn imap_sources_are_checked_with_every_problem_named() {
+    use mail_order_bot::compose::{source_config, SourceConfig};
+    let good = serde_json::json!({
+        "type": "imap_idle", "host": "mail.example", "port": 993, "tls": "implicit",
+        "user": "orders", "password_env": "PATH", "pool": "orders"
+    });
+    assert!(matches!(
+        source_config("inbox", &good),
+        Ok(SourceConfig::Imap(_, runtime_adapters::sources::imap::ImapMode::Idle))
+    ));
+    let mut bad = good.clone();
+    bad["idle_reissue_secs"] = serde_json::json!(1800);
+    bad["connections"] = serde_json::json!(10);
+    bad["password_env"] = serde_json::json!("PLBA_NO_SUCH_VARIABLE_SET");
+    bad["failed_keyword"] = serde_json::json!("bad keyword");
+    bad["tls"] = serde_json::json!("sometimes");
+    let problems = source_config("inbox", &bad).expect_err("problems");
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["sources.inbox.tls"], "a wrong enum value is reported alone first: {problems:?}");
+    bad["tls"] = serde_json::json!("starttls");
+    let problems = source_config("inbox", &bad).expect_err("problems");
+    let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    for (key, words) in [
+        ("sources.inbox.idle_reissue_secs", "below 29 minutes"),
+        ("sources.inbox.connections", "max_connections"),
+        ("sources.inbox.password_env", "PLBA_NO_SUCH_VARIABLE_SET is not set"),
+        ("sources.inbox.failed_keyword", "not an IMAP keyword"),
+    ] {
+        assert!(
+            text.iter().any(|t| t.contains(key) && t.contains(words)),
+            "{key}: {words} missing from {text:?}"
+        );
+    }
+    let mut unknown = good;
+    unknown["type"] = serde_json::json!("pop3");
+    let problems = source_config("inbox", &unknown).expect_err("unknown type");
+    assert!(problems[0].to_string().contains("imap_idle"));
+}
