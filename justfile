@@ -18,6 +18,7 @@ lint:
 bench:
     cargo bench -p plba-bench
     cargo bench -p mail-order-bot --bench parse
+    cargo bench -p mail-order-bot --bench imap
 
 # Fuzz parse + extract for SECONDS (needs `cargo install cargo-fuzz`; stable Rust, so no
 # sanitizer). New inputs go to fuzz/corpus-work (ignored by git); a crash lands in

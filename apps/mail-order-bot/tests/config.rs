@@ -295,7 +295,10 @@ fn imap_sources_are_checked_with_every_problem_named() {
     });
     assert!(matches!(
         source_config("inbox", &good),
-        Ok(SourceConfig::Imap(_, runtime_adapters::sources::imap::ImapMode::Idle))
+        Ok(SourceConfig::Imap(
+            _,
+            runtime_adapters::sources::imap::ImapMode::Idle
+        ))
     ));
     let mut bad = good.clone();
     bad["idle_reissue_secs"] = serde_json::json!(1800);
@@ -305,14 +308,21 @@ fn imap_sources_are_checked_with_every_problem_named() {
     bad["tls"] = serde_json::json!("sometimes");
     let problems = source_config("inbox", &bad).expect_err("problems");
     let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-    assert_eq!(keys, ["sources.inbox.tls"], "a wrong enum value is reported alone first: {problems:?}");
+    assert_eq!(
+        keys,
+        ["sources.inbox.tls"],
+        "a wrong enum value is reported alone first: {problems:?}"
+    );
     bad["tls"] = serde_json::json!("starttls");
     let problems = source_config("inbox", &bad).expect_err("problems");
     let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
     for (key, words) in [
         ("sources.inbox.idle_reissue_secs", "below 29 minutes"),
         ("sources.inbox.connections", "max_connections"),
-        ("sources.inbox.password_env", "PLBA_NO_SUCH_VARIABLE_SET is not set"),
+        (
+            "sources.inbox.password_env",
+            "PLBA_NO_SUCH_VARIABLE_SET is not set",
+        ),
         ("sources.inbox.failed_keyword", "not an IMAP keyword"),
     ] {
         assert!(

@@ -750,6 +750,11 @@ service stats {{
         self.spawn(&binary);
     }
 
+    /// A logged-in line client on the plain port.
+    pub fn client(&self, user: &str, password: &str) -> ImapLine {
+        ImapLine::login(self.port, user, password)
+    }
+
     /// Appends `messages` to `mailbox` over IMAP, in one pipelined exchange (`LITERAL+`).
     pub fn append(&self, user: &str, password: &str, mailbox: &str, messages: &[Vec<u8>]) {
         let mut imap = ImapLine::login(self.port, user, password);
@@ -801,19 +806,103 @@ impl Drop for DovecotServer {
     }
 }
 
-/// A line-oriented IMAP client for test set-up and checks (plain TCP).
-struct ImapLine {
+/// A line-oriented IMAP client for test set-up, checks and benchmark baselines (plain TCP,
+/// blocking).
+pub struct ImapLine {
     stream: std::io::BufReader<TcpStream>,
+    tags: u64,
+}
+
+impl std::fmt::Debug for ImapLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImapLine").finish_non_exhaustive()
+    }
 }
 
 impl ImapLine {
-    fn login(port: u16, user: &str, password: &str) -> Self {
+    /// Appends one message; its UID (from Dovecot's `APPENDUID`).
+    pub fn append_one(&mut self, mailbox: &str, message: &[u8]) -> Option<u32> {
+        self.tags += 1;
+        let tag = format!("P{}", self.tags);
+        let mut command = format!("{tag} APPEND {mailbox} {{{}+}}\r\n", message.len()).into_bytes();
+        command.extend_from_slice(message);
+        command.extend_from_slice(b"\r\n");
+        self.send(&command);
+        let done = self.tagged_line(&tag);
+        done.split("APPENDUID ")
+            .nth(1)
+            .and_then(|r| r.split([' ', ']']).nth(1))
+            .and_then(|u| u.parse().ok())
+    }
+
+    /// UIDs of the messages in `mailbox` that carry `\Seen`.
+    pub fn seen_uids(&mut self, mailbox: &str) -> Vec<u32> {
+        self.tags += 1;
+        let tag = format!("Q{}", self.tags);
+        self.send(format!("{tag} EXAMINE {mailbox}\r\n").as_bytes());
+        self.expect_ok(&tag);
+        let tag = format!("{tag}f");
+        self.send(format!("{tag} UID SEARCH SEEN\r\n").as_bytes());
+        self.until_tagged(&tag)
+            .iter()
+            .filter_map(|l| l.strip_prefix("* SEARCH"))
+            .flat_map(|l| {
+                l.split_whitespace()
+                    .filter_map(|u| u.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    }
+
+    /// Fetches every message of `mailbox` with `BODY.PEEK[]` in one command: (messages,
+    /// bytes). The ceiling a client can reach reading this mailbox.
+    pub fn fetch_all(&mut self, mailbox: &str) -> (usize, usize) {
+        use std::io::Read as _;
+        self.send(format!("E EXAMINE {mailbox}\r\n").as_bytes());
+        self.expect_ok("E");
+        self.send(b"F UID FETCH 1:* (BODY.PEEK[])\r\n");
+        let (mut messages, mut bytes) = (0, 0);
+        loop {
+            let line = self.line();
+            assert!(!line.is_empty(), "dovecot closed the connection");
+            if line.starts_with("F ") {
+                assert!(line.starts_with("F OK"), "{line}");
+                return (messages, bytes);
+            }
+            if let Some(size) = line
+                .trim_end()
+                .strip_suffix('}')
+                .and_then(|l| l.rsplit_once('{'))
+                .and_then(|(_, n)| n.parse::<usize>().ok())
+            {
+                let mut body = vec![0u8; size];
+                self.stream.read_exact(&mut body).expect("literal");
+                messages += 1;
+                bytes += size;
+            }
+        }
+    }
+
+    fn tagged_line(&mut self, tag: &str) -> String {
+        loop {
+            let line = self.line();
+            assert!(!line.is_empty(), "dovecot closed the connection");
+            if line.starts_with(&format!("{tag} ")) {
+                assert!(line.starts_with(&format!("{tag} OK")), "{line}");
+                return line;
+            }
+        }
+    }
+
+    /// Connects to `127.0.0.1:port` and logs in.
+    pub fn login(port: u16, user: &str, password: &str) -> Self {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to dovecot");
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
         let mut imap = Self {
             stream: std::io::BufReader::new(stream),
+            tags: 0,
         };
         let greeting = imap.line();
         assert!(greeting.starts_with("* OK"), "greeting: {greeting}");

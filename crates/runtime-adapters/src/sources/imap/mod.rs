@@ -28,11 +28,32 @@ use runtime_contracts::{
     BoxFuture, Disposition, PublishResult, SourceContext, SourceError, SourceState, SourceStatus,
     Task, TaskSource,
 };
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_rustls::rustls::ClientConfig;
 
 pub use config::{ImapConfig, ImapMode, TlsMode};
 use connection::{connect, tls_config, ConnectError, ImapSession, Pool, Pooled};
+
+/// An IMAP UID set (`1:5,7,9:10`) of ascending UIDs.
+fn uid_set(uids: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
+            i += 1;
+            end = uids[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}:{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
 
 /// Where a task points.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +91,19 @@ pub struct ImapSource {
     inner: Mutex<Inner>,
     keywords: mpsc::UnboundedSender<Pointer>,
     keyword_rx: Mutex<Option<mpsc::UnboundedReceiver<Pointer>>>,
+    seen: SeenBatch,
+}
+
+type SeenWaiter = (Pointer, oneshot::Sender<Result<(), String>>);
+
+/// `\Seen` stores waiting to be sent: while one `UID STORE` is on the wire, the completions
+/// that arrive meanwhile gather, and go out together as one UID set. Each completion is
+/// answered only after its own store succeeded, so `\Seen` still follows the commit.
+#[derive(Default)]
+struct SeenBatch {
+    /// Whether the flusher runs, and what waits for it.
+    state: Mutex<(bool, Vec<SeenWaiter>)>,
+    wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for ImapSource {
@@ -111,6 +145,7 @@ impl ImapSource {
             inner: Mutex::new(Inner::default()),
             keywords,
             keyword_rx: Mutex::new(Some(keyword_rx)),
+            seen: SeenBatch::default(),
         }
     }
 
@@ -185,7 +220,7 @@ impl ImapSource {
                 self.keyword_worker(rx, &ctx).await;
             }
         };
-        tokio::join!(self.watch(&ctx), keywords);
+        tokio::join!(self.watch(&ctx), keywords, self.seen_flusher(&ctx));
         self.lock().state = Some(SourceState::Stopped);
         Ok(())
     }
@@ -346,37 +381,65 @@ impl ImapSource {
             .map_err(|e| format!("UID SEARCH {query}: {e}"))?
             .into_iter()
             .collect();
-        let mut chunk = Vec::with_capacity(self.config.batch_size);
-        for uid in uids {
-            let pointer = Pointer {
-                mailbox: mailbox.to_owned(),
-                uid_validity,
-                uid,
-            };
-            let id = self.task_id(&pointer);
-            if self.lock().pending.contains(&id) {
-                continue;
+        let fresh: Vec<u32> = {
+            let inner = self.lock();
+            uids.into_iter()
+                .filter(|uid| {
+                    !inner.pending.contains(&self.task_id(&Pointer {
+                        mailbox: mailbox.to_owned(),
+                        uid_validity,
+                        uid: *uid,
+                    }))
+                })
+                .collect()
+        };
+        for uids in fresh.chunks(self.config.batch_size) {
+            // Sizes of the whole chunk in one command: the pointer carries the size, so a
+            // worker can refuse an oversized message before downloading it.
+            let set = uid_set(uids);
+            let sizes: HashMap<u32, u32> = session
+                .uid_fetch(&set, "RFC822.SIZE")
+                .await
+                .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?
+                .try_collect::<Vec<_>>()
+                .await
+                .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?
+                .iter()
+                .filter_map(|f| Some((f.uid?, f.size?)))
+                .collect();
+            let mut chunk = Vec::with_capacity(uids.len());
+            for &uid in uids {
+                let Some(size) = sizes.get(&uid) else {
+                    continue; // expunged since the search
+                };
+                let pointer = Pointer {
+                    mailbox: mailbox.to_owned(),
+                    uid_validity,
+                    uid,
+                };
+                let id = self.task_id(&pointer);
+                let payload = serde_json::json!({
+                    "account": self.account,
+                    "mailbox": pointer.mailbox,
+                    "uid_validity": pointer.uid_validity,
+                    "uid": pointer.uid,
+                    "size": size,
+                });
+                let mut task = Task::new(
+                    id.clone(),
+                    Arc::clone(&self.kind),
+                    Arc::clone(&self.shared_id),
+                    payload,
+                )
+                .map_err(|e| e.to_string())?;
+                ctx.tracer.inject_current(&mut task.headers);
+                chunk.push((id, task));
             }
-            let payload = serde_json::json!({
-                "account": self.account,
-                "mailbox": pointer.mailbox,
-                "uid_validity": pointer.uid_validity,
-                "uid": pointer.uid,
-            });
-            let mut task = Task::new(
-                id.clone(),
-                Arc::clone(&self.kind),
-                Arc::clone(&self.shared_id),
-                payload,
-            )
-            .map_err(|e| e.to_string())?;
-            ctx.tracer.inject_current(&mut task.headers);
-            chunk.push((id, task));
-            if chunk.len() >= self.config.batch_size && !self.publish(ctx, &mut chunk).await? {
+            if !self.publish(ctx, &mut chunk).await? {
                 return Ok(false);
             }
         }
-        self.publish(ctx, &mut chunk).await
+        Ok(true)
     }
 
     async fn publish(
@@ -467,10 +530,20 @@ impl ImapSource {
     }
 
     async fn store(&self, pointer: &Pointer, flags: &str) -> Result<(), SourceError> {
+        self.store_set(pointer, &pointer.uid.to_string(), flags)
+            .await
+    }
+
+    /// `UID STORE` on a set of UIDs of `pointer`'s mailbox (and UIDVALIDITY).
+    async fn store_set(
+        &self,
+        pointer: &Pointer,
+        uid: &str,
+        flags: &str,
+    ) -> Result<(), SourceError> {
         let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
             return Ok(());
         };
-        let uid = pointer.uid.to_string();
         let result = match pooled.session.uid_store(&uid, flags).await {
             Ok(responses) => responses
                 .try_collect::<Vec<_>>()
@@ -482,14 +555,24 @@ impl ImapSource {
         self.checkin(pooled, permit, result)
     }
 
-    async fn fetch(&self, pointer: &Pointer) -> Result<Fetched, SourceError> {
+    async fn fetch(
+        &self,
+        pointer: &Pointer,
+        known_size: Option<u64>,
+    ) -> Result<Fetched, SourceError> {
+        let max = self.config.max_message_bytes;
+        if let Some(size) = known_size.filter(|s| *s > max) {
+            return Ok(Fetched::TooLarge(size));
+        }
         let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
             return Ok(Fetched::Gone);
         };
         let uid = pointer.uid.to_string();
-        let max = self.config.max_message_bytes;
         let session = &mut pooled.session;
         let result = async {
+            if known_size.is_some() {
+                return fetch_body(session, &uid).await;
+            }
             let sizes: Vec<_> = session
                 .uid_fetch(&uid, "RFC822.SIZE")
                 .await
@@ -503,20 +586,72 @@ impl ImapSource {
             if u64::from(size) > max {
                 return Ok(Fetched::TooLarge(u64::from(size)));
             }
-            let bodies: Vec<_> = session
-                .uid_fetch(&uid, "BODY.PEEK[]")
-                .await
-                .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?
-                .try_collect()
-                .await
-                .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?;
-            Ok(bodies
-                .iter()
-                .find_map(|f| f.body().map(<[u8]>::to_vec))
-                .map_or(Fetched::Gone, Fetched::Body))
+            fetch_body(session, &uid).await
         }
         .await;
         self.checkin(pooled, permit, result)
+    }
+
+    /// Sends gathered `\Seen` stores, one `UID STORE` per mailbox and round.
+    async fn seen_flusher(&self, ctx: &SourceContext) {
+        self.seen.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                _ = self.seen.wake.notified() => {}
+            }
+            let waiting =
+                std::mem::take(&mut self.seen.state.lock().unwrap_or_else(|e| e.into_inner()).1);
+            self.flush_seen(waiting).await;
+        }
+        // From now on completions store directly; answer what is already here.
+        let waiting = {
+            let mut state = self.seen.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.0 = false;
+            std::mem::take(&mut state.1)
+        };
+        self.flush_seen(waiting).await;
+    }
+
+    async fn flush_seen(&self, waiting: Vec<SeenWaiter>) {
+        let mut groups: HashMap<(String, u32), Vec<SeenWaiter>> = HashMap::new();
+        for waiter in waiting {
+            groups
+                .entry((waiter.0.mailbox.clone(), waiter.0.uid_validity))
+                .or_default()
+                .push(waiter);
+        }
+        for (_, mut group) in groups {
+            group.sort_by_key(|(p, _)| p.uid);
+            let uids: Vec<u32> = group.iter().map(|(p, _)| p.uid).collect();
+            let result = self
+                .store_set(&group[0].0, &uid_set(&uids), "+FLAGS.SILENT (\\Seen)")
+                .await
+                .map_err(|e| e.to_string());
+            for (_, answer) in group {
+                let _ = answer.send(result.clone());
+            }
+        }
+    }
+
+    /// Sets `\Seen` on one message: through the flusher while it runs, else directly.
+    async fn mark_seen(&self, pointer: Pointer) -> Result<(), SourceError> {
+        let (tx, rx) = oneshot::channel();
+        let queued = {
+            let mut state = self.seen.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.0 {
+                state.1.push((pointer.clone(), tx));
+            }
+            state.0
+        };
+        if !queued {
+            return self.store(&pointer, "+FLAGS.SILENT (\\Seen)").await;
+        }
+        self.seen.wake.notify_one();
+        match rx.await {
+            Ok(result) => result.map_err(|e| self.io(e)),
+            Err(_) => self.store(&pointer, "+FLAGS.SILENT (\\Seen)").await,
+        }
     }
 
     /// Sets the failure keyword on dead-lettered messages, off the worker's path.
@@ -568,7 +703,8 @@ impl TaskSource for ImapSource {
         Box::pin(async move {
             let pointer = self.pointer_of(task)?;
             let max = self.config.max_message_bytes;
-            let fetched = self.fetch(&pointer).await?;
+            let known_size = task.payload.get("size").and_then(serde_json::Value::as_u64);
+            let fetched = self.fetch(&pointer, known_size).await?;
             match fetched {
                 Fetched::Gone => Ok(None),
                 Fetched::Body(bytes) => Ok(Some(bytes)),
@@ -585,7 +721,7 @@ impl TaskSource for ImapSource {
         Box::pin(async move {
             let pointer = self.pointer_of(task)?;
             // After a UIDVALIDITY change the old UID means nothing: nothing to flag.
-            self.store(&pointer, "+FLAGS.SILENT (\\Seen)").await?;
+            self.mark_seen(pointer).await?;
             let mut inner = self.lock();
             inner.pending.remove(task.id.as_str());
             inner.completed += 1;
@@ -607,6 +743,20 @@ impl TaskSource for ImapSource {
             }
         }
     }
+}
+
+async fn fetch_body(session: &mut ImapSession, uid: &str) -> Result<Fetched, String> {
+    let bodies: Vec<_> = session
+        .uid_fetch(uid, "BODY.PEEK[]")
+        .await
+        .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?
+        .try_collect()
+        .await
+        .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?;
+    Ok(bodies
+        .iter()
+        .find_map(|f| f.body().map(<[u8]>::to_vec))
+        .map_or(Fetched::Gone, Fetched::Body))
 }
 
 enum Fetched {
