@@ -69,6 +69,9 @@ struct Inner {
     pending: HashSet<String>,
     /// UIDVALIDITY last seen per mailbox.
     validity: HashMap<String, u32>,
+    /// When recent tasks were completed: a search that started before a completion may
+    /// still list its message as unseen, and must not publish it again.
+    completed_at: HashMap<String, Instant>,
     state: Option<SourceState>,
     published: u64,
     completed: u64,
@@ -375,6 +378,7 @@ impl ImapSource {
             "{} NOT KEYWORD {}",
             self.config.search, self.config.failed_keyword
         );
+        let searched_at = Instant::now();
         let uids: BTreeSet<u32> = session
             .uid_search(&query)
             .await
@@ -382,14 +386,17 @@ impl ImapSource {
             .into_iter()
             .collect();
         let fresh: Vec<u32> = {
-            let inner = self.lock();
+            let mut inner = self.lock();
+            // Completions older than this search are reflected in it.
+            inner.completed_at.retain(|_, at| *at >= searched_at);
             uids.into_iter()
                 .filter(|uid| {
-                    !inner.pending.contains(&self.task_id(&Pointer {
+                    let id = self.task_id(&Pointer {
                         mailbox: mailbox.to_owned(),
                         uid_validity,
                         uid: *uid,
-                    }))
+                    });
+                    !inner.pending.contains(&id) && !inner.completed_at.contains_key(&id)
                 })
                 .collect()
         };
@@ -724,6 +731,9 @@ impl TaskSource for ImapSource {
             self.mark_seen(pointer).await?;
             let mut inner = self.lock();
             inner.pending.remove(task.id.as_str());
+            inner
+                .completed_at
+                .insert(task.id.to_string(), Instant::now());
             inner.completed += 1;
             Ok(())
         })
