@@ -250,3 +250,81 @@ async fn tls_works_with_the_custom_ca_and_fails_clearly_without_it() {
     assert_eq!(common::orders_so_far(&with).await, 1);
     assert_eq!(seen_split(&server), (1, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_source_with_no_mail_stays_ready() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let ws = Workspace::new();
+    let path = imap_config(
+        &ws,
+        "imap_idle",
+        &format!("{}\nidle_check_secs = 1", plain(&server)),
+        3,
+    );
+    let text = std::fs::read_to_string(&path).expect("config").replacen(
+        "[runtime]\n",
+        "[runtime]\nsource_progress_bound_ms = 1500\n",
+        1,
+    );
+    std::fs::write(&path, text).expect("config");
+    let runtime = start(&path).await;
+    drain(&runtime).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ready = runtime.health().check(Probe::Readiness).await;
+    runtime.shutdown().await;
+    assert!(ready.healthy, "{ready:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_uidvalidity_finds_the_messages_again_without_second_orders() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    server.client(USER, PASSWORD).run("CREATE Orders");
+    let ws = Workspace::new();
+    let source = format!("{}\nmailboxes = [\"Orders\"]", plain(&server));
+    let runtime = start(&imap_config(&ws, "imap_poll", &source, 3)).await;
+    let first: Vec<String> = (0..10)
+        .map(|i| {
+            order_mail(
+                &format!("uv-{i}"),
+                "purchasing@acme.example",
+                &[("SKU-5", 1)],
+            )
+        })
+        .collect();
+    server.append(USER, PASSWORD, "Orders", &bytes(&first));
+    wait_for(Duration::from_secs(30), "ten orders", || async {
+        common::orders_so_far(&ws).await == 10
+    })
+    .await;
+    // The mailbox is rebuilt (as after a server migration): same messages, unseen again,
+    // under a new UIDVALIDITY, plus two new ones.
+    let mut admin = server.client(USER, PASSWORD);
+    admin.run("RENAME Orders Archive");
+    admin.run("CREATE Orders");
+    let mut again = first.clone();
+    again.extend((10..12).map(|i| {
+        order_mail(
+            &format!("uv-{i}"),
+            "purchasing@acme.example",
+            &[("SKU-6", 2)],
+        )
+    }));
+    server.append(USER, PASSWORD, "Orders", &bytes(&again));
+    wait_for(Duration::from_secs(30), "every message seen", || async {
+        server.client(USER, PASSWORD).seen_uids("Orders").len() == 12
+    })
+    .await;
+    drain(&runtime).await;
+    runtime.shutdown().await;
+    assert_eq!(
+        common::orders_so_far(&ws).await,
+        12,
+        "one order per message"
+    );
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    let duplicates: i64 = outcomes.iter().map(|o| o.deliveries - 1).sum();
+    assert_eq!(
+        duplicates, 10,
+        "the ten old messages were recorded as duplicates"
+    );
+}

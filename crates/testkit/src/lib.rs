@@ -835,6 +835,14 @@ impl ImapLine {
             .and_then(|u| u.parse().ok())
     }
 
+    /// Runs one command (e.g. `CREATE Orders`), panicking unless it succeeds.
+    pub fn run(&mut self, command: &str) {
+        self.tags += 1;
+        let tag = format!("R{}", self.tags);
+        self.send(format!("{tag} {command}\r\n").as_bytes());
+        self.expect_ok(&tag);
+    }
+
     /// UIDs of the messages in `mailbox` that carry `\Seen`.
     pub fn seen_uids(&mut self, mailbox: &str) -> Vec<u32> {
         self.tags += 1;

@@ -68,6 +68,11 @@ pub struct ImapConfig {
     /// IDLE is re-issued after this many seconds (RFC 2177: below 29 minutes).
     #[serde(default = "default_idle_reissue_secs")]
     pub idle_reissue_secs: u64,
+    /// IDLE is ended, the mailboxes searched and IDLE started again at least this often: a
+    /// round trip that proves the connection alive and keeps the source's progress fresh
+    /// for readiness (keep it below `runtime.source_progress_bound_ms`).
+    #[serde(default = "default_idle_check_secs")]
+    pub idle_check_secs: u64,
     /// An IDLE connection that has sent nothing (not even Dovecot's "Still here", every
     /// two minutes by default) for this long is taken for dead and reconnected.
     #[serde(default = "default_idle_dead_after_secs")]
@@ -125,6 +130,9 @@ fn default_batch_size() -> usize {
 fn default_idle_reissue_secs() -> u64 {
     25 * 60
 }
+fn default_idle_check_secs() -> u64 {
+    30
+}
 fn default_idle_dead_after_secs() -> u64 {
     6 * 60
 }
@@ -159,6 +167,7 @@ impl ImapConfig {
                 ("poll_interval_ms", self.poll_interval_ms),
                 ("batch_size", self.batch_size as u64),
                 ("idle_reissue_secs", self.idle_reissue_secs),
+                ("idle_check_secs", self.idle_check_secs),
                 ("idle_dead_after_secs", self.idle_dead_after_secs),
                 ("connections", self.connections as u64),
                 ("max_message_bytes", self.max_message_bytes),

@@ -317,7 +317,12 @@ impl ImapSource {
     ) -> Result<Option<ImapSession>, String> {
         let mut handle = session.idle();
         handle.init().await.map_err(|e| format!("IDLE: {e}"))?;
-        let reissue = Duration::from_secs(self.config.idle_reissue_secs);
+        let reissue = Duration::from_secs(
+            self.config
+                .idle_reissue_secs
+                .min(self.config.idle_check_secs),
+        );
+        let limit = Duration::from_millis(self.config.connect_timeout_ms);
         let dead_after = Duration::from_secs(self.config.idle_dead_after_secs);
         let woke = {
             // The inner timeout restarts with every response the server sends (Dovecot says
@@ -340,12 +345,12 @@ impl ImapSource {
                 dead_after.as_secs()
             )),
             Some(Ok(Err(e))) => Err(format!("IDLE: {e}")),
-            // New data, or time to re-issue: end IDLE, search again.
-            Some(_) => handle
-                .done()
-                .await
-                .map(Some)
-                .map_err(|e| format!("DONE: {e}")),
+            // New data, or time to re-issue: end IDLE, search again. A connection that does
+            // not answer DONE in time is dead.
+            Some(_) => match tokio::time::timeout(limit, handle.done()).await {
+                Ok(done) => done.map(Some).map_err(|e| format!("DONE: {e}")),
+                Err(_) => Err("the IDLE connection did not answer DONE; taken for dead".into()),
+            },
         }
     }
 
@@ -493,10 +498,12 @@ impl ImapSource {
                 selected: None,
             },
         };
+        // The cached UIDVALIDITY is trusted only when it matches; otherwise the mailbox is
+        // selected again (it may have been recreated since).
         let current = pooled
             .selected
             .as_ref()
-            .filter(|(m, _)| *m == pointer.mailbox)
+            .filter(|(m, v)| *m == pointer.mailbox && *v == pointer.uid_validity)
             .map(|(_, v)| *v);
         let validity = match current {
             Some(v) => v,
