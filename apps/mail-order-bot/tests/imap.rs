@@ -249,6 +249,28 @@ async fn tls_works_with_the_custom_ca_and_fails_clearly_without_it() {
     runtime.shutdown().await;
     assert_eq!(common::orders_so_far(&with).await, 1);
     assert_eq!(seen_split(&server), (1, 0));
+
+    // STARTTLS on the plain port, with the same CA.
+    server.append(
+        USER,
+        PASSWORD,
+        "INBOX",
+        &bytes(&[order_mail(
+            "tls-2",
+            "purchasing@acme.example",
+            &[("SKU-8", 8)],
+        )]),
+    );
+    let starttls = Workspace::new();
+    let source = format!(
+        "host = \"localhost\"\nport = {}\ntls = \"starttls\"\npoll_interval_ms = 200\n{ca}",
+        server.port()
+    );
+    let runtime = start(&imap_config(&starttls, "imap_poll", &source, 3)).await;
+    drain(&runtime).await;
+    runtime.shutdown().await;
+    assert_eq!(common::orders_so_far(&starttls).await, 1);
+    assert_eq!(seen_split(&server), (2, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
