@@ -12,8 +12,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use runtime_contracts::{
-    BoxFuture, ConfigProblem, Disposition, PublishResult, SourceContext, SourceError, SourceState,
-    SourceStatus, Task, TaskSource,
+    BoxFuture, ConfigProblem, Disposition, SourceContext, SourceError, SourceState, SourceStatus,
+    Task, TaskSource,
 };
 use serde::Deserialize;
 
@@ -291,28 +291,19 @@ impl MaildirSource {
         ctx: &SourceContext,
         chunk: &mut Vec<(String, Task)>,
     ) -> Result<bool, SourceError> {
-        if chunk.is_empty() {
-            return Ok(true);
-        }
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(false),
-            _ = ctx.backpressure.wait_for_capacity() => {}
-        }
-        let (uniques, tasks): (Vec<String>, Vec<Task>) = std::mem::take(chunk).into_iter().unzip();
-        let results = ctx
-            .queue
-            .publish_batch(tasks)
+        let published = super::publish_chunk(ctx, chunk)
             .await
             .map_err(|e| SourceError::Io {
                 source_id: self.id.clone(),
                 message: format!("publishing failed, messages left unread: {e}"),
             })?;
+        let Some(published) = published else {
+            return Ok(false);
+        };
         let mut inner = self.lock();
-        for (unique, result) in uniques.into_iter().zip(results) {
+        for (unique, enqueued) in published {
             inner.pending.insert(unique);
-            if result == PublishResult::Enqueued {
-                inner.published += 1;
-            }
+            inner.published += u64::from(enqueued);
         }
         Ok(true)
     }

@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use runtime_contracts::{
-    BoxFuture, Disposition, PublishResult, SourceContext, SourceError, SourceState, SourceStatus,
-    Task, TaskSource,
+    BoxFuture, Disposition, SourceContext, SourceError, SourceState, SourceStatus, Task, TaskSource,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_rustls::rustls::ClientConfig;
@@ -459,25 +458,16 @@ impl ImapSource {
         ctx: &SourceContext,
         chunk: &mut Vec<(String, Task)>,
     ) -> Result<bool, String> {
-        if chunk.is_empty() {
-            return Ok(true);
-        }
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(false),
-            _ = ctx.backpressure.wait_for_capacity() => {}
-        }
-        let (ids, tasks): (Vec<String>, Vec<Task>) = std::mem::take(chunk).into_iter().unzip();
-        let results = ctx
-            .queue
-            .publish_batch(tasks)
+        let published = super::publish_chunk(ctx, chunk)
             .await
             .map_err(|e| format!("publishing failed, messages left unseen: {e}"))?;
+        let Some(published) = published else {
+            return Ok(false);
+        };
         let mut inner = self.lock();
-        for (id, result) in ids.into_iter().zip(results) {
+        for (id, enqueued) in published {
             inner.pending.insert(id);
-            if result == PublishResult::Enqueued {
-                inner.published += 1;
-            }
+            inner.published += u64::from(enqueued);
         }
         Ok(true)
     }
