@@ -770,6 +770,21 @@ service stats {{
         }
     }
 
+    /// The UIDVALIDITY of `mailbox`.
+    pub fn uid_validity(&self, user: &str, password: &str, mailbox: &str) -> u64 {
+        let mut imap = ImapLine::login(self.port, user, password);
+        imap.send(format!("V EXAMINE {mailbox}\r\n").as_bytes());
+        imap.until_tagged("V")
+            .iter()
+            .find_map(|l| {
+                l.split("[UIDVALIDITY ")
+                    .nth(1)
+                    .and_then(|r| r.split(']').next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .expect("UIDVALIDITY in the EXAMINE answer")
+    }
+
     /// UID → flags of every message in `mailbox`.
     pub fn flags(&self, user: &str, password: &str, mailbox: &str) -> BTreeMap<u32, Vec<String>> {
         let mut imap = ImapLine::login(self.port, user, password);
