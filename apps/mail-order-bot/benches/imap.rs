@@ -181,10 +181,7 @@ async fn live(kind: &str, poll_ms: u64, rate: u64, secs: u64) {
 }
 
 fn main() {
-    let secs: u64 = std::env::var("PLBA_BENCH_IMAP_LIVE_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let secs = plba_testkit::env_number("PLBA_BENCH_IMAP_LIVE_SECS", 10);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

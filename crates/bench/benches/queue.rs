@@ -159,10 +159,7 @@ fn rate(n: u64, d: Duration) -> f64 {
 }
 
 fn main() {
-    let n: u64 = std::env::var("PLBA_BENCH_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+    let n = plba_testkit::env_number("PLBA_BENCH_TASKS", 200_000);
     // One runtime thread per core, as a service would run; WORKERS is the concurrency.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

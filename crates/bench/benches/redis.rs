@@ -246,10 +246,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
-    let n: u64 = std::env::var("PLBA_BENCH_REDIS_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let n = plba_testkit::env_number("PLBA_BENCH_REDIS_TASKS", 100_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

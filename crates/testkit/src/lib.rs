@@ -965,3 +965,11 @@ impl ImapLine {
         self.until_tagged(tag);
     }
 }
+
+/// A number from the environment (benchmark sizes), else `default`.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

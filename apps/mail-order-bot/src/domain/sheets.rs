@@ -413,10 +413,7 @@ fn check_ods(bytes: &[u8], origin: &str, limits: SheetLimits) -> Result<(), Limi
             .and_then(|a| std::str::from_utf8(&a.value).ok()?.parse().ok())
             .unwrap_or(1)
     };
-    let (mut row, mut row_repeats, mut col) = (0u64, 1u64, 0u64);
-    let (mut max_row, mut max_col, mut expanded) = (0u64, 0u64, 0u64);
-    let mut cell_repeats = 1u64;
-    let mut in_cell = false;
+    let mut at = OdsPosition::default();
     loop {
         let event = match reader.read_event_into(&mut buf) {
             Ok(Event::Eof) | Err(_) => break,
@@ -426,64 +423,40 @@ fn check_ods(bytes: &[u8], origin: &str, limits: SheetLimits) -> Result<(), Limi
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
                 match e.name().as_ref() {
-                    b"table:table" => (row, col) = (0, 0),
+                    b"table:table" => (at.row, at.col) = (0, 0),
                     b"table:table-row" => {
-                        row_repeats = repeats(e, b"table:number-rows-repeated");
-                        col = 0;
+                        at.row_repeats = repeats(e, b"table:number-rows-repeated");
+                        at.col = 0;
                         if empty {
-                            row = row.saturating_add(row_repeats);
+                            at.end_row();
                         }
                     }
                     b"table:table-cell" | b"table:covered-table-cell" => {
-                        cell_repeats = repeats(e, b"table:number-columns-repeated");
-                        let has_value = e
-                            .attributes()
+                        at.start_cell(repeats(e, b"table:number-columns-repeated"));
+                        if e.attributes()
                             .flatten()
-                            .any(|a| a.key.as_ref() == b"office:value-type");
-                        if has_value {
-                            note_cell(
-                                row,
-                                row_repeats,
-                                col,
-                                cell_repeats,
-                                &mut max_row,
-                                &mut max_col,
-                                &mut expanded,
-                            );
+                            .any(|a| a.key.as_ref() == b"office:value-type")
+                        {
+                            at.content();
                         }
                         if empty {
-                            col = col.saturating_add(cell_repeats);
-                        } else {
-                            in_cell = true;
+                            at.end_cell();
                         }
                     }
-                    b"text:p" if in_cell => {
-                        note_cell(
-                            row,
-                            row_repeats,
-                            col,
-                            cell_repeats,
-                            &mut max_row,
-                            &mut max_col,
-                            &mut expanded,
-                        );
-                    }
+                    b"text:p" if at.in_cell => at.content(),
                     _ => {}
                 }
             }
             Event::End(ref e) => match e.name().as_ref() {
-                b"table:table-cell" | b"table:covered-table-cell" => {
-                    in_cell = false;
-                    col = col.saturating_add(cell_repeats);
-                }
-                b"table:table-row" => row = row.saturating_add(row_repeats),
+                b"table:table-cell" | b"table:covered-table-cell" => at.end_cell(),
+                b"table:table-row" => at.end_row(),
                 _ => {}
             },
             _ => {}
         }
-        let rows = max_row + 1;
-        let cols = max_col + 1;
-        if expanded > limits.max_cells || rows.saturating_mul(cols) > limits.max_cells {
+        let rows = at.max_row + 1;
+        let cols = at.max_col + 1;
+        if at.expanded > limits.max_cells || rows.saturating_mul(cols) > limits.max_cells {
             return Err(too_many_cells(
                 origin,
                 "(content)",
@@ -497,18 +470,52 @@ fn check_ods(bytes: &[u8], origin: &str, limits: SheetLimits) -> Result<(), Limi
     Ok(())
 }
 
-fn note_cell(
+/// Where an ODS walk is, repeats counted, and the extent of the cells with content so far.
+#[derive(Default)]
+struct OdsPosition {
     row: u64,
     row_repeats: u64,
     col: u64,
     cell_repeats: u64,
-    max_row: &mut u64,
-    max_col: &mut u64,
-    expanded: &mut u64,
-) {
-    *max_row = (*max_row).max(row.saturating_add(row_repeats).saturating_sub(1));
-    *max_col = (*max_col).max(col.saturating_add(cell_repeats).saturating_sub(1));
-    *expanded = expanded.saturating_add(row_repeats.saturating_mul(cell_repeats));
+    in_cell: bool,
+    counted: bool,
+    max_row: u64,
+    max_col: u64,
+    /// Cells calamine would materialise for the content seen (repeats multiplied out).
+    expanded: u64,
+}
+
+impl OdsPosition {
+    fn start_cell(&mut self, repeats: u64) {
+        self.cell_repeats = repeats;
+        self.in_cell = true;
+        self.counted = false;
+    }
+
+    /// The current cell (with its repeats, in every repeated row) has content.
+    fn content(&mut self) {
+        if self.counted {
+            return;
+        }
+        self.counted = true;
+        let rows = self.row_repeats.max(1);
+        self.max_row = self.max_row.max(self.row.saturating_add(rows) - 1);
+        self.max_col = self
+            .max_col
+            .max(self.col.saturating_add(self.cell_repeats.max(1)) - 1);
+        self.expanded = self
+            .expanded
+            .saturating_add(rows.saturating_mul(self.cell_repeats.max(1)));
+    }
+
+    fn end_cell(&mut self) {
+        self.in_cell = false;
+        self.col = self.col.saturating_add(self.cell_repeats.max(1));
+    }
+
+    fn end_row(&mut self) {
+        self.row = self.row.saturating_add(self.row_repeats.max(1));
+    }
 }
 
 #[cfg(test)]

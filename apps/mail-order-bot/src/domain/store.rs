@@ -305,29 +305,20 @@ impl OrderStore {
         let mut tx = self.pool.begin().await?;
         // The first statement writes, so the database takes the row (SQLite: the write
         // lock) at once and two workers racing on one message are serialised by it.
-        let claimed = sqlx::query(&format!(
-            "INSERT INTO message_outcomes
-                (message_identity, outcome, reason, content_sha256, content_fingerprint,
-                 sender, subject, task_id, recorded_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {now}, {now})
-             ON CONFLICT (message_identity) DO UPDATE SET
-                outcome = excluded.outcome, reason = excluded.reason,
-                content_sha256 = excluded.content_sha256,
-                content_fingerprint = excluded.content_fingerprint, task_id = excluded.task_id,
-                deliveries = message_outcomes.deliveries + 1, updated_at = {now}
-             WHERE message_outcomes.outcome = 'failed'"
-        ))
-        .bind(&rec.identity)
-        .bind(rec.outcome.as_str())
-        .bind(&rec.reason)
-        .bind(&rec.content_sha256)
-        .bind(&rec.fingerprint)
-        .bind(&rec.sender)
-        .bind(&rec.subject)
-        .bind(&rec.task_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let claimed = self
+            .insert_outcome(
+                &mut tx,
+                rec,
+                &rec.identity,
+                rec.outcome,
+                rec.reason.as_deref(),
+                "outcome = excluded.outcome, reason = excluded.reason,
+                 content_sha256 = excluded.content_sha256,
+                 content_fingerprint = excluded.content_fingerprint, task_id = excluded.task_id,
+                 deliveries = message_outcomes.deliveries + 1, updated_at = excluded.updated_at
+                 WHERE message_outcomes.outcome = 'failed'",
+            )
+            .await?;
         if claimed == 0 {
             let earlier = sqlx::query(
                 "SELECT outcome, order_id, content_fingerprint FROM message_outcomes
@@ -351,22 +342,14 @@ impl OrderStore {
                         "the Message-ID was first recorded as {outcome} for different content; kept for an operator"
                     ),
                 };
-                sqlx::query(&format!(
-                    "INSERT INTO message_outcomes
-                        (message_identity, outcome, reason, content_sha256, content_fingerprint,
-                         sender, subject, task_id, recorded_at, updated_at)
-                     VALUES ($1, 'conflicting_duplicate', $2, $3, $4, $5, $6, $7, {now}, {now})
-                     ON CONFLICT (message_identity) DO UPDATE SET
-                        deliveries = message_outcomes.deliveries + 1, updated_at = {now}"
-                ))
-                .bind(&identity)
-                .bind(&reason)
-                .bind(&rec.content_sha256)
-                .bind(&rec.fingerprint)
-                .bind(&rec.sender)
-                .bind(&rec.subject)
-                .bind(&rec.task_id)
-                .execute(&mut *tx)
+                self.insert_outcome(
+                    &mut tx,
+                    rec,
+                    &identity,
+                    OutcomeKind::ConflictingDuplicate,
+                    Some(&reason),
+                    "deliveries = message_outcomes.deliveries + 1, updated_at = excluded.updated_at",
+                )
                 .await?;
                 tx.commit().await?;
                 return Ok(Recorded::Conflict {
@@ -423,6 +406,38 @@ impl OrderStore {
         }
         tx.commit().await?;
         Ok(Recorded::New { order_id })
+    }
+
+    /// Inserts an outcome row for `identity` with `rec`'s facts; on an existing row, applies
+    /// `on_conflict` (a `DO UPDATE SET …` clause). Returns the rows written.
+    async fn insert_outcome(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        rec: &Recording,
+        identity: &str,
+        outcome: OutcomeKind,
+        reason: Option<&str>,
+        on_conflict: &str,
+    ) -> Result<u64, StoreError> {
+        let now = self.backend.now();
+        Ok(sqlx::query(&format!(
+            "INSERT INTO message_outcomes
+                (message_identity, outcome, reason, content_sha256, content_fingerprint,
+                 sender, subject, task_id, recorded_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {now}, {now})
+             ON CONFLICT (message_identity) DO UPDATE SET {on_conflict}"
+        ))
+        .bind(identity)
+        .bind(outcome.as_str())
+        .bind(reason)
+        .bind(&rec.content_sha256)
+        .bind(&rec.fingerprint)
+        .bind(&rec.sender)
+        .bind(&rec.subject)
+        .bind(&rec.task_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
     }
 
     /// Records that a message failed for good; never replaces another outcome.

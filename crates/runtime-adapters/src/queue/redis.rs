@@ -954,6 +954,23 @@ impl RedisQueue {
         None
     }
 
+    /// Adds to `pipe` the removal of a dead letter (its entry and its index by task id).
+    fn forget_dead<'p>(
+        &self,
+        pipe: &'p mut redis::Pipeline,
+        entry: &str,
+        id: &str,
+    ) -> &'p mut redis::Pipeline {
+        pipe.cmd("XDEL")
+            .arg(&self.keys.dead)
+            .arg(entry)
+            .ignore()
+            .cmd("HDEL")
+            .arg(&self.keys.dead_index)
+            .arg(id)
+            .ignore()
+    }
+
     async fn dead_entry(
         &self,
         conn: &mut Conn,
@@ -1083,22 +1100,16 @@ impl DeadLetterStore for RedisQueue {
             };
             dead.task.attempt = 0;
             let envelope = encode(&dead.task)?;
-            let _: () = redis::pipe()
-                .atomic()
+            let mut pipe = redis::pipe();
+            pipe.atomic()
                 .cmd("XADD")
                 .arg(&self.keys.stream)
                 .arg("*")
                 .arg("env")
                 .arg(&envelope)
-                .ignore()
-                .cmd("XDEL")
-                .arg(&self.keys.dead)
-                .arg(&entry)
-                .ignore()
-                .cmd("HDEL")
-                .arg(&self.keys.dead_index)
-                .arg(id)
-                .ignore()
+                .ignore();
+            let _: () = self
+                .forget_dead(&mut pipe, &entry, id)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.broken(e))?;
@@ -1131,16 +1142,10 @@ impl DeadLetterStore for RedisQueue {
             let Some((entry, _)) = self.dead_entry(&mut conn, id).await? else {
                 return Err(QueueError::DeadLetterNotFound(id.to_owned()));
             };
-            let _: () = redis::pipe()
-                .atomic()
-                .cmd("XDEL")
-                .arg(&self.keys.dead)
-                .arg(&entry)
-                .ignore()
-                .cmd("HDEL")
-                .arg(&self.keys.dead_index)
-                .arg(id)
-                .ignore()
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let _: () = self
+                .forget_dead(&mut pipe, &entry, id)
                 .cmd("DEL")
                 .arg(self.keys.known(id))
                 .ignore()

@@ -5,15 +5,15 @@
 //! `S` (seen) flag. Completion moves the file to `cur/` with `S` added to its flags, keeping
 //! the others; failed and dead-lettered messages stay unseen.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use runtime_contracts::{
-    BoxFuture, ConfigProblem, Disposition, SourceContext, SourceError, SourceState, SourceStatus,
-    Task, TaskSource,
+    BoxFuture, ConfigProblem, Disposition, SourceContext, SourceError, SourceStatus, Task,
+    TaskSource,
 };
 use serde::Deserialize;
 
@@ -102,13 +102,8 @@ fn seen_name(unique: &str, flags: Option<&str>) -> String {
 
 #[derive(Default)]
 struct Inner {
-    pending: HashSet<String>,
+    progress: super::Progress,
     located: HashMap<String, PathBuf>,
-    state: Option<SourceState>,
-    published: u64,
-    completed: u64,
-    last_scan: Option<Instant>,
-    last_error: Option<String>,
 }
 
 /// The Maildir source. See the module docs.
@@ -255,7 +250,7 @@ impl MaildirSource {
         let candidates = self.scan()?;
         let mut chunk: Vec<(String, Task)> = Vec::with_capacity(PUBLISH_CHUNK);
         for candidate in candidates {
-            if self.lock().pending.contains(&candidate.unique) {
+            if self.lock().progress.pending.contains(&candidate.unique) {
                 continue;
             }
             // Checked after `pending`: a completion renames first, then forgets the pointer,
@@ -300,17 +295,13 @@ impl MaildirSource {
         let Some(published) = published else {
             return Ok(false);
         };
-        let mut inner = self.lock();
-        for (unique, enqueued) in published {
-            inner.pending.insert(unique);
-            inner.published += u64::from(enqueued);
-        }
+        self.lock().progress.published(published);
         Ok(true)
     }
 
     async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {
         self.ensure_layout()?;
-        self.lock().state = Some(SourceState::Running);
+        self.lock().progress.running();
         let mut failures = 0u32;
         while !ctx.shutdown.is_cancelled() {
             let interval = Duration::from_millis(
@@ -320,18 +311,13 @@ impl MaildirSource {
             let pause = match self.publish_new(&ctx).await {
                 Ok(()) => {
                     failures = 0;
-                    let mut inner = self.lock();
-                    inner.last_scan = Some(Instant::now());
-                    inner.last_error = None;
-                    inner.state = Some(SourceState::Running);
+                    self.lock().progress.progressed();
                     interval
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(source = %self.id, error = %e, "maildir scan failed; retrying");
-                    let mut inner = self.lock();
-                    inner.last_error = Some(e.to_string());
-                    inner.state = Some(SourceState::Degraded);
+                    self.lock().progress.degraded(e.to_string());
                     interval.saturating_mul(failures.min(30))
                 }
             };
@@ -340,7 +326,7 @@ impl MaildirSource {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        self.lock().state = Some(SourceState::Stopped);
+        self.lock().progress.stopped();
         Ok(())
     }
 
@@ -385,15 +371,7 @@ impl TaskSource for MaildirSource {
     }
 
     fn status(&self) -> SourceStatus {
-        let inner = self.lock();
-        SourceStatus {
-            state: inner.state.unwrap_or(SourceState::Idle),
-            published: inner.published,
-            completed: inner.completed,
-            pending: inner.pending.len() as u64,
-            last_event_age: inner.last_scan.map(|t| t.elapsed()),
-            last_error: inner.last_error.clone(),
-        }
+        self.lock().progress.status()
     }
 
     fn load_content<'a>(
@@ -429,9 +407,7 @@ impl TaskSource for MaildirSource {
         Box::pin(async move {
             let unique = self.unique_of(task)?;
             self.mark_seen(&unique)?;
-            let mut inner = self.lock();
-            inner.pending.remove(&unique);
-            inner.completed += 1;
+            self.lock().progress.completed(&unique);
             Ok(())
         })
     }
@@ -440,7 +416,7 @@ impl TaskSource for MaildirSource {
         // A dead-lettered message stays pending: it must not come back on the next scan.
         if disposition == Disposition::Returned {
             if let Ok(unique) = self.unique_of(task) {
-                self.lock().pending.remove(&unique);
+                self.lock().progress.pending.remove(&unique);
             }
         }
     }

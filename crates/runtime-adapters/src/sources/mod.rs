@@ -31,3 +31,70 @@ pub(crate) async fn publish_chunk(
             .collect(),
     ))
 }
+
+/// What a source knows of the work it published, and how it is doing: the part of
+/// [`runtime_contracts::SourceStatus`] every source keeps the same way.
+#[cfg(any(feature = "source-maildir", feature = "source-imap"))]
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Keys published and not completed (dead-lettered ones stay, so they are not published
+    /// again).
+    pub(crate) pending: std::collections::HashSet<String>,
+    state: Option<runtime_contracts::SourceState>,
+    published: u64,
+    completed: u64,
+    last_event: Option<std::time::Instant>,
+    last_error: Option<String>,
+}
+
+#[cfg(any(feature = "source-maildir", feature = "source-imap"))]
+impl Progress {
+    /// Records what [`publish_chunk`] published.
+    pub(crate) fn published(&mut self, published: Vec<(String, bool)>) {
+        for (key, enqueued) in published {
+            self.pending.insert(key);
+            self.published += u64::from(enqueued);
+        }
+    }
+
+    /// Records a completion.
+    pub(crate) fn completed(&mut self, key: &str) {
+        self.pending.remove(key);
+        self.completed += 1;
+    }
+
+    /// Reaching what the source reads works again.
+    pub(crate) fn running(&mut self) {
+        self.state = Some(runtime_contracts::SourceState::Running);
+        self.last_error = None;
+    }
+
+    /// A scan, poll or search succeeded now.
+    pub(crate) fn progressed(&mut self) {
+        self.running();
+        self.last_event = Some(std::time::Instant::now());
+    }
+
+    /// Reaching what the source reads fails; it retries.
+    pub(crate) fn degraded(&mut self, error: String) {
+        self.state = Some(runtime_contracts::SourceState::Degraded);
+        self.last_error = Some(error);
+    }
+
+    /// The source stopped.
+    pub(crate) fn stopped(&mut self) {
+        self.state = Some(runtime_contracts::SourceState::Stopped);
+    }
+
+    /// The snapshot for [`runtime_contracts::TaskSource::status`].
+    pub(crate) fn status(&self) -> runtime_contracts::SourceStatus {
+        runtime_contracts::SourceStatus {
+            state: self.state.unwrap_or(runtime_contracts::SourceState::Idle),
+            published: self.published,
+            completed: self.completed,
+            pending: self.pending.len() as u64,
+            last_event_age: self.last_event.map(|t| t.elapsed()),
+            last_error: self.last_error.clone(),
+        }
+    }
+}

@@ -19,13 +19,13 @@
 mod config;
 mod connection;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use runtime_contracts::{
-    BoxFuture, Disposition, SourceContext, SourceError, SourceState, SourceStatus, Task, TaskSource,
+    BoxFuture, Disposition, SourceContext, SourceError, SourceStatus, Task, TaskSource,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_rustls::rustls::ClientConfig;
@@ -64,18 +64,14 @@ struct Pointer {
 
 #[derive(Default)]
 struct Inner {
-    /// Task ids published and not completed (dead-lettered ones stay here).
-    pending: HashSet<String>,
+    /// Pending task ids, counts and health.
+    progress: super::Progress,
     /// UIDVALIDITY last seen per mailbox.
     validity: HashMap<String, u32>,
     /// When recent tasks were completed: a search that started before a completion may
     /// still list its message as unseen, and must not publish it again.
     completed_at: HashMap<String, Instant>,
-    state: Option<SourceState>,
-    published: u64,
-    completed: u64,
-    last_event: Option<Instant>,
-    last_error: Option<String>,
+    /// Login attempts (watcher and workers).
     connects: u64,
 }
 
@@ -223,7 +219,7 @@ impl ImapSource {
             }
         };
         tokio::join!(self.watch(&ctx), keywords, self.seen_flusher(&ctx));
-        self.lock().state = Some(SourceState::Stopped);
+        self.lock().progress.stopped();
         Ok(())
     }
 
@@ -233,11 +229,7 @@ impl ImapSource {
             let error = match self.login().await {
                 Ok(session) => {
                     failures = 0;
-                    {
-                        let mut inner = self.lock();
-                        inner.state = Some(SourceState::Running);
-                        inner.last_error = None;
-                    }
+                    self.lock().progress.running();
                     match self.session_loop(session, ctx).await {
                         Ok(()) => return,
                         Err(e) => e,
@@ -251,11 +243,7 @@ impl ImapSource {
                 .min(Duration::from_millis(self.config.max_backoff_ms));
             let pause = jittered(base);
             tracing::warn!(source = %self.id, error = %error, ?pause, "imap connection failed; reconnecting");
-            {
-                let mut inner = self.lock();
-                inner.state = Some(SourceState::Degraded);
-                inner.last_error = Some(error);
-            }
+            self.lock().progress.degraded(error);
             self.pool.clear();
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => return,
@@ -277,7 +265,7 @@ impl ImapSource {
                     return Ok(());
                 }
             }
-            self.lock().last_event = Some(Instant::now());
+            self.lock().progress.progressed();
             while session.unsolicited_responses.try_recv().is_ok() {}
             match self.mode {
                 ImapMode::Poll => {
@@ -374,7 +362,7 @@ impl ImapSource {
                 // Old pointers are dropped: they load as gone; the messages come back below
                 // under their new UIDs.
                 let prefix = format!("imap:{}:{mailbox}:", self.id);
-                inner.pending.retain(|id| !id.starts_with(&prefix));
+                inner.progress.pending.retain(|id| !id.starts_with(&prefix));
                 tracing::warn!(source = %self.id, mailbox, uid_validity, "UIDVALIDITY changed; searching the mailbox again");
             }
         }
@@ -400,7 +388,7 @@ impl ImapSource {
                         uid_validity,
                         uid: *uid,
                     });
-                    !inner.pending.contains(&id) && !inner.completed_at.contains_key(&id)
+                    !inner.progress.pending.contains(&id) && !inner.completed_at.contains_key(&id)
                 })
                 .collect()
         };
@@ -464,11 +452,7 @@ impl ImapSource {
         let Some(published) = published else {
             return Ok(false);
         };
-        let mut inner = self.lock();
-        for (id, enqueued) in published {
-            inner.pending.insert(id);
-            inner.published += u64::from(enqueued);
-        }
+        self.lock().progress.published(published);
         Ok(true)
     }
 
@@ -689,15 +673,7 @@ impl TaskSource for ImapSource {
     }
 
     fn status(&self) -> SourceStatus {
-        let inner = self.lock();
-        SourceStatus {
-            state: inner.state.unwrap_or(SourceState::Idle),
-            published: inner.published,
-            completed: inner.completed,
-            pending: inner.pending.len() as u64,
-            last_event_age: inner.last_event.map(|t| t.elapsed()),
-            last_error: inner.last_error.clone(),
-        }
+        self.lock().progress.status()
     }
 
     fn load_content<'a>(
@@ -726,12 +702,12 @@ impl TaskSource for ImapSource {
             let pointer = self.pointer_of(task)?;
             // After a UIDVALIDITY change the old UID means nothing: nothing to flag.
             self.mark_seen(pointer).await?;
+            // One lock: the watcher never sees the task neither pending nor completed.
             let mut inner = self.lock();
-            inner.pending.remove(task.id.as_str());
+            inner.progress.completed(task.id.as_str());
             inner
                 .completed_at
                 .insert(task.id.to_string(), Instant::now());
-            inner.completed += 1;
             Ok(())
         })
     }
@@ -746,7 +722,7 @@ impl TaskSource for ImapSource {
                 }
             }
             Disposition::Returned => {
-                self.lock().pending.remove(task.id.as_str());
+                self.lock().progress.pending.remove(task.id.as_str());
             }
         }
     }
