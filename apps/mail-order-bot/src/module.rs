@@ -276,7 +276,12 @@ impl OrderHandler {
     }
 
     async fn load(&self, task: &Task, ctx: &HandlerContext) -> Result<Loaded, HandlerError> {
-        match ctx.load_content(task).await {
+        Self::loaded(ctx.load_content(task).await)
+    }
+
+    /// What a source's answer for one task means for the bot.
+    fn loaded(answer: Result<Option<Vec<u8>>, SourceError>) -> Result<Loaded, HandlerError> {
+        match answer {
             Ok(Some(content)) => Ok(Loaded::Mail(content)),
             Ok(None) => Ok(Loaded::Gone),
             // The source refused to read it whole: a recorded outcome, never a retry.
@@ -355,18 +360,19 @@ impl OrderHandler {
         rec
     }
 
-    async fn handle_task(
-        &self,
-        task: &Task,
-        ctx: &HandlerContext,
-    ) -> Result<Outcome, HandlerError> {
-        let raw = match self.load(task, ctx).await? {
+    /// The recording of a loaded message, or the outcome that needs none (gone).
+    async fn prepare(&self, task: &Task, loaded: Loaded) -> Result<Prepared, HandlerError> {
+        let raw = match loaded {
             Loaded::Mail(raw) => raw,
-            Loaded::Gone => return Ok(Outcome::new("skipped").with_detail("message gone")),
+            Loaded::Gone => {
+                return Ok(Prepared::Done(
+                    Outcome::new("skipped").with_detail("message gone"),
+                ))
+            }
             Loaded::TooLarge(reason) => {
                 // The bytes were never read, so the task names the message.
                 let identity = format!("task:{}", task.id);
-                let rec = Recording {
+                return Ok(Prepared::Record(Box::new(Recording {
                     fingerprint: identity.clone(),
                     content_sha256: String::new(),
                     identity,
@@ -376,13 +382,7 @@ impl OrderHandler {
                     outcome: OutcomeKind::Rejected,
                     reason: Some(reason),
                     order: None,
-                };
-                let recorded = self
-                    .store
-                    .record(&rec)
-                    .await
-                    .map_err(|e| HandlerError::retry(format!("recording the outcome: {e}")))?;
-                return Ok(outcome_of(&rec, &recorded));
+                })));
             }
         };
         let limits = self.limits;
@@ -393,14 +393,76 @@ impl OrderHandler {
         let facts = tokio::task::spawn_blocking(move || read_mail(&raw, &limits))
             .await
             .map_err(|e| HandlerError::Permanent(format!("the mail parser failed: {e}")))?;
-        let rec = self.decide(&facts, task.id.as_str());
-        let recorded = self
-            .store
-            .record(&rec)
-            .await
-            .map_err(|e| HandlerError::retry(format!("recording the outcome: {e}")))?;
-        Ok(outcome_of(&rec, &recorded))
+        Ok(Prepared::Record(Box::new(
+            self.decide(&facts, task.id.as_str()),
+        )))
     }
+
+    async fn handle_task(
+        &self,
+        task: &Task,
+        ctx: &HandlerContext,
+    ) -> Result<Outcome, HandlerError> {
+        let loaded = self.load(task, ctx).await?;
+        match self.prepare(task, loaded).await? {
+            Prepared::Done(outcome) => Ok(outcome),
+            Prepared::Record(rec) => {
+                let recorded = self.store.record(&rec).await.map_err(recording_failed)?;
+                Ok(outcome_of(&rec, &recorded))
+            }
+        }
+    }
+
+    /// A batch: one load from the source (IMAP: one `UID FETCH` of a UID set), the
+    /// messages parsed side by side on the blocking pool, one transaction for all their
+    /// outcomes. Each message keeps its own result: one that cannot be read, parsed or
+    /// recorded fails alone.
+    async fn handle_tasks(
+        &self,
+        tasks: &[Arc<Task>],
+        ctx: &HandlerContext,
+    ) -> Vec<Result<Outcome, HandlerError>> {
+        let loaded = ctx.load_batch(tasks).await;
+        let prepared =
+            futures::future::join_all(tasks.iter().zip(loaded).map(|(task, answer)| async move {
+                match Self::loaded(answer) {
+                    Ok(loaded) => self.prepare(task, loaded).await,
+                    Err(e) => Err(e),
+                }
+            }))
+            .await;
+        let recs: Vec<&Recording> = prepared
+            .iter()
+            .filter_map(|p| match p {
+                Ok(Prepared::Record(rec)) => Some(&**rec),
+                _ => None,
+            })
+            .collect();
+        let mut recorded = self.store.record_batch(&recs).await.into_iter();
+        prepared
+            .into_iter()
+            .map(|p| match p? {
+                Prepared::Done(outcome) => Ok(outcome),
+                Prepared::Record(rec) => match recorded.next() {
+                    Some(Ok(recorded)) => Ok(outcome_of(&rec, &recorded)),
+                    Some(Err(e)) => Err(recording_failed(e)),
+                    None => Err(HandlerError::retry("the store answered too few results")),
+                },
+            })
+            .collect()
+    }
+}
+
+fn recording_failed(e: crate::domain::store::StoreError) -> HandlerError {
+    HandlerError::retry(format!("recording the outcome: {e}"))
+}
+
+/// A message read and decided, before its outcome is recorded.
+enum Prepared {
+    /// Nothing to record (the message is gone).
+    Done(Outcome),
+    /// The outcome to record.
+    Record(Box<Recording>),
 }
 
 /// What loading a task's message gave.
@@ -441,6 +503,14 @@ impl TaskHandler for OrderHandler {
         ctx: &'a HandlerContext,
     ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
         Box::pin(self.handle_task(task, ctx))
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
+        Box::pin(self.handle_tasks(tasks, ctx))
     }
 
     fn on_dead_letter<'a>(

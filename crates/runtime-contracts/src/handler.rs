@@ -90,6 +90,15 @@ impl HandlerContext {
     pub async fn load_content(&self, task: &Task) -> Result<Option<Vec<u8>>, SourceError> {
         self.source.load_content(task).await
     }
+
+    /// Loads the bytes of several tasks from their source, one result per task, in order
+    /// (one round trip where the source can: [`TaskSource::load_batch`]).
+    pub async fn load_batch(
+        &self,
+        tasks: &[Arc<Task>],
+    ) -> Vec<Result<Option<Vec<u8>>, SourceError>> {
+        self.source.load_batch(tasks).await
+    }
 }
 
 /// Handles tasks of one kind.
@@ -107,6 +116,15 @@ impl HandlerContext {
 ///   expires or the shutdown deadline passes; the task then goes back to the queue. Work
 ///   must therefore be committed atomically (one transaction), never half-way.
 /// - A panic is caught at the worker boundary and recorded as a failed attempt.
+/// - Batches: when a worker leased several first deliveries of one kind from one source,
+///   it calls `handle_batch` with all of them and expects one result per task, in order.
+///   Each result counts for its own task alone: an `Err` retries or dead-letters that task
+///   only, and the others are completed at once. A handler that can commit a batch's work
+///   in one transaction (group commit) overrides it; each task must still get its own
+///   record, as if handled alone. If the batch call panics or exceeds the pool's handler
+///   timeout, the worker handles each of its tasks again alone with `handle` (work it had
+///   committed is then found again: idempotence). Retries are always handled alone. The
+///   default calls `handle` for one task after another.
 ///
 /// ```
 /// use runtime_contracts::{BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler};
@@ -130,6 +148,22 @@ pub trait TaskHandler: Send + Sync {
         task: &'a Task,
         ctx: &'a HandlerContext,
     ) -> BoxFuture<'a, Result<Outcome, HandlerError>>;
+
+    /// Handles one delivery each of several tasks of this handler's kind from one source:
+    /// one result per task, in order (see the rules above). Cancellation as for `handle`.
+    fn handle_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                out.push(self.handle(task, ctx).await);
+            }
+            out
+        })
+    }
 
     /// Called once when the runtime dead-letters `task`, so the application can record the
     /// failure where its users look (the bot writes a `failed` outcome). Must not fail:

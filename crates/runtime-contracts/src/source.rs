@@ -130,6 +130,12 @@ impl fmt::Debug for SourceContext {
 ///   own earlier result.
 /// - `load_content` is called by handlers through their context to read what a pointer
 ///   points at; `Ok(None)` means it is gone.
+/// - Batches: `load_batch` and `complete_batch` do the same for several tasks at once and
+///   answer one result per task, in order: one task's failure (gone, too large, a refused
+///   store) never fails the others. A source that can serve a batch for the price of one
+///   round trip (IMAP: one `UID FETCH` / `UID STORE` of a UID set) overrides them; the
+///   defaults call `load_content` and `complete` one task after another. `complete_batch`
+///   is called only with tasks whose outcomes are committed, like `complete`.
 /// - `release` is called when a task will not be completed (dead-lettered or returned).
 ///
 /// ```
@@ -170,6 +176,39 @@ pub trait TaskSource: Send + Sync {
 
     /// The source-side completion, after the handler succeeded.
     fn complete<'a>(&'a self, task: &'a Task) -> BoxFuture<'a, Result<(), SourceError>>;
+
+    /// Reads the content of several tasks: one result per task, in order, each as
+    /// `load_content` would answer it. Not cancel safe in general (a source may have a
+    /// round trip on the wire); dropping it loses nothing but the read. The default reads
+    /// one task after another.
+    fn load_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+    ) -> BoxFuture<'a, Vec<Result<Option<Vec<u8>>, SourceError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                out.push(self.load_content(task).await);
+            }
+            out
+        })
+    }
+
+    /// Completes several tasks whose outcomes are committed: one result per task, in order,
+    /// each as `complete` would answer it. Must be idempotent, like `complete`. The default
+    /// completes one task after another.
+    fn complete_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+    ) -> BoxFuture<'a, Vec<Result<(), SourceError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                out.push(self.complete(task).await);
+            }
+            out
+        })
+    }
 
     /// Tells the source a task will not be completed. The default does nothing.
     fn release(&self, task: &Task, disposition: Disposition) {

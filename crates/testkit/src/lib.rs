@@ -880,16 +880,77 @@ impl ImapLine {
     /// Fetches every message of `mailbox` with `BODY.PEEK[]` in one command: (messages,
     /// bytes). The ceiling a client can reach reading this mailbox.
     pub fn fetch_all(&mut self, mailbox: &str) -> (usize, usize) {
-        use std::io::Read as _;
         self.send(format!("E EXAMINE {mailbox}\r\n").as_bytes());
         self.expect_ok("E");
         self.send(b"F UID FETCH 1:* (BODY.PEEK[])\r\n");
+        self.read_literals("F")
+    }
+
+    /// How many messages of `mailbox` lack `\Seen` (`STATUS … (UNSEEN)`).
+    pub fn unseen_count(&mut self, mailbox: &str) -> usize {
+        self.tags += 1;
+        let tag = format!("U{}", self.tags);
+        self.send(format!("{tag} STATUS {mailbox} (UNSEEN)\r\n").as_bytes());
+        self.until_tagged(&tag)
+            .iter()
+            .find_map(|l| {
+                l.split("UNSEEN ")
+                    .nth(1)
+                    .and_then(|r| r.split(')').next())
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .expect("UNSEEN in the STATUS answer")
+    }
+
+    /// The classic loop of a one-connection mail script, without its parsing and its
+    /// database: `UID SEARCH UNSEEN`, then for each message `UID FETCH n BODY.PEEK[]` and
+    /// `UID STORE n +FLAGS (\Seen)`, one command at a time. Returns the messages handled.
+    pub fn fetch_and_flag_each(&mut self, mailbox: &str) -> usize {
+        self.send(format!("S SELECT {mailbox}\r\n").as_bytes());
+        self.expect_ok("S");
+        self.send(b"Q UID SEARCH UNSEEN\r\n");
+        let uids: Vec<u32> = self
+            .until_tagged("Q")
+            .iter()
+            .filter_map(|l| l.strip_prefix("* SEARCH"))
+            .flat_map(|l| {
+                l.split_whitespace()
+                    .filter_map(|u| u.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        for uid in &uids {
+            self.send(format!("F UID FETCH {uid} (BODY.PEEK[])\r\n").as_bytes());
+            let (fetched, _) = self.read_literals("F");
+            assert_eq!(fetched, 1, "UID {uid} fetched");
+            self.send(format!("W UID STORE {uid} +FLAGS.SILENT (\\Seen)\r\n").as_bytes());
+            self.expect_ok("W");
+        }
+        uids.len()
+    }
+
+    /// Sets `flags` on `uids` of `mailbox`, `per_command` UIDs a `UID STORE`.
+    pub fn store_flags(&mut self, mailbox: &str, uids: &[u32], per_command: usize, flags: &str) {
+        self.send(format!("S SELECT {mailbox}\r\n").as_bytes());
+        self.expect_ok("S");
+        for chunk in uids.chunks(per_command.max(1)) {
+            let set: Vec<String> = chunk.iter().map(u32::to_string).collect();
+            self.send(
+                format!("W UID STORE {} +FLAGS.SILENT ({flags})\r\n", set.join(",")).as_bytes(),
+            );
+            self.expect_ok("W");
+        }
+    }
+
+    /// Reads the answer of `tag`, counting its literals: (literals, bytes).
+    fn read_literals(&mut self, tag: &str) -> (usize, usize) {
+        use std::io::Read as _;
         let (mut messages, mut bytes) = (0, 0);
         loop {
             let line = self.line();
             assert!(!line.is_empty(), "dovecot closed the connection");
-            if line.starts_with("F ") {
-                assert!(line.starts_with("F OK"), "{line}");
+            if line.starts_with(&format!("{tag} ")) {
+                assert!(line.starts_with(&format!("{tag} OK")), "{line}");
                 return (messages, bytes);
             }
             if let Some(size) = line

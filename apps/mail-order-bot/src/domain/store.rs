@@ -301,13 +301,56 @@ impl OrderStore {
     /// operator. A `failed` outcome is replaced: the message was retried after its fault
     /// was fixed.
     pub async fn record(&self, rec: &Recording) -> Result<Recorded, StoreError> {
-        let now = self.backend.now();
         let mut tx = self.pool.begin().await?;
+        let recorded = self.record_in(&mut tx, rec).await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    /// Records several outcomes in one transaction (group commit): one result per
+    /// recording, in order, each as [`OrderStore::record`] would give it; every message
+    /// still gets its own row under its own unique identity, and two recordings of one
+    /// identity in a batch are recorded as the first and its duplicate. If the batch's
+    /// transaction fails, nothing of it is kept and each recording is tried again in its
+    /// own transaction, so one bad row never fails the others.
+    pub async fn record_batch(&self, recs: &[&Recording]) -> Vec<Result<Recorded, StoreError>> {
+        if recs.len() > 1 {
+            let batch = async {
+                let mut tx = self.pool.begin().await?;
+                let mut recorded = Vec::with_capacity(recs.len());
+                for rec in recs {
+                    recorded.push(self.record_in(&mut tx, rec).await?);
+                }
+                tx.commit().await?;
+                Ok::<_, StoreError>(recorded)
+            };
+            match batch.await {
+                Ok(recorded) => return recorded.into_iter().map(Ok).collect(),
+                Err(e) => tracing::warn!(
+                    recordings = recs.len(),
+                    error = %e,
+                    "the batch's transaction failed; recording each message alone"
+                ),
+            }
+        }
+        let mut out = Vec::with_capacity(recs.len());
+        for rec in recs {
+            out.push(self.record(rec).await);
+        }
+        out
+    }
+
+    async fn record_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        rec: &Recording,
+    ) -> Result<Recorded, StoreError> {
+        let now = self.backend.now();
         // The first statement writes, so the database takes the row (SQLite: the write
         // lock) at once and two workers racing on one message are serialised by it.
         let claimed = self
             .insert_outcome(
-                &mut tx,
+                tx,
                 rec,
                 &rec.identity,
                 rec.outcome,
@@ -325,7 +368,7 @@ impl OrderStore {
                  WHERE message_identity = $1",
             )
             .bind(&rec.identity)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await?;
             let outcome: String = earlier.try_get("outcome")?;
             let order_id: Option<i64> = earlier.try_get("order_id")?;
@@ -343,7 +386,7 @@ impl OrderStore {
                     ),
                 };
                 self.insert_outcome(
-                    &mut tx,
+                    tx,
                     rec,
                     &identity,
                     OutcomeKind::ConflictingDuplicate,
@@ -351,7 +394,6 @@ impl OrderStore {
                     "deliveries = message_outcomes.deliveries + 1, updated_at = excluded.updated_at",
                 )
                 .await?;
-                tx.commit().await?;
                 return Ok(Recorded::Conflict {
                     identity,
                     earlier: outcome,
@@ -363,9 +405,8 @@ impl OrderStore {
                  WHERE message_identity = $1"
             ))
             .bind(&rec.identity)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-            tx.commit().await?;
             return Ok(Recorded::Duplicate {
                 earlier: outcome,
                 order_id,
@@ -382,7 +423,7 @@ impl OrderStore {
             .bind(&order.client_name)
             .bind(rec.sender.as_deref().unwrap_or(""))
             .bind(&rec.subject)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await?;
             for (n, line) in order.lines.iter().enumerate() {
                 sqlx::query(
@@ -394,17 +435,16 @@ impl OrderStore {
                 .bind(&line.sku)
                 .bind(i64::from(line.quantity))
                 .bind(&line.origin)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             }
             sqlx::query("UPDATE message_outcomes SET order_id = $1 WHERE message_identity = $2")
                 .bind(id)
                 .bind(&rec.identity)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             order_id = Some(id);
         }
-        tx.commit().await?;
         Ok(Recorded::New { order_id })
     }
 

@@ -49,12 +49,25 @@ pub(crate) struct Progress {
 
 #[cfg(any(feature = "source-maildir", feature = "source-imap"))]
 impl Progress {
-    /// Records what [`publish_chunk`] published.
-    pub(crate) fn published(&mut self, published: Vec<(String, bool)>) {
-        for (key, enqueued) in published {
-            self.pending.insert(key);
-            self.published += u64::from(enqueued);
+    /// Marks a chunk's keys pending *before* it is published: a worker may complete a
+    /// task before [`publish_chunk`] returns, and its completion must find the key to
+    /// remove (else the key would stay pending for ever).
+    pub(crate) fn reserve(&mut self, chunk: &[(String, runtime_contracts::Task)]) {
+        self.pending
+            .extend(chunk.iter().map(|(key, _)| key.clone()));
+    }
+
+    /// Forgets reserved keys whose publishing failed or was cut short by shutdown: they
+    /// stay where they are (unread) and are found again by the next scan.
+    pub(crate) fn unreserve<'k>(&mut self, keys: impl IntoIterator<Item = &'k String>) {
+        for key in keys {
+            self.pending.remove(key);
         }
+    }
+
+    /// Counts what [`publish_chunk`] enqueued (its keys were reserved before).
+    pub(crate) fn published(&mut self, published: &[(String, bool)]) {
+        self.published += published.iter().filter(|(_, e)| *e).count() as u64;
     }
 
     /// Records a completion.

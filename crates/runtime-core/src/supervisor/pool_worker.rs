@@ -6,7 +6,7 @@ use std::time::Duration;
 use ahash::AHashMap as HashMap;
 use futures::FutureExt;
 use runtime_contracts::{
-    AttemptFailure, BoxFuture, Disposition, HandlerContext, HandlerError, Lease, Outcome,
+    AttemptFailure, BoxFuture, Disposition, HandlerContext, HandlerError, Lease, Outcome, Task,
     TaskHandler, TaskQueue, TaskSource, Worker, WorkerContext, WorkerError,
 };
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,30 @@ enum Attempt {
         after: Option<Duration>,
     },
     Permanent(String),
+    Abandoned,
+}
+
+impl Attempt {
+    fn of(result: Result<Outcome, HandlerError>) -> Self {
+        match result {
+            Ok(outcome) => Self::Done(outcome),
+            Err(HandlerError::Permanent(reason)) => Self::Permanent(reason),
+            Err(HandlerError::Retry { reason, after }) => Self::Failed { reason, after },
+            Err(other) => Self::Failed {
+                reason: other.to_string(),
+                after: None,
+            },
+        }
+    }
+}
+
+/// What a `handle_batch` call gave.
+enum BatchAttempt {
+    /// One attempt per task.
+    Done(Vec<Attempt>),
+    /// The call panicked, timed out or answered the wrong number of results.
+    Untrusted(String),
+    /// The shutdown deadline passed.
     Abandoned,
 }
 
@@ -181,21 +205,7 @@ impl PoolWorker {
                     if !leases.is_empty() {
                         errors = 0;
                     }
-                    let mut leases = leases.into_iter();
-                    while let Some(lease) = leases.next() {
-                        if self.shared.abandon_in_flight.is_cancelled() {
-                            for unstarted in std::iter::once(lease).chain(leases.by_ref()) {
-                                self.give_back_unstarted(unstarted).await;
-                            }
-                            break;
-                        }
-                        self.shared.counters.busy.fetch_add(1, Ordering::Relaxed);
-                        let span = self.shared.trace.task_span(&lease.task, &self.name);
-                        if let Some(completed) = self.process(lease).instrument(span).await {
-                            unacked.push(completed);
-                        }
-                        self.shared.counters.busy.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    unacked = self.process_all(leases).await;
                 }
                 Err(e) => {
                     errors = errors.saturating_add(1);
@@ -210,63 +220,227 @@ impl PoolWorker {
         }
     }
 
-    /// Handles one lease; returns it when it succeeded and awaits its acknowledgement.
-    async fn process(&self, lease: Lease) -> Option<Lease> {
-        self.settle(&lease).await.then_some(lease)
+    /// Handles what one `consume_batch` gave; returns the successes, which await their
+    /// acknowledgement. First deliveries of one kind from one source are handled as one
+    /// batch (one `handle_batch`, one `complete_batch`); retries are handled alone, so a
+    /// message that failed once cannot fail or delay a batch again.
+    async fn process_all(&self, leases: Vec<Lease>) -> Vec<Lease> {
+        let mut units: Vec<Vec<Lease>> = Vec::new();
+        for lease in leases {
+            let joins = lease.task.attempt == 0
+                && self.sources.contains_key(&*lease.task.source)
+                && self.handlers.contains_key(&*lease.task.kind);
+            let group = units.iter_mut().find(|u| {
+                joins
+                    && u[0].task.attempt == 0
+                    && u[0].task.source == lease.task.source
+                    && u[0].task.kind == lease.task.kind
+            });
+            match group {
+                Some(group) => group.push(lease),
+                None => units.push(vec![lease]),
+            }
+        }
+        let mut done = Vec::new();
+        let mut units = units.into_iter();
+        while let Some(unit) = units.next() {
+            if self.shared.abandon_in_flight.is_cancelled() {
+                for unstarted in std::iter::once(unit).chain(units.by_ref()).flatten() {
+                    self.give_back_unstarted(unstarted).await;
+                }
+                break;
+            }
+            let n = unit.len() as u64;
+            self.shared.counters.busy.fetch_add(n, Ordering::Relaxed);
+            if unit.len() == 1 {
+                for lease in unit {
+                    let span = self.shared.trace.task_span(&lease.task, &self.name);
+                    if self.settle(&lease).instrument(span).await {
+                        done.push(lease);
+                    }
+                }
+            } else {
+                done.extend(self.settle_batch(unit).await);
+            }
+            self.shared.counters.busy.fetch_sub(n, Ordering::Relaxed);
+        }
+        done
     }
 
-    /// Runs the handler and settles the lease, except a success's acknowledgement; true
-    /// for a success.
-    async fn settle(&self, lease: &Lease) -> bool {
+    /// The source and handler of a lease's task; a lease with neither is dead-lettered.
+    async fn route(&self, lease: &Lease) -> Option<(Arc<dyn TaskSource>, Arc<dyn TaskHandler>)> {
         let task = &lease.task;
         let Some(source) = self.sources.get(&*task.source).cloned() else {
             let reason = format!(
                 "no source {} is registered on pool {}",
                 task.source, self.name
             );
-            {
-                self.dead_letter(lease, None, None, reason).await;
-                return false;
-            }
+            self.dead_letter(lease, None, None, reason).await;
+            return None;
         };
         let Some(handler) = self.handlers.get(&*task.kind).cloned() else {
             let reason = format!("no handler for kind {} on pool {}", task.kind, self.name);
-            {
-                self.dead_letter(lease, Some(&source), None, reason).await;
-                return false;
-            }
+            self.dead_letter(lease, Some(&source), None, reason).await;
+            return None;
         };
+        Some((source, handler))
+    }
+
+    /// Runs the handler and settles the lease, except a success's acknowledgement; true
+    /// for a success.
+    async fn settle(&self, lease: &Lease) -> bool {
+        let Some((source, handler)) = self.route(lease).await else {
+            return false;
+        };
+        let task = &lease.task;
         let hctx = HandlerContext::new(Arc::clone(&source));
         let metrics = self.metrics_of(&task.kind);
         let started = std::time::Instant::now();
         let attempt = self.attempt(lease, &*handler, &hctx).await;
         metrics.duration.observe(started.elapsed());
+        let attempt = match attempt {
+            Attempt::Done(outcome) => {
+                let completed = source.complete(task).await;
+                Self::completed(outcome, completed)
+            }
+            other => other,
+        };
+        self.conclude(lease, &source, &*handler, &hctx, &metrics, attempt)
+            .await
+    }
+
+    /// A committed outcome whose completion at the source failed is a failed attempt: the
+    /// retry finds the outcome recorded and completes it.
+    fn completed(
+        outcome: Outcome,
+        completed: Result<(), runtime_contracts::SourceError>,
+    ) -> Attempt {
+        match completed {
+            Ok(()) => Attempt::Done(outcome),
+            Err(e) => Attempt::Failed {
+                reason: format!(
+                    "outcome {} recorded, but completion failed: {e}",
+                    outcome.kind
+                ),
+                after: None,
+            },
+        }
+    }
+
+    /// Handles first deliveries of one kind from one source as one batch: one
+    /// `handle_batch`, one `complete_batch` for the successes, each failure settled alone.
+    /// A batch call that panics or times out is not trusted for any of its tasks: each is
+    /// handled again alone. Returns the successes.
+    async fn settle_batch(&self, unit: Vec<Lease>) -> Vec<Lease> {
+        let first = &unit[0].task;
+        let (Some(source), Some(handler)) = (
+            self.sources.get(&*first.source).cloned(),
+            self.handlers.get(&*first.kind).cloned(),
+        ) else {
+            return Vec::new(); // grouping only batches routable tasks
+        };
+        let hctx = HandlerContext::new(Arc::clone(&source));
+        let metrics = self.metrics_of(&first.kind);
+        let spans: Vec<tracing::Span> = unit
+            .iter()
+            .map(|l| self.shared.trace.task_span(&l.task, &self.name))
+            .collect();
+        let tasks: Vec<Arc<Task>> = unit.iter().map(|l| Arc::clone(&l.task)).collect();
+        let batch_span = tracing::info_span!("batch", pool = %self.name, kind = %first.kind, tasks = tasks.len());
+        let started = std::time::Instant::now();
+        let results = self
+            .attempt_batch(&tasks, &*handler, &hctx)
+            .instrument(batch_span.clone())
+            .await;
+        let per_task = started.elapsed() / tasks.len() as u32;
+        let attempts: Vec<Attempt> = match results {
+            BatchAttempt::Done(results) => results,
+            BatchAttempt::Abandoned => {
+                for (lease, span) in unit.iter().zip(spans) {
+                    self.give_back(lease, &source).instrument(span).await;
+                }
+                return Vec::new();
+            }
+            BatchAttempt::Untrusted(why) => {
+                tracing::warn!(parent: &batch_span, pool = %self.name, tasks = unit.len(), %why, "batch failed as a whole; handling each task alone");
+                let mut done = Vec::new();
+                for (lease, span) in unit.into_iter().zip(spans) {
+                    if self.settle(&lease).instrument(span).await {
+                        done.push(lease);
+                    }
+                }
+                return done;
+            }
+        };
+        for _ in 0..tasks.len() {
+            metrics.duration.observe(per_task);
+        }
+        // One completion for every committed outcome of the batch.
+        let succeeded: Vec<Arc<Task>> = attempts
+            .iter()
+            .zip(&tasks)
+            .filter(|(a, _)| matches!(a, Attempt::Done(_)))
+            .map(|(_, t)| Arc::clone(t))
+            .collect();
+        let mut completions = if succeeded.is_empty() {
+            Vec::new()
+        } else {
+            source
+                .complete_batch(&succeeded)
+                .instrument(batch_span)
+                .await
+        }
+        .into_iter();
+        let mut done = Vec::new();
+        for ((lease, attempt), span) in unit.into_iter().zip(attempts).zip(spans) {
+            let attempt = match attempt {
+                Attempt::Done(outcome) => {
+                    let completed = completions.next().unwrap_or_else(|| {
+                        Err(runtime_contracts::SourceError::Io {
+                            source_id: source.id().to_owned(),
+                            message: "complete_batch answered fewer results than tasks".into(),
+                        })
+                    });
+                    Self::completed(outcome, completed)
+                }
+                other => other,
+            };
+            let ok = self
+                .conclude(&lease, &source, &*handler, &hctx, &metrics, attempt)
+                .instrument(span)
+                .await;
+            if ok {
+                done.push(lease);
+            }
+        }
+        done
+    }
+
+    /// Settles a lease after its attempt (and, for a success, its completion): success,
+    /// retry with backoff, or dead letter. True for a success.
+    async fn conclude(
+        &self,
+        lease: &Lease,
+        source: &Arc<dyn TaskSource>,
+        handler: &dyn TaskHandler,
+        hctx: &HandlerContext,
+        metrics: &KindMetrics,
+        attempt: Attempt,
+    ) -> bool {
+        let task = &lease.task;
         if !matches!(attempt, Attempt::Done(_) | Attempt::Abandoned) {
             metrics.failed.inc();
         }
         self.shared.counters.progressed();
-        let attempt = match attempt {
-            Attempt::Done(outcome) => match source.complete(task).await {
-                Ok(()) => {
-                    self.succeed(lease, &outcome, &metrics);
-                    return true;
-                }
-                Err(e) => Attempt::Failed {
-                    reason: format!(
-                        "outcome {} recorded, but completion failed: {e}",
-                        outcome.kind
-                    ),
-                    after: None,
-                },
-            },
-            other => other,
-        };
         match attempt {
-            Attempt::Done(_) => {}
-            Attempt::Abandoned => self.give_back(lease, &source).await,
+            Attempt::Done(outcome) => {
+                self.succeed(lease, &outcome, metrics);
+                return true;
+            }
+            Attempt::Abandoned => self.give_back(lease, source).await,
             Attempt::Permanent(reason) => {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.dead_letter(lease, Some(&source), Some((&*handler, &hctx)), reason)
+                self.dead_letter(lease, Some(source), Some((handler, hctx)), reason)
                     .await
             }
             Attempt::Failed { reason, after } => {
@@ -275,7 +449,7 @@ impl PoolWorker {
                 let number = task.attempt.saturating_add(1);
                 if number >= config.max_attempts {
                     let reason = format!("{reason} (attempt {number} of {})", config.max_attempts);
-                    self.dead_letter(lease, Some(&source), Some((&*handler, &hctx)), reason)
+                    self.dead_letter(lease, Some(source), Some((handler, hctx)), reason)
                         .await;
                     return false;
                 }
@@ -298,6 +472,48 @@ impl PoolWorker {
             }
         };
         false
+    }
+
+    /// One `handle_batch` under the handler timeout, panics caught.
+    async fn attempt_batch(
+        &self,
+        tasks: &[Arc<Task>],
+        handler: &dyn TaskHandler,
+        hctx: &HandlerContext,
+    ) -> BatchAttempt {
+        let timeout = self.handler_timeout();
+        let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle_batch(tasks, hctx)));
+        let future = match call {
+            Ok(future) => future,
+            Err(panic) => {
+                return BatchAttempt::Untrusted(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                ))
+            }
+        };
+        let guarded = tokio::time::timeout(timeout, AssertUnwindSafe(future).catch_unwind());
+        let result = tokio::select! {
+            biased;
+            r = guarded => r,
+            _ = self.shared.abandon_in_flight.cancelled() => return BatchAttempt::Abandoned,
+        };
+        match result {
+            Err(_) => BatchAttempt::Untrusted(format!(
+                "batch of {} timed out after {} ms",
+                tasks.len(),
+                timeout.as_millis()
+            )),
+            Ok(Err(panic)) => {
+                BatchAttempt::Untrusted(format!("handler panicked: {}", panic_message(&*panic)))
+            }
+            Ok(Ok(results)) if results.len() != tasks.len() => BatchAttempt::Untrusted(format!(
+                "handle_batch answered {} results for {} tasks",
+                results.len(),
+                tasks.len()
+            )),
+            Ok(Ok(results)) => BatchAttempt::Done(results.into_iter().map(Attempt::of).collect()),
+        }
     }
 
     async fn attempt(
@@ -332,13 +548,7 @@ impl PoolWorker {
                 reason: format!("handler panicked: {}", panic_message(&*panic)),
                 after: None,
             },
-            Ok(Ok(Ok(outcome))) => Attempt::Done(outcome),
-            Ok(Ok(Err(HandlerError::Permanent(reason)))) => Attempt::Permanent(reason),
-            Ok(Ok(Err(HandlerError::Retry { reason, after }))) => Attempt::Failed { reason, after },
-            Ok(Ok(Err(other))) => Attempt::Failed {
-                reason: other.to_string(),
-                after: None,
-            },
+            Ok(Ok(result)) => Attempt::of(result),
         }
     }
 

@@ -348,6 +348,11 @@ impl ImapSource {
         mailbox: &str,
         ctx: &SourceContext,
     ) -> Result<bool, String> {
+        // Taken before SELECT: Dovecot answers a SEARCH from the mailbox view of the last
+        // sync, which can be as old as this SELECT. A completion stamped before this instant
+        // had its `\Seen` stored before the SELECT was sent, so the search reflects it;
+        // anything completed later is remembered in `completed_at` and filtered out below.
+        let searched_at = Instant::now();
         let selected = session
             .select(mailbox)
             .await
@@ -370,7 +375,6 @@ impl ImapSource {
             "{} NOT KEYWORD {}",
             self.config.search, self.config.failed_keyword
         );
-        let searched_at = Instant::now();
         let uids: BTreeSet<u32> = session
             .uid_search(&query)
             .await
@@ -446,14 +450,22 @@ impl ImapSource {
         ctx: &SourceContext,
         chunk: &mut Vec<(String, Task)>,
     ) -> Result<bool, String> {
-        let published = super::publish_chunk(ctx, chunk)
-            .await
-            .map_err(|e| format!("publishing failed, messages left unseen: {e}"))?;
-        let Some(published) = published else {
-            return Ok(false);
-        };
-        self.lock().progress.published(published);
-        Ok(true)
+        let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
+        self.lock().progress.reserve(chunk);
+        match super::publish_chunk(ctx, chunk).await {
+            Ok(Some(published)) => {
+                self.lock().progress.published(&published);
+                Ok(true)
+            }
+            Ok(None) => {
+                self.lock().progress.unreserve(&keys);
+                Ok(false)
+            }
+            Err(e) => {
+                self.lock().progress.unreserve(&keys);
+                Err(format!("publishing failed, messages left unseen: {e}"))
+            }
+        }
     }
 
     // ---- worker connections: fetch and flag ---------------------------------------------
@@ -622,6 +634,151 @@ impl ImapSource {
         }
     }
 
+    /// Sets `\Seen` on several messages: queued for the flusher together (one `UID STORE`
+    /// per mailbox), else stored directly, one set per mailbox. One result per pointer.
+    async fn mark_seen_all(&self, pointers: &[Pointer]) -> Vec<Result<(), SourceError>> {
+        let mut answers = Vec::with_capacity(pointers.len());
+        let queued = {
+            let mut state = self.seen.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.0 {
+                for pointer in pointers {
+                    let (tx, rx) = oneshot::channel();
+                    state.1.push((pointer.clone(), tx));
+                    answers.push(rx);
+                }
+            }
+            state.0
+        };
+        if !queued {
+            let mut results = Vec::with_capacity(pointers.len());
+            for (pointer, uids) in group_by_mailbox(pointers) {
+                let result = self
+                    .store_set(&pointer, &uid_set(&uids), "+FLAGS.SILENT (\\Seen)")
+                    .await
+                    .map_err(|e| e.to_string());
+                results.push(((pointer.mailbox, pointer.uid_validity), result));
+            }
+            return pointers
+                .iter()
+                .map(|p| {
+                    results
+                        .iter()
+                        .find(|(k, _)| k.0 == p.mailbox && k.1 == p.uid_validity)
+                        .map_or(Ok(()), |(_, r)| r.clone().map_err(|e| self.io(e)))
+                })
+                .collect();
+        }
+        self.seen.wake.notify_one();
+        let mut out = Vec::with_capacity(pointers.len());
+        for (pointer, answer) in pointers.iter().zip(answers) {
+            out.push(match answer.await {
+                Ok(result) => result.map_err(|e| self.io(e)),
+                Err(_) => self.store(pointer, "+FLAGS.SILENT (\\Seen)").await,
+            });
+        }
+        out
+    }
+
+    /// Reads several messages with one `UID FETCH … BODY.PEEK[]` per mailbox and up to
+    /// [`FETCH_CHUNK_BYTES`] of declared sizes: one result per pointer, in order.
+    async fn fetch_batch(
+        &self,
+        pointers: &[(Pointer, Option<u64>)],
+    ) -> Vec<Result<Fetched, SourceError>> {
+        let max = self.config.max_message_bytes;
+        let mut out: Vec<Option<Result<Fetched, SourceError>>> =
+            (0..pointers.len()).map(|_| None).collect();
+        // Chunks of one mailbox and UIDVALIDITY whose declared sizes fit one command.
+        let mut chunks: Vec<(Pointer, Vec<(usize, u32)>, u64)> = Vec::new();
+        for (i, (pointer, size)) in pointers.iter().enumerate() {
+            match size {
+                Some(size) if *size > max => out[i] = Some(Ok(Fetched::TooLarge(*size))),
+                // A pointer without a size (an older task): fetched alone, size first.
+                None => out[i] = Some(self.fetch(pointer, None).await),
+                Some(size) => {
+                    let chunk = chunks.iter_mut().find(|(p, members, bytes)| {
+                        p.mailbox == pointer.mailbox
+                            && p.uid_validity == pointer.uid_validity
+                            && (members.is_empty() || bytes + size <= FETCH_CHUNK_BYTES)
+                    });
+                    match chunk {
+                        Some((_, members, bytes)) => {
+                            members.push((i, pointer.uid));
+                            *bytes += size;
+                        }
+                        None => chunks.push((pointer.clone(), vec![(i, pointer.uid)], *size)),
+                    }
+                }
+            }
+        }
+        for (pointer, members, _) in chunks {
+            let mut uids: Vec<u32> = members.iter().map(|(_, uid)| *uid).collect();
+            uids.sort_unstable();
+            uids.dedup();
+            match self.fetch_set(&pointer, &uids).await {
+                Ok(None) => {
+                    for (i, _) in members {
+                        out[i] = Some(Ok(Fetched::Gone));
+                    }
+                }
+                Ok(Some(mut bodies)) => {
+                    for (j, &(i, uid)) in members.iter().enumerate() {
+                        // A UID asked for twice gets its body twice.
+                        let again = members[j + 1..].iter().any(|(_, u)| *u == uid);
+                        let body = if again {
+                            bodies.get(&uid).cloned()
+                        } else {
+                            bodies.remove(&uid)
+                        };
+                        out[i] = Some(Ok(body.map_or(Fetched::Gone, Fetched::Body)));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for (i, _) in members {
+                        out[i] = Some(Err(self.io(message.clone())));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(self.io("not fetched"))))
+            .collect()
+    }
+
+    /// `UID FETCH set BODY.PEEK[]` on one pooled session: UID → body; `None` when the
+    /// mailbox's UIDVALIDITY is no longer the pointer's.
+    async fn fetch_set(
+        &self,
+        pointer: &Pointer,
+        uids: &[u32],
+    ) -> Result<Option<HashMap<u32, Vec<u8>>>, SourceError> {
+        let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
+            return Ok(None);
+        };
+        let set = uid_set(uids);
+        let result = async {
+            let mut stream = pooled
+                .session
+                .uid_fetch(&set, "BODY.PEEK[]")
+                .await
+                .map_err(|e| format!("UID FETCH {set} BODY.PEEK[]: {e}"))?;
+            let mut bodies = HashMap::with_capacity(uids.len());
+            while let Some(fetch) = stream
+                .try_next()
+                .await
+                .map_err(|e| format!("UID FETCH {set} BODY.PEEK[]: {e}"))?
+            {
+                if let (Some(uid), Some(body)) = (fetch.uid, fetch.body()) {
+                    bodies.insert(uid, body.to_vec());
+                }
+            }
+            Ok(bodies)
+        }
+        .await;
+        self.checkin(pooled, permit, result).map(Some)
+    }
+
     /// Sets `\Seen` on one message: through the flusher while it runs, else directly.
     async fn mark_seen(&self, pointer: Pointer) -> Result<(), SourceError> {
         let (tx, rx) = oneshot::channel();
@@ -712,6 +869,83 @@ impl TaskSource for ImapSource {
         })
     }
 
+    fn load_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+    ) -> BoxFuture<'a, Vec<Result<Option<Vec<u8>>, SourceError>>> {
+        Box::pin(async move {
+            let max = self.config.max_message_bytes;
+            let mut out: Vec<Option<Result<Option<Vec<u8>>, SourceError>>> =
+                (0..tasks.len()).map(|_| None).collect();
+            let mut wanted = Vec::with_capacity(tasks.len());
+            let mut index = Vec::with_capacity(tasks.len());
+            for (i, task) in tasks.iter().enumerate() {
+                match self.pointer_of(task) {
+                    Ok(pointer) => {
+                        let size = task.payload.get("size").and_then(serde_json::Value::as_u64);
+                        wanted.push((pointer, size));
+                        index.push(i);
+                    }
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+            for (i, fetched) in index.into_iter().zip(self.fetch_batch(&wanted).await) {
+                out[i] = Some(fetched.and_then(|f| match f {
+                    Fetched::Gone => Ok(None),
+                    Fetched::Body(bytes) => Ok(Some(bytes)),
+                    Fetched::TooLarge(size) => Err(SourceError::TooLarge {
+                        source_id: self.id.clone(),
+                        size,
+                        limit: max,
+                    }),
+                }));
+            }
+            out.into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(self.io("not fetched"))))
+                .collect()
+        })
+    }
+
+    fn complete_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+    ) -> BoxFuture<'a, Vec<Result<(), SourceError>>> {
+        Box::pin(async move {
+            let mut out: Vec<Option<Result<(), SourceError>>> =
+                (0..tasks.len()).map(|_| None).collect();
+            let mut pointers = Vec::with_capacity(tasks.len());
+            let mut index = Vec::with_capacity(tasks.len());
+            for (i, task) in tasks.iter().enumerate() {
+                match self.pointer_of(task) {
+                    Ok(pointer) => {
+                        pointers.push(pointer);
+                        index.push(i);
+                    }
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+            let stored = self.mark_seen_all(&pointers).await;
+            {
+                // One lock: the watcher never sees a task neither pending nor completed.
+                let mut inner = self.lock();
+                let now = Instant::now();
+                for (i, result) in index.iter().zip(&stored) {
+                    if result.is_ok() {
+                        let id = tasks[*i].id.as_str();
+                        inner.progress.completed(id);
+                        inner.completed_at.insert(id.to_owned(), now);
+                    }
+                }
+            }
+            for (i, result) in index.into_iter().zip(stored) {
+                out[i] = Some(result);
+            }
+            out.into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(self.io("not completed"))))
+                .collect()
+        })
+    }
+
     fn release(&self, task: &Task, disposition: Disposition) {
         match disposition {
             // Stays pending (never published again by this process) and gets the keyword
@@ -740,6 +974,29 @@ async fn fetch_body(session: &mut ImapSession, uid: &str) -> Result<Fetched, Str
         .iter()
         .find_map(|f| f.body().map(<[u8]>::to_vec))
         .map_or(Fetched::Gone, Fetched::Body))
+}
+
+/// Most bytes (by the pointers' declared sizes) one batched `UID FETCH` asks for; a larger
+/// message is fetched alone. Bounds what a batch holds in memory at once.
+const FETCH_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The UIDs of `pointers` grouped by mailbox and UIDVALIDITY (ascending, without repeats).
+fn group_by_mailbox(pointers: &[Pointer]) -> Vec<(Pointer, Vec<u32>)> {
+    let mut groups: Vec<(Pointer, Vec<u32>)> = Vec::new();
+    for p in pointers {
+        match groups
+            .iter_mut()
+            .find(|(g, _)| g.mailbox == p.mailbox && g.uid_validity == p.uid_validity)
+        {
+            Some((_, uids)) => uids.push(p.uid),
+            None => groups.push((p.clone(), vec![p.uid])),
+        }
+    }
+    for (_, uids) in &mut groups {
+        uids.sort_unstable();
+        uids.dedup();
+    }
+    groups
 }
 
 enum Fetched {
