@@ -360,19 +360,17 @@ impl OrderHandler {
         rec
     }
 
-    /// The recording of a loaded message, or the outcome that needs none (gone).
-    async fn prepare(&self, task: &Task, loaded: Loaded) -> Result<Prepared, HandlerError> {
-        let raw = match loaded {
-            Loaded::Mail(raw) => raw,
-            Loaded::Gone => {
-                return Ok(Prepared::Done(
-                    Outcome::new("skipped").with_detail("message gone"),
-                ))
-            }
+    /// What a task that needs no parsing comes to; `Err` gives back the bytes to parse.
+    fn unparsed(task: &Task, loaded: Loaded) -> Result<Prepared, Vec<u8>> {
+        match loaded {
+            Loaded::Mail(raw) => Err(raw),
+            Loaded::Gone => Ok(Prepared::Done(
+                Outcome::new("skipped").with_detail("message gone"),
+            )),
             Loaded::TooLarge(reason) => {
                 // The bytes were never read, so the task names the message.
                 let identity = format!("task:{}", task.id);
-                return Ok(Prepared::Record(Box::new(Recording {
+                Ok(Prepared::Record(Box::new(Recording {
                     fingerprint: identity.clone(),
                     content_sha256: String::new(),
                     identity,
@@ -382,20 +380,49 @@ impl OrderHandler {
                     outcome: OutcomeKind::Rejected,
                     reason: Some(reason),
                     order: None,
-                })));
+                })))
             }
-        };
+        }
+    }
+
+    /// Reads and decides messages on the blocking pool, one after another on one thread
+    /// (parsing is CPU work on untrusted input: never on the async worker threads; the
+    /// workers of a pool parse their batches side by side). `read_mail` checks the size
+    /// and the nesting before the parser sees the bytes and records a parser panic as
+    /// `rejected`; a panic that still escapes fails that message alone, for good: the
+    /// message is dead-lettered at once and recorded as `failed`, still unread.
+    async fn parse(&self, tasks: Vec<(Arc<Task>, Vec<u8>)>) -> Vec<Result<Prepared, HandlerError>> {
+        let n = tasks.len();
         let limits = self.limits;
-        // Parsing is CPU work on untrusted input: keep it off the async worker threads.
-        // read_mail checks the size and the nesting before the parser sees the bytes.
-        // A panic in the parser is deterministic: retrying cannot help, so the message is
-        // dead-lettered at once and recorded as `failed` with the reason, still unread.
-        let facts = tokio::task::spawn_blocking(move || read_mail(&raw, &limits))
-            .await
-            .map_err(|e| HandlerError::Permanent(format!("the mail parser failed: {e}")))?;
-        Ok(Prepared::Record(Box::new(
-            self.decide(&facts, task.id.as_str()),
-        )))
+        let this = self.clone();
+        let parsed = tokio::task::spawn_blocking(move || {
+            tasks
+                .into_iter()
+                .map(|(task, raw)| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let facts = read_mail(&raw, &limits);
+                        drop(raw);
+                        Prepared::Record(Box::new(this.decide(&facts, task.id.as_str())))
+                    }))
+                    .map_err(|panic| {
+                        HandlerError::Permanent(format!(
+                            "the mail parser failed: {}",
+                            crate::domain::message::panic_text(&*panic)
+                        ))
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        parsed.unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| {
+                    Err(HandlerError::Permanent(format!(
+                        "the mail parser failed: {e}"
+                    )))
+                })
+                .collect()
+        })
     }
 
     async fn handle_task(
@@ -404,7 +431,17 @@ impl OrderHandler {
         ctx: &HandlerContext,
     ) -> Result<Outcome, HandlerError> {
         let loaded = self.load(task, ctx).await?;
-        match self.prepare(task, loaded).await? {
+        let prepared = match Self::unparsed(task, loaded) {
+            Ok(prepared) => prepared,
+            Err(raw) => {
+                let parsed = self.parse(vec![(Arc::new(task.clone()), raw)]).await;
+                parsed
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Err(HandlerError::retry("not parsed")))?
+            }
+        };
+        match prepared {
             Prepared::Done(outcome) => Ok(outcome),
             Prepared::Record(rec) => {
                 let recorded = self.store.record(&rec).await.map_err(recording_failed)?;
@@ -414,23 +451,38 @@ impl OrderHandler {
     }
 
     /// A batch: one load from the source (IMAP: one `UID FETCH` of a UID set), the
-    /// messages parsed side by side on the blocking pool, one transaction for all their
-    /// outcomes. Each message keeps its own result: one that cannot be read, parsed or
-    /// recorded fails alone.
+    /// messages parsed on one blocking thread, one transaction for all their outcomes.
+    /// Each message keeps its own result: one that cannot be read, parsed or recorded
+    /// fails alone.
     async fn handle_tasks(
         &self,
         tasks: &[Arc<Task>],
         ctx: &HandlerContext,
     ) -> Vec<Result<Outcome, HandlerError>> {
-        let loaded = ctx.load_batch(tasks).await;
-        let prepared =
-            futures::future::join_all(tasks.iter().zip(loaded).map(|(task, answer)| async move {
-                match Self::loaded(answer) {
-                    Ok(loaded) => self.prepare(task, loaded).await,
-                    Err(e) => Err(e),
-                }
-            }))
-            .await;
+        let answers = ctx.load_batch(tasks).await;
+        let mut prepared: Vec<Option<Result<Prepared, HandlerError>>> =
+            (0..tasks.len()).map(|_| None).collect();
+        let mut to_parse = Vec::new();
+        let mut parsed_at = Vec::new();
+        for (i, (task, answer)) in tasks.iter().zip(answers).enumerate() {
+            match Self::loaded(answer) {
+                Err(e) => prepared[i] = Some(Err(e)),
+                Ok(loaded) => match Self::unparsed(task, loaded) {
+                    Ok(done) => prepared[i] = Some(Ok(done)),
+                    Err(raw) => {
+                        to_parse.push((Arc::clone(task), raw));
+                        parsed_at.push(i);
+                    }
+                },
+            }
+        }
+        for (i, result) in parsed_at.into_iter().zip(self.parse(to_parse).await) {
+            prepared[i] = Some(result);
+        }
+        let prepared: Vec<Result<Prepared, HandlerError>> = prepared
+            .into_iter()
+            .map(|p| p.unwrap_or_else(|| Err(HandlerError::retry("not prepared"))))
+            .collect();
         let recs: Vec<&Recording> = prepared
             .iter()
             .filter_map(|p| match p {

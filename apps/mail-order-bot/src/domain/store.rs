@@ -6,6 +6,7 @@
 //! key and `orders.message_identity` is UNIQUE, and an order is written in the same
 //! transaction as its outcome.
 
+use std::collections::HashMap;
 use std::sync::Once;
 use std::time::Duration;
 
@@ -176,6 +177,42 @@ impl Backend {
     }
 }
 
+/// How an outcome row is claimed when its identity has one already: only a `failed` one is
+/// replaced (the message was retried after its fault was fixed).
+const CLAIM_FAILED: &str = "outcome = excluded.outcome, reason = excluded.reason,
+     content_sha256 = excluded.content_sha256,
+     content_fingerprint = excluded.content_fingerprint, task_id = excluded.task_id,
+     deliveries = message_outcomes.deliveries + 1, updated_at = excluded.updated_at
+     WHERE message_outcomes.outcome = 'failed'";
+
+/// Rows of one multi-row statement (8 parameters each: well below SQLite's 32,766 and
+/// PostgreSQL's 65,535 bound parameters).
+const ROWS_PER_STATEMENT: usize = 256;
+/// Order lines of one multi-row statement (5 parameters each).
+const LINES_PER_STATEMENT: usize = 1000;
+
+/// `($1, …, $k<tail>), ($k+1, …)`: `rows` tuples of `columns` parameters, each followed by
+/// `tail` (SQL expressions such as the current time).
+fn placeholders(rows: usize, columns: usize, tail: &str) -> String {
+    let mut out = String::with_capacity(rows * (columns * 5 + tail.len() + 4));
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                out.push_str(", ");
+            }
+            out.push('$');
+            out.push_str(&(r * columns + c + 1).to_string());
+        }
+        out.push_str(tail);
+        out.push(')');
+    }
+    out
+}
+
 /// The store.
 #[derive(Clone, Debug)]
 pub struct OrderStore {
@@ -317,10 +354,7 @@ impl OrderStore {
         if recs.len() > 1 {
             let batch = async {
                 let mut tx = self.pool.begin().await?;
-                let mut recorded = Vec::with_capacity(recs.len());
-                for rec in recs {
-                    recorded.push(self.record_in(&mut tx, rec).await?);
-                }
+                let recorded = self.record_all_in(&mut tx, recs).await?;
                 tx.commit().await?;
                 Ok::<_, StoreError>(recorded)
             };
@@ -340,6 +374,147 @@ impl OrderStore {
         out
     }
 
+    /// A batch's recordings in `tx` with a few statements for the whole batch: one
+    /// multi-row claim of the outcome rows, one insert of the new orders, their lines in
+    /// chunks, one update linking outcomes to orders. Recordings whose identity already has
+    /// an outcome (duplicates, conflicts) or repeats one earlier in the batch take the
+    /// one-message path, in the same transaction.
+    async fn record_all_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        recs: &[&Recording],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let now = self.backend.now();
+        let mut firsts: Vec<usize> = Vec::with_capacity(recs.len());
+        {
+            let mut identities = std::collections::HashSet::with_capacity(recs.len());
+            for (i, rec) in recs.iter().enumerate() {
+                if identities.insert(rec.identity.as_str()) {
+                    firsts.push(i);
+                }
+            }
+        }
+        // 1. Claim the outcome rows: new identities, and `failed` ones (replaced).
+        let mut claimed: std::collections::HashSet<String> =
+            std::collections::HashSet::with_capacity(recs.len());
+        for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
+            let values = placeholders(chunk.len(), 8, &format!(", {now}, {now}"));
+            let sql = format!(
+                "INSERT INTO message_outcomes
+                    (message_identity, outcome, reason, content_sha256, content_fingerprint,
+                     sender, subject, task_id, recorded_at, updated_at)
+                 VALUES {values}
+                 ON CONFLICT (message_identity) DO UPDATE SET {CLAIM_FAILED}
+                 RETURNING message_identity"
+            );
+            let mut query = sqlx::query(&sql);
+            for &i in chunk {
+                let rec = recs[i];
+                query = query
+                    .bind(&rec.identity)
+                    .bind(rec.outcome.as_str())
+                    .bind(&rec.reason)
+                    .bind(&rec.content_sha256)
+                    .bind(&rec.fingerprint)
+                    .bind(&rec.sender)
+                    .bind(&rec.subject)
+                    .bind(&rec.task_id);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                claimed.insert(row.try_get("message_identity")?);
+            }
+        }
+        // 2. The claimed recordings' orders, then their lines, then the links.
+        let with_orders: Vec<usize> = firsts
+            .iter()
+            .copied()
+            .filter(|&i| recs[i].order.is_some() && claimed.contains(&recs[i].identity))
+            .collect();
+        let mut order_ids: HashMap<String, i64> = HashMap::with_capacity(with_orders.len());
+        for chunk in with_orders.chunks(ROWS_PER_STATEMENT) {
+            let values = placeholders(chunk.len(), 5, &format!(", {now}"));
+            let sql = format!(
+                "INSERT INTO orders (message_identity, client_id, client_name, sender, subject, created_at)
+                 VALUES {values} RETURNING id, message_identity"
+            );
+            let mut query = sqlx::query(&sql);
+            for &i in chunk {
+                let (rec, order) = (recs[i], recs[i].order.as_ref());
+                let order = order.ok_or_else(|| StoreError::Url("no order".into()))?;
+                query = query
+                    .bind(&rec.identity)
+                    .bind(&order.client_id)
+                    .bind(&order.client_name)
+                    .bind(rec.sender.as_deref().unwrap_or(""))
+                    .bind(&rec.subject);
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                order_ids.insert(row.try_get("message_identity")?, row.try_get("id")?);
+            }
+        }
+        let lines: Vec<(i64, i64, &OrderLine)> = with_orders
+            .iter()
+            .filter_map(|&i| {
+                let id = *order_ids.get(&recs[i].identity)?;
+                Some((id, recs[i].order.as_ref()?))
+            })
+            .flat_map(|(id, order)| {
+                order
+                    .lines
+                    .iter()
+                    .enumerate()
+                    .map(move |(n, line)| (id, n as i64 + 1, line))
+            })
+            .collect();
+        for chunk in lines.chunks(LINES_PER_STATEMENT) {
+            let values = placeholders(chunk.len(), 5, "");
+            let sql = format!(
+                "INSERT INTO order_lines (order_id, line_no, sku, quantity, origin) VALUES {values}"
+            );
+            let mut query = sqlx::query(&sql);
+            for (id, n, line) in chunk {
+                query = query
+                    .bind(*id)
+                    .bind(*n)
+                    .bind(&line.sku)
+                    .bind(i64::from(line.quantity))
+                    .bind(&line.origin);
+            }
+            query.execute(&mut **tx).await?;
+        }
+        for chunk in with_orders.chunks(ROWS_PER_STATEMENT) {
+            let list = (1..=chunk.len())
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE message_outcomes SET order_id =
+                    (SELECT id FROM orders WHERE orders.message_identity = message_outcomes.message_identity)
+                 WHERE message_identity IN ({list})"
+            );
+            let mut query = sqlx::query(&sql);
+            for &i in chunk {
+                query = query.bind(&recs[i].identity);
+            }
+            query.execute(&mut **tx).await?;
+        }
+        // 3. Everything else, one by one, in order: it sees the rows written above.
+        let mut out: Vec<Option<Recorded>> = vec![None; recs.len()];
+        for &i in &firsts {
+            if claimed.contains(&recs[i].identity) {
+                out[i] = Some(Recorded::New {
+                    order_id: order_ids.get(&recs[i].identity).copied(),
+                });
+            }
+        }
+        for (i, rec) in recs.iter().enumerate() {
+            if out[i].is_none() {
+                out[i] = Some(self.record_in(tx, rec).await?);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
     async fn record_in(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -355,11 +530,7 @@ impl OrderStore {
                 &rec.identity,
                 rec.outcome,
                 rec.reason.as_deref(),
-                "outcome = excluded.outcome, reason = excluded.reason,
-                 content_sha256 = excluded.content_sha256,
-                 content_fingerprint = excluded.content_fingerprint, task_id = excluded.task_id,
-                 deliveries = message_outcomes.deliveries + 1, updated_at = excluded.updated_at
-                 WHERE message_outcomes.outcome = 'failed'",
+                CLAIM_FAILED,
             )
             .await?;
         if claimed == 0 {
