@@ -43,7 +43,9 @@ fn cases() -> Vec<Case> {
         .case
 }
 
-async fn walk(store_url: &str) {
+/// Walks the corpus into one store, recording `batch` messages a transaction (1: each alone
+/// with `record`; more: `record_batch`, as a worker's batch is).
+async fn walk(store_url: &str, batch: usize) {
     let store = OrderStore::open(store_url).await.expect("open store");
     let clients = load_clients_file(&corpus().join("clients.toml")).expect("clients.toml");
     let cfg: BotConfig =
@@ -65,6 +67,7 @@ async fn walk(store_url: &str) {
     );
     assert!(cases.len() >= 60, "the corpus has {} cases", cases.len());
 
+    let mut read = Vec::with_capacity(cases.len());
     for case in &cases {
         let raw = std::fs::read(corpus().join(&case.file)).expect("read case");
         let mut limits = cfg.limits();
@@ -80,8 +83,21 @@ async fn walk(store_url: &str) {
         }
         let facts = read_mail(&raw, &limits);
         let rec = handler.decide(&facts, &case.file);
-        let recorded = store.record(&rec).await.expect("record");
-        let outcome = outcome_of(&rec, &recorded);
+        read.push((facts, rec));
+    }
+    let mut all_recorded = Vec::with_capacity(cases.len());
+    for chunk in read.chunks(batch) {
+        if batch == 1 {
+            all_recorded.push(store.record(&chunk[0].1).await.expect("record"));
+        } else {
+            let recs: Vec<_> = chunk.iter().map(|(_, rec)| rec).collect();
+            for recorded in store.record_batch(&recs).await {
+                all_recorded.push(recorded.expect("record"));
+            }
+        }
+    }
+    for ((case, (facts, rec)), recorded) in cases.iter().zip(&read).zip(all_recorded) {
+        let outcome = outcome_of(rec, &recorded);
         seen_outcomes.insert(outcome.kind.to_string());
         let mut problems = Vec::new();
         if outcome.kind != case.outcome {
@@ -163,15 +179,34 @@ async fn walk(store_url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corpus_on_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
-    walk(&format!(
-        "sqlite://{}",
-        dir.path().join("orders.db").display()
-    ))
+    walk(
+        &format!("sqlite://{}", dir.path().join("orders.db").display()),
+        1,
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corpus_on_postgres() {
     let server = PostgresServer::start();
-    walk(&server.create_database()).await;
+    walk(&server.create_database(), 1).await;
+}
+
+/// The same corpus recorded as workers record batches: group commits of 48 (the
+/// resend and the conflicting Message-ID share the first batch with their original),
+/// every case with the outcome it gets alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_in_batches_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    walk(
+        &format!("sqlite://{}", dir.path().join("orders.db").display()),
+        48,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_in_batches_on_postgres() {
+    let server = PostgresServer::start();
+    walk(&server.create_database(), 48).await;
 }

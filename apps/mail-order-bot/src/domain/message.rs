@@ -505,7 +505,10 @@ pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
 
 fn parse_and_read(raw: &[u8], limits: &MailLimits) -> MailFacts {
     let content_sha256 = sha256_hex(raw);
-    let Some(message) = MessageParser::default().parse(raw) else {
+    // Closing boundaries a mailer left out are added first (the identity and the hash stay
+    // those of the bytes as received).
+    let framed = super::framing::close_open_parts(raw);
+    let Some(message) = MessageParser::default().parse(&framed[..]) else {
         return MailFacts::empty(raw, format!("sha256:{content_sha256}"));
     };
     let identity = usable_message_id(message.message_id())

@@ -7,6 +7,7 @@
 pub mod charset;
 pub mod clients;
 pub mod extract;
+pub mod framing;
 pub mod html;
 pub mod message;
 pub mod sheets;

@@ -223,6 +223,13 @@ def with_attachment(frm, subject, mid, body, filename, data, ctype, extra=TB, bo
             % (boundary, boundary, body_charset, body, boundary, ctype, filename, disposition, fname, b64(data), boundary))
 
 
+def unclosed(raw):
+    """`raw` without its final closing boundary line, as a truncating gateway leaves it."""
+    head, sep, tail = raw.rstrip("\n").rpartition("\n--")
+    assert tail.endswith("--"), tail
+    return head + "\n"
+
+
 def main():
     for f in os.listdir(HERE):
         if f.endswith(".eml"):
@@ -546,6 +553,70 @@ def main():
     case("069-html-nested-deeper-than-real-mail",
          headers(nordic, "PO deep", "deep@nordic.example", "X-Mailer: generator 1.0") + "Content-Type: text/html; charset=utf-8\n\n" + "<div>" * 2000 + "SKU-6901 x 3<br>SKU-6902 x 4" + "</div>" * 2000 + "\n",
          "created", ["SKU-6901:3", "SKU-6902:4"])
+
+    # -- framing that mail programs get slightly wrong ------------------------------------
+    # A lenient reader (Python's email) reads an unclosed last part to the end of the
+    # message, ends an inner multipart at its parent's boundary, allows white space after
+    # a boundary and reads base64 however its lines are broken. So must the bot.
+    case("070-unclosed-last-part-csv-base64",
+         unclosed(with_attachment(acme, "PO 7000", "po7000@acme.example", "Order attached.", "po7000.csv", b"SKU,Qty\nSKU-7001,4\nSKU-7002,6\n", "text/csv", TB)),
+         "created", ["SKU-7001:4", "SKU-7002:6"], origin="po7000.csv")
+
+    case("071-unclosed-last-part-xlsx",
+         unclosed(with_attachment(berlin, "Bestellung 7100", "b7100@berlin.example", "Anbei.", "Bestellung_7100.xlsx",
+                                  xlsx([[["Art.-Nr.", "Menge"], ["DE-7101", 3], ["DE-7102", 9]]]), X, OUTLOOK)),
+         "created", ["DE-7101:3", "DE-7102:9"], origin="Bestellung_7100.xlsx")
+
+    b = "----=_Part_7200_1.1731917642"
+    case("072-unclosed-last-part-html-qp",
+         headers(nordic, "PO 7200", "po7200@nordic.example", "X-Mailer: Zimbra 9.0") + 'Content-Type: multipart/mixed; boundary="%s"\n\n'
+         "--%s\nContent-Type: image/png; name=logo.png\nContent-Transfer-Encoding: base64\n\niVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==\n"
+         "--%s\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
+         "<table><tr><th>SKU</th><th>Qty</th></tr><tr><td>SKU-7201</td><td>2</td></tr>=\n<tr><td>SKU-7202</td><td>5</td></tr></table>\n" % (b, b, b),
+         "created", ["SKU-7201:2", "SKU-7202:5"])
+
+    b = "Apple-Mail=_7300"
+    case("073-unclosed-last-part-text",
+         headers(pacific, "PO 7300", "po7300@pacific.example", APPLE) + 'Content-Type: multipart/mixed; boundary="%s"\n\n'
+         "--%s\nContent-Disposition: inline; filename=sig.png\nContent-Type: image/png; name=sig.png\nContent-Transfer-Encoding: base64\n\niVBORw0KGgo=\n"
+         "--%s\nContent-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: quoted-printable\n\nBonjour,\nPAC-7301 x 3 pi=E8ces\nPAC-7302 x 1" % (b, b, b),
+         "created", ["PAC-7301:3", "PAC-7302:1"])
+
+    case("074-open-alternative-ended-by-parent-boundary",
+         headers(acme, "PO 7400", "po7400@acme.example", OUTLOOK) + 'Content-Type: multipart/mixed; boundary="outer"\n\n'
+         '--outer\nContent-Type: multipart/alternative; boundary="inner"\n\n'
+         "--inner\nContent-Type: text/plain; charset=utf-8\n\nPlease see the attached order.\n"
+         "--inner\nContent-Type: text/html; charset=utf-8\n\n<p>Please see the attached order.</p>\n"
+         '--outer\nContent-Type: text/csv; name="po7400.csv"\nContent-Transfer-Encoding: base64\n\n%s\n--outer--\n' % b64(b"SKU,Qty\nSKU-7401,7\n"),
+         "created", ["SKU-7401:7"], origin="po7400.csv")
+
+    case("075-boundary-lines-with-trailing-white-space",
+         headers(nordic, "PO 7500", "po7500@nordic.example", TB) + 'Content-Type: multipart/mixed; boundary="b75"\n\n'
+         "--b75  \nContent-Type: text/plain\n\nOrder in the file.\n"
+         '--b75\t\nContent-Type: text/csv; name="po.csv"\nContent-Transfer-Encoding: base64\n\n%s\n--b75-- \n' % b64(b"sku;menge\nSKU-7501;2\n"),
+         "created", ["SKU-7501:2"])
+
+    case("076-preamble-that-looks-like-a-boundary",
+         headers(acme, "PO 7600", "po7600@acme.example", TB) + 'Content-Type: multipart/mixed; boundary="=_b76"\n\n'
+         "This is a multi-part message in MIME format.\n--=_b76-preview is not a boundary\n----------------------------------------\n"
+         "--=_b76\nContent-Type: text/plain\n\nSKU-7601 x 4\n--=_b76-- is not the end either\nSKU-7602 x 1\n--=_b76--\n",
+         "created", ["SKU-7601:4", "SKU-7602:1"])
+
+    data = xlsx([[["SKU", "Quantity"], ["SKU-7701", 8], ["SKU-7702", 1]]])
+    enc = base64.b64encode(data).decode()
+    odd, i, widths = [], 0, [3, 77, 64, 1, 50, 76, 13]
+    while i < len(enc):
+        w = widths[len(odd) % len(widths)]
+        odd.append(enc[i:i + w] + (" " if len(odd) % 3 == 0 else ""))
+        i += w
+    case("077-base64-broken-at-odd-places",
+         headers(acme, "PO 7700", "po7700@acme.example", "X-Mailer: PHPMailer 5.2.9") + 'Content-Type: multipart/mixed; boundary="b77"\n\n'
+         "--b77\nContent-Type: text/plain\n\nSee attachment\n"
+         '--b77\nContent-Type: application/octet-stream; name="po7700.xlsx"\nContent-Transfer-Encoding: base64\n\n%s\n--b77--\n' % "\n".join(odd),
+         "created", ["SKU-7701:8", "SKU-7702:1"])
+
+    lf = unclosed(with_attachment(berlin, "Bestellung 7800", "b7800@berlin.example", "Anbei.", "b7800.csv", b"Artikel;Menge\nDE-7801;12\n", "text/csv", "X-Mailer: mutt"))
+    case("078-lf-line-endings-unclosed-csv", lf.encode("utf-8"), "created", ["DE-7801:12"])
 
     with open(os.path.join(HERE, "expected.toml"), "w", encoding="utf-8") as f:
         f.write("# One [[case]] per .eml file, processed in this order into one store.\n"
