@@ -99,3 +99,299 @@ async fn pointers_load_complete_and_go_stale_safely() {
         Err(SourceError::InvalidPointer { .. })
     ));
 }
+
+/// A batch of pointers loads with one answer per pointer, in order, whatever each one is;
+/// completing a batch flags exactly its messages.
+#[tokio::test]
+async fn batches_load_and_complete_each_pointer_for_itself() {
+    let server = DovecotServer::start(&[("u", "pass")]);
+    let mut client = server.client("u", "pass");
+    let messages: Vec<Vec<u8>> = (0..5)
+        .map(|i| {
+            format!("Subject: {i}\r\nMessage-ID: <m{i}@b>\r\n\r\nSKU-{i} x 1\r\n").into_bytes()
+        })
+        .collect();
+    let uids: Vec<u64> = messages
+        .iter()
+        .map(|m| u64::from(client.append_one("INBOX", m).expect("APPENDUID")))
+        .collect();
+    let validity = server.uid_validity("u", "pass", "INBOX");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imap = source(&server, dir.path(), 1024);
+    let size = |i: usize| Some(messages[i].len() as u64);
+    let batch: Vec<std::sync::Arc<Task>> = vec![
+        pointer(validity, uids[3], size(3)),
+        pointer(validity, uids[0], size(0)),
+        pointer(validity, uids[0] + 100, Some(10)), // gone
+        pointer(validity, uids[1], Some(4096)),     // too large by its pointer
+        pointer(validity + 1, uids[2], size(2)),    // stale UIDVALIDITY
+        pointer(validity, uids[4], None),           // no size: fetched alone
+        pointer(validity, uids[3], size(3)),        // the same message twice
+    ]
+    .into_iter()
+    .map(std::sync::Arc::new)
+    .collect();
+    let loaded = imap.load_batch(&batch).await;
+    assert_eq!(loaded.len(), batch.len());
+    assert_eq!(
+        loaded[0].as_ref().expect("3").as_deref(),
+        Some(&messages[3][..])
+    );
+    assert_eq!(
+        loaded[1].as_ref().expect("0").as_deref(),
+        Some(&messages[0][..])
+    );
+    assert_eq!(loaded[2].as_ref().expect("gone"), &None);
+    assert!(matches!(
+        loaded[3],
+        Err(SourceError::TooLarge { size: 4096, .. })
+    ));
+    assert_eq!(loaded[4].as_ref().expect("stale"), &None);
+    assert_eq!(
+        loaded[5].as_ref().expect("4").as_deref(),
+        Some(&messages[4][..])
+    );
+    assert_eq!(
+        loaded[6].as_ref().expect("3 again").as_deref(),
+        Some(&messages[3][..])
+    );
+    assert!(
+        server
+            .flags("u", "pass", "INBOX")
+            .values()
+            .all(|f| f.is_empty()),
+        "loading sets no flag"
+    );
+
+    let done = [
+        batch[0].clone(),
+        batch[1].clone(),
+        batch[2].clone(),
+        batch[5].clone(),
+    ];
+    let completed = imap.complete_batch(&done).await;
+    assert!(completed.iter().all(Result::is_ok), "{completed:?}");
+    let flags = server.flags("u", "pass", "INBOX");
+    let seen: Vec<u64> = flags
+        .iter()
+        .filter(|(_, f)| f.iter().any(|x| x == "\\Seen"))
+        .map(|(uid, _)| u64::from(*uid))
+        .collect();
+    assert_eq!(seen, vec![uids[0], uids[3], uids[4]]);
+}
+
+mod race {
+    //! A message is never published again while its task is pending, in flight or just
+    //! completed: hundreds of completions race the watcher's searches (with IDLE every
+    //! `\Seen` store wakes the watcher into a new search; polling searches back to back).
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use plba_testkit::DovecotServer;
+    use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
+    use runtime_adapters::sources::imap::{ImapConfig, ImapMode, ImapSource};
+    use runtime_contracts::{
+        AttemptFailure, Backpressure, BoxFuture, CancelSignal, Headers, Lease, PublishResult,
+        QueueError, QueueStats, SourceContext, Task, TaskQueue, TaskSource, TraceFactory,
+    };
+
+    struct Flag(std::sync::atomic::AtomicBool, tokio::sync::Notify);
+    impl CancelSignal for Flag {
+        fn is_cancelled(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn cancelled(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async move {
+                while !self.is_cancelled() {
+                    self.1.notified().await;
+                }
+            })
+        }
+    }
+    struct Open;
+    impl Backpressure for Open {
+        fn wait_for_capacity(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+    struct NoTrace;
+    impl TraceFactory for NoTrace {
+        fn inject_current(&self, _headers: &mut Headers) {}
+    }
+
+    /// The memory queue, counting how often each task id was enqueued.
+    struct Counting {
+        inner: MemoryQueue,
+        enqueued: Mutex<HashMap<String, usize>>,
+    }
+
+    impl Counting {
+        fn count(&self, tasks: &[String], results: &[PublishResult]) {
+            let mut enqueued = self.enqueued.lock().expect("lock");
+            for (id, r) in tasks.iter().zip(results) {
+                if *r == PublishResult::Enqueued {
+                    *enqueued.entry(id.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    impl TaskQueue for Counting {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+            Box::pin(async move {
+                let id = task.id.to_string();
+                let r = self.inner.publish(task).await?;
+                self.count(&[id], &[r]);
+                Ok(r)
+            })
+        }
+        fn publish_batch(
+            &self,
+            tasks: Vec<Task>,
+        ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
+            Box::pin(async move {
+                let ids: Vec<String> = tasks.iter().map(|t| t.id.to_string()).collect();
+                let results = self.inner.publish_batch(tasks).await?;
+                self.count(&ids, &results);
+                Ok(results)
+            })
+        }
+        fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
+            self.inner.consume(wait)
+        }
+        fn consume_batch(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> BoxFuture<'_, Result<Vec<Lease>, QueueError>> {
+            self.inner.consume_batch(max, wait)
+        }
+        fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
+            self.inner.ack(lease)
+        }
+        fn ack_batch<'a>(&'a self, leases: &'a [Lease]) -> BoxFuture<'a, Result<(), QueueError>> {
+            self.inner.ack_batch(leases)
+        }
+        fn nack<'a>(
+            &'a self,
+            lease: &'a Lease,
+            retry_delay: Duration,
+            failure: Option<AttemptFailure>,
+        ) -> BoxFuture<'a, Result<(), QueueError>> {
+            self.inner.nack(lease, retry_delay, failure)
+        }
+        fn dead_letter<'a>(
+            &'a self,
+            lease: &'a Lease,
+            failure: AttemptFailure,
+        ) -> BoxFuture<'a, Result<(), QueueError>> {
+            self.inner.dead_letter(lease, failure)
+        }
+        fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>> {
+            self.inner.stats()
+        }
+    }
+
+    async fn completions_race_searches(mode: ImapMode) {
+        const WAVES: usize = 6;
+        const PER_WAVE: usize = 100;
+        let server = DovecotServer::start(&[("u", "pass")]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "pass\n").expect("pw");
+        let config: ImapConfig = serde_json::from_value(serde_json::json!({
+            "host": "127.0.0.1", "port": server.port(), "tls": "none", "user": "u",
+            "password_file": pw, "pool": "orders", "poll_interval_ms": 1, "batch_size": 16,
+        }))
+        .expect("config");
+        let source = Arc::new(ImapSource::new("inbox", config, mode));
+        let queue = Arc::new(Counting {
+            inner: MemoryQueue::new("orders", MemoryQueueConfig::default()),
+            enqueued: Mutex::default(),
+        });
+        let stop = Arc::new(Flag(Default::default(), tokio::sync::Notify::new()));
+        let ctx = SourceContext {
+            queue: queue.clone(),
+            shutdown: stop.clone(),
+            backpressure: Arc::new(Open),
+            tracer: Arc::new(NoTrace),
+        };
+        let run = {
+            let source = Arc::clone(&source);
+            tokio::spawn(async move { source.start(ctx).await.expect("source runs") })
+        };
+        // Workers: lease, complete (\Seen) at once, acknowledge; batches and single tasks.
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let (source, queue, stop) = (source.clone(), queue.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let leases = queue
+                            .consume_batch(
+                                if w % 2 == 0 { 1 } else { 8 },
+                                Duration::from_millis(20),
+                            )
+                            .await
+                            .expect("consume");
+                        if leases.is_empty() {
+                            continue;
+                        }
+                        let tasks: Vec<Arc<Task>> = leases.iter().map(|l| l.task.clone()).collect();
+                        for r in source.complete_batch(&tasks).await {
+                            r.expect("complete");
+                        }
+                        queue.ack_batch(&leases).await.expect("ack");
+                    }
+                })
+            })
+            .collect();
+        let mut appender = server.client("u", "pass");
+        for wave in 0..WAVES {
+            for i in 0..PER_WAVE {
+                let m = format!("Subject: {wave}-{i}\r\n\r\nSKU-1 x 1\r\n");
+                appender.append_one("INBOX", m.as_bytes()).expect("append");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let total = (WAVES * PER_WAVE) as u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while source.status().completed < total {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {total} completed",
+                source.status().completed
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Searches go on while nothing is left: none may find a completed message again.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stop.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        stop.1.notify_waiters();
+        for w in workers {
+            w.await.expect("worker");
+        }
+        run.await.expect("source");
+        let enqueued = queue.enqueued.lock().expect("lock").clone();
+        let twice: Vec<_> = enqueued.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "published more than once: {twice:?}");
+        assert_eq!(enqueued.len() as u64, total, "every message published");
+        let status = source.status();
+        assert_eq!((status.completed, status.pending), (total, 0), "{status:?}");
+        assert_eq!(server.client("u", "pass").unseen_count("INBOX"), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn completions_race_idle_searches_without_a_second_publish() {
+        completions_race_searches(ImapMode::Idle).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn completions_race_polling_searches_without_a_second_publish() {
+        completions_race_searches(ImapMode::Poll).await;
+    }
+}

@@ -140,10 +140,13 @@ pub async fn connect(
         })
 }
 
-/// A worker connection and the mailbox it has selected, with its UIDVALIDITY.
+/// A worker connection and the mailbox it has selected: (name, UIDVALIDITY, UIDNEXT as of
+/// the SELECT). A UID at or above that UIDNEXT arrived after the SELECT: the session's view
+/// does not hold it yet (Dovecot answers a `UID FETCH` or `UID STORE` of it with OK and
+/// nothing done), so the mailbox is selected again first.
 pub struct Pooled {
     pub session: ImapSession,
-    pub selected: Option<(String, u32)>,
+    pub selected: Option<(String, u32, u32)>,
 }
 
 /// At most `size` logged-in sessions, shared by the workers; a session that failed is

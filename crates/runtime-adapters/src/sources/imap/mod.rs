@@ -68,8 +68,9 @@ struct Inner {
     progress: super::Progress,
     /// UIDVALIDITY last seen per mailbox.
     validity: HashMap<String, u32>,
-    /// When recent tasks were completed: a search that started before a completion may
-    /// still list its message as unseen, and must not publish it again.
+    /// When recent tasks were completed: a search may still list a completed message as
+    /// unseen, and must not publish it again. Kept until a search that began after the
+    /// completion no longer lists it.
     completed_at: HashMap<String, Instant>,
     /// Login attempts (watcher and workers).
     connects: u64,
@@ -348,10 +349,8 @@ impl ImapSource {
         mailbox: &str,
         ctx: &SourceContext,
     ) -> Result<bool, String> {
-        // Taken before SELECT: Dovecot answers a SEARCH from the mailbox view of the last
-        // sync, which can be as old as this SELECT. A completion stamped before this instant
-        // had its `\Seen` stored before the SELECT was sent, so the search reflects it;
-        // anything completed later is remembered in `completed_at` and filtered out below.
+        // Taken before SELECT: only a search that began after a completion can show that
+        // completion's `\Seen`.
         let searched_at = Instant::now();
         let selected = session
             .select(mailbox)
@@ -381,19 +380,35 @@ impl ImapSource {
             .map_err(|e| format!("UID SEARCH {query}: {e}"))?
             .into_iter()
             .collect();
+        let listed: Vec<(u32, String)> = uids
+            .into_iter()
+            .map(|uid| {
+                let id = self.task_id(&Pointer {
+                    mailbox: mailbox.to_owned(),
+                    uid_validity,
+                    uid,
+                });
+                (uid, id)
+            })
+            .collect();
         let fresh: Vec<u32> = {
             let mut inner = self.lock();
-            // Completions older than this search are reflected in it.
-            inner.completed_at.retain(|_, at| *at >= searched_at);
-            uids.into_iter()
-                .filter(|uid| {
-                    let id = self.task_id(&Pointer {
-                        mailbox: mailbox.to_owned(),
-                        uid_validity,
-                        uid: *uid,
-                    });
-                    !inner.progress.pending.contains(&id) && !inner.completed_at.contains_key(&id)
+            // A completed message is forgotten only once a search that began after its
+            // completion no longer lists it: the server has shown its `\Seen`. Until then
+            // it is never published again, however stale the server's answer (Dovecot can
+            // list a message as unseen for a while after another connection stored `\Seen`).
+            let prefix = format!("imap:{}:{mailbox}:", self.id);
+            let still_listed: std::collections::HashSet<&str> =
+                listed.iter().map(|(_, id)| id.as_str()).collect();
+            inner.completed_at.retain(|id, at| {
+                !id.starts_with(&prefix) || *at >= searched_at || still_listed.contains(id.as_str())
+            });
+            listed
+                .iter()
+                .filter(|(_, id)| {
+                    !inner.progress.pending.contains(id) && !inner.completed_at.contains_key(id)
                 })
+                .map(|(uid, _)| *uid)
                 .collect()
         };
         for uids in fresh.chunks(self.config.batch_size) {
@@ -470,11 +485,13 @@ impl ImapSource {
 
     // ---- worker connections: fetch and flag ---------------------------------------------
 
-    /// A pooled session with `pointer`'s mailbox selected; `None` when the mailbox's
-    /// UIDVALIDITY is no longer the pointer's (the session goes back to the pool).
+    /// A pooled session with `pointer`'s mailbox selected and in view up to UID
+    /// `max_uid`; `None` when the mailbox's UIDVALIDITY is no longer the pointer's (the
+    /// session goes back to the pool).
     async fn checkout(
         &self,
         pointer: &Pointer,
+        max_uid: u32,
     ) -> Result<Option<(Pooled, OwnedSemaphorePermit)>, SourceError> {
         let (pooled, permit) = self.pool.checkout().await;
         let mut pooled = match pooled {
@@ -484,13 +501,16 @@ impl ImapSource {
                 selected: None,
             },
         };
-        // The cached UIDVALIDITY is trusted only when it matches; otherwise the mailbox is
-        // selected again (it may have been recreated since).
+        // The cached selection is trusted only when it is the pointer's mailbox and
+        // UIDVALIDITY and already holds the UIDs asked for; otherwise the mailbox is
+        // selected again (it may have been recreated, or mail may have arrived since).
         let current = pooled
             .selected
             .as_ref()
-            .filter(|(m, v)| *m == pointer.mailbox && *v == pointer.uid_validity)
-            .map(|(_, v)| *v);
+            .filter(|(m, v, next)| {
+                *m == pointer.mailbox && *v == pointer.uid_validity && max_uid < *next
+            })
+            .map(|(_, v, _)| *v);
         let validity = match current {
             Some(v) => v,
             None => {
@@ -500,7 +520,8 @@ impl ImapSource {
                     .await
                     .map_err(|e| self.io(format!("SELECT {}: {e}", pointer.mailbox)))?;
                 let v = selected.uid_validity.unwrap_or(0);
-                pooled.selected = Some((pointer.mailbox.clone(), v));
+                let next = selected.uid_next.unwrap_or(u32::MAX);
+                pooled.selected = Some((pointer.mailbox.clone(), v, next));
                 v
             }
         };
@@ -530,20 +551,21 @@ impl ImapSource {
     }
 
     async fn store(&self, pointer: &Pointer, flags: &str) -> Result<(), SourceError> {
-        self.store_set(pointer, &pointer.uid.to_string(), flags)
-            .await
+        self.store_set(pointer, &[pointer.uid], flags).await
     }
 
-    /// `UID STORE` on a set of UIDs of `pointer`'s mailbox (and UIDVALIDITY).
+    /// `UID STORE` on ascending UIDs of `pointer`'s mailbox (and UIDVALIDITY).
     async fn store_set(
         &self,
         pointer: &Pointer,
-        uid: &str,
+        uids: &[u32],
         flags: &str,
     ) -> Result<(), SourceError> {
-        let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
+        let max_uid = uids.iter().copied().max().unwrap_or(pointer.uid);
+        let Some((mut pooled, permit)) = self.checkout(pointer, max_uid).await? else {
             return Ok(());
         };
+        let uid = uid_set(uids);
         let result = match pooled.session.uid_store(&uid, flags).await {
             Ok(responses) => responses
                 .try_collect::<Vec<_>>()
@@ -564,7 +586,7 @@ impl ImapSource {
         if let Some(size) = known_size.filter(|s| *s > max) {
             return Ok(Fetched::TooLarge(size));
         }
-        let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
+        let Some((mut pooled, permit)) = self.checkout(pointer, pointer.uid).await? else {
             return Ok(Fetched::Gone);
         };
         let uid = pointer.uid.to_string();
@@ -625,7 +647,7 @@ impl ImapSource {
             group.sort_by_key(|(p, _)| p.uid);
             let uids: Vec<u32> = group.iter().map(|(p, _)| p.uid).collect();
             let result = self
-                .store_set(&group[0].0, &uid_set(&uids), "+FLAGS.SILENT (\\Seen)")
+                .store_set(&group[0].0, &uids, "+FLAGS.SILENT (\\Seen)")
                 .await
                 .map_err(|e| e.to_string());
             for (_, answer) in group {
@@ -653,7 +675,7 @@ impl ImapSource {
             let mut results = Vec::with_capacity(pointers.len());
             for (pointer, uids) in group_by_mailbox(pointers) {
                 let result = self
-                    .store_set(&pointer, &uid_set(&uids), "+FLAGS.SILENT (\\Seen)")
+                    .store_set(&pointer, &uids, "+FLAGS.SILENT (\\Seen)")
                     .await
                     .map_err(|e| e.to_string());
                 results.push(((pointer.mailbox, pointer.uid_validity), result));
@@ -753,7 +775,8 @@ impl ImapSource {
         pointer: &Pointer,
         uids: &[u32],
     ) -> Result<Option<HashMap<u32, Vec<u8>>>, SourceError> {
-        let Some((mut pooled, permit)) = self.checkout(pointer).await? else {
+        let max_uid = uids.iter().copied().max().unwrap_or(pointer.uid);
+        let Some((mut pooled, permit)) = self.checkout(pointer, max_uid).await? else {
             return Ok(None);
         };
         let set = uid_set(uids);
