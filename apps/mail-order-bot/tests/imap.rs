@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{assert_store_exactly_once, mixed_mail, order_mail, wait_for, FaultyBot, Workspace};
 use mail_order_bot::compose::{build_runtime, load_config};
-use plba_testkit::DovecotServer;
+use plba_testkit::{DovecotServer, PostgresServer};
 use runtime_contracts::{Probe, SourceState};
 use runtime_core::RuntimeManager;
 
@@ -73,14 +73,32 @@ fn seen_split(server: &DovecotServer) -> (usize, usize) {
     (seen, flags.len() - seen)
 }
 
+/// `path`'s pool leasing `prefetch` tasks at once (a batch).
+fn with_prefetch(path: std::path::PathBuf, prefetch: usize) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&path).expect("config");
+    let text = text.replacen(
+        "high_watermark = 64",
+        &format!("high_watermark = 64\nprefetch = {prefetch}"),
+        1,
+    );
+    assert!(text.contains("prefetch ="), "the pool section was changed");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
 /// 500 mixed messages (orders, unknown senders, no lines, resends): every order once,
 /// every message seen, because every message has a committed outcome.
 async fn backlog(kind: &str) {
+    backlog_in(Workspace::new(), kind, 1).await;
+}
+
+/// [`backlog`] into `ws`'s store, workers leasing `prefetch` messages at once.
+async fn backlog_in(ws: Workspace, kind: &str, prefetch: usize) {
     let server = DovecotServer::start(&[(USER, PASSWORD)]);
-    let ws = Workspace::new();
     let (mails, expected) = mixed_mail(500);
     server.append(USER, PASSWORD, "INBOX", &bytes(&mails));
-    let runtime = start(&imap_config(&ws, kind, &plain(&server), 3)).await;
+    let config = with_prefetch(imap_config(&ws, kind, &plain(&server), 3), prefetch);
+    let runtime = start(&config).await;
     drain(&runtime).await;
     runtime.shutdown().await;
     let outcomes = assert_store_exactly_once(&ws, &expected).await;
@@ -109,6 +127,131 @@ async fn backlog_of_500_by_polling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_of_500_by_idle() {
     backlog("imap_idle").await;
+}
+
+/// Batches: one `UID FETCH` of a UID set per batch, the batch's outcomes in one
+/// transaction, one `UID STORE` of the committed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_of_500_in_batches_by_idle_on_sqlite() {
+    backlog_in(Workspace::new(), "imap_idle", 32).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_of_500_in_batches_by_polling_on_postgres() {
+    let pg = PostgresServer::start();
+    backlog_in(Workspace::with_store(pg.create_database()), "imap_poll", 32).await;
+}
+
+/// One message of a batch fails every attempt: the others are committed and seen at once,
+/// each delivered once; the failing one is retried alone until `max_attempts`, then
+/// dead-lettered with the keyword, recorded `failed` and left unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_message_does_not_fail_its_batch() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let ws = Workspace::new();
+    let mut mails: Vec<String> = (0..40)
+        .map(|i| order_mail(&format!("b{i}"), "purchasing@acme.example", &[("SKU-7", 1)]))
+        .collect();
+    mails[7] = mails[7].replacen("MIME-Version", "X-Test-Fault: error\r\nMIME-Version", 1);
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails));
+    let config = with_prefetch(imap_config(&ws, "imap_poll", &plain(&server), 3), 64);
+    let runtime = start(&config).await;
+    drain(&runtime).await;
+    wait_for(Duration::from_secs(20), "the keyword", || async {
+        server.flags(USER, PASSWORD, "INBOX")[&8]
+            .iter()
+            .any(|f| f == "$OrderBotFailed")
+    })
+    .await;
+    runtime.shutdown().await;
+    let flags = server.flags(USER, PASSWORD, "INBOX");
+    for (uid, f) in &flags {
+        let seen = f.iter().any(|x| x == "\\Seen");
+        assert_eq!(seen, *uid != 8, "UID {uid}: {f:?}");
+    }
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    assert_eq!(outcomes.len(), 40);
+    for o in &outcomes {
+        if o.message_identity == "mid:b7@test.example" {
+            assert_eq!(o.outcome, "failed");
+            let reason = o.reason.clone().unwrap_or_default();
+            assert!(reason.contains("attempt 3 of 3"), "{reason}");
+        } else {
+            assert_eq!((o.outcome.as_str(), o.deliveries), ("created", 1), "{o:?}");
+        }
+    }
+}
+
+/// SIGKILL after a batch's outcomes are committed and before its `UID STORE`, then a
+/// restart: the messages are still unseen, are found again, and come out as duplicates of
+/// their recorded outcomes: no second order, every message seen. The killed process is
+/// this test binary run again as the bot (`PLBA_TEST_CRASH_CONFIG`), whose batches stall
+/// forever once committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_a_batch_commit_and_its_store_then_restart() {
+    if let (Ok(config), Ok(marker)) = (
+        std::env::var("PLBA_TEST_CRASH_CONFIG"),
+        std::env::var("PLBA_TEST_CRASH_MARKER"),
+    ) {
+        let config =
+            Arc::new(load_config(Some(config.as_ref()), Some(HashMap::new())).expect("config"));
+        let module = Arc::new(common::StallAfterCommit {
+            marker: marker.into(),
+        });
+        let mut runtime = build_runtime(config, module, None).await.expect("runtime");
+        runtime.start().expect("start");
+        std::future::pending::<()>().await;
+    }
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let ws = Workspace::new();
+    let (mails, expected) = mixed_mail(300);
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails));
+    let config = with_prefetch(imap_config(&ws, "imap_poll", &plain(&server), 3), 32);
+    let marker = ws.dir.path().join("committed");
+    let out = std::fs::File::create(ws.dir.path().join("child.out")).expect("out");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "sigkill_between_a_batch_commit_and_its_store_then_restart",
+            "--nocapture",
+        ])
+        .env("PLBA_TEST_CRASH_CONFIG", &config)
+        .env("PLBA_TEST_CRASH_MARKER", &marker)
+        .stdout(out.try_clone().expect("out"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn the crashing bot");
+    wait_for(Duration::from_secs(120), "a committed batch", || async {
+        std::fs::read_to_string(&marker).is_ok_and(|m| !m.is_empty())
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let status = child.wait().expect("wait");
+    assert!(!status.success(), "killed: {status:?}");
+    let deliveries = |o: Vec<mail_order_bot::domain::store::StoredOutcome>| {
+        o.iter().map(|o| o.deliveries).sum::<i64>()
+    };
+    let committed = deliveries(ws.store().await.outcomes().await.expect("outcomes"));
+    assert!(committed > 0, "outcomes were committed before the kill");
+    assert_eq!(
+        seen_split(&server),
+        (0, 300),
+        "no \\Seen was stored before the kill"
+    );
+
+    let runtime = start(&config).await;
+    drain(&runtime).await;
+    runtime.shutdown().await;
+    assert_store_exactly_once(&ws, &expected).await;
+    assert_eq!(seen_split(&server), (300, 0), "every message seen");
+    // Each message committed before the kill was delivered once more, as a duplicate.
+    let after = deliveries(ws.store().await.outcomes().await.expect("outcomes"));
+    assert_eq!(
+        after,
+        300 + committed,
+        "{committed} committed before the kill"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

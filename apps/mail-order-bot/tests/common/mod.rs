@@ -442,6 +442,51 @@ impl TaskHandler for Faulty {
         })
     }
 
+    /// The bot's own batch for the messages without a fault; the faulty ones fail (or
+    /// panic, failing the whole call) as they do alone.
+    fn handle_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
+        Box::pin(async move {
+            let contents = ctx.load_batch(tasks).await;
+            let faults: Vec<Option<&str>> = contents
+                .iter()
+                .map(|c| {
+                    let raw = c
+                        .as_ref()
+                        .ok()
+                        .and_then(Option::as_deref)
+                        .unwrap_or_default();
+                    let text = String::from_utf8_lossy(raw);
+                    ["X-Test-Fault: error", "X-Test-Fault: panic"]
+                        .into_iter()
+                        .find(|f| text.contains(f))
+                })
+                .collect();
+            if faults.iter().any(|f| *f == Some("X-Test-Fault: panic")) {
+                panic!("injected panic");
+            }
+            let clean: Vec<Arc<Task>> = tasks
+                .iter()
+                .zip(&faults)
+                .filter(|(_, f)| f.is_none())
+                .map(|(t, _)| Arc::clone(t))
+                .collect();
+            let mut handled = self.0.handle_batch(&clean, ctx).await.into_iter();
+            faults
+                .iter()
+                .map(|f| match f {
+                    Some(_) => Err(HandlerError::retry("injected fault: the ERP is down")),
+                    None => handled
+                        .next()
+                        .unwrap_or_else(|| Err(HandlerError::retry("missing result"))),
+                })
+                .collect()
+        })
+    }
+
     fn on_dead_letter<'a>(
         &'a self,
         task: &'a Task,
@@ -452,11 +497,17 @@ impl TaskHandler for Faulty {
     }
 }
 
-struct Wrapping<'r>(&'r mut dyn ModuleRegistry);
+/// Registers what the bot registers, with its handler wrapped by `.1`.
+struct Wrapping<'r, W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler>>(
+    &'r mut dyn ModuleRegistry,
+    W,
+);
 
-impl ModuleRegistry for Wrapping<'_> {
+impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
+    for Wrapping<'_, W>
+{
     fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
-        self.0.handler(pool, kind, Arc::new(Faulty(handler)));
+        self.0.handler(pool, kind, (self.1)(handler));
     }
     fn pool(&mut self, name: &str) {
         self.0.pool(name);
@@ -491,7 +542,81 @@ impl ApplicationModule for FaultyBot {
         config: &'a dyn ConfigProvider,
     ) -> BoxFuture<'a, Result<(), ModuleError>> {
         Box::pin(async move {
-            let mut wrapping = Wrapping(registry);
+            let mut wrapping = Wrapping(registry, |h| Arc::new(Faulty(h)) as Arc<dyn TaskHandler>);
+            MailOrderModule.register(&mut wrapping, config).await
+        })
+    }
+}
+
+/// Test-only module: the real bot whose handler, once a task or batch is committed,
+/// appends a line to `marker` and never returns, so the source never completes it: the
+/// state a crash between the commit and the `\\Seen` store leaves.
+pub struct StallAfterCommit {
+    pub marker: PathBuf,
+}
+
+struct Stall(Arc<dyn TaskHandler>, PathBuf);
+
+impl Stall {
+    async fn committed(&self, n: usize) {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.1)
+        {
+            let _ = writeln!(f, "{n}");
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+impl TaskHandler for Stall {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        Box::pin(async move {
+            let outcome = self.0.handle(task, ctx).await;
+            self.committed(1).await;
+            outcome
+        })
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
+        Box::pin(async move {
+            let outcomes = self.0.handle_batch(tasks, ctx).await;
+            self.committed(tasks.len()).await;
+            outcomes
+        })
+    }
+}
+
+impl ApplicationModule for StallAfterCommit {
+    fn name(&self) -> &str {
+        "stall-after-commit"
+    }
+    fn config_section(&self) -> &str {
+        MailOrderModule.config_section()
+    }
+    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+        MailOrderModule.validate_config(section)
+    }
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
+        Box::pin(async move {
+            let marker = self.marker.clone();
+            let mut wrapping = Wrapping(registry, move |h| {
+                Arc::new(Stall(h, marker.clone())) as Arc<dyn TaskHandler>
+            });
             MailOrderModule.register(&mut wrapping, config).await
         })
     }
