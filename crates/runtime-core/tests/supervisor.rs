@@ -155,6 +155,16 @@ struct Rig {
 }
 
 async fn rig(script: Vec<&'static str>, pool_toml: &str, deadline_ms: u64) -> Rig {
+    rig_with(script, pool_toml, deadline_ms, |h| h).await
+}
+
+/// [`rig`] with the registered handler made from the script handler by `wrap`.
+async fn rig_with(
+    script: Vec<&'static str>,
+    pool_toml: &str,
+    deadline_ms: u64,
+    wrap: impl FnOnce(Arc<ScriptHandler>) -> Arc<dyn TaskHandler>,
+) -> Rig {
     let text = format!(
         "[runtime]\nshutdown_deadline_ms = {deadline_ms}\n[pools.jobs]\n{pool_toml}\n[pools.jobs.retry]\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\n"
     );
@@ -181,7 +191,7 @@ async fn rig(script: Vec<&'static str>, pool_toml: &str, deadline_ms: u64) -> Ri
         .module(Arc::new(OneHandler {
             pool: "jobs",
             kind: "job",
-            handler: handler.clone(),
+            handler: wrap(handler.clone()),
             source: None,
         }))
         .build()
@@ -472,5 +482,172 @@ async fn a_pool_grows_and_shrinks_while_it_runs() {
     .expect("idle");
     assert_eq!(rig.source.completed.lock().expect("lock").len(), 6);
     assert!(!rig.runtime.resize_pool("nope", 2));
+    rig.runtime.shutdown().await;
+}
+
+/// Records how the worker called it: batches (task, attempt) and single deliveries; acts
+/// out each task's mode with the script handler.
+struct Batching {
+    script: Arc<ScriptHandler>,
+    batches: Mutex<Vec<Vec<(String, u32)>>>,
+    singles: Mutex<Vec<(String, u32)>>,
+}
+
+impl TaskHandler for Batching {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        self.singles
+            .lock()
+            .expect("lock")
+            .push((task.id.to_string(), task.attempt));
+        self.script.handle(task, ctx)
+    }
+    fn handle_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
+        self.batches.lock().expect("lock").push(
+            tasks
+                .iter()
+                .map(|t| (t.id.to_string(), t.attempt))
+                .collect(),
+        );
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for task in tasks {
+                out.push(self.script.handle(task, ctx).await);
+            }
+            out
+        })
+    }
+    fn on_dead_letter<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+        failure: &'a AttemptFailure,
+    ) -> BoxFuture<'a, ()> {
+        self.script.on_dead_letter(task, ctx, failure)
+    }
+}
+
+async fn batched(script: Vec<&'static str>) -> (Rig, Arc<Batching>) {
+    let recorder: Arc<Mutex<Option<Arc<Batching>>>> = Arc::default();
+    let slot = recorder.clone();
+    let rig = rig_with(
+        script,
+        "workers = 1\nprefetch = 16\nmax_attempts = 3\nhandler_timeout_ms = 5000",
+        1000,
+        move |script| {
+            let b = Arc::new(Batching {
+                script,
+                batches: Mutex::default(),
+                singles: Mutex::default(),
+            });
+            *slot.lock().expect("lock") = Some(b.clone());
+            b
+        },
+    )
+    .await;
+    let batching = recorder.lock().expect("lock").clone().expect("registered");
+    // The first task blocks the only worker until every task is queued behind it.
+    until("all published", || {
+        rig.source.published.load(Ordering::SeqCst) == 8
+    })
+    .await;
+    rig.handler.gate.add_permits(1);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rig.runtime.wait_until_idle(Duration::from_millis(5)),
+    )
+    .await
+    .expect("idle");
+    (rig, batching)
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// First deliveries leased together are handled as one batch, each result settled for its
+/// own task: successes completed, a retry retried alone, a permanent failure dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_settles_each_task_for_itself_and_retries_alone() {
+    let script = vec!["block", "ok", "retry", "ok", "permanent", "ok", "ok", "ok"];
+    let (rig, b) = batched(script).await;
+    let batches = b.batches.lock().expect("lock").clone();
+    let singles = b.singles.lock().expect("lock").clone();
+    assert!(batches.iter().any(|b| b.len() >= 2), "{batches:?}");
+    assert!(
+        batches.iter().flatten().all(|(_, a)| *a == 0),
+        "only first deliveries batch"
+    );
+    let mut first: Vec<String> = batches.iter().flatten().map(|(id, _)| id.clone()).collect();
+    first.extend(
+        singles
+            .iter()
+            .filter(|(_, a)| *a == 0)
+            .map(|(id, _)| id.clone()),
+    );
+    assert_eq!(
+        sorted(first),
+        ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"],
+        "each handled once first"
+    );
+    let retries: Vec<&(String, u32)> = singles.iter().filter(|(_, a)| *a > 0).collect();
+    assert_eq!(
+        retries,
+        [&("t2".into(), 1), &("t2".into(), 2)],
+        "retries, each alone"
+    );
+    assert_eq!(
+        sorted(rig.source.completed.lock().expect("lock").clone()),
+        ["t0", "t1", "t3", "t5", "t6", "t7"]
+    );
+    let dead: Vec<String> = rig
+        .handler
+        .dead
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(sorted(dead), ["t2", "t4"]);
+    rig.runtime.shutdown().await;
+}
+
+/// A batch call that panics is trusted for none of its tasks: each is handled again alone,
+/// so the panicking task fails by itself and the others are completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_batch_is_handled_again_task_by_task() {
+    let script = vec!["block", "ok", "ok", "panic", "ok", "ok", "ok", "ok"];
+    let (rig, b) = batched(script).await;
+    let batches = b.batches.lock().expect("lock").clone();
+    let singles = b.singles.lock().expect("lock").clone();
+    let panicked = batches
+        .iter()
+        .find(|b| b.iter().any(|(id, _)| id == "t3"))
+        .expect("t3 came in a batch");
+    assert!(panicked.len() >= 2, "{batches:?}");
+    // Every task of the panicking batch was handled again alone, as a first delivery.
+    for (id, _) in panicked {
+        assert!(
+            singles.contains(&(id.clone(), 0)),
+            "{id} again alone: {singles:?}"
+        );
+    }
+    let retries: Vec<&(String, u32)> = singles.iter().filter(|(_, a)| *a > 0).collect();
+    assert_eq!(retries, [&("t3".into(), 1), &("t3".into(), 2)]);
+    assert_eq!(
+        sorted(rig.source.completed.lock().expect("lock").clone()),
+        ["t0", "t1", "t2", "t4", "t5", "t6", "t7"]
+    );
+    let dead = rig.handler.dead.lock().expect("lock").clone();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].1.contains("handler panicked"), "{dead:?}");
     rig.runtime.shutdown().await;
 }
