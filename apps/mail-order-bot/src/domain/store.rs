@@ -271,15 +271,22 @@ impl OrderStore {
         let mut attempt = 0u64;
         loop {
             let opened = async {
+                // SQLite has one writer at a time: four connections keep the workers'
+                // batches queued at the database, and each keeps a small page cache.
+                let connections = match backend {
+                    Backend::Sqlite => 4,
+                    Backend::Postgres => 8,
+                };
                 let pool = AnyPoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(connections)
                     .acquire_timeout(Duration::from_secs(30))
                     .after_connect(move |conn, _| {
                         Box::pin(async move {
                             if backend == Backend::Sqlite {
                                 conn.execute(
                                     "PRAGMA busy_timeout = 30000; PRAGMA journal_mode = WAL; \
-                                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+                                     PRAGMA cache_size = -1024;",
                                 )
                                 .await?;
                             }
