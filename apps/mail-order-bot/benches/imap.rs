@@ -74,7 +74,7 @@ fn with_message_id(template: &[u8], i: usize) -> Vec<u8> {
     let head = &template[..head_end];
     let mut out = Vec::with_capacity(template.len() + 64);
     let mut replaced = false;
-    let mut rest = &template[..];
+    let mut rest = template;
     let mut offset = 0;
     while offset < head.len() {
         let line_end = head[offset..]
@@ -174,6 +174,16 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident set of a live process now, in KiB.
+fn current_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
 fn stop(mut child: Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -199,7 +209,23 @@ async fn bot_drain(
     let started = Instant::now();
     let mut bot = spawn_bot(&config);
     let deadline = started + Duration::from_secs(600);
-    while watcher.unseen_count("INBOX") > 0 {
+    let trace = std::env::var("PLBA_BENCH_IMAP_RSS_TRACE").is_ok();
+    let mut samples = Vec::new();
+    let mut first_seen = None;
+    loop {
+        let unseen = watcher.unseen_count("INBOX");
+        if unseen == 0 {
+            break;
+        }
+        if unseen < n && first_seen.is_none() {
+            first_seen = Some(started.elapsed());
+        }
+        if trace {
+            samples.push((
+                started.elapsed().as_millis(),
+                current_rss_kib(bot.id()) / 1024,
+            ));
+        }
         if let Ok(Some(status)) = bot.try_wait() {
             panic!("the bot exited with {status} before the mailbox was drained");
         }
@@ -211,6 +237,38 @@ async fn bot_drain(
     }
     let elapsed = started.elapsed();
     let rss = peak_rss_kib(bot.id()) as f64 / 1024.0;
+    if trace {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", bot.id())).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        println!(
+            "  bot CPU: user {} ms, system {} ms in {} ms wall",
+            ticks(11) * 10,
+            ticks(12) * 10,
+            elapsed.as_millis()
+        );
+        println!(
+            "  first \\Seen after {} ms (start-up: process, store, login, search, first batch)",
+            first_seen.unwrap_or_default().as_millis()
+        );
+        let step = (samples.len() / 12).max(1);
+        let curve: Vec<String> = samples
+            .iter()
+            .step_by(step)
+            .map(|(ms, mib)| format!("{ms} ms {mib} MiB"))
+            .collect();
+        println!("  RSS over the drain: {}", curve.join(", "));
+    }
     stop(bot);
     let store = OrderStore::open(store_url).await.expect("store");
     let outcomes = store.outcomes().await.expect("outcomes");
@@ -248,7 +306,8 @@ async fn backlog(n: usize, backend: &str, pg: Option<&PostgresServer>) {
     let mut client = server.client(USER, PASSWORD);
     client.run("SELECT INBOX");
     client.run("UID STORE 1:* -FLAGS.SILENT (\\Seen)");
-    let (after, rss) = bot_drain(&server, &store_url(&dir.path().join("b")), n, 32).await;
+    let prefetch = plba_testkit::env_number("PLBA_BENCH_IMAP_PREFETCH", 32) as usize;
+    let (after, rss) = bot_drain(&server, &store_url(&dir.path().join("b")), n, prefetch).await;
     println!(
         "backlog {n:>6} {backend:<10} ({:.1} MiB): bot {after:>6.0} msg/s (prefetch 1: {before:>5.0}), peak RSS {rss:>5.1} MiB | \
          script loop {script:>5.0} msg/s, FETCH-only ceiling {ceiling:>6.0} msg/s | \

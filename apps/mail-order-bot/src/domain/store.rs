@@ -414,7 +414,9 @@ impl OrderStore {
                  ON CONFLICT (message_identity) DO UPDATE SET {CLAIM_FAILED}
                  RETURNING message_identity"
             );
-            let mut query = sqlx::query(&sql);
+            // Not kept prepared: the text differs with the batch's row counts, and a cache
+            // of every variant on every connection grows with the backlog.
+            let mut query = sqlx::query(&sql).persistent(false);
             for &i in chunk {
                 let rec = recs[i];
                 query = query
@@ -444,7 +446,9 @@ impl OrderStore {
                 "INSERT INTO orders (message_identity, client_id, client_name, sender, subject, created_at)
                  VALUES {values} RETURNING id, message_identity"
             );
-            let mut query = sqlx::query(&sql);
+            // Not kept prepared: the text differs with the batch's row counts, and a cache
+            // of every variant on every connection grows with the backlog.
+            let mut query = sqlx::query(&sql).persistent(false);
             for &i in chunk {
                 let (rec, order) = (recs[i], recs[i].order.as_ref());
                 let order = order.ok_or_else(|| StoreError::Url("no order".into()))?;
@@ -478,7 +482,9 @@ impl OrderStore {
             let sql = format!(
                 "INSERT INTO order_lines (order_id, line_no, sku, quantity, origin) VALUES {values}"
             );
-            let mut query = sqlx::query(&sql);
+            // Not kept prepared: the text differs with the batch's row counts, and a cache
+            // of every variant on every connection grows with the backlog.
+            let mut query = sqlx::query(&sql).persistent(false);
             for (id, n, line) in chunk {
                 query = query
                     .bind(*id)
@@ -499,7 +505,9 @@ impl OrderStore {
                     (SELECT id FROM orders WHERE orders.message_identity = message_outcomes.message_identity)
                  WHERE message_identity IN ({list})"
             );
-            let mut query = sqlx::query(&sql);
+            // Not kept prepared: the text differs with the batch's row counts, and a cache
+            // of every variant on every connection grows with the backlog.
+            let mut query = sqlx::query(&sql).persistent(false);
             for &i in chunk {
                 query = query.bind(&recs[i].identity);
             }

@@ -465,7 +465,7 @@ impl TaskHandler for Faulty {
                         .find(|f| text.contains(f))
                 })
                 .collect();
-            if faults.iter().any(|f| *f == Some("X-Test-Fault: panic")) {
+            if faults.contains(&Some("X-Test-Fault: panic")) {
                 panic!("injected panic");
             }
             let clean: Vec<Arc<Task>> = tasks

@@ -711,7 +711,7 @@ impl ImapSource {
         let mut out: Vec<Option<Result<Fetched, SourceError>>> =
             (0..pointers.len()).map(|_| None).collect();
         // Chunks of one mailbox and UIDVALIDITY whose declared sizes fit one command.
-        let mut chunks: Vec<(Pointer, Vec<(usize, u32)>, u64)> = Vec::new();
+        let mut chunks: Vec<FetchChunk> = Vec::new();
         for (i, (pointer, size)) in pointers.iter().enumerate() {
             match size {
                 Some(size) if *size > max => out[i] = Some(Ok(Fetched::TooLarge(*size))),
@@ -1002,6 +1002,10 @@ async fn fetch_body(session: &mut ImapSession, uid: &str) -> Result<Fetched, Str
 /// Most bytes (by the pointers' declared sizes) one batched `UID FETCH` asks for; a larger
 /// message is fetched alone. Bounds what a batch holds in memory at once.
 const FETCH_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+
+/// One batched `UID FETCH`: a pointer naming its mailbox and UIDVALIDITY, the (index in the
+/// batch, UID) of its members, and the bytes their pointers declare.
+type FetchChunk = (Pointer, Vec<(usize, u32)>, u64);
 
 /// The UIDs of `pointers` grouped by mailbox and UIDVALIDITY (ascending, without repeats).
 fn group_by_mailbox(pointers: &[Pointer]) -> Vec<(Pointer, Vec<u32>)> {
