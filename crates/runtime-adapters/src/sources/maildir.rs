@@ -286,26 +286,12 @@ impl MaildirSource {
         ctx: &SourceContext,
         chunk: &mut Vec<(String, Task)>,
     ) -> Result<bool, SourceError> {
-        let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
-        self.lock().progress.reserve(chunk);
-        let published = super::publish_chunk(ctx, chunk).await;
-        match published {
-            Ok(Some(published)) => {
-                self.lock().progress.published(&published);
-                Ok(true)
-            }
-            Ok(None) => {
-                self.lock().progress.unreserve(&keys);
-                Ok(false)
-            }
-            Err(e) => {
-                self.lock().progress.unreserve(&keys);
-                Err(SourceError::Io {
-                    source_id: self.id.clone(),
-                    message: format!("publishing failed, messages left unread: {e}"),
-                })
-            }
-        }
+        super::publish_reserved(ctx, chunk, |f| f(&mut self.lock().progress))
+            .await
+            .map_err(|e| SourceError::Io {
+                source_id: self.id.clone(),
+                message: format!("publishing failed, messages left unread: {e}"),
+            })
     }
 
     async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {

@@ -6,11 +6,40 @@ pub mod maildir;
 #[cfg(feature = "source-imap")]
 pub mod imap;
 
+/// [`publish_chunk`] with the source's bookkeeping: the keys are reserved as pending in
+/// `progress` before publishing (a worker may complete a task before the publish returns),
+/// counted when enqueued, and released again when publishing failed or shutdown came first.
+/// `progress` runs its argument on the source's [`Progress`] under the source's lock.
+/// `Ok(false)` when shutdown came first.
+#[cfg(any(feature = "source-maildir", feature = "source-imap"))]
+pub(crate) async fn publish_reserved(
+    ctx: &runtime_contracts::SourceContext,
+    chunk: &mut Vec<(String, runtime_contracts::Task)>,
+    progress: impl Fn(&mut dyn FnMut(&mut Progress)),
+) -> Result<bool, runtime_contracts::QueueError> {
+    let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
+    progress(&mut |p| p.reserve(chunk));
+    match publish_chunk(ctx, chunk).await {
+        Ok(Some(published)) => {
+            progress(&mut |p| p.published(&published));
+            Ok(true)
+        }
+        Ok(None) => {
+            progress(&mut |p| p.unreserve(&keys));
+            Ok(false)
+        }
+        Err(e) => {
+            progress(&mut |p| p.unreserve(&keys));
+            Err(e)
+        }
+    }
+}
+
 /// Publishes a chunk of `(key, pointer task)` in one call once the pool has capacity; each
 /// key with whether its task was enqueued (false: the queue already knew it). `Ok(None)`
 /// when shutdown came first: nothing of the chunk was published, and the chunk is kept.
 #[cfg(any(feature = "source-maildir", feature = "source-imap"))]
-pub(crate) async fn publish_chunk(
+async fn publish_chunk(
     ctx: &runtime_contracts::SourceContext,
     chunk: &mut Vec<(String, runtime_contracts::Task)>,
 ) -> Result<Option<Vec<(String, bool)>>, runtime_contracts::QueueError> {

@@ -465,22 +465,9 @@ impl ImapSource {
         ctx: &SourceContext,
         chunk: &mut Vec<(String, Task)>,
     ) -> Result<bool, String> {
-        let keys: Vec<String> = chunk.iter().map(|(key, _)| key.clone()).collect();
-        self.lock().progress.reserve(chunk);
-        match super::publish_chunk(ctx, chunk).await {
-            Ok(Some(published)) => {
-                self.lock().progress.published(&published);
-                Ok(true)
-            }
-            Ok(None) => {
-                self.lock().progress.unreserve(&keys);
-                Ok(false)
-            }
-            Err(e) => {
-                self.lock().progress.unreserve(&keys);
-                Err(format!("publishing failed, messages left unseen: {e}"))
-            }
-        }
+        super::publish_reserved(ctx, chunk, |f| f(&mut self.lock().progress))
+            .await
+            .map_err(|e| format!("publishing failed, messages left unseen: {e}"))
     }
 
     // ---- worker connections: fetch and flag ---------------------------------------------
