@@ -211,6 +211,28 @@ async fn bot_drain(
     let deadline = started + Duration::from_secs(600);
     let trace = std::env::var("PLBA_BENCH_IMAP_RSS_TRACE").is_ok();
     let mut samples = Vec::new();
+    let sampler = trace.then(|| {
+        let pid = bot.id();
+        let start = started;
+        std::thread::spawn(move || {
+            let mut max = (0u64, 0u128);
+            while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                let rss = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+                    .unwrap_or(0);
+                if rss > max.0 {
+                    max = (rss, start.elapsed().as_millis());
+                }
+                if rss == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            max
+        })
+    });
     let mut first_seen = None;
     loop {
         let unseen = watcher.unseen_count("INBOX");
@@ -270,6 +292,13 @@ async fn bot_drain(
         println!("  RSS over the drain: {}", curve.join(", "));
     }
     stop(bot);
+    if let Some(sampler) = sampler {
+        let (kib, at) = sampler.join().unwrap_or_default();
+        println!(
+            "  highest RSS sampled every 0.5 ms: {} MiB at {at} ms",
+            kib / 1024
+        );
+    }
     let store = OrderStore::open(store_url).await.expect("store");
     let outcomes = store.outcomes().await.expect("outcomes");
     let deliveries: i64 = outcomes.iter().map(|o| o.deliveries).sum();
