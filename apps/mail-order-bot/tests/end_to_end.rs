@@ -18,7 +18,7 @@ async fn run_once(ws: &Workspace, workers: usize, max_attempts: u32) -> RuntimeM
 
 async fn run_config(path: &std::path::Path) -> RuntimeManager {
     let config = Arc::new(load_config(Some(path), Some(HashMap::new())).expect("config"));
-    let mut runtime = build_runtime(config, Arc::new(FaultyBot), None)
+    let mut runtime = build_runtime(config, FaultyBot::module(), None)
         .await
         .expect("runtime");
     runtime.start().expect("start");

@@ -43,7 +43,7 @@ fn plain(server: &DovecotServer) -> String {
 
 async fn start(path: &std::path::Path) -> RuntimeManager {
     let config = Arc::new(load_config(Some(path), Some(HashMap::new())).expect("config"));
-    let mut runtime = build_runtime(config, Arc::new(FaultyBot), None)
+    let mut runtime = build_runtime(config, FaultyBot::module(), None)
         .await
         .expect("runtime");
     runtime.start().expect("start");
@@ -195,9 +195,10 @@ async fn sigkill_between_a_batch_commit_and_its_store_then_restart() {
     ) {
         let config =
             Arc::new(load_config(Some(config.as_ref()), Some(HashMap::new())).expect("config"));
-        let module = Arc::new(common::StallAfterCommit {
+        let module = common::StallAfterCommit {
             marker: marker.into(),
-        });
+        }
+        .module();
         let mut runtime = build_runtime(config, module, None).await.expect("runtime");
         runtime.start().expect("start");
         std::future::pending::<()>().await;

@@ -189,37 +189,14 @@ mod race {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use plba_testkit::source_context;
     use plba_testkit::DovecotServer;
     use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
     use runtime_adapters::sources::imap::{ImapConfig, ImapMode, ImapSource};
     use runtime_contracts::{
-        AttemptFailure, Backpressure, BoxFuture, CancelSignal, Headers, Lease, PublishResult,
-        QueueError, QueueStats, SourceContext, Task, TaskQueue, TaskSource, TraceFactory,
+        AttemptFailure, BoxFuture, CancelSignal, Lease, PublishResult, QueueError, QueueStats,
+        Task, TaskQueue, TaskSource,
     };
-
-    struct Flag(std::sync::atomic::AtomicBool, tokio::sync::Notify);
-    impl CancelSignal for Flag {
-        fn is_cancelled(&self) -> bool {
-            self.0.load(std::sync::atomic::Ordering::SeqCst)
-        }
-        fn cancelled(&self) -> BoxFuture<'_, ()> {
-            Box::pin(async move {
-                while !self.is_cancelled() {
-                    self.1.notified().await;
-                }
-            })
-        }
-    }
-    struct Open;
-    impl Backpressure for Open {
-        fn wait_for_capacity(&self) -> BoxFuture<'_, ()> {
-            Box::pin(async {})
-        }
-    }
-    struct NoTrace;
-    impl TraceFactory for NoTrace {
-        fn inject_current(&self, _headers: &mut Headers) {}
-    }
 
     /// The memory queue, counting how often each task id was enqueued.
     struct Counting {
@@ -314,13 +291,7 @@ mod race {
             inner: MemoryQueue::new("orders", MemoryQueueConfig::default()),
             enqueued: Mutex::default(),
         });
-        let stop = Arc::new(Flag(Default::default(), tokio::sync::Notify::new()));
-        let ctx = SourceContext {
-            queue: queue.clone(),
-            shutdown: stop.clone(),
-            backpressure: Arc::new(Open),
-            tracer: Arc::new(NoTrace),
-        };
+        let (ctx, stop) = source_context(queue.clone());
         let run = {
             let source = Arc::clone(&source);
             tokio::spawn(async move { source.start(ctx).await.expect("source runs") })
@@ -370,8 +341,7 @@ mod race {
         }
         // Searches go on while nothing is left: none may find a completed message again.
         tokio::time::sleep(Duration::from_millis(700)).await;
-        stop.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        stop.1.notify_waiters();
+        stop.stop();
         for w in workers {
             w.await.expect("worker");
         }

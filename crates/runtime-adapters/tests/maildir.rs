@@ -4,36 +4,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use plba_testkit::{source_context, StopSignal};
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_adapters::sources::maildir::{deliver, MaildirConfig, MaildirSource};
-use runtime_contracts::{
-    Backpressure, BoxFuture, CancelSignal, Disposition, Headers, SourceContext, TaskQueue,
-    TaskSource, TraceFactory,
-};
-
-struct Flag(std::sync::atomic::AtomicBool, tokio::sync::Notify);
-impl CancelSignal for Flag {
-    fn is_cancelled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-    fn cancelled(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            while !self.is_cancelled() {
-                self.1.notified().await;
-            }
-        })
-    }
-}
-struct Open;
-impl Backpressure for Open {
-    fn wait_for_capacity(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
-}
-struct NoTrace;
-impl TraceFactory for NoTrace {
-    fn inject_current(&self, _headers: &mut Headers) {}
-}
+use runtime_contracts::{Disposition, TaskQueue, TaskSource};
 
 fn config(path: &Path) -> MaildirConfig {
     MaildirConfig {
@@ -49,7 +23,7 @@ fn config(path: &Path) -> MaildirConfig {
 struct Harness {
     source: Arc<MaildirSource>,
     queue: Arc<MemoryQueue>,
-    stop: Arc<Flag>,
+    stop: Arc<StopSignal>,
     run: tokio::task::JoinHandle<()>,
 }
 
@@ -57,13 +31,7 @@ impl Harness {
     fn start(dir: &Path) -> Self {
         let source = Arc::new(MaildirSource::new("inbox", config(dir)));
         let queue = Arc::new(MemoryQueue::new("p", MemoryQueueConfig::default()));
-        let stop = Arc::new(Flag(Default::default(), tokio::sync::Notify::new()));
-        let ctx = SourceContext {
-            queue: queue.clone(),
-            shutdown: stop.clone(),
-            backpressure: Arc::new(Open),
-            tracer: Arc::new(NoTrace),
-        };
+        let (ctx, stop) = source_context(queue.clone());
         let run = {
             let source = Arc::clone(&source);
             tokio::spawn(async move {
@@ -98,8 +66,7 @@ impl Harness {
     }
 
     async fn stop(self) {
-        self.stop.0.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.stop.1.notify_waiters();
+        self.stop.stop();
         self.run.await.expect("join");
     }
 }

@@ -15,9 +15,67 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runtime_contracts::{
-    ApplicationModule, BoxFuture, ConfigProblem, ConfigProvider, ModuleError, ModuleRegistry,
-    SourceContext, SourceError, SourceState, SourceStatus, Task, TaskHandler, TaskSource,
+    ApplicationModule, Backpressure, BoxFuture, CancelSignal, ConfigProblem, ConfigProvider,
+    Headers, ModuleError, ModuleRegistry, SourceContext, SourceError, SourceState, SourceStatus,
+    Task, TaskHandler, TaskQueue, TaskSource, TraceFactory,
 };
+
+/// The stop signal of a source under test: [`StopSignal::stop`] fires it.
+#[derive(Debug, Default)]
+pub struct StopSignal(std::sync::atomic::AtomicBool, tokio::sync::Notify);
+
+impl StopSignal {
+    /// Fires the signal: the source's `start` returns.
+    pub fn stop(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.1.notify_waiters();
+    }
+}
+
+impl CancelSignal for StopSignal {
+    fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn cancelled(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                // Registered before the flag is checked, so a stop in between still wakes it.
+                let notified = self.1.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.is_cancelled() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+    }
+}
+
+struct NoBackpressure;
+impl Backpressure for NoBackpressure {
+    fn wait_for_capacity(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+struct NoTrace;
+impl TraceFactory for NoTrace {
+    fn inject_current(&self, _headers: &mut Headers) {}
+}
+
+/// What a source under test is started with, without a runtime: `queue`, a stop signal,
+/// no backpressure and no tracing.
+pub fn source_context(queue: Arc<dyn TaskQueue>) -> (SourceContext, Arc<StopSignal>) {
+    let stop = Arc::new(StopSignal::default());
+    let ctx = SourceContext {
+        queue,
+        shutdown: stop.clone(),
+        backpressure: Arc::new(NoBackpressure),
+        tracer: Arc::new(NoTrace),
+    };
+    (ctx, stop)
+}
 
 /// A source that publishes a fixed list of tasks when started (with the trace context
 /// written into each, as a real source does), then waits for shutdown. It has nothing to

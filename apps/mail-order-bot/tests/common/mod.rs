@@ -526,28 +526,6 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     }
 }
 
-impl ApplicationModule for FaultyBot {
-    fn name(&self) -> &str {
-        "faulty-bot"
-    }
-    fn config_section(&self) -> &str {
-        MailOrderModule.config_section()
-    }
-    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
-        MailOrderModule.validate_config(section)
-    }
-    fn register<'a>(
-        &'a self,
-        registry: &'a mut dyn ModuleRegistry,
-        config: &'a dyn ConfigProvider,
-    ) -> BoxFuture<'a, Result<(), ModuleError>> {
-        Box::pin(async move {
-            let mut wrapping = Wrapping(registry, |h| Arc::new(Faulty(h)) as Arc<dyn TaskHandler>);
-            MailOrderModule.register(&mut wrapping, config).await
-        })
-    }
-}
-
 /// Test-only module: the real bot whose handler, once a task or batch is committed,
 /// appends a line to `marker` and never returns, so the source never completes it: the
 /// state a crash between the commit and the `\\Seen` store leaves.
@@ -597,9 +575,18 @@ impl TaskHandler for Stall {
     }
 }
 
-impl ApplicationModule for StallAfterCommit {
+/// The real bot with its handler wrapped: what the test modules above register.
+struct WrappedBot<W> {
+    name: &'static str,
+    wrap: W,
+}
+
+impl<W> ApplicationModule for WrappedBot<W>
+where
+    W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Clone + Send + Sync,
+{
     fn name(&self) -> &str {
-        "stall-after-commit"
+        self.name
     }
     fn config_section(&self) -> &str {
         MailOrderModule.config_section()
@@ -613,11 +600,29 @@ impl ApplicationModule for StallAfterCommit {
         config: &'a dyn ConfigProvider,
     ) -> BoxFuture<'a, Result<(), ModuleError>> {
         Box::pin(async move {
-            let marker = self.marker.clone();
-            let mut wrapping = Wrapping(registry, move |h| {
-                Arc::new(Stall(h, marker.clone())) as Arc<dyn TaskHandler>
-            });
+            let mut wrapping = Wrapping(registry, self.wrap.clone());
             MailOrderModule.register(&mut wrapping, config).await
+        })
+    }
+}
+
+impl FaultyBot {
+    /// The module to hand `build_runtime`.
+    pub fn module() -> Arc<dyn ApplicationModule> {
+        Arc::new(WrappedBot {
+            name: "faulty-bot",
+            wrap: |h| Arc::new(Faulty(h)) as Arc<dyn TaskHandler>,
+        })
+    }
+}
+
+impl StallAfterCommit {
+    /// The module to hand `build_runtime`.
+    pub fn module(self) -> Arc<dyn ApplicationModule> {
+        let marker = self.marker;
+        Arc::new(WrappedBot {
+            name: "stall-after-commit",
+            wrap: move |h| Arc::new(Stall(h, marker.clone())) as Arc<dyn TaskHandler>,
         })
     }
 }

@@ -830,6 +830,40 @@ impl ImapSource {
     }
 }
 
+impl ImapSource {
+    /// The pointers of a batch's tasks with their places in it, and the answers so far:
+    /// a task that is no pointer of this source already has its error at its place.
+    #[allow(clippy::type_complexity)]
+    fn pointers_of<T>(
+        &self,
+        tasks: &[Arc<Task>],
+    ) -> (
+        Vec<usize>,
+        Vec<Pointer>,
+        Vec<Option<Result<T, SourceError>>>,
+    ) {
+        let mut out: Vec<Option<Result<T, SourceError>>> = (0..tasks.len()).map(|_| None).collect();
+        let (mut index, mut pointers) = (Vec::new(), Vec::new());
+        for (i, task) in tasks.iter().enumerate() {
+            match self.pointer_of(task) {
+                Ok(pointer) => {
+                    index.push(i);
+                    pointers.push(pointer);
+                }
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        (index, pointers, out)
+    }
+
+    /// One answer per task, in order (a place left empty is an error, never a gap).
+    fn answers<T>(&self, out: Vec<Option<Result<T, SourceError>>>) -> Vec<Result<T, SourceError>> {
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(self.io("no answer for this task"))))
+            .collect()
+    }
+}
+
 impl TaskSource for ImapSource {
     fn id(&self) -> &str {
         &self.id
@@ -885,20 +919,18 @@ impl TaskSource for ImapSource {
     ) -> BoxFuture<'a, Vec<Result<Option<Vec<u8>>, SourceError>>> {
         Box::pin(async move {
             let max = self.config.max_message_bytes;
-            let mut out: Vec<Option<Result<Option<Vec<u8>>, SourceError>>> =
-                (0..tasks.len()).map(|_| None).collect();
-            let mut wanted = Vec::with_capacity(tasks.len());
-            let mut index = Vec::with_capacity(tasks.len());
-            for (i, task) in tasks.iter().enumerate() {
-                match self.pointer_of(task) {
-                    Ok(pointer) => {
-                        let size = task.payload.get("size").and_then(serde_json::Value::as_u64);
-                        wanted.push((pointer, size));
-                        index.push(i);
-                    }
-                    Err(e) => out[i] = Some(Err(e)),
-                }
-            }
+            let (index, pointers, mut out) = self.pointers_of(tasks);
+            let wanted: Vec<(Pointer, Option<u64>)> = index
+                .iter()
+                .zip(pointers)
+                .map(|(&i, p)| {
+                    let size = tasks[i]
+                        .payload
+                        .get("size")
+                        .and_then(serde_json::Value::as_u64);
+                    (p, size)
+                })
+                .collect();
             for (i, fetched) in index.into_iter().zip(self.fetch_batch(&wanted).await) {
                 out[i] = Some(fetched.and_then(|f| match f {
                     Fetched::Gone => Ok(None),
@@ -910,9 +942,7 @@ impl TaskSource for ImapSource {
                     }),
                 }));
             }
-            out.into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(self.io("not fetched"))))
-                .collect()
+            self.answers(out)
         })
     }
 
@@ -921,19 +951,7 @@ impl TaskSource for ImapSource {
         tasks: &'a [Arc<Task>],
     ) -> BoxFuture<'a, Vec<Result<(), SourceError>>> {
         Box::pin(async move {
-            let mut out: Vec<Option<Result<(), SourceError>>> =
-                (0..tasks.len()).map(|_| None).collect();
-            let mut pointers = Vec::with_capacity(tasks.len());
-            let mut index = Vec::with_capacity(tasks.len());
-            for (i, task) in tasks.iter().enumerate() {
-                match self.pointer_of(task) {
-                    Ok(pointer) => {
-                        pointers.push(pointer);
-                        index.push(i);
-                    }
-                    Err(e) => out[i] = Some(Err(e)),
-                }
-            }
+            let (index, pointers, mut out) = self.pointers_of(tasks);
             let stored = self.mark_seen_all(&pointers).await;
             {
                 // One lock: the watcher never sees a task neither pending nor completed.
@@ -950,9 +968,7 @@ impl TaskSource for ImapSource {
             for (i, result) in index.into_iter().zip(stored) {
                 out[i] = Some(result);
             }
-            out.into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(self.io("not completed"))))
-                .collect()
+            self.answers(out)
         })
     }
 
