@@ -856,6 +856,19 @@ impl ImapSource {
         (index, pointers, out)
     }
 
+    /// What a fetch means for `load_content`: the bytes, `None` when gone, or too large.
+    fn content(&self, fetched: Fetched) -> Result<Option<Vec<u8>>, SourceError> {
+        match fetched {
+            Fetched::Gone => Ok(None),
+            Fetched::Body(bytes) => Ok(Some(bytes)),
+            Fetched::TooLarge(size) => Err(SourceError::TooLarge {
+                source_id: self.id.clone(),
+                size,
+                limit: self.config.max_message_bytes,
+            }),
+        }
+    }
+
     /// One answer per task, in order (a place left empty is an error, never a gap).
     fn answers<T>(&self, out: Vec<Option<Result<T, SourceError>>>) -> Vec<Result<T, SourceError>> {
         out.into_iter()
@@ -883,18 +896,8 @@ impl TaskSource for ImapSource {
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
         Box::pin(async move {
             let pointer = self.pointer_of(task)?;
-            let max = self.config.max_message_bytes;
             let known_size = task.payload.get("size").and_then(serde_json::Value::as_u64);
-            let fetched = self.fetch(&pointer, known_size).await?;
-            match fetched {
-                Fetched::Gone => Ok(None),
-                Fetched::Body(bytes) => Ok(Some(bytes)),
-                Fetched::TooLarge(size) => Err(SourceError::TooLarge {
-                    source_id: self.id.clone(),
-                    size,
-                    limit: max,
-                }),
-            }
+            self.content(self.fetch(&pointer, known_size).await?)
         })
     }
 
@@ -918,7 +921,6 @@ impl TaskSource for ImapSource {
         tasks: &'a [Arc<Task>],
     ) -> BoxFuture<'a, Vec<Result<Option<Vec<u8>>, SourceError>>> {
         Box::pin(async move {
-            let max = self.config.max_message_bytes;
             let (index, pointers, mut out) = self.pointers_of(tasks);
             let wanted: Vec<(Pointer, Option<u64>)> = index
                 .iter()
@@ -932,15 +934,7 @@ impl TaskSource for ImapSource {
                 })
                 .collect();
             for (i, fetched) in index.into_iter().zip(self.fetch_batch(&wanted).await) {
-                out[i] = Some(fetched.and_then(|f| match f {
-                    Fetched::Gone => Ok(None),
-                    Fetched::Body(bytes) => Ok(Some(bytes)),
-                    Fetched::TooLarge(size) => Err(SourceError::TooLarge {
-                        source_id: self.id.clone(),
-                        size,
-                        limit: max,
-                    }),
-                }));
+                out[i] = Some(fetched.and_then(|f| self.content(f)));
             }
             self.answers(out)
         })
