@@ -154,8 +154,20 @@ clients_file = "{clients}"
     path
 }
 
+/// The bot's command; `PLBA_BENCH_IMAP_WRAP` puts a profiler in front of it (for example
+/// `heaptrack -o /tmp/bot`).
 fn spawn_bot(config: &Path) -> Child {
-    Command::new(BOT)
+    let wrap = std::env::var("PLBA_BENCH_IMAP_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(BOT);
+            c
+        }
+        None => Command::new(BOT),
+    };
+    command
         .args(["run", "--config"])
         .arg(config)
         .stdout(Stdio::null())
@@ -215,15 +227,44 @@ async fn bot_drain(
         let pid = bot.id();
         let start = started;
         std::thread::spawn(move || {
-            let mut max = (0u64, 0u128);
+            let mut max = (0u64, 0u128, String::new());
+            // PLBA_BENCH_IMAP_RSS_TRACE=FILE also writes every sample (µs, RSS, anon, file
+            // KiB, threads) to FILE.
+            let mut trace_file = std::env::var("PLBA_BENCH_IMAP_RSS_TRACE")
+                .ok()
+                .filter(|v| v.contains('/'))
+                .and_then(|path| std::fs::File::create(path).ok())
+                .map(std::io::BufWriter::new);
             while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                let rss = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-                    .unwrap_or(0);
+                let field = |name: &str| -> u64 {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+                        .unwrap_or(0)
+                };
+                let rss = field("VmRSS:");
+                if let Some(file) = trace_file.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(
+                        file,
+                        "{},{},{},{},{}",
+                        start.elapsed().as_micros(),
+                        rss,
+                        field("RssAnon:"),
+                        field("RssFile:"),
+                        field("Threads:")
+                    );
+                }
                 if rss > max.0 {
-                    max = (rss, start.elapsed().as_millis());
+                    let parts = format!(
+                        "anon {} KiB, file {} KiB, shmem {} KiB, threads {}",
+                        field("RssAnon:"),
+                        field("RssFile:"),
+                        field("RssShmem:"),
+                        field("Threads:")
+                    );
+                    max = (rss, start.elapsed().as_millis(), parts);
                 }
                 if rss == 0 {
                     break;
@@ -293,9 +334,9 @@ async fn bot_drain(
     }
     stop(bot);
     if let Some(sampler) = sampler {
-        let (kib, at) = sampler.join().unwrap_or_default();
+        let (kib, at, parts) = sampler.join().unwrap_or_default();
         println!(
-            "  highest RSS sampled every 0.5 ms: {} MiB at {at} ms",
+            "  highest RSS sampled every 0.5 ms: {} MiB at {at} ms ({parts})",
             kib / 1024
         );
     }
@@ -330,11 +371,16 @@ async fn backlog(n: usize, backend: &str, pg: Option<&PostgresServer>) {
     let dir = tempfile::tempdir().expect("tempdir");
     server.append(USER, PASSWORD, "INBOX", &messages);
     drop(messages);
-    let (before, _) = bot_drain(&server, &store_url(&dir.path().join("a")), n, 1).await;
-    // The same messages again, unseen, for the batched run.
-    let mut client = server.client(USER, PASSWORD);
-    client.run("SELECT INBOX");
-    client.run("UID STORE 1:* -FLAGS.SILENT (\\Seen)");
+    let before = if part("before") {
+        let (before, _) = bot_drain(&server, &store_url(&dir.path().join("a")), n, 1).await;
+        // The same messages again, unseen, for the batched run.
+        let mut client = server.client(USER, PASSWORD);
+        client.run("SELECT INBOX");
+        client.run("UID STORE 1:* -FLAGS.SILENT (\\Seen)");
+        before
+    } else {
+        f64::NAN
+    };
     let prefetch = plba_testkit::env_number("PLBA_BENCH_IMAP_PREFETCH", 32) as usize;
     let (after, rss) = bot_drain(&server, &store_url(&dir.path().join("b")), n, prefetch).await;
     println!(
@@ -476,6 +522,14 @@ async fn live(kind: &str, poll_ms: u64, rate: u64, secs: u64) {
     );
 }
 
+/// Whether `PLBA_BENCH_IMAP_PARTS` (`backlog,before,stages,live`: all by default) asks for
+/// `name`; a part left out is printed as not asked for (NaN), never silently.
+fn part(name: &str) -> bool {
+    std::env::var("PLBA_BENCH_IMAP_PARTS")
+        .map(|parts| parts.split(',').any(|p| p.trim() == name))
+        .unwrap_or(true)
+}
+
 fn main() {
     let secs = plba_testkit::env_number("PLBA_BENCH_IMAP_LIVE_SECS", 10);
     let backlogs: Vec<usize> = std::env::var("PLBA_BENCH_IMAP_BACKLOGS")
@@ -497,15 +551,22 @@ fn main() {
     if pg.is_none() {
         println!("PostgreSQL rows not asked for (PLBA_BENCH_IMAP_PG=0)");
     }
+    if let Ok(parts) = std::env::var("PLBA_BENCH_IMAP_PARTS") {
+        println!("parts asked for (PLBA_BENCH_IMAP_PARTS): {parts}");
+    }
     rt.block_on(async {
-        for &n in &backlogs {
+        for &n in backlogs.iter().filter(|_| part("backlog")) {
             backlog(n, "SQLite", None).await;
             if let Some(pg) = &pg {
                 backlog(n, "PostgreSQL", Some(pg)).await;
             }
         }
-        stages(backlogs.first().copied().unwrap_or(2000), pg.as_ref()).await;
-        live("imap_idle", 5000, 200, secs).await;
-        live("imap_poll", 5000, 200, secs).await;
+        if part("stages") {
+            stages(backlogs.first().copied().unwrap_or(2000), pg.as_ref()).await;
+        }
+        if part("live") {
+            live("imap_idle", 5000, 200, secs).await;
+            live("imap_poll", 5000, 200, secs).await;
+        }
     });
 }

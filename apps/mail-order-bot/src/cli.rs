@@ -156,8 +156,20 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
     if let Some(control) = control {
         control.stop().await;
     }
-    let created = store.orders_after(before).await?;
-    print_run_summary(&runtime, &created, store.orders_after(0).await?.len()).await;
+    // A long run can create many thousands of orders: they are counted in the database and
+    // listed only when few (`orders list` shows them all).
+    let new_orders = store.order_count_after(before).await?;
+    let created = if new_orders <= SUMMARY_MAX_ORDERS {
+        store.orders_after(before).await?
+    } else {
+        Vec::new()
+    };
+    let summary = RunSummary {
+        new_orders,
+        listed: &created,
+        total: store.order_count_after(0).await?,
+    };
+    print_run_summary(&runtime, &summary).await;
     if !report.drained_in_time {
         eprintln!(
             "shutdown deadline passed: unfinished tasks went back to their queue and stay unread"
@@ -217,7 +229,18 @@ async fn wait(runtime: &RuntimeManager, once: bool) -> anyhow::Result<bool> {
     }
 }
 
-async fn print_run_summary(runtime: &RuntimeManager, created: &[StoredOrder], total: usize) {
+/// The most new orders the end-of-run summary lists one by one.
+const SUMMARY_MAX_ORDERS: u64 = 50;
+
+/// The orders a run created: how many, those listed (all of them when few), and how many
+/// the store holds.
+struct RunSummary<'a> {
+    new_orders: u64,
+    listed: &'a [StoredOrder],
+    total: u64,
+}
+
+async fn print_run_summary(runtime: &RuntimeManager, summary: &RunSummary<'_>) {
     let status = runtime.status().await;
     for pool in &status.pools {
         println!(
@@ -235,14 +258,16 @@ async fn print_run_summary(runtime: &RuntimeManager, created: &[StoredOrder], to
             }
         }
     }
-    if created.is_empty() {
+    let (new_orders, total) = (summary.new_orders, summary.total);
+    if new_orders == 0 {
         println!("no new orders ({total} in the store)");
-    } else {
+    } else if summary.listed.is_empty() {
         println!(
-            "created {} new orders ({total} in the store):",
-            created.len()
+            "created {new_orders} new orders ({total} in the store; `orders list` shows them)"
         );
-        print_order_table(created);
+    } else {
+        println!("created {new_orders} new orders ({total} in the store):");
+        print_order_table(summary.listed);
     }
 }
 

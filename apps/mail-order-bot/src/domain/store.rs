@@ -733,6 +733,16 @@ impl OrderStore {
     }
 
     /// The highest order id, 0 when there is none.
+    /// How many orders have an id above `after` (0: all of them).
+    pub async fn order_count_after(&self, after: i64) -> Result<u64, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM orders WHERE id > $1")
+                .bind(after)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     pub async fn last_order_id(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM orders")

@@ -415,16 +415,17 @@ impl ImapSource {
             // Sizes of the whole chunk in one command: the pointer carries the size, so a
             // worker can refuse an oversized message before downloading it.
             let set = uid_set(uids);
-            let sizes: HashMap<u32, u32> = session
-                .uid_fetch(&set, "RFC822.SIZE")
-                .await
-                .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?
-                .try_collect::<Vec<_>>()
-                .await
-                .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?
-                .iter()
-                .filter_map(|f| Some((f.uid?, f.size?)))
-                .collect();
+            let sizes: HashMap<u32, u32> = read_fetches(
+                session
+                    .uid_fetch(&set, "RFC822.SIZE")
+                    .await
+                    .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?,
+                |f| Some((f.uid?, f.size?)),
+            )
+            .await
+            .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?
+            .into_iter()
+            .collect();
             let mut chunk = Vec::with_capacity(uids.len());
             for &uid in uids {
                 let Some(size) = sizes.get(&uid) else {
@@ -554,8 +555,7 @@ impl ImapSource {
         };
         let uid = uid_set(uids);
         let result = match pooled.session.uid_store(&uid, flags).await {
-            Ok(responses) => responses
-                .try_collect::<Vec<_>>()
+            Ok(responses) => read_fetches(responses, |_| None::<()>)
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("UID STORE {uid} {flags}: {e}")),
@@ -582,14 +582,16 @@ impl ImapSource {
             if known_size.is_some() {
                 return fetch_body(session, &uid).await;
             }
-            let sizes: Vec<_> = session
-                .uid_fetch(&uid, "RFC822.SIZE")
-                .await
-                .map_err(|e| format!("UID FETCH {uid} RFC822.SIZE: {e}"))?
-                .try_collect()
-                .await
-                .map_err(|e| format!("UID FETCH {uid} RFC822.SIZE: {e}"))?;
-            let Some(size) = sizes.iter().find_map(|f| f.size) else {
+            let sizes = read_fetches(
+                session
+                    .uid_fetch(&uid, "RFC822.SIZE")
+                    .await
+                    .map_err(|e| format!("UID FETCH {uid} RFC822.SIZE: {e}"))?,
+                |f| f.size,
+            )
+            .await
+            .map_err(|e| format!("UID FETCH {uid} RFC822.SIZE: {e}"))?;
+            let Some(&size) = sizes.first() else {
                 return Ok(Fetched::Gone);
             };
             if u64::from(size) > max {
@@ -768,22 +770,15 @@ impl ImapSource {
         };
         let set = uid_set(uids);
         let result = async {
-            let mut stream = pooled
+            let stream = pooled
                 .session
                 .uid_fetch(&set, "BODY.PEEK[]")
                 .await
                 .map_err(|e| format!("UID FETCH {set} BODY.PEEK[]: {e}"))?;
-            let mut bodies = HashMap::with_capacity(uids.len());
-            while let Some(fetch) = stream
-                .try_next()
+            read_fetches(stream, |f| Some((f.uid?, f.body()?.to_vec())))
                 .await
-                .map_err(|e| format!("UID FETCH {set} BODY.PEEK[]: {e}"))?
-            {
-                if let (Some(uid), Some(body)) = (fetch.uid, fetch.body()) {
-                    bodies.insert(uid, body.to_vec());
-                }
-            }
-            Ok(bodies)
+                .map(|bodies| bodies.into_iter().collect::<HashMap<_, _>>())
+                .map_err(|e| format!("UID FETCH {set} BODY.PEEK[]: {e}"))
         }
         .await;
         self.checkin(pooled, permit, result).map(Some)
@@ -983,17 +978,44 @@ impl TaskSource for ImapSource {
 }
 
 async fn fetch_body(session: &mut ImapSession, uid: &str) -> Result<Fetched, String> {
-    let bodies: Vec<_> = session
-        .uid_fetch(uid, "BODY.PEEK[]")
-        .await
-        .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?
-        .try_collect()
-        .await
-        .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?;
+    let bodies = read_fetches(
+        session
+            .uid_fetch(uid, "BODY.PEEK[]")
+            .await
+            .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?,
+        |f| f.body().map(<[u8]>::to_vec),
+    )
+    .await
+    .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?;
     Ok(bodies
-        .iter()
-        .find_map(|f| f.body().map(<[u8]>::to_vec))
+        .into_iter()
+        .next()
         .map_or(Fetched::Gone, Fetched::Body))
+}
+
+/// Reads a `UID FETCH` or `UID STORE` answer to its end one response at a time, keeping
+/// only what `keep` takes from each.
+///
+/// The server mixes into any answer FETCH responses about flags that other sessions changed
+/// (every `\Seen` the other pooled sessions set: thousands during a backlog), and each
+/// response async-imap yields owns a read buffer of at least 4 KiB. Collecting the responses
+/// held thousands of buffers at once (a transient 17 MiB in a 10,000-message drain);
+/// dropping each as it is read holds one.
+async fn read_fetches<S, T>(
+    stream: S,
+    mut keep: impl FnMut(&async_imap::types::Fetch) -> Option<T>,
+) -> Result<Vec<T>, async_imap::error::Error>
+where
+    S: futures::Stream<Item = Result<async_imap::types::Fetch, async_imap::error::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut kept = Vec::new();
+    while let Some(fetch) = stream.try_next().await? {
+        if let Some(value) = keep(&fetch) {
+            kept.push(value);
+        }
+    }
+    Ok(kept)
 }
 
 /// Most bytes (by the pointers' declared sizes) one batched `UID FETCH` asks for; a larger
