@@ -260,15 +260,31 @@ impl ImapSource {
         ctx: &SourceContext,
     ) -> Result<(), String> {
         loop {
+            let mut found = 0;
             for mailbox in &self.config.mailboxes {
-                if !self.search_and_publish(&mut session, mailbox, ctx).await? {
-                    let _ = session.logout().await;
-                    return Ok(());
+                match self.search_and_publish(&mut session, mailbox, ctx).await? {
+                    Some(fresh) => found += fresh,
+                    None => {
+                        let _ = session.logout().await;
+                        return Ok(());
+                    }
                 }
             }
             self.lock().progress.progressed();
             while session.unsolicited_responses.try_recv().is_ok() {}
             match self.mode {
+                // Mail is arriving: Dovecot sends the next IDLE notification only after
+                // about half a second, so while searches keep finding new mail, search again
+                // soon instead of idling. The first search that finds nothing returns to IDLE.
+                ImapMode::Idle if found > 0 => {
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => {
+                            let _ = session.logout().await;
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(IDLE_FOLLOW_UP) => {}
+                    }
+                }
                 ImapMode::Poll => {
                     let pause = Duration::from_millis(self.config.poll_interval_ms);
                     tokio::select! {
@@ -282,11 +298,14 @@ impl ImapSource {
                     session.noop().await.map_err(|e| format!("NOOP: {e}"))?;
                 }
                 ImapMode::Idle => {
-                    let first = &self.config.mailboxes[0];
-                    session
-                        .select(first)
-                        .await
-                        .map_err(|e| format!("SELECT {first}: {e}"))?;
+                    // IDLE watches the first mailbox; with one mailbox it is still selected.
+                    if self.config.mailboxes.len() > 1 {
+                        let first = &self.config.mailboxes[0];
+                        session
+                            .select(first)
+                            .await
+                            .map_err(|e| format!("SELECT {first}: {e}"))?;
+                    }
                     session = match self.idle(session, ctx).await? {
                         Some(session) => session,
                         None => return Ok(()),
@@ -342,13 +361,14 @@ impl ImapSource {
         }
     }
 
-    /// Searches one mailbox and publishes what is new; false when shutdown came first.
+    /// Searches one mailbox and publishes what is new: how many were new; `None` when
+    /// shutdown came first.
     async fn search_and_publish(
         &self,
         session: &mut ImapSession,
         mailbox: &str,
         ctx: &SourceContext,
-    ) -> Result<bool, String> {
+    ) -> Result<Option<usize>, String> {
         // Taken before SELECT: only a search that began after a completion can show that
         // completion's `\Seen`.
         let searched_at = Instant::now();
@@ -455,10 +475,10 @@ impl ImapSource {
                 chunk.push((id, task));
             }
             if !self.publish(ctx, &mut chunk).await? {
-                return Ok(false);
+                return Ok(None);
             }
         }
-        Ok(true)
+        Ok(Some(fresh.len()))
     }
 
     async fn publish(
@@ -1017,6 +1037,10 @@ where
     }
     Ok(kept)
 }
+
+/// How soon an IDLE source searches again after a search that found new mail, instead of
+/// idling (Dovecot delays IDLE notifications by about half a second).
+const IDLE_FOLLOW_UP: Duration = Duration::from_millis(100);
 
 /// Most bytes (by the pointers' declared sizes) one batched `UID FETCH` asks for; a larger
 /// message is fetched alone. Bounds what a batch holds in memory at once.
