@@ -359,10 +359,20 @@ async fn backlog(n: usize, backend: &str, pg: Option<&PostgresServer>) {
     let started = Instant::now();
     let (count, _) = server.client(BASE, PASSWORD).fetch_all("INBOX");
     let ceiling = rate(count, started.elapsed());
-    let started = Instant::now();
-    let handled = server.client(BASE, PASSWORD).fetch_and_flag_each("INBOX");
-    let script = rate(handled, started.elapsed());
-    assert_eq!((count, handled), (n, n));
+    // The script loop swings most between runs (1:2.5 seen at 2,000): its median of three,
+    // each on the same messages made unseen again.
+    let mut scripts = Vec::new();
+    for _ in 0..3 {
+        let mut client = server.client(BASE, PASSWORD);
+        client.run("SELECT INBOX");
+        client.run("UID STORE 1:* -FLAGS.SILENT (\\Seen)");
+        let started = Instant::now();
+        let handled = client.fetch_and_flag_each("INBOX");
+        assert_eq!((count, handled), (n, n));
+        scripts.push(rate(handled, started.elapsed()));
+    }
+    scripts.sort_by(f64::total_cmp);
+    let script = scripts[1];
 
     let store_url = |dir: &Path| match pg {
         Some(pg) => pg.create_database(),
@@ -385,7 +395,7 @@ async fn backlog(n: usize, backend: &str, pg: Option<&PostgresServer>) {
     let (after, rss) = bot_drain(&server, &store_url(&dir.path().join("b")), n, prefetch).await;
     println!(
         "backlog {n:>6} {backend:<10} ({:.1} MiB): bot {after:>6.0} msg/s (prefetch 1: {before:>5.0}), peak RSS {rss:>5.1} MiB | \
-         script loop {script:>5.0} msg/s, FETCH-only ceiling {ceiling:>6.0} msg/s | \
+         script loop {script:>5.0} msg/s (median of 3), FETCH-only ceiling {ceiling:>6.0} msg/s | \
          bot/script {:.2}, bot/ceiling {:.2}, batched/prefetch 1 {:.2}",
         bytes as f64 / (1 << 20) as f64,
         after / script,

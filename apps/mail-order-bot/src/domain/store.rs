@@ -277,8 +277,11 @@ impl OrderStore {
                     Backend::Sqlite => 4,
                     Backend::Postgres => 8,
                 };
+                // All of them are opened at start, in the background, not by the first
+                // batches (an SQLite connection's set-up took 10-40 ms on that path).
                 let pool = AnyPoolOptions::new()
                     .max_connections(connections)
+                    .min_connections(connections)
                     .acquire_timeout(Duration::from_secs(30))
                     .after_connect(move |conn, _| {
                         Box::pin(async move {

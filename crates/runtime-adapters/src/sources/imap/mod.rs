@@ -203,6 +203,26 @@ impl ImapSource {
         connect(&self.config, self.tls.as_ref(), &password).await
     }
 
+    /// Logs the worker pool's sessions in, all at once; a session that cannot log in is
+    /// left for a worker's checkout to try again.
+    async fn warm_pool(&self) {
+        let logins = (0..self.config.connections).map(|_| async {
+            let (idle, permit) = self.pool.checkout().await;
+            let pooled = match idle {
+                Some(pooled) => pooled,
+                None => match self.login().await {
+                    Ok(session) => Pooled {
+                        session,
+                        selected: None,
+                    },
+                    Err(_) => return,
+                },
+            };
+            self.pool.checkin(pooled, permit);
+        });
+        futures::future::join_all(logins).await;
+    }
+
     // ---- the watcher: search, publish, wait --------------------------------------------
 
     async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {
@@ -226,12 +246,21 @@ impl ImapSource {
 
     async fn watch(&self, ctx: &SourceContext) {
         let mut failures = 0u32;
+        let mut warmed = false;
         while !ctx.shutdown.is_cancelled() {
             let error = match self.login().await {
                 Ok(session) => {
                     failures = 0;
                     self.lock().progress.running();
-                    match self.session_loop(session, ctx).await {
+                    // The first time the server takes the login, the workers' sessions log in
+                    // while the watcher searches, not after the first tasks are published.
+                    let warm = async {
+                        if !std::mem::replace(&mut warmed, true) {
+                            self.warm_pool().await;
+                        }
+                    };
+                    let (looped, ()) = tokio::join!(self.session_loop(session, ctx), warm);
+                    match looped {
                         Ok(()) => return,
                         Err(e) => e,
                     }
