@@ -192,23 +192,37 @@ const ROWS_PER_STATEMENT: usize = 256;
 const LINES_PER_STATEMENT: usize = 1000;
 
 /// `($1, …, $k<tail>), ($k+1, …)`: `rows` tuples of `columns` parameters, each followed by
-/// `tail` (SQL expressions such as the current time).
-fn placeholders(rows: usize, columns: usize, tail: &str) -> String {
+/// `tail` (SQL expressions such as the current time). SQLite gets anonymous `?` instead:
+/// it resolves every named `$n` by a linear search of the statement's names, so a
+/// statement of a batch's 500 parameters spent more time in that search than in the insert.
+fn placeholders(backend: Backend, rows: usize, columns: usize, tail: &str) -> String {
     let mut out = String::with_capacity(rows * (columns * 5 + tail.len() + 4));
     for r in 0..rows {
         if r > 0 {
             out.push_str(", ");
         }
         out.push('(');
-        for c in 0..columns {
-            if c > 0 {
-                out.push_str(", ");
-            }
-            out.push('$');
-            out.push_str(&(r * columns + c + 1).to_string());
-        }
+        out.push_str(&parameter_list(backend, r * columns, columns));
         out.push_str(tail);
         out.push(')');
+    }
+    out
+}
+
+/// `$first+1, …, $first+count` (PostgreSQL) or `?, …, ?` (SQLite, bound in order).
+fn parameter_list(backend: Backend, first: usize, count: usize) -> String {
+    let mut out = String::with_capacity(count * 5);
+    for n in first + 1..=first + count {
+        if n > first + 1 {
+            out.push_str(", ");
+        }
+        match backend {
+            Backend::Sqlite => out.push('?'),
+            Backend::Postgres => {
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+        }
     }
     out
 }
@@ -269,6 +283,7 @@ impl OrderStore {
         // Processes starting together on a fresh database can find it locked while another
         // one migrates it: try again a few times before giving up.
         let mut attempt = 0u64;
+        let started = std::time::Instant::now();
         loop {
             let opened = async {
                 // SQLite has one writer at a time: four connections keep the workers'
@@ -277,8 +292,10 @@ impl OrderStore {
                     Backend::Sqlite => 4,
                     Backend::Postgres => 8,
                 };
-                // All of them are opened at start, in the background, not by the first
-                // batches (an SQLite connection's set-up took 10-40 ms on that path).
+                // One connection migrates; then the others open all at once, in the
+                // background: not by the first batches (an SQLite connection's set-up took
+                // 10-40 ms on that path), and not one after another before the migrations
+                // (sqlx's eager `connect` does that: 8 PostgreSQL connections took ~40 ms).
                 let pool = AnyPoolOptions::new()
                     .max_connections(connections)
                     .min_connections(connections)
@@ -296,13 +313,23 @@ impl OrderStore {
                             Ok(())
                         })
                     })
-                    .connect(&connect_url)
-                    .await?;
+                    .connect_lazy(&connect_url)?;
                 Self::migrate(&pool, backend).await?;
+                // After the migrations: an SQLite connection switching to WAL while another
+                // one migrates finds the database locked.
+                let warm = pool.clone();
+                tokio::spawn(async move {
+                    let opened = (0..connections).map(|_| warm.acquire());
+                    // Errors show up where the connections are used.
+                    drop(futures::future::join_all(opened).await);
+                });
                 Ok::<_, StoreError>(pool)
             };
             match opened.await {
-                Ok(pool) => return Ok(Self { pool, backend }),
+                Ok(pool) => {
+                    tracing::debug!(?backend, elapsed = ?started.elapsed(), "store opened and migrated");
+                    return Ok(Self { pool, backend });
+                }
                 Err(e) if attempt < 5 => {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "opening the store raced another process; retrying");
@@ -408,7 +435,7 @@ impl OrderStore {
         let mut claimed: std::collections::HashSet<String> =
             std::collections::HashSet::with_capacity(recs.len());
         for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
-            let values = placeholders(chunk.len(), 8, &format!(", {now}, {now}"));
+            let values = placeholders(self.backend, chunk.len(), 8, &format!(", {now}, {now}"));
             let sql = format!(
                 "INSERT INTO message_outcomes
                     (message_identity, outcome, reason, content_sha256, content_fingerprint,
@@ -444,7 +471,7 @@ impl OrderStore {
             .collect();
         let mut order_ids: HashMap<String, i64> = HashMap::with_capacity(with_orders.len());
         for chunk in with_orders.chunks(ROWS_PER_STATEMENT) {
-            let values = placeholders(chunk.len(), 5, &format!(", {now}"));
+            let values = placeholders(self.backend, chunk.len(), 5, &format!(", {now}"));
             let sql = format!(
                 "INSERT INTO orders (message_identity, client_id, client_name, sender, subject, created_at)
                  VALUES {values} RETURNING id, message_identity"
@@ -481,7 +508,7 @@ impl OrderStore {
             })
             .collect();
         for chunk in lines.chunks(LINES_PER_STATEMENT) {
-            let values = placeholders(chunk.len(), 5, "");
+            let values = placeholders(self.backend, chunk.len(), 5, "");
             let sql = format!(
                 "INSERT INTO order_lines (order_id, line_no, sku, quantity, origin) VALUES {values}"
             );
@@ -499,10 +526,7 @@ impl OrderStore {
             query.execute(&mut **tx).await?;
         }
         for chunk in with_orders.chunks(ROWS_PER_STATEMENT) {
-            let list = (1..=chunk.len())
-                .map(|n| format!("${n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let list = parameter_list(self.backend, 0, chunk.len());
             let sql = format!(
                 "UPDATE message_outcomes SET order_id =
                     (SELECT id FROM orders WHERE orders.message_identity = message_outcomes.message_identity)
@@ -822,5 +846,19 @@ impl OrderStore {
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{placeholders, Backend};
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_and_positional_for_sqlite() {
+        assert_eq!(
+            placeholders(Backend::Postgres, 2, 2, ", 7"),
+            "($1, $2, 7), ($3, $4, 7)"
+        );
+        assert_eq!(placeholders(Backend::Sqlite, 2, 2, ""), "(?, ?), (?, ?)");
     }
 }

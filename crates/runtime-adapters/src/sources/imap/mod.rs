@@ -203,20 +203,33 @@ impl ImapSource {
         connect(&self.config, self.tls.as_ref(), &password).await
     }
 
-    /// Logs the worker pool's sessions in, all at once; a session that cannot log in is
-    /// left for a worker's checkout to try again.
+    /// Logs the worker pool's sessions in, all at once, and with one mailbox selects it, so
+    /// that the first batches start with a FETCH; a session that cannot log in (or select)
+    /// is left for a worker's checkout to try again.
     async fn warm_pool(&self) {
+        let only_mailbox = match self.config.mailboxes.as_slice() {
+            [one] => Some(one.as_str()),
+            _ => None,
+        };
         let logins = (0..self.config.connections).map(|_| async {
             let (idle, permit) = self.pool.checkout().await;
             let pooled = match idle {
                 Some(pooled) => pooled,
-                None => match self.login().await {
-                    Ok(session) => Pooled {
-                        session,
-                        selected: None,
-                    },
-                    Err(_) => return,
-                },
+                None => {
+                    let Ok(mut session) = self.login().await else {
+                        return;
+                    };
+                    let mut selected = None;
+                    if let Some(mailbox) = only_mailbox {
+                        let Ok(mbox) = session.select(mailbox).await else {
+                            return;
+                        };
+                        let (v, next) = (mbox.uid_validity.unwrap_or(0), mbox.uid_next);
+                        selected = Some((mailbox.to_owned(), v, next.unwrap_or(u32::MAX)));
+                    }
+                    tracing::debug!(source = %self.id, "pooled session logged in");
+                    Pooled { session, selected }
+                }
             };
             self.pool.checkin(pooled, permit);
         });
@@ -250,6 +263,7 @@ impl ImapSource {
         while !ctx.shutdown.is_cancelled() {
             let error = match self.login().await {
                 Ok(session) => {
+                    tracing::debug!(source = %self.id, "watcher logged in");
                     failures = 0;
                     self.lock().progress.running();
                     // The first time the server takes the login, the workers' sessions log in
@@ -419,6 +433,7 @@ impl ImapSource {
                 tracing::warn!(source = %self.id, mailbox, uid_validity, "UIDVALIDITY changed; searching the mailbox again");
             }
         }
+        tracing::debug!(source = %self.id, mailbox, uid_validity, "mailbox selected");
         let query = format!(
             "{} NOT KEYWORD {}",
             self.config.search, self.config.failed_keyword
@@ -440,6 +455,7 @@ impl ImapSource {
                 (uid, id)
             })
             .collect();
+        tracing::debug!(source = %self.id, mailbox, listed = listed.len(), "searched");
         let fresh: Vec<u32> = {
             let mut inner = self.lock();
             // A completed message is forgotten only once a search that began after its
