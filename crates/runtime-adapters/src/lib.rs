@@ -4,6 +4,8 @@
 //! | feature | module | what |
 //! |---|---|---|
 //! | `queue-memory` | [`queue::memory`] | bounded in-process queue with leases, delays and dead letters |
+//! | `queue-redis` | [`queue::redis`] | Redis Streams: consumer group, retries, dead letters, takeover |
+//! | `queue-amqp` | [`queue::amqp`] | RabbitMQ (AMQP 0-9-1): quorum queues, confirms, TTL retry queues, DLQ |
 //! | `source-maildir` | [`sources::maildir`] | a Maildir as Dovecot and Postfix write it |
 //! | `control-http` | `control` | the operators' HTTP control plane (axum) |
 //!

@@ -14,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod rabbit;
+pub use rabbit::RabbitServer;
+
 use runtime_contracts::{
     ApplicationModule, Backpressure, BoxFuture, CancelSignal, ConfigProblem, ConfigProvider,
     Headers, ModuleError, ModuleRegistry, SourceContext, SourceError, SourceState, SourceStatus,
@@ -210,7 +213,7 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-fn find(program: &str, install_hint: &str) -> PathBuf {
+pub(crate) fn find(program: &str, install_hint: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/usr/bin".into()]) {
         let candidate = dir.join(program);

@@ -5,3 +5,33 @@ pub mod memory;
 
 #[cfg(feature = "queue-redis")]
 pub mod redis;
+
+#[cfg(feature = "queue-amqp")]
+pub mod amqp;
+
+/// Decodes a task envelope read from a broker: at most `max_bytes`, UTF-8 JSON of a known
+/// schema version; otherwise why not (the entry is dead-lettered as `undecodable`).
+#[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
+pub(crate) fn decode_envelope(
+    raw: &[u8],
+    max_bytes: usize,
+) -> Result<runtime_contracts::Task, String> {
+    use runtime_contracts::Task;
+    if raw.len() > max_bytes {
+        return Err(format!(
+            "envelope of {} bytes is above the {max_bytes}-byte cap",
+            raw.len()
+        ));
+    }
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Err("envelope is not UTF-8".into());
+    };
+    match serde_json::from_str::<Task>(text) {
+        Ok(task) if task.schema_version == Task::SCHEMA_VERSION => Ok(task),
+        Ok(task) => Err(format!(
+            "unknown envelope schema version {}",
+            task.schema_version
+        )),
+        Err(e) => Err(format!("envelope does not decode: {e}")),
+    }
+}

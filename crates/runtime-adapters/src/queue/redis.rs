@@ -257,22 +257,9 @@ fn decode(fields: &[Field], max_bytes: usize) -> Decoded {
     let Some(raw) = field(fields, "env") else {
         return Decoded::Undecodable("entry has no `env` field".into());
     };
-    if raw.len() > max_bytes {
-        return Decoded::Undecodable(format!(
-            "envelope of {} bytes is above the {max_bytes}-byte cap",
-            raw.len()
-        ));
-    }
-    let Ok(text) = std::str::from_utf8(raw) else {
-        return Decoded::Undecodable("envelope is not UTF-8".into());
-    };
-    match serde_json::from_str::<Task>(text) {
-        Ok(task) if task.schema_version == Task::SCHEMA_VERSION => Decoded::Task(task),
-        Ok(task) => Decoded::Undecodable(format!(
-            "unknown envelope schema version {}",
-            task.schema_version
-        )),
-        Err(e) => Decoded::Undecodable(format!("envelope does not decode: {e}")),
+    match super::decode_envelope(raw, max_bytes) {
+        Ok(task) => Decoded::Task(task),
+        Err(why) => Decoded::Undecodable(why),
     }
 }
 

@@ -1,0 +1,1284 @@
+//! An AMQP 0-9-1 queue (RabbitMQ) with lapin.
+//!
+//! Topology, per pool `P` (names under `queue_prefix`, default exchange):
+//! - `plba.P`: the work queue, durable; a quorum queue by default (`queue_kind = "classic"`
+//!   for a classic one). Workers consume it with manual acknowledgements and a prefetch
+//!   (`basic.qos`) of the pool's workers × its batch size.
+//! - `plba.P.delay.MS`: one queue per retry delay, whose messages expire after `MS` and are
+//!   dead-lettered by the broker back to the work queue. No plugin is needed (Debian's
+//!   RabbitMQ has no delayed-message exchange). Delays are rounded up to the next of
+//!   1, 2, 3, 5 and 7 × 10^k ms (at most 24 h), so that a handful of queues serve every
+//!   backoff; a retry is never earlier than asked. Quorum delay queues dead-letter
+//!   at-least-once (`x-dead-letter-strategy`), so a broker crash cannot drop a retry.
+//! - `plba.P.dead`: the dead letters, with the reason, the time and the attempt history in
+//!   headers (`plba-reason`, `plba-dead-at-ms`, `plba-attempts`, `plba-history`) and the
+//!   task envelope as the body; listed, replayed and purged through [`DeadLetterStore`].
+//!
+//! Guarantees:
+//! - `publish` returns only after the broker confirmed the message (publisher confirms):
+//!   the task is on disk (quorum: on a majority) before a source marks anything published.
+//! - Redelivery counting: a quorum queue counts deliveries (`x-delivery-count`); a task
+//!   delivered more than `max_deliveries` times (its workers kept dying) is dead-lettered as
+//!   `worker_lost`. Classic queues do not count, so this needs the quorum kind.
+//! - An undecodable message is dead-lettered as `undecodable` and the consumer goes on.
+//! - Idempotent publish: RabbitMQ has no deduplication. The adapter remembers the ids this
+//!   process published and has not settled (and the ids it dead-lettered), so a pointer
+//!   already pending is not published twice by the same process; across processes a
+//!   duplicate is possible (a source in another replica, a publish whose confirm was lost),
+//!   and the handler's unique key makes it harmless. Ids published here but settled by
+//!   another process are forgotten after `dedupe_window_secs`.
+//! - Retries and dead letters are published (confirmed) before the delivery is
+//!   acknowledged: a crash in between delivers the task once more, never zero times.
+//! - Connection loss: operations fail with [`QueueError::Unavailable`] (a source keeps its
+//!   mail unread), leases of the lost channel become unknown (the broker redelivers their
+//!   tasks), and the next operation reconnects, no more often than a doubling backoff
+//!   allows. [`AmqpHealth`] turns readiness down meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use runtime_contracts::{
+    AttemptFailure, BoxFuture, ConfigProblem, DeadLetter, DeadLetterPage, DeadLetterStore,
+    HealthContributor, HealthStatus, Lease, Probe, PublishResult, QueueError, QueueStats, Task,
+    TaskQueue,
+};
+use serde::Deserialize;
+
+use crate::now_unix_ms;
+
+/// The kind of RabbitMQ queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    /// Replicated, durable, counts deliveries (the default).
+    #[default]
+    Quorum,
+    /// A classic durable queue (no delivery counting).
+    Classic,
+}
+
+impl QueueKind {
+    fn argument(self) -> &'static str {
+        match self {
+            Self::Quorum => "quorum",
+            Self::Classic => "classic",
+        }
+    }
+}
+
+/// `[queue]` with `type = "amqp"`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpQueueConfig {
+    /// Broker URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Prefix of every queue name.
+    pub queue_prefix: String,
+    /// `quorum` (default) or `classic`.
+    pub queue_kind: QueueKind,
+    /// Unacknowledged deliveries the broker pushes to this process; 0 means the pool's
+    /// workers × its batch size.
+    pub prefetch: u16,
+    /// Deliveries after which a task whose workers keep dying is dead-lettered as
+    /// `worker_lost` (quorum queues).
+    pub max_deliveries: u64,
+    /// Largest envelope accepted from the broker, in bytes; larger is `undecodable`.
+    pub max_message_bytes: usize,
+    /// Longest wait for the broker's confirm of a publish (ms).
+    pub confirm_timeout_ms: u64,
+    /// Longest wait for a connection (ms).
+    pub connect_timeout_ms: u64,
+    /// Most time between reconnection attempts (ms); the backoff doubles from 100 ms.
+    pub reconnect_max_ms: u64,
+    /// How long an id published here, and settled elsewhere, is still refused (s).
+    pub dedupe_window_secs: u64,
+}
+
+impl Default for AmqpQueueConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            queue_prefix: "plba".to_owned(),
+            queue_kind: QueueKind::Quorum,
+            prefetch: 0,
+            max_deliveries: 5,
+            max_message_bytes: 64 * 1024,
+            confirm_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            reconnect_max_ms: 5_000,
+            dedupe_window_secs: 3_600,
+        }
+    }
+}
+
+impl AmqpQueueConfig {
+    /// Problems with these values, keyed under `prefix`.
+    pub fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://"))
+            || self.url.parse::<lapin::uri::AMQPUri>().is_err()
+        {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.url"),
+                "not an amqp:// or amqps:// URL",
+            ));
+        }
+        if self.queue_prefix.is_empty()
+            || !self
+                .queue_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.queue_prefix"),
+                "must be letters, digits, '.', '_' or '-'",
+            ));
+        }
+        problems.extend(runtime_contracts::config::require_positive(
+            prefix,
+            &[
+                ("max_deliveries", self.max_deliveries),
+                ("max_message_bytes", self.max_message_bytes as u64),
+                ("confirm_timeout_ms", self.confirm_timeout_ms),
+                ("connect_timeout_ms", self.connect_timeout_ms),
+                ("reconnect_max_ms", self.reconnect_max_ms),
+                ("dedupe_window_secs", self.dedupe_window_secs),
+            ],
+        ));
+        problems
+    }
+}
+
+const REASON_WORKER_LOST: &str = "worker_lost";
+const REASON_UNDECODABLE: &str = "undecodable";
+const HEADER_REASON: &str = "plba-reason";
+const HEADER_DEAD_AT: &str = "plba-dead-at-ms";
+const HEADER_ATTEMPTS: &str = "plba-attempts";
+const HEADER_HISTORY: &str = "plba-history";
+/// Longest delay queue; longer retry delays wait this long.
+const MAX_DELAY_MS: u64 = 24 * 3600 * 1000;
+
+/// The delay queue a retry after `delay` goes to: the next of 1, 2, 3, 5, 7 × 10^k ms.
+fn delay_bucket(delay: Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+    let mut decade = 1u64;
+    loop {
+        for step in [1, 2, 3, 5, 7] {
+            let bucket = step * decade;
+            if bucket >= ms {
+                return bucket.min(MAX_DELAY_MS);
+            }
+        }
+        if decade >= MAX_DELAY_MS {
+            return MAX_DELAY_MS;
+        }
+        decade *= 10;
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+fn encode(task: &Task) -> Result<Vec<u8>, QueueError> {
+    serde_json::to_vec(task).map_err(|e| unavailable(format!("encoding the envelope: {e}")))
+}
+
+fn text_header(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn number_header(headers: &FieldTable, name: &str) -> Option<u64> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::Timestamp(n) => Some(*n),
+        _ => None,
+    }
+}
+
+fn persistent(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_message_id(ShortString::from(id))
+}
+
+/// Queue names of one pool.
+#[derive(Debug)]
+struct Names {
+    work: String,
+    dead: String,
+}
+
+/// The connection and the channels every operation shares.
+struct Link {
+    connection: Connection,
+    /// Publishes (confirm mode) and declares.
+    publisher: Channel,
+    /// Delay queues declared on this connection.
+    delays: HashSet<u64>,
+    generation: u64,
+}
+
+/// The consumer side: its own channel, so a slow handler never blocks publishing.
+struct Consuming {
+    consumer: lapin::Consumer,
+    generation: u64,
+}
+
+/// A delivery held by a worker.
+struct Held {
+    acker: Acker,
+    generation: u64,
+    since: Instant,
+}
+
+/// What this process knows about a task id, for idempotent publishing.
+#[derive(Clone, Copy, Debug)]
+enum Known {
+    /// Published or leased here, not settled here yet.
+    Pending(Instant),
+    /// Dead-lettered here: refused until replayed or purged.
+    Dead,
+}
+
+/// The AMQP queue of one pool. See the module docs.
+pub struct AmqpQueue {
+    name: String,
+    config: AmqpQueueConfig,
+    names: Names,
+    prefetch: u16,
+    link: tokio::sync::Mutex<Option<Link>>,
+    consuming: tokio::sync::Mutex<Option<Consuming>>,
+    /// Dead-letter operations take messages off the dead queue for a moment; one at a time.
+    dead_ops: tokio::sync::Mutex<()>,
+    leases: Mutex<HashMap<u64, (Held, Arc<str>)>>,
+    known: Mutex<HashMap<Arc<str>, Known>>,
+    next_receipt: AtomicU64,
+    generation: AtomicU64,
+    /// Earliest time of the next connection attempt, and the current backoff.
+    retry_at: Mutex<(Option<Instant>, Duration)>,
+    published: AtomicU64,
+    processed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl std::fmt::Debug for AmqpQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpQueue")
+            .field("name", &self.name)
+            .field("work", &self.names.work)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AmqpQueue {
+    /// The queue of pool `name`, whose workers lease up to `pool_prefetch` tasks in all
+    /// (workers × batch size: the `basic.qos` when the config leaves it 0). Connects
+    /// lazily: an unreachable broker is an error of the first operation and of readiness.
+    pub fn new(name: impl Into<String>, config: AmqpQueueConfig, pool_prefetch: usize) -> Self {
+        let name = name.into();
+        let prefetch = if config.prefetch > 0 {
+            config.prefetch
+        } else {
+            u16::try_from(pool_prefetch.max(1)).unwrap_or(u16::MAX)
+        };
+        let work = format!("{}.{name}", config.queue_prefix);
+        Self {
+            names: Names {
+                dead: format!("{work}.dead"),
+                work,
+            },
+            name,
+            config,
+            prefetch,
+            link: tokio::sync::Mutex::new(None),
+            consuming: tokio::sync::Mutex::new(None),
+            dead_ops: tokio::sync::Mutex::new(()),
+            leases: Mutex::default(),
+            known: Mutex::default(),
+            next_receipt: AtomicU64::new(1),
+            generation: AtomicU64::new(0),
+            retry_at: Mutex::new((None, Duration::from_millis(100))),
+            published: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// The work queue's name on the broker.
+    pub fn queue_name(&self) -> &str {
+        &self.names.work
+    }
+
+    /// Closes the connection: deliveries this process holds go back to the queue (the
+    /// broker redelivers them elsewhere). The next operation connects again.
+    pub async fn close(&self) {
+        self.consuming.lock().await.take();
+        if let Some(link) = self.link.lock().await.take() {
+            let _ = link.connection.close(200, "closed".into()).await;
+        }
+    }
+
+    /// The dead-letter queue's name on the broker.
+    pub fn dead_queue_name(&self) -> &str {
+        &self.names.dead
+    }
+
+    fn queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(self.config.queue_kind.argument().into()),
+        );
+        args
+    }
+
+    fn delay_queue(&self, ms: u64) -> String {
+        format!("{}.delay.{ms}", self.names.work)
+    }
+
+    fn delay_arguments(&self, ms: u64) -> FieldTable {
+        let mut args = self.queue_arguments();
+        let mut put = |k: &str, v: AMQPValue| {
+            args.insert(ShortString::from(k), v);
+        };
+        put(
+            "x-message-ttl",
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+        put("x-dead-letter-exchange", AMQPValue::LongString("".into()));
+        put(
+            "x-dead-letter-routing-key",
+            AMQPValue::LongString(self.names.work.as_str().into()),
+        );
+        if self.config.queue_kind == QueueKind::Quorum {
+            put(
+                "x-dead-letter-strategy",
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            put("x-overflow", AMQPValue::LongString("reject-publish".into()));
+        }
+        args
+    }
+
+    /// Records a failure of the link: the next operation reconnects (after the backoff).
+    async fn broken(&self, e: impl std::fmt::Display) -> QueueError {
+        let error = unavailable(e);
+        let mut link = self.link.lock().await;
+        if let Some(old) = link.take() {
+            tracing::warn!(queue = %self.name, %error, "AMQP connection lost");
+            let _ = old.connection.close(320, "reconnecting".into()).await;
+        }
+        error
+    }
+
+    /// The shared link, connected (and the topology declared) when needed.
+    async fn link(&self) -> Result<tokio::sync::MappedMutexGuard<'_, Link>, QueueError> {
+        let mut guard = self.link.lock().await;
+        if guard.as_ref().is_some_and(|l| {
+            !l.connection.status().connected() || !l.publisher.status().connected()
+        }) {
+            guard.take();
+        }
+        if guard.is_none() {
+            {
+                let (at, _) = *lock(&self.retry_at);
+                if at.is_some_and(|at| Instant::now() < at) {
+                    return Err(unavailable("broker unreachable; reconnecting with backoff"));
+                }
+            }
+            match self.connect().await {
+                Ok(link) => {
+                    *lock(&self.retry_at) = (None, Duration::from_millis(100));
+                    tracing::info!(queue = %self.name, generation = link.generation, "AMQP connected");
+                    *guard = Some(link);
+                }
+                Err(e) => {
+                    let mut retry = lock(&self.retry_at);
+                    let backoff = retry.1;
+                    *retry = (
+                        Some(Instant::now() + backoff),
+                        (backoff * 2).min(Duration::from_millis(self.config.reconnect_max_ms)),
+                    );
+                    return Err(e);
+                }
+            }
+        }
+        Ok(tokio::sync::MutexGuard::map(guard, |l| {
+            l.as_mut().expect("connected above")
+        }))
+    }
+
+    async fn connect(&self) -> Result<Link, QueueError> {
+        let connect = Connection::connect(&self.config.url, ConnectionProperties::default());
+        let connection = tokio::time::timeout(
+            Duration::from_millis(self.config.connect_timeout_ms),
+            connect,
+        )
+        .await
+        .map_err(|_| unavailable("connecting to the broker timed out"))?
+        .map_err(unavailable)?;
+        let publisher = connection.create_channel().await.map_err(unavailable)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        for queue in [&self.names.work, &self.names.dead] {
+            publisher
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    self.queue_arguments(),
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Link {
+            connection,
+            publisher,
+            delays: HashSet::new(),
+            generation,
+        })
+    }
+
+    /// Publishes envelopes to `queue` and waits for every confirm; true per confirmed one.
+    async fn publish_to(
+        &self,
+        queue: &str,
+        messages: &[(&str, Vec<u8>, Option<FieldTable>)],
+    ) -> Result<(), QueueError> {
+        let confirms = {
+            let link = self.link().await?;
+            let mut confirms = Vec::with_capacity(messages.len());
+            for (id, body, headers) in messages {
+                let mut properties = persistent(id);
+                if let Some(headers) = headers {
+                    properties = properties.with_headers(headers.clone());
+                }
+                let sent = link
+                    .publisher
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        properties,
+                    )
+                    .await;
+                match sent {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(e) => {
+                        drop(link);
+                        return Err(self.broken(e).await);
+                    }
+                }
+            }
+            confirms
+        };
+        let all = futures::future::join_all(confirms);
+        let results =
+            tokio::time::timeout(Duration::from_millis(self.config.confirm_timeout_ms), all)
+                .await
+                .map_err(|_| unavailable("the broker did not confirm in time"))?;
+        for result in results {
+            match result {
+                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {}
+                Ok(Confirmation::Nack(_)) => {
+                    return Err(unavailable("the broker refused the message (nack)"))
+                }
+                Err(e) => return Err(self.broken(e).await),
+            }
+        }
+        Ok(())
+    }
+
+    /// Declares the delay queue for `delay` on the current link once; returns its name.
+    async fn delay_queue_for(&self, delay: Duration) -> Result<String, QueueError> {
+        let ms = delay_bucket(delay);
+        let name = self.delay_queue(ms);
+        let mut link = self.link().await?;
+        if link.delays.contains(&ms) {
+            return Ok(name);
+        }
+        let declared = link
+            .publisher
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.delay_arguments(ms),
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                link.delays.insert(ms);
+                Ok(name)
+            }
+            Err(e) => {
+                drop(link);
+                Err(self.broken(e).await)
+            }
+        }
+    }
+
+    /// Whether `id` may be published now (and marks it pending if so).
+    fn admit_id(&self, id: &Arc<str>) -> bool {
+        let window = Duration::from_secs(self.config.dedupe_window_secs);
+        let mut known = lock(&self.known);
+        match known.get(id) {
+            Some(Known::Dead) => false,
+            Some(Known::Pending(at)) if at.elapsed() < window => false,
+            _ => {
+                known.insert(Arc::clone(id), Known::Pending(Instant::now()));
+                true
+            }
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        lock(&self.known).remove(id);
+    }
+
+    /// Starts consuming on a fresh channel of the current link.
+    async fn start_consuming(&self) -> Result<Consuming, QueueError> {
+        let (channel, generation) = {
+            let link = self.link().await?;
+            match link.connection.create_channel().await {
+                Ok(ch) => (ch, link.generation),
+                Err(e) => {
+                    drop(link);
+                    return Err(self.broken(e).await);
+                }
+            }
+        };
+        let setup = async {
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await?;
+            channel
+                .basic_consume(
+                    self.names.work.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+        };
+        match setup.await {
+            Ok(consumer) => Ok(Consuming {
+                consumer,
+                generation,
+            }),
+            Err(e) => Err(self.broken(e).await),
+        }
+    }
+
+    /// Turns a delivery into a lease, or settles it here: dead-lettered as `undecodable`,
+    /// or as `worker_lost` after too many deliveries.
+    async fn admit(&self, delivery: Delivery, generation: u64) -> Option<Lease> {
+        let deliveries = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| number_header(h, "x-delivery-count"))
+            .unwrap_or(0)
+            + 1;
+        let task = match super::decode_envelope(&delivery.data, self.config.max_message_bytes) {
+            Ok(task) => task,
+            Err(why) => {
+                tracing::error!(queue = %self.name, %why, "undecodable message dead-lettered");
+                let id = format!(
+                    "undecodable:{}",
+                    delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|m| m.as_str().to_owned())
+                        .unwrap_or_else(|| format!("{}-{}", now_unix_ms(), delivery.delivery_tag))
+                );
+                let body = delivery.data.clone();
+                let reason = format!("{REASON_UNDECODABLE}: {why}");
+                self.bury_raw(&delivery.acker, &id, body, &reason, &[])
+                    .await;
+                return None;
+            }
+        };
+        if deliveries > self.config.max_deliveries {
+            let mut task = task;
+            let failure = AttemptFailure {
+                attempt: task.attempt.saturating_add(1),
+                reason: format!(
+                    "{REASON_WORKER_LOST}: delivered {deliveries} times without being settled"
+                ),
+                at_unix_ms: now_unix_ms(),
+            };
+            tracing::error!(queue = %self.name, task = %task.id, deliveries, "task dead-lettered as worker_lost");
+            task.attempt = failure.attempt;
+            task.history.push(failure.clone());
+            let id = task.id.to_string();
+            if let Ok(body) = encode(&task) {
+                self.bury_raw(&delivery.acker, &id, body, &failure.reason, &task.history)
+                    .await;
+                lock(&self.known).insert(Arc::from(id.as_str()), Known::Dead);
+            }
+            return None;
+        }
+        let receipt = self.next_receipt.fetch_add(1, Ordering::Relaxed);
+        let id: Arc<str> = Arc::from(task.id.as_str());
+        lock(&self.known)
+            .entry(Arc::clone(&id))
+            .or_insert(Known::Pending(Instant::now()));
+        lock(&self.leases).insert(
+            receipt,
+            (
+                Held {
+                    acker: delivery.acker,
+                    generation,
+                    since: Instant::now(),
+                },
+                id,
+            ),
+        );
+        Some(Lease {
+            task: Arc::new(task),
+            receipt,
+        })
+    }
+
+    /// Publishes a dead letter and then acknowledges the delivery; on failure the delivery
+    /// is returned to the queue (it comes back, nothing is lost).
+    async fn bury_raw(
+        &self,
+        acker: &Acker,
+        id: &str,
+        body: Vec<u8>,
+        reason: &str,
+        history: &[AttemptFailure],
+    ) -> bool {
+        let headers = dead_headers(reason, history);
+        match self
+            .publish_to(&self.names.dead, &[(id, body, Some(headers))])
+            .await
+        {
+            Ok(()) => {
+                let _ = acker.ack(BasicAckOptions::default()).await;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.name, error = %e, "dead letter not written; the message goes back");
+                let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+                false
+            }
+        }
+    }
+
+    fn take(&self, lease: &Lease) -> Result<(Held, Arc<str>), QueueError> {
+        let held = lock(&self.leases)
+            .remove(&lease.receipt)
+            .ok_or(QueueError::UnknownLease(lease.receipt))?;
+        if held.0.generation != self.generation.load(Ordering::Relaxed) {
+            // Its channel is gone: the broker has already put the task back.
+            return Err(QueueError::UnknownLease(lease.receipt));
+        }
+        Ok(held)
+    }
+
+    /// Publishes `task` again (after `delay`) and then acknowledges the held delivery.
+    async fn republish(&self, held: Held, task: &Task, delay: Duration) -> Result<(), QueueError> {
+        let target = if delay.is_zero() {
+            self.names.work.clone()
+        } else {
+            match self.delay_queue_for(delay).await {
+                Ok(q) => q,
+                Err(e) => {
+                    let _ = held
+                        .acker
+                        .reject(BasicRejectOptions { requeue: true })
+                        .await;
+                    return Err(e);
+                }
+            }
+        };
+        let body = encode(task)?;
+        match self
+            .publish_to(&target, &[(task.id.as_str(), body, None)])
+            .await
+        {
+            Ok(()) => held
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(|_| ())
+                .map_err(unavailable),
+            Err(e) => {
+                let _ = held
+                    .acker
+                    .reject(BasicRejectOptions { requeue: true })
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes up to `max` deliveries, waiting until `deadline` for the first.
+    async fn read(&self, max: usize, wait: Duration) -> Result<Vec<Lease>, QueueError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut consuming = self.consuming.lock().await;
+        let current = self.generation.load(Ordering::Relaxed);
+        if consuming.as_ref().is_some_and(|c| c.generation != current) {
+            consuming.take();
+        }
+        if consuming.is_none() {
+            *consuming = Some(self.start_consuming().await?);
+        }
+        let Some(c) = consuming.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let generation = c.generation;
+        let mut deliveries = Vec::new();
+        match tokio::time::timeout_at(deadline, c.consumer.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(Some(Ok(d))) => deliveries.push(d),
+            Ok(Some(Err(e))) => {
+                consuming.take();
+                return Err(self.broken(e).await);
+            }
+            Ok(None) => {
+                consuming.take();
+                return Err(self.broken("the broker cancelled the consumer").await);
+            }
+        }
+        while deliveries.len() < max {
+            match c.consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => deliveries.push(d),
+                _ => break,
+            }
+        }
+        drop(consuming);
+        let mut leases = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            if let Some(lease) = self.admit(delivery, generation).await {
+                leases.push(lease);
+            }
+        }
+        Ok(leases)
+    }
+}
+
+fn dead_headers(reason: &str, history: &[AttemptFailure]) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(HEADER_REASON),
+        AMQPValue::LongString(reason.into()),
+    );
+    headers.insert(
+        ShortString::from(HEADER_DEAD_AT),
+        AMQPValue::LongLongInt(i64::try_from(now_unix_ms()).unwrap_or(i64::MAX)),
+    );
+    headers.insert(
+        ShortString::from(HEADER_ATTEMPTS),
+        AMQPValue::LongLongInt(i64::try_from(history.len()).unwrap_or(i64::MAX)),
+    );
+    headers.insert(
+        ShortString::from(HEADER_HISTORY),
+        AMQPValue::LongString(
+            serde_json::to_string(history)
+                .unwrap_or_default()
+                .as_str()
+                .into(),
+        ),
+    );
+    headers
+}
+
+impl TaskQueue for AmqpQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+        Box::pin(async move {
+            let mut results = self.publish_batch(vec![task]).await?;
+            Ok(results.pop().unwrap_or(PublishResult::AlreadyKnown))
+        })
+    }
+
+    fn publish_batch(
+        &self,
+        tasks: Vec<Task>,
+    ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(tasks.len());
+            let mut fresh = Vec::new();
+            for task in &tasks {
+                let id: Arc<str> = Arc::from(task.id.as_str());
+                if self.admit_id(&id) {
+                    results.push(PublishResult::Enqueued);
+                    fresh.push((task, id));
+                } else {
+                    results.push(PublishResult::AlreadyKnown);
+                }
+            }
+            let mut messages = Vec::with_capacity(fresh.len());
+            for (task, _) in &fresh {
+                messages.push((task.id.as_str(), encode(task)?, None));
+            }
+            if let Err(e) = self.publish_to(&self.names.work, &messages).await {
+                for (_, id) in &fresh {
+                    self.forget(id);
+                }
+                return Err(e);
+            }
+            self.published
+                .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+            Ok(results)
+        })
+    }
+
+    fn consume(&self, wait: Duration) -> BoxFuture<'_, Result<Option<Lease>, QueueError>> {
+        Box::pin(async move { Ok(self.read(1, wait).await?.pop()) })
+    }
+
+    fn consume_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Lease>, QueueError>> {
+        Box::pin(self.read(max.max(1), wait))
+    }
+
+    fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let (held, id) = self.take(lease)?;
+            held.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|_| QueueError::UnknownLease(lease.receipt))?;
+            self.forget(&id);
+            self.processed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    fn ack_batch<'a>(&'a self, leases: &'a [Lease]) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            // Acknowledgements have no reply: sending them back to back costs no round trip.
+            let mut first_error = None;
+            for lease in leases {
+                if let Err(e) = self.ack(lease).await {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+
+    fn nack<'a>(
+        &'a self,
+        lease: &'a Lease,
+        retry_delay: Duration,
+        failure: Option<AttemptFailure>,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let (held, _) = self.take(lease)?;
+            let mut task = (*lease.task).clone();
+            let counted = failure.is_some();
+            if let Some(failure) = failure {
+                task.attempt = task.attempt.saturating_add(1);
+                task.history.push(failure);
+            }
+            // Republished rather than rejected with requeue: the broker would count a
+            // requeue as a delivery, and the history must travel with the task.
+            self.republish(held, &task, retry_delay).await?;
+            if counted {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        lease: &'a Lease,
+        failure: AttemptFailure,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let (held, id) = self.take(lease)?;
+            let mut task = (*lease.task).clone();
+            task.attempt = task.attempt.saturating_add(1);
+            task.history.push(failure.clone());
+            let body = encode(&task)?;
+            if !self
+                .bury_raw(&held.acker, &id, body, &failure.reason, &task.history)
+                .await
+            {
+                return Err(unavailable(
+                    "the dead letter was not confirmed; the task goes back",
+                ));
+            }
+            lock(&self.known).insert(id, Known::Dead);
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>> {
+        Box::pin(async move {
+            let (channel, delays) = {
+                let link = self.link().await?;
+                let delays: Vec<u64> = link.delays.iter().copied().collect();
+                match link.connection.create_channel().await {
+                    Ok(ch) => (ch, delays),
+                    Err(e) => {
+                        drop(link);
+                        return Err(self.broken(e).await);
+                    }
+                }
+            };
+            let count = |queue: String| {
+                let channel = channel.clone();
+                async move {
+                    channel
+                        .queue_declare(
+                            queue.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..QueueDeclareOptions::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map(|q| u64::from(q.message_count()))
+                }
+            };
+            let counted = async {
+                let depth = count(self.names.work.clone()).await?;
+                let dead = count(self.names.dead.clone()).await?;
+                let mut scheduled = 0;
+                for ms in delays {
+                    scheduled += count(self.delay_queue(ms)).await?;
+                }
+                Ok::<_, lapin::Error>((depth, dead, scheduled))
+            };
+            let result = counted.await;
+            let _ = channel.close(200, "stats".into()).await;
+            let (depth, dead, scheduled) = result.map_err(unavailable)?;
+            let (in_flight, oldest) = {
+                let leases = lock(&self.leases);
+                let oldest = leases.values().map(|(h, _)| h.since).min();
+                (leases.len() as u64, oldest)
+            };
+            Ok(QueueStats {
+                depth,
+                scheduled,
+                in_flight,
+                published: self.published.load(Ordering::Relaxed),
+                processed: self.processed.load(Ordering::Relaxed),
+                failed: self.failed.load(Ordering::Relaxed),
+                dead,
+                lag: None,
+                oldest_pending_age_ms: oldest
+                    .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            })
+        })
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
+    }
+}
+
+/// A dead letter taken off the dead queue for a moment (returned when its channel closes).
+struct Taken {
+    letter: DeadLetter,
+    acker: Acker,
+}
+
+fn to_dead_letter(queue: &str, delivery: &Delivery) -> DeadLetter {
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default();
+    let task = match super::decode_envelope(&delivery.data, usize::MAX) {
+        Ok(task) => task,
+        Err(_) => {
+            // An undecodable message: its raw text, as far as it goes, in a placeholder.
+            let raw: String = String::from_utf8_lossy(&delivery.data)
+                .chars()
+                .take(1024)
+                .collect();
+            Task::new(
+                if id.is_empty() {
+                    "undecodable"
+                } else {
+                    id.as_str()
+                },
+                REASON_UNDECODABLE,
+                queue,
+                serde_json::json!({ "raw": raw }),
+            )
+            .unwrap_or_else(|_| unreachable_task())
+        }
+    };
+    DeadLetter {
+        id: if id.is_empty() {
+            task.id.to_string()
+        } else {
+            id
+        },
+        reason: text_header(&headers, HEADER_REASON).unwrap_or_default(),
+        dead_at_unix_ms: number_header(&headers, HEADER_DEAD_AT).unwrap_or(0),
+        task,
+    }
+}
+
+fn unreachable_task() -> Task {
+    Task::new(
+        "undecodable",
+        REASON_UNDECODABLE,
+        "amqp",
+        serde_json::Value::Null,
+    )
+    .unwrap_or_else(|_| unreachable!("a literal id and kind are valid"))
+}
+
+impl AmqpQueue {
+    /// Takes every dead letter off the dead queue onto a new channel, unacknowledged:
+    /// closing the channel puts back whatever was not acknowledged.
+    async fn take_dead(&self, limit: usize) -> Result<(Channel, Vec<Taken>), QueueError> {
+        let channel = {
+            let link = self.link().await?;
+            match link.connection.create_channel().await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    drop(link);
+                    return Err(self.broken(e).await);
+                }
+            }
+        };
+        let mut taken = Vec::new();
+        while taken.len() < limit {
+            let got = channel
+                .basic_get(
+                    self.names.dead.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(unavailable)?;
+            let Some(got) = got else { break };
+            let letter = to_dead_letter(&self.name, &got.delivery);
+            taken.push(Taken {
+                letter,
+                acker: got.delivery.acker,
+            });
+        }
+        Ok((channel, taken))
+    }
+
+    async fn replay_taken(&self, taken: &Taken) -> Result<(), QueueError> {
+        let mut task = taken.letter.task.clone();
+        task.attempt = 0;
+        let id: Arc<str> = Arc::from(task.id.as_str());
+        lock(&self.known).insert(Arc::clone(&id), Known::Pending(Instant::now()));
+        self.publish_to(
+            &self.names.work,
+            &[(task.id.as_str(), encode(&task)?, None)],
+        )
+        .await?;
+        taken
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+impl DeadLetterStore for AmqpQueue {
+    fn list(
+        &self,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<DeadLetterPage, QueueError>> {
+        Box::pin(async move {
+            let skip: usize = cursor.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
+            let _one = self.dead_ops.lock().await;
+            let (channel, taken) = self.take_dead(skip + limit + 1).await?;
+            let _ = channel.close(200, "listed".into()).await;
+            let more = taken.len() > skip + limit;
+            let items = taken
+                .into_iter()
+                .skip(skip)
+                .take(limit)
+                .map(|t| t.letter)
+                .collect();
+            Ok(DeadLetterPage {
+                items,
+                next_cursor: more.then(|| (skip + limit).to_string()),
+            })
+        })
+    }
+
+    fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let _one = self.dead_ops.lock().await;
+            let (channel, taken) = self.take_dead(usize::MAX).await?;
+            let found = taken.iter().find(|t| t.letter.id == id);
+            let result = match found {
+                Some(t) => self.replay_taken(t).await,
+                None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
+            };
+            let _ = channel.close(200, "replayed".into()).await;
+            result
+        })
+    }
+
+    fn replay_all(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
+        Box::pin(async move {
+            let _one = self.dead_ops.lock().await;
+            let (channel, taken) = self.take_dead(usize::MAX).await?;
+            let mut replayed = 0;
+            let mut result = Ok(());
+            for t in &taken {
+                if let Err(e) = self.replay_taken(t).await {
+                    result = Err(e);
+                    break;
+                }
+                replayed += 1;
+            }
+            let _ = channel.close(200, "replayed".into()).await;
+            result.map(|()| replayed)
+        })
+    }
+
+    fn purge<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let _one = self.dead_ops.lock().await;
+            let (channel, taken) = self.take_dead(usize::MAX).await?;
+            let result = match taken.iter().find(|t| t.letter.id == id) {
+                Some(t) => t
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map(|_| self.forget(id))
+                    .map_err(unavailable),
+                None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
+            };
+            let _ = channel.close(200, "purged".into()).await;
+            result
+        })
+    }
+}
+
+/// Readiness of the broker behind a queue: connected (or reconnected) within 2 s.
+pub struct AmqpHealth(pub Arc<AmqpQueue>);
+
+impl std::fmt::Debug for AmqpHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AmqpHealth").field(&self.0.name).finish()
+    }
+}
+
+impl HealthContributor for AmqpHealth {
+    fn name(&self) -> &str {
+        "amqp"
+    }
+
+    fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
+        Box::pin(async move {
+            if probe == Probe::Liveness {
+                return HealthStatus::Up;
+            }
+            let connected = async { self.0.link().await.map(|_| ()) };
+            match tokio::time::timeout(Duration::from_secs(2), connected).await {
+                Ok(Ok(())) => HealthStatus::Up,
+                Ok(Err(e)) => HealthStatus::Down {
+                    reason: format!("amqp broker unavailable: {e}"),
+                },
+                Err(_) => HealthStatus::Down {
+                    reason: "amqp broker did not answer within 2 s".into(),
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_round_up_to_a_few_buckets() {
+        let ms = |n| delay_bucket(Duration::from_millis(n));
+        assert_eq!(
+            [
+                ms(0),
+                ms(1),
+                ms(2),
+                ms(4),
+                ms(6),
+                ms(8),
+                ms(100),
+                ms(101),
+                ms(250),
+                ms(999)
+            ],
+            [1, 1, 2, 5, 7, 10, 100, 200, 300, 1000]
+        );
+        assert_eq!(ms(3_000_000), 3_000_000);
+        assert_eq!(ms(u64::MAX / 2), MAX_DELAY_MS);
+        assert_eq!(ms(MAX_DELAY_MS + 1), MAX_DELAY_MS);
+    }
+
+    #[test]
+    fn config_problems_name_their_keys() {
+        let config = AmqpQueueConfig {
+            url: "redis://x".into(),
+            queue_prefix: "a b".into(),
+            max_deliveries: 0,
+            ..AmqpQueueConfig::default()
+        };
+        let keys: Vec<String> = config
+            .problems("queue")
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["queue.url", "queue.queue_prefix", "queue.max_deliveries"]
+        );
+        assert!(AmqpQueueConfig::default().problems("queue").is_empty());
+    }
+}
