@@ -3,8 +3,8 @@
 # servers on free loopback ports and stops them afterwards.
 #
 # SQLite is compiled in (sqlx bundles it). The tests start their own redis-server, their
-# own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root) and
-# their own Dovecot (config, users and a test CA in a short temp dir; mailboxes owned by a
+# own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root),
+# their own RabbitMQ broker (own node name, ports, epmd and data dir) and their own Dovecot (config, users and a test CA in a short temp dir; mailboxes owned by a
 # dedicated system user) on free loopback ports; this script installs the packages when
 # they are missing. A test that
 # needs a server it cannot start fails; none is skipped.
@@ -35,6 +35,7 @@ need redis-server || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 need initdb || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 need dovecot || [ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
 need openssl || missing+=(openssl)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "error: missing ${missing[*]} and not root; install them with apt-get" >&2

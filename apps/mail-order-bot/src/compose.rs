@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use runtime_adapters::control::ControlConfig;
+use runtime_adapters::queue::amqp::{AmqpHealth, AmqpQueue, AmqpQueueConfig};
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_adapters::queue::redis::{RedisHealth, RedisQueue, RedisQueueConfig};
 use runtime_adapters::sources::imap::{ImapConfig, ImapMode, ImapSource};
@@ -61,6 +62,8 @@ pub enum QueueChoice {
     Memory(MemoryQueueConfig),
     /// `type = "redis"`.
     Redis(RedisQueueConfig),
+    /// `type = "amqp"`.
+    Amqp(AmqpQueueConfig),
 }
 
 /// Every pool's handler timeout, the bot's pool included when only declared.
@@ -87,6 +90,20 @@ fn handler_timeouts(root: &serde_json::Value) -> Vec<(String, u64)> {
         timeouts.push((bot_pool.to_owned(), default));
     }
     timeouts
+}
+
+/// Every configured pool with its settings, the bot's own pool included when only named.
+fn pools(config: &ConfigurationManager, bot_pool: &str) -> Vec<(String, runtime_core::PoolConfig)> {
+    let mut pools: Vec<(String, runtime_core::PoolConfig)> = config
+        .platform()
+        .pools
+        .iter()
+        .map(|(name, pool)| (name.clone(), pool.clone()))
+        .collect();
+    if !pools.iter().any(|(name, _)| name == bot_pool) {
+        pools.push((bot_pool.to_owned(), runtime_core::PoolConfig::default()));
+    }
+    pools
 }
 
 /// The queue settings (`[queue]`), checked against the pools' handler timeouts; the
@@ -126,9 +143,17 @@ pub fn queue_config(root: &serde_json::Value) -> Result<QueueChoice, Vec<ConfigP
                 _ => Err(problems),
             }
         }
+        "amqp" => {
+            let (cfg, mut problems) = parse_section_with_unknown::<AmqpQueueConfig>(&rest, "queue");
+            problems.extend(cfg.iter().flat_map(|c| c.problems("queue")));
+            match cfg {
+                Some(cfg) if problems.is_empty() => Ok(QueueChoice::Amqp(cfg)),
+                _ => Err(problems),
+            }
+        }
         other => Err(vec![ConfigProblem::new(
             "queue.type",
-            format!("unknown queue type {other:?}; supported: \"memory\", \"redis\""),
+            format!("unknown queue type {other:?}; supported: \"memory\", \"redis\", \"amqp\""),
         )]),
     }
 }
@@ -327,14 +352,21 @@ pub async fn build_runtime(
             Arc::new(MemoryQueue::new(pool, cfg.clone()))
         }),
         QueueChoice::Redis(cfg) => {
-            let mut pools: Vec<String> = config.platform().pools.keys().cloned().collect();
-            if !pools.contains(&bot.pool) {
-                pools.push(bot.pool.clone());
-            }
-            for pool in pools {
+            for (pool, _) in pools(&config, &bot.pool) {
                 let queue = Arc::new(RedisQueue::new(pool.clone(), cfg.clone())?);
                 builder = builder
                     .health(Arc::new(RedisHealth(Arc::clone(&queue))))
+                    .queue(&pool, queue);
+            }
+            builder
+        }
+        QueueChoice::Amqp(cfg) => {
+            for (pool, settings) in pools(&config, &bot.pool) {
+                // The broker pushes as many deliveries as the pool's workers lease at once.
+                let prefetch = settings.workers.saturating_mul(settings.prefetch);
+                let queue = Arc::new(AmqpQueue::new(pool.clone(), cfg.clone(), prefetch));
+                builder = builder
+                    .health(Arc::new(AmqpHealth(Arc::clone(&queue))))
                     .queue(&pool, queue);
             }
             builder

@@ -96,6 +96,23 @@ impl Workspace {
         path
     }
 
+    /// [`Workspace::config`] on the AMQP queue at `url` (quorum queues under `prefix`).
+    pub fn config_amqp(&self, url: &str, workers: usize, prefix: &str) -> PathBuf {
+        let text = self.config_text(workers, 3, "").replace(
+            "type = \"memory\"\ncapacity = 100000\nlease_timeout_ms = 60000",
+            &format!(
+                "type = \"amqp\"\nurl = \"{url}\"\nqueue_prefix = \"{prefix}\"\nmax_deliveries = 3"
+            ),
+        );
+        assert!(
+            text.contains("type = \"amqp\""),
+            "the queue section was replaced"
+        );
+        let path = self.dir.path().join("bot-amqp.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
     /// [`Workspace::config`] with `extra` appended.
     pub fn config_with(&self, workers: usize, max_attempts: u32, extra: &str) -> PathBuf {
         let text = format!(

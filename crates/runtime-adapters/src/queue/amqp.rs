@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -78,7 +78,7 @@ impl QueueKind {
 
 /// `[queue]` with `type = "amqp"`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct AmqpQueueConfig {
     /// Broker URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub url: String,
@@ -238,10 +238,21 @@ struct Link {
     generation: u64,
 }
 
-/// The consumer side: its own channel, so a slow handler never blocks publishing.
+/// The consumer side: its own channel, so a slow handler never blocks publishing. A pump
+/// task moves deliveries from lapin's consumer into `deliveries` as they arrive and counts
+/// them, so that `stats` sees work this process holds before any worker leased it.
 struct Consuming {
-    consumer: lapin::Consumer,
+    deliveries: tokio::sync::mpsc::UnboundedReceiver<Result<Delivery, String>>,
+    /// Deliveries arrived and not yet leased.
+    buffered: Arc<AtomicU64>,
     generation: u64,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Consuming {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
 }
 
 /// A delivery held by a worker.
@@ -268,6 +279,8 @@ pub struct AmqpQueue {
     prefetch: u16,
     link: tokio::sync::Mutex<Option<Link>>,
     consuming: tokio::sync::Mutex<Option<Consuming>>,
+    /// The current consumer's count of deliveries arrived and not yet leased.
+    buffered: Mutex<Arc<AtomicU64>>,
     /// Dead-letter operations take messages off the dead queue for a moment; one at a time.
     dead_ops: tokio::sync::Mutex<()>,
     leases: Mutex<HashMap<u64, (Held, Arc<str>)>>,
@@ -316,6 +329,7 @@ impl AmqpQueue {
             prefetch,
             link: tokio::sync::Mutex::new(None),
             consuming: tokio::sync::Mutex::new(None),
+            buffered: Mutex::default(),
             dead_ops: tokio::sync::Mutex::new(()),
             leases: Mutex::default(),
             known: Mutex::default(),
@@ -337,6 +351,7 @@ impl AmqpQueue {
     /// broker redelivers them elsewhere). The next operation connects again.
     pub async fn close(&self) {
         self.consuming.lock().await.take();
+        *lock(&self.buffered) = Arc::default();
         if let Some(link) = self.link.lock().await.take() {
             let _ = link.connection.close(200, "closed".into()).await;
         }
@@ -570,16 +585,7 @@ impl AmqpQueue {
 
     /// Starts consuming on a fresh channel of the current link.
     async fn start_consuming(&self) -> Result<Consuming, QueueError> {
-        let (channel, generation) = {
-            let link = self.link().await?;
-            match link.connection.create_channel().await {
-                Ok(ch) => (ch, link.generation),
-                Err(e) => {
-                    drop(link);
-                    return Err(self.broken(e).await);
-                }
-            }
-        };
+        let (channel, generation, _) = self.new_channel().await?;
         let setup = async {
             channel
                 .basic_qos(self.prefetch, BasicQosOptions::default())
@@ -593,13 +599,36 @@ impl AmqpQueue {
                 )
                 .await
         };
-        match setup.await {
-            Ok(consumer) => Ok(Consuming {
-                consumer,
-                generation,
-            }),
-            Err(e) => Err(self.broken(e).await),
-        }
+        let mut consumer = match setup.await {
+            Ok(consumer) => consumer,
+            Err(e) => return Err(self.broken(e).await),
+        };
+        let buffered = Arc::new(AtomicU64::new(0));
+        *lock(&self.buffered) = Arc::clone(&buffered);
+        let (tx, deliveries) = tokio::sync::mpsc::unbounded_channel();
+        let counted = Arc::clone(&buffered);
+        let pump = tokio::spawn(async move {
+            loop {
+                let next = match consumer.next().await {
+                    Some(Ok(delivery)) => {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                        Ok(delivery)
+                    }
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("the broker cancelled the consumer".to_owned()),
+                };
+                let end = next.is_err();
+                if tx.send(next).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Consuming {
+            deliveries,
+            buffered,
+            generation,
+            pump,
+        })
     }
 
     /// Turns a delivery into a lease, or settles it here: dead-lettered as `undecodable`,
@@ -749,13 +778,19 @@ impl AmqpQueue {
         }
     }
 
+    /// Ends the consumer (its channel is gone or going): what it held is the broker's again.
+    fn drop_consumer(&self, consuming: &mut Option<Consuming>) {
+        consuming.take();
+        *lock(&self.buffered) = Arc::default();
+    }
+
     /// Takes up to `max` deliveries, waiting until `deadline` for the first.
     async fn read(&self, max: usize, wait: Duration) -> Result<Vec<Lease>, QueueError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut consuming = self.consuming.lock().await;
         let current = self.generation.load(Ordering::Relaxed);
         if consuming.as_ref().is_some_and(|c| c.generation != current) {
-            consuming.take();
+            self.drop_consumer(&mut consuming);
         }
         if consuming.is_none() {
             *consuming = Some(self.start_consuming().await?);
@@ -765,22 +800,37 @@ impl AmqpQueue {
         };
         let generation = c.generation;
         let mut deliveries = Vec::new();
-        match tokio::time::timeout_at(deadline, c.consumer.next()).await {
+        let first = match tokio::time::timeout_at(deadline, c.deliveries.recv()).await {
             Err(_) => return Ok(Vec::new()),
-            Ok(Some(Ok(d))) => deliveries.push(d),
-            Ok(Some(Err(e))) => {
-                consuming.take();
-                return Err(self.broken(e).await);
+            Ok(first) => first,
+        };
+        let mut next = first;
+        loop {
+            match next {
+                Some(Ok(d)) => {
+                    c.buffered.fetch_sub(1, Ordering::Relaxed);
+                    deliveries.push(d);
+                }
+                Some(Err(e)) => {
+                    self.drop_consumer(&mut consuming);
+                    let error = self.broken(e).await;
+                    if deliveries.is_empty() {
+                        return Err(error);
+                    }
+                    // Their channel is gone: the broker gives them to someone else.
+                    return Ok(Vec::new());
+                }
+                None => {
+                    self.drop_consumer(&mut consuming);
+                    return Err(self.broken("the consumer stopped").await);
+                }
             }
-            Ok(None) => {
-                consuming.take();
-                return Err(self.broken("the broker cancelled the consumer").await);
+            if deliveries.len() >= max {
+                break;
             }
-        }
-        while deliveries.len() < max {
-            match c.consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => deliveries.push(d),
-                _ => break,
+            match c.deliveries.try_recv() {
+                Ok(d) => next = Some(d),
+                Err(_) => break,
             }
         }
         drop(consuming);
@@ -953,17 +1003,7 @@ impl TaskQueue for AmqpQueue {
 
     fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>> {
         Box::pin(async move {
-            let (channel, delays) = {
-                let link = self.link().await?;
-                let delays: Vec<u64> = link.delays.iter().copied().collect();
-                match link.connection.create_channel().await {
-                    Ok(ch) => (ch, delays),
-                    Err(e) => {
-                        drop(link);
-                        return Err(self.broken(e).await);
-                    }
-                }
-            };
+            let (channel, _, delays) = self.new_channel().await?;
             let count = |queue: String| {
                 let channel = channel.clone();
                 async move {
@@ -992,10 +1032,12 @@ impl TaskQueue for AmqpQueue {
             let result = counted.await;
             let _ = channel.close(200, "stats".into()).await;
             let (depth, dead, scheduled) = result.map_err(unavailable)?;
+            // In flight here: leased, and arrived but not yet leased.
+            let buffered = lock(&self.buffered).load(Ordering::Relaxed);
             let (in_flight, oldest) = {
                 let leases = lock(&self.leases);
                 let oldest = leases.values().map(|(h, _)| h.since).min();
-                (leases.len() as u64, oldest)
+                (leases.len() as u64 + buffered, oldest)
             };
             Ok(QueueStats {
                 depth,
@@ -1075,28 +1117,64 @@ fn unreachable_task() -> Task {
 }
 
 impl AmqpQueue {
-    /// Takes every dead letter off the dead queue onto a new channel, unacknowledged:
-    /// closing the channel puts back whatever was not acknowledged.
+    /// Takes up to `limit` dead letters off the dead queue onto a new channel,
+    /// unacknowledged, for [`AmqpQueue::put_back`] or an acknowledgement each.
     async fn take_dead(&self, limit: usize) -> Result<(Channel, Vec<Taken>), QueueError> {
-        let channel = {
-            let link = self.link().await?;
-            match link.connection.create_channel().await {
-                Ok(ch) => ch,
-                Err(e) => {
-                    drop(link);
-                    return Err(self.broken(e).await);
-                }
-            }
-        };
+        let (channel, _, _) = self.new_channel().await?;
         let mut taken = Vec::new();
+        match self.take_dead_on(&channel, limit, &mut taken).await {
+            Ok(()) => Ok((channel, taken)),
+            Err(e) => {
+                self.put_back(channel, &taken.iter().collect::<Vec<_>>())
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns taken dead letters to the dead queue, in order, and closes their channel.
+    /// Rejected explicitly: a quorum queue returns what a closed channel held only
+    /// asynchronously, after which a get from another channel could miss them.
+    async fn put_back(&self, channel: Channel, taken: &[&Taken]) {
+        for t in taken {
+            let _ = t.acker.reject(BasicRejectOptions { requeue: true }).await;
+        }
+        let _ = channel.close(200, "done".into()).await;
+    }
+
+    /// A new channel on the link, with the link's generation and its declared delay queues.
+    async fn new_channel(&self) -> Result<(Channel, u64, Vec<u64>), QueueError> {
+        let link = self.link().await?;
+        match link.connection.create_channel().await {
+            Ok(ch) => Ok((ch, link.generation, link.delays.iter().copied().collect())),
+            Err(e) => {
+                drop(link);
+                Err(self.broken(e).await)
+            }
+        }
+    }
+
+    async fn take_dead_on(
+        &self,
+        channel: &Channel,
+        limit: usize,
+        taken: &mut Vec<Taken>,
+    ) -> Result<(), QueueError> {
+        let bound = Duration::from_millis(self.config.confirm_timeout_ms);
+        let timed_out = |_| unavailable("the broker did not answer in time");
+        // Each get bounded in time: a quorum queue just recovered from a crash was seen to
+        // hold a get for a minute.
         while taken.len() < limit {
-            let got = channel
-                .basic_get(
+            let got = tokio::time::timeout(
+                bound,
+                channel.basic_get(
                     self.names.dead.as_str().into(),
                     BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(unavailable)?;
+                ),
+            )
+            .await
+            .map_err(timed_out)?
+            .map_err(unavailable)?;
             let Some(got) = got else { break };
             let letter = to_dead_letter(&self.name, &got.delivery);
             taken.push(Taken {
@@ -1104,7 +1182,7 @@ impl AmqpQueue {
                 acker: got.delivery.acker,
             });
         }
-        Ok((channel, taken))
+        Ok(())
     }
 
     async fn replay_taken(&self, taken: &Taken) -> Result<(), QueueError> {
@@ -1136,7 +1214,8 @@ impl DeadLetterStore for AmqpQueue {
             let skip: usize = cursor.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
             let _one = self.dead_ops.lock().await;
             let (channel, taken) = self.take_dead(skip + limit + 1).await?;
-            let _ = channel.close(200, "listed".into()).await;
+            self.put_back(channel, &taken.iter().collect::<Vec<_>>())
+                .await;
             let more = taken.len() > skip + limit;
             let items = taken
                 .into_iter()
@@ -1155,12 +1234,18 @@ impl DeadLetterStore for AmqpQueue {
         Box::pin(async move {
             let _one = self.dead_ops.lock().await;
             let (channel, taken) = self.take_dead(usize::MAX).await?;
-            let found = taken.iter().find(|t| t.letter.id == id);
+            let found = taken.iter().position(|t| t.letter.id == id);
             let result = match found {
-                Some(t) => self.replay_taken(t).await,
+                Some(i) => self.replay_taken(&taken[i]).await,
                 None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
             };
-            let _ = channel.close(200, "replayed".into()).await;
+            let settled = found.filter(|_| result.is_ok());
+            let rest: Vec<&Taken> = taken
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| (Some(i) != settled).then_some(t))
+                .collect();
+            self.put_back(channel, &rest).await;
             result
         })
     }
@@ -1178,7 +1263,8 @@ impl DeadLetterStore for AmqpQueue {
                 }
                 replayed += 1;
             }
-            let _ = channel.close(200, "replayed".into()).await;
+            self.put_back(channel, &taken[replayed..].iter().collect::<Vec<_>>())
+                .await;
             result.map(|()| replayed)
         })
     }
@@ -1187,8 +1273,9 @@ impl DeadLetterStore for AmqpQueue {
         Box::pin(async move {
             let _one = self.dead_ops.lock().await;
             let (channel, taken) = self.take_dead(usize::MAX).await?;
-            let result = match taken.iter().find(|t| t.letter.id == id) {
-                Some(t) => t
+            let found = taken.iter().position(|t| t.letter.id == id);
+            let result = match found {
+                Some(i) => taken[i]
                     .acker
                     .ack(BasicAckOptions::default())
                     .await
@@ -1196,7 +1283,13 @@ impl DeadLetterStore for AmqpQueue {
                     .map_err(unavailable),
                 None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
             };
-            let _ = channel.close(200, "purged".into()).await;
+            let settled = found.filter(|_| result.is_ok());
+            let rest: Vec<&Taken> = taken
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| (Some(i) != settled).then_some(t))
+                .collect();
+            self.put_back(channel, &rest).await;
             result
         })
     }

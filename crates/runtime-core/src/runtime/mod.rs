@@ -573,10 +573,15 @@ impl RuntimeManager {
     /// Resolves once every source has scanned at least once (or ended) and every queue is
     /// empty: nothing ready, scheduled or in flight. For `run --once`.
     pub async fn wait_until_idle(&self, poll: Duration) {
+        // Idle twice in a row, a poll apart: a broker that pushes deliveries counts one
+        // as neither ready nor held while it travels to this process.
+        let mut idle_before = false;
         loop {
-            if self.is_idle().await {
+            let idle = self.is_idle().await;
+            if idle && idle_before {
                 return;
             }
+            idle_before = idle;
             tokio::time::sleep(poll).await;
         }
     }

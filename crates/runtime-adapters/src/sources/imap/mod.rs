@@ -302,6 +302,8 @@ impl ImapSource {
         mut session: ImapSession,
         ctx: &SourceContext,
     ) -> Result<(), String> {
+        // Searches left before idling again (IDLE mode): mail is arriving.
+        let mut follow_ups = 0;
         loop {
             let mut found = 0;
             for mailbox in &self.config.mailboxes {
@@ -317,9 +319,16 @@ impl ImapSource {
             while session.unsolicited_responses.try_recv().is_ok() {}
             match self.mode {
                 // Mail is arriving: Dovecot sends the next IDLE notification only after
-                // about half a second, so while searches keep finding new mail, search again
-                // soon instead of idling. The first search that finds nothing returns to IDLE.
-                ImapMode::Idle if found > 0 => {
+                // about half a second, so after a search that found new mail, search again
+                // every 100 ms for as long as that delay instead of idling; a message that
+                // arrives meanwhile waits 100 ms, not the notification's 500. Only searches
+                // that find nothing for that long return to IDLE.
+                ImapMode::Idle if found > 0 || follow_ups > 0 => {
+                    follow_ups = if found > 0 {
+                        IDLE_FOLLOW_UPS
+                    } else {
+                        follow_ups - 1
+                    };
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => {
                             let _ = session.logout().await;
@@ -1086,6 +1095,10 @@ where
 /// How soon an IDLE source searches again after a search that found new mail, instead of
 /// idling (Dovecot delays IDLE notifications by about half a second).
 const IDLE_FOLLOW_UP: Duration = Duration::from_millis(100);
+
+/// Searches that find nothing, after one that found new mail, before an IDLE source idles
+/// again: together they span Dovecot's notification delay.
+const IDLE_FOLLOW_UPS: u32 = 5;
 
 /// Most bytes (by the pointers' declared sizes) one batched `UID FETCH` asks for; a larger
 /// message is fetched alone. Bounds what a batch holds in memory at once.
