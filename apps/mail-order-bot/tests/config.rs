@@ -160,6 +160,40 @@ fn each_bad_config_is_reported_with_its_key() {
             "is not an address",
         ),
         (
+            "an AMQP URL that is not one",
+            Box::new(|t: &str| {
+                t.replace(
+                    "type = \"memory\"",
+                    "type = \"amqp\"\nurl = \"redis://127.0.0.1\"",
+                )
+            }),
+            "queue.url",
+            "not an amqp://",
+        ),
+        (
+            "an unknown AMQP queue kind",
+            Box::new(|t: &str| {
+                t.replace(
+                    "type = \"memory\"",
+                    "type = \"amqp\"\nqueue_kind = \"stream\"",
+                )
+            }),
+            "queue.queue_kind",
+            "unknown variant",
+        ),
+        (
+            "an unknown AMQP key",
+            Box::new(|t: &str| t.replace("type = \"memory\"", "type = \"amqp\"\nprefech = 3")),
+            "queue.prefech",
+            "unknown key",
+        ),
+        (
+            "an unknown queue type",
+            Box::new(|t: &str| t.replace("type = \"memory\"", "type = \"kafka\"")),
+            "queue.type",
+            "\"amqp\"",
+        ),
+        (
             "unsupported store",
             Box::new(|t: &str| t.replace("sqlite://", "mysql://")),
             "apps.mail_order_bot.store_url",

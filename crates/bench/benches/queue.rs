@@ -6,19 +6,15 @@
 //! Prints tasks/s for each (median of several interleaved rounds) and plba's ratio to each baseline.
 //! `PLBA_BENCH_TASKS` sets the task count (default 200000).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
-use plba_testkit::StaticSource;
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_contracts::{
-    BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler, TaskQueue, TaskSource,
+    BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler, TaskQueue,
 };
-use runtime_core::supervisor::PoolSpec;
-use runtime_core::{PoolConfig, TraceService, WorkerSupervisor};
 
 const WORKERS: usize = 4;
 const ROUNDS: usize = 5;
@@ -115,27 +111,7 @@ async fn plba_round(n: u64, prefetch: usize) -> Duration {
         .expect("task");
         queue.publish(task).await.expect("publish");
     }
-    let mut supervisor = WorkerSupervisor::new();
-    let handlers: HashMap<String, Arc<dyn TaskHandler>> =
-        HashMap::from([("noop".to_owned(), Arc::new(Noop) as _)]);
-    let sources: HashMap<String, Arc<dyn TaskSource>> = HashMap::from([(
-        "bench".to_owned(),
-        Arc::new(StaticSource::empty("bench")) as _,
-    )]);
-    supervisor.start_pool(
-        PoolSpec {
-            name: "bench".into(),
-            config: PoolConfig {
-                workers: WORKERS,
-                prefetch,
-                ..PoolConfig::default()
-            },
-            queue: queue.clone(),
-            handlers,
-            sources,
-        },
-        TraceService::new(),
-    );
+    let supervisor = plba_bench::start_pool(queue.clone(), WORKERS, prefetch, Arc::new(Noop));
     loop {
         let stats = queue.stats().await.expect("stats");
         if stats.processed == n {

@@ -7,35 +7,14 @@
 //! raw loop (target: at least 0.5) and the process's peak RSS. `PLBA_BENCH_REDIS_TASKS`
 //! sets the task count (default 100000).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plba_testkit::{RedisServer, StaticSource};
+use plba_bench::{drain_with_pool, envelope, peak_rss_mib};
+use plba_testkit::RedisServer;
 use runtime_adapters::queue::redis::{RedisQueue, RedisQueueConfig};
-use runtime_contracts::{
-    BoxFuture, HandlerContext, HandlerError, Outcome, Task, TaskHandler, TaskQueue, TaskSource,
-};
-use runtime_core::supervisor::PoolSpec;
-use runtime_core::{PoolConfig, TraceService, WorkerSupervisor};
-
-struct Noop(Arc<AtomicU64>);
-impl TaskHandler for Noop {
-    fn handle<'a>(
-        &'a self,
-        _task: &'a Task,
-        _ctx: &'a HandlerContext,
-    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async { Ok(Outcome::new("noop")) })
-    }
-}
-
-fn envelope(i: u64) -> String {
-    let task = Task::new(format!("t{i}"), "noop", "bench", serde_json::Value::Null).expect("task");
-    serde_json::to_string(&task).expect("json")
-}
+use runtime_contracts::TaskQueue;
 
 async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -175,74 +154,7 @@ async fn plba(url: &str, n: u64, consumers: usize, produce: bool) -> Duration {
     if !produce {
         fill(url, "plba:bench:stream", n).await;
     }
-    let handled = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let producer = produce.then(|| {
-        let queue = Arc::clone(&queue);
-        // Sources publish what a scan finds in chunks (`publish_batch`), as the raw
-        // producer pipelines its XADDs.
-        tokio::spawn(async move {
-            let mut i = 0;
-            while i < n {
-                let chunk = (i..(i + 1000).min(n))
-                    .map(|j| {
-                        Task::new(format!("t{j}"), "noop", "bench", serde_json::Value::Null)
-                            .expect("task")
-                    })
-                    .collect();
-                queue.publish_batch(chunk).await.expect("publish");
-                i += 1000;
-            }
-        })
-    });
-    let mut supervisor = WorkerSupervisor::new();
-    let handlers: HashMap<String, Arc<dyn TaskHandler>> =
-        HashMap::from([("noop".to_owned(), Arc::new(Noop(Arc::clone(&handled))) as _)]);
-    let sources: HashMap<String, Arc<dyn TaskSource>> = HashMap::from([(
-        "bench".to_owned(),
-        Arc::new(StaticSource::empty("bench")) as _,
-    )]);
-    supervisor.start_pool(
-        PoolSpec {
-            name: "bench".into(),
-            config: PoolConfig {
-                workers: consumers,
-                prefetch: 100,
-                ..PoolConfig::default()
-            },
-            queue: queue.clone(),
-            handlers,
-            sources,
-        },
-        TraceService::new(),
-    );
-    while handled.load(Ordering::Relaxed) < n
-        || queue.stats().await.map(|s| s.processed).unwrap_or(0) < n
-    {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let elapsed = start.elapsed();
-    if let Some(p) = producer {
-        p.await.expect("producer");
-    }
-    supervisor.shutdown(Duration::from_secs(5)).await;
-    elapsed
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    drain_with_pool(queue, n, consumers, 100, produce).await
 }
 
 fn main() {

@@ -386,6 +386,13 @@ fn dead_letters_are_listed_read_replayed_and_purged(
         q.ack(&replayed).await.expect("ack");
         dlq.purge("b").await.expect("purge");
         assert!(dlq.get("b").await.expect("get").is_none());
+        assert_eq!(
+            q.publish(task("b")).await.expect("publish"),
+            PublishResult::Enqueued,
+            "a purged id is forgotten"
+        );
+        let b = expect_next(&*q, "b").await;
+        q.ack(&b).await.expect("ack");
         assert!(matches!(
             dlq.replay("b").await,
             Err(QueueError::DeadLetterNotFound(_))
