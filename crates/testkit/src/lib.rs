@@ -630,6 +630,10 @@ ssl_key = <{d}/server.key
 auth_mechanisms = plain login
 disable_plaintext_auth = no
 mail_location = maildir:~/Maildir
+# A throwaway test server, like the PostgreSQL one (fsync=off): no fsync of mail or
+# indexes, so a neighbour's disk load on a shared machine does not time Dovecot's writes.
+# A killed Dovecot loses nothing this way; only a crash of the whole machine would.
+mail_fsync = never
 mail_max_userip_connections = 20
 first_valid_uid = {uid}
 default_internal_user = dovecot
