@@ -6,8 +6,8 @@
 //! delivery. plba: `AmqpQueue` (quorum queue, confirms, manual acks) under a worker pool
 //! of `consumers` workers leasing up to 100 each, publishing with `publish_batch` in
 //! chunks of 1,000. Modes: a backlog drained by 1 and by 4 consumers, and produce+consume
-//! at once with 4 consumers. Prints tasks/s and plba's ratio to the raw loop (target: at
-//! least 0.5). `PLBA_BENCH_AMQP_TASKS` sets the task count (default 100000).
+//! at once with 1 and with 4 consumers. Prints tasks/s and plba's ratio to the raw loop
+//! (target: at least 0.5). `PLBA_BENCH_AMQP_TASKS` sets the task count (default 100000).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -169,6 +169,7 @@ fn main() {
     for (k, (label, consumers, produce)) in [
         ("backlog, 1 consumer ", 1, false),
         ("backlog, 4 consumers", 4, false),
+        ("produce+consume, 1  ", 1, true),
         ("produce+consume, 4  ", 4, true),
     ]
     .into_iter()
