@@ -898,6 +898,10 @@ impl TaskQueue for AmqpQueue {
                     results.push(PublishResult::AlreadyKnown);
                 }
             }
+            if fresh.is_empty() {
+                // Every id is known here: nothing to send, and no broker needed to say so.
+                return Ok(results);
+            }
             let mut messages = Vec::with_capacity(fresh.len());
             for (task, _) in &fresh {
                 messages.push((task.id.as_str(), encode(task)?, None));
