@@ -225,406 +225,351 @@ enum Outcome {
     NotApplicable(&'static str),
 }
 
-fn publish_consume_ack(b: Arc<dyn Backend>, name: String) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (q, _) = b.open(&name);
-        assert_eq!(
-            q.publish(task("a")).await.expect("publish"),
-            PublishResult::Enqueued
-        );
-        stats_until(&*q, "one ready", |s| s.depth == 1 && s.published == 1).await;
-        let lease = expect_next(&*q, "a").await;
-        assert_eq!((lease.task.attempt, lease.task.history.len()), (0, 0));
-        stats_until(&*q, "one in flight", |s| s.in_flight == 1 && s.depth == 0).await;
-        q.ack(&lease).await.expect("ack");
-        stats_until(&*q, "settled", |s| {
-            (s.depth, s.in_flight, s.processed) == (0, 0, 1)
-        })
-        .await;
-        assert!(matches!(
-            q.ack(&lease).await,
-            Err(QueueError::UnknownLease(_))
-        ));
-        assert!(next(&*q, NOTHING).await.is_none(), "nothing is left");
-        Outcome::Passed
+async fn publish_consume_ack(b: Arc<dyn Backend>, name: String) -> Outcome {
+    let (q, _) = b.open(&name);
+    assert_eq!(
+        q.publish(task("a")).await.expect("publish"),
+        PublishResult::Enqueued
+    );
+    stats_until(&*q, "one ready", |s| s.depth == 1 && s.published == 1).await;
+    let lease = expect_next(&*q, "a").await;
+    assert_eq!((lease.task.attempt, lease.task.history.len()), (0, 0));
+    stats_until(&*q, "one in flight", |s| s.in_flight == 1 && s.depth == 0).await;
+    q.ack(&lease).await.expect("ack");
+    stats_until(&*q, "settled", |s| {
+        (s.depth, s.in_flight, s.processed) == (0, 0, 1)
     })
+    .await;
+    assert!(matches!(
+        q.ack(&lease).await,
+        Err(QueueError::UnknownLease(_))
+    ));
+    assert!(next(&*q, NOTHING).await.is_none(), "nothing is left");
+    Outcome::Passed
 }
 
-fn same_id_is_published_once_until_done(
-    b: Arc<dyn Backend>,
-    name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (q, _) = b.open(&name);
-        assert_eq!(
-            q.publish(task("a")).await.expect("publish"),
-            PublishResult::Enqueued
-        );
-        assert_eq!(
-            q.publish(task("a")).await.expect("pending"),
-            PublishResult::AlreadyKnown
-        );
-        let lease = expect_next(&*q, "a").await;
-        assert_eq!(
-            q.publish(task("a")).await.expect("in flight"),
-            PublishResult::AlreadyKnown
-        );
-        q.ack(&lease).await.expect("ack");
-        assert_eq!(
-            q.publish(task("a")).await.expect("done"),
-            PublishResult::Enqueued,
-            "a finished id may be published again"
-        );
-        let lease = expect_next(&*q, "a").await;
-        q.ack(&lease).await.expect("ack");
-        assert!(
-            next(&*q, NOTHING).await.is_none(),
-            "published twice, delivered twice"
-        );
-        Outcome::Passed
-    })
+async fn same_id_is_published_once_until_done(b: Arc<dyn Backend>, name: String) -> Outcome {
+    let (q, _) = b.open(&name);
+    assert_eq!(
+        q.publish(task("a")).await.expect("publish"),
+        PublishResult::Enqueued
+    );
+    assert_eq!(
+        q.publish(task("a")).await.expect("pending"),
+        PublishResult::AlreadyKnown
+    );
+    let lease = expect_next(&*q, "a").await;
+    assert_eq!(
+        q.publish(task("a")).await.expect("in flight"),
+        PublishResult::AlreadyKnown
+    );
+    q.ack(&lease).await.expect("ack");
+    assert_eq!(
+        q.publish(task("a")).await.expect("done"),
+        PublishResult::Enqueued,
+        "a finished id may be published again"
+    );
+    let lease = expect_next(&*q, "a").await;
+    q.ack(&lease).await.expect("ack");
+    assert!(
+        next(&*q, NOTHING).await.is_none(),
+        "published twice, delivered twice"
+    );
+    Outcome::Passed
 }
 
-fn nack_with_delay_retries_later_with_history(
+async fn nack_with_delay_retries_later_with_history(b: Arc<dyn Backend>, name: String) -> Outcome {
+    let (q, _) = b.open(&name);
+    q.publish(task("a")).await.expect("publish");
+    let lease = expect_next(&*q, "a").await;
+    let delay = Duration::from_millis(700);
+    let nacked = Instant::now();
+    q.nack(&lease, delay, Some(failure(1))).await.expect("nack");
+    stats_until(&*q, "scheduled", |s| s.failed == 1 && s.in_flight == 0).await;
+    let retry = expect_next(&*q, "a").await;
+    assert!(
+        nacked.elapsed() >= delay,
+        "the retry came after {:?}, before its delay",
+        nacked.elapsed()
+    );
+    assert_eq!(retry.task.attempt, 1);
+    assert_eq!(retry.task.history, vec![failure(1)]);
+    q.nack(&retry, Duration::ZERO, Some(failure(2)))
+        .await
+        .expect("nack");
+    let again = expect_next(&*q, "a").await;
+    assert_eq!(again.task.attempt, 2);
+    assert_eq!(again.task.history, vec![failure(1), failure(2)]);
+    q.ack(&again).await.expect("ack");
+    Outcome::Passed
+}
+
+async fn nack_without_failure_returns_the_task_untouched(
     b: Arc<dyn Backend>,
     name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (q, _) = b.open(&name);
-        q.publish(task("a")).await.expect("publish");
-        let lease = expect_next(&*q, "a").await;
-        let delay = Duration::from_millis(700);
-        let nacked = Instant::now();
-        q.nack(&lease, delay, Some(failure(1))).await.expect("nack");
-        stats_until(&*q, "scheduled", |s| s.failed == 1 && s.in_flight == 0).await;
-        let retry = expect_next(&*q, "a").await;
-        assert!(
-            nacked.elapsed() >= delay,
-            "the retry came after {:?}, before its delay",
-            nacked.elapsed()
-        );
-        assert_eq!(retry.task.attempt, 1);
-        assert_eq!(retry.task.history, vec![failure(1)]);
-        q.nack(&retry, Duration::ZERO, Some(failure(2)))
+) -> Outcome {
+    let (q, _) = b.open(&name);
+    q.publish(task("a")).await.expect("publish");
+    let lease = expect_next(&*q, "a").await;
+    q.nack(&lease, Duration::ZERO, None).await.expect("nack");
+    let again = expect_next(&*q, "a").await;
+    assert_eq!((again.task.attempt, again.task.history.len()), (0, 0));
+    stats_until(&*q, "no failure counted", |s| s.failed == 0).await;
+    q.ack(&again).await.expect("ack");
+    Outcome::Passed
+}
+
+async fn dead_letters_are_listed_read_replayed_and_purged(
+    b: Arc<dyn Backend>,
+    name: String,
+) -> Outcome {
+    let (q, _) = b.open(&name);
+    let dlq = q.dead_letters().expect("the dead-letter capability");
+    for id in ["a", "b", "c"] {
+        q.publish(task(id)).await.expect("publish");
+        let lease = expect_next(&*q, id).await;
+        q.nack(&lease, Duration::ZERO, Some(failure(1)))
             .await
             .expect("nack");
-        let again = expect_next(&*q, "a").await;
-        assert_eq!(again.task.attempt, 2);
-        assert_eq!(again.task.history, vec![failure(1), failure(2)]);
-        q.ack(&again).await.expect("ack");
-        Outcome::Passed
-    })
-}
-
-fn nack_without_failure_returns_the_task_untouched(
-    b: Arc<dyn Backend>,
-    name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (q, _) = b.open(&name);
-        q.publish(task("a")).await.expect("publish");
-        let lease = expect_next(&*q, "a").await;
-        q.nack(&lease, Duration::ZERO, None).await.expect("nack");
-        let again = expect_next(&*q, "a").await;
-        assert_eq!((again.task.attempt, again.task.history.len()), (0, 0));
-        stats_until(&*q, "no failure counted", |s| s.failed == 0).await;
-        q.ack(&again).await.expect("ack");
-        Outcome::Passed
-    })
-}
-
-fn dead_letters_are_listed_read_replayed_and_purged(
-    b: Arc<dyn Backend>,
-    name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (q, _) = b.open(&name);
-        let dlq = q.dead_letters().expect("the dead-letter capability");
-        for id in ["a", "b", "c"] {
-            q.publish(task(id)).await.expect("publish");
-            let lease = expect_next(&*q, id).await;
-            q.nack(&lease, Duration::ZERO, Some(failure(1)))
-                .await
-                .expect("nack");
-            let lease = expect_next(&*q, id).await;
-            q.dead_letter(&lease, failure(2))
-                .await
-                .expect("dead letter");
-        }
-        stats_until(&*q, "three dead", |s| s.dead == 3 && s.in_flight == 0).await;
-        assert_eq!(
-            q.publish(task("a")).await.expect("publish"),
-            PublishResult::AlreadyKnown,
-            "a dead id is known"
-        );
-        let first = dlq.list(None, 2).await.expect("list");
-        assert_eq!(first.items.len(), 2);
-        let cursor = first.next_cursor.clone().expect("a second page");
-        let second = dlq.list(Some(cursor), 2).await.expect("list");
-        assert_eq!(second.items.len(), 1);
-        assert!(second.next_cursor.is_none());
-        let mut ids: Vec<String> = first
-            .items
-            .iter()
-            .chain(&second.items)
-            .map(|d| d.id.clone())
-            .collect();
-        ids.sort();
-        assert_eq!(ids, ["a", "b", "c"]);
-        let a = dlq.get("a").await.expect("get").expect("a is dead");
-        assert_eq!(a.reason, "boom 2");
-        assert_eq!(a.task.attempt, 2);
-        assert_eq!(a.task.history, vec![failure(1), failure(2)]);
-        assert!(a.dead_at_unix_ms > 0);
-        dlq.replay("a").await.expect("replay");
-        let replayed = expect_next(&*q, "a").await;
-        assert_eq!(
-            replayed.task.attempt, 0,
-            "a replay gets a full set of attempts"
-        );
-        assert_eq!(replayed.task.history.len(), 2, "and keeps its history");
-        q.ack(&replayed).await.expect("ack");
-        dlq.purge("b").await.expect("purge");
-        assert!(dlq.get("b").await.expect("get").is_none());
-        assert_eq!(
-            q.publish(task("b")).await.expect("publish"),
-            PublishResult::Enqueued,
-            "a purged id is forgotten"
-        );
-        let b = expect_next(&*q, "b").await;
-        q.ack(&b).await.expect("ack");
-        assert!(matches!(
-            dlq.replay("b").await,
-            Err(QueueError::DeadLetterNotFound(_))
-        ));
-        assert!(matches!(
-            dlq.purge("nope").await,
-            Err(QueueError::DeadLetterNotFound(_))
-        ));
-        assert_eq!(dlq.replay_all().await.expect("replay all"), 1);
-        let c = expect_next(&*q, "c").await;
-        q.ack(&c).await.expect("ack");
-        stats_until(&*q, "all settled", |s| {
-            (s.dead, s.depth, s.in_flight, s.scheduled) == (0, 0, 0, 0)
-        })
-        .await;
-        Outcome::Passed
-    })
-}
-
-fn batches_publish_and_lease_together(
-    b: Arc<dyn Backend>,
-    name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (q, _) = b.open(&name);
-        q.publish(task("t0")).await.expect("publish");
-        let tasks = (0..6).map(|i| task(&format!("t{i}"))).collect();
-        let results = q.publish_batch(tasks).await.expect("publish batch");
-        assert_eq!(
-            results[0],
-            PublishResult::AlreadyKnown,
-            "t0 was already there"
-        );
-        assert!(results[1..].iter().all(|r| *r == PublishResult::Enqueued));
-        let mut leases = Vec::new();
-        let deadline = Instant::now() + ARRIVES;
-        while leases.len() < 6 {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of 6 leased",
-                leases.len()
-            );
-            let batch = q
-                .consume_batch(4, Duration::from_millis(200))
-                .await
-                .expect("consume batch");
-            assert!(batch.len() <= 4, "a batch holds at most max");
-            leases.extend(batch);
-        }
-        let mut ids: Vec<&str> = leases.iter().map(|l| l.task.id.as_str()).collect();
-        ids.sort_unstable();
-        assert_eq!(ids, ["t0", "t1", "t2", "t3", "t4", "t5"]);
-        let mut receipts: Vec<u64> = leases.iter().map(|l| l.receipt).collect();
-        receipts.sort_unstable();
-        receipts.dedup();
-        assert_eq!(receipts.len(), 6, "one receipt per lease");
-        q.ack_batch(&leases).await.expect("ack batch");
-        stats_until(&*q, "all processed", |s| {
-            s.processed == 6 && s.in_flight == 0
-        })
-        .await;
-        assert!(next(&*q, NOTHING).await.is_none());
-        Outcome::Passed
-    })
-}
-
-fn a_waiting_consumer_wakes_on_publish(
-    b: Arc<dyn Backend>,
-    name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (q, _) = b.open(&name);
-        // A first consume connects and subscribes where the backend does.
-        assert!(next(&*q, NOTHING).await.is_none());
-        let waiter = {
-            let q = Arc::clone(&q);
-            tokio::spawn(async move { q.consume(ARRIVES).await })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let published = Instant::now();
-        q.publish(task("a")).await.expect("publish");
-        let lease = waiter
+        let lease = expect_next(&*q, id).await;
+        q.dead_letter(&lease, failure(2))
             .await
-            .expect("join")
-            .expect("consume")
-            .expect("the waiter got the task");
+            .expect("dead letter");
+    }
+    stats_until(&*q, "three dead", |s| s.dead == 3 && s.in_flight == 0).await;
+    assert_eq!(
+        q.publish(task("a")).await.expect("publish"),
+        PublishResult::AlreadyKnown,
+        "a dead id is known"
+    );
+    let first = dlq.list(None, 2).await.expect("list");
+    assert_eq!(first.items.len(), 2);
+    let cursor = first.next_cursor.clone().expect("a second page");
+    let second = dlq.list(Some(cursor), 2).await.expect("list");
+    assert_eq!(second.items.len(), 1);
+    assert!(second.next_cursor.is_none());
+    let mut ids: Vec<String> = first
+        .items
+        .iter()
+        .chain(&second.items)
+        .map(|d| d.id.clone())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b", "c"]);
+    let a = dlq.get("a").await.expect("get").expect("a is dead");
+    assert_eq!(a.reason, "boom 2");
+    assert_eq!(a.task.attempt, 2);
+    assert_eq!(a.task.history, vec![failure(1), failure(2)]);
+    assert!(a.dead_at_unix_ms > 0);
+    dlq.replay("a").await.expect("replay");
+    let replayed = expect_next(&*q, "a").await;
+    assert_eq!(
+        replayed.task.attempt, 0,
+        "a replay gets a full set of attempts"
+    );
+    assert_eq!(replayed.task.history.len(), 2, "and keeps its history");
+    q.ack(&replayed).await.expect("ack");
+    dlq.purge("b").await.expect("purge");
+    assert!(dlq.get("b").await.expect("get").is_none());
+    assert_eq!(
+        q.publish(task("b")).await.expect("publish"),
+        PublishResult::Enqueued,
+        "a purged id is forgotten"
+    );
+    let b = expect_next(&*q, "b").await;
+    q.ack(&b).await.expect("ack");
+    assert!(matches!(
+        dlq.replay("b").await,
+        Err(QueueError::DeadLetterNotFound(_))
+    ));
+    assert!(matches!(
+        dlq.purge("nope").await,
+        Err(QueueError::DeadLetterNotFound(_))
+    ));
+    assert_eq!(dlq.replay_all().await.expect("replay all"), 1);
+    let c = expect_next(&*q, "c").await;
+    q.ack(&c).await.expect("ack");
+    stats_until(&*q, "all settled", |s| {
+        (s.dead, s.depth, s.in_flight, s.scheduled) == (0, 0, 0, 0)
+    })
+    .await;
+    Outcome::Passed
+}
+
+async fn batches_publish_and_lease_together(b: Arc<dyn Backend>, name: String) -> Outcome {
+    let (q, _) = b.open(&name);
+    q.publish(task("t0")).await.expect("publish");
+    let tasks = (0..6).map(|i| task(&format!("t{i}"))).collect();
+    let results = q.publish_batch(tasks).await.expect("publish batch");
+    assert_eq!(
+        results[0],
+        PublishResult::AlreadyKnown,
+        "t0 was already there"
+    );
+    assert!(results[1..].iter().all(|r| *r == PublishResult::Enqueued));
+    let mut leases = Vec::new();
+    let deadline = Instant::now() + ARRIVES;
+    while leases.len() < 6 {
         assert!(
-            published.elapsed() < ARRIVES,
-            "the waiter woke at its deadline, not on publish"
+            Instant::now() < deadline,
+            "only {} of 6 leased",
+            leases.len()
         );
-        q.ack(&lease).await.expect("ack");
-        Outcome::Passed
+        let batch = q
+            .consume_batch(4, Duration::from_millis(200))
+            .await
+            .expect("consume batch");
+        assert!(batch.len() <= 4, "a batch holds at most max");
+        leases.extend(batch);
+    }
+    let mut ids: Vec<&str> = leases.iter().map(|l| l.task.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["t0", "t1", "t2", "t3", "t4", "t5"]);
+    let mut receipts: Vec<u64> = leases.iter().map(|l| l.receipt).collect();
+    receipts.sort_unstable();
+    receipts.dedup();
+    assert_eq!(receipts.len(), 6, "one receipt per lease");
+    q.ack_batch(&leases).await.expect("ack batch");
+    stats_until(&*q, "all processed", |s| {
+        s.processed == 6 && s.in_flight == 0
     })
+    .await;
+    assert!(next(&*q, NOTHING).await.is_none());
+    Outcome::Passed
 }
 
-fn work_of_a_dead_consumer_comes_back(
-    b: Arc<dyn Backend>,
-    name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let (first, kill) = b.open(&name);
-        first.publish(task("a")).await.expect("publish");
-        let lease = expect_next(&*first, "a").await;
-        drop(lease);
-        kill().await;
-        drop(first);
-        let (second, _) = b.open(&name);
-        let again = expect_next(&*second, "a").await;
-        assert_eq!(again.task.attempt, 0, "a lost worker is no failed attempt");
-        second.ack(&again).await.expect("ack");
-        assert!(next(&*second, NOTHING).await.is_none());
-        Outcome::Passed
-    })
+async fn a_waiting_consumer_wakes_on_publish(b: Arc<dyn Backend>, name: String) -> Outcome {
+    let (q, _) = b.open(&name);
+    // A first consume connects and subscribes where the backend does.
+    assert!(next(&*q, NOTHING).await.is_none());
+    let waiter = {
+        let q = Arc::clone(&q);
+        tokio::spawn(async move { q.consume(ARRIVES).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let published = Instant::now();
+    q.publish(task("a")).await.expect("publish");
+    let lease = waiter
+        .await
+        .expect("join")
+        .expect("consume")
+        .expect("the waiter got the task");
+    assert!(
+        published.elapsed() < ARRIVES,
+        "the waiter woke at its deadline, not on publish"
+    );
+    q.ack(&lease).await.expect("ack");
+    Outcome::Passed
 }
 
-fn a_task_whose_consumers_keep_dying_is_dead_lettered_as_worker_lost(
+async fn work_of_a_dead_consumer_comes_back(b: Arc<dyn Backend>, name: String) -> Outcome {
+    let (first, kill) = b.open(&name);
+    first.publish(task("a")).await.expect("publish");
+    let lease = expect_next(&*first, "a").await;
+    drop(lease);
+    kill().await;
+    drop(first);
+    let (second, _) = b.open(&name);
+    let again = expect_next(&*second, "a").await;
+    assert_eq!(again.task.attempt, 0, "a lost worker is no failed attempt");
+    second.ack(&again).await.expect("ack");
+    assert!(next(&*second, NOTHING).await.is_none());
+    Outcome::Passed
+}
+
+async fn a_task_whose_consumers_keep_dying_is_dead_lettered_as_worker_lost(
     b: Arc<dyn Backend>,
     name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let Some(max) = b.max_deliveries() else {
-            return Outcome::NotApplicable("the queue dies with its consumers");
-        };
-        let (publisher, _) = b.open(&name);
-        publisher.publish(task("poison")).await.expect("publish");
-        publisher.publish(task("fine")).await.expect("publish");
-        let mut fine_done = false;
-        for _ in 0..max {
-            let (q, kill) = b.open(&name);
-            loop {
-                let lease = next(&*q, ARRIVES).await.expect("a delivery");
-                if lease.task.id.as_str() == "fine" && !fine_done {
-                    q.ack(&lease).await.expect("ack");
-                    fine_done = true;
-                    continue;
-                }
-                assert_eq!(lease.task.id.as_str(), "poison");
-                break;
+) -> Outcome {
+    let Some(max) = b.max_deliveries() else {
+        return Outcome::NotApplicable("the queue dies with its consumers");
+    };
+    let (publisher, _) = b.open(&name);
+    publisher.publish(task("poison")).await.expect("publish");
+    publisher.publish(task("fine")).await.expect("publish");
+    let mut fine_done = false;
+    for _ in 0..max {
+        let (q, kill) = b.open(&name);
+        loop {
+            let lease = next(&*q, ARRIVES).await.expect("a delivery");
+            if lease.task.id.as_str() == "fine" && !fine_done {
+                q.ack(&lease).await.expect("ack");
+                fine_done = true;
+                continue;
             }
-            kill().await;
+            assert_eq!(lease.task.id.as_str(), "poison");
+            break;
         }
-        let (q, _) = b.open(&name);
-        if let Some(lease) = next(&*q, Duration::from_secs(2)).await {
-            assert_eq!(lease.task.id.as_str(), "fine");
-            q.ack(&lease).await.expect("ack");
-        }
-        assert!(
-            next(&*q, Duration::from_secs(1)).await.is_none(),
-            "the poison is gone"
-        );
-        let dead = q
-            .dead_letters()
-            .expect("dlq")
-            .get("poison")
-            .await
-            .expect("get")
-            .expect("the poison is a dead letter");
-        assert!(dead.reason.starts_with("worker_lost"), "{}", dead.reason);
-        Outcome::Passed
-    })
+        kill().await;
+    }
+    let (q, _) = b.open(&name);
+    if let Some(lease) = next(&*q, Duration::from_secs(2)).await {
+        assert_eq!(lease.task.id.as_str(), "fine");
+        q.ack(&lease).await.expect("ack");
+    }
+    assert!(
+        next(&*q, Duration::from_secs(1)).await.is_none(),
+        "the poison is gone"
+    );
+    let dead = q
+        .dead_letters()
+        .expect("dlq")
+        .get("poison")
+        .await
+        .expect("get")
+        .expect("the poison is a dead letter");
+    assert!(dead.reason.starts_with("worker_lost"), "{}", dead.reason);
+    Outcome::Passed
 }
 
-fn an_undecodable_message_is_dead_lettered_and_consuming_goes_on(
+async fn an_undecodable_message_is_dead_lettered_and_consuming_goes_on(
     b: Arc<dyn Backend>,
     name: String,
-) -> BoxFuture<'static, Outcome> {
-    Box::pin(async move {
-        let Some(inject) = b.inject_garbage(&name) else {
-            return Outcome::NotApplicable("it holds typed tasks, never bytes");
-        };
-        let (q, _) = b.open(&name);
-        // Create the queue the way its consumers do, then write garbage onto it.
-        assert!(next(&*q, NOTHING).await.is_none());
-        inject.await;
-        q.publish(task("good")).await.expect("publish");
-        let lease = expect_next(&*q, "good").await;
-        q.ack(&lease).await.expect("ack");
-        stats_until(&*q, "the garbage is dead", |s| s.dead == 1).await;
-        let page = q
-            .dead_letters()
-            .expect("dlq")
-            .list(None, 10)
-            .await
-            .expect("list");
-        assert_eq!(page.items.len(), 1);
-        assert!(
-            page.items[0].reason.starts_with("undecodable"),
-            "{}",
-            page.items[0].reason
-        );
-        Outcome::Passed
-    })
+) -> Outcome {
+    let Some(inject) = b.inject_garbage(&name) else {
+        return Outcome::NotApplicable("it holds typed tasks, never bytes");
+    };
+    let (q, _) = b.open(&name);
+    // Create the queue the way its consumers do, then write garbage onto it.
+    assert!(next(&*q, NOTHING).await.is_none());
+    inject.await;
+    q.publish(task("good")).await.expect("publish");
+    let lease = expect_next(&*q, "good").await;
+    q.ack(&lease).await.expect("ack");
+    stats_until(&*q, "the garbage is dead", |s| s.dead == 1).await;
+    let page = q
+        .dead_letters()
+        .expect("dlq")
+        .list(None, 10)
+        .await
+        .expect("list");
+    assert_eq!(page.items.len(), 1);
+    assert!(
+        page.items[0].reason.starts_with("undecodable"),
+        "{}",
+        page.items[0].reason
+    );
+    Outcome::Passed
 }
 
-const CASES: &[(&str, Case)] = &[
-    ("publish_consume_ack", publish_consume_ack),
-    (
-        "same_id_is_published_once_until_done",
-        same_id_is_published_once_until_done,
-    ),
-    (
-        "nack_with_delay_retries_later_with_history",
-        nack_with_delay_retries_later_with_history,
-    ),
-    (
-        "nack_without_failure_returns_the_task_untouched",
-        nack_without_failure_returns_the_task_untouched,
-    ),
-    (
-        "dead_letters_are_listed_read_replayed_and_purged",
-        dead_letters_are_listed_read_replayed_and_purged,
-    ),
-    (
-        "batches_publish_and_lease_together",
-        batches_publish_and_lease_together,
-    ),
-    (
-        "a_waiting_consumer_wakes_on_publish",
-        a_waiting_consumer_wakes_on_publish,
-    ),
-    (
-        "work_of_a_dead_consumer_comes_back",
-        work_of_a_dead_consumer_comes_back,
-    ),
-    (
-        "a_task_whose_consumers_keep_dying_is_dead_lettered_as_worker_lost",
-        a_task_whose_consumers_keep_dying_is_dead_lettered_as_worker_lost,
-    ),
-    (
-        "an_undecodable_message_is_dead_lettered_and_consuming_goes_on",
-        an_undecodable_message_is_dead_lettered_and_consuming_goes_on,
-    ),
+/// A case as the runner calls it: its name and the boxed future of its body.
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {
+        &[$((stringify!($case), |b, name| Box::pin($case(b, name)))),*]
+    };
+}
+
+const CASES: &[(&str, Case)] = cases![
+    publish_consume_ack,
+    same_id_is_published_once_until_done,
+    nack_with_delay_retries_later_with_history,
+    nack_without_failure_returns_the_task_untouched,
+    dead_letters_are_listed_read_replayed_and_purged,
+    batches_publish_and_lease_together,
+    a_waiting_consumer_wakes_on_publish,
+    work_of_a_dead_consumer_comes_back,
+    a_task_whose_consumers_keep_dying_is_dead_lettered_as_worker_lost,
+    an_undecodable_message_is_dead_lettered_and_consuming_goes_on,
 ];
 
 fn main() {

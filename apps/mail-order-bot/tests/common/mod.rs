@@ -643,3 +643,48 @@ impl StallAfterCommit {
         })
     }
 }
+
+/// A bot on a durable queue killed (SIGKILL) mid-run over 1,000 mails, then another process
+/// run with `--once`: the queue gives it what the dead one held and it finds the rest.
+/// Every order exactly once, every message seen.
+pub async fn killed_process_then_another(ws: &Workspace, config: &std::path::Path) {
+    let expected = fill_mailbox(ws, 1000);
+    let first = BotProcess::spawn(ws, config, false);
+    wait_for(Duration::from_secs(120), "the first orders", || async {
+        orders_so_far(ws).await >= 30
+    })
+    .await;
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.finish();
+    assert!(unseen(ws) > 0, "the kill came mid-run");
+    let (code, _, stderr) = BotProcess::spawn(ws, config, true).finish();
+    assert_eq!(code, 0, "{stderr}");
+    assert_exactly_once(ws, &expected).await;
+    assert_eq!(unseen(ws), 0, "every message is seen");
+}
+
+/// A bot on a durable queue over 1,000 mails whose server `restart` restarts mid-run: the
+/// bot recovers by itself, loses nothing and doubles nothing.
+pub async fn server_restarted_mid_run(
+    ws: &Workspace,
+    config: &std::path::Path,
+    restart: impl FnOnce(),
+) {
+    let expected = fill_mailbox(ws, 1000);
+    let bot = BotProcess::spawn(ws, config, false);
+    wait_for(Duration::from_secs(120), "the first orders", || async {
+        orders_so_far(ws).await >= 30
+    })
+    .await;
+    restart();
+    wait_for(
+        Duration::from_secs(180),
+        "every message to be handled",
+        || async { unseen(ws) == 0 },
+    )
+    .await;
+    bot.signal(nix::sys::signal::Signal::SIGTERM);
+    let (code, _, stderr) = bot.finish();
+    assert_eq!(code, 0, "{stderr}");
+    assert_exactly_once(ws, &expected).await;
+}

@@ -1235,23 +1235,7 @@ impl DeadLetterStore for AmqpQueue {
     }
 
     fn replay<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
-        Box::pin(async move {
-            let _one = self.dead_ops.lock().await;
-            let (channel, taken) = self.take_dead(usize::MAX).await?;
-            let found = taken.iter().position(|t| t.letter.id == id);
-            let result = match found {
-                Some(i) => self.replay_taken(&taken[i]).await,
-                None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
-            };
-            let settled = found.filter(|_| result.is_ok());
-            let rest: Vec<&Taken> = taken
-                .iter()
-                .enumerate()
-                .filter_map(|(i, t)| (Some(i) != settled).then_some(t))
-                .collect();
-            self.put_back(channel, &rest).await;
-            result
-        })
+        Box::pin(self.settle_dead(id, Settle::Replay))
     }
 
     fn replay_all(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
@@ -1274,28 +1258,43 @@ impl DeadLetterStore for AmqpQueue {
     }
 
     fn purge<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
-        Box::pin(async move {
-            let _one = self.dead_ops.lock().await;
-            let (channel, taken) = self.take_dead(usize::MAX).await?;
-            let found = taken.iter().position(|t| t.letter.id == id);
-            let result = match found {
-                Some(i) => taken[i]
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map(|_| self.forget(id))
-                    .map_err(unavailable),
-                None => Err(QueueError::DeadLetterNotFound(id.to_owned())),
-            };
-            let settled = found.filter(|_| result.is_ok());
-            let rest: Vec<&Taken> = taken
-                .iter()
-                .enumerate()
-                .filter_map(|(i, t)| (Some(i) != settled).then_some(t))
-                .collect();
-            self.put_back(channel, &rest).await;
-            result
-        })
+        Box::pin(self.settle_dead(id, Settle::Purge))
+    }
+}
+
+/// What becomes of one dead letter.
+#[derive(Clone, Copy, Debug)]
+enum Settle {
+    /// Back on the work queue with a full set of attempts.
+    Replay,
+    /// Gone for good.
+    Purge,
+}
+
+impl AmqpQueue {
+    /// Finds dead letter `id`, replays or purges it, and puts every other one back.
+    async fn settle_dead(&self, id: &str, settle: Settle) -> Result<(), QueueError> {
+        let _one = self.dead_ops.lock().await;
+        let (channel, taken) = self.take_dead(usize::MAX).await?;
+        let found = taken.iter().position(|t| t.letter.id == id);
+        let result = match (found, settle) {
+            (Some(i), Settle::Replay) => self.replay_taken(&taken[i]).await,
+            (Some(i), Settle::Purge) => taken[i]
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(|_| self.forget(id))
+                .map_err(unavailable),
+            (None, _) => Err(QueueError::DeadLetterNotFound(id.to_owned())),
+        };
+        let settled = found.filter(|_| result.is_ok());
+        let rest: Vec<&Taken> = taken
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| (Some(i) != settled).then_some(t))
+            .collect();
+        self.put_back(channel, &rest).await;
+        result
     }
 }
 
@@ -1314,21 +1313,8 @@ impl HealthContributor for AmqpHealth {
     }
 
     fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
-        Box::pin(async move {
-            if probe == Probe::Liveness {
-                return HealthStatus::Up;
-            }
-            let connected = async { self.0.link().await.map(|_| ()) };
-            match tokio::time::timeout(Duration::from_secs(2), connected).await {
-                Ok(Ok(())) => HealthStatus::Up,
-                Ok(Err(e)) => HealthStatus::Down {
-                    reason: format!("amqp broker unavailable: {e}"),
-                },
-                Err(_) => HealthStatus::Down {
-                    reason: "amqp broker did not answer within 2 s".into(),
-                },
-            }
-        })
+        let connected = async { self.0.link().await.map(|_| ()) };
+        Box::pin(super::server_readiness(probe, "amqp broker", connected))
     }
 }
 

@@ -35,3 +35,27 @@ pub(crate) fn decode_envelope(
         Err(e) => Err(format!("envelope does not decode: {e}")),
     }
 }
+
+/// Readiness of a queue's server: `check` must succeed within 2 s. Liveness is always `Up`
+/// (an outage of a shared server turns readiness down, never liveness). `what` names the
+/// server in the reasons ("redis", "amqp broker").
+#[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
+pub(crate) async fn server_readiness(
+    probe: runtime_contracts::Probe,
+    what: &str,
+    check: impl std::future::Future<Output = Result<(), runtime_contracts::QueueError>>,
+) -> runtime_contracts::HealthStatus {
+    use runtime_contracts::HealthStatus;
+    if probe == runtime_contracts::Probe::Liveness {
+        return HealthStatus::Up;
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(2), check).await {
+        Ok(Ok(())) => HealthStatus::Up,
+        Ok(Err(e)) => HealthStatus::Down {
+            reason: format!("{what} unavailable: {e}"),
+        },
+        Err(_) => HealthStatus::Down {
+            reason: format!("{what} did not answer within 2 s"),
+        },
+    }
+}

@@ -1159,26 +1159,14 @@ impl HealthContributor for RedisHealth {
     }
 
     fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
-        Box::pin(async move {
-            if probe == Probe::Liveness {
-                return HealthStatus::Up;
-            }
-            let ping = async {
-                let mut conn = self.0.conn().await?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map_err(|e| self.0.broken(e))
-            };
-            match tokio::time::timeout(Duration::from_secs(2), ping).await {
-                Ok(Ok(_)) => HealthStatus::Up,
-                Ok(Err(e)) => HealthStatus::Down {
-                    reason: format!("redis unavailable: {e}"),
-                },
-                Err(_) => HealthStatus::Down {
-                    reason: "redis did not answer PING within 2 s".into(),
-                },
-            }
-        })
+        let ping = async {
+            let mut conn = self.0.conn().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| self.0.broken(e))
+        };
+        Box::pin(super::server_readiness(probe, "redis", ping))
     }
 }
