@@ -46,7 +46,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# A hung test must fail the run, not eat it: the whole suite takes about 12 minutes here.
+# timeout stops cargo and every test binary (its process group); libtest has already
+# named a hung test ("has been running for over 60 seconds").
+limit=${PLBA_TEST_TIMEOUT:-40m}
+timeout --kill-after=30s "$limit" cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    echo "error: the test suite did not finish within $limit (PLBA_TEST_TIMEOUT)" | tee -a "$log" >&2
+fi
 # One closing line for the whole suite (cargo prints one summary per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

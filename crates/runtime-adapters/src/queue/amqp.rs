@@ -94,7 +94,8 @@ pub struct AmqpQueueConfig {
     pub max_deliveries: u64,
     /// Largest envelope accepted from the broker, in bytes; larger is `undecodable`.
     pub max_message_bytes: usize,
-    /// Longest wait for the broker's confirm of a publish (ms).
+    /// Longest wait for any answer of the broker (ms): a publish confirm, a declare, a
+    /// get, a new channel. A broker that stops answering is an error, never a hang.
     pub confirm_timeout_ms: u64,
     /// Longest wait for a connection (ms).
     pub connect_timeout_ms: u64,
@@ -352,8 +353,14 @@ impl AmqpQueue {
     pub async fn close(&self) {
         self.consuming.lock().await.take();
         *lock(&self.buffered) = Arc::default();
-        if let Some(link) = self.link.lock().await.take() {
-            let _ = link.connection.close(200, "closed".into()).await;
+        let link = self.link.lock().await.take();
+        if let Some(link) = link {
+            let _ = self
+                .answer(
+                    "connection.close",
+                    link.connection.close(200, "closed".into()),
+                )
+                .await;
         }
     }
 
@@ -402,12 +409,31 @@ impl AmqpQueue {
     /// Records a failure of the link: the next operation reconnects (after the backoff).
     async fn broken(&self, e: impl std::fmt::Display) -> QueueError {
         let error = unavailable(e);
-        let mut link = self.link.lock().await;
-        if let Some(old) = link.take() {
+        let old = self.link.lock().await.take();
+        if let Some(old) = old {
             tracing::warn!(queue = %self.name, %error, "AMQP connection lost");
-            let _ = old.connection.close(320, "reconnecting".into()).await;
+            let _ = self
+                .answer("close", old.connection.close(320, "reconnecting".into()))
+                .await;
         }
         error
+    }
+
+    /// One exchange with the broker, bounded by `confirm_timeout_ms`. A broker killed
+    /// mid-exchange, or a connection that died without a word, leaves a lapin future
+    /// pending for ever; here it becomes an [`QueueError::Unavailable`] instead.
+    async fn answer<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        exchange: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, QueueError> {
+        let bound = Duration::from_millis(self.config.confirm_timeout_ms);
+        match tokio::time::timeout(bound, exchange).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(unavailable(format!(
+                "the broker did not answer {what} within {bound:?}"
+            ))),
+        }
     }
 
     /// The shared link, connected (and the topology declared) when needed.
@@ -456,23 +482,24 @@ impl AmqpQueue {
         .await
         .map_err(|_| unavailable("connecting to the broker timed out"))?
         .map_err(unavailable)?;
-        let publisher = connection.create_channel().await.map_err(unavailable)?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(unavailable)?;
+        let publisher = self
+            .answer("channel.open", connection.create_channel())
+            .await?;
+        self.answer(
+            "confirm.select",
+            publisher.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         for queue in [&self.names.work, &self.names.dead] {
-            publisher
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    self.queue_arguments(),
-                )
-                .await
-                .map_err(unavailable)?;
+            let declare = publisher.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                self.queue_arguments(),
+            );
+            self.answer("queue.declare", declare).await?;
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Link {
@@ -497,16 +524,14 @@ impl AmqpQueue {
                 if let Some(headers) = headers {
                     properties = properties.with_headers(headers.clone());
                 }
-                let sent = link
-                    .publisher
-                    .basic_publish(
-                        "".into(),
-                        queue.into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        properties,
-                    )
-                    .await;
+                let publish = link.publisher.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                );
+                let sent = self.answer("basic.publish", publish).await;
                 match sent {
                     Ok(confirm) => confirms.push(confirm),
                     Err(e) => {
@@ -542,17 +567,15 @@ impl AmqpQueue {
         if link.delays.contains(&ms) {
             return Ok(name);
         }
-        let declared = link
-            .publisher
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                self.delay_arguments(ms),
-            )
-            .await;
+        let declare = link.publisher.queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            self.delay_arguments(ms),
+        );
+        let declared = self.answer("queue.declare", declare).await;
         match declared {
             Ok(_) => {
                 link.delays.insert(ms);
@@ -599,7 +622,7 @@ impl AmqpQueue {
                 )
                 .await
         };
-        let mut consumer = match setup.await {
+        let mut consumer = match self.answer("basic.consume", setup).await {
             Ok(consumer) => consumer,
             Err(e) => return Err(self.broken(e).await),
         };
@@ -719,12 +742,14 @@ impl AmqpQueue {
             .await
         {
             Ok(()) => {
-                let _ = acker.ack(BasicAckOptions::default()).await;
+                let _ = self
+                    .answer("basic.ack", acker.ack(BasicAckOptions::default()))
+                    .await;
                 true
             }
             Err(e) => {
                 tracing::warn!(queue = %self.name, error = %e, "dead letter not written; the message goes back");
-                let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+                self.requeue(acker).await;
                 false
             }
         }
@@ -749,10 +774,7 @@ impl AmqpQueue {
             match self.delay_queue_for(delay).await {
                 Ok(q) => q,
                 Err(e) => {
-                    let _ = held
-                        .acker
-                        .reject(BasicRejectOptions { requeue: true })
-                        .await;
+                    self.requeue(&held.acker).await;
                     return Err(e);
                 }
             }
@@ -762,20 +784,22 @@ impl AmqpQueue {
             .publish_to(&target, &[(task.id.as_str(), body, None)])
             .await
         {
-            Ok(()) => held
-                .acker
-                .ack(BasicAckOptions::default())
+            Ok(()) => self
+                .answer("basic.ack", held.acker.ack(BasicAckOptions::default()))
                 .await
-                .map(|_| ())
-                .map_err(unavailable),
+                .map(|_| ()),
             Err(e) => {
-                let _ = held
-                    .acker
-                    .reject(BasicRejectOptions { requeue: true })
-                    .await;
+                self.requeue(&held.acker).await;
                 Err(e)
             }
         }
+    }
+
+    /// Returns a delivery to its queue (best effort: if the channel is gone, the broker
+    /// has returned it already).
+    async fn requeue(&self, acker: &Acker) {
+        let reject = acker.reject(BasicRejectOptions { requeue: true });
+        let _ = self.answer("basic.reject", reject).await;
     }
 
     /// Ends the consumer (its channel is gone or going): what it held is the broker's again.
@@ -933,8 +957,7 @@ impl TaskQueue for AmqpQueue {
     fn ack<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
             let (held, id) = self.take(lease)?;
-            held.acker
-                .ack(BasicAckOptions::default())
+            self.answer("basic.ack", held.acker.ack(BasicAckOptions::default()))
                 .await
                 .map_err(|_| QueueError::UnknownLease(lease.receipt))?;
             self.forget(&id);
@@ -1011,15 +1034,15 @@ impl TaskQueue for AmqpQueue {
             let count = |queue: String| {
                 let channel = channel.clone();
                 async move {
-                    channel
-                        .queue_declare(
-                            queue.as_str().into(),
-                            QueueDeclareOptions {
-                                passive: true,
-                                ..QueueDeclareOptions::default()
-                            },
-                            FieldTable::default(),
-                        )
+                    let declare = channel.queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    );
+                    self.answer("queue.declare", declare)
                         .await
                         .map(|q| u64::from(q.message_count()))
                 }
@@ -1031,11 +1054,13 @@ impl TaskQueue for AmqpQueue {
                 for ms in delays {
                     scheduled += count(self.delay_queue(ms)).await?;
                 }
-                Ok::<_, lapin::Error>((depth, dead, scheduled))
+                Ok::<_, QueueError>((depth, dead, scheduled))
             };
             let result = counted.await;
-            let _ = channel.close(200, "stats".into()).await;
-            let (depth, dead, scheduled) = result.map_err(unavailable)?;
+            let _ = self
+                .answer("channel.close", channel.close(200, "stats".into()))
+                .await;
+            let (depth, dead, scheduled) = result?;
             // In flight here: leased, and arrived but not yet leased.
             let buffered = lock(&self.buffered).load(Ordering::Relaxed);
             let (in_flight, oldest) = {
@@ -1141,15 +1166,20 @@ impl AmqpQueue {
     /// asynchronously, after which a get from another channel could miss them.
     async fn put_back(&self, channel: Channel, taken: &[&Taken]) {
         for t in taken {
-            let _ = t.acker.reject(BasicRejectOptions { requeue: true }).await;
+            self.requeue(&t.acker).await;
         }
-        let _ = channel.close(200, "done".into()).await;
+        let _ = self
+            .answer("channel.close", channel.close(200, "done".into()))
+            .await;
     }
 
     /// A new channel on the link, with the link's generation and its declared delay queues.
     async fn new_channel(&self) -> Result<(Channel, u64, Vec<u64>), QueueError> {
         let link = self.link().await?;
-        match link.connection.create_channel().await {
+        match self
+            .answer("channel.open", link.connection.create_channel())
+            .await
+        {
             Ok(ch) => Ok((ch, link.generation, link.delays.iter().copied().collect())),
             Err(e) => {
                 drop(link);
@@ -1164,21 +1194,14 @@ impl AmqpQueue {
         limit: usize,
         taken: &mut Vec<Taken>,
     ) -> Result<(), QueueError> {
-        let bound = Duration::from_millis(self.config.confirm_timeout_ms);
-        let timed_out = |_| unavailable("the broker did not answer in time");
         // Each get bounded in time: a quorum queue just recovered from a crash was seen to
         // hold a get for a minute.
         while taken.len() < limit {
-            let got = tokio::time::timeout(
-                bound,
-                channel.basic_get(
-                    self.names.dead.as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                ),
-            )
-            .await
-            .map_err(timed_out)?
-            .map_err(unavailable)?;
+            let get = channel.basic_get(
+                self.names.dead.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            );
+            let got = self.answer("basic.get", get).await?;
             let Some(got) = got else { break };
             let letter = to_dead_letter(&self.name, &got.delivery);
             taken.push(Taken {
@@ -1199,11 +1222,8 @@ impl AmqpQueue {
             &[(task.id.as_str(), encode(&task)?, None)],
         )
         .await?;
-        taken
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(unavailable)?;
+        self.answer("basic.ack", taken.acker.ack(BasicAckOptions::default()))
+            .await?;
         Ok(())
     }
 }
@@ -1279,12 +1299,10 @@ impl AmqpQueue {
         let found = taken.iter().position(|t| t.letter.id == id);
         let result = match (found, settle) {
             (Some(i), Settle::Replay) => self.replay_taken(&taken[i]).await,
-            (Some(i), Settle::Purge) => taken[i]
-                .acker
-                .ack(BasicAckOptions::default())
+            (Some(i), Settle::Purge) => self
+                .answer("basic.ack", taken[i].acker.ack(BasicAckOptions::default()))
                 .await
-                .map(|_| self.forget(id))
-                .map_err(unavailable),
+                .map(|_| self.forget(id)),
             (None, _) => Err(QueueError::DeadLetterNotFound(id.to_owned())),
         };
         let settled = found.filter(|_| result.is_ok());
