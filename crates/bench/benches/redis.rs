@@ -165,7 +165,7 @@ fn main() {
         .expect("runtime");
     println!("redis queue: {n} no-op tasks per run, private redis-server, same run for both");
     for aof in [false, true] {
-        let server = RedisServer::start(aof);
+        let server = RedisServer::start_with(aof.then_some("everysec"));
         let url = server.url();
         println!("AOF {}", if aof { "everysec" } else { "off" });
         for (label, consumers, produce) in [

@@ -228,7 +228,8 @@ pub(crate) fn find(program: &str, install_hint: &str) -> PathBuf {
 pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
-    aof: bool,
+    /// `appendfsync` of the append-only file; none: no AOF.
+    aof: Option<&'static str>,
     child: Option<Child>,
 }
 
@@ -242,16 +243,25 @@ impl std::fmt::Debug for RedisServer {
 }
 
 impl RedisServer {
-    /// Starts redis-server on a free port; with `aof`, every write is logged
-    /// (`appendfsync everysec`) so that a restart keeps the data.
+    /// Starts redis-server on a free port; with `aof`, every write is logged and synced
+    /// before Redis answers (`appendfsync always`), so that a write acknowledged before a
+    /// kill is there after the restart. (With `everysec`, Redis answers while it holds a
+    /// write back behind a slow sync: a SIGKILL loses up to two seconds of writes, and a
+    /// test that kills it would fail on a busy disk.)
     pub fn start(aof: bool) -> Self {
+        Self::start_with(aof.then_some("always"))
+    }
+
+    /// Starts redis-server with an AOF synced as `appendfsync` says (`always`, `everysec`,
+    /// `no`), or none.
+    pub fn start_with(appendfsync: Option<&'static str>) -> Self {
         let mut server = Self {
             port: free_port(),
             dir: tempfile::Builder::new()
                 .prefix("plba-redis")
                 .tempdir()
                 .expect("tempdir"),
-            aof,
+            aof: appendfsync,
             child: None,
         };
         server.spawn();
@@ -264,8 +274,11 @@ impl RedisServer {
             .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
-            .args(["--appendonly", if self.aof { "yes" } else { "no" }])
-            .args(["--appendfsync", "everysec"])
+            .args([
+                "--appendonly",
+                if self.aof.is_some() { "yes" } else { "no" },
+            ])
+            .args(["--appendfsync", self.aof.unwrap_or("everysec")])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
