@@ -139,7 +139,8 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
         Ok(m) => Arc::new(m),
         Err(code) => return Ok(code),
     };
-    let logs = runtime_core::install_subscriber(&manager.platform().runtime.log);
+    let runtime_config = &manager.platform().runtime;
+    let logs = runtime_core::install_subscriber_as(&runtime_config.log, runtime_config.log_format);
     let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule), logs)
         .await
         .context("composing the runtime")?;

@@ -99,6 +99,17 @@ fn each_bad_config_is_reported_with_its_key() {
             "invalid type",
         ),
         (
+            "unknown log format",
+            Box::new(|t: &str| {
+                t.replace(
+                    "shutdown_deadline_ms = 1000",
+                    "shutdown_deadline_ms = 1000\nlog_format = \"xml\"",
+                )
+            }),
+            "runtime.log_format",
+            "unknown variant",
+        ),
+        (
             "zero workers",
             Box::new(|t: &str| t.replace("workers = 2", "workers = 0")),
             "pools.orders.workers",

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{
@@ -100,4 +101,60 @@ async fn sigterm_mid_run_finishes_or_returns_in_flight_work() {
     assert_eq!(code, 0, "{stderr}");
     assert_exactly_once(&ws, &expected).await;
     assert_eq!(unseen(&ws), 0);
+}
+
+/// `runtime.log_format = "json"`: every line on stderr is one JSON object, and every event
+/// of a task's attempt carries the task's trace: W3C ids, one trace per message.
+#[test]
+fn json_logs_are_one_object_a_line_with_each_tasks_trace() {
+    let ws = Workspace::new();
+    fill_mailbox(&ws, 20);
+    let text = ws
+        .config_text(2, 3, "")
+        .replace("log = \"info\"", "log = \"info\"\nlog_format = \"json\"");
+    assert!(text.contains("log_format = \"json\""));
+    let config = ws.dir.path().join("bot-json.toml");
+    std::fs::write(&config, text).expect("write config");
+    let (code, _, stderr) = BotProcess::spawn(&ws, &config, true).finish();
+    assert_eq!(code, 0, "{stderr}");
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            && s.bytes().any(|b| b != b'0')
+    };
+    let mut traces: HashMap<String, String> = HashMap::new();
+    let mut spans = HashSet::new();
+    for line in stderr.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(event[key].is_string(), "no {key}: {line}");
+        }
+        assert!(event["fields"].is_object(), "no fields: {line}");
+        if event["message"] != "task completed" {
+            continue;
+        }
+        let task = event["fields"]["task"].as_str().expect("task field");
+        assert_eq!(event["spans"][0]["name"], "task", "{line}");
+        assert_eq!(event["spans"][0]["task"], task, "{line}");
+        let trace = event["trace_id"].as_str().expect("trace_id");
+        let span = event["span_id"].as_str().expect("span_id");
+        assert!(hex(trace, 32) && hex(span, 16), "{line}");
+        assert!(
+            spans.insert(span.to_owned()),
+            "one span per attempt: {line}"
+        );
+        assert!(
+            traces.insert(task.to_owned(), trace.to_owned()).is_none(),
+            "completed once: {line}"
+        );
+    }
+    assert_eq!(
+        traces.len(),
+        20,
+        "one completion per message (resends included)"
+    );
+    let distinct: HashSet<&String> = traces.values().collect();
+    assert_eq!(distinct.len(), traces.len(), "one trace per message");
 }

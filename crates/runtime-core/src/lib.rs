@@ -25,6 +25,7 @@ mod shutdown;
 pub mod supervisor;
 mod trace;
 
+pub use config::LogFormat;
 pub use config::{ConfigOrigin, ConfigReport, ConfigurationManager, PlatformConfig, PoolConfig};
 pub use container::ServiceContainer;
 pub use error::CoreError;
@@ -37,7 +38,7 @@ pub use runtime::{
 };
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};
-pub use trace::{install_subscriber, LogControl, TraceService};
+pub use trace::{install_subscriber, install_subscriber_as, LogControl, TraceService};
 
 /// Milliseconds since the Unix epoch, for records.
 pub(crate) fn now_unix_ms() -> u64 {

@@ -7,6 +7,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use runtime_contracts::{Headers, Task, TraceFactory};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::config::LogFormat;
+
 /// One span per task attempt, whose parent is the trace context the source wrote into the
 /// task's headers: every attempt of a task, retries included, joins the same trace.
 #[derive(Clone, Debug, Default)]
@@ -98,13 +100,18 @@ impl LogControl {
     }
 }
 
-/// Installs the process-wide subscriber: human-readable logs on stderr filtered by
+/// [`install_subscriber_as`] with human-readable lines.
+pub fn install_subscriber(filter: &str) -> Option<LogControl> {
+    install_subscriber_as(filter, LogFormat::Text)
+}
+
+/// Installs the process-wide subscriber: logs on stderr (in `format`) filtered by
 /// `RUST_LOG` or else `filter`, plus an OpenTelemetry layer so that spans carry trace ids
 /// (no exporter is configured: ids join logs and task headers). The log filter applies to
 /// the logs only: task spans reach the OpenTelemetry layer whatever the log level, so a
 /// quiet log never breaks a trace. Returns the handle that changes the log filter at run
 /// time, or `None` when a subscriber was already installed.
-pub fn install_subscriber(filter: &str) -> Option<LogControl> {
+pub fn install_subscriber_as(filter: &str, format: LogFormat) -> Option<LogControl> {
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
@@ -120,10 +127,19 @@ pub fn install_subscriber(filter: &str) -> Option<LogControl> {
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
     let tracer = provider.tracer("plba");
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(log_filter);
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(JsonLines)
+            .boxed(),
+    }
+    .with_filter(log_filter);
     let traces = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(LevelFilter::INFO);
@@ -136,6 +152,96 @@ pub fn install_subscriber(filter: &str) -> Option<LogControl> {
         current: std::sync::Mutex::new(initial),
         apply: Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
     })
+}
+
+/// One JSON object per event (see [`LogFormat::Json`]). Span fields come from
+/// `JsonFields`, which stores each span's fields as a JSON object when the span is created.
+struct JsonLines;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use serde_json::{Map, Value};
+        use tracing_subscriber::fmt::time::FormatTime;
+
+        let meta = event.metadata();
+        let mut fields = JsonVisitor(Map::new());
+        event.record(&mut fields);
+        let mut fields = fields.0;
+        let message = fields
+            .remove("message")
+            .unwrap_or_else(|| Value::String(String::new()));
+        let mut timestamp = String::new();
+        tracing_subscriber::fmt::time::SystemTime.format_time(
+            &mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp),
+        )?;
+        let mut line = Map::new();
+        line.insert("timestamp".into(), Value::String(timestamp));
+        line.insert("level".into(), Value::String(meta.level().as_str().into()));
+        line.insert("target".into(), Value::String(meta.target().into()));
+        line.insert("message".into(), message);
+        line.insert("fields".into(), Value::Object(fields));
+        let mut spans = Vec::new();
+        let mut ids = None;
+        for span in ctx.event_scope().into_iter().flat_map(|s| s.from_root()) {
+            let extensions = span.extensions();
+            let mut entry = Map::new();
+            entry.insert("name".into(), Value::String(span.name().into()));
+            if let Some(Value::Object(recorded)) = extensions
+                .get::<tracing_subscriber::fmt::FormattedFields<N>>()
+                .and_then(|f| serde_json::from_str(f).ok())
+            {
+                entry.extend(recorded);
+            }
+            if let Some(otel) = extensions.get::<tracing_opentelemetry::OtelData>() {
+                if let (Some(trace), Some(span)) = (otel.trace_id(), otel.span_id()) {
+                    ids = Some((trace, span));
+                }
+            }
+            spans.push(Value::Object(entry));
+        }
+        if !spans.is_empty() {
+            line.insert("spans".into(), Value::Array(spans));
+        }
+        if let Some((trace, span)) = ids.filter(|(t, _)| *t != TraceId::INVALID) {
+            line.insert("trace_id".into(), Value::String(trace.to_string()));
+            line.insert("span_id".into(), Value::String(span.to_string()));
+        }
+        writeln!(writer, "{}", Value::Object(line))
+    }
+}
+
+/// An event's fields as JSON values (numbers and booleans kept, the rest as text).
+struct JsonVisitor(serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonVisitor {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
 }
 
 impl TraceFactory for TraceService {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use runtime_contracts::{ConfigProblem, ConfigProvider, ConfigSubscriber};
 
-pub use platform::{PlatformConfig, PoolConfig, RuntimeConfig};
+pub use platform::{LogFormat, PlatformConfig, PoolConfig, RuntimeConfig};
 
 pub use runtime_contracts::config::{parse_section, parse_section_with_unknown};
 

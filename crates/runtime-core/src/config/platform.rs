@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::retry::RetryPolicy;
 
+/// The format of the process's log lines on stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, `fields`,
+    /// `spans` (outermost first, each with its name and fields), and `trace_id` and
+    /// `span_id` (W3C hex) when the event happened inside a traced span.
+    Json,
+}
+
 /// `[runtime]`: lifecycle settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -19,6 +32,9 @@ pub struct RuntimeConfig {
     /// Log filter in `tracing` syntax (`info`, `mail_order_bot=debug,info`). `RUST_LOG`
     /// wins when set.
     pub log: String,
+    /// `text` (the default: one readable line per event) or `json` (one JSON object per
+    /// line, with the trace and span ids of the event's task, for a log pipeline).
+    pub log_format: LogFormat,
     /// A source is not ready when its last successful scan, poll or event is older than
     /// this, in milliseconds.
     pub source_progress_bound_ms: u64,
@@ -32,6 +48,7 @@ impl Default for RuntimeConfig {
         Self {
             shutdown_deadline_ms: 10_000,
             log: "info".to_owned(),
+            log_format: LogFormat::Text,
             source_progress_bound_ms: 60_000,
             pool_progress_bound_ms: 300_000,
         }
