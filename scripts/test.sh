@@ -36,6 +36,9 @@ need initdb || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missi
 need dovecot || [ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
 need openssl || missing+=(openssl)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+# promtool checks the alert rules in deploy/prometheus (Debian ships it with prometheus;
+# installing it starts no server here).
+need promtool || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "error: missing ${missing[*]} and not root; install them with apt-get" >&2

@@ -1,10 +1,11 @@
 //! The HTTP control plane: every route and every bad request in process
 //! (`tower::ServiceExt::oneshot`), readiness, reload, and one run of the real bot over a
-//! real port where a dead letter is replayed after its fault is fixed.
+//! real port where a dead letter is replayed after its fault is fixed; the alert rules and
+//! the dashboard in `deploy/` against promtool and the metrics the bot exposes.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
@@ -683,4 +684,97 @@ async fn slow_requests_time_out_and_excess_ones_are_shed_with_retry_after() {
         StatusCode::OK
     );
     runtime.shutdown().await;
+}
+
+/// The metric names a text mentions (`plba_…`), as their families: without the `_total`,
+/// `_bucket`, `_sum` and `_count` of their samples.
+fn metric_families(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    for (at, _) in text.match_indices("plba_") {
+        if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
+            continue;
+        }
+        let name: String = text[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
+        names.insert(family.to_owned());
+    }
+    names
+}
+
+/// `deploy/prometheus/alerts.yml` passes `promtool check rules` and its unit tests
+/// (`promtool test rules`), and it and the Grafana dashboard name only metric families the
+/// bot exposes: a renamed metric cannot leave an alert that never fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_rules_pass_promtool_and_name_only_metrics_the_bot_exposes() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let promtool = plba_testkit::find("promtool", "apt-get install prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(deploy.join("prometheus"))
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let plane = plane(None).await;
+    // Per-task families appear with the first task of a kind.
+    plane.ws.deliver(
+        "metrics.1",
+        &order_mail("metrics-1", "purchasing@acme.example", &[("SKU-1", 2)]),
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the first task settled",
+        || async { plane.runtime.status().await.pools[0].processed >= 1 },
+    )
+    .await;
+    let text = plane.runtime.metrics_text().await;
+    let exposed: HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    // Gauges read at scrape time: readiness (whole and per check) and the oldest lease.
+    for sample in [
+        "plba_ready 1",
+        "plba_readiness_check{name=\"inbox\"} 1",
+        "plba_queue_oldest_pending_age_seconds{name=\"orders\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(sample)),
+            "no {sample}:\n{text}"
+        );
+    }
+    let dashboard =
+        std::fs::read_to_string(deploy.join("grafana/plba-dashboard.json")).expect("dashboard");
+    let panels = serde_json::from_str::<Value>(&dashboard).expect("dashboard JSON")["panels"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(panels >= 8, "{panels} panels");
+    for file in ["prometheus/alerts.yml", "grafana/plba-dashboard.json"] {
+        let named = metric_families(&std::fs::read_to_string(deploy.join(file)).expect("read"));
+        assert!(named.len() >= 5, "{file} names {named:?}");
+        for family in &named {
+            assert!(
+                exposed.contains(family.as_str()),
+                "{file} names {family}, which the bot does not expose:\n{text}"
+            );
+        }
+    }
 }

@@ -132,6 +132,11 @@ pub struct Metrics {
     pub(crate) queue_scheduled: Family<NameLabel, Gauge>,
     pub(crate) queue_dead: Family<NameLabel, Gauge>,
     pub(crate) source_age: Family<NameLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) queue_oldest_pending_age:
+        Family<NameLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) queue_lag: Family<NameLabel, Gauge>,
+    pub(crate) ready: Gauge,
+    pub(crate) readiness_checks: Family<NameLabel, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -156,6 +161,10 @@ impl Default for Metrics {
             queue_scheduled: Family::default(),
             queue_dead: Family::default(),
             source_age: Family::default(),
+            queue_oldest_pending_age: Family::default(),
+            queue_lag: Family::default(),
+            ready: Gauge::default(),
+            readiness_checks: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -218,6 +227,26 @@ impl Default for Metrics {
                 "source_last_event_age_seconds",
                 "Time since a source's last successful scan, poll or event",
                 m.source_age.clone(),
+            );
+            r.register(
+                "queue_oldest_pending_age_seconds",
+                "Age of the oldest task leased and not settled (0 when none)",
+                m.queue_oldest_pending_age.clone(),
+            );
+            r.register(
+                "queue_lag",
+                "Tasks no consumer has been given yet (a Redis group's lag, else the ready depth)",
+                m.queue_lag.clone(),
+            );
+            r.register(
+                "ready",
+                "1 when every readiness check is up, else 0",
+                m.ready.clone(),
+            );
+            r.register(
+                "readiness_check",
+                "1 when this readiness contributor is up, else 0",
+                m.readiness_checks.clone(),
             );
         }
         m

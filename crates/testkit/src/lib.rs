@@ -213,7 +213,9 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-pub(crate) fn find(program: &str, install_hint: &str) -> PathBuf {
+/// The path of `program` on the PATH (or in /usr/sbin, /usr/bin); panics with how to install
+/// it when it is missing: a test that needs a program never skips.
+pub fn find(program: &str, install_hint: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/usr/bin".into()]) {
         let candidate = dir.join(program);

@@ -3,8 +3,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runtime_contracts::{
-    ApplicationModule, HealthContributor, ModuleRegistry, QueueStats, SourceContext, SourceState,
-    TaskHandler, TaskQueue, TaskSource,
+    ApplicationModule, HealthContributor, HealthStatus, ModuleRegistry, Probe, QueueStats,
+    SourceContext, SourceState, TaskHandler, TaskQueue, TaskSource,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -529,7 +529,28 @@ impl RuntimeManager {
                     .queue_dead
                     .get_or_create(&label)
                     .set(gauge(stats.dead));
+                let oldest = stats.oldest_pending_age_ms.unwrap_or(0);
+                self.metrics
+                    .queue_oldest_pending_age
+                    .get_or_create(&label)
+                    .set(oldest as f64 / 1000.0);
+                // Consumer lag: what no consumer has been given yet. A Redis group knows it;
+                // for the other queues it is what is ready.
+                self.metrics
+                    .queue_lag
+                    .get_or_create(&label)
+                    .set(gauge(stats.lag.unwrap_or(stats.depth)));
             }
+        }
+        let readiness = self.health.check(Probe::Readiness).await;
+        self.metrics.ready.set(i64::from(readiness.healthy));
+        for check in &readiness.checks {
+            self.metrics
+                .readiness_checks
+                .get_or_create(&NameLabel {
+                    name: check.name.clone(),
+                })
+                .set(i64::from(check.status == HealthStatus::Up));
         }
         for (source, _) in &self.sources {
             if let Some(age) = source.status().last_event_age {
