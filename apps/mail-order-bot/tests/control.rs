@@ -755,6 +755,9 @@ async fn the_alert_rules_pass_promtool_and_name_only_metrics_the_bot_exposes() {
         "plba_ready 1",
         "plba_readiness_check{name=\"inbox\"} 1",
         "plba_queue_oldest_pending_age_seconds{name=\"orders\"} 0",
+        // Publish to outcome, from the header the runtime stamps at publish.
+        "plba_task_latency_seconds_count{queue=\"orders\",kind=\"mail.message\"} 1",
+        "plba_task_latency_seconds_bucket{le=\"30.0\",queue=\"orders\",kind=\"mail.message\"} 1",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(sample)),

@@ -107,6 +107,19 @@ fn duration_histogram() -> Histogram {
     Histogram::new(&DURATION_BOUNDS)
 }
 
+/// From a second's fraction to an hour: a backlog drains for minutes, a retry waits longer.
+const LATENCY_BOUNDS: [f64; 15] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(&LATENCY_BOUNDS)
+}
+
+/// The header in which the runtime notes when a source published a task (Unix ms); it
+/// travels with the task across retries and processes, so the latency counts them all.
+pub const PUBLISHED_AT_HEADER: &str = "plba-published-at-ms";
+
 /// The per-task metrics of one (queue, kind); clones share the underlying values.
 #[derive(Clone, Debug)]
 pub(crate) struct KindMetrics {
@@ -115,6 +128,7 @@ pub(crate) struct KindMetrics {
     pub(crate) retried: Counter,
     pub(crate) dead_lettered: Counter,
     pub(crate) duration: Histogram,
+    pub(crate) latency: Histogram,
 }
 
 /// Every metric of the runtime.
@@ -126,6 +140,7 @@ pub struct Metrics {
     pub(crate) retried: Family<TaskLabels, Counter>,
     pub(crate) dead_lettered: Family<TaskLabels, Counter>,
     pub(crate) duration: Family<TaskLabels, Histogram, fn() -> Histogram>,
+    pub(crate) latency: Family<TaskLabels, Histogram, fn() -> Histogram>,
     pub(crate) outcomes: Family<OutcomeLabels, Counter>,
     pub(crate) queue_depth: Family<NameLabel, Gauge>,
     pub(crate) queue_in_flight: Family<NameLabel, Gauge>,
@@ -155,6 +170,7 @@ impl Default for Metrics {
             retried: Family::default(),
             dead_lettered: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
+            latency: Family::new_with_constructor(latency_histogram),
             outcomes: Family::default(),
             queue_depth: Family::default(),
             queue_in_flight: Family::default(),
@@ -197,6 +213,11 @@ impl Default for Metrics {
                 "handler_duration_seconds",
                 "Time a handler took for one attempt",
                 m.duration.clone(),
+            );
+            r.register(
+                "task_latency_seconds",
+                "Time from a source's publish to the task's outcome, retries included",
+                m.latency.clone(),
             );
             r.register(
                 "outcomes",
@@ -273,6 +294,7 @@ impl Metrics {
             retried: self.retried.get_or_create(&labels).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&labels).clone(),
             duration: self.duration.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
         }
     }
 

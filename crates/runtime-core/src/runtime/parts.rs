@@ -68,7 +68,15 @@ impl Backpressure for QueueBackpressure {
     }
 }
 
-/// The queue as a source sees it: publishing is counted by queue and kind.
+/// Notes the publish time in the task's headers, unless a source already did.
+fn stamp_published_at(task: &mut Task, now: u64) {
+    task.headers
+        .entry(crate::metrics::PUBLISHED_AT_HEADER.to_owned())
+        .or_insert_with(|| now.to_string());
+}
+
+/// The queue as a source sees it: publishing is counted by queue and kind, and each task
+/// carries its publish time (for the end-to-end latency).
 pub(crate) struct MeteredQueue {
     pub(crate) inner: Arc<dyn TaskQueue>,
     pub(crate) metrics: Arc<Metrics>,
@@ -79,8 +87,9 @@ impl TaskQueue for MeteredQueue {
         self.inner.name()
     }
 
-    fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
+    fn publish(&self, mut task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
         let labels = Metrics::labels(self.inner.name(), &task.kind);
+        stamp_published_at(&mut task, crate::now_unix_ms());
         Box::pin(async move {
             let result = self.inner.publish(task).await;
             if matches!(result, Ok(PublishResult::Enqueued)) {
@@ -92,8 +101,12 @@ impl TaskQueue for MeteredQueue {
 
     fn publish_batch(
         &self,
-        tasks: Vec<Task>,
+        mut tasks: Vec<Task>,
     ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
+        let now = crate::now_unix_ms();
+        for task in &mut tasks {
+            stamp_published_at(task, now);
+        }
         let kinds: Vec<std::sync::Arc<str>> = tasks.iter().map(|t| t.kind.clone()).collect();
         Box::pin(async move {
             let results = self.inner.publish_batch(tasks).await?;

@@ -567,6 +567,15 @@ impl PoolWorker {
             .processed
             .fetch_add(1, Ordering::Relaxed);
         metrics.processed.inc();
+        if let Some(published) = lease
+            .task
+            .headers
+            .get(crate::metrics::PUBLISHED_AT_HEADER)
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let waited = now_unix_ms().saturating_sub(published);
+            metrics.latency.observe(Duration::from_millis(waited));
+        }
         self.count_outcome(&outcome.kind);
         tracing::info!(
             task = %lease.task.id,
