@@ -733,16 +733,34 @@ async fn the_alert_rules_pass_promtool_and_name_only_metrics_the_bot_exposes() {
     }
 
     let plane = plane(None).await;
-    // Per-task families appear with the first task of a kind.
+    // Families appear with their first sample: one order, and one that fails every attempt
+    // (the database refuses its article) for the failure families.
+    let db = sqlx::SqlitePool::connect(&plane.ws.store_url())
+        .await
+        .expect("db");
+    sqlx::query(
+        "CREATE TRIGGER erp_down BEFORE INSERT ON order_lines WHEN NEW.sku = 'SKU-666'
+         BEGIN SELECT RAISE(ABORT, 'ERP rejected SKU-666'); END",
+    )
+    .execute(&db)
+    .await
+    .expect("trigger");
     plane.ws.deliver(
         "metrics.1",
         &order_mail("metrics-1", "purchasing@acme.example", &[("SKU-1", 2)]),
     );
-    wait_for(
-        Duration::from_secs(30),
-        "the first task settled",
-        || async { plane.runtime.status().await.pools[0].processed >= 1 },
-    )
+    plane.ws.deliver(
+        "metrics.2",
+        &order_mail("metrics-2", "purchasing@acme.example", &[("SKU-666", 1)]),
+    );
+    // Waited for in the metrics themselves: the pool's own counters move a moment earlier.
+    wait_for(Duration::from_secs(30), "both tasks settled", || async {
+        let text = plane.runtime.metrics_text().await;
+        text.contains("plba_task_latency_seconds_count{queue=\"orders\",kind=\"mail.message\"} 1")
+            && text.contains(
+                "plba_dead_letters_by_class_total{queue=\"orders\",kind=\"mail.message\",class=\"error\"} 1",
+            )
+    })
     .await;
     let text = plane.runtime.metrics_text().await;
     let exposed: HashSet<&str> = text
@@ -758,6 +776,9 @@ async fn the_alert_rules_pass_promtool_and_name_only_metrics_the_bot_exposes() {
         // Publish to outcome, from the header the runtime stamps at publish.
         "plba_task_latency_seconds_count{queue=\"orders\",kind=\"mail.message\"} 1",
         "plba_task_latency_seconds_bucket{le=\"30.0\",queue=\"orders\",kind=\"mail.message\"} 1",
+        // The refused article: retried once (max_attempts = 2), then dead-lettered.
+        "plba_retries_by_class_total{queue=\"orders\",kind=\"mail.message\",class=\"error\"} 1",
+        "plba_dead_letters_by_class_total{queue=\"orders\",kind=\"mail.message\",class=\"error\"} 1",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(sample)),

@@ -29,6 +29,19 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Labels of failures counted by class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// The queue (and pool).
+    pub queue: String,
+    /// The task kind.
+    pub kind: String,
+    /// What failed: `error` (the handler said so), `timeout`, `panic`, `completion` (the
+    /// source could not complete a recorded outcome), `permanent` (the handler gave up at
+    /// once) or `unroutable` (no source or handler for the task).
+    pub class: String,
+}
+
 /// A label set of one name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabel {
@@ -142,6 +155,8 @@ pub struct Metrics {
     pub(crate) duration: Family<TaskLabels, Histogram, fn() -> Histogram>,
     pub(crate) latency: Family<TaskLabels, Histogram, fn() -> Histogram>,
     pub(crate) outcomes: Family<OutcomeLabels, Counter>,
+    pub(crate) retries_by_class: Family<ClassLabels, Counter>,
+    pub(crate) dead_letters_by_class: Family<ClassLabels, Counter>,
     pub(crate) queue_depth: Family<NameLabel, Gauge>,
     pub(crate) queue_in_flight: Family<NameLabel, Gauge>,
     pub(crate) queue_scheduled: Family<NameLabel, Gauge>,
@@ -172,6 +187,8 @@ impl Default for Metrics {
             duration: Family::new_with_constructor(duration_histogram),
             latency: Family::new_with_constructor(latency_histogram),
             outcomes: Family::default(),
+            retries_by_class: Family::default(),
+            dead_letters_by_class: Family::default(),
             queue_depth: Family::default(),
             queue_in_flight: Family::default(),
             queue_scheduled: Family::default(),
@@ -218,6 +235,16 @@ impl Default for Metrics {
                 "task_latency_seconds",
                 "Time from a source's publish to the task's outcome, retries included",
                 m.latency.clone(),
+            );
+            r.register(
+                "retries_by_class",
+                "Failed attempts scheduled again, by what failed",
+                m.retries_by_class.clone(),
+            );
+            r.register(
+                "dead_letters_by_class",
+                "Tasks given up, by what failed last",
+                m.dead_letters_by_class.clone(),
             );
             r.register(
                 "outcomes",
@@ -296,6 +323,19 @@ impl Metrics {
             duration: self.duration.get_or_create(&labels).clone(),
             latency: self.latency.get_or_create(&labels).clone(),
         }
+    }
+
+    /// The retry and dead-letter counters of one (queue, kind, class of failure).
+    pub(crate) fn for_class(&self, queue: &str, kind: &str, class: &str) -> (Counter, Counter) {
+        let labels = ClassLabels {
+            queue: queue.to_owned(),
+            kind: kind.to_owned(),
+            class: class.to_owned(),
+        };
+        (
+            self.retries_by_class.get_or_create(&labels).clone(),
+            self.dead_letters_by_class.get_or_create(&labels).clone(),
+        )
     }
 
     /// The outcome counter of one (queue, outcome).

@@ -284,6 +284,50 @@ async fn each_failure_kind_gets_its_policy() {
         4,
         "the module heard of each"
     );
+
+    // The same, in the metrics: retries and dead letters by what failed, and the latency
+    // of the two that completed.
+    // Counted just after the queue settles each task: read until the last has landed.
+    let mut text = rig.runtime.metrics_text().await;
+    let started = std::time::Instant::now();
+    let dead_letters = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("plba_dead_letters_by_class_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    while dead_letters(&text) < 4 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        text = rig.runtime.metrics_text().await;
+    }
+    let value = |family: &str, class: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(family) && l.contains(&format!("class=\"{class}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    for (class, retried, dead) in [
+        ("error", 2, 1),
+        ("panic", 2, 1),
+        ("timeout", 2, 1),
+        ("permanent", 0, 1),
+    ] {
+        assert_eq!(
+            value("plba_retries_by_class_total", class),
+            retried,
+            "{class}:\n{text}"
+        );
+        assert_eq!(
+            value("plba_dead_letters_by_class_total", class),
+            dead,
+            "{class}:\n{text}"
+        );
+    }
+    let completed = text
+        .lines()
+        .find(|l| l.starts_with("plba_task_latency_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!(completed, Some(2), "{text}");
     rig.runtime.shutdown().await;
 }
 

@@ -60,6 +60,8 @@ enum Attempt {
     Failed {
         reason: String,
         after: Option<Duration>,
+        /// `error` (the handler's), `timeout`, `panic` or `completion` (the source's).
+        class: &'static str,
     },
     Permanent(String),
     Abandoned,
@@ -70,10 +72,15 @@ impl Attempt {
         match result {
             Ok(outcome) => Self::Done(outcome),
             Err(HandlerError::Permanent(reason)) => Self::Permanent(reason),
-            Err(HandlerError::Retry { reason, after }) => Self::Failed { reason, after },
+            Err(HandlerError::Retry { reason, after }) => Self::Failed {
+                reason,
+                after,
+                class: "error",
+            },
             Err(other) => Self::Failed {
                 reason: other.to_string(),
                 after: None,
+                class: "error",
             },
         }
     }
@@ -275,12 +282,14 @@ impl PoolWorker {
                 "no source {} is registered on pool {}",
                 task.source, self.name
             );
-            self.dead_letter(lease, None, None, reason).await;
+            self.dead_letter(lease, None, None, reason, "unroutable")
+                .await;
             return None;
         };
         let Some(handler) = self.handlers.get(&*task.kind).cloned() else {
             let reason = format!("no handler for kind {} on pool {}", task.kind, self.name);
-            self.dead_letter(lease, Some(&source), None, reason).await;
+            self.dead_letter(lease, Some(&source), None, reason, "unroutable")
+                .await;
             return None;
         };
         Some((source, handler))
@@ -323,6 +332,7 @@ impl PoolWorker {
                     outcome.kind
                 ),
                 after: None,
+                class: "completion",
             },
         }
     }
@@ -440,16 +450,26 @@ impl PoolWorker {
             Attempt::Abandoned => self.give_back(lease, source).await,
             Attempt::Permanent(reason) => {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.dead_letter(lease, Some(source), Some((handler, hctx)), reason)
-                    .await
+                self.dead_letter(
+                    lease,
+                    Some(source),
+                    Some((handler, hctx)),
+                    reason,
+                    "permanent",
+                )
+                .await
             }
-            Attempt::Failed { reason, after } => {
+            Attempt::Failed {
+                reason,
+                after,
+                class,
+            } => {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
                 let config = self.config();
                 let number = task.attempt.saturating_add(1);
                 if number >= config.max_attempts {
                     let reason = format!("{reason} (attempt {number} of {})", config.max_attempts);
-                    self.dead_letter(lease, Some(source), Some((handler, hctx)), reason)
+                    self.dead_letter(lease, Some(source), Some((handler, hctx)), reason, class)
                         .await;
                     return false;
                 }
@@ -463,6 +483,11 @@ impl PoolWorker {
                     Ok(()) => {
                         self.shared.counters.retried.fetch_add(1, Ordering::Relaxed);
                         metrics.retried.inc();
+                        self.shared
+                            .metrics
+                            .for_class(&self.name, &task.kind, class)
+                            .0
+                            .inc();
                         tracing::warn!(task = %task.id, attempt = number, ?delay, %reason, "attempt failed; retry scheduled");
                     }
                     Err(e) => {
@@ -530,6 +555,7 @@ impl PoolWorker {
                 return Attempt::Failed {
                     reason: format!("handler panicked: {}", panic_message(&*panic)),
                     after: None,
+                    class: "panic",
                 }
             }
         };
@@ -543,10 +569,12 @@ impl PoolWorker {
             Err(_) => Attempt::Failed {
                 reason: format!("handler timed out after {} ms", timeout.as_millis()),
                 after: None,
+                class: "timeout",
             },
             Ok(Err(panic)) => Attempt::Failed {
                 reason: format!("handler panicked: {}", panic_message(&*panic)),
                 after: None,
+                class: "panic",
             },
             Ok(Ok(result)) => Attempt::of(result),
         }
@@ -609,6 +637,7 @@ impl PoolWorker {
         source: Option<&Arc<dyn TaskSource>>,
         handler: Option<(&dyn TaskHandler, &HandlerContext)>,
         reason: String,
+        class: &'static str,
     ) {
         let failure = AttemptFailure {
             attempt: lease.task.attempt.saturating_add(1),
@@ -624,6 +653,11 @@ impl PoolWorker {
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
         self.metrics_of(&lease.task.kind).dead_lettered.inc();
+        self.shared
+            .metrics
+            .for_class(&self.name, &lease.task.kind, class)
+            .1
+            .inc();
         tracing::error!(task = %lease.task.id, %reason, "task dead-lettered; left unread at its source");
         if let Some((handler, hctx)) = handler {
             let notify = AssertUnwindSafe(handler.on_dead_letter(&lease.task, hctx, &failure));
