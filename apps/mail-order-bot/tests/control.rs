@@ -119,6 +119,22 @@ async fn call(
     }
 }
 
+/// The fault of the dead-letter tests: the order database refuses SKU-666, as a failing ERP
+/// would. Returns a connection that can lift it (`DROP TRIGGER erp_down`).
+async fn refuse_sku_666(ws: &Workspace) -> sqlx::SqlitePool {
+    let db = sqlx::SqlitePool::connect(&ws.store_url())
+        .await
+        .expect("db");
+    sqlx::query(
+        "CREATE TRIGGER erp_down BEFORE INSERT ON order_lines WHEN NEW.sku = 'SKU-666'
+         BEGIN SELECT RAISE(ABORT, 'ERP rejected SKU-666'); END",
+    )
+    .execute(&db)
+    .await
+    .expect("trigger");
+    db
+}
+
 fn json_body(v: Value) -> Option<(&'static str, Vec<u8>)> {
     Some(("application/json", v.to_string().into_bytes()))
 }
@@ -486,16 +502,7 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
     let config = ws.config_with(2, 2, control);
     // The fault: the order database refuses one article, as a failing ERP would.
     ws.store().await;
-    let db = sqlx::SqlitePool::connect(&ws.store_url())
-        .await
-        .expect("db");
-    sqlx::query(
-        "CREATE TRIGGER erp_down BEFORE INSERT ON order_lines WHEN NEW.sku = 'SKU-666'
-         BEGIN SELECT RAISE(ABORT, 'ERP rejected SKU-666'); END",
-    )
-    .execute(&db)
-    .await
-    .expect("trigger");
+    let db = refuse_sku_666(&ws).await;
     ws.deliver(
         "1.good",
         &order_mail("good", "purchasing@acme.example", &[("SKU-1", 1)]),
@@ -735,16 +742,7 @@ async fn the_alert_rules_pass_promtool_and_name_only_metrics_the_bot_exposes() {
     let plane = plane(None).await;
     // Families appear with their first sample: one order, and one that fails every attempt
     // (the database refuses its article) for the failure families.
-    let db = sqlx::SqlitePool::connect(&plane.ws.store_url())
-        .await
-        .expect("db");
-    sqlx::query(
-        "CREATE TRIGGER erp_down BEFORE INSERT ON order_lines WHEN NEW.sku = 'SKU-666'
-         BEGIN SELECT RAISE(ABORT, 'ERP rejected SKU-666'); END",
-    )
-    .execute(&db)
-    .await
-    .expect("trigger");
+    let _db = refuse_sku_666(&plane.ws).await;
     plane.ws.deliver(
         "metrics.1",
         &order_mail("metrics-1", "purchasing@acme.example", &[("SKU-1", 2)]),
