@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use runtime_core::{ConfigReport, RuntimeManager};
 
-use crate::compose::{build_runtime, control_config, load_config};
+use crate::compose::{build_traced_runtime, control_config, load_config};
 use crate::domain::store::{OrderStore, StoredOrder, StoredOutcome};
 use crate::module::{BotConfig, MailOrderModule, SECTION};
 use runtime_adapters::control::ControlServer;
@@ -139,11 +139,21 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
         Ok(m) => Arc::new(m),
         Err(code) => return Ok(code),
     };
-    let runtime_config = &manager.platform().runtime;
-    let logs = runtime_core::install_subscriber_as(&runtime_config.log, runtime_config.log_format);
-    let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule), logs)
-        .await
-        .context("composing the runtime")?;
+    let platform = manager.platform();
+    let (logs, telemetry) = runtime_core::install_subscriber_with(
+        &platform.runtime.log,
+        platform.runtime.log_format,
+        &platform.telemetry,
+        "mail-order-bot",
+    )?;
+    let mut runtime = build_traced_runtime(
+        Arc::clone(&manager),
+        Arc::new(MailOrderModule),
+        logs,
+        Arc::new(telemetry),
+    )
+    .await
+    .context("composing the runtime")?;
     let store = runtime
         .services()
         .get::<OrderStore>()

@@ -15,6 +15,7 @@ use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
 use runtime_core::config::{lookup, parse_section_with_unknown};
 use runtime_core::{
     ConfigOrigin, ConfigReport, ConfigurationManager, LogControl, RuntimeBuilder, RuntimeManager,
+    Telemetry,
 };
 
 use crate::module::{BotConfig, MailOrderModule, SECTION};
@@ -109,6 +110,30 @@ fn pools(config: &ConfigurationManager, bot_pool: &str) -> Vec<(String, runtime_
 /// The queue settings (`[queue]`), checked against the pools' handler timeouts; the
 /// in-memory queue when absent.
 pub fn queue_config(root: &serde_json::Value) -> Result<QueueChoice, Vec<ConfigProblem>> {
+    let choice = choose_queue(root)?;
+    if matches!(choice, QueueChoice::Memory(_)) {
+        // A pool without workers only publishes: other processes must share its queue.
+        let idle: Vec<ConfigProblem> = root
+            .get("pools")
+            .and_then(serde_json::Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(_, p)| p.get("workers").and_then(serde_json::Value::as_u64) == Some(0))
+            .map(|(name, _)| {
+                ConfigProblem::new(
+                    format!("pools.{name}.workers"),
+                    "0 workers needs a queue other processes share (queue.type = \"redis\" or \"amqp\"): with the in-memory queue nothing would ever handle the work",
+                )
+            })
+            .collect();
+        if !idle.is_empty() {
+            return Err(idle);
+        }
+    }
+    Ok(choice)
+}
+
+fn choose_queue(root: &serde_json::Value) -> Result<QueueChoice, Vec<ConfigProblem>> {
     let Some(section) = root.get("queue") else {
         return Ok(QueueChoice::Memory(MemoryQueueConfig::default()));
     };
@@ -328,6 +353,16 @@ pub async fn build_runtime(
     module: Arc<dyn ApplicationModule>,
     logs: Option<LogControl>,
 ) -> anyhow::Result<RuntimeManager> {
+    build_traced_runtime(config, module, logs, Arc::new(Telemetry::disabled())).await
+}
+
+/// [`build_runtime`] whose tasks are traced through `telemetry` (see `[telemetry]`).
+pub async fn build_traced_runtime(
+    config: Arc<ConfigurationManager>,
+    module: Arc<dyn ApplicationModule>,
+    logs: Option<LogControl>,
+    telemetry: Arc<Telemetry>,
+) -> anyhow::Result<RuntimeManager> {
     let root = config.root();
     let bot = BotConfig::check(lookup(&root, SECTION)).map_err(|p| ConfigReport {
         origin: config.origin().to_string(),
@@ -346,6 +381,7 @@ pub async fn build_runtime(
     let mut builder = RuntimeBuilder::new(Arc::clone(&config))
         .module(module)
         .log_control(logs)
+        .telemetry(telemetry)
         .live_keys(["sources.*.poll_interval_ms"]);
     builder = match queue_choice {
         QueueChoice::Memory(cfg) => builder.queue_factory(move |pool| -> Arc<dyn TaskQueue> {

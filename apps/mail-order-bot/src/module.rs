@@ -9,13 +9,13 @@ use runtime_contracts::config::{parse_section_with_unknown, require_positive};
 use runtime_contracts::{
     ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
     HandlerError, HealthContributor, HealthStatus, ModuleError, ModuleRegistry, Outcome, Probe,
-    SourceError, Task, TaskHandler,
+    SourceError, SpanGuard, Task, TaskHandler,
 };
 use serde::Deserialize;
 
 use crate::domain::clients::{load_clients_file, ClientDirectory, ClientEntry};
 use crate::domain::extract::CsvLimits;
-use crate::domain::message::{identity_of, read_mail, sha256_hex, MailFacts, MailLimits};
+use crate::domain::message::{identity_of, read_mail_in_stages, sha256_hex, MailFacts, MailLimits};
 use crate::domain::sheets::SheetLimits;
 use crate::domain::store::{Backend, NewOrder, OrderStore, Recorded, Recording};
 use crate::domain::OutcomeKind;
@@ -391,18 +391,30 @@ impl OrderHandler {
     /// and the nesting before the parser sees the bytes and records a parser panic as
     /// `rejected`; a panic that still escapes fails that message alone, for good: the
     /// message is dead-lettered at once and recorded as `failed`, still unread.
-    async fn parse(&self, tasks: Vec<(Arc<Task>, Vec<u8>)>) -> Vec<Result<Prepared, HandlerError>> {
+    async fn parse(
+        &self,
+        tasks: Vec<(Arc<Task>, Vec<u8>)>,
+        ctx: &HandlerContext,
+    ) -> Vec<Result<Prepared, HandlerError>> {
         let n = tasks.len();
         let limits = self.limits;
         let this = self.clone();
+        let ctx = ctx.clone();
         let parsed = tokio::task::spawn_blocking(move || {
             tasks
                 .into_iter()
                 .map(|(task, raw)| {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let facts = read_mail(&raw, &limits);
+                        let mut span = SpanGuard::none();
+                        let facts = read_mail_in_stages(&raw, &limits, &mut |stage| {
+                            span = SpanGuard::none();
+                            span = ctx.task_stage(&task, stage);
+                        });
                         drop(raw);
-                        Prepared::Record(Box::new(this.decide(&facts, task.id.as_str())))
+                        span = ctx.task_stage(&task, "decide");
+                        let decided = this.decide(&facts, task.id.as_str());
+                        drop(span);
+                        Prepared::Record(Box::new(decided))
                     }))
                     .map_err(|panic| {
                         HandlerError::Permanent(format!(
@@ -430,11 +442,13 @@ impl OrderHandler {
         task: &Task,
         ctx: &HandlerContext,
     ) -> Result<Outcome, HandlerError> {
-        let loaded = self.load(task, ctx).await?;
-        let prepared = match Self::unparsed(task, loaded) {
+        let fetching = ctx.stage("fetch");
+        let loaded = self.load(task, ctx).await;
+        drop(fetching);
+        let prepared = match Self::unparsed(task, loaded?) {
             Ok(prepared) => prepared,
             Err(raw) => {
-                let parsed = self.parse(vec![(Arc::new(task.clone()), raw)]).await;
+                let parsed = self.parse(vec![(Arc::new(task.clone()), raw)], ctx).await;
                 parsed
                     .into_iter()
                     .next()
@@ -444,7 +458,10 @@ impl OrderHandler {
         match prepared {
             Prepared::Done(outcome) => Ok(outcome),
             Prepared::Record(rec) => {
-                let recorded = self.store.record(&rec).await.map_err(recording_failed)?;
+                let committing = ctx.stage("store commit");
+                let recorded = self.store.record(&rec).await;
+                drop(committing);
+                let recorded = recorded.map_err(recording_failed)?;
                 Ok(outcome_of(&rec, &recorded))
             }
         }
@@ -459,7 +476,9 @@ impl OrderHandler {
         tasks: &[Arc<Task>],
         ctx: &HandlerContext,
     ) -> Vec<Result<Outcome, HandlerError>> {
+        let fetching = ctx.batch_stage(tasks, "fetch");
         let answers = ctx.load_batch(tasks).await;
+        drop(fetching);
         let mut prepared: Vec<Option<Result<Prepared, HandlerError>>> =
             (0..tasks.len()).map(|_| None).collect();
         let mut to_parse = Vec::new();
@@ -476,7 +495,7 @@ impl OrderHandler {
                 },
             }
         }
-        for (i, result) in parsed_at.into_iter().zip(self.parse(to_parse).await) {
+        for (i, result) in parsed_at.into_iter().zip(self.parse(to_parse, ctx).await) {
             prepared[i] = Some(result);
         }
         let prepared: Vec<Result<Prepared, HandlerError>> = prepared
@@ -490,7 +509,9 @@ impl OrderHandler {
                 _ => None,
             })
             .collect();
+        let committing = ctx.batch_stage(tasks, "store commit");
         let mut recorded = self.store.record_batch(&recs).await.into_iter();
+        drop(committing);
         prepared
             .into_iter()
             .map(|p| match p? {

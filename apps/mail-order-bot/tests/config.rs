@@ -113,7 +113,7 @@ fn each_bad_config_is_reported_with_its_key() {
             "zero workers",
             Box::new(|t: &str| t.replace("workers = 2", "workers = 0")),
             "pools.orders.workers",
-            "at least 1",
+            "needs a queue other processes share",
         ),
         (
             "negative timeout",
@@ -297,7 +297,7 @@ fn the_cli_exits_non_zero_and_starts_nothing() {
     assert_eq!(check.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert!(
-        stderr.contains("pools.orders.workers: must be at least 1"),
+        stderr.contains("pools.orders.workers: 0 workers needs a queue other processes share"),
         "{stderr}"
     );
     assert!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::source::{SourceError, TaskSource};
 use crate::task::{AttemptFailure, Task};
+use crate::trace::{SpanGuard, StageTracer};
 use crate::BoxFuture;
 
 /// A recorded business outcome: the handler finished, and what happened is written down
@@ -69,6 +70,7 @@ impl HandlerError {
 #[derive(Clone)]
 pub struct HandlerContext {
     source: Arc<dyn TaskSource>,
+    stages: Option<Arc<dyn StageTracer>>,
 }
 
 impl fmt::Debug for HandlerContext {
@@ -82,7 +84,40 @@ impl fmt::Debug for HandlerContext {
 impl HandlerContext {
     /// A context whose content comes from `source`, the source that published the task.
     pub fn new(source: Arc<dyn TaskSource>) -> Self {
-        Self { source }
+        Self {
+            source,
+            stages: None,
+        }
+    }
+
+    /// The same context whose [`HandlerContext::stage`] spans go to `stages`.
+    pub fn with_stages(mut self, stages: Arc<dyn StageTracer>) -> Self {
+        self.stages = Some(stages);
+        self
+    }
+
+    /// Opens a span named `name` in the trace of every task this context was given (the
+    /// one task of [`TaskHandler::handle`], or the whole batch of
+    /// [`TaskHandler::handle_batch`]); it ends when the guard drops.
+    pub fn stage(&self, name: &'static str) -> SpanGuard {
+        self.stages
+            .as_ref()
+            .map_or_else(SpanGuard::none, |s| s.stage(None, name))
+    }
+
+    /// Opens a span named `name` in the trace of each of `tasks` (a handler that passes
+    /// part of its batch on names that part).
+    pub fn batch_stage(&self, tasks: &[Arc<Task>], name: &'static str) -> SpanGuard {
+        self.stages
+            .as_ref()
+            .map_or_else(SpanGuard::none, |s| s.stage(Some(tasks), name))
+    }
+
+    /// Opens a span named `name` in the trace of `task` alone.
+    pub fn task_stage(&self, task: &Task, name: &'static str) -> SpanGuard {
+        self.stages
+            .as_ref()
+            .map_or_else(SpanGuard::none, |s| s.task_stage(&task.id, name))
     }
 
     /// Loads the bytes the task points at from its source; `Ok(None)` when the thing

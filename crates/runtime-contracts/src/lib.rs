@@ -44,7 +44,7 @@ pub use source::{
     Backpressure, Disposition, SourceContext, SourceError, SourceState, SourceStatus, TaskSource,
 };
 pub use task::{AttemptFailure, Headers, Task, TaskError, TaskId};
-pub use trace::TraceFactory;
+pub use trace::{SpanGuard, StageTracer, TraceFactory};
 pub use worker::{Worker, WorkerContext, WorkerError};
 
 /// A boxed, sendable future: the return type of every async method in these contracts, so

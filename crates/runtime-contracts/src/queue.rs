@@ -104,6 +104,12 @@ pub trait TaskQueue: Send + Sync {
     /// The queue's name.
     fn name(&self) -> &str;
 
+    /// The messaging system behind it, as OpenTelemetry's `messaging.system` names it
+    /// (`redis`, `rabbitmq`; `plba` for an in-process queue).
+    fn system(&self) -> &'static str {
+        "plba"
+    }
+
     /// Adds a task. Errors leave nothing half-published; the source keeps its work unread.
     fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>>;
 

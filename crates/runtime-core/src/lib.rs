@@ -23,6 +23,7 @@ mod retry;
 mod runtime;
 mod shutdown;
 pub mod supervisor;
+pub mod telemetry;
 mod trace;
 
 pub use config::LogFormat;
@@ -38,7 +39,10 @@ pub use runtime::{
 };
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};
-pub use trace::{install_subscriber, install_subscriber_as, LogControl, TraceService};
+pub use telemetry::{Telemetry, TelemetryConfig};
+pub use trace::{
+    install_subscriber, install_subscriber_as, install_subscriber_with, LogControl, TraceService,
+};
 
 /// Milliseconds since the Unix epoch, for records.
 pub(crate) fn now_unix_ms() -> u64 {

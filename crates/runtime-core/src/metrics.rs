@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use crate::telemetry::SpanCounters;
+
 /// Labels of per-task metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
@@ -169,14 +171,21 @@ pub struct Metrics {
     pub(crate) readiness_checks: Family<NameLabel, Gauge>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::with_span_counters(&SpanCounters::default())
+    }
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// The metrics, with the trace export's span counters among them.
+    pub fn with_span_counters(spans: &SpanCounters) -> Self {
         let m = Self {
             registry: Mutex::new(Registry::with_prefix("plba")),
             published: Family::default(),
@@ -295,6 +304,16 @@ impl Default for Metrics {
                 "readiness_check",
                 "1 when this readiness contributor is up, else 0",
                 m.readiness_checks.clone(),
+            );
+            r.register(
+                "spans_exported",
+                "Trace spans the OTLP collector accepted",
+                spans.exported.clone(),
+            );
+            r.register(
+                "spans_dropped",
+                "Trace spans lost: the export buffer was full or the collector failed",
+                spans.dropped.clone(),
             );
         }
         m

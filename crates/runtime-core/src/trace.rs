@@ -4,16 +4,23 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use runtime_contracts::{Headers, Task, TraceFactory};
+use runtime_contracts::{Headers, SpanGuard, StageTracer, Task, TaskId, TaskQueue, TraceFactory};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::LogFormat;
+use crate::telemetry::{Telemetry, TelemetryConfig, TelemetryError};
 
 /// One span per task attempt, whose parent is the trace context the source wrote into the
 /// task's headers: every attempt of a task, retries included, joins the same trace.
+///
+/// When traces are exported ([`TraceService::exporting`]), a source starts each task's
+/// trace with a root span and a publish span, attempts carry OpenTelemetry's messaging
+/// attributes, and the stages of a handler and the completion at the source are child
+/// spans of each sampled task's attempt. Without export none of these extra spans is made.
 #[derive(Clone, Debug, Default)]
 pub struct TraceService {
     propagator: Arc<TraceContextPropagator>,
+    exporting: bool,
 }
 
 struct HeaderInjector<'a>(&'a mut Headers);
@@ -39,16 +46,55 @@ impl TraceService {
         Self::default()
     }
 
-    /// The span of one attempt of `task` on `pool`, parented on the task's trace context.
-    pub fn task_span(&self, task: &Task, pool: &str) -> tracing::Span {
-        let span = tracing::info_span!(
-            "task",
-            task = %task.id,
-            kind = %task.kind,
-            attempt = task.attempt + 1,
-            pool,
-            correlation_id = %task.correlation_id,
-        );
+    /// A trace service that makes the spans of a full trace tree when `exporting` (spans
+    /// leave the process), and only the attempt spans otherwise.
+    pub fn exporting(exporting: bool) -> Self {
+        Self {
+            exporting,
+            ..Self::default()
+        }
+    }
+
+    /// True when it makes the full trace tree.
+    pub fn is_exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// The span of one attempt of `task` on `pool`, parented on the task's trace context;
+    /// `system` is the queue's messaging system.
+    pub fn task_span(&self, task: &Task, pool: &str, system: &'static str) -> tracing::Span {
+        let span = if self.exporting {
+            tracing::info_span!(
+                "task",
+                otel.name = %format_args!("process {pool}"),
+                otel.kind = "consumer",
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+                "error.type" = tracing::field::Empty,
+                messaging.system = system,
+                "messaging.operation.type" = "process",
+                messaging.operation.name = "process",
+                messaging.destination.name = pool,
+                messaging.message.id = %task.id,
+                messaging.message.conversation_id = %task.correlation_id,
+                plba.task.kind = %task.kind,
+                plba.task.source = %task.source,
+                task = %task.id,
+                kind = %task.kind,
+                attempt = task.attempt + 1,
+                pool,
+                correlation_id = %task.correlation_id,
+            )
+        } else {
+            tracing::info_span!(
+                "task",
+                task = %task.id,
+                kind = %task.kind,
+                attempt = task.attempt + 1,
+                pool,
+                correlation_id = %task.correlation_id,
+            )
+        };
         if task.headers.is_empty() {
             return span;
         }
@@ -60,11 +106,94 @@ impl TraceService {
         span
     }
 
+    /// Marks an attempt span as failed, with the class of the failure (`error`,
+    /// `timeout`, `panic`...) as `error.type`.
+    pub fn record_failure(span: &tracing::Span, class: &str, reason: &str) {
+        span.record("error.type", class);
+        span.record("otel.status_description", reason);
+    }
+
+    /// The stage spans of the tasks whose attempt spans are `spans`: `None` when nothing
+    /// is exported or none of the tasks is sampled.
+    pub fn stages<'a>(
+        &self,
+        tasks: impl IntoIterator<Item = &'a Task>,
+        spans: &[tracing::Span],
+    ) -> Option<Arc<dyn StageTracer>> {
+        if !self.exporting {
+            return None;
+        }
+        let sampled: Vec<(TaskId, tracing::Span)> = tasks
+            .into_iter()
+            .zip(spans)
+            .filter(|(_, s)| is_sampled(s))
+            .map(|(t, s)| (t.id.clone(), s.clone()))
+            .collect();
+        (!sampled.is_empty()).then(|| Arc::new(StageSpans(sampled)) as Arc<dyn StageTracer>)
+    }
+
+    /// Spans named `name` under each sampled span of `spans` (none when not exporting);
+    /// they end when the returned vector drops.
+    pub fn children<'a>(
+        &self,
+        spans: impl IntoIterator<Item = &'a tracing::Span>,
+        name: &'static str,
+    ) -> Vec<tracing::Span> {
+        if !self.exporting {
+            return Vec::new();
+        }
+        spans
+            .into_iter()
+            .filter(|s| is_sampled(s))
+            .map(|s| stage_span(s, name))
+            .collect()
+    }
+
     /// The trace id carried in `headers`, if any.
     pub fn trace_id(&self, headers: &Headers) -> Option<TraceId> {
         let cx = self.propagator.extract(&HeaderExtractor(headers));
         let sc = cx.span().span_context().clone();
         sc.is_valid().then(|| sc.trace_id())
+    }
+}
+
+fn is_sampled(span: &tracing::Span) -> bool {
+    span.context().span().span_context().is_sampled()
+}
+
+fn stage_span(parent: &tracing::Span, name: &'static str) -> tracing::Span {
+    tracing::info_span!(parent: parent, "stage", otel.name = name, stage = name)
+}
+
+/// The attempt spans of a handler's sampled tasks.
+struct StageSpans(Vec<(TaskId, tracing::Span)>);
+
+impl StageSpans {
+    fn span_of(&self, id: &TaskId) -> Option<&tracing::Span> {
+        self.0.iter().find(|(t, _)| t == id).map(|(_, s)| s)
+    }
+}
+
+impl StageTracer for StageSpans {
+    fn stage(&self, tasks: Option<&[Arc<Task>]>, name: &'static str) -> SpanGuard {
+        let spans: Vec<tracing::Span> = match tasks {
+            None => self.0.iter().map(|(_, s)| stage_span(s, name)).collect(),
+            Some(tasks) => tasks
+                .iter()
+                .filter_map(|t| self.span_of(&t.id))
+                .map(|s| stage_span(s, name))
+                .collect(),
+        };
+        if spans.is_empty() {
+            SpanGuard::none()
+        } else {
+            SpanGuard::new(spans)
+        }
+    }
+
+    fn task_stage(&self, id: &TaskId, name: &'static str) -> SpanGuard {
+        self.span_of(id)
+            .map_or_else(SpanGuard::none, |s| SpanGuard::new(stage_span(s, name)))
     }
 }
 
@@ -105,13 +234,27 @@ pub fn install_subscriber(filter: &str) -> Option<LogControl> {
     install_subscriber_as(filter, LogFormat::Text)
 }
 
-/// Installs the process-wide subscriber: logs on stderr (in `format`) filtered by
-/// `RUST_LOG` or else `filter`, plus an OpenTelemetry layer so that spans carry trace ids
-/// (no exporter is configured: ids join logs and task headers). The log filter applies to
-/// the logs only: task spans reach the OpenTelemetry layer whatever the log level, so a
-/// quiet log never breaks a trace. Returns the handle that changes the log filter at run
-/// time, or `None` when a subscriber was already installed.
+/// [`install_subscriber_with`] without trace export.
 pub fn install_subscriber_as(filter: &str, format: LogFormat) -> Option<LogControl> {
+    install_subscriber_with(filter, format, &TelemetryConfig::default(), "plba")
+        .ok()
+        .and_then(|(logs, _)| logs)
+}
+
+/// Installs the process-wide subscriber: logs on stderr (in `format`) filtered by
+/// `RUST_LOG` or else `filter`, plus an OpenTelemetry layer so that spans carry trace ids,
+/// exported over OTLP as `telemetry` says (without an endpoint, ids only join logs and
+/// task headers; `service` is the default `service.name`). The log filter applies to the
+/// logs only: task spans reach the OpenTelemetry layer whatever the log level, so a quiet
+/// log never breaks a trace. Returns the handle that changes the log filter at run time
+/// (`None` when a subscriber was already installed) and the export's handle. Must run
+/// inside a Tokio runtime when exporting.
+pub fn install_subscriber_with(
+    filter: &str,
+    format: LogFormat,
+    telemetry: &TelemetryConfig,
+    service: &str,
+) -> Result<(Option<LogControl>, Telemetry), TelemetryError> {
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
@@ -124,7 +267,7 @@ pub fn install_subscriber_as(filter: &str, format: LogFormat) -> Option<LogContr
     let initial = from_env.unwrap_or_else(|| filter.to_owned());
     let log_filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
     let (log_filter, handle) = reload::Layer::new(log_filter);
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let (provider, export) = Telemetry::build(telemetry, service)?;
     let tracer = provider.tracer("plba");
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let logs = match format {
@@ -143,15 +286,19 @@ pub fn install_subscriber_as(filter: &str, format: LogFormat) -> Option<LogContr
     let traces = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(LevelFilter::INFO);
-    tracing_subscriber::registry()
+    if tracing_subscriber::registry()
         .with(logs)
         .with(traces)
         .try_init()
-        .ok()?;
-    Some(LogControl {
+        .is_err()
+    {
+        return Ok((None, Telemetry::disabled()));
+    }
+    let logs = LogControl {
         current: std::sync::Mutex::new(initial),
         apply: Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
-    })
+    };
+    Ok((Some(logs), export))
 }
 
 /// One JSON object per event (see [`LogFormat::Json`]). Span fields come from
@@ -262,6 +409,51 @@ impl TraceFactory for TraceService {
         self.propagator
             .inject_context(&cx, &mut HeaderInjector(headers));
     }
+
+    fn start_trace(
+        &self,
+        task: &mut Task,
+        trigger: &'static str,
+        queue: &dyn TaskQueue,
+    ) -> SpanGuard {
+        if !self.exporting {
+            self.inject_current(&mut task.headers);
+            return SpanGuard::none();
+        }
+        let system = queue.system();
+        let root = tracing::info_span!(
+            parent: None,
+            "receive",
+            otel.name = %format_args!("{trigger} {}", task.source),
+            otel.kind = "consumer",
+            messaging.system = system,
+            "messaging.operation.type" = "receive",
+            messaging.operation.name = trigger,
+            messaging.message.id = %task.id,
+            plba.source = %task.source,
+            plba.trigger = trigger,
+        );
+        let publish = tracing::info_span!(
+            parent: &root,
+            "publish",
+            otel.name = %format_args!("send {}", queue.name()),
+            otel.kind = "producer",
+            messaging.system = system,
+            "messaging.operation.type" = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = queue.name(),
+            messaging.message.id = %task.id,
+        );
+        let cx = publish.context();
+        if cx.span().span_context().is_valid() {
+            self.propagator
+                .inject_context(&cx, &mut HeaderInjector(&mut task.headers));
+        } else {
+            // No OpenTelemetry layer: the task still carries a trace id for its logs.
+            self.inject_current(&mut task.headers);
+        }
+        SpanGuard::new((publish, root))
+    }
 }
 
 #[cfg(test)]
@@ -275,7 +467,7 @@ mod tests {
         trace.inject_current(&mut task.headers);
         let first = trace.trace_id(&task.headers).expect("traceparent written");
         task.attempt = 3;
-        let _span = trace.task_span(&task, "pool");
+        let _span = trace.task_span(&task, "pool", "plba");
         assert_eq!(trace.trace_id(&task.headers), Some(first));
         let mut other = Task::new("u", "k", "s", serde_json::Value::Null).expect("task");
         trace.inject_current(&mut other.headers);

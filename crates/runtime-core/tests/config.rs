@@ -70,9 +70,9 @@ fn reload_applies_a_valid_edit_notifies_subscribers_and_rejects_a_bad_one_whole(
 
     write(
         tmp.path(),
-        "[pools.a]\nworkers = 0\n[pools.b]\nworkers = 3\n",
+        "[pools.a]\nworkers = 2000\n[pools.b]\nworkers = 3\n",
     );
-    let report = manager.reload().expect_err("0 workers");
+    let report = manager.reload().expect_err("2000 workers");
     assert_eq!(report.problems[0].key, "pools.a.workers");
     assert_eq!(manager.platform().pools["b"].workers, 1, "nothing changed");
     assert!(seen.lock().expect("lock").is_empty());

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod otlp;
 mod rabbit;
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use rabbit::RabbitServer;
 
 use runtime_contracts::{

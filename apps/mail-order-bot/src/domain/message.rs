@@ -482,6 +482,17 @@ fn limit_before_parsing(raw: &[u8], limits: &MailLimits) -> Option<String> {
 /// Parses `raw` and extracts its order lines, applying `limits` first. Never panics on bad
 /// input: what cannot be read is absent from the facts, and a limit hit is in `rejected`.
 pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
+    read_mail_in_stages(raw, limits, &mut |_| {})
+}
+
+/// [`read_mail`], telling `stage` when each stage begins: `parse` (the MIME structure and
+/// headers), then `extract` (texts and attachments read for order lines).
+pub fn read_mail_in_stages(
+    raw: &[u8],
+    limits: &MailLimits,
+    stage: &mut dyn FnMut(&'static str),
+) -> MailFacts {
+    stage("parse");
     if let Some(limit) = limit_before_parsing(raw, limits) {
         let mut facts = MailFacts::empty(raw, identity_of(raw));
         facts.rejected = Some(limit);
@@ -490,7 +501,9 @@ pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
     // mail-parser 0.11 panics on some malformed MIME (found by fuzzing: "Invalid part ID,
     // could not find multipart"). Such a message can never be read, so it is recorded as
     // rejected rather than retried until it is dead-lettered.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse_and_read(raw, limits))) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_and_read(raw, limits, stage)
+    })) {
         Ok(facts) => facts,
         Err(panic) => {
             let mut facts = MailFacts::empty(raw, identity_of(raw));
@@ -503,7 +516,11 @@ pub fn read_mail(raw: &[u8], limits: &MailLimits) -> MailFacts {
     }
 }
 
-fn parse_and_read(raw: &[u8], limits: &MailLimits) -> MailFacts {
+fn parse_and_read(
+    raw: &[u8],
+    limits: &MailLimits,
+    stage: &mut dyn FnMut(&'static str),
+) -> MailFacts {
     let content_sha256 = sha256_hex(raw);
     // Closing boundaries a mailer left out are added first (the identity and the hash stay
     // those of the bytes as received).
@@ -520,6 +537,7 @@ fn parse_and_read(raw: &[u8], limits: &MailLimits) -> MailFacts {
         .filter(|a| a.contains('@'));
     let subject = message.subject().map(str::to_owned);
     let auto_reply = auto_reply(&message, sender.as_deref());
+    stage("extract");
     let mode = if is_forward(subject.as_deref()) {
         TextMode::Forward
     } else {

@@ -430,7 +430,8 @@ pub fn unseen(ws: &Workspace) -> usize {
 }
 
 /// Test-only module: the real bot, with its handler wrapped so that messages carrying
-/// `X-Test-Fault: error` always fail and `X-Test-Fault: panic` always panic.
+/// `X-Test-Fault: error` always fail, `X-Test-Fault: panic` always panic and
+/// `X-Test-Fault: once` fail their first attempt only.
 pub struct FaultyBot;
 
 struct Faulty(Arc<dyn TaskHandler>);
@@ -449,7 +450,9 @@ impl TaskHandler for Faulty {
                 .flatten()
                 .unwrap_or_default();
             let text = String::from_utf8_lossy(&raw);
-            if text.contains("X-Test-Fault: error") {
+            if text.contains("X-Test-Fault: error")
+                || (text.contains("X-Test-Fault: once") && task.attempt == 0)
+            {
                 return Err(HandlerError::retry("injected fault: the ERP is down"));
             }
             if text.contains("X-Test-Fault: panic") {
@@ -477,9 +480,14 @@ impl TaskHandler for Faulty {
                         .and_then(Option::as_deref)
                         .unwrap_or_default();
                     let text = String::from_utf8_lossy(raw);
-                    ["X-Test-Fault: error", "X-Test-Fault: panic"]
-                        .into_iter()
-                        .find(|f| text.contains(f))
+                    // A batch holds first attempts only: `once` fails here.
+                    [
+                        "X-Test-Fault: error",
+                        "X-Test-Fault: panic",
+                        "X-Test-Fault: once",
+                    ]
+                    .into_iter()
+                    .find(|f| text.contains(f))
                 })
                 .collect();
             if faults.contains(&Some("X-Test-Fault: panic")) {

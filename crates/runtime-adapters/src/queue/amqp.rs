@@ -899,6 +899,10 @@ impl TaskQueue for AmqpQueue {
         &self.name
     }
 
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
     fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
         Box::pin(async move {
             let mut results = self.publish_batch(vec![task]).await?;

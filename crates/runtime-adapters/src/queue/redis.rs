@@ -642,6 +642,10 @@ impl TaskQueue for RedisQueue {
         &self.name
     }
 
+    fn system(&self) -> &'static str {
+        "redis"
+    }
+
     fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
         Box::pin(async move {
             let envelope = encode(&task)?;

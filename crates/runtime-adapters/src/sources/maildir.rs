@@ -249,6 +249,8 @@ impl MaildirSource {
     async fn publish_new(&self, ctx: &SourceContext) -> Result<(), SourceError> {
         let candidates = self.scan()?;
         let mut chunk: Vec<(String, Task)> = Vec::with_capacity(PUBLISH_CHUNK);
+        // The traces of the chunk's tasks: their publish spans end once it is published.
+        let mut traces = Vec::with_capacity(PUBLISH_CHUNK);
         for candidate in candidates {
             if self.lock().progress.pending.contains(&candidate.unique) {
                 continue;
@@ -269,13 +271,18 @@ impl MaildirSource {
                 source_id: self.id.clone(),
                 message: e.to_string(),
             })?;
-            ctx.tracer.inject_current(&mut task.headers);
+            traces.push(ctx.tracer.start_trace(&mut task, "scan", &*ctx.queue));
             chunk.push((candidate.unique, task));
-            if chunk.len() == PUBLISH_CHUNK && !self.publish_chunk(ctx, &mut chunk).await? {
-                return Ok(());
+            if chunk.len() == PUBLISH_CHUNK {
+                let published = self.publish_chunk(ctx, &mut chunk).await?;
+                traces.clear();
+                if !published {
+                    return Ok(());
+                }
             }
         }
         self.publish_chunk(ctx, &mut chunk).await?;
+        drop(traces);
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Configuration: a TOML file (or embedded text) plus `PLBA__SECTION__KEY` environment
 //! overrides, validated as a whole before anything starts.
 //!
-//! Sections: `[runtime]` and `[pools.*]` belong to the platform; every other top-level
+//! Sections: `[runtime]`, `[pools.*]` and `[telemetry]` belong to the platform; every other top-level
 //! section (`queue`, `sources`, `apps.<module>`) is claimed by a validator that the binary
 //! registers for the adapter or module that reads it. A key nobody claims is an error.
 
@@ -262,7 +262,7 @@ impl ConfigurationManager {
     }
 
     fn unclaimed_keys(&self, root: &serde_json::Value) -> Vec<ConfigProblem> {
-        let mut known: BTreeSet<&str> = ["runtime", "pools"].into_iter().collect();
+        let mut known: BTreeSet<&str> = ["runtime", "pools", "telemetry"].into_iter().collect();
         let mut nested: BTreeSet<(&str, &str)> = BTreeSet::new();
         for (key, _) in &self.validators {
             match key.split_once('.') {

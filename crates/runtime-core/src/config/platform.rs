@@ -8,6 +8,7 @@ use runtime_contracts::ConfigProblem;
 use serde::{Deserialize, Serialize};
 
 use crate::retry::RetryPolicy;
+use crate::telemetry::TelemetryConfig;
 
 /// The format of the process's log lines on stderr.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +60,8 @@ impl Default for RuntimeConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PoolConfig {
-    /// Concurrent workers.
+    /// Concurrent workers. 0 runs none in this process: its sources only publish, for
+    /// other processes that share the queue (Redis or AMQP) to handle.
     pub workers: usize,
     /// Longest a handler may run for one attempt, in milliseconds; then the attempt fails.
     pub handler_timeout_ms: u64,
@@ -99,7 +101,6 @@ impl PoolConfig {
         let mut problems = require_positive(
             prefix,
             &[
-                ("workers", self.workers as u64),
                 ("handler_timeout_ms", self.handler_timeout_ms),
                 ("max_attempts", u64::from(self.max_attempts)),
                 ("high_watermark", self.high_watermark as u64),
@@ -129,10 +130,12 @@ pub struct PlatformConfig {
     pub runtime: RuntimeConfig,
     /// `[pools.<name>]`, by name.
     pub pools: BTreeMap<String, PoolConfig>,
+    /// `[telemetry]`.
+    pub telemetry: TelemetryConfig,
 }
 
 impl PlatformConfig {
-    /// Reads and checks `[runtime]` and `[pools]` from the whole configuration, collecting
+    /// Reads and checks `[runtime]`, `[pools]` and `[telemetry]` from the whole configuration, collecting
     /// every problem.
     pub fn from_root(root: &serde_json::Value) -> (Option<Self>, Vec<ConfigProblem>) {
         let mut problems = Vec::new();
@@ -141,6 +144,19 @@ impl PlatformConfig {
             Some(v) => parse_section::<RuntimeConfig>(v, "runtime")
                 .map_err(|p| problems.extend(p))
                 .ok(),
+        };
+        let telemetry = match root.get("telemetry") {
+            None => Some(TelemetryConfig::default()),
+            Some(v) => match parse_section::<TelemetryConfig>(v, "telemetry") {
+                Ok(t) => {
+                    problems.extend(t.problems());
+                    Some(t)
+                }
+                Err(p) => {
+                    problems.extend(p);
+                    None
+                }
+            },
         };
         let mut pools = BTreeMap::new();
         match root.get("pools") {
@@ -178,8 +194,15 @@ impl PlatformConfig {
                 ));
             }
         }
-        match runtime {
-            Some(runtime) if problems.is_empty() => (Some(Self { runtime, pools }), problems),
+        match (runtime, telemetry) {
+            (Some(runtime), Some(telemetry)) if problems.is_empty() => (
+                Some(Self {
+                    runtime,
+                    pools,
+                    telemetry,
+                }),
+                problems,
+            ),
             _ => (None, problems),
         }
     }

@@ -17,6 +17,7 @@ use crate::health::HealthRegistry;
 use crate::metrics::Metrics;
 use crate::shutdown::TokenSignal;
 use crate::supervisor::{PoolSpec, PoolStatus, WorkerSupervisor};
+use crate::telemetry::Telemetry;
 use crate::trace::{LogControl, TraceService};
 
 mod parts;
@@ -101,6 +102,7 @@ pub struct RuntimeBuilder {
     live_keys: Vec<String>,
     logs: Option<Arc<LogControl>>,
     health: Vec<Arc<dyn HealthContributor>>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -171,7 +173,16 @@ impl RuntimeBuilder {
             live_keys: Vec::new(),
             logs: None,
             health: Vec::new(),
+            telemetry: Arc::new(Telemetry::disabled()),
         }
+    }
+
+    /// The process's trace export: when it exports, sources and workers make a full trace
+    /// tree per task; its span counters join the metrics, and shutdown flushes it.
+    pub fn telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.trace = TraceService::exporting(telemetry.is_exporting());
+        self.telemetry = telemetry;
+        self
     }
 
     /// Configuration keys (patterns: `*` is one segment, a final `**` the rest) that
@@ -280,8 +291,9 @@ impl RuntimeBuilder {
         if !problems.is_empty() {
             return Err(CoreError::Composition(problems.join("; ")));
         }
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::with_span_counters(self.telemetry.counters()));
         Ok(RuntimeManager {
+            telemetry: self.telemetry,
             config: self.config,
             pools,
             source_controls,
@@ -320,6 +332,7 @@ pub struct RuntimeManager {
     health: HealthRegistry,
     services: Arc<ServiceContainer>,
     trace: TraceService,
+    telemetry: Arc<Telemetry>,
     source_stop: CancellationToken,
     source_tasks: TaskTracker,
     source_ended: Arc<Mutex<HashMap<String, Option<String>>>>,
@@ -661,6 +674,7 @@ impl RuntimeManager {
                 "shutdown: queue state at stop; tasks left in an in-memory queue stay unread at their source"
             );
         }
+        self.telemetry.shutdown().await;
         self.set_state(RuntimeState::Stopped);
         ShutdownReport {
             drained_in_time,

@@ -87,6 +87,10 @@ impl TaskQueue for MeteredQueue {
         self.inner.name()
     }
 
+    fn system(&self) -> &'static str {
+        self.inner.system()
+    }
+
     fn publish(&self, mut task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
         let labels = Metrics::labels(self.inner.name(), &task.kind);
         stamp_published_at(&mut task, crate::now_unix_ms());
@@ -239,8 +243,16 @@ impl HealthContributor for PoolHealth {
                     }
                 }
             };
-            let bound =
-                Duration::from_millis(self.config.platform().runtime.pool_progress_bound_ms);
+            let platform = self.config.platform();
+            if platform
+                .pools
+                .get(&self.name)
+                .is_some_and(|p| p.workers == 0)
+            {
+                // Other processes handle this pool's work: their progress is theirs to report.
+                return HealthStatus::Up;
+            }
+            let bound = Duration::from_millis(platform.runtime.pool_progress_bound_ms);
             let idle_for = self.counters.since_progress();
             if stats.depth + stats.in_flight > 0 && idle_for > bound {
                 return HealthStatus::Down {

@@ -261,7 +261,10 @@ impl PoolWorker {
             self.shared.counters.busy.fetch_add(n, Ordering::Relaxed);
             if unit.len() == 1 {
                 for lease in unit {
-                    let span = self.shared.trace.task_span(&lease.task, &self.name);
+                    let span =
+                        self.shared
+                            .trace
+                            .task_span(&lease.task, &self.name, self.queue.system());
                     if self.settle(&lease).instrument(span).await {
                         done.push(lease);
                     }
@@ -302,14 +305,17 @@ impl PoolWorker {
             return false;
         };
         let task = &lease.task;
-        let hctx = HandlerContext::new(Arc::clone(&source));
+        let span = tracing::Span::current();
+        let hctx = self.context(&source, [&**task], std::slice::from_ref(&span));
         let metrics = self.metrics_of(&task.kind);
         let started = std::time::Instant::now();
         let attempt = self.attempt(lease, &*handler, &hctx).await;
         metrics.duration.observe(started.elapsed());
         let attempt = match attempt {
             Attempt::Done(outcome) => {
+                let completing = self.shared.trace.children([&span], "complete");
                 let completed = source.complete(task).await;
+                drop(completing);
                 Self::completed(outcome, completed)
             }
             other => other,
@@ -337,6 +343,20 @@ impl PoolWorker {
         }
     }
 
+    /// The handler's context for tasks whose attempt spans are `spans`.
+    fn context<'a>(
+        &self,
+        source: &Arc<dyn TaskSource>,
+        tasks: impl IntoIterator<Item = &'a Task>,
+        spans: &[tracing::Span],
+    ) -> HandlerContext {
+        let hctx = HandlerContext::new(Arc::clone(source));
+        match self.shared.trace.stages(tasks, spans) {
+            Some(stages) => hctx.with_stages(stages),
+            None => hctx,
+        }
+    }
+
     /// Handles first deliveries of one kind from one source as one batch: one
     /// `handle_batch`, one `complete_batch` for the successes, each failure settled alone.
     /// A batch call that panics or times out is not trusted for any of its tasks: each is
@@ -349,14 +369,26 @@ impl PoolWorker {
         ) else {
             return Vec::new(); // grouping only batches routable tasks
         };
-        let hctx = HandlerContext::new(Arc::clone(&source));
         let metrics = self.metrics_of(&first.kind);
         let spans: Vec<tracing::Span> = unit
             .iter()
-            .map(|l| self.shared.trace.task_span(&l.task, &self.name))
+            .map(|l| {
+                self.shared
+                    .trace
+                    .task_span(&l.task, &self.name, self.queue.system())
+            })
             .collect();
+        let hctx = self.context(&source, unit.iter().map(|l| &*l.task), &spans);
         let tasks: Vec<Arc<Task>> = unit.iter().map(|l| Arc::clone(&l.task)).collect();
         let batch_span = tracing::info_span!("batch", pool = %self.name, kind = %first.kind, tasks = tasks.len());
+        if self.shared.trace.is_exporting() {
+            // The batch's own span links to the trace of each of its tasks.
+            use opentelemetry::trace::TraceContextExt as _;
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            for span in &spans {
+                batch_span.add_link(span.context().span().span_context().clone());
+            }
+        }
         let started = std::time::Instant::now();
         let results = self
             .attempt_batch(&tasks, &*handler, &hctx)
@@ -392,6 +424,14 @@ impl PoolWorker {
             .filter(|(a, _)| matches!(a, Attempt::Done(_)))
             .map(|(_, t)| Arc::clone(t))
             .collect();
+        let completing = self.shared.trace.children(
+            attempts
+                .iter()
+                .zip(&spans)
+                .filter(|(a, _)| matches!(a, Attempt::Done(_)))
+                .map(|(_, s)| s),
+            "complete",
+        );
         let mut completions = if succeeded.is_empty() {
             Vec::new()
         } else {
@@ -401,6 +441,7 @@ impl PoolWorker {
                 .await
         }
         .into_iter();
+        drop(completing);
         let mut done = Vec::new();
         for ((lease, attempt), span) in unit.into_iter().zip(attempts).zip(spans) {
             let attempt = match attempt {
@@ -442,6 +483,15 @@ impl PoolWorker {
             metrics.failed.inc();
         }
         self.shared.counters.progressed();
+        match &attempt {
+            Attempt::Permanent(reason) => {
+                TraceService::record_failure(&tracing::Span::current(), "permanent", reason);
+            }
+            Attempt::Failed { reason, class, .. } => {
+                TraceService::record_failure(&tracing::Span::current(), class, reason);
+            }
+            Attempt::Done(_) | Attempt::Abandoned => {}
+        }
         match attempt {
             Attempt::Done(outcome) => {
                 self.succeed(lease, &outcome, metrics);

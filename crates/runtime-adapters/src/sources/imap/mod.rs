@@ -501,6 +501,11 @@ impl ImapSource {
             .into_iter()
             .collect();
             let mut chunk = Vec::with_capacity(uids.len());
+            let mut traces = Vec::with_capacity(uids.len());
+            let trigger = match self.mode {
+                ImapMode::Poll => "poll",
+                ImapMode::Idle => "idle",
+            };
             for &uid in uids {
                 let Some(size) = sizes.get(&uid) else {
                     continue; // expunged since the search
@@ -525,10 +530,12 @@ impl ImapSource {
                     payload,
                 )
                 .map_err(|e| e.to_string())?;
-                ctx.tracer.inject_current(&mut task.headers);
+                traces.push(ctx.tracer.start_trace(&mut task, trigger, &*ctx.queue));
                 chunk.push((id, task));
             }
-            if !self.publish(ctx, &mut chunk).await? {
+            let published = self.publish(ctx, &mut chunk).await?;
+            drop(traces);
+            if !published {
                 return Ok(None);
             }
         }
