@@ -88,9 +88,39 @@ fn each_bad_config_is_reported_with_its_key() {
         ),
         (
             "unknown section",
-            Box::new(|t: &str| format!("{t}\n[telemetry]\nx = 1\n")),
-            "telemetry",
+            Box::new(|t: &str| format!("{t}\n[telemetrie]\nx = 1\n")),
+            "telemetrie",
             "unknown section",
+        ),
+        (
+            "sampling ratio above 1",
+            Box::new(|t: &str| {
+                format!(
+                    "{t}\n[telemetry]\nendpoint = \"http://localhost:4317\"\nsampling_ratio = 2\n"
+                )
+            }),
+            "telemetry.sampling_ratio",
+            "between 0 and 1",
+        ),
+        (
+            "unknown OTLP protocol",
+            Box::new(|t: &str| format!("{t}\n[telemetry]\nprotocol = \"udp\"\n")),
+            "telemetry.protocol",
+            "unknown variant",
+        ),
+        (
+            "collector that is no URL",
+            Box::new(|t: &str| format!("{t}\n[telemetry]\nendpoint = \"localhost:4317\"\n")),
+            "telemetry.endpoint",
+            "not an http:// or https:// URL",
+        ),
+        (
+            "header from an unset variable",
+            Box::new(|t: &str| {
+                format!("{t}\n[telemetry]\nheaders = {{ authorization = \"PLBA_TEST_NO_SUCH_VARIABLE\" }}\n")
+            }),
+            "telemetry.headers.authorization",
+            "PLBA_TEST_NO_SUCH_VARIABLE is not set",
         ),
         (
             "wrong type",
