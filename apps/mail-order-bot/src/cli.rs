@@ -1,4 +1,4 @@
-//! The command line: `run`, `check-config`, `orders list`, `outcomes list`.
+//! The command line: `run`, `check-config`, `diagnose`, `orders list`, `outcomes list`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +42,20 @@ pub enum Command {
         /// TOML configuration file; the embedded config/default.toml when omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Ask a running bot (its control plane) for stuck work, poison candidates and
+    /// sources without progress, each with what to do. Exits 0 when nothing was found, 4
+    /// when something was, 1 when the bot could not be asked.
+    Diagnose {
+        /// The bot's TOML configuration: its `[control]` gives the address and a read token.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The control plane's base URL (default: from `[control].bind`).
+        #[arg(long)]
+        url: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Read the orders in the store.
     Orders {
@@ -94,6 +108,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             }
         },
         Command::Run { config, once } => run(config, once).await,
+        Command::Diagnose {
+            config,
+            url,
+            format,
+        } => diagnose(config, url, format).await,
         Command::Orders {
             action: ListAction::List { config, format },
         } => {
@@ -119,6 +138,74 @@ fn config_or_exit(
         eprintln!("{report}");
         EXIT_CONFIG
     })
+}
+
+/// Exit code of `diagnose` when it found something.
+pub const EXIT_FINDINGS: u8 = 4;
+
+async fn diagnose(
+    config: Option<PathBuf>,
+    url: Option<String>,
+    format: Format,
+) -> anyhow::Result<u8> {
+    let manager = match config_or_exit(config.as_deref()) {
+        Ok(m) => m,
+        Err(code) => return Ok(code),
+    };
+    let cfg = control_config(manager.root().get("control"))
+        .map_err(|_| anyhow::anyhow!("invalid [control] section"))?;
+    let base = url.unwrap_or_else(|| {
+        let bind = cfg
+            .bind
+            .replace("0.0.0.0", "127.0.0.1")
+            .replace("[::]", "[::1]");
+        format!("http://{bind}")
+    });
+    let token = std::env::var("PLBA_CONTROL_TOKEN")
+        .ok()
+        .or_else(|| cfg.read_tokens.first().cloned())
+        .or_else(|| cfg.admin_tokens.first().cloned());
+    let mut request = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?
+        .get(format!("{}/diagnostics", base.trim_end_matches('/')));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request
+        .send()
+        .await
+        .with_context(|| format!("asking the bot at {base} (is it running with [control] enabled?)"))?
+        .error_for_status()
+        .with_context(|| format!("the control plane at {base} refused (a read token: PLBA_CONTROL_TOKEN or [control].read_tokens)"))?;
+    let report: runtime_core::Diagnostics =
+        answer.json().await.context("reading the diagnostics")?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Table => print_diagnostics(&report),
+    }
+    Ok(if report.findings.is_empty() {
+        0
+    } else {
+        EXIT_FINDINGS
+    })
+}
+
+fn print_diagnostics(report: &runtime_core::Diagnostics) {
+    if report.findings.is_empty() {
+        println!("nothing found: no stuck work, no poison candidate, every source progressing");
+    }
+    for f in &report.findings {
+        let task = f
+            .task
+            .as_deref()
+            .map_or_else(String::new, |t| format!(" task {t}"));
+        println!("{} [{}]{task}: {}", f.kind, f.subject, f.detail);
+        println!("    what to do: {}", f.action);
+    }
+    for q in &report.not_inspected {
+        println!("queue {q}: its leases cannot be listed (the broker does not show them)");
+    }
 }
 
 async fn open_store(config: Option<PathBuf>) -> anyhow::Result<OrderStore> {

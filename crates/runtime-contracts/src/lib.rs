@@ -36,8 +36,8 @@ pub use handler::{HandlerContext, HandlerError, Outcome, TaskHandler};
 pub use health::{HealthContributor, HealthStatus, Probe};
 pub use module::{ApplicationModule, ModuleError, ModuleRegistry};
 pub use queue::{
-    DeadLetter, DeadLetterPage, DeadLetterStore, Lease, PublishResult, QueueError, QueueStats,
-    TaskQueue,
+    ConsumerInfo, DeadLetter, DeadLetterPage, DeadLetterStore, Inspection, Lease, LeaseInfo,
+    PublishResult, QueueError, QueueStats, RetryInfo, TaskQueue,
 };
 pub use shutdown::{CancelSignal, Shutdown};
 pub use source::{

@@ -183,6 +183,62 @@ pub trait TaskQueue: Send + Sync {
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
         None
     }
+
+    /// What the queue holds right now, for diagnostics: its oldest leases, the tasks
+    /// waiting for a retry, and its consumers, at most `max` of each. `None` when the
+    /// queue cannot show them (the default).
+    fn inspect(&self, max: usize) -> BoxFuture<'_, Result<Option<Inspection>, QueueError>> {
+        let _ = max;
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}
+
+/// A snapshot of a queue's leases, retries and consumers ([`TaskQueue::inspect`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspection {
+    /// Leased tasks not yet settled, longest held first.
+    pub leases: Vec<LeaseInfo>,
+    /// Tasks waiting for their retry delay, with their failures so far.
+    pub retrying: Vec<RetryInfo>,
+    /// Consumers of the queue (a Redis group's members); empty when it has no such notion.
+    pub consumers: Vec<ConsumerInfo>,
+}
+
+/// One lease of an [`Inspection`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// The task.
+    pub task: String,
+    /// Its kind, when the queue could read it.
+    pub kind: Option<String>,
+    /// The consumer holding it, when known.
+    pub consumer: Option<String>,
+    /// How long it has been held, in milliseconds.
+    pub held_ms: u64,
+    /// Times it has been delivered, this delivery included.
+    pub deliveries: u32,
+}
+
+/// One task of an [`Inspection`] waiting for its retry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryInfo {
+    /// The task.
+    pub task: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its failed attempts, oldest first.
+    pub history: Vec<crate::task::AttemptFailure>,
+}
+
+/// One consumer of an [`Inspection`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerInfo {
+    /// Its name.
+    pub name: String,
+    /// Entries it holds.
+    pub pending: u64,
+    /// Time since it last read or acknowledged, in milliseconds.
+    pub idle_ms: u64,
 }
 
 /// A dead-lettered task and why.

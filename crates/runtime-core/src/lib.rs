@@ -34,8 +34,8 @@ pub use health::{HealthRegistry, HealthReport};
 pub use metrics::Metrics;
 pub use retry::RetryPolicy;
 pub use runtime::{
-    QueueFactory, ReloadReport, RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus,
-    ShutdownReport, SourceReport,
+    Diagnostics, Finding, QueueFactory, ReloadReport, RuntimeBuilder, RuntimeManager, RuntimeState,
+    RuntimeStatus, ShutdownReport, SourceReport,
 };
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};

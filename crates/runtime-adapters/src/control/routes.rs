@@ -56,6 +56,14 @@ pub(crate) fn table(open_health: bool) -> Vec<Route> {
         },
         Route {
             method: "get",
+            path: "/diagnostics",
+            role: Role::Read,
+            summary: "Stuck leases, idle consumers, poison candidates, sources without progress and dead letters, each with what to do",
+            body: None,
+            handler: || get(diagnostics),
+        },
+        Route {
+            method: "get",
             path: "/metrics",
             role: Role::Read,
             summary: "Prometheus text exposition",
@@ -181,6 +189,10 @@ async fn ready(State(ctl): State<Ctl>) -> Response {
 
 async fn status(State(ctl): State<Ctl>) -> Json<runtime_core::RuntimeStatus> {
     Json(ctl.runtime.status().await)
+}
+
+async fn diagnostics(State(ctl): State<Ctl>) -> Json<runtime_core::Diagnostics> {
+    Json(ctl.runtime.diagnostics().await)
 }
 
 async fn metrics(State(ctl): State<Ctl>) -> Response {

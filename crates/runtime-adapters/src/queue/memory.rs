@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use runtime_contracts::{
-    AttemptFailure, BoxFuture, DeadLetter, DeadLetterPage, DeadLetterStore, Lease, PublishResult,
-    QueueError, QueueStats, Task, TaskId, TaskQueue,
+    AttemptFailure, BoxFuture, DeadLetter, DeadLetterPage, DeadLetterStore, Inspection, Lease,
+    LeaseInfo, PublishResult, QueueError, QueueStats, RetryInfo, Task, TaskId, TaskQueue,
 };
 use serde::Deserialize;
 use tokio::sync::Notify;
@@ -412,6 +412,46 @@ impl TaskQueue for MemoryQueue {
 
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
         Some(self)
+    }
+
+    fn inspect(&self, max: usize) -> BoxFuture<'_, Result<Option<Inspection>, QueueError>> {
+        let state = self.lock();
+        let now = Instant::now();
+        let timeout = Duration::from_millis(self.config.lease_timeout_ms);
+        let mut leases: Vec<LeaseInfo> = state
+            .in_flight
+            .values()
+            .map(|(task, deadline)| LeaseInfo {
+                task: task.id.to_string(),
+                kind: Some(task.kind.to_string()),
+                consumer: None,
+                held_ms: u64::try_from(
+                    timeout
+                        .saturating_sub(deadline.saturating_duration_since(now))
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                deliveries: task.attempt.saturating_add(1),
+            })
+            .collect();
+        leases.sort_by_key(|l| std::cmp::Reverse(l.held_ms));
+        leases.truncate(max);
+        let retrying = state
+            .scheduled
+            .values()
+            .take(max)
+            .map(|t| RetryInfo {
+                task: t.id.to_string(),
+                kind: t.kind.to_string(),
+                history: t.history.clone(),
+            })
+            .collect();
+        let inspection = Inspection {
+            leases,
+            retrying,
+            consumers: Vec::new(),
+        };
+        Box::pin(std::future::ready(Ok(Some(inspection))))
     }
 }
 

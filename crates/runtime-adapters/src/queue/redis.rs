@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
 use runtime_contracts::{
-    AttemptFailure, BoxFuture, ConfigProblem, DeadLetter, DeadLetterPage, DeadLetterStore,
-    HealthContributor, HealthStatus, Lease, Probe, PublishResult, QueueError, QueueStats, Task,
-    TaskQueue,
+    AttemptFailure, BoxFuture, ConfigProblem, ConsumerInfo, DeadLetter, DeadLetterPage,
+    DeadLetterStore, HealthContributor, HealthStatus, Inspection, Lease, LeaseInfo, Probe,
+    PublishResult, QueueError, QueueStats, RetryInfo, Task, TaskQueue,
 };
 use serde::Deserialize;
 
@@ -858,6 +858,10 @@ impl TaskQueue for RedisQueue {
         })
     }
 
+    fn inspect(&self, max: usize) -> BoxFuture<'_, Result<Option<Inspection>, QueueError>> {
+        Box::pin(async move { self.inspection(max).await.map(Some) })
+    }
+
     fn stats(&self) -> BoxFuture<'_, Result<QueueStats, QueueError>> {
         Box::pin(async move {
             let mut conn = self.conn().await?;
@@ -909,6 +913,125 @@ impl TaskQueue for RedisQueue {
 }
 
 impl RedisQueue {
+    /// `XPENDING` (oldest entries, with consumer, idle time and delivery count), the task
+    /// of each (`XRANGE`), the scheduled retries with their envelopes, and the group's
+    /// consumers (`XINFO CONSUMERS`).
+    async fn inspection(&self, max: usize) -> Result<Inspection, QueueError> {
+        let mut conn = self.conn().await?;
+        self.ensure_group(&mut conn).await?;
+        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(max)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let mut ranges = redis::pipe();
+        for (id, ..) in &pending {
+            ranges.cmd("XRANGE").arg(&self.keys.stream).arg(id).arg(id);
+        }
+        let bodies: Vec<Value> = if pending.is_empty() {
+            Vec::new()
+        } else {
+            ranges
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?
+        };
+        let mut leases: Vec<LeaseInfo> = pending
+            .iter()
+            .zip(bodies.iter().map(Some).chain(std::iter::repeat(None)))
+            .map(|((id, consumer, idle, deliveries), body)| {
+                let task = body
+                    .map(entries)
+                    .and_then(|e| e.into_iter().next())
+                    .and_then(
+                        |(_, fields)| match decode(&fields, self.config.max_entry_bytes) {
+                            Decoded::Task(t) => Some(t),
+                            Decoded::Undecodable(_) => None,
+                        },
+                    );
+                LeaseInfo {
+                    task: task
+                        .as_ref()
+                        .map_or_else(|| format!("stream entry {id}"), |t| t.id.to_string()),
+                    kind: task.map(|t| t.kind.to_string()),
+                    consumer: Some(consumer.clone()),
+                    held_ms: *idle,
+                    deliveries: u32::try_from(*deliveries).unwrap_or(u32::MAX),
+                }
+            })
+            .collect();
+        leases.sort_by_key(|l| std::cmp::Reverse(l.held_ms));
+        let due: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&self.keys.scheduled)
+            .arg(0)
+            .arg(max.saturating_sub(1))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let envelopes: Vec<Option<Vec<u8>>> = if due.is_empty() {
+            Vec::new()
+        } else {
+            redis::cmd("HMGET")
+                .arg(&self.keys.scheduled_env)
+                .arg(&due)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?
+        };
+        let retrying = envelopes
+            .into_iter()
+            .flatten()
+            .filter_map(|env| super::decode_envelope(&env, self.config.max_entry_bytes).ok())
+            .map(|t| RetryInfo {
+                task: t.id.to_string(),
+                kind: t.kind.to_string(),
+                history: t.history,
+            })
+            .collect();
+        let infos: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.keys.stream)
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.broken(e))?;
+        let consumers = match infos {
+            Value::Array(items) => items
+                .iter()
+                .filter_map(|item| {
+                    let Value::Array(kv) = item else { return None };
+                    let get = |key: &str| {
+                        kv.chunks(2)
+                            .find(|c| c.first().and_then(text).as_deref() == Some(key))
+                            .and_then(|c| c.get(1))
+                            .and_then(text)
+                    };
+                    Some(ConsumerInfo {
+                        name: get("name")?,
+                        pending: get("pending")?.parse().ok()?,
+                        // Redis 7.2 tells the time since the last successful read apart.
+                        idle_ms: get("inactive")
+                            .filter(|v| v != "-1")
+                            .or_else(|| get("idle"))?
+                            .parse()
+                            .ok()?,
+                    })
+                })
+                .take(max)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Inspection {
+            leases,
+            retrying,
+            consumers,
+        })
+    }
+
     async fn group_lag(&self, conn: &mut Conn) -> Option<u64> {
         let groups: Value = redis::cmd("XINFO")
             .arg("GROUPS")

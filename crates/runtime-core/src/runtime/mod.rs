@@ -20,9 +20,11 @@ use crate::supervisor::{PoolSpec, PoolStatus, WorkerSupervisor};
 use crate::telemetry::Telemetry;
 use crate::trace::{LogControl, TraceService};
 
+mod diagnostics;
 mod parts;
 mod reload;
 
+pub use diagnostics::{Diagnostics, Finding};
 use parts::{MeteredQueue, PoolHealth, QueueBackpressure, SourceControl, SourceHealth};
 pub use reload::ReloadReport;
 

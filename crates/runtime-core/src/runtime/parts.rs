@@ -91,6 +91,13 @@ impl TaskQueue for MeteredQueue {
         self.inner.system()
     }
 
+    fn inspect(
+        &self,
+        max: usize,
+    ) -> BoxFuture<'_, Result<Option<runtime_contracts::Inspection>, QueueError>> {
+        self.inner.inspect(max)
+    }
+
     fn publish(&self, mut task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
         let labels = Metrics::labels(self.inner.name(), &task.kind);
         stamp_published_at(&mut task, crate::now_unix_ms());
