@@ -336,3 +336,43 @@ async fn a_collector_that_is_down_drops_counted_spans_and_stops_no_work() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("created 40 new orders"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_protobuf_the_spans_buffered_at_exit_are_flushed() {
+    let receiver = OtlpReceiver::start_http();
+    let ws = Workspace::new();
+    for i in 0..3 {
+        ws.deliver(
+            &format!("m{i}"),
+            &order_mail(
+                &format!("http-{i}"),
+                "purchasing@acme.example",
+                &[("SKU-4", 1)],
+            ),
+        );
+    }
+    // Batches wait a minute: only the flush at shutdown can send them within the test.
+    let extra = format!(
+        "[telemetry]\nendpoint = \"{}\"\nprotocol = \"http/protobuf\"\nbatch_delay_ms = 60000\nresource = {{ \"deployment.environment\" = \"test\" }}\n",
+        receiver.endpoint()
+    );
+    let (code, _, stderr) = BotProcess::spawn(&ws, &ws.config_with(2, 3, &extra), true).finish();
+    assert_eq!(code, 0, "{stderr}");
+    let spans = receiver.wait_for(Duration::from_secs(10), "three completions", |spans| {
+        spans.iter().filter(|s| s.name == "complete").count() >= 3
+    });
+    assert!(
+        spans.iter().all(|s| s.service == "mail-order-bot"),
+        "the default service name"
+    );
+    let handled: Vec<Vec<ReceivedSpan>> = traces(&spans)
+        .into_values()
+        .filter(|t| t.iter().any(|s| s.name == "process orders"))
+        .collect();
+    assert_eq!(handled.len(), 3);
+    for trace in &handled {
+        let (_, _, attempts) = shape(trace);
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].attr("messaging.system"), Some("plba"));
+    }
+}

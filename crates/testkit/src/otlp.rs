@@ -67,14 +67,10 @@ fn text(kv: &KeyValue) -> String {
     }
 }
 
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+impl Collector {
+    fn collect(&self, request: ExportTraceServiceRequest) {
         let mut got = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let service = resource_spans
                 .resource
                 .iter()
@@ -109,10 +105,50 @@ impl TraceService for Collector {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend(got);
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.collect(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
     }
+}
+
+/// OTLP/HTTP: `POST /v1/traces` with a protobuf body.
+async fn http_export(
+    axum::extract::State(collector): axum::extract::State<Collector>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use prost::Message;
+    match ExportTraceServiceRequest::decode(body) {
+        Ok(request) => {
+            collector.collect(request);
+            let answer = ExportTraceServiceResponse {
+                partial_success: None,
+            };
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                answer.encode_to_vec(),
+            )
+                .into_response()
+        }
+        Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+/// Which OTLP transport a receiver speaks.
+#[derive(Clone, Copy)]
+enum Transport {
+    Grpc,
+    Http,
 }
 
 /// A gRPC OTLP trace receiver on a free loopback port, stopped when dropped.
@@ -132,9 +168,18 @@ impl std::fmt::Debug for OtlpReceiver {
 }
 
 impl OtlpReceiver {
-    /// Starts the receiver on its own thread and runtime (so it outlives any test
+    /// Starts an OTLP/gRPC receiver on its own thread and runtime (so it outlives any test
     /// runtime); panics with the reason when it cannot listen.
     pub fn start() -> Self {
+        Self::start_as(Transport::Grpc)
+    }
+
+    /// [`OtlpReceiver::start`] for OTLP/HTTP with protobuf bodies (`POST /v1/traces`).
+    pub fn start_http() -> Self {
+        Self::start_as(Transport::Http)
+    }
+
+    fn start_as(transport: Transport) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the OTLP receiver");
         listener
             .set_nonblocking(true)
@@ -152,13 +197,28 @@ impl OtlpReceiver {
                     .expect("the OTLP receiver's runtime");
                 runtime.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                    let served = tonic::transport::Server::builder()
-                        .add_service(TraceServiceServer::new(service))
-                        .serve_with_incoming_shutdown(incoming, async {
-                            let _ = stopped.await;
-                        })
-                        .await;
+                    let stopped = async {
+                        let _ = stopped.await;
+                    };
+                    let served = match transport {
+                        Transport::Grpc => tonic::transport::Server::builder()
+                            .add_service(TraceServiceServer::new(service))
+                            .serve_with_incoming_shutdown(
+                                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                                stopped,
+                            )
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Transport::Http => {
+                            let app = axum::Router::new()
+                                .route("/v1/traces", axum::routing::post(http_export))
+                                .with_state(service);
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(stopped)
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                    };
                     if let Err(e) = served {
                         eprintln!("the OTLP receiver stopped: {e}");
                     }
@@ -173,7 +233,7 @@ impl OtlpReceiver {
         }
     }
 
-    /// Its OTLP/gRPC endpoint (`http://127.0.0.1:PORT`).
+    /// Its endpoint (`http://127.0.0.1:PORT`).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
