@@ -11,6 +11,7 @@ use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_adapters::queue::redis::{RedisHealth, RedisQueue, RedisQueueConfig};
 use runtime_adapters::sources::imap::{ImapConfig, ImapMode, ImapSource};
 use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
+use runtime_adapters::sources::webhook::{WebhookConfig, WebhookSource};
 use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
 use runtime_core::config::{lookup, parse_section_with_unknown};
 use runtime_core::{
@@ -126,6 +127,25 @@ pub fn queue_config(root: &serde_json::Value) -> Result<QueueChoice, Vec<ConfigP
                 )
             })
             .collect();
+        // A webhook answers 2xx once its task is enqueued: an in-memory enqueue dies with
+        // the process, so it needs saying so.
+        let volatile: Vec<ConfigProblem> = root
+            .get("sources")
+            .and_then(serde_json::Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(_, s)| {
+                s.get("type").and_then(serde_json::Value::as_str) == Some("webhook")
+                    && s.get("allow_volatile_queue").and_then(serde_json::Value::as_bool) != Some(true)
+            })
+            .map(|(id, _)| {
+                ConfigProblem::new(
+                    format!("sources.{id}.type"),
+                    "a webhook answers 2xx once its task is enqueued, and the in-memory queue loses what it holds when the process ends: use queue.type = \"redis\" or \"amqp\", or set allow_volatile_queue = true",
+                )
+            })
+            .collect();
+        let idle: Vec<ConfigProblem> = idle.into_iter().chain(volatile).collect();
         if !idle.is_empty() {
             return Err(idle);
         }
@@ -205,6 +225,8 @@ pub enum SourceConfig {
     Maildir(MaildirConfig),
     /// `type = "imap_poll"` or `type = "imap_idle"`: the same settings.
     Imap(Box<ImapConfig>, ImapMode),
+    /// `type = "webhook"`.
+    Webhook(Box<WebhookConfig>),
 }
 
 impl SourceConfig {
@@ -213,6 +235,7 @@ impl SourceConfig {
         match self {
             Self::Maildir(c) => &c.pool,
             Self::Imap(c, _) => &c.pool,
+            Self::Webhook(c) => &c.pool,
         }
     }
 }
@@ -248,10 +271,12 @@ pub fn source_config(
             checked(&rest, &key, ImapConfig::problems)
                 .map(|c| SourceConfig::Imap(Box::new(c), mode))
         }
+        "webhook" => checked(&rest, &key, WebhookConfig::problems)
+            .map(|c| SourceConfig::Webhook(Box::new(c))),
         other => Err(vec![ConfigProblem::new(
             format!("{key}.type"),
             format!(
-                "unknown source type {other:?}; supported: \"maildir\", \"imap_poll\", \"imap_idle\""
+                "unknown source type {other:?}; supported: \"maildir\", \"imap_poll\", \"imap_idle\", \"webhook\""
             ),
         )]),
     }
@@ -431,6 +456,7 @@ pub async fn build_traced_runtime(
                     source
                 }
                 SourceConfig::Imap(cfg, mode) => Arc::new(ImapSource::new(id.clone(), *cfg, mode)),
+                SourceConfig::Webhook(cfg) => Arc::new(WebhookSource::new(id.clone(), *cfg)),
             };
             builder = builder.source(source, &pool);
         }

@@ -6,6 +6,9 @@ pub mod maildir;
 #[cfg(feature = "source-imap")]
 pub mod imap;
 
+#[cfg(feature = "source-webhook")]
+pub mod webhook;
+
 /// [`publish_chunk`] with the source's bookkeeping: the keys are reserved as pending in
 /// `progress` before publishing (a worker may complete a task before the publish returns),
 /// counted when enqueued, and released again when publishing failed or shutdown came first.
