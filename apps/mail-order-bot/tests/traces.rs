@@ -256,8 +256,21 @@ async fn two_bot_processes_on_one_redis_yield_one_trace_per_email() {
         .into_values()
         .filter(|t| t.iter().any(|s| s.name == "process orders"))
         .collect();
-    assert_eq!(handled.len(), 10, "one trace per email");
-    for trace in &handled {
+    let (published_by_a, others): (Vec<&Vec<ReceivedSpan>>, Vec<&Vec<ReceivedSpan>>) =
+        handled.iter().partition(|t| {
+            t.iter()
+                .any(|s| s.parent_span_id.is_empty() && s.service == "bot-a")
+        });
+    assert_eq!(published_by_a.len(), 10, "one trace per email");
+    // The handler's own source may list a mail just before its worker marks it seen and
+    // publish it just after the queue forgot the finished task: that is a trace of its
+    // own, wholly in bot-b, which ends as a recorded second delivery (never an order; the
+    // ten orders were counted above).
+    for trace in others {
+        let (root, _, _) = shape(trace);
+        assert_eq!(root.service, "bot-b", "{trace:#?}");
+    }
+    for trace in published_by_a {
         let (root, send, attempts) = shape(trace);
         assert_eq!(
             (root.service.as_str(), send.service.as_str()),
