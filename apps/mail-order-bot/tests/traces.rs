@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +87,20 @@ fn shape(trace: &[ReceivedSpan]) -> (&ReceivedSpan, &ReceivedSpan, Vec<&Received
         "every span of the trace hangs from its attempts: {trace:#?}"
     );
     (root, send, attempts)
+}
+
+/// Delivers `n` order mails whose ids start with `prefix`.
+fn deliver_orders(ws: &Workspace, prefix: &str, n: u32) {
+    for i in 0..n {
+        ws.deliver(
+            &format!("m{i}"),
+            &order_mail(
+                &format!("{prefix}-{i}"),
+                "purchasing@acme.example",
+                &[("SKU-3", i + 1)],
+            ),
+        );
+    }
 }
 
 const STAGES: [&str; 6] = [
@@ -211,16 +224,7 @@ async fn two_bot_processes_on_one_redis_yield_one_trace_per_email() {
     let publisher = ws.dir.path().join("publisher.toml");
     std::fs::write(&publisher, text).expect("write");
     let a = BotProcess::spawn(&ws, &publisher, false);
-    for i in 0..10 {
-        ws.deliver(
-            &format!("m{i}"),
-            &order_mail(
-                &format!("cross-{i}"),
-                "purchasing@acme.example",
-                &[("SKU-9", i + 1)],
-            ),
-        );
-    }
+    deliver_orders(&ws, "cross", 10);
     receiver.wait_for(
         Duration::from_secs(60),
         "ten publish spans of bot-a",
@@ -287,16 +291,16 @@ async fn two_bot_processes_on_one_redis_yield_one_trace_per_email() {
 }
 
 /// `GET path` on the control plane at `port` with the read token; the body.
-fn get(port: u16, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer read-token-1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("answer");
-    answer
+async fn get(port: u16, path: &str) -> String {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .bearer_auth("read-token-1")
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("answer")
 }
 
 fn metric(text: &str, name: &str) -> Option<u64> {
@@ -307,16 +311,7 @@ fn metric(text: &str, name: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_drops_counted_spans_and_stops_no_work() {
     let ws = Workspace::new();
-    for i in 0..40 {
-        ws.deliver(
-            &format!("m{i}"),
-            &order_mail(
-                &format!("down-{i}"),
-                "purchasing@acme.example",
-                &[("SKU-3", 1)],
-            ),
-        );
-    }
+    deliver_orders(&ws, "down", 40);
     let control = free_port();
     // Nothing listens on the collector's port; 16 spans fit the buffer.
     let extra = format!(
@@ -330,10 +325,9 @@ async fn a_collector_that_is_down_drops_counted_spans_and_stops_no_work() {
         || async { orders_so_far(&ws).await == 40 && unseen(&ws) == 0 },
     )
     .await;
-    let mut dropped = 0;
-    wait_for(Duration::from_secs(30), "dropped spans counted", || {
-        let metrics = get(control, "/metrics");
-        dropped = metric(&metrics, "plba_spans_dropped_total").unwrap_or(0);
+    wait_for(Duration::from_secs(30), "dropped spans counted", || async {
+        let metrics = get(control, "/metrics").await;
+        let dropped = metric(&metrics, "plba_spans_dropped_total").unwrap_or(0);
         let exported = metric(&metrics, "plba_spans_exported_total");
         assert_eq!(
             exported,
@@ -341,7 +335,7 @@ async fn a_collector_that_is_down_drops_counted_spans_and_stops_no_work() {
             "nothing reached a collector that is down"
         );
         // 40 emails make at least 40 x 9 spans; at most 16 wait in the buffer.
-        async move { dropped >= 40 * 9 - 16 }
+        dropped >= 40 * 9 - 16
     })
     .await;
     bot.signal(nix::sys::signal::Signal::SIGTERM);
@@ -354,16 +348,7 @@ async fn a_collector_that_is_down_drops_counted_spans_and_stops_no_work() {
 async fn over_http_protobuf_the_spans_buffered_at_exit_are_flushed() {
     let receiver = OtlpReceiver::start_http();
     let ws = Workspace::new();
-    for i in 0..3 {
-        ws.deliver(
-            &format!("m{i}"),
-            &order_mail(
-                &format!("http-{i}"),
-                "purchasing@acme.example",
-                &[("SKU-4", 1)],
-            ),
-        );
-    }
+    deliver_orders(&ws, "http", 3);
     // Batches wait a minute: only the flush at shutdown can send them within the test.
     let extra = format!(
         "[telemetry]\nendpoint = \"{}\"\nprotocol = \"http/protobuf\"\nbatch_delay_ms = 60000\nresource = {{ \"deployment.environment\" = \"test\" }}\n",

@@ -134,6 +134,23 @@ impl Hook {
         request.send().await.expect("request")
     }
 
+    /// An unsigned request with the sample body.
+    async fn plain(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .body(BODY);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().await.expect("request")
+    }
+
     async fn signed(&self, id: &str, body: &str) -> reqwest::Response {
         let t = now();
         self.post(id, t, body, Some(sign(id, t, body))).await
@@ -215,33 +232,21 @@ async fn every_bad_request_is_refused_and_enqueues_nothing() {
         ),
         (
             "wrong content type",
-            hook.client
-                .post(format!("{}/hooks/mail", hook.url))
-                .header("content-type", "text/plain")
-                .body(BODY)
-                .send()
-                .await
-                .expect("request"),
+            hook.plain(reqwest::Method::POST, "/hooks/mail", Some("text/plain"))
+                .await,
             415,
             "unsupported_media_type",
         ),
         (
             "wrong method",
-            hook.client
-                .get(format!("{}/hooks/mail", hook.url))
-                .send()
-                .await
-                .expect("request"),
+            hook.plain(reqwest::Method::GET, "/hooks/mail", None).await,
             405,
             "method_not_allowed",
         ),
         (
             "wrong path",
-            hook.client
-                .post(format!("{}/hooks/other", hook.url))
-                .send()
-                .await
-                .expect("request"),
+            hook.plain(reqwest::Method::POST, "/hooks/other", None)
+                .await,
             404,
             "not_found",
         ),
