@@ -97,6 +97,7 @@ async fn plba_round(n: u64, prefetch: usize) -> Duration {
         MemoryQueueConfig {
             capacity: n as usize,
             lease_timeout_ms: 600_000,
+            ..MemoryQueueConfig::default()
         },
     ));
     let (kind, source): (Arc<str>, Arc<str>) = ("noop".into(), "bench".into());

@@ -14,6 +14,7 @@ fn queue(capacity: usize) -> MemoryQueue {
         MemoryQueueConfig {
             capacity,
             lease_timeout_ms: 60_000,
+            ..MemoryQueueConfig::default()
         },
     )
 }

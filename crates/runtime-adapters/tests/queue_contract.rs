@@ -48,6 +48,7 @@ impl Backend for Memory {
                     MemoryQueueConfig {
                         capacity: 1000,
                         lease_timeout_ms: 300,
+                        ..MemoryQueueConfig::default()
                     },
                 ))
             })
@@ -275,6 +276,34 @@ async fn same_id_is_published_once_until_done(b: Arc<dyn Backend>, name: String)
         next(&*q, NOTHING).await.is_none(),
         "published twice, delivered twice"
     );
+    Outcome::Passed
+}
+
+async fn a_kept_id_is_refused_after_its_ack(b: Arc<dyn Backend>, name: String) -> Outcome {
+    let (q, _) = b.open(&name);
+    let kept = || task("k").keep_id_after_ack();
+    assert_eq!(
+        q.publish_batch(vec![kept(), task("plain")])
+            .await
+            .expect("publish"),
+        vec![PublishResult::Enqueued, PublishResult::Enqueued]
+    );
+    let first = expect_next(&*q, "k").await;
+    let second = expect_next(&*q, "plain").await;
+    q.ack_batch(&[first, second]).await.expect("ack");
+    assert_eq!(
+        q.publish(kept()).await.expect("done"),
+        PublishResult::AlreadyKnown,
+        "a task that keeps its id is not published again after its ack"
+    );
+    assert_eq!(
+        q.publish(task("plain")).await.expect("done"),
+        PublishResult::Enqueued,
+        "the other in the same ack batch is forgotten"
+    );
+    let lease = expect_next(&*q, "plain").await;
+    q.ack(&lease).await.expect("ack");
+    assert!(next(&*q, NOTHING).await.is_none(), "the kept id came once");
     Outcome::Passed
 }
 
@@ -562,6 +591,7 @@ macro_rules! cases {
 const CASES: &[(&str, Case)] = cases![
     publish_consume_ack,
     same_id_is_published_once_until_done,
+    a_kept_id_is_refused_after_its_ack,
     nack_with_delay_retries_later_with_history,
     nack_without_failure_returns_the_task_untouched,
     dead_letters_are_listed_read_replayed_and_purged,

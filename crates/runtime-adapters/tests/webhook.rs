@@ -9,12 +9,18 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use plba_testkit::{source_context, RedisServer};
 use runtime_adapters::queue::redis::{RedisQueue, RedisQueueConfig};
-use runtime_adapters::sources::webhook::{WebhookAuth, WebhookConfig, WebhookSource};
+use runtime_adapters::sources::webhook::{
+    WebhookAuth, WebhookConfig, WebhookFormat, WebhookSource,
+};
 use runtime_contracts::{Backpressure, BoxFuture, TaskQueue, TaskSource};
 
 const SECRET: &[u8] = b"a test secret of some length";
 
 fn config(auth: WebhookAuth) -> WebhookConfig {
+    config_as(WebhookFormat::Json, auth)
+}
+
+fn config_as(format: WebhookFormat, auth: WebhookAuth) -> WebhookConfig {
     WebhookConfig {
         bind: "127.0.0.1:0".into(),
         path: "/hooks/mail".into(),
@@ -27,6 +33,7 @@ fn config(auth: WebhookAuth) -> WebhookConfig {
         capacity_wait_ms: 200,
         retry_after_secs: 7,
         allow_volatile_queue: false,
+        format,
         auth,
     }
 }
@@ -76,6 +83,10 @@ struct Hook {
 }
 
 async fn start(redis: &RedisServer, name: &str, auth: WebhookAuth, full: bool) -> Hook {
+    start_with(redis, name, config(auth), full).await
+}
+
+async fn start_with(redis: &RedisServer, name: &str, config: WebhookConfig, full: bool) -> Hook {
     let queue = Arc::new(
         RedisQueue::new(
             name,
@@ -91,7 +102,7 @@ async fn start(redis: &RedisServer, name: &str, auth: WebhookAuth, full: bool) -
     if full {
         ctx.backpressure = Arc::new(Full);
     }
-    let source = Arc::new(WebhookSource::new("hook", config(auth)));
+    let source = Arc::new(WebhookSource::new("hook", config));
     let running = Arc::clone(&source);
     tokio::spawn(async move { running.start(ctx).await });
     let addr = tokio::time::timeout(Duration::from_secs(10), source.local_addr())
@@ -187,6 +198,15 @@ async fn a_signed_delivery_is_one_task_and_its_retry_none_more() {
     assert_eq!(lease.task.kind.as_ref(), "mail.notification");
     assert_eq!(lease.task.source.as_ref(), "hook");
     assert_eq!(lease.task.payload["uid"], 42);
+    hook.queue.ack(&lease).await.expect("ack");
+    let late = hook.signed("msg_1", BODY).await;
+    assert_eq!(late.status(), 202, "a retry after the task was done");
+    let answer: serde_json::Value = late.json().await.expect("json");
+    assert_eq!(
+        answer["status"], "already_known",
+        "is still known after the ack"
+    );
+    assert_eq!(hook.published().await, 0, "and makes no task");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,7 +299,8 @@ async fn a_shared_secret_is_checked_and_the_id_can_come_from_the_body() {
     let redis = RedisServer::start(false);
     std::env::set_var("PLBA_TEST_WEBHOOK_TOKEN", "s3cret-token");
     let auth = WebhookAuth::SharedSecret {
-        header: "x-webhook-token".into(),
+        header: Some("x-webhook-token".into()),
+        query: None,
         secret_env: "PLBA_TEST_WEBHOOK_TOKEN".into(),
     };
     let queue = Arc::new(
@@ -355,4 +376,203 @@ async fn a_queue_that_is_down_or_full_gets_503_with_retry_after_then_2xx() {
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"));
     assert_eq!(full.published().await, 0);
+}
+
+/// Drains what `hook` enqueued, acknowledging each task; their payloads by task id.
+async fn drain(hook: &Hook) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut tasks = std::collections::BTreeMap::new();
+    while let Some(lease) = hook
+        .queue
+        .consume(Duration::from_millis(300))
+        .await
+        .expect("consume")
+    {
+        hook.queue.ack(&lease).await.expect("ack");
+        tasks.insert(lease.task.id.to_string(), lease.task.payload.clone());
+    }
+    tasks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubsub_push_envelope_is_decoded_and_its_token_checked_in_the_query() {
+    let redis = RedisServer::start(false);
+    std::env::set_var("PLBA_TEST_PUBSUB_TOKEN", "push-token-1");
+    let auth = WebhookAuth::SharedSecret {
+        header: None,
+        query: Some("token".into()),
+        secret_env: "PLBA_TEST_PUBSUB_TOKEN".into(),
+    };
+    let hook = start_with(
+        &redis,
+        "pubsub",
+        config_as(WebhookFormat::Pubsub, auth),
+        false,
+    )
+    .await;
+    let data = base64::engine::general_purpose::STANDARD
+        .encode(r#"{"emailAddress":"orders@example.com","historyId":9876}"#);
+    let envelope = |id: &str, data: &str| {
+        format!(
+            r#"{{"message":{{"data":"{data}","attributes":{{"kind":"mail"}},"messageId":"{id}","publishTime":"2026-12-03T10:00:00Z"}},"subscription":"projects/p/subscriptions/orders"}}"#
+        )
+    };
+    let push = |token: &str, body: String| {
+        hook.client
+            .post(format!("{}/hooks/mail?token={token}", hook.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let wrong = push("nope", envelope("1", &data)).await.expect("request");
+    assert_eq!(wrong.status(), 401);
+    let missing = hook
+        .client
+        .post(format!("{}/hooks/mail", hook.url))
+        .header("content-type", "application/json")
+        .body(envelope("1", &data))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(missing.status(), 401, "no token at all");
+    for (case, body) in [
+        ("no message", r#"{"subscription":"s"}"#.to_owned()),
+        ("no messageId", r#"{"message":{"data":"e30="}}"#.to_owned()),
+        ("data not base64", envelope("2", "%%%")),
+    ] {
+        let answer = push("push-token-1", body).await.expect("request");
+        assert_eq!(answer.status(), 400, "{case}");
+    }
+    assert_eq!(hook.published().await, 0, "nothing enqueued by a refusal");
+    let ok = push("push-token-1", envelope("136969346945", &data))
+        .await
+        .expect("request");
+    assert_eq!(ok.status(), 202);
+    let answer: serde_json::Value = ok.json().await.expect("json");
+    assert_eq!(answer["task"], "webhook:hook:136969346945");
+    let again = push("push-token-1", envelope("136969346945", &data))
+        .await
+        .expect("request");
+    assert_eq!(again.status(), 202, "Pub/Sub's redelivery is acknowledged");
+    let tasks = drain(&hook).await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    let payload = &tasks["webhook:hook:136969346945"];
+    assert_eq!(payload["data"]["historyId"], 9876, "data decoded as JSON");
+    assert_eq!(payload["attributes"]["kind"], "mail");
+    assert_eq!(payload["subscription"], "projects/p/subscriptions/orders");
+    assert_eq!(payload["publish_time"], "2026-12-03T10:00:00Z");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_notifications_are_validated_checked_and_split_into_tasks() {
+    let redis = RedisServer::start(false);
+    std::env::set_var("PLBA_TEST_GRAPH_STATE", "graph-client-state-7");
+    let auth = WebhookAuth::GraphClientState {
+        client_state_env: "PLBA_TEST_GRAPH_STATE".into(),
+    };
+    let hook = start_with(
+        &redis,
+        "graph",
+        config_as(WebhookFormat::Graph, auth),
+        false,
+    )
+    .await;
+    // The subscription handshake: the token comes back as plain text.
+    let token = "Validation: Testing client application reachability <&>";
+    let handshake = hook
+        .client
+        .post(format!("{}/hooks/mail", hook.url))
+        .query(&[("validationToken", token)])
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(handshake.status(), 200);
+    assert_eq!(
+        handshake
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(handshake.text().await.expect("text"), token);
+
+    let notification = |state: &str, message: &str| {
+        serde_json::json!({
+            "subscriptionId": "sub-1",
+            "clientState": state,
+            "changeType": "created",
+            "resource": format!("Users/u-1/Messages/{message}"),
+            "resourceData": {"@odata.type": "#Microsoft.Graph.Message", "id": message},
+            "tenantId": "t-1",
+        })
+    };
+    let send = |value: Vec<serde_json::Value>| {
+        hook.client
+            .post(format!("{}/hooks/mail", hook.url))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "value": value }).to_string())
+            .send()
+    };
+    let forged = send(vec![
+        notification("graph-client-state-7", "AAMk1"),
+        notification("guess", "AAMk2"),
+    ])
+    .await
+    .expect("request");
+    assert_eq!(
+        forged.status(),
+        401,
+        "one wrong clientState refuses the batch"
+    );
+    let body: serde_json::Value = forged.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "bad_client_state");
+    assert_eq!(hook.published().await, 0);
+    let no_value = hook
+        .client
+        .post(format!("{}/hooks/mail", hook.url))
+        .header("content-type", "application/json")
+        .body(r#"{"notifications":[]}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(no_value.status(), 400);
+
+    let batch = vec![
+        notification("graph-client-state-7", "AAMk1"),
+        notification("graph-client-state-7", "AAMk2"),
+    ];
+    let ok = send(batch.clone()).await.expect("request");
+    assert_eq!(ok.status(), 202);
+    let answer: serde_json::Value = ok.json().await.expect("json");
+    assert_eq!(
+        answer["tasks"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    let tasks = drain(&hook).await;
+    assert_eq!(
+        tasks.keys().cloned().collect::<Vec<_>>(),
+        [
+            "webhook:hook:sub-1:created:Users/u-1/Messages/AAMk1",
+            "webhook:hook:sub-1:created:Users/u-1/Messages/AAMk2",
+        ]
+    );
+    for payload in tasks.values() {
+        assert!(
+            payload.get("clientState").is_none(),
+            "the secret is not carried into the queue: {payload}"
+        );
+        assert_eq!(payload["changeType"], "created");
+    }
+    // Graph retries a batch it did not see answered: nothing new, although both are done.
+    let retry = send(batch).await.expect("request");
+    assert_eq!(retry.status(), 202);
+    let answer: serde_json::Value = retry.json().await.expect("json");
+    assert!(
+        answer["tasks"]
+            .as_array()
+            .is_some_and(|t| t.iter().all(|t| t["status"] == "already_known")),
+        "{answer}"
+    );
+    assert_eq!(hook.published().await, 0);
 }

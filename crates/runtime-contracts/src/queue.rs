@@ -85,7 +85,8 @@ pub struct QueueStats {
 ///   queue never decides to retry on its own, except that an expired lease makes its task
 ///   visible again (a worker died without settling).
 /// - `publish` is idempotent by task id: a task whose id is pending, in flight, scheduled or
-///   dead is not added twice ([`PublishResult::AlreadyKnown`]).
+///   dead is not added twice ([`PublishResult::AlreadyKnown`]). A task marked with
+///   [`Task::keep_id_after_ack`] is also refused after its ack, for the queue's dedupe window.
 /// - `consume` is cancel safe: if its future is dropped, no task is leased.
 /// - `nack(lease, delay, Some(failure))` counts a failed attempt; `nack(lease, delay, None)`
 ///   returns the task untouched (shutdown), without counting an attempt.

@@ -168,6 +168,34 @@ impl Task {
     pub fn last_failure(&self) -> Option<&AttemptFailure> {
         self.history.last()
     }
+
+    /// The header that asks a queue to keep refusing the task's id after the task is
+    /// acknowledged, for the queue's dedupe window (`dedupe_ttl_secs`).
+    pub const KEEP_ID_HEADER: &'static str = "plba-keep-id";
+
+    /// Marks the task so that its id stays known after it is acknowledged: a second
+    /// publish of the same id (a provider retrying a delivery that was already done, a
+    /// schedule slot fired again by a restart or a second replica) is
+    /// [`AlreadyKnown`](crate::PublishResult::AlreadyKnown) for the queue's dedupe window.
+    /// Mail tasks do not use it: a message marked unread again is meant to be read again.
+    ///
+    /// ```
+    /// use runtime_contracts::Task;
+    /// let task = Task::new("webhook:graph:42", "k", "s", serde_json::Value::Null).unwrap();
+    /// assert!(!task.keeps_id_after_ack());
+    /// assert!(task.keep_id_after_ack().keeps_id_after_ack());
+    /// ```
+    #[must_use]
+    pub fn keep_id_after_ack(mut self) -> Self {
+        self.headers
+            .insert(Self::KEEP_ID_HEADER.to_owned(), "1".to_owned());
+        self
+    }
+
+    /// Whether the queue keeps the id after the ack (see [`Task::keep_id_after_ack`]).
+    pub fn keeps_id_after_ack(&self) -> bool {
+        self.headers.contains_key(Self::KEEP_ID_HEADER)
+    }
 }
 
 #[cfg(test)]

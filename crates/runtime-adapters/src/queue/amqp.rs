@@ -964,7 +964,10 @@ impl TaskQueue for AmqpQueue {
             self.answer("basic.ack", held.acker.ack(BasicAckOptions::default()))
                 .await
                 .map_err(|_| QueueError::UnknownLease(lease.receipt))?;
-            self.forget(&id);
+            // A task that keeps its id stays known for the dedupe window.
+            if !lease.task.keeps_id_after_ack() {
+                self.forget(&id);
+            }
             self.processed.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })

@@ -27,6 +27,9 @@ pub struct MemoryQueueConfig {
     /// A lease not settled within this many milliseconds expires and its task becomes
     /// visible again (its worker died). Must exceed every pool's handler timeout.
     pub lease_timeout_ms: u64,
+    /// How long the id of an acknowledged task marked with `keep_id_after_ack` is still
+    /// refused (s).
+    pub dedupe_ttl_secs: u64,
 }
 
 impl Default for MemoryQueueConfig {
@@ -34,6 +37,7 @@ impl Default for MemoryQueueConfig {
         Self {
             capacity: 10_000,
             lease_timeout_ms: 300_000,
+            dedupe_ttl_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -46,6 +50,7 @@ impl MemoryQueueConfig {
             &[
                 ("capacity", self.capacity as u64),
                 ("lease_timeout_ms", self.lease_timeout_ms),
+                ("dedupe_ttl_secs", self.dedupe_ttl_secs),
             ],
         )
     }
@@ -147,12 +152,22 @@ impl KnownIds {
     }
 }
 
+/// Ids of acknowledged tasks kept known (`keep_id_after_ack`), oldest first, with the time
+/// each is forgotten.
+/// `len` lets the acks of tasks that keep nothing skip the lock while nothing is kept.
+#[derive(Default)]
+struct KeptIds {
+    ids: Mutex<VecDeque<(Instant, TaskId)>>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
 /// The in-memory queue. See the module docs.
 pub struct MemoryQueue {
     name: String,
     config: MemoryQueueConfig,
     state: Mutex<State>,
     known: KnownIds,
+    kept: KeptIds,
     available: Notify,
 }
 
@@ -173,6 +188,7 @@ impl MemoryQueue {
             config,
             state: Mutex::new(State::default()),
             known: KnownIds::new(),
+            kept: KeptIds::default(),
             available: Notify::new(),
         }
     }
@@ -258,6 +274,30 @@ impl MemoryQueue {
         result
     }
 
+    /// Forgets an acknowledged task's id, or keeps it for the dedupe window when the task
+    /// asks for that; forgets the kept ids whose window has passed.
+    fn settled(&self, task: &Task) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let keep = task.keeps_id_after_ack();
+        if keep || self.kept.len.load(Relaxed) > 0 {
+            let now = Instant::now();
+            let mut kept = self.kept.ids.lock().unwrap_or_else(|e| e.into_inner());
+            while kept.front().is_some_and(|(until, _)| *until <= now) {
+                if let Some((_, id)) = kept.pop_front() {
+                    self.known.remove(&id);
+                }
+            }
+            if keep {
+                let ttl = Duration::from_secs(self.config.dedupe_ttl_secs);
+                kept.push_back((now + ttl, task.id.clone()));
+            }
+            self.kept.len.store(kept.len(), Relaxed);
+        }
+        if !keep {
+            self.known.remove(&task.id);
+        }
+    }
+
     fn lease_timeout(&self) -> Duration {
         Duration::from_millis(self.config.lease_timeout_ms)
     }
@@ -307,7 +347,7 @@ impl TaskQueue for MemoryQueue {
             }
             taken
         };
-        let result = result.map(|task| self.known.remove(&task.id));
+        let result = result.map(|task| self.settled(&task));
         Box::pin(std::future::ready(result))
     }
 
@@ -327,7 +367,7 @@ impl TaskQueue for MemoryQueue {
             }
         }
         for task in taken {
-            self.known.remove(&task.id);
+            self.settled(&task);
         }
         Box::pin(std::future::ready(result))
     }

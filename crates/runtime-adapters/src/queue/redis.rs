@@ -746,7 +746,7 @@ impl TaskQueue for RedisQueue {
             let mut unknown = None;
             for lease in leases {
                 match self.take_entry(lease) {
-                    Ok(entry) => entries.push((entry, lease.task.id.as_str())),
+                    Ok(entry) => entries.push((entry, &*lease.task)),
                     Err(e) => unknown = Some(e),
                 }
             }
@@ -762,11 +762,16 @@ impl TaskQueue for RedisQueue {
                 for (entry, _) in &entries {
                     pipe.arg(entry);
                 }
-                pipe.ignore().cmd("DEL");
-                for (_, id) in &entries {
-                    pipe.arg(self.keys.known(id));
-                }
                 pipe.ignore();
+                // A task that keeps its id stays known until its key's TTL ends.
+                let forget: Vec<String> = entries
+                    .iter()
+                    .filter(|(_, task)| !task.keeps_id_after_ack())
+                    .map(|(_, task)| self.keys.known(task.id.as_str()))
+                    .collect();
+                if !forget.is_empty() {
+                    pipe.cmd("DEL").arg(forget).ignore();
+                }
                 let _: () = pipe
                     .query_async(&mut conn)
                     .await
