@@ -7,6 +7,9 @@
 //! | `queue-redis` | [`queue::redis`] | Redis Streams: consumer group, retries, dead letters, takeover |
 //! | `queue-amqp` | [`queue::amqp`] | RabbitMQ (AMQP 0-9-1): quorum queues, confirms, TTL retry queues, DLQ |
 //! | `source-maildir` | [`sources::maildir`] | a Maildir as Dovecot and Postfix write it |
+//! | `source-imap` | [`sources::imap`] | an IMAP mailbox, polled or watched with IDLE |
+//! | `source-webhook` | [`sources::webhook`] | deliveries POSTed by providers (Standard Webhooks, Pub/Sub, Graph) |
+//! | `source-schedule` | [`sources::schedule`] | one task per slot of a cron expression in a time zone |
 //! | `control-http` | `control` | the operators' HTTP control plane (axum) |
 //!
 //! What it is not for: business logic, lifecycle and retry policy (see `runtime-core`).

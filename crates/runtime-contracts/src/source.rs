@@ -73,6 +73,9 @@ pub struct SourceStatus {
     pub last_event_age: Option<Duration>,
     /// The last error, if the source is degraded.
     pub last_error: Option<String>,
+    /// When the source next fires on its own (a schedule's next slot), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_due: Option<String>,
 }
 
 /// What happened to a task that will not be completed.

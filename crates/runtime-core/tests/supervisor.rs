@@ -64,6 +64,7 @@ impl TaskSource for ScriptSource {
                 .load(Ordering::SeqCst)
                 .then_some(Duration::ZERO),
             last_error: None,
+            next_due: None,
         }
     }
     fn load_content<'a>(

@@ -148,6 +148,7 @@ impl TaskSource for StaticSource {
                 .load(std::sync::atomic::Ordering::SeqCst)
                 .then_some(Duration::ZERO),
             last_error: None,
+            next_due: None,
         }
     }
     fn load_content<'a>(

@@ -9,6 +9,9 @@ pub mod imap;
 #[cfg(feature = "source-webhook")]
 pub mod webhook;
 
+#[cfg(feature = "source-schedule")]
+pub mod schedule;
+
 /// [`publish_chunk`] with the source's bookkeeping: the keys are reserved as pending in
 /// `progress` before publishing (a worker may complete a task before the publish returns),
 /// counted when enqueued, and released again when publishing failed or shutdown came first.
@@ -140,6 +143,7 @@ impl Progress {
             pending: self.pending.len() as u64,
             last_event_age: self.last_event.map(|t| t.elapsed()),
             last_error: self.last_error.clone(),
+            next_due: None,
         }
     }
 }

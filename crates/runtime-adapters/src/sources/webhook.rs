@@ -841,6 +841,7 @@ impl TaskSource for WebhookSource {
             // Listening is its progress: a quiet provider is not a stalled source.
             last_event_age: matches!(c.state, Some(SourceState::Running)).then_some(Duration::ZERO),
             last_error: c.error.clone(),
+            next_due: None,
         }
     }
 

@@ -61,6 +61,9 @@ pub struct SourceReport {
     pub last_event_age_ms: Option<u64>,
     /// Its last error, if degraded.
     pub last_error: Option<String>,
+    /// When it next fires on its own (a schedule's next slot), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_due: Option<String>,
 }
 
 /// A snapshot of the whole runtime.
@@ -475,6 +478,7 @@ impl RuntimeManager {
                 .last_event_age
                 .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
             last_error: status.last_error,
+            next_due: status.next_due,
         }
     }
 
