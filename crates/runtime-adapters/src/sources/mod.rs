@@ -12,6 +12,21 @@ pub mod webhook;
 #[cfg(feature = "source-schedule")]
 pub mod schedule;
 
+/// The content of a task that carries its content in the payload (a webhook delivery, a
+/// schedule slot): the payload as JSON.
+#[cfg(any(feature = "source-webhook", feature = "source-schedule"))]
+fn payload_content(
+    source_id: &str,
+    task: &runtime_contracts::Task,
+) -> Result<Option<Vec<u8>>, runtime_contracts::SourceError> {
+    serde_json::to_vec(&task.payload)
+        .map(Some)
+        .map_err(|e| runtime_contracts::SourceError::Io {
+            source_id: source_id.to_owned(),
+            message: e.to_string(),
+        })
+}
+
 /// [`publish_chunk`] with the source's bookkeeping: the keys are reserved as pending in
 /// `progress` before publishing (a worker may complete a task before the publish returns),
 /// counted when enqueued, and released again when publishing failed or shutdown came first.

@@ -850,14 +850,7 @@ impl TaskSource for WebhookSource {
         &'a self,
         task: &'a Task,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
-        Box::pin(async move {
-            serde_json::to_vec(&task.payload)
-                .map(Some)
-                .map_err(|e| SourceError::Io {
-                    source_id: self.id.clone(),
-                    message: e.to_string(),
-                })
-        })
+        Box::pin(std::future::ready(super::payload_content(&self.id, task)))
     }
 
     /// Nothing to mark: the provider was answered when the task was enqueued.
