@@ -11,6 +11,7 @@ use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
 use runtime_adapters::queue::redis::{RedisHealth, RedisQueue, RedisQueueConfig};
 use runtime_adapters::sources::imap::{ImapConfig, ImapMode, ImapSource};
 use runtime_adapters::sources::maildir::{self, MaildirConfig, MaildirSource};
+use runtime_adapters::sources::schedule::{ScheduleConfig, ScheduleSource};
 use runtime_adapters::sources::webhook::{WebhookConfig, WebhookSource};
 use runtime_contracts::{ApplicationModule, ConfigProblem, TaskQueue};
 use runtime_core::config::{lookup, parse_section_with_unknown};
@@ -227,6 +228,8 @@ pub enum SourceConfig {
     Imap(Box<ImapConfig>, ImapMode),
     /// `type = "webhook"`.
     Webhook(Box<WebhookConfig>),
+    /// `type = "schedule"`.
+    Schedule(Box<ScheduleConfig>),
 }
 
 impl SourceConfig {
@@ -236,6 +239,7 @@ impl SourceConfig {
             Self::Maildir(c) => &c.pool,
             Self::Imap(c, _) => &c.pool,
             Self::Webhook(c) => &c.pool,
+            Self::Schedule(c) => &c.pool,
         }
     }
 }
@@ -273,10 +277,12 @@ pub fn source_config(
         }
         "webhook" => checked(&rest, &key, WebhookConfig::problems)
             .map(|c| SourceConfig::Webhook(Box::new(c))),
+        "schedule" => checked(&rest, &key, ScheduleConfig::problems)
+            .map(|c| SourceConfig::Schedule(Box::new(c))),
         other => Err(vec![ConfigProblem::new(
             format!("{key}.type"),
             format!(
-                "unknown source type {other:?}; supported: \"maildir\", \"imap_poll\", \"imap_idle\", \"webhook\""
+                "unknown source type {other:?}; supported: \"maildir\", \"imap_poll\", \"imap_idle\", \"webhook\", \"schedule\""
             ),
         )]),
     }
@@ -457,6 +463,7 @@ pub async fn build_traced_runtime(
                 }
                 SourceConfig::Imap(cfg, mode) => Arc::new(ImapSource::new(id.clone(), *cfg, mode)),
                 SourceConfig::Webhook(cfg) => Arc::new(WebhookSource::new(id.clone(), *cfg)),
+                SourceConfig::Schedule(cfg) => Arc::new(ScheduleSource::new(id.clone(), *cfg)),
             };
             builder = builder.source(source, &pool);
         }

@@ -175,6 +175,36 @@ fn each_bad_config_is_reported_with_its_key() {
             "unknown source type",
         ),
         (
+            "schedule with a bad cron expression",
+            Box::new(|t: &str| {
+                format!("{t}\n[sources.sweep]\ntype = \"schedule\"\ncron = \"0 61 * * * *\"\npool = \"orders\"\n")
+            }),
+            "sources.sweep.cron",
+            "is not a cron expression",
+        ),
+        (
+            "schedule in an unknown time zone",
+            Box::new(|t: &str| {
+                format!("{t}\n[sources.sweep]\ntype = \"schedule\"\ncron = \"0 * * * * *\"\ntime_zone = \"Europe/Atlantis\"\npool = \"orders\"\n")
+            }),
+            "sources.sweep.time_zone",
+            "is not an IANA time zone",
+        ),
+        (
+            "reconcile names an unknown source",
+            Box::new(|t: &str| format!("{t}\n[reconcile]\nsources = [\"outbox\"]\n")),
+            "reconcile.sources",
+            "\"outbox\" is not a configured source",
+        ),
+        (
+            "graph auth on a plain JSON webhook",
+            Box::new(|t: &str| {
+                format!("{t}\n[sources.hook]\ntype = \"webhook\"\nbind = \"127.0.0.1:0\"\npool = \"orders\"\nallow_volatile_queue = true\n[sources.hook.auth]\ntype = \"graph_client_state\"\nclient_state_env = \"HOME\"\n")
+            }),
+            "sources.hook.auth",
+            "graph_client_state goes with format = \"graph\"",
+        ),
+        (
             "source names a pool that does not exist",
             Box::new(|t: &str| t.replace("pool = \"orders\"", "pool = \"invoices\"")),
             "sources.inbox.pool",
@@ -409,4 +439,23 @@ fn imap_sources_are_checked_with_every_problem_named() {
     unknown["type"] = serde_json::json!("pop3");
     let problems = source_config("inbox", &unknown).expect_err("unknown type");
     assert!(problems[0].to_string().contains("imap_idle"));
+}
+
+#[test]
+fn the_shipped_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+    for name in ["default.toml", "imap.toml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
+            .args(["check-config", "--config"])
+            .arg(dir.join(name))
+            .env("ORDERS_IMAP_PASSWORD", "not-used")
+            .output()
+            .expect("check-config");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "config/{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

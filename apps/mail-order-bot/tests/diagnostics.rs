@@ -12,7 +12,6 @@ use common::{order_mail, FaultyBot, Workspace};
 use mail_order_bot::compose::{build_runtime, control_config, load_config};
 use plba_testkit::{free_port, RedisServer};
 use runtime_adapters::control::ControlServer;
-use runtime_adapters::queue::redis::{RedisQueue, RedisQueueConfig};
 use runtime_contracts::{Task, TaskQueue};
 use runtime_core::{Diagnostics, RuntimeManager};
 
@@ -51,15 +50,7 @@ async fn a_stuck_lease_and_a_poison_email_are_reported_with_what_to_do() {
     let ws = Workspace::new();
     // A consumer that took a task and died: its lease is never settled, and nobody takes it
     // over within the test (claim_min_idle_ms is a minute).
-    let ghost = RedisQueue::new(
-        "orders",
-        RedisQueueConfig {
-            url: redis.url(),
-            consumer: "ghost-1".into(),
-            ..RedisQueueConfig::default()
-        },
-    )
-    .expect("queue");
+    let ghost = common::ghost_consumer(&redis.url(), "ghost-1");
     let held = Task::new(
         "held-by-ghost",
         "mail.message",

@@ -365,3 +365,49 @@ mod race {
         completions_race_searches(ImapMode::Poll).await;
     }
 }
+
+#[tokio::test]
+async fn unsettled_lists_unseen_mail_older_than_the_bound() {
+    let server = DovecotServer::start(&[("u", "pass")]);
+    let mut client = server.client("u", "pass");
+    let uids: Vec<u32> = (0..3)
+        .map(|i| {
+            let message = format!("Subject: m{i}\r\nMessage-ID: <m{i}@b>\r\n\r\nSKU-1 x 1\r\n");
+            client
+                .append_one("INBOX", message.as_bytes())
+                .expect("APPENDUID")
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imap = source(&server, dir.path(), 1024);
+    let validity = server.uid_validity("u", "pass", "INBOX");
+    imap.complete(&pointer(validity, u64::from(uids[0]), None))
+        .await
+        .expect("complete");
+    let young = imap
+        .unsettled(std::time::Duration::from_secs(3600), 10)
+        .await
+        .expect("unsettled");
+    assert!(
+        young.is_empty(),
+        "mail younger than the bound is left alone"
+    );
+    // INTERNALDATE has whole seconds: two of them make the mail older than one.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let old = imap
+        .unsettled(std::time::Duration::from_secs(1), 10)
+        .await
+        .expect("unsettled");
+    let ids: Vec<String> = old.iter().map(|t| t.id.to_string()).collect();
+    assert_eq!(
+        ids,
+        [1, 2].map(|i| format!("imap:inbox:INBOX:{validity}:{}", uids[i])),
+        "the unseen ones, as the watcher would publish them"
+    );
+    assert!(old.iter().all(|t| t.payload["size"].as_u64() > Some(0)));
+    let capped = imap
+        .unsettled(std::time::Duration::from_secs(1), 1)
+        .await
+        .expect("unsettled");
+    assert_eq!(capped.len(), 1);
+}

@@ -192,6 +192,14 @@ pub trait TaskQueue: Send + Sync {
         let _ = max;
         Box::pin(std::future::ready(Ok(None)))
     }
+
+    /// Whether the queue holds a task with this id (ready, in flight, scheduled or dead),
+    /// or still remembers it ([`Task::keep_id_after_ack`]); `None` when it cannot tell
+    /// (the default), and then a reconciliation sweep leaves the id alone.
+    fn holds<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<bool>, QueueError>> {
+        let _ = id;
+        Box::pin(std::future::ready(Ok(None)))
+    }
 }
 
 /// A snapshot of a queue's leases, retries and consumers ([`TaskQueue::inspect`]).

@@ -217,4 +217,17 @@ pub trait TaskSource: Send + Sync {
     fn release(&self, task: &Task, disposition: Disposition) {
         let _ = (task, disposition);
     }
+
+    /// The work this source still holds unfinished (unread mail, not marked failed) that
+    /// arrived at least `older_than` ago, at most `max` items, each as the task the source
+    /// publishes for it. A reconciliation sweep publishes again those no queue holds (work
+    /// whose task was lost). The default: none (a webhook or a schedule holds no work).
+    fn unsettled(
+        &self,
+        older_than: Duration,
+        max: usize,
+    ) -> BoxFuture<'_, Result<Vec<Task>, SourceError>> {
+        let _ = (older_than, max);
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 }

@@ -19,6 +19,7 @@ mod container;
 mod error;
 mod health;
 pub mod metrics;
+pub mod reconcile;
 mod retry;
 mod runtime;
 mod shutdown;
@@ -32,6 +33,7 @@ pub use container::ServiceContainer;
 pub use error::CoreError;
 pub use health::{HealthRegistry, HealthReport};
 pub use metrics::Metrics;
+pub use reconcile::{ReconcileConfig, Reconciler, SweepReport};
 pub use retry::RetryPolicy;
 pub use runtime::{
     Diagnostics, Finding, QueueFactory, ReloadReport, RuntimeBuilder, RuntimeManager, RuntimeState,

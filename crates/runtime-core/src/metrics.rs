@@ -169,6 +169,7 @@ pub struct Metrics {
     pub(crate) queue_lag: Family<NameLabel, Gauge>,
     pub(crate) ready: Gauge,
     pub(crate) readiness_checks: Family<NameLabel, Gauge>,
+    pub(crate) reconcile_republished: Family<NameLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -207,6 +208,7 @@ impl Metrics {
             queue_lag: Family::default(),
             ready: Gauge::default(),
             readiness_checks: Family::default(),
+            reconcile_republished: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -304,6 +306,11 @@ impl Metrics {
                 "readiness_check",
                 "1 when this readiness contributor is up, else 0",
                 m.readiness_checks.clone(),
+            );
+            r.register(
+                "reconcile_republished",
+                "Unfinished work found with no task in its queue and published again, by source",
+                m.reconcile_republished.clone(),
             );
             r.register(
                 "spans_exported",

@@ -696,3 +696,18 @@ pub async fn server_restarted_mid_run(
     assert_eq!(code, 0, "{stderr}");
     assert_exactly_once(ws, &expected).await;
 }
+
+/// A consumer of the `orders` queue on the Redis at `url` that the test drives by hand
+/// (one that takes a task and dies, or loses it).
+#[allow(dead_code)]
+pub fn ghost_consumer(url: &str, name: &str) -> runtime_adapters::queue::redis::RedisQueue {
+    runtime_adapters::queue::redis::RedisQueue::new(
+        "orders",
+        runtime_adapters::queue::redis::RedisQueueConfig {
+            url: url.to_owned(),
+            consumer: name.into(),
+            ..runtime_adapters::queue::redis::RedisQueueConfig::default()
+        },
+    )
+    .expect("queue")
+}

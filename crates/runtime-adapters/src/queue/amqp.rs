@@ -1090,6 +1090,13 @@ impl TaskQueue for AmqpQueue {
         })
     }
 
+    /// Only what this process published or saw die is known here: an id it does not know
+    /// may be on the broker from another process, so the answer is then "cannot tell".
+    fn holds<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<bool>, QueueError>> {
+        let known = lock(&self.known).contains_key(id);
+        Box::pin(std::future::ready(Ok(known.then_some(true))))
+    }
+
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
         Some(self)
     }

@@ -150,6 +150,11 @@ impl KnownIds {
     fn remove(&self, id: &TaskId) {
         self.shard(id).remove(id);
     }
+
+    fn contains(&self, id: &str) -> bool {
+        let id = TaskId::new(id);
+        self.shard(&id).contains(&id)
+    }
 }
 
 /// Ids of acknowledged tasks kept known (`keep_id_after_ack`), oldest first, with the time
@@ -448,6 +453,10 @@ impl TaskQueue for MemoryQueue {
             ..QueueStats::default()
         };
         Box::pin(std::future::ready(Ok(stats)))
+    }
+
+    fn holds<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<bool>, QueueError>> {
+        Box::pin(std::future::ready(Ok(Some(self.known.contains(id)))))
     }
 
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {

@@ -912,6 +912,20 @@ impl TaskQueue for RedisQueue {
         })
     }
 
+    /// The id's known key: set at publish, kept while the task is ready, in flight,
+    /// scheduled or dead (and after the ack for a task that keeps its id).
+    fn holds<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<bool>, QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(self.keys.known(id))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            Ok(Some(exists))
+        })
+    }
+
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
         Some(self)
     }

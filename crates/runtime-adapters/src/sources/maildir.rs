@@ -246,6 +246,21 @@ impl MaildirSource {
         Ok(None)
     }
 
+    /// The pointer task of a message.
+    fn task_for(&self, candidate: &Candidate) -> Result<Task, SourceError> {
+        let payload = serde_json::json!({"unique": candidate.unique, "size": candidate.size});
+        Task::new(
+            self.task_id(&candidate.unique),
+            std::sync::Arc::clone(&self.kind),
+            std::sync::Arc::clone(&self.shared_id),
+            payload,
+        )
+        .map_err(|e| SourceError::InvalidPointer {
+            source_id: self.id.clone(),
+            message: e.to_string(),
+        })
+    }
+
     async fn publish_new(&self, ctx: &SourceContext) -> Result<(), SourceError> {
         let candidates = self.scan()?;
         let mut chunk: Vec<(String, Task)> = Vec::with_capacity(PUBLISH_CHUNK);
@@ -260,17 +275,7 @@ impl MaildirSource {
             if !candidate.path.exists() {
                 continue;
             }
-            let payload = serde_json::json!({"unique": candidate.unique, "size": candidate.size});
-            let mut task = Task::new(
-                self.task_id(&candidate.unique),
-                std::sync::Arc::clone(&self.kind),
-                std::sync::Arc::clone(&self.shared_id),
-                payload,
-            )
-            .map_err(|e| SourceError::InvalidPointer {
-                source_id: self.id.clone(),
-                message: e.to_string(),
-            })?;
+            let mut task = self.task_for(&candidate)?;
             traces.push(ctx.tracer.start_trace(&mut task, "scan", &*ctx.queue));
             chunk.push((candidate.unique, task));
             if chunk.len() == PUBLISH_CHUNK {
@@ -421,6 +426,31 @@ impl TaskSource for MaildirSource {
                 self.lock().progress.pending.remove(&unique);
             }
         }
+    }
+
+    /// Unseen messages whose file was last changed at least `older_than` ago.
+    fn unsettled(
+        &self,
+        older_than: Duration,
+        max: usize,
+    ) -> BoxFuture<'_, Result<Vec<Task>, SourceError>> {
+        Box::pin(async move {
+            let now = std::time::SystemTime::now();
+            let mut tasks = Vec::new();
+            for candidate in self.scan()? {
+                if tasks.len() == max {
+                    break;
+                }
+                let age = std::fs::metadata(&candidate.path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok());
+                if age.is_some_and(|a| a >= older_than) {
+                    tasks.push(self.task_for(&candidate)?);
+                }
+            }
+            Ok(tasks)
+        })
     }
 }
 

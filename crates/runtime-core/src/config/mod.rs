@@ -262,7 +262,9 @@ impl ConfigurationManager {
     }
 
     fn unclaimed_keys(&self, root: &serde_json::Value) -> Vec<ConfigProblem> {
-        let mut known: BTreeSet<&str> = ["runtime", "pools", "telemetry"].into_iter().collect();
+        let mut known: BTreeSet<&str> = ["runtime", "pools", "telemetry", "reconcile"]
+            .into_iter()
+            .collect();
         let mut nested: BTreeSet<(&str, &str)> = BTreeSet::new();
         for (key, _) in &self.validators {
             match key.split_once('.') {

@@ -132,6 +132,8 @@ pub struct PlatformConfig {
     pub pools: BTreeMap<String, PoolConfig>,
     /// `[telemetry]`.
     pub telemetry: TelemetryConfig,
+    /// `[reconcile]`: the reconciliation sweep, when configured.
+    pub reconcile: Option<crate::reconcile::ReconcileConfig>,
 }
 
 impl PlatformConfig {
@@ -158,6 +160,15 @@ impl PlatformConfig {
                 }
             },
         };
+        let reconcile = root.get("reconcile").and_then(|v| {
+            let (cfg, parse_problems) =
+                parse_section_with_unknown::<crate::reconcile::ReconcileConfig>(v, "reconcile");
+            problems.extend(parse_problems);
+            if let Some(cfg) = &cfg {
+                problems.extend(cfg.problems(root));
+            }
+            cfg
+        });
         let mut pools = BTreeMap::new();
         match root.get("pools") {
             None => {}
@@ -200,6 +211,7 @@ impl PlatformConfig {
                     runtime,
                     pools,
                     telemetry,
+                    reconcile,
                 }),
                 problems,
             ),

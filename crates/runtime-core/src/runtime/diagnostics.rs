@@ -26,7 +26,7 @@ pub struct Diagnostics {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     /// `stuck_lease`, `idle_consumer`, `poison_candidate`, `source_without_progress`,
-    /// `source_paused` or `dead_letters`.
+    /// `source_paused`, `dead_letters`, `queue_unavailable` or `stranded_work`.
     pub kind: String,
     /// The queue or source concerned.
     pub subject: String,
@@ -100,6 +100,20 @@ impl RuntimeManager {
                         ),
                     ));
                 }
+            }
+        }
+        if let Some(sweep) = self.reconciler.as_ref().and_then(|r| r.last()) {
+            for source in sweep.sources.iter().filter(|s| !s.republished.is_empty()) {
+                out.findings.push(Finding::new(
+                    "stranded_work",
+                    &source.source,
+                    source.republished.first().cloned(),
+                    format!(
+                        "the last reconciliation sweep found {} unfinished items with no task in the queue and published them again",
+                        source.republished.len()
+                    ),
+                    "work was lost between the source and the queue: check whether the queue's server lost data (a Redis without persistence restarted) or a consumer acknowledged without completing".into(),
+                ));
             }
         }
         let bound = platform.runtime.source_progress_bound_ms;

@@ -15,6 +15,7 @@ use crate::container::ServiceContainer;
 use crate::error::CoreError;
 use crate::health::HealthRegistry;
 use crate::metrics::Metrics;
+use crate::reconcile::Reconciler;
 use crate::shutdown::TokenSignal;
 use crate::supervisor::{PoolSpec, PoolStatus, WorkerSupervisor};
 use crate::telemetry::Telemetry;
@@ -273,6 +274,35 @@ impl RuntimeBuilder {
                     None => problems.push(format!("pool {pool} has no queue")),
                 }
             }
+        }
+        let metrics = Arc::new(Metrics::with_span_counters(self.telemetry.counters()));
+        let reconciler = self.config.platform().reconcile.map(|cfg| {
+            let targets = self
+                .sources
+                .iter()
+                .filter(|(s, _)| cfg.sources.is_empty() || cfg.sources.iter().any(|n| n == s.id()))
+                .filter_map(|(source, pool)| {
+                    self.queues.get(pool).map(|queue| crate::reconcile::Target {
+                        source: Arc::clone(source),
+                        queue: Arc::clone(queue),
+                    })
+                })
+                .collect();
+            let reconciler = Arc::new(Reconciler::new(cfg.clone(), targets, Arc::clone(&metrics)));
+            // Its tasks come from a schedule source in whichever pool it publishes to.
+            for pool in pools.keys() {
+                handlers
+                    .entry(pool.clone())
+                    .or_default()
+                    .entry(cfg.kind.clone())
+                    .or_insert_with(|| Arc::clone(&reconciler) as Arc<dyn TaskHandler>);
+            }
+            health.register(Arc::new(crate::reconcile::ReconcileHealth(Arc::clone(
+                &reconciler,
+            ))));
+            reconciler
+        });
+        for pool in pools.keys() {
             if !handlers.contains_key(pool) {
                 problems.push(format!("pool {pool} has no handler"));
             }
@@ -296,8 +326,8 @@ impl RuntimeBuilder {
         if !problems.is_empty() {
             return Err(CoreError::Composition(problems.join("; ")));
         }
-        let metrics = Arc::new(Metrics::with_span_counters(self.telemetry.counters()));
         Ok(RuntimeManager {
+            reconciler,
             telemetry: self.telemetry,
             config: self.config,
             pools,
@@ -342,6 +372,7 @@ pub struct RuntimeManager {
     source_tasks: TaskTracker,
     source_ended: Arc<Mutex<HashMap<String, Option<String>>>>,
     state: Mutex<RuntimeState>,
+    reconciler: Option<Arc<Reconciler>>,
 }
 
 impl std::fmt::Debug for RuntimeManager {
@@ -480,6 +511,11 @@ impl RuntimeManager {
             last_error: status.last_error,
             next_due: status.next_due,
         }
+    }
+
+    /// The reconciliation sweep, when `[reconcile]` is configured.
+    pub fn reconciler(&self) -> Option<&Arc<Reconciler>> {
+        self.reconciler.as_ref()
     }
 
     /// Stops a source from fetching more work (what it published goes on); false for an

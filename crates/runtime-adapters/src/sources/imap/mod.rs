@@ -424,13 +424,7 @@ impl ImapSource {
         // Taken before SELECT: only a search that began after a completion can show that
         // completion's `\Seen`.
         let searched_at = Instant::now();
-        let selected = session
-            .select(mailbox)
-            .await
-            .map_err(|e| format!("SELECT {mailbox}: {e}"))?;
-        let uid_validity = selected
-            .uid_validity
-            .ok_or_else(|| format!("SELECT {mailbox}: no UIDVALIDITY"))?;
+        let (uid_validity, _) = select(session, mailbox).await?;
         {
             let mut inner = self.lock();
             let previous = inner.validity.insert(mailbox.to_owned(), uid_validity);
@@ -515,21 +509,8 @@ impl ImapSource {
                     uid_validity,
                     uid,
                 };
-                let id = self.task_id(&pointer);
-                let payload = serde_json::json!({
-                    "account": self.account,
-                    "mailbox": pointer.mailbox,
-                    "uid_validity": pointer.uid_validity,
-                    "uid": pointer.uid,
-                    "size": size,
-                });
-                let mut task = Task::new(
-                    id.clone(),
-                    Arc::clone(&self.kind),
-                    Arc::clone(&self.shared_id),
-                    payload,
-                )
-                .map_err(|e| e.to_string())?;
+                let mut task = self.task_for(&pointer, *size)?;
+                let id = task.id.to_string();
                 traces.push(ctx.tracer.start_trace(&mut task, trigger, &*ctx.queue));
                 chunk.push((id, task));
             }
@@ -540,6 +521,79 @@ impl ImapSource {
             }
         }
         Ok(Some(fresh.len()))
+    }
+
+    /// The pointer task of a message.
+    fn task_for(&self, pointer: &Pointer, size: u32) -> Result<Task, String> {
+        let payload = serde_json::json!({
+            "account": self.account,
+            "mailbox": pointer.mailbox,
+            "uid_validity": pointer.uid_validity,
+            "uid": pointer.uid,
+            "size": size,
+        });
+        Task::new(
+            self.task_id(pointer),
+            Arc::clone(&self.kind),
+            Arc::clone(&self.shared_id),
+            payload,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// [`TaskSource::unsettled`] on one session: each mailbox searched for unseen
+    /// messages not marked failed whose INTERNALDATE is at least `older_than` ago
+    /// (`OLDER`, RFC 5032).
+    async fn unsettled_in(
+        &self,
+        pooled: &mut Pooled,
+        older_than: Duration,
+        max: usize,
+    ) -> Result<Vec<Task>, String> {
+        let mut tasks = Vec::new();
+        for mailbox in &self.config.mailboxes {
+            let (uid_validity, uid_next) = select(&mut pooled.session, mailbox).await?;
+            pooled.selected = Some((mailbox.clone(), uid_validity, uid_next));
+            let query = format!(
+                "{} NOT KEYWORD {} OLDER {}",
+                self.config.search,
+                self.config.failed_keyword,
+                older_than.as_secs().max(1)
+            );
+            let uids: BTreeSet<u32> = pooled
+                .session
+                .uid_search(&query)
+                .await
+                .map_err(|e| format!("UID SEARCH {query}: {e}"))?
+                .into_iter()
+                .collect();
+            let uids: Vec<u32> = uids.into_iter().take(max - tasks.len()).collect();
+            for chunk in uids.chunks(self.config.batch_size) {
+                let set = uid_set(chunk);
+                let sizes: Vec<(u32, u32)> = read_fetches(
+                    pooled
+                        .session
+                        .uid_fetch(&set, "RFC822.SIZE")
+                        .await
+                        .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?,
+                    |f| Some((f.uid?, f.size?)),
+                )
+                .await
+                .map_err(|e| format!("UID FETCH {set} RFC822.SIZE: {e}"))?;
+                for (uid, size) in sizes {
+                    let pointer = Pointer {
+                        mailbox: mailbox.clone(),
+                        uid_validity,
+                        uid,
+                    };
+                    tasks.push(self.task_for(&pointer, size)?);
+                }
+            }
+            if tasks.len() >= max {
+                break;
+            }
+        }
+        Ok(tasks)
     }
 
     async fn publish(
@@ -1042,6 +1096,25 @@ impl TaskSource for ImapSource {
         })
     }
 
+    fn unsettled(
+        &self,
+        older_than: Duration,
+        max: usize,
+    ) -> BoxFuture<'_, Result<Vec<Task>, SourceError>> {
+        Box::pin(async move {
+            let (pooled, permit) = self.pool.checkout().await;
+            let mut pooled = match pooled {
+                Some(p) => p,
+                None => Pooled {
+                    session: self.login().await.map_err(|e| self.io(e.to_string()))?,
+                    selected: None,
+                },
+            };
+            let result = self.unsettled_in(&mut pooled, older_than, max).await;
+            self.checkin(pooled, permit, result)
+        })
+    }
+
     fn release(&self, task: &Task, disposition: Disposition) {
         match disposition {
             // Stays pending (never published again by this process) and gets the keyword
@@ -1056,6 +1129,18 @@ impl TaskSource for ImapSource {
             }
         }
     }
+}
+
+/// Selects `mailbox`: its UIDVALIDITY and UIDNEXT (`u32::MAX` when the server gives none).
+async fn select(session: &mut ImapSession, mailbox: &str) -> Result<(u32, u32), String> {
+    let selected = session
+        .select(mailbox)
+        .await
+        .map_err(|e| format!("SELECT {mailbox}: {e}"))?;
+    let uid_validity = selected
+        .uid_validity
+        .ok_or_else(|| format!("SELECT {mailbox}: no UIDVALIDITY"))?;
+    Ok((uid_validity, selected.uid_next.unwrap_or(u32::MAX)))
 }
 
 async fn fetch_body(session: &mut ImapSession, uid: &str) -> Result<Fetched, String> {

@@ -1,0 +1,134 @@
+//! The reconciliation sweep on a real Redis: a mail whose task was lost (a consumer
+//! acknowledged it without completing it) stays unread and pending at its source, which
+//! never publishes it again on its own; the scheduled sweep finds it, publishes it again,
+//! and reports it in the metrics and the diagnostics.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{order_mail, unseen, wait_for, FaultyBot, Workspace};
+use mail_order_bot::compose::{build_runtime, load_config};
+use plba_testkit::RedisServer;
+use runtime_contracts::TaskQueue;
+
+const SWEEP: &str = r#"
+[pools.sweeps]
+workers = 1
+handler_timeout_ms = 5000
+
+[sources.sweep]
+type = "schedule"
+cron = "* * * * * *"
+time_zone = "Asia/Tokyo"
+pool = "sweeps"
+kind = "plba.reconcile"
+
+[reconcile]
+older_than_secs = 1
+sources = ["inbox"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_whose_task_was_lost_is_found_by_the_sweep_and_published_again() {
+    let redis = RedisServer::start(false);
+    let ws = Workspace::new();
+    // The orders pool has no workers here: what reaches its queue stays there, so the test
+    // can play the consumer that loses a task.
+    let path = ws.config_redis(&redis.url(), 0, 60_000, SWEEP);
+    ws.deliver(
+        "1700000000.lost1.host",
+        &order_mail("lost-1", "purchasing@acme.example", &[("SKU-5", 3)]),
+    );
+    let manager = Arc::new(load_config(Some(&path), Some(HashMap::new())).expect("config"));
+    let mut runtime = build_runtime(Arc::clone(&manager), FaultyBot::module(), None)
+        .await
+        .expect("runtime");
+    runtime.start().expect("start");
+    let reconciler = Arc::clone(runtime.reconciler().expect("[reconcile] is configured"));
+
+    let ghost = common::ghost_consumer(&redis.url(), "ghost-1");
+    let id = "maildir:inbox:1700000000.lost1.host";
+    // While the task is in the queue, a sweep finds the mail unfinished but held.
+    wait_for(
+        Duration::from_secs(30),
+        "a sweep that sees the task held",
+        || {
+            let last = reconciler.last();
+            async move {
+                last.is_some_and(|r| {
+                    r.sources
+                        .iter()
+                        .any(|s| s.held == 1 && s.republished.is_empty())
+                })
+            }
+        },
+    )
+    .await;
+    // The loss: a consumer takes the task and acknowledges it without completing it.
+    let lease = ghost
+        .consume(Duration::from_secs(10))
+        .await
+        .expect("consume")
+        .expect("the mail's task");
+    assert_eq!(lease.task.id.as_str(), id);
+    ghost.ack(&lease).await.expect("ack");
+    assert_eq!(ghost.holds(id).await.expect("holds"), Some(false));
+
+    wait_for(
+        Duration::from_secs(30),
+        "the sweep publishing it again",
+        || {
+            let last = reconciler.last();
+            async move {
+                last.is_some_and(|r| r.sources.iter().any(|s| s.republished == [id.to_owned()]))
+            }
+        },
+    )
+    .await;
+    assert_eq!(ghost.holds(id).await.expect("holds"), Some(true));
+    let again = ghost
+        .consume(Duration::from_secs(10))
+        .await
+        .expect("consume")
+        .expect("the task is back");
+    assert_eq!(again.task.id.as_str(), id);
+    assert_eq!(
+        unseen(&ws),
+        1,
+        "the mail is still unread: nothing completed it"
+    );
+
+    let metrics = runtime.metrics_text().await;
+    assert!(
+        metrics.contains("plba_reconcile_republished_total{name=\"inbox\"} 1"),
+        "{metrics}"
+    );
+    let findings = runtime.diagnostics().await.findings;
+    let stranded = findings
+        .iter()
+        .find(|f| f.kind == "stranded_work")
+        .unwrap_or_else(|| panic!("a stranded_work finding: {findings:?}"));
+    assert_eq!(stranded.subject, "inbox");
+    assert_eq!(stranded.task.as_deref(), Some(id));
+    // While the task is held again, later sweeps publish nothing more.
+    let before = reconciler.last().map(|r| r.at_unix_ms);
+    wait_for(Duration::from_secs(30), "a later sweep", || {
+        let last = reconciler.last();
+        async move { last.map(|r| r.at_unix_ms) > before }
+    })
+    .await;
+    assert_eq!(reconciler.last().map(|r| r.republished()), Some(0));
+    let status = runtime.status().await;
+    assert!(
+        status.sources["sweep"]
+            .next_due
+            .as_deref()
+            .is_some_and(|n| n.ends_with("+09:00")),
+        "/status shows the next slot in the schedule's zone: {:?}",
+        status.sources["sweep"]
+    );
+    runtime.shutdown().await;
+}

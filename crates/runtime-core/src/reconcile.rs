@@ -1,0 +1,307 @@
+//! The reconciliation sweep (`[reconcile]`): work a source still holds unfinished (unread
+//! mail) for longer than a bound, whose task no queue holds, was lost between the source
+//! and the queue (a queue that lost its data, a task acknowledged without its completion).
+//! The sweep reports it (log, `plba_reconcile_republished_total`, a `stranded_work`
+//! diagnostic) and publishes it again.
+//!
+//! A schedule source publishes tasks of kind `plba.reconcile` (the `kind` here) into a
+//! pool; the runtime registers the sweep as their handler on every pool. A queue that
+//! cannot tell whether it holds an id (`holds` answers `None`) is left alone. A message
+//! with a recorded outcome but no `\Seen` (a crash between the two) is published again too:
+//! its handler finds the outcome and only completes it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use runtime_contracts::{
+    BoxFuture, ConfigProblem, HandlerContext, HandlerError, HealthContributor, HealthStatus,
+    Outcome, Probe, PublishResult, Task, TaskHandler, TaskQueue, TaskSource,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{Metrics, NameLabel};
+
+/// `[reconcile]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReconcileConfig {
+    /// The task kind the sweep handles (what the schedule source publishes).
+    pub kind: String,
+    /// Work younger than this (s) is left to its source: it may simply not be published yet.
+    pub older_than_secs: u64,
+    /// Most unfinished items looked at per source and sweep.
+    pub max_per_source: usize,
+    /// The sources swept; every source when empty.
+    pub sources: Vec<String>,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            kind: RECONCILE_KIND.into(),
+            older_than_secs: 900,
+            max_per_source: 1000,
+            sources: Vec::new(),
+        }
+    }
+}
+
+/// The default kind of sweep tasks.
+pub const RECONCILE_KIND: &str = "plba.reconcile";
+
+impl ReconcileConfig {
+    /// Problems with these values; `sources` must name configured sources.
+    pub fn problems(&self, root: &serde_json::Value) -> Vec<ConfigProblem> {
+        let mut problems = runtime_contracts::config::require_positive(
+            "reconcile",
+            &[
+                ("older_than_secs", self.older_than_secs),
+                ("max_per_source", self.max_per_source as u64),
+            ],
+        );
+        if self.kind.is_empty() {
+            problems.push(ConfigProblem::new("reconcile.kind", "must not be empty"));
+        }
+        let configured = root.get("sources").and_then(serde_json::Value::as_object);
+        for id in &self.sources {
+            if !configured.is_some_and(|s| s.contains_key(id)) {
+                problems.push(ConfigProblem::new(
+                    "reconcile.sources",
+                    format!("{id:?} is not a configured source"),
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// What one sweep found for one source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceSweep {
+    /// The source.
+    pub source: String,
+    /// Unfinished items older than the bound.
+    pub unsettled: usize,
+    /// Of those, held by the queue (pending, running, waiting for a retry or dead).
+    pub held: usize,
+    /// Of those, whose queue could not tell.
+    pub unknown: usize,
+    /// Task ids with no task in the queue, published again.
+    pub republished: Vec<String>,
+    /// Why the source could not be swept, if it could not.
+    pub error: Option<String>,
+}
+
+/// The last sweep.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepReport {
+    /// When it ran, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// Per source.
+    pub sources: Vec<SourceSweep>,
+}
+
+impl SweepReport {
+    /// Ids published again, over all sources.
+    pub fn republished(&self) -> usize {
+        self.sources.iter().map(|s| s.republished.len()).sum()
+    }
+
+    /// The sources that could not be swept, with why.
+    pub fn failures(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.source)))
+            .collect()
+    }
+}
+
+/// One swept source: the source and the queue of its pool.
+pub(crate) struct Target {
+    pub(crate) source: Arc<dyn TaskSource>,
+    pub(crate) queue: Arc<dyn TaskQueue>,
+}
+
+/// The sweep; handler of the sweep tasks and health contributor. See the module docs.
+pub struct Reconciler {
+    config: ReconcileConfig,
+    targets: Vec<Target>,
+    metrics: Arc<Metrics>,
+    last: Mutex<Option<SweepReport>>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("config", &self.config)
+            .field(
+                "targets",
+                &self
+                    .targets
+                    .iter()
+                    .map(|t| t.source.id())
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Ids named in a log line at most.
+const LOGGED_IDS: usize = 5;
+
+impl Reconciler {
+    pub(crate) fn new(
+        config: ReconcileConfig,
+        targets: Vec<Target>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            config,
+            targets,
+            metrics,
+            last: Mutex::default(),
+        }
+    }
+
+    /// The last sweep, if one ran.
+    pub fn last(&self) -> Option<SweepReport> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sweeps every target once.
+    pub async fn sweep(&self) -> SweepReport {
+        let older_than = Duration::from_secs(self.config.older_than_secs);
+        let mut report = SweepReport {
+            at_unix_ms: crate::now_unix_ms(),
+            sources: Vec::new(),
+        };
+        for target in &self.targets {
+            let id = target.source.id().to_owned();
+            let swept = self.sweep_one(target, older_than).await;
+            let swept = swept.unwrap_or_else(|error| SourceSweep {
+                source: id.clone(),
+                error: Some(error),
+                ..SourceSweep::default()
+            });
+            if let Some(error) = &swept.error {
+                tracing::warn!(source = %id, %error, "reconciliation sweep failed");
+            } else if !swept.republished.is_empty() {
+                self.metrics
+                    .reconcile_republished
+                    .get_or_create(&NameLabel { name: id.clone() })
+                    .inc_by(swept.republished.len() as u64);
+                tracing::warn!(
+                    source = %id,
+                    republished = swept.republished.len(),
+                    older_than_secs = self.config.older_than_secs,
+                    first = ?&swept.republished[..swept.republished.len().min(LOGGED_IDS)],
+                    "unfinished work without a task in the queue: published again"
+                );
+            } else {
+                tracing::debug!(source = %id, unsettled = swept.unsettled, "reconciliation sweep found nothing lost");
+            }
+            report.sources.push(swept);
+        }
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        report
+    }
+
+    async fn sweep_one(
+        &self,
+        target: &Target,
+        older_than: Duration,
+    ) -> Result<SourceSweep, String> {
+        let unsettled = target
+            .source
+            .unsettled(older_than, self.config.max_per_source)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut swept = SourceSweep {
+            source: target.source.id().to_owned(),
+            unsettled: unsettled.len(),
+            ..SourceSweep::default()
+        };
+        let mut lost: Vec<Task> = Vec::new();
+        for task in unsettled {
+            match target.queue.holds(task.id.as_str()).await {
+                Ok(Some(true)) => swept.held += 1,
+                Ok(Some(false)) => lost.push(task),
+                Ok(None) => swept.unknown += 1,
+                Err(e) => return Err(format!("asking the queue: {e}")),
+            }
+        }
+        if lost.is_empty() {
+            return Ok(swept);
+        }
+        let ids: Vec<String> = lost.iter().map(|t| t.id.to_string()).collect();
+        let results = target
+            .queue
+            .publish_batch(lost)
+            .await
+            .map_err(|e| format!("publishing again: {e}"))?;
+        // An id the source or another replica published since the check is not counted.
+        swept.republished = ids
+            .into_iter()
+            .zip(results)
+            .filter(|(_, r)| *r == PublishResult::Enqueued)
+            .map(|(id, _)| id)
+            .collect();
+        Ok(swept)
+    }
+}
+
+impl TaskHandler for Reconciler {
+    fn handle<'a>(
+        &'a self,
+        _task: &'a Task,
+        _ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        Box::pin(async move {
+            let report = self.sweep().await;
+            let detail = report
+                .sources
+                .iter()
+                .map(|s| match &s.error {
+                    Some(e) => format!("{}: failed: {e}", s.source),
+                    None => format!(
+                        "{}: {} unfinished, {} published again",
+                        s.source,
+                        s.unsettled,
+                        s.republished.len()
+                    ),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            // A failed sweep is not retried: the next slot sweeps again, and readiness
+            // says why this one failed.
+            let kind = if report.failures().is_empty() {
+                "reconciled"
+            } else {
+                "reconcile_failed"
+            };
+            Ok(Outcome::new(kind).with_detail(detail))
+        })
+    }
+}
+
+/// Readiness: down while the last sweep could not look at a source.
+pub(crate) struct ReconcileHealth(pub(crate) Arc<Reconciler>);
+
+impl HealthContributor for ReconcileHealth {
+    fn name(&self) -> &str {
+        "reconcile"
+    }
+
+    fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
+        let failures = self.0.last().map(|r| r.failures()).unwrap_or_default();
+        Box::pin(std::future::ready(match probe {
+            Probe::Readiness if !failures.is_empty() => HealthStatus::Down {
+                reason: format!(
+                    "the last reconciliation sweep failed: {}",
+                    failures.join("; ")
+                ),
+            },
+            _ => HealthStatus::Up,
+        }))
+    }
+}
