@@ -1,4 +1,5 @@
-//! The command line: `run`, `check-config`, `diagnose`, `orders list`, `outcomes list`.
+//! The command line: `run`, `check-config`, `diagnose`, `config get|set|unset|list`,
+//! `orders list`, `outcomes list`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +9,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use runtime_core::{ConfigReport, RuntimeManager};
 
-use crate::compose::{build_traced_runtime, control_config, load_config};
+use crate::compose::{
+    build_traced_runtime, config_store_config, control_config, load_config, load_layered_config,
+    watch_config_store, LayeredError,
+};
 use crate::domain::store::{OrderStore, StoredOrder, StoredOutcome};
 use crate::module::{BotConfig, MailOrderModule, SECTION};
 use runtime_adapters::control::ControlServer;
@@ -57,6 +61,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Read and change the configuration overrides kept in the database that
+    /// `[config_store]` names (merged over the file, under the environment).
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Read the orders in the store.
     Orders {
         /// What to do with them.
@@ -82,6 +93,44 @@ pub enum ListAction {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+    },
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print the value in force at a dotted key (file, database and environment merged).
+    Get {
+        /// The dotted key, e.g. `pools.orders.workers`.
+        key: String,
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Set a key in the database, after validating the whole configuration with it.
+    Set {
+        /// The dotted key, e.g. `pools.orders.workers`.
+        key: String,
+        /// A TOML value: `8`, `true`, `"text"`, `["a", "b"]`.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Remove a key from the database, after validating the configuration without it.
+    Unset {
+        /// The dotted key.
+        key: String,
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// List the keys set in the database.
+    List {
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -113,6 +162,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             url,
             format,
         } => diagnose(config, url, format).await,
+        Command::Config { action } => config_command(action).await,
         Command::Orders {
             action: ListAction::List { config, format },
         } => {
@@ -221,10 +271,107 @@ async fn open_store(config: Option<PathBuf>) -> anyhow::Result<OrderStore> {
         .with_context(|| format!("opening the order store {}", bot.store_url))
 }
 
-async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
-    let manager = match config_or_exit(config.as_deref()) {
-        Ok(m) => Arc::new(m),
+/// `config get|set|unset|list`.
+async fn config_command(action: ConfigAction) -> anyhow::Result<u8> {
+    if let ConfigAction::Get { key, config } = &action {
+        let (manager, _) = match load_layered_config(config.as_deref(), None).await {
+            Ok(loaded) => loaded,
+            Err(e) => return layered_failure(&e),
+        };
+        return Ok(match runtime_core::config::lookup(&manager.root(), key) {
+            Some(value) => {
+                println!("{value}");
+                0
+            }
+            None => {
+                eprintln!("{key} is not set");
+                1
+            }
+        });
+    }
+    let path = match &action {
+        ConfigAction::Set { config, .. }
+        | ConfigAction::Unset { config, .. }
+        | ConfigAction::List { config } => config.clone(),
+        ConfigAction::Get { .. } => None,
+    };
+    let manager = match config_or_exit(path.as_deref()) {
+        Ok(m) => m,
         Err(code) => return Ok(code),
+    };
+    let Some(section) = runtime_core::config::lookup(&manager.root(), "config_store").cloned()
+    else {
+        eprintln!(
+            "no [config_store] in {}: the configuration has no database overrides",
+            manager.origin()
+        );
+        return Ok(EXIT_CONFIG);
+    };
+    let cfg = config_store_config(&section).map_err(|p| {
+        anyhow::anyhow!(
+            "invalid [config_store]: {}",
+            p.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    let store = runtime_adapters::config_store::SqlConfigStore::open(&cfg).await?;
+    let mut overrides = store.read().await?;
+    match action {
+        ConfigAction::List { .. } => {
+            for row in store.list().await? {
+                println!("{} = {}    (version {})", row.key, row.value, row.version);
+            }
+            Ok(0)
+        }
+        ConfigAction::Set { key, value, .. } => {
+            overrides.entries.retain(|(k, _)| *k != key);
+            overrides.entries.push((key.clone(), value.clone()));
+            if let Err(report) = manager.check_with(Some(&overrides)) {
+                eprintln!("{report}\nnothing was written");
+                return Ok(EXIT_CONFIG);
+            }
+            store.set(&key, &value).await?;
+            println!(
+                "{key} = {value} (in {}; running bots reload it)",
+                store.name()
+            );
+            Ok(0)
+        }
+        ConfigAction::Unset { key, .. } => {
+            overrides.entries.retain(|(k, _)| *k != key);
+            if let Err(report) = manager.check_with(Some(&overrides)) {
+                eprintln!("{report}\nnothing was removed");
+                return Ok(EXIT_CONFIG);
+            }
+            if store.unset(&key).await? {
+                println!("{key} removed from {}", store.name());
+                Ok(0)
+            } else {
+                eprintln!("{key} is not set in {}", store.name());
+                Ok(1)
+            }
+        }
+        ConfigAction::Get { .. } => Ok(0),
+    }
+}
+
+/// Prints why the layered configuration could not be loaded; the exit code.
+fn layered_failure(e: &LayeredError) -> anyhow::Result<u8> {
+    match e {
+        LayeredError::Config(report) => {
+            eprintln!("{report}");
+            Ok(EXIT_CONFIG)
+        }
+        LayeredError::Store(message) => Err(anyhow::anyhow!("{message}")),
+    }
+}
+
+async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
+    let (manager, config_store) = match load_layered_config(config.as_deref(), None).await {
+        Ok((m, store)) => (Arc::new(m), store),
+        Err(e) => return layered_failure(&e),
     };
     let platform = manager.platform();
     let (logs, telemetry) = runtime_core::install_subscriber_with(
@@ -248,8 +395,12 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
     let before = store.last_order_id().await?;
     runtime.start()?;
     let runtime = Arc::new(runtime);
+    let watcher = config_store.map(|store| watch_config_store(&runtime, store));
     let control = start_control(&manager, &runtime).await?;
     let interrupted = wait(&runtime, once).await?;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     let report = runtime.shutdown().await;
     if let Some(control) = control {
         control.stop().await;

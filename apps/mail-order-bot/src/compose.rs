@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use runtime_adapters::config_store::{ConfigStoreConfig, SqlConfigStore};
 use runtime_adapters::control::ControlConfig;
 use runtime_adapters::queue::amqp::{AmqpHealth, AmqpQueue, AmqpQueueConfig};
 use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
@@ -343,18 +344,127 @@ pub fn load_config(
     path: Option<&Path>,
     env: Option<HashMap<String, String>>,
 ) -> Result<ConfigurationManager, ConfigReport> {
+    config_builder(env).load(origin(path))
+}
+
+/// The bot's claims and checks, for every way of loading its configuration.
+fn config_builder(env: Option<HashMap<String, String>>) -> runtime_core::config::ConfigBuilder {
     let module = MailOrderModule;
     let mut builder = ConfigurationManager::builder()
         .claim("queue", |_| Vec::new())
         .claim("sources", check_sources)
         .claim("control", |v| control_config(v).err().unwrap_or_default())
+        .claim("config_store", |v| {
+            v.map(|v| config_store_config(v).err().unwrap_or_default())
+                .unwrap_or_default()
+        })
         .claim(SECTION, move |v| module.validate_config(v))
         .cross_check(cross_check)
         .cross_check(|root| queue_config(root).err().unwrap_or_default());
     if let Some(env) = env {
         builder = builder.env(env);
     }
-    builder.load(origin(path))
+    builder
+}
+
+/// The configuration store's settings (`[config_store]`), checked.
+pub fn config_store_config(
+    section: &serde_json::Value,
+) -> Result<ConfigStoreConfig, Vec<ConfigProblem>> {
+    checked(section, "config_store", ConfigStoreConfig::problems)
+}
+
+/// Why the layered configuration could not be loaded.
+#[derive(Debug)]
+pub enum LayeredError {
+    /// The file, the database overrides or the environment has problems.
+    Config(ConfigReport),
+    /// The configuration store could not be read.
+    Store(String),
+}
+
+impl std::fmt::Display for LayeredError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Config(report) => report.fmt(f),
+            Self::Store(message) => f.write_str(message),
+        }
+    }
+}
+
+/// The configuration merged from the file, the database named by its `[config_store]`
+/// (when there is one) and the environment, validated as a whole; and the store, for the
+/// watcher. The file with the environment must be valid on its own.
+pub async fn load_layered_config(
+    path: Option<&Path>,
+    env: Option<HashMap<String, String>>,
+) -> Result<(ConfigurationManager, Option<Arc<SqlConfigStore>>), LayeredError> {
+    let manager = load_config(path, env.clone()).map_err(LayeredError::Config)?;
+    let Some(section) = lookup(&manager.root(), "config_store").cloned() else {
+        return Ok((manager, None));
+    };
+    let cfg = config_store_config(&section).map_err(|problems| {
+        LayeredError::Config(ConfigReport {
+            origin: manager.origin().to_string(),
+            problems,
+        })
+    })?;
+    let store = SqlConfigStore::open(&cfg)
+        .await
+        .map_err(|e| LayeredError::Store(e.to_string()))?;
+    let overrides = store
+        .read()
+        .await
+        .map_err(|e| LayeredError::Store(e.to_string()))?;
+    let layered = config_builder(env)
+        .overrides(overrides)
+        .load(origin(path))
+        .map_err(LayeredError::Config)?;
+    Ok((layered, Some(Arc::new(store))))
+}
+
+/// Reloads the configuration whenever the store's table changes, until the runtime is
+/// dropped. A change that does not validate is refused as a whole (the runtime reports
+/// it); a store that cannot be read is retried at the next poll.
+pub fn watch_config_store(
+    runtime: &Arc<RuntimeManager>,
+    store: Arc<SqlConfigStore>,
+) -> tokio::task::JoinHandle<()> {
+    let runtime = Arc::downgrade(runtime);
+    tokio::spawn(async move {
+        let mut seen = runtime
+            .upgrade()
+            .and_then(|r| r.config().overrides())
+            .map(|o| o.version);
+        loop {
+            tokio::time::sleep(store.poll_interval()).await;
+            let Some(runtime) = runtime.upgrade() else {
+                return;
+            };
+            let version = match store.version().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "configuration store not readable; the configuration in force stays");
+                    continue;
+                }
+            };
+            if seen.as_deref() == Some(version.as_str()) {
+                continue;
+            }
+            match store.read().await {
+                Ok(overrides) => {
+                    seen = Some(version);
+                    // A refused change is reported by the runtime (log, metric, /status).
+                    if let Ok(report) = runtime.reload_with(Some(overrides)) {
+                        tracing::info!(?report, "configuration store changed: reloaded");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "configuration store not readable; the configuration in force stays")
+                }
+            }
+        }
+    })
 }
 
 /// Copies the bundled samples into `maildir`, skipping any already there. Returns how many

@@ -10,11 +10,14 @@
 //! | `source-imap` | [`sources::imap`] | an IMAP mailbox, polled or watched with IDLE |
 //! | `source-webhook` | [`sources::webhook`] | deliveries POSTed by providers (Standard Webhooks, Pub/Sub, Graph) |
 //! | `source-schedule` | [`sources::schedule`] | one task per slot of a cron expression in a time zone |
+//! | `config-sql` | [`config_store`] | configuration overrides in an SQLite or PostgreSQL table |
 //! | `control-http` | `control` | the operators' HTTP control plane (axum) |
 //!
 //! What it is not for: business logic, lifecycle and retry policy (see `runtime-core`).
 #![warn(missing_docs)]
 
+#[cfg(feature = "config-sql")]
+pub mod config_store;
 #[cfg(feature = "control-http")]
 pub mod control;
 pub mod queue;

@@ -28,7 +28,9 @@ pub mod telemetry;
 mod trace;
 
 pub use config::LogFormat;
-pub use config::{ConfigOrigin, ConfigReport, ConfigurationManager, PlatformConfig, PoolConfig};
+pub use config::{
+    ConfigOrigin, ConfigReport, ConfigurationManager, Overrides, PlatformConfig, PoolConfig,
+};
 pub use container::ServiceContainer;
 pub use error::CoreError;
 pub use health::{HealthRegistry, HealthReport};
@@ -36,8 +38,8 @@ pub use metrics::Metrics;
 pub use reconcile::{ReconcileConfig, Reconciler, SweepReport};
 pub use retry::RetryPolicy;
 pub use runtime::{
-    Diagnostics, Finding, QueueFactory, ReloadReport, RuntimeBuilder, RuntimeManager, RuntimeState,
-    RuntimeStatus, ShutdownReport, SourceReport,
+    ConfigStatus, Diagnostics, Finding, QueueFactory, RejectedChange, ReloadReport, RuntimeBuilder,
+    RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport, SourceReport,
 };
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};

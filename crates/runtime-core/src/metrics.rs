@@ -170,6 +170,7 @@ pub struct Metrics {
     pub(crate) ready: Gauge,
     pub(crate) readiness_checks: Family<NameLabel, Gauge>,
     pub(crate) reconcile_republished: Family<NameLabel, Counter>,
+    pub(crate) config_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -209,6 +210,7 @@ impl Metrics {
             ready: Gauge::default(),
             readiness_checks: Family::default(),
             reconcile_republished: Family::default(),
+            config_rejected: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -306,6 +308,11 @@ impl Metrics {
                 "readiness_check",
                 "1 when this readiness contributor is up, else 0",
                 m.readiness_checks.clone(),
+            );
+            r.register(
+                "config_rejected",
+                "Configuration changes refused as invalid (the configuration before stays)",
+                m.config_rejected.clone(),
             );
             r.register(
                 "reconcile_republished",

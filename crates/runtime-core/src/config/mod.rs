@@ -1,5 +1,6 @@
-//! Configuration: a TOML file (or embedded text) plus `PLBA__SECTION__KEY` environment
-//! overrides, validated as a whole before anything starts.
+//! Configuration: a TOML file (or embedded text), then overrides from a database table
+//! (see [`ConfigBuilder::overrides`]), then `PLBA__SECTION__KEY` environment overrides,
+//! validated as a whole before anything starts.
 //!
 //! Sections: `[runtime]`, `[pools.*]` and `[telemetry]` belong to the platform; every other top-level
 //! section (`queue`, `sources`, `apps.<module>`) is claimed by a validator that the binary
@@ -75,9 +76,81 @@ struct Loaded {
     platform: PlatformConfig,
 }
 
+/// A layer of overrides between the file and the environment: dotted keys with their
+/// values, from a database table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Where they come from, for messages (`database sqlite://...`).
+    pub name: String,
+    /// Their version, as the store counts it.
+    pub version: String,
+    /// `(dotted key, TOML value text)`, e.g. `("pools.orders.workers", "8")`.
+    pub entries: Vec<(String, String)>,
+}
+
+impl Overrides {
+    /// The entries as one TOML document; a value that is not TOML, or a key that is both a
+    /// value and a table, is a problem with its key.
+    pub fn to_toml(&self) -> Result<String, Vec<ConfigProblem>> {
+        let mut root = toml::Table::new();
+        let mut problems = Vec::new();
+        for (key, text) in &self.entries {
+            let parsed = format!("v = {text}").parse::<toml::Table>();
+            let value = match parsed {
+                Ok(mut t) if t.len() == 1 => match t.remove("v") {
+                    Some(v) => v,
+                    None => continue,
+                },
+                _ => {
+                    problems.push(ConfigProblem::new(
+                        key.clone(),
+                        format!("{text:?} is not a TOML value (quote text: \"...\")"),
+                    ));
+                    continue;
+                }
+            };
+            let parts: Vec<&str> = key.split('.').collect();
+            if parts.iter().any(|p| p.is_empty()) {
+                problems.push(ConfigProblem::new(key.clone(), "not a dotted key"));
+                continue;
+            }
+            if !insert_dotted(&mut root, &parts, value) {
+                problems.push(ConfigProblem::new(
+                    key.clone(),
+                    "a part of this key is set to a value elsewhere",
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(toml::to_string(&root).unwrap_or_default())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// Puts `value` at the path `parts` under `table`; false when a part is already a value.
+fn insert_dotted(table: &mut toml::Table, parts: &[&str], value: toml::Value) -> bool {
+    match parts {
+        [] => false,
+        [last] => {
+            table.insert((*last).to_owned(), value);
+            true
+        }
+        [first, rest @ ..] => match table
+            .entry((*first).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(inner) => insert_dotted(inner, rest, value),
+            _ => false,
+        },
+    }
+}
+
 /// Loads, validates, serves and reloads the configuration.
 pub struct ConfigurationManager {
     origin: ConfigOrigin,
+    overrides: RwLock<Option<Overrides>>,
     env: Option<HashMap<String, String>>,
     validators: Vec<(String, SectionValidator)>,
     cross_checks: Vec<RootValidator>,
@@ -103,6 +176,7 @@ pub type RootValidator = Arc<dyn Fn(&serde_json::Value) -> Vec<ConfigProblem> + 
 /// Builds a [`ConfigurationManager`].
 #[derive(Default)]
 pub struct ConfigBuilder {
+    overrides: Option<Overrides>,
     env: Option<HashMap<String, String>>,
     validators: Vec<(String, SectionValidator)>,
     cross_checks: Vec<RootValidator>,
@@ -135,6 +209,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Merges `overrides` (a database's) over the file and under the environment.
+    pub fn overrides(mut self, overrides: Overrides) -> Self {
+        self.overrides = Some(overrides);
+        self
+    }
+
     /// Uses `vars` instead of the process environment for `PLBA__...` overrides.
     pub fn env(mut self, vars: HashMap<String, String>) -> Self {
         self.env = Some(vars);
@@ -145,6 +225,7 @@ impl ConfigBuilder {
     pub fn load(self, origin: ConfigOrigin) -> Result<ConfigurationManager, ConfigReport> {
         let mut manager = ConfigurationManager {
             origin,
+            overrides: RwLock::new(self.overrides),
             env: self.env,
             validators: self.validators,
             cross_checks: self.cross_checks,
@@ -154,7 +235,8 @@ impl ConfigBuilder {
             }),
             subscribers: Mutex::new(Vec::new()),
         };
-        let loaded = manager.read_and_validate()?;
+        let overrides = manager.overrides();
+        let loaded = manager.read_and_validate(overrides.as_ref())?;
         manager.loaded = RwLock::new(loaded);
         Ok(manager)
     }
@@ -185,7 +267,28 @@ impl ConfigurationManager {
     /// and notifies the subscribers of every changed section. Returns the changed dotted
     /// keys, leaf by leaf (`pools.orders.workers`). On any problem nothing changes.
     pub fn reload(&self) -> Result<Vec<String>, ConfigReport> {
-        let fresh = self.read_and_validate()?;
+        self.reload_with(self.overrides())
+    }
+
+    /// The database overrides in force, if any.
+    pub fn overrides(&self) -> Option<Overrides> {
+        self.overrides
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Checks the configuration with `overrides` in place of the current ones, changing
+    /// nothing: every problem, or none.
+    pub fn check_with(&self, overrides: Option<&Overrides>) -> Result<(), ConfigReport> {
+        self.read_and_validate(overrides).map(|_| ())
+    }
+
+    /// [`ConfigurationManager::reload`] with `overrides` in place of the current ones: on any
+    /// problem nothing changes, and the overrides in force stay.
+    pub fn reload_with(&self, overrides: Option<Overrides>) -> Result<Vec<String>, ConfigReport> {
+        let fresh = self.read_and_validate(overrides.as_ref())?;
+        *self.overrides.write().unwrap_or_else(|e| e.into_inner()) = overrides;
         let old = self.root();
         let mut changed = Vec::new();
         diff_keys(&old, &fresh.root, "", usize::MAX, &mut changed);
@@ -206,12 +309,22 @@ impl ConfigurationManager {
         self.loaded.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn read_and_validate(&self) -> Result<Loaded, ConfigReport> {
+    fn read_and_validate(&self, overrides: Option<&Overrides>) -> Result<Loaded, ConfigReport> {
+        let origin = match overrides {
+            Some(o) => format!("{} + {}", self.origin, o.name),
+            None => self.origin.to_string(),
+        };
         let report = |problems| ConfigReport {
-            origin: self.origin.to_string(),
+            origin: origin.clone(),
             problems,
         };
-        let root = self.read_root().map_err(|p| report(vec![p]))?;
+        let layer = overrides
+            .map(Overrides::to_toml)
+            .transpose()
+            .map_err(report)?;
+        let root = self
+            .read_root(layer.as_deref())
+            .map_err(|p| report(vec![p]))?;
         let mut problems = self.unclaimed_keys(&root);
         let (platform, platform_problems) = PlatformConfig::from_root(&root);
         problems.extend(platform_problems);
@@ -230,7 +343,7 @@ impl ConfigurationManager {
         }
     }
 
-    fn read_root(&self) -> Result<serde_json::Value, ConfigProblem> {
+    fn read_root(&self, overrides: Option<&str>) -> Result<serde_json::Value, ConfigProblem> {
         use config::{Config, Environment, File, FileFormat};
         let mut builder = Config::builder();
         builder = match &self.origin {
@@ -247,6 +360,9 @@ impl ConfigurationManager {
                 builder.add_source(File::from_str(text, FileFormat::Toml))
             }
         };
+        if let Some(text) = overrides {
+            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+        }
         let env = Environment::with_prefix("PLBA")
             .prefix_separator("__")
             .separator("__")

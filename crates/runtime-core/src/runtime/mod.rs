@@ -80,6 +80,33 @@ pub struct RuntimeStatus {
     pub pools: Vec<PoolStatus>,
     /// Queues by name.
     pub queues: BTreeMap<String, QueueStats>,
+    /// Where the configuration in force comes from, and the last change refused.
+    pub config: ConfigStatus,
+}
+
+/// Where the configuration in force comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    /// The file (or embedded text).
+    pub origin: String,
+    /// The database overrides in force: their store and version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<String>,
+    /// The last change refused as invalid since the last one applied; the configuration
+    /// before it stays in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<RejectedChange>,
+}
+
+/// A configuration change refused as invalid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedChange {
+    /// When, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// What was read.
+    pub origin: String,
+    /// Every problem, `key: message`.
+    pub problems: Vec<String>,
 }
 
 /// What a shutdown did.
@@ -328,6 +355,7 @@ impl RuntimeBuilder {
         }
         Ok(RuntimeManager {
             reconciler,
+            rejected: Mutex::new(None),
             telemetry: self.telemetry,
             config: self.config,
             pools,
@@ -373,6 +401,7 @@ pub struct RuntimeManager {
     source_ended: Arc<Mutex<HashMap<String, Option<String>>>>,
     state: Mutex<RuntimeState>,
     reconciler: Option<Arc<Reconciler>>,
+    rejected: Mutex<Option<RejectedChange>>,
 }
 
 impl std::fmt::Debug for RuntimeManager {
@@ -643,6 +672,18 @@ impl RuntimeManager {
                 .collect(),
             pools: self.supervisor.status(),
             queues,
+            config: ConfigStatus {
+                origin: self.config.origin().to_string(),
+                overrides: self
+                    .config
+                    .overrides()
+                    .map(|o| format!("{} (version {})", o.name, o.version)),
+                rejected: self
+                    .rejected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            },
         }
     }
 

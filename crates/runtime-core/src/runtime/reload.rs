@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::RuntimeManager;
-use crate::config::ConfigReport;
+use super::{RejectedChange, RuntimeManager};
+use crate::config::{ConfigReport, Overrides};
 
 /// What a reload did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +53,27 @@ impl RuntimeManager {
     /// [`super::RuntimeBuilder::live_keys`]) takes effect now, and the rest is reported as
     /// needing a restart.
     pub fn reload(&self) -> Result<ReloadReport, ConfigReport> {
-        let changed = self.config.reload()?;
+        self.reload_with(self.config.overrides())
+    }
+
+    /// [`RuntimeManager::reload`] with `overrides` (a database's, just read) in place of
+    /// the current ones. A refused change is counted (`plba_config_rejected_total`) and
+    /// shown in `/status` until a change is applied.
+    pub fn reload_with(&self, overrides: Option<Overrides>) -> Result<ReloadReport, ConfigReport> {
+        let changed = match self.config.reload_with(overrides) {
+            Ok(changed) => changed,
+            Err(report) => {
+                self.metrics.config_rejected.inc();
+                tracing::error!(%report, "configuration change refused; the one in force stays");
+                *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(RejectedChange {
+                    at_unix_ms: crate::now_unix_ms(),
+                    origin: report.origin.clone(),
+                    problems: report.problems.iter().map(ToString::to_string).collect(),
+                });
+                return Err(report);
+            }
+        };
+        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let platform = self.config.platform();
         let mut report = ReloadReport {
             changed: changed.clone(),

@@ -1,0 +1,287 @@
+//! Configuration overrides kept in a database table (`config-sql` feature), SQLite or
+//! PostgreSQL: `[config_store]` names the database; each row is a dotted key and a TOML
+//! value (`pools.orders.workers` = `8`, `sources.inbox.search` = `"UNSEEN"`).
+//!
+//! The runtime merges them over the file and under the environment, and validates the
+//! result exactly like the file. A watcher polls the table's version (the highest row
+//! version and the row count, so an insert, an update and a delete all show) and reloads:
+//! an invalid change is refused as a whole and the configuration before it stays in force.
+//!
+//! ```sql
+//! CREATE TABLE plba_config (key TEXT PRIMARY KEY, value TEXT NOT NULL,
+//!                           version BIGINT NOT NULL, updated_at TEXT NOT NULL);
+//! ```
+
+use std::sync::Once;
+use std::time::Duration;
+
+use runtime_contracts::ConfigProblem;
+use serde::Deserialize;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+
+/// `[config_store]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ConfigStoreConfig {
+    /// `sqlite://PATH` or `postgres://USER@HOST/DB`.
+    pub url: String,
+    /// The table (created when missing).
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// How often the table's version is read, in milliseconds.
+    #[serde(default = "default_poll")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_table() -> String {
+    "plba_config".into()
+}
+fn default_poll() -> u64 {
+    1_000
+}
+
+impl ConfigStoreConfig {
+    /// Problems with these values, keyed under `prefix`.
+    pub fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
+        let mut problems = runtime_contracts::config::require_positive(
+            prefix,
+            &[("poll_interval_ms", self.poll_interval_ms)],
+        );
+        if !["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|s| self.url.starts_with(s))
+        {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.url"),
+                "must be sqlite://PATH or postgres://USER@HOST/DB",
+            ));
+        }
+        let identifier = self
+            .table
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && self
+                .table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !identifier {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.table"),
+                "must be a plain SQL name (letters, digits, _)",
+            ));
+        }
+        problems
+    }
+}
+
+/// What went wrong with the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigStoreError {
+    /// The database could not be reached or refused a statement.
+    #[error("configuration store {url}: {message}")]
+    Database {
+        /// The store (its URL without a password).
+        url: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// One override as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOverride {
+    /// The dotted key.
+    pub key: String,
+    /// Its TOML value text.
+    pub value: String,
+    /// The row's version.
+    pub version: i64,
+}
+
+/// The table of overrides. See the module docs.
+#[derive(Debug, Clone)]
+pub struct SqlConfigStore {
+    pool: AnyPool,
+    table: String,
+    name: String,
+    poll: Duration,
+}
+
+/// `url` with any password replaced, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl SqlConfigStore {
+    /// Opens the database and creates the table when it is missing.
+    pub async fn open(config: &ConfigStoreConfig) -> Result<Self, ConfigStoreError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let url = match config.url.strip_prefix("sqlite://") {
+            Some(path) if !path.contains('?') => format!("sqlite://{path}?mode=rwc"),
+            _ => config.url.clone(),
+        };
+        let name = format!("database {}", redacted(&config.url));
+        let failed = |e: sqlx::Error| ConfigStoreError::Database {
+            url: redacted(&config.url),
+            message: e.to_string(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .map_err(failed)?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (key TEXT PRIMARY KEY, value TEXT NOT NULL, \
+             version BIGINT NOT NULL, updated_at TEXT NOT NULL)",
+            config.table
+        ))
+        .execute(&pool)
+        .await
+        .map_err(failed)?;
+        Ok(Self {
+            pool,
+            table: config.table.clone(),
+            name,
+            poll: Duration::from_millis(config.poll_interval_ms),
+        })
+    }
+
+    /// The store, for messages (`database postgres://bot:***@db/orders`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How often the watcher reads the version.
+    pub fn poll_interval(&self) -> Duration {
+        self.poll
+    }
+
+    fn failed(&self, e: sqlx::Error) -> ConfigStoreError {
+        ConfigStoreError::Database {
+            url: self.name.trim_start_matches("database ").to_owned(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The table's version: changes with every insert, update and delete.
+    pub async fn version(&self) -> Result<String, ConfigStoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) AS v, CAST(COUNT(*) AS BIGINT) AS n FROM {}",
+            self.table
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.failed(e))?;
+        let (v, n): (i64, i64) = (
+            row.try_get("v").map_err(|e| self.failed(e))?,
+            row.try_get("n").map_err(|e| self.failed(e))?,
+        );
+        Ok(format!("{v}.{n}"))
+    }
+
+    /// Every override, by key.
+    pub async fn list(&self) -> Result<Vec<StoredOverride>, ConfigStoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT key, value, version FROM {} ORDER BY key",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.failed(e))?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredOverride {
+                    key: row.try_get("key").map_err(|e| self.failed(e))?,
+                    value: row.try_get("value").map_err(|e| self.failed(e))?,
+                    version: row.try_get("version").map_err(|e| self.failed(e))?,
+                })
+            })
+            .collect()
+    }
+
+    /// The overrides with their version, as the configuration merges them. The version is
+    /// read first: a change made while reading shows as a newer version next time.
+    pub async fn read(&self) -> Result<runtime_core::Overrides, ConfigStoreError> {
+        let version = self.version().await?;
+        let entries = self
+            .list()
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.value))
+            .collect();
+        Ok(runtime_core::Overrides {
+            name: self.name.clone(),
+            version,
+            entries,
+        })
+    }
+
+    /// Sets `key` to the TOML value text `value` (the caller validated it).
+    pub async fn set(&self, key: &str, value: &str) -> Result<(), ConfigStoreError> {
+        let t = &self.table;
+        sqlx::query(&format!(
+            "INSERT INTO {t} (key, value, version, updated_at) \
+             VALUES ($1, $2, (SELECT COALESCE(MAX(version), 0) + 1 FROM {t}), $3) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+             version = excluded.version, updated_at = excluded.updated_at"
+        ))
+        .bind(key)
+        .bind(value)
+        .bind(crate::now_unix_ms().to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    /// Removes `key`; false when it was not there.
+    pub async fn unset(&self, key: &str) -> Result<bool, ConfigStoreError> {
+        let done = sqlx::query(&format!("DELETE FROM {} WHERE key = $1", self.table))
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(
+            redacted("postgres://bot:s3cret@db:5432/orders"),
+            "postgres://bot:***@db:5432/orders"
+        );
+        assert_eq!(redacted("sqlite://var/config.db"), "sqlite://var/config.db");
+    }
+
+    #[test]
+    fn table_names_are_plain() {
+        let cfg = |table: &str| ConfigStoreConfig {
+            url: "sqlite://x.db".into(),
+            table: table.into(),
+            poll_interval_ms: 1000,
+        };
+        assert!(cfg("plba_config").problems("config_store").is_empty());
+        assert_eq!(
+            cfg("x; DROP TABLE orders").problems("config_store")[0].key,
+            "config_store.table"
+        );
+    }
+}
