@@ -498,3 +498,57 @@ async fn a_new_uidvalidity_finds_the_messages_again_without_second_orders() {
         "the ten old messages were recorded as duplicates"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dovecot_push_notification_becomes_the_order_and_the_mail_is_seen() {
+    std::env::set_var("PLBA_TEST_PUSH_TOKEN", "push-token-9");
+    let hook_port = plba_testkit::free_port();
+    let server = DovecotServer::start_with_push(
+        &[(USER, PASSWORD)],
+        Some(&format!(
+            "http://127.0.0.1:{hook_port}/hooks/dovecot?token=push-token-9"
+        )),
+    );
+    let ws = Workspace::new();
+    // One search at start (the mailbox is empty then) and none again within the test: only
+    // Dovecot's notification can bring the mail in.
+    let source = format!(
+        "host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 600000",
+        server.port()
+    );
+    let path = imap_config(&ws, "imap_poll", &source, 3);
+    let mut text = std::fs::read_to_string(&path).expect("config");
+    text.push_str(&format!(
+        "\n[sources.push]\ntype = \"webhook\"\nbind = \"127.0.0.1:{hook_port}\"\npath = \"/hooks/dovecot\"\npool = \"orders\"\nkind = \"mail.message\"\ntask_source = \"inbox\"\nformat = \"dovecot\"\nallow_volatile_queue = true\n\n[sources.push.auth]\ntype = \"shared_secret\"\nquery = \"token\"\nsecret_env = \"PLBA_TEST_PUSH_TOKEN\"\n"
+    ));
+    std::fs::write(&path, text).expect("config");
+    let runtime = start(&path).await;
+    wait_for(
+        Duration::from_secs(30),
+        "the first search and the listener",
+        || async {
+            let status = runtime.status().await;
+            status.sources["inbox"].last_event_age_ms.is_some()
+                && std::net::TcpStream::connect(("127.0.0.1", hook_port)).is_ok()
+        },
+    )
+    .await;
+    server.deliver(
+        USER,
+        order_mail("pushed", "purchasing@acme.example", &[("SKU-7", 2)]).as_bytes(),
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "the order, the mail seen",
+        || async { common::orders_so_far(&ws).await == 1 && seen_split(&server) == (1, 0) },
+    )
+    .await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    assert_eq!(status.sources["push"].published, 1, "the notification");
+    assert_eq!(
+        status.sources["inbox"].published, 0,
+        "the mailbox's own search did not bring it"
+    );
+    assert_eq!(status.pools[0].processed, 1);
+}

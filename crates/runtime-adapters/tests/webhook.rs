@@ -576,3 +576,63 @@ async fn graph_notifications_are_validated_checked_and_split_into_tasks() {
     );
     assert_eq!(hook.published().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
+    let redis = RedisServer::start(false);
+    std::env::set_var("PLBA_TEST_DOVECOT_TOKEN", "dc-token");
+    let auth = WebhookAuth::SharedSecret {
+        header: None,
+        query: Some("token".into()),
+        secret_env: "PLBA_TEST_DOVECOT_TOKEN".into(),
+    };
+    let mut cfg = config_as(WebhookFormat::Dovecot, auth);
+    cfg.task_source = Some("inbox".into());
+    assert!(cfg.problems("sources.push").is_empty());
+    let hook = start_with(&redis, "dovecot", cfg, false).await;
+    let put = |body: &'static str| {
+        hook.client
+            .put(format!("{}/hooks/mail?token=dc-token", hook.url))
+            .header("content-type", "application/json; charset=utf-8")
+            .body(body)
+            .send()
+    };
+    let other = put(r#"{"user":"u","event":"messageRead","folder":"INBOX"}"#)
+        .await
+        .expect("request");
+    assert_eq!(other.status(), 202);
+    let answer: serde_json::Value = other.json().await.expect("json");
+    assert_eq!(answer["status"], "ignored");
+    let incomplete = put(r#"{"user":"u","event":"messageNew","folder":"INBOX"}"#)
+        .await
+        .expect("request");
+    assert_eq!(incomplete.status(), 400);
+    assert_eq!(hook.published().await, 0);
+    let new = put(r#"{"user":"u","event":"messageNew","folder":"INBOX","imap-uidvalidity":1796353437,"imap-uid":7,"from":"a@acme.example","subject":"PO","snippet":"SKU-1 x 2","unseen":1}"#)
+        .await
+        .expect("request");
+    assert_eq!(new.status(), 202);
+    let tasks = drain(&hook).await;
+    let payload = &tasks["webhook:hook:u:INBOX:1796353437:7"];
+    assert_eq!(
+        payload,
+        &serde_json::json!({"account": "u", "mailbox": "INBOX", "uid_validity": 1796353437u64, "uid": 7}),
+        "exactly the IMAP source's pointer: nothing of the mail's content"
+    );
+    // Without a task_source it is refused by the configuration check.
+    let lone = config_as(
+        WebhookFormat::Dovecot,
+        WebhookAuth::SharedSecret {
+            header: None,
+            query: Some("token".into()),
+            secret_env: "PLBA_TEST_DOVECOT_TOKEN".into(),
+        },
+    );
+    assert_eq!(
+        lone.problems("sources.push")
+            .iter()
+            .map(|p| p.key.as_str())
+            .collect::<Vec<_>>(),
+        ["sources.push.task_source"]
+    );
+}

@@ -140,6 +140,8 @@ impl fmt::Debug for SourceContext {
 ///   defaults call `load_content` and `complete` one task after another. `complete_batch`
 ///   is called only with tasks whose outcomes are committed, like `complete`.
 /// - `release` is called when a task will not be completed (dead-lettered or returned).
+/// - `unsettled` lists the work the source still holds unfinished, for the runtime's
+///   reconciliation sweep (none by default).
 ///
 /// ```
 /// use runtime_contracts::*;
@@ -151,7 +153,7 @@ impl fmt::Debug for SourceContext {
 ///     }
 ///     fn status(&self) -> SourceStatus {
 ///         SourceStatus { state: SourceState::Idle, published: 0, completed: 0, pending: 0,
-///                        last_event_age: None, last_error: None }
+///                        last_event_age: None, last_error: None, next_due: None }
 ///     }
 ///     fn load_content<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
 ///         Box::pin(async { Ok(None) })

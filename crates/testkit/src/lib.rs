@@ -602,6 +602,12 @@ impl std::fmt::Debug for DovecotServer {
 impl DovecotServer {
     /// Starts Dovecot with these `(user, password)` accounts; each gets an empty INBOX.
     pub fn start(users: &[(&str, &str)]) -> Self {
+        Self::start_with_push(users, None)
+    }
+
+    /// [`DovecotServer::start`] with the `push_notification` plugin's OX driver sending each
+    /// new delivery ([`DovecotServer::deliver`]) to `push_url` (an HTTP `PUT` of JSON).
+    pub fn start_with_push(users: &[(&str, &str)], push_url: Option<&str>) -> Self {
         let binary = find("dovecot", "apt-get install dovecot-imapd");
         let (uid, gid) = mail_user_ids();
         // Socket paths must stay under 107 bytes: a short folder in /tmp.
@@ -680,15 +686,67 @@ service stats {{
     mode = 0666
   }}
 }}
-"#,
+{push}"#,
             d = d.display(),
             port = server.port,
             tls_port = server.tls_port,
+            // The OX driver notifies only users whose http-notify metadata is set (below).
+            push = push_url.map_or(String::new(), |url| format!(
+                "mail_plugins = $mail_plugins notify push_notification\nmail_attribute_dict = file:%h/dovecot-attributes\nplugin {{\n  push_notification_driver = ox:url={url}\n}}\n"
+            )),
         );
         std::fs::write(d.join("dovecot.conf"), conf).expect("dovecot.conf");
         let mut server = server;
         server.spawn(&binary);
+        if push_url.is_some() {
+            let conf = server.dir.path().join("dovecot.conf").display().to_string();
+            for (user, _) in users {
+                run(
+                    "doveadm",
+                    &[
+                        "-c",
+                        &conf,
+                        "mailbox",
+                        "metadata",
+                        "set",
+                        "-u",
+                        user,
+                        "-s",
+                        "",
+                        "/private/vendor/vendor.dovecot/http-notify",
+                        &format!("user={user}"),
+                    ],
+                );
+            }
+        }
         server
+    }
+
+    /// Delivers `message` to `user`'s INBOX as a mail server would (`dovecot-lda`), so
+    /// that the delivery is a new-mail event for the push plugin.
+    pub fn deliver(&self, user: &str, message: &[u8]) {
+        use std::io::Write as _;
+        let mut child = Command::new("/usr/lib/dovecot/dovecot-lda")
+            .arg("-c")
+            .arg(self.dir.path().join("dovecot.conf"))
+            .args(["-d", user])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dovecot-lda");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(message)
+                .expect("write the message to dovecot-lda");
+        }
+        let out = child.wait_with_output().expect("dovecot-lda");
+        assert!(
+            out.status.success(),
+            "dovecot-lda failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
     }
 
     fn make_certificates(d: &Path) {

@@ -87,6 +87,11 @@ pub enum WebhookFormat {
     /// handshake is answered, every notification's `clientState` is checked, and each
     /// notification becomes one task (its `clientState` removed).
     Graph,
+    /// Dovecot's `push_notification` OX driver (`PUT`, `{"user", "event": "messageNew",
+    /// "folder", "imap-uidvalidity", "imap-uid", ...}`): a `messageNew` becomes one IMAP
+    /// pointer task (`account`, `mailbox`, `uid_validity`, `uid`) for the `task_source`
+    /// to load and complete; other events are answered and ignored.
+    Dovecot,
 }
 
 fn default_tolerance() -> u64 {
@@ -206,7 +211,13 @@ impl WebhookConfig {
         if self.format != WebhookFormat::Json && self.id_pointer.is_some() {
             problems.push(ConfigProblem::new(
                 format!("{prefix}.id_pointer"),
-                "the pubsub and graph formats take their ids from the body themselves",
+                "the pubsub, graph and dovecot formats take their ids from the body themselves",
+            ));
+        }
+        if self.format == WebhookFormat::Dovecot && self.task_source.is_none() {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.task_source"),
+                "a dovecot notification points at an IMAP message: name the IMAP source that loads it",
             ));
         }
         match self.auth.secrets() {
@@ -543,6 +554,33 @@ impl Handler {
                     }),
                 )])
             }
+            WebhookFormat::Dovecot => {
+                if payload.get("event").and_then(Value::as_str) != Some("messageNew") {
+                    return Ok(Vec::new());
+                }
+                let text = |k: &str| payload.get(k).and_then(Value::as_str);
+                let number = |k: &str| payload.get(k).and_then(Value::as_u64).filter(|n| *n > 0);
+                let (Some(user), Some(folder), Some(validity), Some(uid)) = (
+                    text("user"),
+                    text("folder"),
+                    number("imap-uidvalidity"),
+                    number("imap-uid"),
+                ) else {
+                    return Err(bad(
+                        "missing_delivery_id",
+                        "a messageNew names user, folder, imap-uidvalidity and imap-uid".into(),
+                    ));
+                };
+                Ok(vec![(
+                    format!("{user}:{folder}:{validity}:{uid}"),
+                    json!({
+                        "account": user,
+                        "mailbox": folder,
+                        "uid_validity": validity,
+                        "uid": uid,
+                    }),
+                )])
+            }
             WebhookFormat::Graph => {
                 let Some(Value::Array(notifications)) = payload.get("value") else {
                     return Err(bad(
@@ -669,6 +707,13 @@ impl Handler {
                     return refuse(StatusCode::BAD_REQUEST, "invalid_delivery", e.to_string())
                 }
             }
+        }
+        if tasks.is_empty() {
+            return (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({"tasks": [], "status": "ignored"})),
+            )
+                .into_response();
         }
         let unavailable = |why: String| {
             let mut answer = refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why);
@@ -808,7 +853,8 @@ impl TaskSource for WebhookSource {
                 secrets,
             });
             let app = axum::Router::new()
-                .route(&self.config.path, axum::routing::post(post))
+                // Dovecot's push driver PUTs; most providers POST.
+                .route(&self.config.path, axum::routing::post(post).put(post))
                 .fallback(|| async {
                     refuse(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
                 })
@@ -816,7 +862,7 @@ impl TaskSource for WebhookSource {
                     refuse(
                         StatusCode::METHOD_NOT_ALLOWED,
                         "method_not_allowed",
-                        "deliveries are POSTed",
+                        "deliveries are POSTed (or PUT)",
                     )
                 })
                 .layer(axum::extract::DefaultBodyLimit::max(
