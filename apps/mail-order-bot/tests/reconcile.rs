@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::{order_mail, unseen, wait_for, FaultyBot, Workspace};
 use mail_order_bot::compose::{build_runtime, load_config};
 use plba_testkit::RedisServer;
+use runtime_adapters::queue::redis::{RedisQueue, RedisQueueConfig};
 use runtime_contracts::TaskQueue;
 
 const SWEEP: &str = r#"
@@ -131,4 +132,130 @@ async fn a_mail_whose_task_was_lost_is_found_by_the_sweep_and_published_again() 
         status.sources["sweep"]
     );
     runtime.shutdown().await;
+}
+
+/// `GET /status` of a bot's control plane; `None` while it does not answer.
+async fn try_status(port: u16) -> Option<serde_json::Value> {
+    let answer = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/status"))
+        .bearer_auth("read-token-1")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .ok()?;
+    answer.json().await.ok()
+}
+
+async fn status(port: u16) -> serde_json::Value {
+    try_status(port).await.expect("GET /status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bot_processes_on_one_redis_fire_each_slot_once() {
+    use chrono::{Datelike, Timelike};
+    let redis = RedisServer::start(false);
+    let ws = Workspace::new();
+    // Three slots a few seconds ahead, within one minute, and no other: a cron expression
+    // with its year.
+    let mut now = chrono::Utc::now();
+    if now.second() > 50 {
+        tokio::time::sleep(Duration::from_secs(u64::from(61 - now.second()))).await;
+        now = chrono::Utc::now();
+    }
+    let seconds: Vec<u32> = (3..6).map(|d| now.second() + d).collect();
+    let cron = format!(
+        "{} {} {} {} {} * {}",
+        seconds
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        now.minute(),
+        now.hour(),
+        now.day(),
+        now.month(),
+        now.year()
+    );
+    let slot_ids: Vec<String> = seconds
+        .iter()
+        .map(|s| {
+            format!(
+                "schedule:sweep:{}",
+                now.with_second(*s)
+                    .and_then(|t| t.with_nanosecond(0))
+                    .expect("slot")
+                    .format("%Y-%m-%dT%H:%M:%SZ")
+            )
+        })
+        .collect();
+    let ports = [plba_testkit::free_port(), plba_testkit::free_port()];
+    let bots: Vec<common::BotProcess> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            // A late start still fires what it missed (catch_up), and the other process's
+            // slots are known to the queue: each fires once.
+            let extra = format!(
+                "{}\n[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n",
+                SWEEP
+                    .replace("cron = \"* * * * * *\"", &format!("cron = \"{cron}\""))
+                    .replace("time_zone = \"Asia/Tokyo\"", "time_zone = \"UTC\"\nmisfire = \"catch_up\"")
+            );
+            let shared = ws.config_redis(&redis.url(), 2, 60_000, &extra);
+            let own = ws.dir.path().join(format!("bot-{i}.toml"));
+            std::fs::copy(shared, &own).expect("config");
+            common::BotProcess::spawn(&ws, &own, false)
+        })
+        .collect();
+    let published =
+        |s: &serde_json::Value| s["sources"]["sweep"]["published"].as_u64().unwrap_or(0);
+    let processed = |s: &serde_json::Value| {
+        s["pools"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "sweeps"))
+            .and_then(|p| p["processed"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "three slots fired and handled",
+        || async {
+            let mut sums = (0, 0);
+            for port in ports {
+                let Some(s) = try_status(port).await else {
+                    return false;
+                };
+                sums.0 += published(&s);
+                sums.1 += processed(&s);
+            }
+            sums == (3, 3)
+        },
+    )
+    .await;
+    // A little longer: no slot comes a second time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (a, b) = (status(ports[0]).await, status(ports[1]).await);
+    assert_eq!(published(&a) + published(&b), 3, "{a}\n{b}");
+    assert_eq!(processed(&a) + processed(&b), 3, "each slot handled once");
+    let sweeps = RedisQueue::new(
+        "sweeps",
+        RedisQueueConfig {
+            url: redis.url(),
+            ..RedisQueueConfig::default()
+        },
+    )
+    .expect("queue");
+    for id in &slot_ids {
+        assert_eq!(
+            sweeps.holds(id).await.expect("holds"),
+            Some(true),
+            "{id} fired and is still known"
+        );
+    }
+    for bot in bots {
+        bot.signal(nix::sys::signal::Signal::SIGTERM);
+        let (code, _, stderr) = bot.finish();
+        assert_eq!(code, 0, "{stderr}");
+    }
 }
