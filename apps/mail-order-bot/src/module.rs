@@ -251,6 +251,7 @@ impl ApplicationModule for MailOrderModule {
             let handler = OrderHandler::new(store.clone(), &cfg, &clients);
             registry.handler(&cfg.pool, &cfg.task_kind, Arc::new(handler));
             registry.health(Arc::new(StoreHealth(store.clone())));
+            registry.outcome_lookup(Arc::new(store.clone()));
             registry.service(Arc::new(store));
             Ok(())
         })

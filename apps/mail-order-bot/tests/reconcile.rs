@@ -39,10 +39,16 @@ async fn a_mail_whose_task_was_lost_is_found_by_the_sweep_and_published_again() 
     // The orders pool has no workers here: what reaches its queue stays there, so the test
     // can play the consumer that loses a task.
     let path = ws.config_redis(&redis.url(), 0, 60_000, SWEEP);
-    ws.deliver(
-        "1700000000.lost1.host",
-        &order_mail("lost-1", "purchasing@acme.example", &[("SKU-5", 3)]),
-    );
+    for n in [1, 2] {
+        ws.deliver(
+            &format!("1700000000.lost{n}.host"),
+            &order_mail(
+                &format!("lost-{n}"),
+                "purchasing@acme.example",
+                &[("SKU-5", 3)],
+            ),
+        );
+    }
     let manager = Arc::new(load_config(Some(&path), Some(HashMap::new())).expect("config"));
     let mut runtime = build_runtime(Arc::clone(&manager), FaultyBot::module(), None)
         .await
@@ -51,69 +57,89 @@ async fn a_mail_whose_task_was_lost_is_found_by_the_sweep_and_published_again() 
     let reconciler = Arc::clone(runtime.reconciler().expect("[reconcile] is configured"));
 
     let ghost = common::ghost_consumer(&redis.url(), "ghost-1");
-    let id = "maildir:inbox:1700000000.lost1.host";
-    // While the task is in the queue, a sweep finds the mail unfinished but held.
+    let (lost, completed) = (
+        "maildir:inbox:1700000000.lost1.host",
+        "maildir:inbox:1700000000.lost2.host",
+    );
+    // While the tasks are in the queue, a sweep finds the mail unfinished but held.
     wait_for(
         Duration::from_secs(30),
-        "a sweep that sees the task held",
+        "a sweep that sees the tasks held",
         || {
             let last = reconciler.last();
             async move {
                 last.is_some_and(|r| {
                     r.sources
                         .iter()
-                        .any(|s| s.held == 1 && s.republished.is_empty())
+                        .any(|s| s.held == 2 && s.republished.is_empty())
                 })
             }
         },
     )
     .await;
-    // The loss: a consumer takes the task and acknowledges it without completing it.
-    let lease = ghost
-        .consume(Duration::from_secs(10))
+    // The losses: a consumer takes both tasks and acknowledges them without completing
+    // them; for the second, its outcome had been recorded (only its \Seen was lost).
+    let leases = ghost
+        .consume_batch(2, Duration::from_secs(10))
         .await
-        .expect("consume")
-        .expect("the mail's task");
-    assert_eq!(lease.task.id.as_str(), id);
-    ghost.ack(&lease).await.expect("ack");
-    assert_eq!(ghost.holds(id).await.expect("holds"), Some(false));
+        .expect("consume");
+    let mut taken: Vec<&str> = leases.iter().map(|l| l.task.id.as_str()).collect();
+    taken.sort_unstable();
+    assert_eq!(taken, [lost, completed]);
+    ghost.ack_batch(&leases).await.expect("ack");
+    ws.store()
+        .await
+        .record_failure(
+            "<lost-2@example>",
+            "0",
+            completed,
+            "recorded before the loss",
+        )
+        .await
+        .expect("outcome");
+    assert_eq!(ghost.holds(lost).await.expect("holds"), Some(false));
 
     wait_for(
         Duration::from_secs(30),
-        "the sweep publishing it again",
+        "the sweep publishing them again",
         || {
             let last = reconciler.last();
-            async move {
-                last.is_some_and(|r| r.sources.iter().any(|s| s.republished == [id.to_owned()]))
-            }
+            async move { last.is_some_and(|r| r.sources.iter().any(|s| s.republished.len() == 2)) }
         },
     )
     .await;
-    assert_eq!(ghost.holds(id).await.expect("holds"), Some(true));
+    let sweep = reconciler.last().expect("a sweep");
+    let inbox = &sweep.sources[0];
+    assert_eq!(inbox.outcome_recorded, [completed], "{inbox:?}");
+    for id in [lost, completed] {
+        assert_eq!(ghost.holds(id).await.expect("holds"), Some(true));
+    }
     let again = ghost
-        .consume(Duration::from_secs(10))
+        .consume_batch(2, Duration::from_secs(10))
         .await
-        .expect("consume")
-        .expect("the task is back");
-    assert_eq!(again.task.id.as_str(), id);
+        .expect("consume");
+    assert_eq!(again.len(), 2, "both tasks are back");
     assert_eq!(
         unseen(&ws),
-        1,
+        2,
         "the mail is still unread: nothing completed it"
     );
 
     let metrics = runtime.metrics_text().await;
     assert!(
-        metrics.contains("plba_reconcile_republished_total{name=\"inbox\"} 1"),
+        metrics.contains("plba_reconcile_republished_total{name=\"inbox\"} 2"),
         "{metrics}"
     );
     let findings = runtime.diagnostics().await.findings;
-    let stranded = findings
-        .iter()
-        .find(|f| f.kind == "stranded_work")
-        .unwrap_or_else(|| panic!("a stranded_work finding: {findings:?}"));
-    assert_eq!(stranded.subject, "inbox");
-    assert_eq!(stranded.task.as_deref(), Some(id));
+    let finding = |kind: &str| {
+        findings
+            .iter()
+            .find(|f| f.kind == kind)
+            .unwrap_or_else(|| panic!("a {kind} finding: {findings:?}"))
+    };
+    assert_eq!(finding("stranded_work").subject, "inbox");
+    assert_eq!(finding("stranded_work").task.as_deref(), Some(lost));
+    assert_eq!(finding("completion_lost").task.as_deref(), Some(completed));
     // While the task is held again, later sweeps publish nothing more.
     let before = reconciler.last().map(|r| r.at_unix_ms);
     wait_for(Duration::from_secs(30), "a later sweep", || {

@@ -34,7 +34,7 @@ pub mod worker;
 pub use config::{ConfigError, ConfigProblem, ConfigProvider, ConfigSubscriber};
 pub use handler::{HandlerContext, HandlerError, Outcome, TaskHandler};
 pub use health::{HealthContributor, HealthStatus, Probe};
-pub use module::{ApplicationModule, ModuleError, ModuleRegistry};
+pub use module::{ApplicationModule, ModuleError, ModuleRegistry, OutcomeLookup};
 pub use queue::{
     ConsumerInfo, DeadLetter, DeadLetterPage, DeadLetterStore, Inspection, Lease, LeaseInfo,
     PublishResult, QueueError, QueueStats, RetryInfo, TaskQueue,

@@ -52,6 +52,19 @@ pub trait ModuleRegistry: Send {
     fn health(&mut self, contributor: Arc<dyn HealthContributor>);
     /// Registers a shared service others can look up by type (e.g. the database pool).
     fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>);
+    /// Registers where the module records outcomes, for the reconciliation sweep. The
+    /// default ignores it.
+    fn outcome_lookup(&mut self, lookup: Arc<dyn OutcomeLookup>) {
+        let _ = lookup;
+    }
+}
+
+/// Which tasks already have a recorded outcome, as the module's store knows it. The
+/// runtime's reconciliation sweep uses it to tell work lost before its handler ran from
+/// work whose completion (for mail: `\Seen`) was lost after its outcome was recorded.
+pub trait OutcomeLookup: Send + Sync {
+    /// For each id, whether an outcome is recorded for it; an error in words.
+    fn recorded<'a>(&'a self, task_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<bool>, String>>;
 }
 
 /// A business application hosted by the runtime.

@@ -8,14 +8,15 @@
 //! pool; the runtime registers the sweep as their handler on every pool. A queue that
 //! cannot tell whether it holds an id (`holds` answers `None`) is left alone. A message
 //! with a recorded outcome but no `\Seen` (a crash between the two) is published again too:
-//! its handler finds the outcome and only completes it.
+//! its handler finds the outcome and only completes it; the module's [`OutcomeLookup`]
+//! tells the two apart in the report.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runtime_contracts::{
     BoxFuture, ConfigProblem, HandlerContext, HandlerError, HealthContributor, HealthStatus,
-    Outcome, Probe, PublishResult, Task, TaskHandler, TaskQueue, TaskSource,
+    Outcome, OutcomeLookup, Probe, PublishResult, Task, TaskHandler, TaskQueue, TaskSource,
 };
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,10 @@ pub struct SourceSweep {
     pub unknown: usize,
     /// Task ids with no task in the queue, published again.
     pub republished: Vec<String>,
+    /// Of those, the ids whose outcome is recorded: only their completion (for mail:
+    /// `\Seen`) was lost, and their handler completes them without doing the work again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outcome_recorded: Vec<String>,
     /// Why the source could not be swept, if it could not.
     pub error: Option<String>,
 }
@@ -126,6 +131,7 @@ pub(crate) struct Target {
 pub struct Reconciler {
     config: ReconcileConfig,
     targets: Vec<Target>,
+    outcomes: Option<Arc<dyn OutcomeLookup>>,
     metrics: Arc<Metrics>,
     last: Mutex<Option<SweepReport>>,
 }
@@ -153,11 +159,13 @@ impl Reconciler {
     pub(crate) fn new(
         config: ReconcileConfig,
         targets: Vec<Target>,
+        outcomes: Option<Arc<dyn OutcomeLookup>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             config,
             targets,
+            outcomes,
             metrics,
             last: Mutex::default(),
         }
@@ -193,6 +201,7 @@ impl Reconciler {
                 tracing::warn!(
                     source = %id,
                     republished = swept.republished.len(),
+                    of_which_outcome_recorded = swept.outcome_recorded.len(),
                     older_than_secs = self.config.older_than_secs,
                     first = ?&swept.republished[..swept.republished.len().min(LOGGED_IDS)],
                     "unfinished work without a task in the queue: published again"
@@ -234,18 +243,28 @@ impl Reconciler {
             return Ok(swept);
         }
         let ids: Vec<String> = lost.iter().map(|t| t.id.to_string()).collect();
+        // Whether each was lost before its handler ran or after its outcome was recorded.
+        let recorded = match &self.outcomes {
+            Some(lookup) => lookup
+                .recorded(&ids)
+                .await
+                .map_err(|e| format!("asking for outcomes: {e}"))?,
+            None => vec![false; ids.len()],
+        };
         let results = target
             .queue
             .publish_batch(lost)
             .await
             .map_err(|e| format!("publishing again: {e}"))?;
         // An id the source or another replica published since the check is not counted.
-        swept.republished = ids
-            .into_iter()
-            .zip(results)
-            .filter(|(_, r)| *r == PublishResult::Enqueued)
-            .map(|(id, _)| id)
-            .collect();
+        for ((id, result), recorded) in ids.into_iter().zip(results).zip(recorded) {
+            if result == PublishResult::Enqueued {
+                if recorded {
+                    swept.outcome_recorded.push(id.clone());
+                }
+                swept.republished.push(id);
+            }
+        }
         Ok(swept)
     }
 }

@@ -778,6 +778,20 @@ impl OrderStore {
         )
     }
 
+    /// For each task id, whether an outcome was recorded by a delivery with that id.
+    pub async fn recorded(&self, task_ids: &[String]) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(task_ids.len());
+        for id in task_ids {
+            let found: Option<String> =
+                sqlx::query_scalar("SELECT task_id FROM message_outcomes WHERE task_id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            out.push(found.is_some());
+        }
+        Ok(out)
+    }
+
     /// Every outcome, oldest first.
     pub async fn outcomes(&self) -> Result<Vec<StoredOutcome>, StoreError> {
         let rows = sqlx::query(
@@ -846,6 +860,20 @@ impl OrderStore {
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+/// For the reconciliation sweep: unread mail whose outcome is recorded lost only its `\Seen`.
+impl runtime_contracts::OutcomeLookup for OrderStore {
+    fn recorded<'a>(
+        &'a self,
+        task_ids: &'a [String],
+    ) -> runtime_contracts::BoxFuture<'a, Result<Vec<bool>, String>> {
+        Box::pin(async move {
+            OrderStore::recorded(self, task_ids)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

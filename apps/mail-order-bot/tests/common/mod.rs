@@ -549,6 +549,9 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>) {
         self.0.service(service);
     }
+    fn outcome_lookup(&mut self, lookup: Arc<dyn runtime_contracts::OutcomeLookup>) {
+        self.0.outcome_lookup(lookup);
+    }
 }
 
 /// Test-only module: the real bot whose handler, once a task or batch is committed,

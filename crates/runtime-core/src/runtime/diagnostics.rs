@@ -26,7 +26,8 @@ pub struct Diagnostics {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     /// `stuck_lease`, `idle_consumer`, `poison_candidate`, `source_without_progress`,
-    /// `source_paused`, `dead_letters`, `queue_unavailable` or `stranded_work`.
+    /// `source_paused`, `dead_letters`, `queue_unavailable`, `stranded_work` or
+    /// `completion_lost`.
     pub kind: String,
     /// The queue or source concerned.
     pub subject: String,
@@ -103,14 +104,38 @@ impl RuntimeManager {
             }
         }
         if let Some(sweep) = self.reconciler.as_ref().and_then(|r| r.last()) {
-            for source in sweep.sources.iter().filter(|s| !s.republished.is_empty()) {
+            for source in sweep
+                .sources
+                .iter()
+                .filter(|s| !s.outcome_recorded.is_empty())
+            {
+                out.findings.push(Finding::new(
+                    "completion_lost",
+                    &source.source,
+                    source.outcome_recorded.first().cloned(),
+                    format!(
+                        "the last reconciliation sweep found {} unfinished items whose outcome is recorded but whose completion was not, and published them again to be completed",
+                        source.outcome_recorded.len()
+                    ),
+                    "a process stopped between recording outcomes and completing them (for mail: setting \\Seen); nothing to do unless it repeats".into(),
+                ));
+            }
+            for source in sweep
+                .sources
+                .iter()
+                .filter(|s| s.republished.len() > s.outcome_recorded.len())
+            {
                 out.findings.push(Finding::new(
                     "stranded_work",
                     &source.source,
-                    source.republished.first().cloned(),
+                    source
+                        .republished
+                        .iter()
+                        .find(|id| !source.outcome_recorded.contains(id))
+                        .cloned(),
                     format!(
-                        "the last reconciliation sweep found {} unfinished items with no task in the queue and published them again",
-                        source.republished.len()
+                        "the last reconciliation sweep found {} unfinished items with no task in the queue and no outcome, and published them again",
+                        source.republished.len() - source.outcome_recorded.len()
                     ),
                     "work was lost between the source and the queue: check whether the queue's server lost data (a Redis without persistence restarted) or a consumer acknowledged without completing".into(),
                 ));

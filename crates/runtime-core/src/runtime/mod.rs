@@ -3,8 +3,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runtime_contracts::{
-    ApplicationModule, HealthContributor, HealthStatus, ModuleRegistry, Probe, QueueStats,
-    SourceContext, SourceState, TaskHandler, TaskQueue, TaskSource,
+    ApplicationModule, HealthContributor, HealthStatus, ModuleRegistry, OutcomeLookup, Probe,
+    QueueStats, SourceContext, SourceState, TaskHandler, TaskQueue, TaskSource,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -161,6 +161,7 @@ struct Registrar<'a> {
     sources: &'a mut Vec<(Arc<dyn TaskSource>, String)>,
     health: &'a HealthRegistry,
     services: &'a ServiceContainer,
+    outcomes: &'a mut Option<Arc<dyn OutcomeLookup>>,
 }
 
 impl ModuleRegistry for Registrar<'_> {
@@ -190,6 +191,10 @@ impl ModuleRegistry for Registrar<'_> {
 
     fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>) {
         self.services.insert_dyn(service);
+    }
+
+    fn outcome_lookup(&mut self, lookup: Arc<dyn OutcomeLookup>) {
+        *self.outcomes = Some(lookup);
     }
 }
 
@@ -274,6 +279,7 @@ impl RuntimeBuilder {
         let services = Arc::new(ServiceContainer::default());
         let mut handlers = HashMap::new();
         let mut declared = std::collections::BTreeSet::new();
+        let mut outcomes = None;
         for module in &self.modules {
             let mut registrar = Registrar {
                 handlers: &mut handlers,
@@ -282,6 +288,7 @@ impl RuntimeBuilder {
                 sources: &mut self.sources,
                 health: &health,
                 services: &services,
+                outcomes: &mut outcomes,
             };
             module.register(&mut registrar, &*self.config).await?;
         }
@@ -315,7 +322,12 @@ impl RuntimeBuilder {
                     })
                 })
                 .collect();
-            let reconciler = Arc::new(Reconciler::new(cfg.clone(), targets, Arc::clone(&metrics)));
+            let reconciler = Arc::new(Reconciler::new(
+                cfg.clone(),
+                targets,
+                outcomes.clone(),
+                Arc::clone(&metrics),
+            ));
             // Its tasks come from a schedule source in whichever pool it publishes to.
             for pool in pools.keys() {
                 handlers
