@@ -301,7 +301,8 @@ async fn a_shared_secret_is_checked_and_the_id_can_come_from_the_body() {
     let auth = WebhookAuth::SharedSecret {
         header: Some("x-webhook-token".into()),
         query: None,
-        secret_env: "PLBA_TEST_WEBHOOK_TOKEN".into(),
+        secret_env: Some("PLBA_TEST_WEBHOOK_TOKEN".into()),
+        secret_file: None,
     };
     let queue = Arc::new(
         RedisQueue::new(
@@ -400,7 +401,8 @@ async fn a_pubsub_push_envelope_is_decoded_and_its_token_checked_in_the_query() 
     let auth = WebhookAuth::SharedSecret {
         header: None,
         query: Some("token".into()),
-        secret_env: "PLBA_TEST_PUBSUB_TOKEN".into(),
+        secret_env: Some("PLBA_TEST_PUBSUB_TOKEN".into()),
+        secret_file: None,
     };
     let hook = start_with(
         &redis,
@@ -465,9 +467,13 @@ async fn a_pubsub_push_envelope_is_decoded_and_its_token_checked_in_the_query() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graph_notifications_are_validated_checked_and_split_into_tasks() {
     let redis = RedisServer::start(false);
-    std::env::set_var("PLBA_TEST_GRAPH_STATE", "graph-client-state-7");
+    // The client state from a file (a mounted secret), its first non-empty line.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_file = dir.path().join("client-state");
+    std::fs::write(&state_file, "\ngraph-client-state-7\n").expect("write");
     let auth = WebhookAuth::GraphClientState {
-        client_state_env: "PLBA_TEST_GRAPH_STATE".into(),
+        client_state_env: None,
+        client_state_file: Some(state_file),
     };
     let hook = start_with(
         &redis,
@@ -584,7 +590,8 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
     let auth = WebhookAuth::SharedSecret {
         header: None,
         query: Some("token".into()),
-        secret_env: "PLBA_TEST_DOVECOT_TOKEN".into(),
+        secret_env: Some("PLBA_TEST_DOVECOT_TOKEN".into()),
+        secret_file: None,
     };
     let mut cfg = config_as(WebhookFormat::Dovecot, auth);
     cfg.task_source = Some("inbox".into());
@@ -625,7 +632,8 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
         WebhookAuth::SharedSecret {
             header: None,
             query: Some("token".into()),
-            secret_env: "PLBA_TEST_DOVECOT_TOKEN".into(),
+            secret_env: Some("PLBA_TEST_DOVECOT_TOKEN".into()),
+            secret_file: None,
         },
     );
     assert_eq!(

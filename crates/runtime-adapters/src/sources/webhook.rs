@@ -59,15 +59,23 @@ pub enum WebhookAuth {
         /// The query parameter (`token`, say), instead of a header.
         #[serde(default)]
         query: Option<String>,
-        /// The environment variable holding the secret.
-        secret_env: String,
+        /// The environment variable holding the secret...
+        #[serde(default)]
+        secret_env: Option<String>,
+        /// ...or a file holding it (its first non-empty line).
+        #[serde(default)]
+        secret_file: Option<std::path::PathBuf>,
     },
     /// Microsoft Graph change notifications (`format = "graph"`): every notification's
     /// `clientState` must equal the secret held in `client_state_env` (the value given when
     /// the subscription was created).
     GraphClientState {
-        /// The environment variable holding the client state.
-        client_state_env: String,
+        /// The environment variable holding the client state...
+        #[serde(default)]
+        client_state_env: Option<String>,
+        /// ...or a file holding it (its first non-empty line).
+        #[serde(default)]
+        client_state_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -232,6 +240,24 @@ impl WebhookConfig {
     }
 }
 
+/// A secret from the environment variable `env`, else from the first non-empty line of
+/// `file`; an error names what is missing (never the secret).
+fn one_secret(env: Option<&str>, file: Option<&std::path::Path>) -> Result<String, String> {
+    match (env, file) {
+        (Some(var), _) => {
+            std::env::var(var).map_err(|_| format!("the environment variable {var} is not set"))
+        }
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{} holds no secret", path.display())),
+        (None, None) => Err("name the secret's environment variable or file".into()),
+    }
+}
+
 impl WebhookAuth {
     /// The secrets' key bytes; an error names what is missing (never a secret).
     fn secrets(&self) -> Result<Vec<Vec<u8>>, String> {
@@ -261,12 +287,14 @@ impl WebhookAuth {
                 texts
             }
             Self::SharedSecret {
-                secret_env: var, ..
+                secret_env: env,
+                secret_file: file,
+                ..
             }
             | Self::GraphClientState {
-                client_state_env: var,
-            } => vec![std::env::var(var)
-                .map_err(|_| format!("the environment variable {var} is not set"))?],
+                client_state_env: env,
+                client_state_file: file,
+            } => vec![one_secret(env.as_deref(), file.as_deref())?],
         };
         texts
             .iter()
