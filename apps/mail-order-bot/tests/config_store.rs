@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use common::{wait_for, FaultyBot, Workspace};
 use mail_order_bot::compose::{
-    build_runtime, config_store_config, load_layered_config, watch_config_store,
+    build_runtime, config_store_config, control_config, load_layered_config, watch_config_store,
 };
 use plba_testkit::PostgresServer;
 use runtime_adapters::config_store::SqlConfigStore;
+use runtime_adapters::control::ControlServer;
 use runtime_core::RuntimeManager;
 
 fn cli(path: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -43,10 +44,11 @@ fn workers(status: &runtime_core::RuntimeStatus) -> usize {
 
 async fn scenario(store_url: &str) {
     let ws = Workspace::new();
+    let port = plba_testkit::free_port();
     let path = ws.config_with(
         2,
         3,
-        &format!("\n[config_store]\nurl = \"{store_url}\"\npoll_interval_ms = 100\n"),
+        &format!("\n[config_store]\nurl = \"{store_url}\"\npoll_interval_ms = 100\n\n[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n"),
     );
 
     // file < database < environment
@@ -85,6 +87,12 @@ async fn scenario(store_url: &str) {
     runtime.start().expect("start");
     let runtime = Arc::new(runtime);
     let watcher = watch_config_store(&runtime, Arc::clone(&store));
+    let control = ControlServer::start(
+        Arc::clone(&runtime),
+        &control_config(manager.root().get("control")).expect("control"),
+    )
+    .await
+    .expect("control plane");
     let status = runtime.status().await;
     assert_eq!(workers(&status), 3, "the database's value");
     assert!(
@@ -143,6 +151,31 @@ async fn scenario(store_url: &str) {
         metrics.contains("plba_config_rejected_total 1"),
         "{metrics}"
     );
+    // What an operator sees: GET /status.
+    let seen: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/status"))
+        .bearer_auth("read-token-1")
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("GET /status")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(
+        seen["config"]["rejected"]["problems"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p
+                .as_str()
+                .is_some_and(|p| p.starts_with("pools.orders.workers")))),
+        "{seen}"
+    );
+    assert!(
+        seen["config"]["overrides"]
+            .as_str()
+            .is_some_and(|o| o.contains("(version ")),
+        "{seen}"
+    );
 
     // Fixing it applies the whole change and clears the report.
     raw.set("pools.orders.workers", "2").await.expect("write");
@@ -160,6 +193,7 @@ async fn scenario(store_url: &str) {
         Some("debug")
     );
     watcher.abort();
+    control.stop().await;
     shutdown(runtime).await;
 }
 
