@@ -499,8 +499,9 @@ async fn a_new_uidvalidity_finds_the_messages_again_without_second_orders() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dovecot_push_notification_becomes_the_order_and_the_mail_is_seen() {
+/// A private Dovecot whose push plugin notifies the bot's `dovecot` webhook, and the bot
+/// with its IMAP source polling every `poll_ms`.
+async fn pushed_bot(ws: &Workspace, poll_ms: u64) -> (DovecotServer, RuntimeManager, u16) {
     std::env::set_var("PLBA_TEST_PUSH_TOKEN", "push-token-9");
     let hook_port = plba_testkit::free_port();
     let server = DovecotServer::start_with_push(
@@ -509,17 +510,14 @@ async fn a_dovecot_push_notification_becomes_the_order_and_the_mail_is_seen() {
             "http://127.0.0.1:{hook_port}/hooks/dovecot?token=push-token-9"
         )),
     );
-    let ws = Workspace::new();
-    // One search at start (the mailbox is empty then) and none again within the test: only
-    // Dovecot's notification can bring the mail in.
     let source = format!(
-        "host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 600000",
+        "host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = {poll_ms}",
         server.port()
     );
-    let path = imap_config(&ws, "imap_poll", &source, 3);
+    let path = imap_config(ws, "imap_poll", &source, 3);
     let mut text = std::fs::read_to_string(&path).expect("config");
     text.push_str(&format!(
-        "\n[sources.push]\ntype = \"webhook\"\nbind = \"127.0.0.1:{hook_port}\"\npath = \"/hooks/dovecot\"\npool = \"orders\"\nkind = \"mail.message\"\ntask_source = \"inbox\"\nformat = \"dovecot\"\nallow_volatile_queue = true\n\n[sources.push.auth]\ntype = \"shared_secret\"\nquery = \"token\"\nsecret_env = \"PLBA_TEST_PUSH_TOKEN\"\n"
+        "\n[sources.push]\ntype = \"webhook\"\nbind = \"127.0.0.1:{hook_port}\"\npath = \"/hooks/dovecot\"\npool = \"orders\"\nkind = \"mail.message\"\ntask_source = \"inbox\"\nformat = \"dovecot\"\ndovecot_user = \"{USER}\"\nallow_volatile_queue = true\n\n[sources.push.auth]\ntype = \"shared_secret\"\nquery = \"token\"\nsecret_env = \"PLBA_TEST_PUSH_TOKEN\"\n"
     ));
     std::fs::write(&path, text).expect("config");
     let runtime = start(&path).await;
@@ -533,6 +531,15 @@ async fn a_dovecot_push_notification_becomes_the_order_and_the_mail_is_seen() {
         },
     )
     .await;
+    (server, runtime, hook_port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dovecot_push_notification_becomes_the_order_and_the_mail_is_seen() {
+    let ws = Workspace::new();
+    // One search at start (the mailbox is empty then) and none again within the test: only
+    // Dovecot's notification can bring the mail in.
+    let (server, runtime, _) = pushed_bot(&ws, 600_000).await;
     server.deliver(
         USER,
         order_mail("pushed", "purchasing@acme.example", &[("SKU-7", 2)]).as_bytes(),
@@ -551,4 +558,40 @@ async fn a_dovecot_push_notification_becomes_the_order_and_the_mail_is_seen() {
         "the mailbox's own search did not bring it"
     );
     assert_eq!(status.pools[0].processed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_and_the_mailboxs_own_search_make_one_task_per_mail() {
+    let ws = Workspace::new();
+    // Both race for every mail: the notification and a search every 50 ms.
+    let (server, runtime, _) = pushed_bot(&ws, 50).await;
+    for n in 0..20 {
+        server.deliver(
+            USER,
+            order_mail(
+                &format!("raced-{n}"),
+                "purchasing@acme.example",
+                &[("SKU-7", 2)],
+            )
+            .as_bytes(),
+        );
+    }
+    wait_for(Duration::from_secs(60), "every mail seen", || async {
+        seen_split(&server) == (20, 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    assert_eq!(common::orders_so_far(&ws).await, 20);
+    assert_eq!(
+        status.pools[0].processed, 20,
+        "one task per mail, whichever published it: {:?}",
+        status.sources
+    );
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    assert!(
+        outcomes.iter().all(|o| o.deliveries == 1),
+        "no mail handled twice: {outcomes:?}"
+    );
 }

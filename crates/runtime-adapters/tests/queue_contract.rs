@@ -304,6 +304,26 @@ async fn a_kept_id_is_refused_after_its_ack(b: Arc<dyn Backend>, name: String) -
     let lease = expect_next(&*q, "plain").await;
     q.ack(&lease).await.expect("ack");
     assert!(next(&*q, NOTHING).await.is_none(), "the kept id came once");
+    // A task that asks for a shorter window is known for that long only.
+    let brief = || task("brief").keep_id_after_ack_for(Duration::from_secs(1));
+    assert_eq!(
+        q.publish(brief()).await.expect("publish"),
+        PublishResult::Enqueued
+    );
+    let lease = expect_next(&*q, "brief").await;
+    q.ack(&lease).await.expect("ack");
+    assert_eq!(
+        q.publish(brief()).await.expect("kept"),
+        PublishResult::AlreadyKnown
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        q.publish(brief()).await.expect("window over"),
+        PublishResult::Enqueued,
+        "known no longer than the task asked"
+    );
+    let lease = expect_next(&*q, "brief").await;
+    q.ack(&lease).await.expect("ack");
     Outcome::Passed
 }
 

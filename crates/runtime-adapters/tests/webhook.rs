@@ -34,6 +34,7 @@ fn config_as(format: WebhookFormat, auth: WebhookAuth) -> WebhookConfig {
         retry_after_secs: 7,
         allow_volatile_queue: false,
         format,
+        dovecot_user: None,
         auth,
     }
 }
@@ -595,6 +596,7 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
     };
     let mut cfg = config_as(WebhookFormat::Dovecot, auth);
     cfg.task_source = Some("inbox".into());
+    cfg.dovecot_user = Some("u".into());
     assert!(cfg.problems("sources.push").is_empty());
     let hook = start_with(&redis, "dovecot", cfg, false).await;
     let put = |body: &'static str| {
@@ -614,19 +616,28 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
         .await
         .expect("request");
     assert_eq!(incomplete.status(), 400);
+    // Another user's UID 7 is another message: never loaded from this mailbox.
+    let stranger = put(r#"{"user":"someone-else","event":"messageNew","folder":"INBOX","imap-uidvalidity":1796353437,"imap-uid":7}"#)
+        .await
+        .expect("request");
+    assert_eq!(stranger.status(), 202);
+    let answer: serde_json::Value = stranger.json().await.expect("json");
+    assert_eq!(answer["status"], "ignored");
     assert_eq!(hook.published().await, 0);
     let new = put(r#"{"user":"u","event":"messageNew","folder":"INBOX","imap-uidvalidity":1796353437,"imap-uid":7,"from":"a@acme.example","subject":"PO","snippet":"SKU-1 x 2","unseen":1}"#)
         .await
         .expect("request");
     assert_eq!(new.status(), 202);
     let tasks = drain(&hook).await;
-    let payload = &tasks["webhook:hook:u:INBOX:1796353437:7"];
+    // The IMAP source's own id for that message: its search and the notification make
+    // one task between them.
+    let payload = &tasks["imap:inbox:INBOX:1796353437:7"];
     assert_eq!(
         payload,
         &serde_json::json!({"account": "u", "mailbox": "INBOX", "uid_validity": 1796353437u64, "uid": 7}),
         "exactly the IMAP source's pointer: nothing of the mail's content"
     );
-    // Without a task_source it is refused by the configuration check.
+    // Without a task_source and a user it is refused by the configuration check.
     let lone = config_as(
         WebhookFormat::Dovecot,
         WebhookAuth::SharedSecret {
@@ -641,6 +652,6 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
             .iter()
             .map(|p| p.key.as_str())
             .collect::<Vec<_>>(),
-        ["sources.push.task_source"]
+        ["sources.push.task_source", "sources.push.dovecot_user"]
     );
 }

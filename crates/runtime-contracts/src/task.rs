@@ -188,13 +188,42 @@ impl Task {
     #[must_use]
     pub fn keep_id_after_ack(mut self) -> Self {
         self.headers
-            .insert(Self::KEEP_ID_HEADER.to_owned(), "1".to_owned());
+            .insert(Self::KEEP_ID_HEADER.to_owned(), String::new());
+        self
+    }
+
+    /// [`Task::keep_id_after_ack`] for at most `window` (never beyond the queue's own dedupe
+    /// window): long enough to close a race between two publishers of one pointer, short
+    /// enough that the pointer can be published again afterwards.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use runtime_contracts::Task;
+    /// let task = Task::new("imap:inbox:INBOX:7:42", "k", "s", serde_json::Value::Null).unwrap();
+    /// let kept = task.keep_id_after_ack_for(Duration::from_secs(300));
+    /// assert_eq!(kept.kept_for(), Some(Duration::from_secs(300)));
+    /// ```
+    #[must_use]
+    pub fn keep_id_after_ack_for(mut self, window: std::time::Duration) -> Self {
+        self.headers.insert(
+            Self::KEEP_ID_HEADER.to_owned(),
+            window.as_secs().max(1).to_string(),
+        );
         self
     }
 
     /// Whether the queue keeps the id after the ack (see [`Task::keep_id_after_ack`]).
     pub fn keeps_id_after_ack(&self) -> bool {
         self.headers.contains_key(Self::KEEP_ID_HEADER)
+    }
+
+    /// How long the id is kept after the ack when the task says
+    /// ([`Task::keep_id_after_ack_for`]); `None`: the queue's dedupe window, or not kept.
+    pub fn kept_for(&self) -> Option<std::time::Duration> {
+        self.headers
+            .get(Self::KEEP_ID_HEADER)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_secs)
     }
 }
 

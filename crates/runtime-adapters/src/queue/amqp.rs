@@ -964,9 +964,18 @@ impl TaskQueue for AmqpQueue {
             self.answer("basic.ack", held.acker.ack(BasicAckOptions::default()))
                 .await
                 .map_err(|_| QueueError::UnknownLease(lease.receipt))?;
-            // A task that keeps its id stays known for the dedupe window.
+            // A task that keeps its id stays known for the dedupe window, or the shorter
+            // window it asks for (its entry dated so that it ends then).
             if !lease.task.keeps_id_after_ack() {
                 self.forget(&id);
+            } else if let Some(keep) = lease.task.kept_for() {
+                let window = Duration::from_secs(self.config.dedupe_window_secs);
+                if let Some(at) = window
+                    .checked_sub(keep)
+                    .and_then(|early| Instant::now().checked_sub(early))
+                {
+                    lock(&self.known).insert(id, Known::Pending(at));
+                }
             }
             self.processed.fetch_add(1, Ordering::Relaxed);
             Ok(())

@@ -256,7 +256,13 @@ impl MemoryQueue {
     }
 
     fn publish_now(&self, task: Task) -> Result<PublishResult, QueueError> {
-        let result = if !self.known.insert(&task.id) {
+        // A kept id whose window has passed is forgotten first (only when ids are kept).
+        let fresh = self.known.insert(&task.id)
+            || (self.kept.len.load(std::sync::atomic::Ordering::Relaxed) > 0 && {
+                drop(self.forget_expired());
+                self.known.insert(&task.id)
+            });
+        let result = if !fresh {
             Ok(PublishResult::AlreadyKnown)
         } else {
             let mut state = self.lock();
@@ -281,20 +287,33 @@ impl MemoryQueue {
 
     /// Forgets an acknowledged task's id, or keeps it for the dedupe window when the task
     /// asks for that; forgets the kept ids whose window has passed.
+    /// Forgets the kept ids whose window has passed; the kept ids, locked.
+    fn forget_expired(&self) -> MutexGuard<'_, VecDeque<(Instant, TaskId)>> {
+        let now = Instant::now();
+        let mut kept = self.kept.ids.lock().unwrap_or_else(|e| e.into_inner());
+        while kept.front().is_some_and(|(until, _)| *until <= now) {
+            if let Some((_, id)) = kept.pop_front() {
+                self.known.remove(&id);
+            }
+        }
+        self.kept
+            .len
+            .store(kept.len(), std::sync::atomic::Ordering::Relaxed);
+        kept
+    }
+
     fn settled(&self, task: &Task) {
         use std::sync::atomic::Ordering::Relaxed;
         let keep = task.keeps_id_after_ack();
         if keep || self.kept.len.load(Relaxed) > 0 {
             let now = Instant::now();
-            let mut kept = self.kept.ids.lock().unwrap_or_else(|e| e.into_inner());
-            while kept.front().is_some_and(|(until, _)| *until <= now) {
-                if let Some((_, id)) = kept.pop_front() {
-                    self.known.remove(&id);
-                }
-            }
+            let mut kept = self.forget_expired();
             if keep {
-                let ttl = Duration::from_secs(self.config.dedupe_ttl_secs);
-                kept.push_back((now + ttl, task.id.clone()));
+                let window = Duration::from_secs(self.config.dedupe_ttl_secs);
+                let ttl = task.kept_for().map_or(window, |t| t.min(window));
+                // Kept in order of expiry: a shorter window goes before longer ones.
+                let at = kept.partition_point(|(until, _)| *until <= now + ttl);
+                kept.insert(at, (now + ttl, task.id.clone()));
             }
             self.kept.len.store(kept.len(), Relaxed);
         }

@@ -772,6 +772,17 @@ impl TaskQueue for RedisQueue {
                 if !forget.is_empty() {
                     pipe.cmd("DEL").arg(forget).ignore();
                 }
+                // A shorter window than the publish TTL: the key expires sooner.
+                for (_, task) in &entries {
+                    if let Some(window) = task.kept_for() {
+                        if window.as_secs() < self.config.dedupe_ttl_secs {
+                            pipe.cmd("EXPIRE")
+                                .arg(self.keys.known(task.id.as_str()))
+                                .arg(window.as_secs().max(1))
+                                .ignore();
+                        }
+                    }
+                }
                 let _: () = pipe
                     .query_async(&mut conn)
                     .await

@@ -143,9 +143,14 @@ pub struct WebhookConfig {
     /// Accept the in-memory queue although an enqueue there is lost with the process.
     #[serde(default)]
     pub allow_volatile_queue: bool,
-    /// How the body is read (`json`, `pubsub`, `graph`).
+    /// How the body is read (`json`, `pubsub`, `graph`, `dovecot`).
     #[serde(default)]
     pub format: WebhookFormat,
+    /// For `format = "dovecot"`: the Dovecot user whose mailbox `task_source` reads. A
+    /// notification for any other user is answered and ignored: its UIDs are another
+    /// mailbox's.
+    #[serde(default)]
+    pub dovecot_user: Option<String>,
     /// How deliveries authenticate.
     pub auth: WebhookAuth,
 }
@@ -222,10 +227,23 @@ impl WebhookConfig {
                 "the pubsub, graph and dovecot formats take their ids from the body themselves",
             ));
         }
-        if self.format == WebhookFormat::Dovecot && self.task_source.is_none() {
+        if self.format == WebhookFormat::Dovecot {
+            if self.task_source.is_none() {
+                problems.push(ConfigProblem::new(
+                    format!("{prefix}.task_source"),
+                    "a dovecot notification points at an IMAP message: name the IMAP source that loads it",
+                ));
+            }
+            if self.dovecot_user.as_deref().is_none_or(str::is_empty) {
+                problems.push(ConfigProblem::new(
+                    format!("{prefix}.dovecot_user"),
+                    "name the Dovecot user whose mailbox task_source reads: another user's UIDs point elsewhere",
+                ));
+            }
+        } else if self.dovecot_user.is_some() {
             problems.push(ConfigProblem::new(
-                format!("{prefix}.task_source"),
-                "a dovecot notification points at an IMAP message: name the IMAP source that loads it",
+                format!("{prefix}.dovecot_user"),
+                "only for format = \"dovecot\"",
             ));
         }
         match self.auth.secrets() {
@@ -348,6 +366,11 @@ fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Respons
     )
         .into_response()
 }
+
+/// How long the id of a Dovecot notification's task stays known after its ack: longer than
+/// any search of the mailbox takes, short enough that a message marked unread again is read
+/// again by the mailbox's source.
+const DOVECOT_KEEP: Duration = Duration::from_secs(300);
 
 /// A refusal not yet made into a response: status, error code, message.
 struct Refusal(StatusCode, &'static str, String);
@@ -588,6 +611,10 @@ impl Handler {
                 }
                 let text = |k: &str| payload.get(k).and_then(Value::as_str);
                 let number = |k: &str| payload.get(k).and_then(Value::as_u64).filter(|n| *n > 0);
+                if text("user") != self.config.dovecot_user.as_deref() {
+                    tracing::debug!(source = %self.id, user = ?text("user"), "notification for another user ignored");
+                    return Ok(Vec::new());
+                }
                 let (Some(user), Some(folder), Some(validity), Some(uid)) = (
                     text("user"),
                     text("folder"),
@@ -600,7 +627,7 @@ impl Handler {
                     ));
                 };
                 Ok(vec![(
-                    format!("{user}:{folder}:{validity}:{uid}"),
+                    format!("{folder}:{validity}:{uid}"),
                     json!({
                         "account": user,
                         "mailbox": folder,
@@ -716,12 +743,23 @@ impl Handler {
         };
         let mut tasks = Vec::with_capacity(announced.len());
         for (delivery, payload) in announced {
+            // A Dovecot notification gets the id the IMAP source gives the same message, so
+            // the notification and the source's own search publish one task between them.
+            let dovecot = config.format == WebhookFormat::Dovecot;
+            let id = if dovecot {
+                format!("imap:{}:{delivery}", self.shared_id)
+            } else {
+                format!("webhook:{}:{delivery}", self.id)
+            };
             match Task::new(
-                format!("webhook:{}:{delivery}", self.id),
+                id,
                 config.kind.as_str(),
                 Arc::clone(&self.shared_id),
                 payload,
             ) {
+                // The source's own search may have listed the message just before this task
+                // completed: the id stays known a while, so that search publishes nothing.
+                Ok(task) if dovecot => tasks.push(task.keep_id_after_ack_for(DOVECOT_KEEP)),
                 // A provider's retry after the task was done must not make a second one.
                 Ok(task) => tasks.push(task.keep_id_after_ack()),
                 Err(e @ runtime_contracts::TaskError::PayloadTooLarge { .. }) => {

@@ -34,6 +34,9 @@ pub use config::{ImapConfig, ImapMode, TlsMode};
 use connection::{connect, tls_config, ConnectError, ImapSession, Pool, Pooled};
 
 /// An IMAP UID set (`1:5,7,9:10`) of ascending UIDs.
+/// How long a message's task id stays known after its ack (see `task_for`).
+const KEEP_AFTER_ACK: Duration = Duration::from_secs(30);
+
 fn uid_set(uids: &[u32]) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut i = 0;
@@ -538,6 +541,9 @@ impl ImapSource {
             Arc::clone(&self.shared_id),
             payload,
         )
+        // A new-mail notification (a Dovecot push) may arrive after the search's task is
+        // done: the id stays known a while, so the notification makes no second task.
+        .map(|task| task.keep_id_after_ack_for(KEEP_AFTER_ACK))
         .map_err(|e| e.to_string())
     }
 
