@@ -177,7 +177,8 @@ impl Task {
     /// publish of the same id (a provider retrying a delivery that was already done, a
     /// schedule slot fired again by a restart or a second replica) is
     /// [`AlreadyKnown`](crate::PublishResult::AlreadyKnown) for the queue's dedupe window.
-    /// Mail tasks do not use it: a message marked unread again is meant to be read again.
+    /// A pointer whose work can come back (a Maildir message marked unread again) keeps its
+    /// id for a short window at most ([`Task::keep_id_after_ack_for`]), or not at all.
     ///
     /// ```
     /// use runtime_contracts::Task;
