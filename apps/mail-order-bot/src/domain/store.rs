@@ -388,7 +388,16 @@ impl OrderStore {
     /// transaction fails, nothing of it is kept and each recording is tried again in its
     /// own transaction, so one bad row never fails the others.
     pub async fn record_batch(&self, recs: &[&Recording]) -> Vec<Result<Recorded, StoreError>> {
-        if recs.len() > 1 {
+        if recs.len() > 1 && self.backend == Backend::Postgres {
+            match self.record_all_postgres(recs).await {
+                Ok(recorded) => return recorded,
+                Err(e) => tracing::warn!(
+                    recordings = recs.len(),
+                    error = %e,
+                    "the batch's statement failed; recording each message alone"
+                ),
+            }
+        } else if recs.len() > 1 {
             let batch = async {
                 let mut tx = self.pool.begin().await?;
                 let recorded = self.record_all_in(&mut tx, recs).await?;
@@ -409,6 +418,110 @@ impl OrderStore {
             out.push(self.record(rec).await);
         }
         out
+    }
+
+    /// PostgreSQL: a batch's new outcomes, their orders and the orders' lines in one
+    /// statement (one round trip, prepared once per connection: its text never changes),
+    /// the batch carried as two JSON parameters. Order ids are drawn from the sequence
+    /// before the outcome rows are claimed, so each claimed outcome is written with its
+    /// order id and no second pass links them; an identity whose outcome exists already
+    /// (and is not `failed`) claims nothing, its drawn id is a gap, and no order is written
+    /// for it. The statement is atomic: all of its rows or none. Recordings it did not
+    /// claim (duplicates, conflicts, an identity repeated in the batch) are then recorded
+    /// one by one, each in its own transaction, after the rows they may repeat.
+    async fn record_all_postgres(
+        &self,
+        recs: &[&Recording],
+    ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
+        let mut firsts: Vec<usize> = Vec::with_capacity(recs.len());
+        {
+            let mut identities = std::collections::HashSet::with_capacity(recs.len());
+            for (i, rec) in recs.iter().enumerate() {
+                if identities.insert(rec.identity.as_str()) {
+                    firsts.push(i);
+                }
+            }
+        }
+        let mut outcomes = Vec::with_capacity(firsts.len());
+        let mut lines = Vec::new();
+        for &i in &firsts {
+            let rec = recs[i];
+            outcomes.push(serde_json::json!({
+                "identity": rec.identity,
+                "outcome": rec.outcome.as_str(),
+                "reason": rec.reason,
+                "sha": rec.content_sha256,
+                "fingerprint": rec.fingerprint,
+                "sender": rec.sender,
+                "subject": rec.subject,
+                "task_id": rec.task_id,
+                "client_id": rec.order.as_ref().map(|o| &o.client_id),
+                "client_name": rec.order.as_ref().map(|o| &o.client_name),
+            }));
+            for (n, line) in rec.order.iter().flat_map(|o| o.lines.iter()).enumerate() {
+                lines.push(serde_json::json!({
+                    "identity": rec.identity,
+                    "line_no": n + 1,
+                    "sku": line.sku,
+                    "quantity": line.quantity,
+                    "origin": line.origin,
+                }));
+            }
+        }
+        let now = self.backend.now();
+        let sql = format!(
+            "WITH input AS (
+                 SELECT x.*, CASE WHEN x.client_id IS NOT NULL
+                     THEN nextval(pg_get_serial_sequence('orders', 'id')) END AS order_id
+                 FROM json_to_recordset($1::json) AS x(identity TEXT, outcome TEXT, reason TEXT,
+                     sha TEXT, fingerprint TEXT, sender TEXT, subject TEXT, task_id TEXT,
+                     client_id TEXT, client_name TEXT)
+             ), claimed AS (
+                 INSERT INTO message_outcomes
+                     (message_identity, outcome, reason, content_sha256, content_fingerprint,
+                      sender, subject, task_id, order_id, recorded_at, updated_at)
+                 SELECT identity, outcome, reason, sha, fingerprint, sender, subject, task_id,
+                     order_id, {now}, {now}
+                 FROM input
+                 ON CONFLICT (message_identity) DO UPDATE SET order_id = excluded.order_id,
+                     {CLAIM_FAILED}
+                 RETURNING message_identity, order_id
+             ), new_orders AS (
+                 INSERT INTO orders
+                     (id, message_identity, client_id, client_name, sender, subject, created_at)
+                 SELECT input.order_id, input.identity, input.client_id, input.client_name,
+                     COALESCE(input.sender, ''), input.subject, {now}
+                 FROM claimed JOIN input ON input.identity = claimed.message_identity
+                 WHERE input.order_id IS NOT NULL
+                 RETURNING id, message_identity
+             ), new_lines AS (
+                 INSERT INTO order_lines (order_id, line_no, sku, quantity, origin)
+                 SELECT new_orders.id, l.line_no, l.sku, l.quantity, l.origin
+                 FROM json_to_recordset($2::json) AS l(identity TEXT, line_no BIGINT,
+                     sku TEXT, quantity BIGINT, origin TEXT)
+                 JOIN new_orders ON new_orders.message_identity = l.identity
+             )
+             SELECT message_identity, order_id FROM claimed"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(serde_json::Value::Array(outcomes).to_string())
+            .bind(serde_json::Value::Array(lines).to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut claimed: HashMap<String, Option<i64>> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            claimed.insert(row.try_get("message_identity")?, row.try_get("order_id")?);
+        }
+        let mut out = Vec::with_capacity(recs.len());
+        let mut firsts = firsts.into_iter().peekable();
+        for (i, rec) in recs.iter().enumerate() {
+            let first = firsts.next_if_eq(&i).is_some();
+            match claimed.get(&rec.identity) {
+                Some(&order_id) if first => out.push(Ok(Recorded::New { order_id })),
+                _ => out.push(self.record(rec).await),
+            }
+        }
+        Ok(out)
     }
 
     /// A batch's recordings in `tx` with a few statements for the whole batch: one
@@ -879,7 +992,141 @@ impl runtime_contracts::OutcomeLookup for OrderStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{placeholders, Backend};
+    use super::{placeholders, Backend, NewOrder, OrderStore, Recorded, Recording};
+    use crate::domain::extract::OrderLine;
+    use crate::domain::OutcomeKind;
+
+    fn recording(identity: &str, lines: &[(&str, u32)], fingerprint: &str) -> Recording {
+        Recording {
+            identity: identity.to_owned(),
+            content_sha256: format!("sha-{identity}"),
+            fingerprint: fingerprint.to_owned(),
+            sender: Some("buyer@example.com".to_owned()),
+            subject: Some(format!("order {identity}")),
+            task_id: format!("task-{identity}"),
+            outcome: if lines.is_empty() {
+                OutcomeKind::NoLines
+            } else {
+                OutcomeKind::Created
+            },
+            reason: lines.is_empty().then(|| "no lines".to_owned()),
+            order: (!lines.is_empty()).then(|| NewOrder {
+                client_id: "acme".to_owned(),
+                client_name: "ACME".to_owned(),
+                lines: lines
+                    .iter()
+                    .map(|(sku, quantity)| OrderLine {
+                        sku: (*sku).to_owned(),
+                        quantity: *quantity,
+                        origin: "body".to_owned(),
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    /// The one-statement batch on a real PostgreSQL, called directly (`record_batch` would
+    /// hide its failure behind the one-by-one fallback): new outcomes with and without
+    /// orders, a `failed` outcome replaced, an identity repeated in the batch, one recorded
+    /// before, and one reusing a Message-ID for other content.
+    #[tokio::test]
+    async fn the_postgres_batch_statement_writes_outcomes_orders_and_lines_at_once() {
+        let pg = plba_testkit::PostgresServer::start();
+        let store = OrderStore::open(&pg.create_database())
+            .await
+            .expect("store");
+        store
+            .record_failure("mid:a", "sha-mid:a", "task-old", "handler failed")
+            .await
+            .expect("failure");
+        let earlier = recording("mid:d", &[("D-1", 1)], "fp-d");
+        assert!(matches!(
+            store.record(&earlier).await.expect("record"),
+            Recorded::New { order_id: Some(_) }
+        ));
+        let recs = [
+            recording("mid:b", &[("B-1", 2), ("B-2", 5)], "fp-b"),
+            recording("mid:c", &[], "fp-c"),
+            recording("mid:a", &[("A-1", 3)], "fp-a"),
+            recording("mid:b", &[("B-1", 2), ("B-2", 5)], "fp-b"),
+            recording("mid:d", &[("D-1", 1)], "fp-d"),
+            recording("mid:d", &[("X-9", 9)], "fp-other"),
+        ];
+        let refs: Vec<&Recording> = recs.iter().collect();
+        let out = store
+            .record_all_postgres(&refs)
+            .await
+            .expect("the statement");
+        let out: Vec<Recorded> = out.into_iter().map(|r| r.expect("recorded")).collect();
+        let order_of = |r: &Recorded| match r {
+            Recorded::New { order_id } => *order_id,
+            other => panic!("not new: {other:?}"),
+        };
+        let (b, a) = (order_of(&out[0]), order_of(&out[2]));
+        assert!(b.is_some() && a.is_some() && b != a);
+        assert_eq!(order_of(&out[1]), None);
+        assert!(
+            matches!(&out[3], Recorded::Duplicate { earlier, order_id } if earlier == "created" && *order_id == b),
+            "{:?}",
+            out[3]
+        );
+        assert!(
+            matches!(&out[4], Recorded::Duplicate { .. }),
+            "{:?}",
+            out[4]
+        );
+        assert!(
+            matches!(&out[5], Recorded::Conflict { identity, .. } if identity == "mid:d#fp-other"),
+            "{:?}",
+            out[5]
+        );
+        let orders = store.orders_after(0).await.expect("orders");
+        let summary: Vec<(String, Vec<(String, u32)>)> = orders
+            .iter()
+            .map(|o| {
+                let lines = o
+                    .lines
+                    .iter()
+                    .map(|l| (l.sku.clone(), l.quantity))
+                    .collect();
+                (o.message_identity.clone(), lines)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("mid:d".to_owned(), vec![("D-1".to_owned(), 1)]),
+                (
+                    "mid:b".to_owned(),
+                    vec![("B-1".to_owned(), 2), ("B-2".to_owned(), 5)]
+                ),
+                ("mid:a".to_owned(), vec![("A-1".to_owned(), 3)]),
+            ]
+        );
+        let outcomes = store.outcomes().await.expect("outcomes");
+        let get = |id: &str| {
+            outcomes
+                .iter()
+                .find(|o| o.message_identity == id)
+                .unwrap_or_else(|| panic!("no outcome for {id}"))
+        };
+        assert_eq!(
+            (get("mid:a").outcome.as_str(), get("mid:a").order_id),
+            ("created", a)
+        );
+        assert_eq!(
+            get("mid:a").deliveries,
+            2,
+            "the failed delivery and this one"
+        );
+        assert_eq!((get("mid:b").order_id, get("mid:b").deliveries), (b, 2));
+        assert_eq!(
+            (get("mid:c").outcome.as_str(), get("mid:c").order_id),
+            ("no_lines", None)
+        );
+        assert_eq!(get("mid:d").deliveries, 2);
+        assert_eq!(get("mid:d#fp-other").outcome, "conflicting_duplicate");
+    }
 
     #[test]
     fn placeholders_are_numbered_for_postgres_and_positional_for_sqlite() {
