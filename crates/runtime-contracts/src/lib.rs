@@ -36,12 +36,13 @@ pub use handler::{HandlerContext, HandlerError, Outcome, TaskHandler};
 pub use health::{HealthContributor, HealthStatus, Probe};
 pub use module::{ApplicationModule, ModuleError, ModuleRegistry, OutcomeLookup};
 pub use queue::{
-    ConsumerInfo, DeadLetter, DeadLetterPage, DeadLetterStore, Inspection, Lease, LeaseInfo,
-    PublishResult, QueueError, QueueStats, RetryInfo, TaskQueue,
+    ConsumerInfo, DeadLetter, DeadLetterPage, DeadLetterStore, Inspection, Lease, LeaseHolder,
+    LeaseInfo, Leases, PublishResult, QueueError, QueueStats, RetryInfo, TaskQueue,
 };
 pub use shutdown::{CancelSignal, Shutdown};
 pub use source::{
-    Backpressure, Disposition, SourceContext, SourceError, SourceState, SourceStatus, TaskSource,
+    Backpressure, Disposition, SourceContext, SourceError, SourceLease, SourceState, SourceStatus,
+    TaskSource,
 };
 pub use task::{AttemptFailure, Headers, Task, TaskError, TaskId};
 pub use trace::{SpanGuard, StageTracer, TraceFactory};

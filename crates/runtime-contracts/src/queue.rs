@@ -29,6 +29,70 @@ pub enum QueueError {
     /// A dead letter with this id does not exist.
     #[error("dead letter {0} not found")]
     DeadLetterNotFound(String),
+    /// The task was published under a lease that is no longer the current one
+    /// ([`Task::fenced`]): nothing was added, and the publisher must step down.
+    #[error("publish refused: fencing token {token} of {resource} is older than {current}")]
+    Fenced {
+        /// The leased resource.
+        resource: String,
+        /// The task's token.
+        token: u64,
+        /// The resource's current token.
+        current: u64,
+    },
+}
+
+/// Who holds a lease ([`Leases::holder`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseHolder {
+    /// The holder's name (host and process).
+    pub owner: String,
+    /// Its fencing token.
+    pub token: u64,
+    /// Time left before the lease expires unless renewed.
+    pub expires_in: Duration,
+}
+
+/// Leases on named resources across processes, for work that only one replica may do at a
+/// time (watching a mailbox), with fencing tokens: every new lease on a resource gets a
+/// larger token than any before it, and the queue that hands out the leases refuses a
+/// task published under an older one ([`Task::fenced`], [`QueueError::Fenced`]).
+///
+/// A lease expires after its time to live unless renewed; its holder renews it well
+/// before, and stops the leased work when a renewal fails or a publish is fenced.
+pub trait Leases: Send + Sync {
+    /// Takes the lease on `resource` for `owner` if nobody holds it: its new token, or
+    /// `None` when another holder has it.
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<u64>, QueueError>>;
+
+    /// Extends the lease while `owner` still holds it with `token`: `false` when it was
+    /// lost (expired, taken by another).
+    fn renew<'a>(
+        &'a self,
+        resource: &'a str,
+        owner: &'a str,
+        token: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, QueueError>>;
+
+    /// Gives the lease up if `owner` still holds it with `token`.
+    fn release<'a>(
+        &'a self,
+        resource: &'a str,
+        owner: &'a str,
+        token: u64,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
+
+    /// Who holds the lease now, if anyone.
+    fn holder<'a>(
+        &'a self,
+        resource: &'a str,
+    ) -> BoxFuture<'a, Result<Option<LeaseHolder>, QueueError>>;
 }
 
 /// What `publish` did.
@@ -182,6 +246,12 @@ pub trait TaskQueue: Send + Sync {
 
     /// The dead-letter capability, for queues that offer listing, replay and purge.
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
+        None
+    }
+
+    /// Leases with fencing tokens, for queues shared by several processes (Redis); `None`
+    /// for a queue that one process owns, where there is nobody to share work with.
+    fn leases(&self) -> Option<&dyn Leases> {
         None
     }
 

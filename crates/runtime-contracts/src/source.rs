@@ -76,6 +76,28 @@ pub struct SourceStatus {
     /// When the source next fires on its own (a schedule's next slot), RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_due: Option<String>,
+    /// Its lease, when replicas share what it watches and one of them watches at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<SourceLease>,
+}
+
+/// A source's lease on what it watches ([`crate::Leases`]), for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceLease {
+    /// The leased resource.
+    pub resource: String,
+    /// Whether this process holds it and watches.
+    pub held: bool,
+    /// The holder, as last seen: this process's name when it holds the lease.
+    pub holder: Option<String>,
+    /// The holder's fencing token, as last seen.
+    pub token: Option<u64>,
+    /// How long this process has held it.
+    pub held_for: Option<Duration>,
+    /// Times this process took the lease.
+    pub acquired: u64,
+    /// Publishes the queue refused because this process's lease was no longer current.
+    pub fenced_publishes: u64,
 }
 
 /// What happened to a task that will not be completed.
@@ -153,7 +175,8 @@ impl fmt::Debug for SourceContext {
 ///     }
 ///     fn status(&self) -> SourceStatus {
 ///         SourceStatus { state: SourceState::Idle, published: 0, completed: 0, pending: 0,
-///                        last_event_age: None, last_error: None, next_due: None }
+///                        last_event_age: None, last_error: None, next_due: None,
+///                        lease: None }
 ///     }
 ///     fn load_content<'a>(&'a self, _t: &'a Task) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
 ///         Box::pin(async { Ok(None) })

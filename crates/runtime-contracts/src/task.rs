@@ -213,6 +213,35 @@ impl Task {
         self
     }
 
+    /// The header that carries a task's fence: `<token> <resource>`.
+    pub const FENCE_HEADER: &'static str = "plba-fence";
+
+    /// Marks the task as published under the lease on `resource` with fencing `token`
+    /// ([`Leases`](crate::Leases)). A queue that hands out leases refuses it with
+    /// [`QueueError::Fenced`](crate::QueueError::Fenced) once a later lease on `resource`
+    /// has a larger token: a publisher that was paused past its lease cannot publish
+    /// what it saw before it lost the lease.
+    ///
+    /// ```
+    /// use runtime_contracts::Task;
+    /// let task = Task::new("imap:inbox:INBOX:7:42", "k", "s", serde_json::Value::Null).unwrap();
+    /// assert_eq!(task.fence(), None);
+    /// let task = task.fenced("imap/orders@mail:993/inbox", 12);
+    /// assert_eq!(task.fence(), Some(("imap/orders@mail:993/inbox", 12)));
+    /// ```
+    #[must_use]
+    pub fn fenced(mut self, resource: &str, token: u64) -> Self {
+        self.headers
+            .insert(Self::FENCE_HEADER.to_owned(), format!("{token} {resource}"));
+        self
+    }
+
+    /// The resource and token the task was published under ([`Task::fenced`]).
+    pub fn fence(&self) -> Option<(&str, u64)> {
+        let (token, resource) = self.headers.get(Self::FENCE_HEADER)?.split_once(' ')?;
+        Some((resource, token.parse().ok()?))
+    }
+
     /// Whether the queue keeps the id after the ack (see [`Task::keep_id_after_ack`]).
     pub fn keeps_id_after_ack(&self) -> bool {
         self.headers.contains_key(Self::KEEP_ID_HEADER)

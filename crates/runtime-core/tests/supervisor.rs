@@ -65,6 +65,7 @@ impl TaskSource for ScriptSource {
                 .then_some(Duration::ZERO),
             last_error: None,
             next_due: None,
+            lease: None,
         }
     }
     fn load_content<'a>(

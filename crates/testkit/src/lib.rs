@@ -149,6 +149,7 @@ impl TaskSource for StaticSource {
                 .then_some(Duration::ZERO),
             last_error: None,
             next_due: None,
+            lease: None,
         }
     }
     fn load_content<'a>(

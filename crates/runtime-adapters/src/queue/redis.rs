@@ -17,8 +17,8 @@ use deadpool_redis::redis::{self, Value};
 use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
 use runtime_contracts::{
     AttemptFailure, BoxFuture, ConfigProblem, ConsumerInfo, DeadLetter, DeadLetterPage,
-    DeadLetterStore, HealthContributor, HealthStatus, Inspection, Lease, LeaseInfo, Probe,
-    PublishResult, QueueError, QueueStats, RetryInfo, Task, TaskQueue,
+    DeadLetterStore, HealthContributor, HealthStatus, Inspection, Lease, LeaseHolder, LeaseInfo,
+    Leases, Probe, PublishResult, QueueError, QueueStats, RetryInfo, Task, TaskQueue,
 };
 use serde::Deserialize;
 
@@ -122,27 +122,71 @@ const REASON_UNDECODABLE: &str = "undecodable";
 
 /// Publishes unless the id is known: the check and the append are one step, so a crash
 /// between them cannot leave an id marked known with no entry.
+/// With a fence (KEYS[3], ARGV[3]: the task's lease token), a token older than the
+/// resource's current one is refused with the current token, negated.
 const PUBLISH: &str = r"
+if ARGV[3] then
+  local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if tonumber(ARGV[3]) < current then return -current end
+end
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then
   return redis.call('XADD', KEYS[2], '*', 'env', ARGV[1])
 end
 return false
 ";
 
-/// `PUBLISH` for a batch: KEYS[1] is the stream, KEYS[2..] the tasks' known keys, ARGV[1]
-/// the TTL and ARGV[2..] the envelopes. One call per chunk instead of one per task.
+/// `PUBLISH` for a batch: KEYS[1] is the stream, KEYS[2] the chunk's fence key, KEYS[3..]
+/// the tasks' known keys; ARGV[1] the TTL, ARGV[2] the chunk's lease token (`0`: not
+/// fenced) and ARGV[3..] the envelopes. One call per chunk instead of one per task. A
+/// fenced chunk whose token is older than the resource's current one adds nothing and
+/// answers the current token, negated.
 const PUBLISH_BATCH: &str = r"
 local ttl = tonumber(ARGV[1])
+local token = tonumber(ARGV[2])
+if token > 0 then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if token < current then return -current end
+end
 local added = {}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
     redis.call('XADD', KEYS[1], '*', 'env', ARGV[i])
-    added[i - 1] = 1
+    added[i - 2] = 1
   else
-    added[i - 1] = 0
+    added[i - 2] = 0
   end
 end
 return added
+";
+
+/// Takes a free lease (KEYS[1]) for ARGV[1] for ARGV[2] ms with a new fencing token
+/// (KEYS[2]): larger than every token before it, and than the server's clock in ms, so
+/// that tokens keep growing even if the server restarts without its data.
+const LEASE_ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local now = redis.call('TIME')
+local clock = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local token = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, clock)
+redis.call('SET', KEYS[2], string.format('%d', token))
+redis.call('SET', KEYS[1], string.format('%d', token) .. ' ' .. ARGV[1], 'PX', tonumber(ARGV[2]))
+return token
+";
+
+/// Extends the lease (KEYS[1]) to ARGV[2] ms while it is still ARGV[1] (`token owner`).
+const LEASE_RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+return 0
+";
+
+/// Deletes the lease (KEYS[1]) while it is still ARGV[1] (`token owner`).
+const LEASE_RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 ";
 
 /// Tasks per `PUBLISH_BATCH` call: long enough to amortise the call, short enough not to
@@ -171,6 +215,10 @@ struct Keys {
     dead: String,
     dead_index: String,
     known_prefix: String,
+    /// Leases and fencing tokens belong to the key prefix, not to one queue: every queue
+    /// under the prefix honours the same fences.
+    lease_prefix: String,
+    fence_prefix: String,
 }
 
 impl Keys {
@@ -183,11 +231,31 @@ impl Keys {
             dead: format!("{base}:dead"),
             dead_index: format!("{base}:dead:index"),
             known_prefix: format!("{base}:known:"),
+            lease_prefix: format!("{prefix}:lease:"),
+            fence_prefix: format!("{prefix}:fence:"),
         }
+    }
+
+    fn lease(&self, resource: &str) -> String {
+        format!("{}{resource}", self.lease_prefix)
+    }
+
+    fn fence(&self, resource: &str) -> String {
+        format!("{}{resource}", self.fence_prefix)
     }
 
     fn known(&self, id: &str) -> String {
         format!("{}{id}", self.known_prefix)
+    }
+}
+
+/// The refusal of a fenced task whose token is older than `current` (negated by the script).
+fn fenced(task: &Task, current: i64) -> QueueError {
+    let (resource, token) = task.fence().unwrap_or(("", 0));
+    QueueError::Fenced {
+        resource: resource.to_owned(),
+        token,
+        current: current.unsigned_abs(),
     }
 }
 
@@ -651,20 +719,27 @@ impl TaskQueue for RedisQueue {
             let envelope = encode(&task)?;
             let mut conn = self.conn().await?;
             self.ensure_group(&mut conn).await?;
-            let added: Option<String> = self
-                .publish
+            let mut invocation = self.publish.prepare_invoke();
+            invocation
                 .key(self.keys.known(task.id.as_str()))
                 .key(&self.keys.stream)
                 .arg(&envelope)
-                .arg(self.config.dedupe_ttl_secs)
+                .arg(self.config.dedupe_ttl_secs);
+            if let Some((resource, token)) = task.fence() {
+                invocation.key(self.keys.fence(resource)).arg(token);
+            }
+            let added: Value = invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| self.broken(e))?;
-            if added.is_none() {
-                return Ok(PublishResult::AlreadyKnown);
+            match added {
+                Value::Nil => Ok(PublishResult::AlreadyKnown),
+                Value::Int(current) if current < 0 => Err(fenced(&task, current)),
+                _ => {
+                    self.published.fetch_add(1, Ordering::Relaxed);
+                    Ok(PublishResult::Enqueued)
+                }
             }
-            self.published.fetch_add(1, Ordering::Relaxed);
-            Ok(PublishResult::Enqueued)
         })
     }
 
@@ -686,41 +761,69 @@ impl TaskQueue for RedisQueue {
                     .map_err(|e| self.broken(e))?;
                 self.publish_loaded.store(true, Ordering::Relaxed);
             }
+            // Chunks of at most PUBLISH_CHUNK tasks that share one fence (a source's
+            // tasks all do).
+            let mut chunks: Vec<std::ops::Range<usize>> = Vec::new();
+            for (i, task) in tasks.iter().enumerate() {
+                match chunks.last_mut() {
+                    Some(r)
+                        if r.len() < PUBLISH_CHUNK && tasks[r.start].fence() == task.fence() =>
+                    {
+                        r.end = i + 1;
+                    }
+                    _ => chunks.push(i..i + 1),
+                }
+            }
             let mut pipe = redis::pipe();
-            for (chunk, envs) in tasks
-                .chunks(PUBLISH_CHUNK)
-                .zip(envelopes.chunks(PUBLISH_CHUNK))
-            {
+            for range in &chunks {
+                let fence = tasks[range.start].fence();
                 pipe.cmd("EVALSHA")
                     .arg(self.publish_batch.get_hash())
-                    .arg(chunk.len() + 1)
-                    .arg(&self.keys.stream);
-                for task in chunk {
+                    .arg(range.len() + 2)
+                    .arg(&self.keys.stream)
+                    .arg(
+                        fence.map_or_else(|| self.keys.stream.clone(), |(r, _)| self.keys.fence(r)),
+                    );
+                for task in &tasks[range.clone()] {
                     pipe.arg(self.keys.known(task.id.as_str()));
                 }
-                pipe.arg(self.config.dedupe_ttl_secs);
-                for envelope in envs {
+                pipe.arg(self.config.dedupe_ttl_secs)
+                    .arg(fence.map_or(0, |(_, token)| token));
+                for envelope in &envelopes[range.clone()] {
                     pipe.arg(envelope);
                 }
             }
-            let added: Vec<Vec<i64>> = pipe
+            let added: Vec<Value> = pipe
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.broken(e))?;
-            let results: Vec<PublishResult> = added
-                .iter()
-                .flatten()
-                .map(|a| match a {
-                    1 => PublishResult::Enqueued,
-                    _ => PublishResult::AlreadyKnown,
-                })
-                .collect();
+            let mut results: Vec<PublishResult> = Vec::with_capacity(tasks.len());
+            let mut refused = None;
+            for (range, answer) in chunks.iter().zip(&added) {
+                match answer {
+                    Value::Int(current) if *current < 0 => {
+                        refused.get_or_insert_with(|| fenced(&tasks[range.start], *current));
+                    }
+                    Value::Array(flags) => results.extend(flags.iter().map(|a| match a {
+                        Value::Int(1) => PublishResult::Enqueued,
+                        _ => PublishResult::AlreadyKnown,
+                    })),
+                    other => {
+                        return Err(self.broken(format!("unexpected publish answer {other:?}")))
+                    }
+                }
+            }
             let enqueued = results
                 .iter()
                 .filter(|r| **r == PublishResult::Enqueued)
                 .count();
             self.published.fetch_add(enqueued as u64, Ordering::Relaxed);
-            Ok(results)
+            match refused {
+                // Chunks under a current lease may have been added; publishing is
+                // idempotent, so the caller treats the whole batch as not published.
+                Some(e) => Err(e),
+                None => Ok(results),
+            }
         })
     }
 
@@ -935,6 +1038,10 @@ impl TaskQueue for RedisQueue {
                 .map_err(|e| self.broken(e))?;
             Ok(Some(exists))
         })
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
     }
 
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
@@ -1190,6 +1297,97 @@ fn unreachable_task() -> Task {
         attempt: 0,
         history: Vec::new(),
     }
+}
+
+/// Leases live beside the queue's keys: `<prefix>:lease:<resource>` holds `token owner`
+/// with the lease's expiry, `<prefix>:fence:<resource>` the last token handed out.
+impl Leases for RedisQueue {
+    fn acquire<'a>(
+        &'a self,
+        resource: &'a str,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<u64>, QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let token: Option<u64> = redis::Script::new(LEASE_ACQUIRE)
+                .key(self.keys.lease(resource))
+                .key(self.keys.fence(resource))
+                .arg(owner)
+                .arg(millis(ttl))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            Ok(token)
+        })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        resource: &'a str,
+        owner: &'a str,
+        token: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let renewed: i64 = redis::Script::new(LEASE_RENEW)
+                .key(self.keys.lease(resource))
+                .arg(format!("{token} {owner}"))
+                .arg(millis(ttl))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            Ok(renewed == 1)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        resource: &'a str,
+        owner: &'a str,
+        token: u64,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let _: i64 = redis::Script::new(LEASE_RELEASE)
+                .key(self.keys.lease(resource))
+                .arg(format!("{token} {owner}"))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            Ok(())
+        })
+    }
+
+    fn holder<'a>(
+        &'a self,
+        resource: &'a str,
+    ) -> BoxFuture<'a, Result<Option<LeaseHolder>, QueueError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let key = self.keys.lease(resource);
+            let (value, ttl_ms): (Option<String>, i64) = redis::pipe()
+                .get(&key)
+                .pttl(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.broken(e))?;
+            Ok(value.and_then(|v| {
+                let (token, owner) = v.split_once(' ')?;
+                Some(LeaseHolder {
+                    owner: owner.to_owned(),
+                    token: token.parse().ok()?,
+                    expires_in: Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0)),
+                })
+            }))
+        })
+    }
+}
+
+/// A lease's time to live in whole milliseconds, at least one.
+fn millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl DeadLetterStore for RedisQueue {

@@ -95,6 +95,10 @@ pub(crate) struct Progress {
     completed: u64,
     last_event: Option<std::time::Instant>,
     last_error: Option<String>,
+    /// The watcher's lease, when replicas share what the source watches.
+    pub(crate) lease: Option<runtime_contracts::SourceLease>,
+    /// Since when this process holds that lease.
+    pub(crate) lease_since: Option<std::time::Instant>,
 }
 
 #[cfg(any(feature = "source-maildir", feature = "source-imap"))]
@@ -159,6 +163,10 @@ impl Progress {
             last_event_age: self.last_event.map(|t| t.elapsed()),
             last_error: self.last_error.clone(),
             next_due: None,
+            lease: self.lease.clone().map(|mut lease| {
+                lease.held_for = self.lease_since.map(|t| t.elapsed());
+                lease
+            }),
         }
     }
 }

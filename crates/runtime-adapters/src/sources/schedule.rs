@@ -415,6 +415,7 @@ impl TaskSource for ScheduleSource {
             last_event_age: c.last_tick.map(|t| t.elapsed()),
             last_error: c.error.clone(),
             next_due: c.next_due.clone(),
+            lease: None,
         }
     }
 

@@ -954,6 +954,7 @@ impl TaskSource for WebhookSource {
             last_event_age: matches!(c.state, Some(SourceState::Running)).then_some(Duration::ZERO),
             last_error: c.error.clone(),
             next_due: None,
+            lease: None,
         }
     }
 

@@ -65,6 +65,28 @@ pub struct SourceReport {
     /// When it next fires on its own (a schedule's next slot), RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_due: Option<String>,
+    /// Its lease, when replicas share what it watches (one watches at a time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseReport>,
+}
+
+/// A source's lease, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReport {
+    /// The leased resource.
+    pub resource: String,
+    /// Whether this replica holds it and watches.
+    pub held: bool,
+    /// The holder, as last seen.
+    pub holder: Option<String>,
+    /// The holder's fencing token, as last seen.
+    pub token: Option<u64>,
+    /// Milliseconds this replica has held it.
+    pub held_for_ms: Option<u64>,
+    /// Times this replica took the lease.
+    pub acquired: u64,
+    /// Publishes refused because this replica's lease was no longer current.
+    pub fenced_publishes: u64,
 }
 
 /// A snapshot of the whole runtime.
@@ -551,6 +573,17 @@ impl RuntimeManager {
                 .map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
             last_error: status.last_error,
             next_due: status.next_due,
+            lease: status.lease.map(|l| LeaseReport {
+                resource: l.resource,
+                held: l.held,
+                holder: l.holder,
+                token: l.token,
+                held_for_ms: l
+                    .held_for
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                acquired: l.acquired,
+                fenced_publishes: l.fenced_publishes,
+            }),
         }
     }
 

@@ -97,6 +97,20 @@ pub struct ImapConfig {
     /// Longest wait between reconnection attempts, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// On a queue shared by several processes (Redis), only the replica holding the
+    /// mailbox's lease watches it; the others run workers and take over when the lease
+    /// expires. `false`: every replica watches (safe, since publishing is idempotent, but
+    /// each search costs the server).
+    #[serde(default = "default_exclusive")]
+    pub exclusive: bool,
+    /// The watcher's lease lasts this long unless renewed (every third of it), in
+    /// milliseconds: a replica that dies is replaced as watcher within about this time.
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// Replicas sharing this mailbox: each opens up to `connections` worker connections,
+    /// so `replicas` x `connections` plus one watcher must stay within `max_connections`.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
 }
 
 impl std::fmt::Debug for ImapConfig {
@@ -154,6 +168,15 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_max_backoff_ms() -> u64 {
     60_000
 }
+fn default_exclusive() -> bool {
+    true
+}
+fn default_lease_ttl_ms() -> u64 {
+    10_000
+}
+fn default_replicas() -> usize {
+    1
+}
 
 /// RFC 2177: clients re-issue IDLE at least every 29 minutes.
 const IDLE_LIMIT_SECS: u64 = 29 * 60;
@@ -173,6 +196,8 @@ impl ImapConfig {
                 ("max_message_bytes", self.max_message_bytes),
                 ("connect_timeout_ms", self.connect_timeout_ms),
                 ("max_backoff_ms", self.max_backoff_ms),
+                ("lease_ttl_ms", self.lease_ttl_ms),
+                ("replicas", self.replicas as u64),
             ],
         );
         let key = |k: &str| format!("{prefix}.{k}");
@@ -188,13 +213,19 @@ impl ImapConfig {
                 ),
             ));
         }
-        if self.connections + 1 > self.max_connections {
+        if self.replicas.max(1) * self.connections + 1 > self.max_connections {
             problems.push(ConfigProblem::new(
                 key("connections"),
                 format!(
-                    "{} worker connections plus the watcher exceed max_connections = {} (the server's limit per user and IP)",
-                    self.connections, self.max_connections
+                    "{} replicas x {} worker connections plus the watcher exceed max_connections = {} (the server's limit per user and IP)",
+                    self.replicas.max(1), self.connections, self.max_connections
                 ),
+            ));
+        }
+        if self.lease_ttl_ms > 0 && self.lease_ttl_ms < 1_000 {
+            problems.push(ConfigProblem::new(
+                key("lease_ttl_ms"),
+                "must be at least 1000 (it is renewed every third of it)",
             ));
         }
         if self.mailboxes.is_empty() || self.mailboxes.iter().any(|m| m.trim().is_empty()) {

@@ -94,6 +94,62 @@ pub struct ImapSource {
     keywords: mpsc::UnboundedSender<Pointer>,
     keyword_rx: Mutex<Option<mpsc::UnboundedReceiver<Pointer>>>,
     seen: SeenBatch,
+    /// While this replica holds the watcher's lease: the resource, the token its tasks
+    /// carry, and the signal that makes the watcher step down.
+    fence: Mutex<Option<(String, u64, StepDown)>>,
+}
+
+/// Stops the watcher when the process shuts down or when this replica loses the lease.
+#[derive(Clone)]
+struct StepDown {
+    parent: runtime_contracts::Shutdown,
+    fired: Arc<std::sync::atomic::AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl StepDown {
+    fn new(parent: runtime_contracts::Shutdown) -> Self {
+        Self {
+            parent,
+            fired: Arc::default(),
+            wake: Arc::default(),
+        }
+    }
+
+    fn fire(&self) {
+        self.fired.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+}
+
+impl runtime_contracts::CancelSignal for StepDown {
+    fn is_cancelled(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst) || self.parent.is_cancelled()
+    }
+
+    fn cancelled(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                // Created before the check: a fire() in between still wakes it.
+                let woken = self.wake.notified();
+                if self.is_cancelled() {
+                    return;
+                }
+                tokio::select! {
+                    _ = woken => {}
+                    _ = self.parent.cancelled() => return,
+                }
+            }
+        })
+    }
+}
+
+/// This process's name as a lease holder: host and process id.
+fn holder_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 type SeenWaiter = (Pointer, oneshot::Sender<Result<(), String>>);
@@ -148,6 +204,7 @@ impl ImapSource {
             keywords,
             keyword_rx: Mutex::new(Some(keyword_rx)),
             seen: SeenBatch::default(),
+            fence: Mutex::new(None),
         }
     }
 
@@ -255,9 +312,119 @@ impl ImapSource {
                 self.keyword_worker(rx, &ctx).await;
             }
         };
-        tokio::join!(self.watch(&ctx), keywords, self.seen_flusher(&ctx));
+        tokio::join!(self.watch_leased(&ctx), keywords, self.seen_flusher(&ctx));
         self.lock().progress.stopped();
         Ok(())
+    }
+
+    /// One watcher per mailbox across replicas: on a queue that hands out leases (Redis),
+    /// this replica watches only while it holds the mailbox's lease, renewed every third
+    /// of `lease_ttl_ms`; its tasks carry the lease's fencing token, so once another
+    /// replica has taken the lease the queue refuses them. It steps down when a renewal
+    /// fails, when it cannot renew for a whole TTL, or when a publish is fenced; a replica
+    /// without the lease tries to take it every third of the TTL. Workers, `\Seen` and
+    /// keywords run on every replica regardless.
+    async fn watch_leased(&self, ctx: &SourceContext) {
+        let leases = match ctx.queue.leases() {
+            Some(leases) if self.config.exclusive => leases,
+            _ => return self.watch(ctx).await,
+        };
+        let resource = format!(
+            "imap/{}@{}:{}/{}",
+            self.config.user, self.config.host, self.config.port, self.id
+        );
+        let owner = holder_name();
+        let ttl = Duration::from_millis(self.config.lease_ttl_ms);
+        let every = ttl / 3;
+        self.lock().progress.lease = Some(runtime_contracts::SourceLease {
+            resource: resource.clone(),
+            held: false,
+            holder: None,
+            token: None,
+            held_for: None,
+            acquired: 0,
+            fenced_publishes: 0,
+        });
+        let lease_status = |f: &mut dyn FnMut(&mut runtime_contracts::SourceLease)| {
+            if let Some(lease) = self.lock().progress.lease.as_mut() {
+                f(lease);
+            }
+        };
+        while !ctx.shutdown.is_cancelled() {
+            match leases.acquire(&resource, &owner, ttl).await {
+                Ok(Some(token)) => {
+                    tracing::info!(source = %self.id, %resource, token, "took the mailbox's lease; watching");
+                    self.lock().progress.lease_since = Some(Instant::now());
+                    lease_status(&mut |l| {
+                        l.held = true;
+                        l.holder = Some(owner.clone());
+                        l.token = Some(token);
+                        l.acquired += 1;
+                    });
+                    let stop = StepDown::new(ctx.shutdown.clone());
+                    *self.fence.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((resource.clone(), token, stop.clone()));
+                    let watching = SourceContext {
+                        shutdown: Arc::new(stop.clone()),
+                        ..ctx.clone()
+                    };
+                    let keep = async {
+                        let mut renewed = Instant::now();
+                        loop {
+                            tokio::select! {
+                                _ = runtime_contracts::CancelSignal::cancelled(&stop) => break,
+                                _ = tokio::time::sleep(every) => {}
+                            }
+                            match leases.renew(&resource, &owner, token, ttl).await {
+                                Ok(true) => renewed = Instant::now(),
+                                Ok(false) => {
+                                    tracing::warn!(source = %self.id, %resource, token, "lost the mailbox's lease; stepping down");
+                                    break;
+                                }
+                                // The lease may still be ours; after a whole TTL without a
+                                // renewal it is not.
+                                Err(e) if renewed.elapsed() >= ttl => {
+                                    tracing::warn!(source = %self.id, %resource, error = %e, "could not renew the mailbox's lease for its whole TTL; stepping down");
+                                    break;
+                                }
+                                Err(e) => {
+                                    tracing::debug!(source = %self.id, error = %e, "lease renewal failed; trying again")
+                                }
+                            }
+                        }
+                        stop.fire();
+                    };
+                    tokio::join!(self.watch(&watching), keep);
+                    *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    self.lock().progress.lease_since = None;
+                    lease_status(&mut |l| l.held = false);
+                    if ctx.shutdown.is_cancelled() {
+                        if let Err(e) = leases.release(&resource, &owner, token).await {
+                            tracing::debug!(source = %self.id, error = %e, "could not release the mailbox's lease; it expires");
+                        }
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    if let Ok(holder) = leases.holder(&resource).await {
+                        lease_status(&mut |l| {
+                            l.holder = holder.as_ref().map(|h| h.owner.clone());
+                            l.token = holder.as_ref().map(|h| h.token);
+                        });
+                    }
+                    // A standby replica has nothing to watch: it is running.
+                    self.lock().progress.progressed();
+                }
+                Err(e) => {
+                    tracing::warn!(source = %self.id, error = %e, "could not take the mailbox's lease; trying again");
+                    self.lock().progress.degraded(format!("lease: {e}"));
+                }
+            }
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
     }
 
     async fn watch(&self, ctx: &SourceContext) {
@@ -607,9 +774,32 @@ impl ImapSource {
         ctx: &SourceContext,
         chunk: &mut Vec<(String, Task)>,
     ) -> Result<bool, String> {
-        super::publish_reserved(ctx, chunk, |f| f(&mut self.lock().progress))
-            .await
-            .map_err(|e| format!("publishing failed, messages left unseen: {e}"))
+        let fence = self
+            .fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(resource, token, stop)| (format!("{token} {resource}"), stop.clone()));
+        if let Some((value, _)) = &fence {
+            for (_, task) in chunk.iter_mut() {
+                task.headers
+                    .insert(Task::FENCE_HEADER.to_owned(), value.clone());
+            }
+        }
+        match super::publish_reserved(ctx, chunk, |f| f(&mut self.lock().progress)).await {
+            Ok(published) => Ok(published),
+            Err(e @ runtime_contracts::QueueError::Fenced { .. }) => {
+                tracing::warn!(source = %self.id, error = %e, "the queue refused this replica's publish: another replica holds the mailbox's lease; stepping down");
+                if let Some(lease) = self.lock().progress.lease.as_mut() {
+                    lease.fenced_publishes += 1;
+                }
+                if let Some((_, stop)) = fence {
+                    stop.fire();
+                }
+                Err(format!("publishing refused, messages left unseen: {e}"))
+            }
+            Err(e) => Err(format!("publishing failed, messages left unseen: {e}")),
+        }
     }
 
     // ---- worker connections: fetch and flag ---------------------------------------------
