@@ -160,21 +160,8 @@ async fn a_mail_whose_task_was_lost_is_found_by_the_sweep_and_published_again() 
     runtime.shutdown().await;
 }
 
-/// `GET /status` of a bot's control plane; `None` while it does not answer.
-async fn try_status(port: u16) -> Option<serde_json::Value> {
-    let answer = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/status"))
-        .bearer_auth("read-token-1")
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .ok()?;
-    answer.json().await.ok()
-}
-
 async fn status(port: u16) -> serde_json::Value {
-    try_status(port).await.expect("GET /status")
+    common::try_status(port).await.expect("GET /status")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +236,7 @@ async fn two_bot_processes_on_one_redis_fire_each_slot_once() {
         || async {
             let mut sums = (0, 0);
             for port in ports {
-                let Some(s) = try_status(port).await else {
+                let Some(s) = common::try_status(port).await else {
                     return false;
                 };
                 sums.0 += published(&s);

@@ -714,3 +714,16 @@ pub fn ghost_consumer(url: &str, name: &str) -> runtime_adapters::queue::redis::
     )
     .expect("queue")
 }
+
+/// `GET /status` of a bot's control plane; `None` while it does not answer.
+pub async fn try_status(port: u16) -> Option<serde_json::Value> {
+    let answer = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/status"))
+        .bearer_auth("read-token-1")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .ok()?;
+    answer.json().await.ok()
+}

@@ -171,6 +171,10 @@ impl TaskQueue for MeteredQueue {
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
         self.inner.dead_letters()
     }
+
+    fn leases(&self) -> Option<&dyn runtime_contracts::Leases> {
+        self.inner.leases()
+    }
 }
 
 /// Readiness of a source: running, not paused, and making progress within the bound.
