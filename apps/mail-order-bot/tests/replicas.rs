@@ -1,6 +1,8 @@
 //! Replicas sharing one mailbox (separate bot processes, a real Dovecot, Redis and
 //! PostgreSQL): exactly one of them watches the mailbox, the one holding its lease; when it
-//! is killed (SIGKILL) another takes over within 15 s; nothing is lost or doubled.
+//! is killed (SIGKILL) another takes over within 15 s; an owner paused past its lease
+//! (SIGSTOP) is replaced and steps down when it wakes; a Redis restart under them is
+//! survived; nothing is lost or doubled.
 
 mod common;
 
@@ -60,58 +62,111 @@ async fn watch_holders(
     }
 }
 
+/// Bot processes on one Dovecot mailbox, one Redis and one PostgreSQL database.
+struct Replicas {
+    server: DovecotServer,
+    redis: RedisServer,
+    _pg: PostgresServer,
+    ws: Workspace,
+    bots: Vec<Option<BotProcess>>,
+    ports: Vec<(usize, u16)>,
+}
+
+impl Replicas {
+    /// `n` replicas; Redis with AOF when `durable_redis`. Work a paused or dead replica
+    /// held is taken over after 5 s.
+    fn start(n: usize, durable_redis: bool) -> Self {
+        let server = DovecotServer::start(&[(USER, PASSWORD)]);
+        let redis = RedisServer::start(durable_redis);
+        let pg = PostgresServer::start();
+        let ws = Workspace::with_store(pg.create_database());
+        let password_file = ws.dir.path().join("imap-password");
+        std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+        let source = format!(
+            "[sources.inbox]\ntype = \"imap_poll\"\npool = \"orders\"\nuser = \"{USER}\"\npassword_file = \"{}\"\n\
+             host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 200\nmax_backoff_ms = 2000\n\
+             connections = 2\nreplicas = {n}\nlease_ttl_ms = 3000\n\n",
+            password_file.display(),
+            server.port()
+        );
+        let mut bots = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..n {
+            let port = plba_testkit::free_port();
+            let control = format!(
+                "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n"
+            );
+            let text = std::fs::read_to_string(ws.config_redis(&redis.url(), 2, 5_000, &control))
+                .expect("config");
+            let start = text.find("[sources.inbox]").expect("source section");
+            let end = text.find("[apps.mail_order_bot]").expect("app section");
+            let path = ws.dir.path().join(format!("replica-{i}.toml"));
+            std::fs::write(&path, format!("{}{source}{}", &text[..start], &text[end..]))
+                .expect("config");
+            bots.push(Some(BotProcess::spawn(&ws, &path, false)));
+            ports.push((i, port));
+        }
+        Self {
+            server,
+            redis,
+            _pg: pg,
+            ws,
+            bots,
+            ports,
+        }
+    }
+
+    fn append(&self, mails: &[String]) {
+        let bytes: Vec<Vec<u8>> = mails.iter().map(|m| m.clone().into_bytes()).collect();
+        self.server.append(USER, PASSWORD, "INBOX", &bytes);
+    }
+
+    /// Waits until the mailbox has no unseen message and a replica watches, checking at
+    /// every step that no two replicas watch at once.
+    async fn drained(&self, ports: &[(usize, u16)], what: &str, seen: &mut Vec<(usize, u64)>) {
+        watch_holders(ports, Duration::from_secs(90), what, seen, |now| {
+            !now.is_empty() && unseen(&self.server) == 0
+        })
+        .await;
+    }
+
+    /// Stops the live replicas (SIGTERM, exit 0) and checks every order once, all seen.
+    async fn finish(mut self, expected: &common::Expected) {
+        for bot in self.bots.iter_mut().filter_map(Option::take) {
+            bot.signal(nix::sys::signal::Signal::SIGTERM);
+            let (code, _, err) = bot.finish();
+            assert_eq!(code, 0, "{err}");
+        }
+        assert_store_exactly_once(&self.ws, expected).await;
+        assert_eq!(unseen(&self.server), 0, "every message seen");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_one_watcher_and_a_takeover_after_sigkill() {
-    let server = DovecotServer::start(&[(USER, PASSWORD)]);
-    let redis = RedisServer::start(false);
-    let pg = PostgresServer::start();
-    let ws = Workspace::with_store(pg.create_database());
-    let password_file = ws.dir.path().join("imap-password");
-    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
-    let source = format!(
-        "[sources.inbox]\ntype = \"imap_poll\"\npool = \"orders\"\nuser = \"{USER}\"\npassword_file = \"{}\"\n\
-         host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 200\nmax_backoff_ms = 2000\n\
-         connections = 2\nreplicas = 3\nlease_ttl_ms = 3000\n\n",
-        password_file.display(),
-        server.port()
-    );
-    let mut bots: Vec<Option<BotProcess>> = Vec::new();
-    let mut ports = Vec::new();
-    for i in 0..3 {
-        let port = plba_testkit::free_port();
-        let control = format!(
-            "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n"
-        );
-        let text = std::fs::read_to_string(ws.config_redis(&redis.url(), 2, 60_000, &control))
-            .expect("config");
-        let start = text.find("[sources.inbox]").expect("source section");
-        let end = text.find("[apps.mail_order_bot]").expect("app section");
-        let path = ws.dir.path().join(format!("replica-{i}.toml"));
-        std::fs::write(&path, format!("{}{source}{}", &text[..start], &text[end..]))
-            .expect("config");
-        bots.push(Some(BotProcess::spawn(&ws, &path, false)));
-        ports.push((i, port));
-    }
+    let mut r = Replicas::start(3, false);
     let (mails, expected) = mixed_mail(300);
-    let bytes: Vec<Vec<u8>> = mails.iter().map(|m| m.clone().into_bytes()).collect();
-    server.append(USER, PASSWORD, "INBOX", &bytes[..150]);
+    r.append(&mails[..150]);
     let mut seen = Vec::new();
-    watch_holders(
-        &ports,
-        Duration::from_secs(60),
+    r.drained(
+        &r.ports.clone(),
         "a watcher and the first half drained",
         &mut seen,
-        |now| !now.is_empty() && unseen(&server) == 0,
     )
     .await;
-    let (owner, first_token) = holders(&ports).await[0];
+    let (owner, first_token) = holders(&r.ports).await[0];
     // The owner dies without releasing its lease; more mail arrives meanwhile.
-    let mut killed = bots[owner].take().expect("owner");
+    let mut killed = r.bots[owner].take().expect("owner");
     killed.child.kill().expect("SIGKILL");
     let _ = killed.child.wait();
     let killed_at = Instant::now();
-    server.append(USER, PASSWORD, "INBOX", &bytes[150..]);
-    let alive: Vec<(usize, u16)> = ports.iter().copied().filter(|(i, _)| *i != owner).collect();
+    r.append(&mails[150..]);
+    let alive: Vec<(usize, u16)> = r
+        .ports
+        .iter()
+        .copied()
+        .filter(|(i, _)| *i != owner)
+        .collect();
     watch_holders(
         &alive,
         Duration::from_secs(15),
@@ -121,14 +176,8 @@ async fn three_replicas_one_watcher_and_a_takeover_after_sigkill() {
     )
     .await;
     let took_over = killed_at.elapsed();
-    watch_holders(
-        &alive,
-        Duration::from_secs(60),
-        "the second half drained",
-        &mut seen,
-        |_| unseen(&server) == 0,
-    )
-    .await;
+    r.drained(&alive, "the second half drained", &mut seen)
+        .await;
     let holders_seen: BTreeSet<usize> = seen.iter().map(|(i, _)| *i).collect();
     assert_eq!(
         holders_seen.len(),
@@ -148,11 +197,95 @@ async fn three_replicas_one_watcher_and_a_takeover_after_sigkill() {
             "{lease}"
         );
     }
-    for bot in bots.iter_mut().filter_map(Option::take) {
-        bot.signal(nix::sys::signal::Signal::SIGTERM);
-        let (code, _, err) = bot.finish();
-        assert_eq!(code, 0, "{err}");
+    r.finish(&expected).await;
+}
+
+/// SIGSTOP the owner past its lease: another replica takes over and drains what arrives;
+/// SIGCONT: the old owner finds its lease gone (a failed renewal, or a publish the queue
+/// refuses under its old fencing token) and steps down by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_is_replaced_and_steps_down_when_it_wakes() {
+    let r = Replicas::start(2, false);
+    let (mails, expected) = mixed_mail(240);
+    r.append(&mails[..80]);
+    let mut seen = Vec::new();
+    r.drained(&r.ports, "a watcher and the first part drained", &mut seen)
+        .await;
+    let (owner, first_token) = holders(&r.ports).await[0];
+    let other = r
+        .ports
+        .iter()
+        .copied()
+        .find(|(i, _)| *i != owner)
+        .expect("other");
+    let paused = r.bots[owner].as_ref().expect("owner");
+    paused.signal(nix::sys::signal::Signal::SIGSTOP);
+    r.append(&mails[80..160]);
+    // Only the other replica answers while the owner is stopped.
+    watch_holders(
+        &[other],
+        Duration::from_secs(15),
+        "the other replica taking the lease",
+        &mut seen,
+        |now| now.iter().any(|(_, t)| *t > first_token),
+    )
+    .await;
+    r.drained(
+        &[other],
+        "the paused owner's share drained by the other",
+        &mut seen,
+    )
+    .await;
+    let (_, second_token) = holders(&[other]).await[0];
+    paused.signal(nix::sys::signal::Signal::SIGCONT);
+    r.append(&mails[160..]);
+    let woke = Instant::now();
+    loop {
+        let s = common::try_status(r.ports[owner].1).await;
+        let lease = s.as_ref().map(|s| s["sources"]["inbox"]["lease"].clone());
+        if let Some(lease) = lease.clone().filter(|l| l["held"] == false) {
+            eprintln!("the woken owner stepped down: {lease}");
+            break;
+        }
+        assert!(
+            woke.elapsed() < Duration::from_secs(5),
+            "the woken owner did not step down: {lease:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_store_exactly_once(&ws, &expected).await;
-    assert_eq!(unseen(&server), 0, "every message seen");
+    r.drained(&r.ports, "the rest drained", &mut seen).await;
+    assert_eq!(
+        holders(&r.ports).await,
+        vec![(other.0, second_token)],
+        "the new owner kept the lease"
+    );
+    r.finish(&expected).await;
+}
+
+/// Redis restarts (with its AOF) under three replicas: they reconnect by themselves, one
+/// of them watches, and the mail that arrived around the restart is handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_survive_a_redis_restart() {
+    let mut r = Replicas::start(3, true);
+    let (mails, expected) = mixed_mail(300);
+    r.append(&mails[..150]);
+    let mut seen = Vec::new();
+    r.drained(
+        &r.ports.clone(),
+        "a watcher and the first half drained",
+        &mut seen,
+    )
+    .await;
+    r.redis.stop();
+    r.append(&mails[150..225]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.redis.restart();
+    r.append(&mails[225..]);
+    r.drained(
+        &r.ports.clone(),
+        "everything drained after the restart",
+        &mut seen,
+    )
+    .await;
+    r.finish(&expected).await;
 }

@@ -397,7 +397,12 @@ impl ImapSource {
                     tokio::join!(self.watch(&watching), keep);
                     *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     self.lock().progress.lease_since = None;
-                    lease_status(&mut |l| l.held = false);
+                    lease_status(&mut |l| {
+                        l.held = false;
+                        // Who holds it now is known at the next attempt to take it.
+                        l.holder = None;
+                        l.token = None;
+                    });
                     if ctx.shutdown.is_cancelled() {
                         if let Err(e) = leases.release(&resource, &owner, token).await {
                             tracing::debug!(source = %self.id, error = %e, "could not release the mailbox's lease; it expires");
