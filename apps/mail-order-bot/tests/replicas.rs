@@ -116,6 +116,19 @@ impl Replicas {
         }
     }
 
+    /// Three replicas, 300 mixed mails of which the first 150 are drained.
+    async fn first_half_drained(
+        durable_redis: bool,
+    ) -> (Self, Vec<String>, common::Expected, Vec<(usize, u64)>) {
+        let r = Self::start(3, durable_redis);
+        let (mails, expected) = mixed_mail(300);
+        r.append(&mails[..150]);
+        let mut seen = Vec::new();
+        r.drained(&r.ports, "a watcher and the first half drained", &mut seen)
+            .await;
+        (r, mails, expected, seen)
+    }
+
     fn append(&self, mails: &[String]) {
         let bytes: Vec<Vec<u8>> = mails.iter().map(|m| m.clone().into_bytes()).collect();
         self.server.append(USER, PASSWORD, "INBOX", &bytes);
@@ -144,16 +157,7 @@ impl Replicas {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_one_watcher_and_a_takeover_after_sigkill() {
-    let mut r = Replicas::start(3, false);
-    let (mails, expected) = mixed_mail(300);
-    r.append(&mails[..150]);
-    let mut seen = Vec::new();
-    r.drained(
-        &r.ports.clone(),
-        "a watcher and the first half drained",
-        &mut seen,
-    )
-    .await;
+    let (mut r, mails, expected, mut seen) = Replicas::first_half_drained(false).await;
     let (owner, first_token) = holders(&r.ports).await[0];
     // The owner dies without releasing its lease; more mail arrives meanwhile.
     let mut killed = r.bots[owner].take().expect("owner");
@@ -266,16 +270,7 @@ async fn a_paused_owner_is_replaced_and_steps_down_when_it_wakes() {
 /// of them watches, and the mail that arrived around the restart is handled once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_survive_a_redis_restart() {
-    let mut r = Replicas::start(3, true);
-    let (mails, expected) = mixed_mail(300);
-    r.append(&mails[..150]);
-    let mut seen = Vec::new();
-    r.drained(
-        &r.ports.clone(),
-        "a watcher and the first half drained",
-        &mut seen,
-    )
-    .await;
+    let (mut r, mails, expected, mut seen) = Replicas::first_half_drained(true).await;
     r.redis.stop();
     r.append(&mails[150..225]);
     tokio::time::sleep(Duration::from_secs(1)).await;

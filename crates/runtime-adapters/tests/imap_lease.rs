@@ -57,20 +57,6 @@ async fn wait_for_lease(
     }
 }
 
-/// Every task id in the stream, read as another consumer would and acknowledged.
-async fn drain(queue: &RedisQueue) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
-    while let Some(lease) = queue
-        .consume(Duration::from_millis(300))
-        .await
-        .expect("consume")
-    {
-        ids.insert(lease.task.id.as_str().to_owned());
-        queue.ack(&lease).await.expect("ack");
-    }
-    ids
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_whose_lease_was_taken_is_fenced_steps_down_and_comes_back() {
     let server = DovecotServer::start(&[("u", "pass")]);
@@ -135,7 +121,7 @@ async fn a_watcher_whose_lease_was_taken_is_fenced_steps_down_and_comes_back() {
     let standby = wait_for_lease(&source, "the standby seeing b", |l| l.holder.is_some()).await;
     assert_eq!(standby.holder.as_deref(), Some("replica-b"));
     assert_eq!(standby.token, Some(second_token));
-    let ids = drain(&b).await;
+    let ids: BTreeSet<String> = plba_testkit::drain_ids(&*b).await.into_iter().collect();
     assert_eq!(ids.len(), 3, "only the first three: {ids:?}");
 
     // b gives the lease up: the watcher takes it back with a newer token and publishes the
@@ -152,7 +138,7 @@ async fn a_watcher_whose_lease_was_taken_is_fenced_steps_down_and_comes_back() {
         assert!(started.elapsed() < Duration::from_secs(30), "published 5");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let more = drain(&b).await;
+    let more: BTreeSet<String> = plba_testkit::drain_ids(&*b).await.into_iter().collect();
     assert_eq!(more.len(), 2, "{more:?}");
     assert!(ids.is_disjoint(&more));
     stop.stop();

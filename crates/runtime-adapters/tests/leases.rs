@@ -111,16 +111,7 @@ async fn a_publish_under_an_older_token_is_refused_and_adds_nothing() {
     ];
     let results = b.publish_batch(batch).await.expect("publish");
     assert_eq!(results, vec![PublishResult::Enqueued; 3]);
-    let mut ids = Vec::new();
-    while let Some(lease) = b
-        .consume(Duration::from_millis(200))
-        .await
-        .expect("consume")
-    {
-        ids.push(lease.task.id.as_str().to_owned());
-        b.ack(&lease).await.expect("ack");
-    }
-    ids.sort();
+    let ids = plba_testkit::drain_ids(&b).await;
     assert_eq!(
         ids,
         ["m1", "m2", "m3", "m4"],

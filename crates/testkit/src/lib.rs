@@ -212,6 +212,22 @@ impl ApplicationModule for OneHandler {
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the server binds it right after).
+/// Consumes and acknowledges every task `queue` hands out until none comes for 300 ms:
+/// their ids, sorted.
+pub async fn drain_ids(queue: &dyn TaskQueue) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(lease) = queue
+        .consume(Duration::from_millis(300))
+        .await
+        .expect("consume")
+    {
+        ids.push(lease.task.id.as_str().to_owned());
+        queue.ack(&lease).await.expect("ack");
+    }
+    ids.sort();
+    ids
+}
+
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
