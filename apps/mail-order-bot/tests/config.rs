@@ -444,11 +444,14 @@ fn imap_sources_are_checked_with_every_problem_named() {
 #[test]
 fn the_shipped_configs_are_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
-    for name in ["default.toml", "imap.toml"] {
+    for name in ["default.toml", "imap.toml", "replicas.toml"] {
         let out = Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
             .args(["check-config", "--config"])
             .arg(dir.join(name))
             .env("ORDERS_IMAP_PASSWORD", "not-used")
+            // replicas.toml listens on all interfaces, which needs tokens (from a Secret).
+            .env("PLBA_CONTROL_ADMIN_TOKENS", "admin-token-1")
+            .env("PLBA_CONTROL_READ_TOKENS", "read-token-1")
             .output()
             .expect("check-config");
         assert_eq!(
@@ -458,4 +461,21 @@ fn the_shipped_configs_are_valid() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// The Kubernetes manifest for replicas carries config/replicas.toml as it is.
+#[test]
+fn the_replicas_manifest_carries_the_replicas_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let config = std::fs::read_to_string(root.join("config/replicas.toml")).expect("config");
+    let manifest =
+        std::fs::read_to_string(root.join("deploy/kubernetes-replicas.yaml")).expect("manifest");
+    let start = manifest.find("  bot.toml: |\n").expect("bot.toml in the ConfigMap") + 14;
+    let end = manifest[start..].find("\n---").expect("end of the ConfigMap") + start + 1;
+    let embedded: String = manifest[start..end]
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert_eq!(embedded, config);
+    assert!(manifest.contains("replicas: 3") && config.contains("replicas = 3"));
 }
