@@ -630,3 +630,95 @@ impl HealthContributor for StoreHealth {
         })
     }
 }
+
+/// The bot's module with every handler it registers wrapped by `wrap`: for tests,
+/// benchmarks and deployments that put behaviour around the bot's handler (an injected
+/// fault, a simulated slow service, a measurement) without touching the bot.
+///
+/// ```
+/// use std::sync::Arc;
+/// use mail_order_bot::module::WrappedModule;
+/// use runtime_contracts::{ApplicationModule, TaskHandler};
+/// let module = WrappedModule::new("plain-bot", |h: Arc<dyn TaskHandler>| h);
+/// assert_eq!(module.name(), "plain-bot");
+/// assert_eq!(module.config_section(), "apps.mail_order_bot");
+/// ```
+pub struct WrappedModule<W> {
+    name: &'static str,
+    wrap: W,
+}
+
+impl<W> std::fmt::Debug for WrappedModule<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedModule")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W> WrappedModule<W>
+where
+    W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Clone + Send + Sync,
+{
+    /// The bot, named `name`, each handler wrapped by `wrap`.
+    pub fn new(name: &'static str, wrap: W) -> Self {
+        Self { name, wrap }
+    }
+}
+
+impl<W> ApplicationModule for WrappedModule<W>
+where
+    W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Clone + Send + Sync,
+{
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn config_section(&self) -> &str {
+        MailOrderModule.config_section()
+    }
+    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+        MailOrderModule.validate_config(section)
+    }
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
+        Box::pin(async move {
+            let mut wrapping = Wrapping(registry, self.wrap.clone());
+            MailOrderModule.register(&mut wrapping, config).await
+        })
+    }
+}
+
+/// Registers what the bot registers, with its handlers wrapped by `.1`.
+struct Wrapping<'r, W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler>>(
+    &'r mut dyn ModuleRegistry,
+    W,
+);
+
+impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
+    for Wrapping<'_, W>
+{
+    fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
+        self.0.handler(pool, kind, (self.1)(handler));
+    }
+    fn pool(&mut self, name: &str) {
+        self.0.pool(name);
+    }
+    fn queue(&mut self, pool: &str, queue: Arc<dyn runtime_contracts::TaskQueue>) {
+        self.0.queue(pool, queue);
+    }
+    fn source(&mut self, source: Arc<dyn runtime_contracts::TaskSource>, pool: &str) {
+        self.0.source(source, pool);
+    }
+    fn health(&mut self, contributor: Arc<dyn HealthContributor>) {
+        self.0.health(contributor);
+    }
+    fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>) {
+        self.0.service(service);
+    }
+    fn outcome_lookup(&mut self, lookup: Arc<dyn runtime_contracts::OutcomeLookup>) {
+        self.0.outcome_lookup(lookup);
+    }
+}

@@ -470,8 +470,15 @@ fn the_replicas_manifest_carries_the_replicas_config() {
     let config = std::fs::read_to_string(root.join("config/replicas.toml")).expect("config");
     let manifest =
         std::fs::read_to_string(root.join("deploy/kubernetes-replicas.yaml")).expect("manifest");
-    let start = manifest.find("  bot.toml: |\n").expect("bot.toml in the ConfigMap") + 14;
-    let end = manifest[start..].find("\n---").expect("end of the ConfigMap") + start + 1;
+    let start = manifest
+        .find("  bot.toml: |\n")
+        .expect("bot.toml in the ConfigMap")
+        + 14;
+    let end = manifest[start..]
+        .find("\n---")
+        .expect("end of the ConfigMap")
+        + start
+        + 1;
     let embedded: String = manifest[start..end]
         .lines()
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use mail_order_bot::domain::store::OrderStore;
-use mail_order_bot::module::MailOrderModule;
+use mail_order_bot::module::WrappedModule;
 use runtime_adapters::sources::maildir::deliver;
 use runtime_contracts::{
-    ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
-    HandlerError, HealthContributor, ModuleError, ModuleRegistry, Outcome, Task, TaskHandler,
-    TaskQueue, TaskSource,
+    ApplicationModule, AttemptFailure, BoxFuture, HandlerContext, HandlerError, Outcome, Task,
+    TaskHandler,
 };
 
 /// A temp folder holding `maildir/` and `orders.db`, and a config pointing at them.
@@ -522,38 +521,6 @@ impl TaskHandler for Faulty {
     }
 }
 
-/// Registers what the bot registers, with its handler wrapped by `.1`.
-struct Wrapping<'r, W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler>>(
-    &'r mut dyn ModuleRegistry,
-    W,
-);
-
-impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
-    for Wrapping<'_, W>
-{
-    fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
-        self.0.handler(pool, kind, (self.1)(handler));
-    }
-    fn pool(&mut self, name: &str) {
-        self.0.pool(name);
-    }
-    fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>) {
-        self.0.queue(pool, queue);
-    }
-    fn source(&mut self, source: Arc<dyn TaskSource>, pool: &str) {
-        self.0.source(source, pool);
-    }
-    fn health(&mut self, contributor: Arc<dyn HealthContributor>) {
-        self.0.health(contributor);
-    }
-    fn service(&mut self, service: Arc<dyn std::any::Any + Send + Sync>) {
-        self.0.service(service);
-    }
-    fn outcome_lookup(&mut self, lookup: Arc<dyn runtime_contracts::OutcomeLookup>) {
-        self.0.outcome_lookup(lookup);
-    }
-}
-
 /// Test-only module: the real bot whose handler, once a task or batch is committed,
 /// appends a line to `marker` and never returns, so the source never completes it: the
 /// state a crash between the commit and the `\\Seen` store leaves.
@@ -603,44 +570,12 @@ impl TaskHandler for Stall {
     }
 }
 
-/// The real bot with its handler wrapped: what the test modules above register.
-struct WrappedBot<W> {
-    name: &'static str,
-    wrap: W,
-}
-
-impl<W> ApplicationModule for WrappedBot<W>
-where
-    W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Clone + Send + Sync,
-{
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn config_section(&self) -> &str {
-        MailOrderModule.config_section()
-    }
-    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
-        MailOrderModule.validate_config(section)
-    }
-    fn register<'a>(
-        &'a self,
-        registry: &'a mut dyn ModuleRegistry,
-        config: &'a dyn ConfigProvider,
-    ) -> BoxFuture<'a, Result<(), ModuleError>> {
-        Box::pin(async move {
-            let mut wrapping = Wrapping(registry, self.wrap.clone());
-            MailOrderModule.register(&mut wrapping, config).await
-        })
-    }
-}
-
 impl FaultyBot {
     /// The module to hand `build_runtime`.
     pub fn module() -> Arc<dyn ApplicationModule> {
-        Arc::new(WrappedBot {
-            name: "faulty-bot",
-            wrap: |h| Arc::new(Faulty(h)) as Arc<dyn TaskHandler>,
-        })
+        Arc::new(WrappedModule::new("faulty-bot", |h| {
+            Arc::new(Faulty(h)) as Arc<dyn TaskHandler>
+        }))
     }
 }
 
@@ -648,10 +583,9 @@ impl StallAfterCommit {
     /// The module to hand `build_runtime`.
     pub fn module(self) -> Arc<dyn ApplicationModule> {
         let marker = self.marker;
-        Arc::new(WrappedBot {
-            name: "stall-after-commit",
-            wrap: move |h| Arc::new(Stall(h, marker.clone())) as Arc<dyn TaskHandler>,
-        })
+        Arc::new(WrappedModule::new("stall-after-commit", move |h| {
+            Arc::new(Stall(h, marker.clone())) as Arc<dyn TaskHandler>
+        }))
     }
 }
 
