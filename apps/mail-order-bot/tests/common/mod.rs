@@ -410,6 +410,17 @@ impl BotProcess {
     }
 }
 
+/// A test that fails before it stops its bots leaves none running (they would retry their
+/// servers, which the test's end stopped, for ever).
+impl Drop for BotProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Orders in the workspace's store so far (0 before the bot created it).
 pub async fn orders_so_far(ws: &Workspace) -> usize {
     if !ws.dir.path().join("orders.db").exists() {

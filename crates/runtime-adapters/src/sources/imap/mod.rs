@@ -144,6 +144,9 @@ impl runtime_contracts::CancelSignal for StepDown {
     }
 }
 
+/// How long a stopping watcher waits to release its lease.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// This process's name as a lease holder: host and process id.
 fn holder_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -375,7 +378,18 @@ impl ImapSource {
                                 _ = runtime_contracts::CancelSignal::cancelled(&stop) => break,
                                 _ = tokio::time::sleep(every) => {}
                             }
-                            match leases.renew(&resource, &owner, token, ttl).await {
+                            // A Redis that does not answer must not hold the renewals up.
+                            let renewal = tokio::time::timeout(
+                                every,
+                                leases.renew(&resource, &owner, token, ttl),
+                            )
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(runtime_contracts::QueueError::Unavailable(
+                                    "lease renewal timed out".into(),
+                                ))
+                            });
+                            match renewal {
                                 Ok(true) => renewed = Instant::now(),
                                 Ok(false) => {
                                     tracing::warn!(source = %self.id, %resource, token, "lost the mailbox's lease; stepping down");
@@ -404,8 +418,15 @@ impl ImapSource {
                         l.token = None;
                     });
                     if ctx.shutdown.is_cancelled() {
-                        if let Err(e) = leases.release(&resource, &owner, token).await {
-                            tracing::debug!(source = %self.id, error = %e, "could not release the mailbox's lease; it expires");
+                        // Bounded: an unreachable Redis must not hold the shutdown up; the
+                        // lease then expires by itself.
+                        let released = tokio::time::timeout(
+                            RELEASE_WAIT,
+                            leases.release(&resource, &owner, token),
+                        )
+                        .await;
+                        if !matches!(released, Ok(Ok(()))) {
+                            tracing::debug!(source = %self.id, "could not release the mailbox's lease; it expires");
                         }
                         return;
                     }
