@@ -138,7 +138,7 @@ impl Replicas {
     /// Waits until the mailbox has no unseen message and a replica watches, checking at
     /// every step that no two replicas watch at once.
     async fn drained(&self, ports: &[(usize, u16)], what: &str, seen: &mut Vec<(usize, u64)>) {
-        watch_holders(ports, Duration::from_secs(90), what, seen, |now| {
+        watch_holders(ports, Duration::from_secs(240), what, seen, |now| {
             !now.is_empty() && unseen(&self.server) == 0
         })
         .await;
