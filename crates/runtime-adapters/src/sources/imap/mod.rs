@@ -324,7 +324,9 @@ impl ImapSource {
     /// this replica watches only while it holds the mailbox's lease, renewed every third
     /// of `lease_ttl_ms`; its tasks carry the lease's fencing token, so once another
     /// replica has taken the lease the queue refuses them. It steps down when a renewal
-    /// fails, when it cannot renew for a whole TTL, or when a publish is fenced; a replica
+    /// finds the lease gone, when it could not renew before the lease would end (counted
+    /// from when the last successful request was sent, less a fifth of the TTL: before any
+    /// other replica can take it), or when a publish is fenced; a replica
     /// without the lease tries to take it every third of the TTL. Workers, `\Seen` and
     /// keywords run on every replica regardless.
     async fn watch_leased(&self, ctx: &SourceContext) {
@@ -353,7 +355,13 @@ impl ImapSource {
                 f(lease);
             }
         };
+        // The lease is ours until the TTL has passed since the request that took or renewed
+        // it was *sent*: Redis starts its own TTL later, so this replica stops before any
+        // other can take the lease. It stops a margin earlier still, for the time stopping
+        // takes.
+        let margin = ttl / 5;
         while !ctx.shutdown.is_cancelled() {
+            let sent = Instant::now();
             match leases.acquire(&resource, &owner, ttl).await {
                 Ok(Some(token)) => {
                     tracing::info!(source = %self.id, %resource, token, "took the mailbox's lease; watching");
@@ -372,15 +380,21 @@ impl ImapSource {
                         ..ctx.clone()
                     };
                     let keep = async {
-                        let mut renewed = Instant::now();
+                        let mut stop_at = sent + ttl - margin;
                         loop {
+                            let wait = every.min(stop_at.saturating_duration_since(Instant::now()));
                             tokio::select! {
                                 _ = runtime_contracts::CancelSignal::cancelled(&stop) => break,
-                                _ = tokio::time::sleep(every) => {}
+                                _ = tokio::time::sleep(wait) => {}
                             }
+                            if Instant::now() >= stop_at {
+                                tracing::warn!(source = %self.id, %resource, token, "could not renew the mailbox's lease before it ends; stepping down");
+                                break;
+                            }
+                            let sent = Instant::now();
                             // A Redis that does not answer must not hold the renewals up.
                             let renewal = tokio::time::timeout(
-                                every,
+                                stop_at.saturating_duration_since(sent),
                                 leases.renew(&resource, &owner, token, ttl),
                             )
                             .await
@@ -390,17 +404,12 @@ impl ImapSource {
                                 ))
                             });
                             match renewal {
-                                Ok(true) => renewed = Instant::now(),
+                                Ok(true) => stop_at = sent + ttl - margin,
                                 Ok(false) => {
                                     tracing::warn!(source = %self.id, %resource, token, "lost the mailbox's lease; stepping down");
                                     break;
                                 }
-                                // The lease may still be ours; after a whole TTL without a
-                                // renewal it is not.
-                                Err(e) if renewed.elapsed() >= ttl => {
-                                    tracing::warn!(source = %self.id, %resource, error = %e, "could not renew the mailbox's lease for its whole TTL; stepping down");
-                                    break;
-                                }
+                                // The lease may still be ours until `stop_at`.
                                 Err(e) => {
                                     tracing::debug!(source = %self.id, error = %e, "lease renewal failed; trying again")
                                 }
