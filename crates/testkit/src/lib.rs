@@ -708,8 +708,9 @@ service stats {{
             port = server.port,
             tls_port = server.tls_port,
             // The OX driver notifies only users whose http-notify metadata is set (below).
+            // Its default 2 s timeout gave up on a loaded CI machine before the bot answered.
             push = push_url.map_or(String::new(), |url| format!(
-                "mail_plugins = $mail_plugins notify push_notification\nmail_attribute_dict = file:%h/dovecot-attributes\nplugin {{\n  push_notification_driver = ox:url={url}\n}}\n"
+                "mail_plugins = $mail_plugins notify push_notification\nmail_attribute_dict = file:%h/dovecot-attributes\nplugin {{\n  push_notification_driver = ox:url={url} timeout_msecs=15000 max_retries=3\n}}\n"
             )),
         );
         std::fs::write(d.join("dovecot.conf"), conf).expect("dovecot.conf");
