@@ -502,6 +502,21 @@ async fn a_new_uidvalidity_finds_the_messages_again_without_second_orders() {
 /// A private Dovecot whose push plugin notifies the bot's `dovecot` webhook, and the bot
 /// with its IMAP source polling every `poll_ms`.
 async fn pushed_bot(ws: &Workspace, poll_ms: u64) -> (DovecotServer, RuntimeManager, u16) {
+    // The webhook's port is chosen before the bot binds it (Dovecot's config names it), so
+    // another test's server may take it first: then the webhook source stops with the bind
+    // error, and the bot is started again on another port.
+    for _ in 0..5 {
+        if let Some(started) = pushed_bot_once(ws, poll_ms).await {
+            return started;
+        }
+    }
+    panic!("the webhook could not bind a free port in 5 tries");
+}
+
+async fn pushed_bot_once(
+    ws: &Workspace,
+    poll_ms: u64,
+) -> Option<(DovecotServer, RuntimeManager, u16)> {
     std::env::set_var("PLBA_TEST_PUSH_TOKEN", "push-token-9");
     let hook_port = plba_testkit::free_port();
     let server = DovecotServer::start_with_push(
@@ -527,11 +542,21 @@ async fn pushed_bot(ws: &Workspace, poll_ms: u64) -> (DovecotServer, RuntimeMana
         || async {
             let status = runtime.status().await;
             status.sources["inbox"].last_event_age_ms.is_some()
-                && std::net::TcpStream::connect(("127.0.0.1", hook_port)).is_ok()
+                && match status.sources["push"].state {
+                    SourceState::Running => {
+                        std::net::TcpStream::connect(("127.0.0.1", hook_port)).is_ok()
+                    }
+                    SourceState::Stopped | SourceState::Degraded => true,
+                    SourceState::Idle => false,
+                }
         },
     )
     .await;
-    (server, runtime, hook_port)
+    if runtime.status().await.sources["push"].state != SourceState::Running {
+        runtime.shutdown().await;
+        return None;
+    }
+    Some((server, runtime, hook_port))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
