@@ -2,6 +2,7 @@
 //!
 //! - [`domain`]: reading mail, resolving clients, extracting lines, storing outcomes.
 //! - [`module`]: the bot as a runtime application module (its handler and config section).
+//! - [`pages`]: the bot's pages in the operator console (outcomes, orders, one message).
 //! - [`compose`]: the configuration turned into a running runtime (the only part that
 //!   knows `runtime-core` and `runtime-adapters`).
 //! - [`cli`]: the command line.
@@ -10,3 +11,4 @@ pub mod cli;
 pub mod compose;
 pub mod domain;
 pub mod module;
+pub mod pages;

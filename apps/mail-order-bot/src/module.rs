@@ -252,6 +252,7 @@ impl ApplicationModule for MailOrderModule {
             registry.handler(&cfg.pool, &cfg.task_kind, Arc::new(handler));
             registry.health(Arc::new(StoreHealth(store.clone())));
             registry.outcome_lookup(Arc::new(store.clone()));
+            registry.console(Arc::new(crate::pages::BotPages::new(store.clone())));
             registry.service(Arc::new(store));
             Ok(())
         })
@@ -720,5 +721,8 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     }
     fn outcome_lookup(&mut self, lookup: Arc<dyn runtime_contracts::OutcomeLookup>) {
         self.0.outcome_lookup(lookup);
+    }
+    fn console(&mut self, pages: Arc<dyn runtime_contracts::ConsolePages>) {
+        self.0.console(pages);
     }
 }

@@ -21,6 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub mod config;
+pub mod console;
 pub mod handler;
 pub mod health;
 pub mod module;
@@ -32,6 +33,7 @@ pub mod trace;
 pub mod worker;
 
 pub use config::{ConfigError, ConfigProblem, ConfigProvider, ConfigSubscriber};
+pub use console::{ConsoleError, ConsolePages};
 pub use handler::{HandlerContext, HandlerError, Outcome, TaskHandler};
 pub use health::{HealthContributor, HealthStatus, Probe};
 pub use module::{ApplicationModule, ModuleError, ModuleRegistry, OutcomeLookup};

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::config::{ConfigProblem, ConfigProvider};
+use crate::console::ConsolePages;
 use crate::handler::TaskHandler;
 use crate::health::HealthContributor;
 use crate::queue::TaskQueue;
@@ -56,6 +57,11 @@ pub trait ModuleRegistry: Send {
     /// default ignores it.
     fn outcome_lookup(&mut self, lookup: Arc<dyn OutcomeLookup>) {
         let _ = lookup;
+    }
+    /// Registers pages the module adds to the operator console (read-only views of its
+    /// own records). The default ignores them.
+    fn console(&mut self, pages: Arc<dyn ConsolePages>) {
+        let _ = pages;
     }
 }
 

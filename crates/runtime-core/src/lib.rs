@@ -14,6 +14,7 @@
 //! adapters (`runtime-adapters`) and applications, composed by a binary.
 #![warn(missing_docs)]
 
+pub mod activity;
 pub mod config;
 mod container;
 mod error;

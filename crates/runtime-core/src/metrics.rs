@@ -92,6 +92,14 @@ impl Histogram {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.inner.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
+
+    /// How many durations were recorded, and their sum in nanoseconds.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.inner.count.load(Ordering::Relaxed),
+            self.inner.sum_nanos.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl TypedMetric for Histogram {
@@ -144,6 +152,8 @@ pub(crate) struct KindMetrics {
     pub(crate) dead_lettered: Counter,
     pub(crate) duration: Histogram,
     pub(crate) latency: Histogram,
+    /// The latency of every (queue, kind) together (not exported; the console charts it).
+    pub(crate) latency_all: Histogram,
 }
 
 /// Every metric of the runtime.
@@ -171,6 +181,7 @@ pub struct Metrics {
     pub(crate) readiness_checks: Family<NameLabel, Gauge>,
     pub(crate) reconcile_republished: Family<NameLabel, Counter>,
     pub(crate) config_rejected: Counter,
+    pub(crate) latency_all: Histogram,
 }
 
 impl Default for Metrics {
@@ -211,6 +222,7 @@ impl Metrics {
             readiness_checks: Family::default(),
             reconcile_republished: Family::default(),
             config_rejected: Counter::default(),
+            latency_all: latency_histogram(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -355,6 +367,7 @@ impl Metrics {
             dead_lettered: self.dead_lettered.get_or_create(&labels).clone(),
             duration: self.duration.get_or_create(&labels).clone(),
             latency: self.latency.get_or_create(&labels).clone(),
+            latency_all: self.latency_all.clone(),
         }
     }
 

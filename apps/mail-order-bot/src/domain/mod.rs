@@ -39,6 +39,19 @@ pub enum OutcomeKind {
 }
 
 impl OutcomeKind {
+    /// Every outcome.
+    pub const ALL: [Self; 9] = [
+        Self::Created,
+        Self::Duplicate,
+        Self::ConflictingDuplicate,
+        Self::UnknownClient,
+        Self::NoLines,
+        Self::AutoReply,
+        Self::UnsupportedContent,
+        Self::Rejected,
+        Self::Failed,
+    ];
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -145,6 +145,62 @@ pub struct StoredOutcome {
     pub recorded_at: String,
 }
 
+/// Which outcomes or orders an operator asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordFilter {
+    /// Only this outcome.
+    pub outcome: Option<String>,
+    /// Only clients whose id or name contains this (any case).
+    pub client: Option<String>,
+    /// From this day on, `YYYY-MM-DD` (UTC).
+    pub from: Option<String>,
+    /// Up to this day included, `YYYY-MM-DD` (UTC).
+    pub to: Option<String>,
+    /// At most this many rows.
+    pub limit: i64,
+}
+
+impl RecordFilter {
+    /// The `LIKE` pattern of the client filter (escaped with `\\`), its own `%` and `_`
+    /// taken literally.
+    fn client_pattern(&self) -> Option<String> {
+        self.client.as_deref().map(|c| {
+            let mut pattern = String::from("%");
+            for ch in c.to_lowercase().chars() {
+                if matches!(ch, '%' | '_' | '\\') {
+                    pattern.push('\\');
+                }
+                pattern.push(ch);
+            }
+            pattern.push('%');
+            pattern
+        })
+    }
+}
+
+/// An outcome with the client of its order, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OutcomeRow {
+    /// Message identity.
+    pub message_identity: String,
+    /// Outcome name.
+    pub outcome: String,
+    /// Reason.
+    pub reason: Option<String>,
+    /// Order id, for `created`.
+    pub order_id: Option<i64>,
+    /// The order's client name.
+    pub client_name: Option<String>,
+    /// Sender.
+    pub sender: Option<String>,
+    /// Subject.
+    pub subject: Option<String>,
+    /// Deliveries of this message seen.
+    pub deliveries: i64,
+    /// When first recorded, UTC.
+    pub recorded_at: String,
+}
+
 /// The database behind the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -928,6 +984,139 @@ impl OrderStore {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
+    }
+
+    /// Outcomes matching `filter`, newest first, with the client of their order.
+    pub async fn find_outcomes(
+        &self,
+        filter: &RecordFilter,
+    ) -> Result<Vec<OutcomeRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
+                    m.sender, m.subject, m.deliveries, m.recorded_at
+             FROM message_outcomes m LEFT JOIN orders o ON o.id = m.order_id
+             WHERE ($1 IS NULL OR m.outcome = $1)
+               AND ($2 IS NULL OR LOWER(o.client_name) LIKE $2 ESCAPE '\\' OR LOWER(o.client_id) LIKE $2 ESCAPE '\\')
+               AND ($3 IS NULL OR SUBSTR(m.recorded_at, 1, 10) >= $3)
+               AND ($4 IS NULL OR SUBSTR(m.recorded_at, 1, 10) <= $4)
+             ORDER BY m.recorded_at DESC, m.message_identity
+             LIMIT $5",
+        )
+        .bind(filter.outcome.as_deref())
+        .bind(filter.client_pattern())
+        .bind(filter.from.as_deref())
+        .bind(filter.to.as_deref())
+        .bind(filter.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(OutcomeRow {
+                    message_identity: r.try_get("message_identity")?,
+                    outcome: r.try_get("outcome")?,
+                    reason: r.try_get("reason")?,
+                    order_id: r.try_get("order_id")?,
+                    client_name: r.try_get("client_name")?,
+                    sender: r.try_get("sender")?,
+                    subject: r.try_get("subject")?,
+                    deliveries: r.try_get("deliveries")?,
+                    recorded_at: r.try_get("recorded_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Orders matching `filter` (its outcome is ignored), newest first, without their lines;
+    /// the second value of each is its line count.
+    pub async fn find_orders(
+        &self,
+        filter: &RecordFilter,
+    ) -> Result<Vec<(StoredOrder, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.message_identity, o.client_id, o.client_name, o.sender, o.subject,
+                    o.created_at,
+                    (SELECT CAST(COUNT(*) AS BIGINT) FROM order_lines l WHERE l.order_id = o.id) AS line_count
+             FROM orders o
+             WHERE ($1 IS NULL OR LOWER(o.client_name) LIKE $1 ESCAPE '\\' OR LOWER(o.client_id) LIKE $1 ESCAPE '\\')
+               AND ($2 IS NULL OR SUBSTR(o.created_at, 1, 10) >= $2)
+               AND ($3 IS NULL OR SUBSTR(o.created_at, 1, 10) <= $3)
+             ORDER BY o.id DESC
+             LIMIT $4",
+        )
+        .bind(filter.client_pattern())
+        .bind(filter.from.as_deref())
+        .bind(filter.to.as_deref())
+        .bind(filter.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    StoredOrder {
+                        id: row.try_get("id")?,
+                        message_identity: row.try_get("message_identity")?,
+                        client_id: row.try_get("client_id")?,
+                        client_name: row.try_get("client_name")?,
+                        sender: row.try_get("sender")?,
+                        subject: row.try_get("subject")?,
+                        created_at: row.try_get("created_at")?,
+                        lines: Vec::new(),
+                    },
+                    row.try_get("line_count")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// One message: its outcome and, if it made one, its order with the lines.
+    pub async fn message(
+        &self,
+        identity: &str,
+    ) -> Result<(Option<OutcomeRow>, Option<StoredOrder>), StoreError> {
+        let outcome = self.find_outcome(identity).await?;
+        let order_id: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM orders WHERE message_identity = $1")
+                .bind(identity)
+                .fetch_optional(&self.pool)
+                .await?;
+        let order = match order_id {
+            Some(id) => self
+                .orders_after(id - 1)
+                .await?
+                .into_iter()
+                .find(|o| o.id == id),
+            None => None,
+        };
+        Ok((outcome, order))
+    }
+
+    async fn find_outcome(&self, identity: &str) -> Result<Option<OutcomeRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
+                    m.sender, m.subject, m.deliveries, m.recorded_at
+             FROM message_outcomes m LEFT JOIN orders o ON o.id = m.order_id
+             WHERE m.message_identity = $1",
+        )
+        .bind(identity)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(OutcomeRow {
+                message_identity: r.try_get("message_identity")?,
+                outcome: r.try_get("outcome")?,
+                reason: r.try_get("reason")?,
+                order_id: r.try_get("order_id")?,
+                client_name: r.try_get("client_name")?,
+                sender: r.try_get("sender")?,
+                subject: r.try_get("subject")?,
+                deliveries: r.try_get("deliveries")?,
+                recorded_at: r.try_get("recorded_at")?,
+            })
+        })
+        .transpose()
+        .map_err(|e: sqlx::Error| StoreError::from(e))
     }
 
     /// The clients of the `clients` table (lists are separated by `;`; `attachments` NULL

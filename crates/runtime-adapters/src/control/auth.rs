@@ -64,6 +64,20 @@ impl Tokens {
         !self.read.is_empty() || !self.admin.is_empty()
     }
 
+    /// The role a presented token carries, if it is one of the configured tokens.
+    pub fn role_of(&self, token: &str) -> Option<Role> {
+        let token = token.trim().as_bytes();
+        if token.is_empty() {
+            None
+        } else if matches_any(token, &self.admin) {
+            Some(Role::Admin)
+        } else if matches_any(token, &self.read) {
+            Some(Role::Read)
+        } else {
+            None
+        }
+    }
+
     /// Checks a request's `Authorization` header against `role`.
     pub fn authorize(&self, authorization: Option<&str>, role: Role) -> Result<(), ApiError> {
         if role == Role::Open {

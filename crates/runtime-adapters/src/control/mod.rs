@@ -1,6 +1,7 @@
 //! The operators' HTTP control plane (`control-http` feature): health with progress,
 //! status, Prometheus metrics, dead-letter operations, source pause/resume, log levels and
-//! configuration reload, with bearer tokens, limits and JSON errors.
+//! configuration reload, with bearer tokens, limits and JSON errors; and the operators' web
+//! console under `/ui` on the same data.
 //!
 //! Safe by default: it binds 127.0.0.1, refuses a non-loopback address without tokens,
 //! answers every error as JSON with a stable code, and never echoes a secret.
@@ -10,6 +11,7 @@ mod error;
 mod extract;
 mod openapi;
 mod routes;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +56,12 @@ pub struct ControlConfig {
     pub request_timeout_ms: u64,
     /// Requests served at once; more get 503 with `Retry-After`.
     pub max_concurrent_requests: usize,
+    /// Serve the operator web console under `/ui` (it needs a token to log in).
+    pub ui: bool,
+    /// A console session ends after this many seconds without a request.
+    pub ui_session_idle_secs: u64,
+    /// Mark the console's cookies `Secure` (set it when a TLS proxy fronts the console).
+    pub ui_secure_cookie: bool,
 }
 
 impl std::fmt::Debug for ControlConfig {
@@ -64,6 +72,7 @@ impl std::fmt::Debug for ControlConfig {
             .field("read_tokens", &self.read_tokens.len())
             .field("admin_tokens", &self.admin_tokens.len())
             .field("open_health", &self.open_health)
+            .field("ui", &self.ui)
             .finish_non_exhaustive()
     }
 }
@@ -79,6 +88,9 @@ impl Default for ControlConfig {
             max_body_bytes: 64 * 1024,
             request_timeout_ms: 10_000,
             max_concurrent_requests: 64,
+            ui: true,
+            ui_session_idle_secs: 1800,
+            ui_secure_cookie: false,
         }
     }
 }
@@ -131,6 +143,7 @@ impl ControlConfig {
                     "max_concurrent_requests",
                     self.max_concurrent_requests as u64,
                 ),
+                ("ui_session_idle_secs", self.ui_session_idle_secs),
             ],
         ));
         problems
@@ -158,7 +171,13 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
                 .route_layer(axum::middleware::from_fn_with_state(guard, auth::require));
             router.route(route.path, method_router)
         })
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .fallback(|uri: axum::http::Uri| async move {
+            if uri.path() == "/ui" || uri.path().starts_with("/ui/") {
+                ui::not_found()
+            } else {
+                ApiError::not_found("no such route").into_response()
+            }
+        })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -166,7 +185,19 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
                 "this route does not take that method",
             )
         })
-        .with_state(Ctl { runtime });
+        .with_state(Ctl {
+            runtime: Arc::clone(&runtime),
+        });
+    let routes = if config.ui {
+        routes.merge(ui::router(
+            runtime,
+            Arc::clone(&tokens),
+            Duration::from_secs(config.ui_session_idle_secs),
+            config.ui_secure_cookie,
+        ))
+    } else {
+        routes
+    };
     let limits = ServiceBuilder::new()
         .map_response(json_errors)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
@@ -220,10 +251,13 @@ where
     B::Error: Into<axum::BoxError>,
 {
     let status = response.status();
+    // JSON already, or a console page (HTML for a browser).
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response.map(axum::body::Body::new);
     }

@@ -3,8 +3,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runtime_contracts::{
-    ApplicationModule, HealthContributor, HealthStatus, ModuleRegistry, OutcomeLookup, Probe,
-    QueueStats, SourceContext, SourceState, TaskHandler, TaskQueue, TaskSource,
+    ApplicationModule, ConsolePages, HealthContributor, HealthStatus, ModuleRegistry,
+    OutcomeLookup, Probe, QueueStats, SourceContext, SourceState, TaskHandler, TaskQueue,
+    TaskSource,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -184,6 +185,7 @@ struct Registrar<'a> {
     health: &'a HealthRegistry,
     services: &'a ServiceContainer,
     outcomes: &'a mut Option<Arc<dyn OutcomeLookup>>,
+    console: &'a mut Vec<Arc<dyn ConsolePages>>,
 }
 
 impl ModuleRegistry for Registrar<'_> {
@@ -217,6 +219,10 @@ impl ModuleRegistry for Registrar<'_> {
 
     fn outcome_lookup(&mut self, lookup: Arc<dyn OutcomeLookup>) {
         *self.outcomes = Some(lookup);
+    }
+
+    fn console(&mut self, pages: Arc<dyn ConsolePages>) {
+        self.console.push(pages);
     }
 }
 
@@ -302,6 +308,7 @@ impl RuntimeBuilder {
         let mut handlers = HashMap::new();
         let mut declared = std::collections::BTreeSet::new();
         let mut outcomes = None;
+        let mut console = Vec::new();
         for module in &self.modules {
             let mut registrar = Registrar {
                 handlers: &mut handlers,
@@ -311,6 +318,7 @@ impl RuntimeBuilder {
                 health: &health,
                 services: &services,
                 outcomes: &mut outcomes,
+                console: &mut console,
             };
             module.register(&mut registrar, &*self.config).await?;
         }
@@ -388,6 +396,8 @@ impl RuntimeBuilder {
             return Err(CoreError::Composition(problems.join("; ")));
         }
         Ok(RuntimeManager {
+            console,
+            activity: Arc::new(crate::activity::Activity::default()),
             reconciler,
             rejected: Mutex::new(None),
             telemetry: self.telemetry,
@@ -436,6 +446,8 @@ pub struct RuntimeManager {
     state: Mutex<RuntimeState>,
     reconciler: Option<Arc<Reconciler>>,
     rejected: Mutex<Option<RejectedChange>>,
+    console: Vec<Arc<dyn ConsolePages>>,
+    activity: Arc<crate::activity::Activity>,
 }
 
 impl std::fmt::Debug for RuntimeManager {
@@ -552,8 +564,39 @@ impl RuntimeManager {
                     .insert(source.id().to_owned(), error);
             });
         }
+        self.activity.watch(
+            self.pools
+                .keys()
+                .filter_map(|p| self.supervisor.counters(p))
+                .collect(),
+            self.metrics.latency_all.clone(),
+        );
+        let activity = Arc::clone(&self.activity);
+        let stop = self.source_stop.child_token();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::activity::SAMPLE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => activity.sample(),
+                }
+            }
+        });
         self.set_state(RuntimeState::Running);
         Ok(())
+    }
+
+    /// The work of the last 15 minutes in 10-second intervals, oldest first; the last one is
+    /// the interval still open.
+    pub fn activity(&self) -> Vec<crate::activity::ActivitySample> {
+        self.activity.history()
+    }
+
+    /// The pages modules added to the operator console.
+    pub fn console_pages(&self) -> &[Arc<dyn ConsolePages>] {
+        &self.console
     }
 
     fn source_report(&self, source: &dyn TaskSource, pool: &str) -> SourceReport {

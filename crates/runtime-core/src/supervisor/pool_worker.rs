@@ -653,6 +653,7 @@ impl PoolWorker {
         {
             let waited = now_unix_ms().saturating_sub(published);
             metrics.latency.observe(Duration::from_millis(waited));
+            metrics.latency_all.observe(Duration::from_millis(waited));
         }
         self.count_outcome(&outcome.kind);
         tracing::info!(
