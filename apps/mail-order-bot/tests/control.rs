@@ -12,128 +12,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::Router;
+use common::plane::{call, plane, refuse_sku_666, ADMIN, CONTROL, READ};
 use common::{order_mail, wait_for, Workspace};
 use http_body_util::BodyExt;
 use mail_order_bot::compose::{build_runtime, control_config, load_config};
 use mail_order_bot::module::MailOrderModule;
-use runtime_core::RuntimeManager;
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-const CONTROL: &str = r#"
-[control]
-enabled = true
-bind = "127.0.0.1:0"
-read_tokens = ["read-token-1"]
-admin_tokens = ["admin-token-1"]
-max_body_bytes = 1024
-"#;
-
-const READ: Option<&str> = Some("read-token-1");
-const ADMIN: Option<&str> = Some("admin-token-1");
-
-struct Plane {
-    app: Router,
-    runtime: Arc<RuntimeManager>,
-    ws: Workspace,
-    config_path: std::path::PathBuf,
-}
-
-async fn plane(logs: Option<runtime_core::LogControl>) -> Plane {
-    let ws = Workspace::new();
-    let config_path = ws.config_with(2, 2, CONTROL);
-    let manager = Arc::new(load_config(Some(&config_path), Some(HashMap::new())).expect("config"));
-    let cfg = control_config(manager.root().get("control")).expect("control config");
-    let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule), logs)
-        .await
-        .expect("runtime");
-    runtime.start().expect("start");
-    let runtime = Arc::new(runtime);
-    let app = runtime_adapters::control::router(Arc::clone(&runtime), &cfg);
-    let plane = Plane {
-        app,
-        runtime,
-        ws,
-        config_path,
-    };
-    wait_for(Duration::from_secs(30), "the first scan", || async {
-        plane.runtime.status().await.sources["inbox"]
-            .last_event_age_ms
-            .is_some()
-    })
-    .await;
-    plane
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    text: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
-    }
-    fn code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned()
-    }
-}
-
-async fn call(
-    app: &Router,
-    method: &str,
-    uri: &str,
-    token: Option<&str>,
-    body: Option<(&str, Vec<u8>)>,
-) -> Reply {
-    let mut req = Request::builder().method(method).uri(uri);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let body = match body {
-        Some((content_type, bytes)) => {
-            if !content_type.is_empty() {
-                req = req.header("content-type", content_type);
-            }
-            Body::from(bytes)
-        }
-        None => Body::empty(),
-    };
-    let resp = app
-        .clone()
-        .oneshot(req.body(body).expect("request"))
-        .await
-        .expect("infallible");
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    Reply {
-        status,
-        headers,
-        text: String::from_utf8_lossy(&bytes).into_owned(),
-    }
-}
-
-/// The fault of the dead-letter tests: the order database refuses SKU-666, as a failing ERP
-/// would. Returns a connection that can lift it (`DROP TRIGGER erp_down`).
-async fn refuse_sku_666(ws: &Workspace) -> sqlx::SqlitePool {
-    let db = sqlx::SqlitePool::connect(&ws.store_url())
-        .await
-        .expect("db");
-    sqlx::query(
-        "CREATE TRIGGER erp_down BEFORE INSERT ON order_lines WHEN NEW.sku = 'SKU-666'
-         BEGIN SELECT RAISE(ABORT, 'ERP rejected SKU-666'); END",
-    )
-    .execute(&db)
-    .await
-    .expect("trigger");
-    db
-}
 
 fn json_body(v: Value) -> Option<(&'static str, Vec<u8>)> {
     Some(("application/json", v.to_string().into_bytes()))

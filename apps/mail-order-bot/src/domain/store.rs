@@ -993,7 +993,8 @@ impl OrderStore {
     ) -> Result<Vec<OutcomeRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
-                    m.sender, m.subject, m.deliveries, m.recorded_at
+                    COALESCE(m.sender, o.sender) AS sender, COALESCE(m.subject, o.subject) AS subject,
+                    m.deliveries, m.recorded_at
              FROM message_outcomes m LEFT JOIN orders o ON o.id = m.order_id
              WHERE ($1 IS NULL OR m.outcome = $1)
                AND ($2 IS NULL OR LOWER(o.client_name) LIKE $2 ESCAPE '\\' OR LOWER(o.client_id) LIKE $2 ESCAPE '\\')
@@ -1095,7 +1096,8 @@ impl OrderStore {
     async fn find_outcome(&self, identity: &str) -> Result<Option<OutcomeRow>, StoreError> {
         let row = sqlx::query(
             "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
-                    m.sender, m.subject, m.deliveries, m.recorded_at
+                    COALESCE(m.sender, o.sender) AS sender, COALESCE(m.subject, o.subject) AS subject,
+                    m.deliveries, m.recorded_at
              FROM message_outcomes m LEFT JOIN orders o ON o.id = m.order_id
              WHERE m.message_identity = $1",
         )

@@ -2,6 +2,8 @@
 //! SQLite store, mail generators, and assertions over both.
 #![allow(dead_code)]
 
+pub mod plane;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
