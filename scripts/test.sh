@@ -5,7 +5,7 @@
 # SQLite is compiled in (sqlx bundles it). The tests start their own redis-server, their
 # own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root),
 # their own RabbitMQ broker (own node name, ports, epmd and data dir) and their own Dovecot (config, users and a test CA in a short temp dir; mailboxes owned by a
-# dedicated system user) on free loopback ports; this script installs the packages when
+# dedicated system user) on free loopback ports, and a headless Chromium for the console; this script installs the packages when
 # they are missing. A test that
 # needs a server it cannot start fails; none is skipped.
 set -euo pipefail
@@ -39,6 +39,9 @@ need openssl || missing+=(openssl)
 # promtool checks the alert rules in deploy/prometheus (Debian ships it with prometheus;
 # installing it starts no server here).
 need promtool || missing+=(prometheus)
+# The console's browser test drives Debian's Chromium through chromedriver.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "error: missing ${missing[*]} and not root; install them with apt-get" >&2

@@ -565,12 +565,13 @@ async fn dead_letters_are_found_replayed_and_deleted_and_the_order_shows_in_the_
     // The chart counts what ended.
     let overview = reader.get("/ui").await;
     assert!(
-        !overview
+        overview
             .text
-            .contains("id=\"activity-summary\">0 tasks ended"),
-        "{}",
+            .contains("id=\"activity-summary\">Tasks ended: 2; failed attempts: 4;"),
+        "the good order and the replayed one; two attempts of each dead letter: {}",
         overview.text
     );
+    assert!(overview.text.contains("<circle"), "a point on the chart");
     drop(db);
 }
 

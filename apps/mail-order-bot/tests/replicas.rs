@@ -112,6 +112,11 @@ impl Replicas {
     /// `n` replicas; Redis with AOF when `durable_redis`. Work a paused or dead replica
     /// held is taken over after 5 s.
     fn start(n: usize, durable_redis: bool) -> Self {
+        Self::start_with_ttl(n, durable_redis, 3_000)
+    }
+
+    /// [`Replicas::start`] with a lease of `ttl_ms`.
+    fn start_with_ttl(n: usize, durable_redis: bool, ttl_ms: u64) -> Self {
         let server = DovecotServer::start(&[(USER, PASSWORD)]);
         let redis = RedisServer::start(durable_redis);
         let pg = PostgresServer::start();
@@ -121,7 +126,7 @@ impl Replicas {
         let source = format!(
             "[sources.inbox]\ntype = \"imap_poll\"\npool = \"orders\"\nuser = \"{USER}\"\npassword_file = \"{}\"\n\
              host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 200\nmax_backoff_ms = 2000\n\
-             connections = 2\nreplicas = {n}\nlease_ttl_ms = 3000\n\n",
+             connections = 2\nreplicas = {n}\nlease_ttl_ms = {ttl_ms}\n\n",
             password_file.display(),
             server.port()
         );
@@ -315,6 +320,111 @@ async fn a_paused_owner_is_replaced_and_steps_down_when_it_wakes() {
         vec![(other.0, second_token)],
         "the new owner kept the lease"
     );
+    r.finish(&expected).await;
+}
+
+/// The owner's lease is taken from under it while it still counts it as its own (its key
+/// lost in a Redis failover without persistence, then taken by another holder): the owner's
+/// next publish carries the old fencing token, the queue refuses it inside the publish
+/// script, the refusal is counted in `/status` and on the console, and the owner steps down
+/// by itself. When the other holder lets go, the owner takes the lease back with a newer
+/// token and handles the mail it could not publish, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_whose_lease_was_taken_has_its_publish_refused_and_steps_down() {
+    // A long lease, renewed every 10 s: the owner cannot notice the theft by a renewal
+    // before its next poll (every 200 ms) finds the new mail.
+    let r = Replicas::start_with_ttl(1, false, 30_000);
+    let (mails, expected) = mixed_mail(40);
+    r.append(&mails[..20]);
+    let mut seen = Vec::new();
+    r.drained(
+        &r.ports,
+        "the owner watching and the first part drained",
+        &mut seen,
+    )
+    .await;
+    let port = r.ports[0].1;
+    let status = common::try_status(port).await.expect("status");
+    let lease = status["sources"]["inbox"]["lease"].clone();
+    let resource = lease["resource"].as_str().expect("resource").to_owned();
+    let first_token = lease["token"].as_u64().expect("token");
+    assert_eq!(lease["fenced_publishes"], 0);
+
+    let client = redis::Client::open(r.redis.url()).expect("redis");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let key = format!("plba:lease:{resource}");
+    // Right after a renewal, so that the next one is seconds away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .expect("PTTL");
+        if ttl > 27_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no renewal seen ({key}: {ttl})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _: i64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    let intruder = common::ghost_consumer(&r.redis.url(), "intruder");
+    let leases = runtime_contracts::TaskQueue::leases(&intruder).expect("leases");
+    let stolen = leases
+        .acquire(&resource, "intruder", Duration::from_secs(60))
+        .await
+        .expect("acquire")
+        .expect("the lease was free");
+    assert!(stolen > first_token);
+    r.append(&mails[20..]);
+
+    let started = Instant::now();
+    let lease = loop {
+        let s = common::try_status(port).await.expect("status");
+        let lease = s["sources"]["inbox"]["lease"].clone();
+        if lease["held"] == false && lease["fenced_publishes"].as_u64() >= Some(1) {
+            break lease;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the owner's publish was not refused, or it did not step down: {lease}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("the owner was fenced and stepped down: {lease}");
+    // Nothing it found was queued under its stale token: the new mail waits, unread.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(unseen(&r.server), 20, "no stale publish got through");
+    // It learns who holds the lease now.
+    let started = Instant::now();
+    loop {
+        let s = common::try_status(port).await.expect("status");
+        if s["sources"]["inbox"]["lease"]["holder"] == "intruder" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The intruder lets go: the owner takes the lease back, newer token, and drains.
+    leases
+        .release(&resource, "intruder", stolen)
+        .await
+        .expect("release");
+    r.drained(&r.ports, "the owner back, the rest drained", &mut seen)
+        .await;
+    let s = common::try_status(port).await.expect("status");
+    let lease = &s["sources"]["inbox"]["lease"];
+    assert_eq!(lease["held"], true);
+    assert!(lease["token"].as_u64() > Some(stolen), "{lease}");
+    assert!(lease["fenced_publishes"].as_u64() >= Some(1), "{lease}");
     r.finish(&expected).await;
 }
 

@@ -39,8 +39,8 @@ pub use metrics::Metrics;
 pub use reconcile::{ReconcileConfig, Reconciler, SweepReport};
 pub use retry::RetryPolicy;
 pub use runtime::{
-    ConfigStatus, Diagnostics, Finding, QueueFactory, RejectedChange, ReloadReport, RuntimeBuilder,
-    RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport, SourceReport,
+    ConfigStatus, Diagnostics, Finding, LeaseReport, QueueFactory, RejectedChange, ReloadReport,
+    RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport, SourceReport,
 };
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};

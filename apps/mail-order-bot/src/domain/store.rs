@@ -1216,6 +1216,81 @@ mod tests {
         }
     }
 
+    /// The operators' queries (the console's outcomes, orders and message pages) on one
+    /// backend: filters by outcome, client (any case, `%` and `_` literal) and day.
+    async fn operator_queries(store: &OrderStore) {
+        use super::RecordFilter;
+        for rec in [
+            recording("mid:a", &[("SKU-1", 2), ("SKU-2", 1)], "f-a"),
+            recording("mid:b", &[], "f-b"),
+        ] {
+            store.record(&rec).await.expect("record");
+        }
+        let all = RecordFilter {
+            limit: 50,
+            ..RecordFilter::default()
+        };
+        let outcomes = store.find_outcomes(&all).await.expect("outcomes");
+        assert_eq!(outcomes.len(), 2);
+        let created = store
+            .find_outcomes(&RecordFilter {
+                outcome: Some("created".into()),
+                ..all.clone()
+            })
+            .await
+            .expect("created");
+        assert_eq!(created.len(), 1);
+        assert_eq!(created[0].client_name.as_deref(), Some("ACME"));
+        assert_eq!(created[0].sender.as_deref(), Some("buyer@example.com"));
+        let today = created[0].recorded_at[..10].to_owned();
+        for (client, from, to, expected) in [
+            (Some("acm"), None, None, 1),
+            (Some("Ac%"), None, None, 0),
+            (Some("a_me"), None, None, 0),
+            (None, Some(today.clone()), Some(today.clone()), 1),
+            (None, Some("2999-01-01".to_owned()), None, 0),
+            (None, None, Some("2000-01-01".to_owned()), 0),
+        ] {
+            let filter = RecordFilter {
+                client: client.map(str::to_owned),
+                from,
+                to,
+                ..all.clone()
+            };
+            let orders = store.find_orders(&filter).await.expect("orders");
+            assert_eq!(orders.len(), expected, "{filter:?}");
+            if expected == 1 {
+                assert_eq!(orders[0].1, 2, "two lines");
+            }
+        }
+        let (outcome, order) = store.message("mid:a").await.expect("message");
+        assert_eq!(outcome.map(|o| o.outcome).as_deref(), Some("created"));
+        assert_eq!(order.map(|o| o.lines.len()), Some(2));
+        let (outcome, order) = store.message("mid:b").await.expect("message");
+        assert_eq!(outcome.and_then(|o| o.reason).as_deref(), Some("no lines"));
+        assert!(order.is_none());
+        let (outcome, _) = store.message("mid:none").await.expect("message");
+        assert!(outcome.is_none());
+    }
+
+    #[tokio::test]
+    async fn operator_queries_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("o.db").display());
+        operator_queries(&OrderStore::open(&url).await.expect("store")).await;
+    }
+
+    #[tokio::test]
+    async fn operator_queries_on_postgres() {
+        let pg = plba_testkit::PostgresServer::start();
+        operator_queries(
+            &OrderStore::open(&pg.create_database())
+                .await
+                .expect("store"),
+        )
+        .await;
+    }
+
     /// The one-statement batch on a real PostgreSQL, called directly (`record_batch` would
     /// hide its failure behind the one-by-one fallback): new outcomes with and without
     /// orders, a `failed` outcome replaced, an identity repeated in the batch, one recorded

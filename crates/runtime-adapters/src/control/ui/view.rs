@@ -387,7 +387,7 @@ fn chart(activity: &[ActivitySample]) -> Markup {
         section aria-labelledby="h-activity" {
             h2 id="h-activity" { "Last 15 minutes" }
             p id="activity-summary" {
-                (total) " tasks ended, " (failed) " failed attempts; now "
+                "Tasks ended: " (total) "; failed attempts: " (failed) "; now "
                 (format!("{last_rate:.1}")) " tasks/s"
                 @if let Some(l) = last_latency { ", mean latency " (format!("{l:.0}")) " ms" }
                 "."
@@ -406,28 +406,40 @@ fn chart(activity: &[ActivitySample]) -> Markup {
 
 fn line_chart(label: &str, values: &[Option<f64>], color: &str) -> Markup {
     const W: f64 = 300.0;
-    const H: f64 = 100.0;
+    const H: f64 = 70.0;
+    const TOP: f64 = 4.0;
     let max = values.iter().flatten().copied().fold(0.0_f64, f64::max);
-    let top = if max > 0.0 { max * 1.1 } else { 1.0 };
-    let slots = 90.0; // 15 minutes of 10-second samples
+    let scale = if max > 0.0 { max } else { 1.0 };
+    // 15 minutes of 10-second samples, the newest at the right edge.
+    let slots = 90.0;
     let offset = slots - values.len() as f64;
-    let points: String = values
+    let points: Vec<(f64, f64)> = values
         .iter()
         .enumerate()
         .filter_map(|(i, v)| v.map(|v| (i, v)))
         .map(|(i, v)| {
-            let x = (offset + i as f64) / (slots - 1.0).max(1.0) * W;
-            let y = H - v / top * H;
-            format!("{x:.1},{y:.1} ")
+            let x = (offset + i as f64) / (slots - 1.0) * W;
+            let y = TOP + (H - TOP) * (1.0 - v / scale);
+            (x.clamp(0.0, W), y)
         })
         .collect();
+    let line: String = points
+        .iter()
+        .map(|(x, y)| format!("{x:.1},{y:.1}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     html! {
-        p { (label) ", up to " (format!("{max:.1}")) }
-        svg viewBox="0 0 300 100" role="img" aria-label=(format!("{label}: {} samples, highest {max:.1}", values.len())) {
+        p { (label) ", highest " (format!("{max:.1}")) }
+        svg viewBox="0 0 300 84" role="img" aria-label=(format!("{label}: {} samples, highest {max:.1}", values.len())) {
             title { (label) }
-            rect x="0" y="0" width="300" height="100" fill="#f4f6f8" {}
-            line x1="0" y1="99.5" x2="300" y2="99.5" stroke="#7a8694" stroke-width="1" {}
-            polyline points=(points.trim_end()) fill="none" stroke=(color) stroke-width="2" {}
+            rect x="0" y="0" width="300" height="70" fill="#f4f6f8" {}
+            line x1="0" y1="70" x2="300" y2="70" stroke="#7a8694" stroke-width="1" {}
+            polyline points=(line) fill="none" stroke=(color) stroke-width="2" {}
+            @for (x, y) in &points {
+                circle cx=(format!("{x:.1}")) cy=(format!("{y:.1}")) r="2.5" fill=(color) {}
+            }
+            text x="0" y="82" font-size="9" fill="#4a5360" { "15 min ago" }
+            text x="300" y="82" font-size="9" fill="#4a5360" text-anchor="end" { "now" }
         }
     }
 }
@@ -699,5 +711,138 @@ pub(crate) fn app_view(page: &str, view: &ConsoleView) -> Markup {
                 _ => {},
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use runtime_contracts::{Probe, SourceState};
+    use runtime_core::{LeaseReport, RuntimeState, SourceReport};
+
+    use super::*;
+    use crate::control::auth::Role;
+
+    fn source(lease: Option<LeaseReport>) -> SourceReport {
+        SourceReport {
+            pool: "orders".into(),
+            state: SourceState::Running,
+            paused: false,
+            published: 7,
+            completed: 5,
+            pending: 2,
+            last_event_age_ms: Some(1_500),
+            last_error: None,
+            next_due: None,
+            lease,
+        }
+    }
+
+    fn status(sources: BTreeMap<String, SourceReport>) -> RuntimeStatus {
+        RuntimeStatus {
+            state: RuntimeState::Running,
+            modules: vec!["bot".into()],
+            sources,
+            pools: Vec::new(),
+            queues: BTreeMap::new(),
+            config: ConfigStatus::default(),
+        }
+    }
+
+    fn who(role: Role) -> Who {
+        Who {
+            id: "s".into(),
+            role,
+            csrf: "c".into(),
+            flash: None,
+        }
+    }
+
+    /// Which replica owns a mailbox, its fencing token and the lease's age (#15), and the
+    /// fenced publishes of a replica that lost it.
+    #[test]
+    fn the_sources_table_shows_who_owns_each_lease() {
+        let owner = LeaseReport {
+            resource: "imap/orders@mail:993/inbox".into(),
+            held: true,
+            holder: Some("replica-a".into()),
+            token: Some(1_733_300_000_123),
+            held_for_ms: Some(95_000),
+            acquired: 1,
+            fenced_publishes: 0,
+        };
+        let standby = LeaseReport {
+            held: false,
+            holder: Some("replica-b".into()),
+            held_for_ms: None,
+            fenced_publishes: 2,
+            ..owner.clone()
+        };
+        let ready = HealthReport {
+            probe: Probe::Readiness,
+            healthy: true,
+            checks: Vec::new(),
+        };
+        let sources = BTreeMap::from([
+            ("inbox".to_owned(), source(Some(owner))),
+            ("other".to_owned(), source(Some(standby))),
+            ("plain".to_owned(), source(None)),
+        ]);
+        let html = live(&who(Role::Read), &status(sources), &ready, &[]).into_string();
+        assert!(
+            html.contains("<strong>this replica</strong>, token 1733300000123, held 95.0 s"),
+            "{html}"
+        );
+        assert!(
+            html.contains("replica-b, token 1733300000123, 2 fenced publishes"),
+            "{html}"
+        );
+        assert!(!html.contains("/pause"), "a reader gets no action");
+        let admin = live(
+            &who(Role::Admin),
+            &status(BTreeMap::from([("inbox".to_owned(), source(None))])),
+            &ready,
+            &[],
+        )
+        .into_string();
+        assert!(
+            admin.contains("action=\"/ui/sources/inbox/pause\""),
+            "{admin}"
+        );
+    }
+
+    #[test]
+    fn values_are_escaped_and_addresses_encoded() {
+        assert_eq!(
+            url_encode("maildir:inbox:1 a/b"),
+            "maildir%3Ainbox%3A1%20a%2Fb"
+        );
+        let view = ConsoleView {
+            title: "t".into(),
+            blocks: vec![ConsoleBlock::Note("<script>alert(1)</script>".into())],
+        };
+        let html = app_view("p", &view).into_string();
+        assert!(html.contains("&lt;script&gt;"), "{html}");
+        assert!(!html.contains("<script>"));
+    }
+
+    #[test]
+    fn the_chart_places_the_newest_sample_at_the_right_edge() {
+        let sample = |processed| ActivitySample {
+            at_unix_ms: 0,
+            seconds: 10.0,
+            processed,
+            failed: 0,
+            dead_lettered: 0,
+            mean_latency_ms: Some(5.0),
+        };
+        let html = chart(&[sample(10), sample(40)]).into_string();
+        assert!(html.contains("Tasks ended: 50"), "{html}");
+        assert!(
+            html.contains("cx=\"300.0\" cy=\"4.0\""),
+            "the highest, newest point: {html}"
+        );
+        assert!(html.contains("highest 4.0"), "{html}");
     }
 }
