@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -107,31 +106,8 @@ read_tokens = ["console-read-token"]
 admin_tokens = ["console-admin-token"]
 "#;
     let config = ws.config_with(2, 2, control);
-    let mut bot = Killed(
-        Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the bot"),
-    );
-    let stderr = bot.0.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(addr) = line.strip_prefix("control plane listening on http://") {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the control plane's address");
-    (bot, addr)
+    let (bot, addr) = common::plane::spawn_with_control(&config, &[]);
+    (Killed(bot), addr)
 }
 
 fn shots() -> PathBuf {
@@ -146,6 +122,15 @@ async fn shot(c: &Client, name: &str) {
     let path = shots().join(format!("{name}.png"));
     std::fs::write(&path, png).expect("write screenshot");
     eprintln!("screenshot: {}", path.display());
+}
+
+async fn click(c: &Client, locator: Locator<'_>, what: &str) {
+    c.find(locator)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {what}: {e}"));
 }
 
 async fn text_of(c: &Client, css: &str) -> String {
@@ -252,12 +237,12 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
     );
     shot(&c, "overview").await;
 
-    c.find(Locator::Css("#queues a[href^='/ui/dead-letters']"))
-        .await
-        .expect("the dead-letter count links to them")
-        .click()
-        .await
-        .expect("click");
+    click(
+        &c,
+        Locator::Css("#queues a[href^='/ui/dead-letters']"),
+        "the dead-letter count links to them",
+    )
+    .await;
     wait_text(
         &c,
         "#dead-count",
@@ -266,12 +251,7 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         Duration::from_secs(10),
     )
     .await;
-    c.find(Locator::LinkText("maildir:inbox:2.bad"))
-        .await
-        .expect("its row")
-        .click()
-        .await
-        .expect("click");
+    click(&c, Locator::LinkText("maildir:inbox:2.bad"), "its row").await;
     wait_text(
         &c,
         "#dead-letter",
@@ -295,12 +275,12 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         .execute(&db)
         .await
         .expect("fix the fault");
-    c.find(Locator::XPath("//button[normalize-space()='Replay']"))
-        .await
-        .expect("the replay button")
-        .click()
-        .await
-        .expect("click");
+    click(
+        &c,
+        Locator::XPath("//button[normalize-space()='Replay']"),
+        "the replay button",
+    )
+    .await;
     wait_text(
         &c,
         "main",
@@ -309,12 +289,12 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         Duration::from_secs(10),
     )
     .await;
-    c.find(Locator::XPath("//button[normalize-space()='Replay']"))
-        .await
-        .expect("the confirmation")
-        .click()
-        .await
-        .expect("confirm");
+    click(
+        &c,
+        Locator::XPath("//button[normalize-space()='Replay']"),
+        "the confirmation",
+    )
+    .await;
     wait_text(
         &c,
         ".notice",
@@ -325,12 +305,12 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
     .await;
 
     // Its order shows in the bot's own pages.
-    c.find(Locator::LinkText("Orders"))
-        .await
-        .expect("the bot's orders page in the navigation")
-        .click()
-        .await
-        .expect("click");
+    click(
+        &c,
+        Locator::LinkText("Orders"),
+        "the bot's orders page in the navigation",
+    )
+    .await;
     wait_text(&c, "table.app", "(2 shown)", true, Duration::from_secs(60)).await;
     let rows = text_of(&c, "table.app tbody").await;
     assert!(rows.contains("purchasing@acme.example"), "{rows}");
@@ -373,12 +353,12 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
     c.set_window_size(1280, 1000).await.expect("resize");
 
     // A read token: no replay button, and the POST is refused.
-    c.find(Locator::XPath("//button[normalize-space()='Log out']"))
-        .await
-        .expect("log out")
-        .click()
-        .await
-        .expect("click");
+    click(
+        &c,
+        Locator::XPath("//button[normalize-space()='Log out']"),
+        "log out",
+    )
+    .await;
     wait_text(&c, "h1", "Log in", false, Duration::from_secs(10)).await;
     log_in(&c, &addr, "console-read-token").await;
     assert!(text_of(&c, "#role").await.contains("read"));

@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -397,29 +397,8 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
         &order_mail("bad", "purchasing@acme.example", &[("SKU-666", 3)]),
     );
 
-    let mut bot = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("PLBA_CONTROL_ADMIN_TOKENS", "e2e-admin")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = bot.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(addr) = line.strip_prefix("control plane listening on http://") {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the control plane address");
+    let (mut bot, addr) =
+        common::plane::spawn_with_control(&config, &[("PLBA_CONTROL_ADMIN_TOKENS", "e2e-admin")]);
 
     assert_eq!(http(&addr, "GET", "/health/live", "").0, 200);
     let dead_id = {

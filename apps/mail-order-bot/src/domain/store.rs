@@ -145,6 +145,27 @@ pub struct StoredOutcome {
     pub recorded_at: String,
 }
 
+/// The columns of an [`OutcomeRow`]: an outcome with its order's client, sender and subject.
+const OUTCOME_ROW: &str =
+    "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
+        COALESCE(m.sender, o.sender) AS sender, COALESCE(m.subject, o.subject) AS subject,
+        m.deliveries, m.recorded_at
+     FROM message_outcomes m LEFT JOIN orders o ON o.id = m.order_id";
+
+fn outcome_row(r: &sqlx::any::AnyRow) -> Result<OutcomeRow, sqlx::Error> {
+    Ok(OutcomeRow {
+        message_identity: r.try_get("message_identity")?,
+        outcome: r.try_get("outcome")?,
+        reason: r.try_get("reason")?,
+        order_id: r.try_get("order_id")?,
+        client_name: r.try_get("client_name")?,
+        sender: r.try_get("sender")?,
+        subject: r.try_get("subject")?,
+        deliveries: r.try_get("deliveries")?,
+        recorded_at: r.try_get("recorded_at")?,
+    })
+}
+
 /// Which outcomes or orders an operator asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordFilter {
@@ -991,39 +1012,25 @@ impl OrderStore {
         &self,
         filter: &RecordFilter,
     ) -> Result<Vec<OutcomeRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
-                    COALESCE(m.sender, o.sender) AS sender, COALESCE(m.subject, o.subject) AS subject,
-                    m.deliveries, m.recorded_at
-             FROM message_outcomes m LEFT JOIN orders o ON o.id = m.order_id
+        let sql = format!(
+            "{OUTCOME_ROW}
              WHERE ($1 IS NULL OR m.outcome = $1)
                AND ($2 IS NULL OR LOWER(o.client_name) LIKE $2 ESCAPE '\\' OR LOWER(o.client_id) LIKE $2 ESCAPE '\\')
                AND ($3 IS NULL OR SUBSTR(m.recorded_at, 1, 10) >= $3)
                AND ($4 IS NULL OR SUBSTR(m.recorded_at, 1, 10) <= $4)
              ORDER BY m.recorded_at DESC, m.message_identity
-             LIMIT $5",
-        )
-        .bind(filter.outcome.as_deref())
-        .bind(filter.client_pattern())
-        .bind(filter.from.as_deref())
-        .bind(filter.to.as_deref())
-        .bind(filter.limit)
-        .fetch_all(&self.pool)
-        .await?;
+             LIMIT $5"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(filter.outcome.as_deref())
+            .bind(filter.client_pattern())
+            .bind(filter.from.as_deref())
+            .bind(filter.to.as_deref())
+            .bind(filter.limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter()
-            .map(|r| {
-                Ok(OutcomeRow {
-                    message_identity: r.try_get("message_identity")?,
-                    outcome: r.try_get("outcome")?,
-                    reason: r.try_get("reason")?,
-                    order_id: r.try_get("order_id")?,
-                    client_name: r.try_get("client_name")?,
-                    sender: r.try_get("sender")?,
-                    subject: r.try_get("subject")?,
-                    deliveries: r.try_get("deliveries")?,
-                    recorded_at: r.try_get("recorded_at")?,
-                })
-            })
+            .map(|r| outcome_row(&r))
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
     }
@@ -1094,31 +1101,12 @@ impl OrderStore {
     }
 
     async fn find_outcome(&self, identity: &str) -> Result<Option<OutcomeRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
-                    COALESCE(m.sender, o.sender) AS sender, COALESCE(m.subject, o.subject) AS subject,
-                    m.deliveries, m.recorded_at
-             FROM message_outcomes m LEFT JOIN orders o ON o.id = m.order_id
-             WHERE m.message_identity = $1",
-        )
-        .bind(identity)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(OutcomeRow {
-                message_identity: r.try_get("message_identity")?,
-                outcome: r.try_get("outcome")?,
-                reason: r.try_get("reason")?,
-                order_id: r.try_get("order_id")?,
-                client_name: r.try_get("client_name")?,
-                sender: r.try_get("sender")?,
-                subject: r.try_get("subject")?,
-                deliveries: r.try_get("deliveries")?,
-                recorded_at: r.try_get("recorded_at")?,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| StoreError::from(e))
+        let sql = format!("{OUTCOME_ROW} WHERE m.message_identity = $1");
+        let row = sqlx::query(&sql)
+            .bind(identity)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(outcome_row).transpose()?)
     }
 
     /// The clients of the `clients` table (lists are separated by `;`; `attachments` NULL

@@ -136,3 +136,36 @@ pub async fn refuse_sku_666(ws: &Workspace) -> sqlx::SqlitePool {
     .expect("trigger");
     db
 }
+
+/// The bot binary on `config`, whose control plane binds a free port (`127.0.0.1:0`), with
+/// `env` added; returns the process and the address it printed.
+pub fn spawn_with_control(
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut bot = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
+        .args(["run", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the bot");
+    let stderr = bot.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.strip_prefix("control plane listening on http://") {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the control plane's address");
+    (bot, addr)
+}
