@@ -56,7 +56,9 @@ fi
 # timeout stops cargo and every test binary (its process group); libtest has already
 # named a hung test ("has been running for over 60 seconds").
 limit=${PLBA_TEST_TIMEOUT:-40m}
-timeout --kill-after=30s "$limit" cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# The fault suite (apps/mail-order-bot/tests/faults.rs) needs the named fault points, which
+# only a `failpoints` build has (never a release build).
+timeout --kill-after=30s "$limit" cargo test --workspace --locked --features mail-order-bot/failpoints "$@" 2>&1 | tee "$log" || status=$?
 if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
     echo "error: the test suite did not finish within $limit (PLBA_TEST_TIMEOUT)" | tee -a "$log" >&2
 fi

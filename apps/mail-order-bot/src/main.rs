@@ -7,6 +7,10 @@ use mail_order_bot::cli::{execute, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The fault suite's builds read `FAILPOINTS` (`name=action;...`); release builds have
+    // no fault points at all.
+    #[cfg(feature = "failpoints")]
+    let _faults = fail::FailScenario::setup();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

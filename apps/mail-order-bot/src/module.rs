@@ -447,6 +447,7 @@ impl OrderHandler {
         let fetching = ctx.stage("fetch");
         let loaded = self.load(task, ctx).await;
         drop(fetching);
+        fault("mail.after_fetch")?;
         let prepared = match Self::unparsed(task, loaded?) {
             Ok(prepared) => prepared,
             Err(raw) => {
@@ -457,6 +458,7 @@ impl OrderHandler {
                     .unwrap_or_else(|| Err(HandlerError::retry("not parsed")))?
             }
         };
+        fault("mail.after_parse")?;
         match prepared {
             Prepared::Done(outcome) => Ok(outcome),
             Prepared::Record(rec) => {
@@ -464,6 +466,7 @@ impl OrderHandler {
                 let recorded = self.store.record(&rec).await;
                 drop(committing);
                 let recorded = recorded.map_err(recording_failed)?;
+                fault("mail.after_commit")?;
                 Ok(outcome_of(&rec, &recorded))
             }
         }
@@ -481,6 +484,9 @@ impl OrderHandler {
         let fetching = ctx.batch_stage(tasks, "fetch");
         let answers = ctx.load_batch(tasks).await;
         drop(fetching);
+        if let Err(e) = fault("mail.after_fetch") {
+            return tasks.iter().map(|_| Err(e.clone())).collect();
+        }
         let mut prepared: Vec<Option<Result<Prepared, HandlerError>>> =
             (0..tasks.len()).map(|_| None).collect();
         let mut to_parse = Vec::new();
@@ -504,6 +510,9 @@ impl OrderHandler {
             .into_iter()
             .map(|p| p.unwrap_or_else(|| Err(HandlerError::retry("not prepared"))))
             .collect();
+        if let Err(e) = fault("mail.after_parse") {
+            return tasks.iter().map(|_| Err(e.clone())).collect();
+        }
         let recs: Vec<&Recording> = prepared
             .iter()
             .filter_map(|p| match p {
@@ -514,6 +523,9 @@ impl OrderHandler {
         let committing = ctx.batch_stage(tasks, "store commit");
         let mut recorded = self.store.record_batch(&recs).await.into_iter();
         drop(committing);
+        if let Err(e) = fault("mail.after_commit") {
+            return tasks.iter().map(|_| Err(e.clone())).collect();
+        }
         prepared
             .into_iter()
             .map(|p| match p? {
@@ -526,6 +538,21 @@ impl OrderHandler {
             })
             .collect()
     }
+}
+
+/// A named fault point of the fault suite (`failpoints` feature; nothing without it).
+/// Its actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...), and `return`
+/// fails the message like an error the runtime retries, `return(abort)` aborts the process
+/// at this step, as `kill -9` would.
+fn fault(name: &str) -> Result<(), HandlerError> {
+    let _ = name;
+    fail::fail_point!(name, |arg| {
+        if arg.as_deref() == Some("abort") {
+            std::process::abort();
+        }
+        Err(HandlerError::retry(format!("fault point {name}")))
+    });
+    Ok(())
 }
 
 fn recording_failed(e: crate::domain::store::StoreError) -> HandlerError {

@@ -50,6 +50,21 @@ pub use trace::{
 };
 
 /// Milliseconds since the Unix epoch, for records.
+/// A named fault point of the fault suite (`failpoints` feature; nothing without it). Its
+/// actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...); `return` makes the
+/// step fail with an error naming the point, `return(abort)` aborts the process there, as
+/// `kill -9` would.
+pub(crate) fn fault(name: &str) -> Result<(), String> {
+    let _ = name;
+    fail::fail_point!(name, |arg| {
+        if arg.as_deref() == Some("abort") {
+            std::process::abort();
+        }
+        Err(format!("fault point {name}"))
+    });
+    Ok(())
+}
+
 pub(crate) fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -341,7 +341,13 @@ impl TaskQueue for MemoryQueue {
         tasks: Vec<Task>,
     ) -> BoxFuture<'_, Result<Vec<PublishResult>, QueueError>> {
         let mut results = Vec::with_capacity(tasks.len());
-        for task in tasks {
+        let half = tasks.len() / 2;
+        for (i, task) in tasks.into_iter().enumerate() {
+            if i == half {
+                if let Err(e) = super::fault("queue.publish_batch") {
+                    return Box::pin(std::future::ready(Err(e)));
+                }
+            }
             match self.publish_now(task) {
                 Ok(r) => results.push(r),
                 Err(e) => return Box::pin(std::future::ready(Err(e))),
@@ -380,7 +386,13 @@ impl TaskQueue for MemoryQueue {
         let mut result = Ok(());
         {
             let mut state = self.lock();
-            for lease in leases {
+            for (i, lease) in leases.iter().enumerate() {
+                if i == leases.len() / 2 {
+                    if let Err(e) = super::fault("queue.ack_batch") {
+                        result = Err(e);
+                        break;
+                    }
+                }
                 match state.take_lease(lease.receipt) {
                     Ok(task) => {
                         state.processed += 1;

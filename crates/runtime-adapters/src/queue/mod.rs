@@ -12,6 +12,24 @@ pub mod amqp;
 /// Decodes a task envelope read from a broker: at most `max_bytes`, UTF-8 JSON of a known
 /// schema version; otherwise why not (the entry is dead-lettered as `undecodable`).
 #[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
+/// A named fault point of the fault suite (`failpoints` feature; nothing without it). Its
+/// actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...); `return` makes the
+/// operation fail as unavailable, `return(abort)` aborts the process there, as `kill -9`
+/// would.
+#[allow(dead_code)]
+pub(crate) fn fault(name: &str) -> Result<(), runtime_contracts::QueueError> {
+    let _ = name;
+    fail::fail_point!(name, |arg| {
+        if arg.as_deref() == Some("abort") {
+            std::process::abort();
+        }
+        Err(runtime_contracts::QueueError::Unavailable(format!(
+            "fault point {name}"
+        )))
+    });
+    Ok(())
+}
+
 pub(crate) fn decode_envelope(
     raw: &[u8],
     max_bytes: usize,

@@ -558,6 +558,7 @@ impl RedisQueue {
     }
 
     async fn move_due_retries(&self, conn: &mut Conn) -> Result<u64, QueueError> {
+        super::fault("redis.retry_mover")?;
         let moved: u64 = self
             .move_due
             .key(&self.keys.scheduled)
@@ -797,6 +798,8 @@ impl TaskQueue for RedisQueue {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.broken(e))?;
+            // Added, and the publisher not yet told.
+            super::fault("queue.publish_batch")?;
             let mut results: Vec<PublishResult> = Vec::with_capacity(tasks.len());
             let mut refused = None;
             for (range, answer) in chunks.iter().zip(&added) {
@@ -854,6 +857,8 @@ impl TaskQueue for RedisQueue {
                 }
             }
             if !entries.is_empty() {
+                // Taken off this consumer's leases, not yet acknowledged in Redis.
+                super::fault("queue.ack_batch")?;
                 let mut conn = self.conn().await?;
                 let mut pipe = redis::pipe();
                 pipe.atomic();

@@ -60,6 +60,12 @@ impl RuntimeManager {
     /// the current ones. A refused change is counted (`plba_config_rejected_total`) and
     /// shown in `/status` until a change is applied.
     pub fn reload_with(&self, overrides: Option<Overrides>) -> Result<ReloadReport, ConfigReport> {
+        if let Err(e) = crate::fault("config.reload") {
+            return Err(ConfigReport {
+                origin: self.config.origin().to_string(),
+                problems: vec![runtime_contracts::ConfigProblem::new("reload", e)],
+            });
+        }
         let changed = match self.config.reload_with(overrides) {
             Ok(changed) => changed,
             Err(report) => {

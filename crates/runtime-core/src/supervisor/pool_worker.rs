@@ -634,6 +634,11 @@ impl PoolWorker {
         if done.is_empty() {
             return;
         }
+        // Completed at the source (for mail: `\Seen`), not yet acknowledged.
+        if let Err(e) = crate::fault("worker.after_complete") {
+            tracing::warn!(tasks = done.len(), error = %e, "ack skipped; a redelivery will find the recorded outcomes");
+            return;
+        }
         if let Err(e) = self.queue.ack_batch(done).await {
             tracing::warn!(tasks = done.len(), error = %e, "ack failed after completion; a redelivery will find the recorded outcomes");
         }

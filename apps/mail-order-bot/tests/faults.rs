@@ -1,0 +1,301 @@
+//! The fault suite: the bot is made to die at every named step of a message's life, started
+//! again, and the mailbox and the store are checked against a ledger of what was put in.
+//!
+//! Built only with `--features failpoints` (`scripts/test.sh` passes it); a release build
+//! has no fault points. Each run:
+//! 1. puts mixed mail in (orders, unknown senders, no lines, resends, malformed and hostile
+//!    MIME) and two orders whose handler always fails (the order database refuses SKU-666);
+//! 2. starts the bot with `FAILPOINTS=<point>=<n>*off->return(abort)`: the n+1-th time the
+//!    step is reached the process aborts there, as `kill -9` at that step would;
+//! 3. starts it again without faults and waits until the work settles;
+//! 4. checks the ledger: every valid order exactly once and its mail seen; every always-
+//!    failing mail unseen with a dead letter; every other mail exactly one outcome and seen;
+//!    nothing seen without an outcome.
+//!
+//! It prints one line per run and a summary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::plane::{refuse_sku_666, spawn_with_control};
+use common::{assert_store_exactly_once, mixed_mail, order_mail, Expected, Workspace};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Every step where the Maildir + in-memory stack can die, in a message's order.
+const POINTS: &[&str] = &[
+    "queue.publish_batch",
+    "mail.after_fetch",
+    "mail.after_parse",
+    "mail.after_commit",
+    "worker.after_complete",
+    "queue.ack_batch",
+    "config.reload",
+];
+
+/// Runs of each point.
+const RUNS: usize = 3;
+
+/// Mail whose handler always fails: the order database refuses SKU-666.
+fn always_failing() -> Vec<(String, String)> {
+    ["doomed-1", "doomed-2"]
+        .iter()
+        .map(|id| {
+            (
+                format!("mid:{id}@test.example"),
+                order_mail(id, "purchasing@acme.example", &[("SKU-666", 1)]),
+            )
+        })
+        .collect()
+}
+
+/// Malformed and hostile mail: each must end with exactly one recorded outcome.
+fn bad_mail() -> Vec<String> {
+    let unclosed = "From: purchasing@acme.example\r\nMessage-ID: <unclosed@test.example>\r\n\
+        Subject: broken\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+        --b\r\nContent-Type: text/plain; charset=x-unknown-charset\r\n\r\nSKU-77 x 2\r\n--b\r\n\
+        Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not base64"
+        .to_owned();
+    let mut nested = String::from(
+        "From: purchasing@acme.example\r\nMessage-ID: <nested@test.example>\r\nSubject: deep\r\n\
+         MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\n",
+    );
+    for _ in 0..200 {
+        nested.push_str("Content-Type: message/rfc822\r\n\r\n");
+    }
+    nested.push_str("body\r\n");
+    let headers_only = "From: \r\nMessage-ID: <empty@test.example>\r\n\r\n".to_owned();
+    vec![unclosed, nested, headers_only]
+}
+
+struct Ledger {
+    /// The mail to deliver: (Maildir unique name, bytes).
+    mails: Vec<(String, String)>,
+    expected: Expected,
+    doomed: Vec<String>,
+}
+
+fn ledger() -> Ledger {
+    let (mut mails, mut expected) = mixed_mail(30);
+    mails.extend(bad_mail());
+    // Its first part still reads, leniently, as an order.
+    expected.orders.push("mid:unclosed@test.example".to_owned());
+    expected
+        .other
+        .push(("mid:nested@test.example".to_owned(), "rejected"));
+    let doomed = always_failing();
+    mails.extend(doomed.iter().map(|(_, m)| m.clone()));
+    Ledger {
+        mails: mails
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| (format!("{:06}.M{i}P1.test", 1_700_000_000 + i), m))
+            .collect(),
+        expected,
+        doomed: doomed.into_iter().map(|(id, _)| id).collect(),
+    }
+}
+
+/// Mail arrives in waves, each found by its own scan (so a source publishes several
+/// batches): the first before the bot starts, the others 150 ms apart.
+const WAVES: usize = 5;
+
+fn deliver_waves(ws: &Workspace, mails: &[(String, String)]) -> std::thread::JoinHandle<()> {
+    let per_wave = mails.len().div_ceil(WAVES);
+    let mut waves = mails.chunks(per_wave).map(<[_]>::to_vec);
+    for (name, mail) in waves.next().unwrap_or_default() {
+        ws.deliver(&name, &mail);
+    }
+    let rest: Vec<Vec<(String, String)>> = waves.collect();
+    let maildir = ws.maildir();
+    std::thread::spawn(move || {
+        for wave in rest {
+            std::thread::sleep(Duration::from_millis(150));
+            for (name, mail) in wave {
+                let tmp = maildir.join("tmp").join(&name);
+                std::fs::write(&tmp, mail).expect("write");
+                std::fs::rename(&tmp, maildir.join("new").join(&name)).expect("deliver");
+            }
+        }
+    })
+}
+
+async fn dead_letters(addr: &str) -> Option<Vec<String>> {
+    let page: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{addr}/queues/orders/dead-letters"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(
+        page["items"]
+            .as_array()?
+            .iter()
+            .filter_map(|d| d["id"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// What one run found.
+struct RunReport {
+    fired: bool,
+    orders: usize,
+    outcomes: usize,
+    dead: usize,
+    took: Duration,
+}
+
+async fn one_run(point: &str, run: usize) -> RunReport {
+    let started = Instant::now();
+    let ws = Workspace::new();
+    ws.store().await;
+    let db = refuse_sku_666(&ws).await;
+    let ledger = ledger();
+    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
+    let config = ws.config_with(2, 2, control);
+
+    // The first process dies at the step (or is killed if it never gets there).
+    let skip = run * 2;
+    let faults = format!("{point}={skip}*off->return(abort)");
+    // Its control plane's address is not waited for: it may die before it listens.
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("FAILPOINTS", &faults)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the bot");
+    let delivering = deliver_waves(&ws, &ledger.mails);
+    let pid = Pid::from_raw(i32::try_from(first.id()).expect("pid"));
+    if point == "config.reload" {
+        for _ in 0..=skip {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = kill(pid, Signal::SIGHUP);
+        }
+    }
+    let exit = wait_exit(&mut first, Duration::from_secs(30));
+    let fired = exit.is_some_and(|s| {
+        use std::os::unix::process::ExitStatusExt;
+        s.signal() == Some(Signal::SIGABRT as i32)
+    });
+    if exit.is_none() {
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = first.wait();
+    }
+    delivering.join().expect("delivered");
+
+    // The second runs without faults until the work settles.
+    let (mut second, addr) = spawn_with_control(&config, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let doomed_tasks = loop {
+        let flags = ws.seen_flags();
+        let unseen = flags.values().filter(|s| !**s).count();
+        let dead = dead_letters(&addr).await.unwrap_or_default();
+        if unseen == ledger.doomed.len() && dead.len() == ledger.doomed.len() {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{point} run {run}: never settled: {unseen} unseen, dead letters {dead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // The ledger.
+    let outcomes = assert_store_exactly_once(&ws, &ledger.expected).await;
+    let ids = ws.message_ids();
+    for (unique, seen) in ws.seen_flags() {
+        let id = ids.get(&unique).map(String::as_str).unwrap_or("?");
+        let outcome = outcomes.get(id).map(String::as_str);
+        if ledger.doomed.iter().any(|d| d == id) {
+            assert!(
+                !seen,
+                "{point} run {run}: {id} always fails, yet it is seen"
+            );
+            assert!(
+                outcome.is_none_or(|o| o == "failed"),
+                "{point} run {run}: {id} always fails, yet its outcome is {outcome:?}"
+            );
+            assert!(
+                doomed_tasks.iter().any(|t| t.ends_with(&unique)),
+                "{point} run {run}: no dead letter for {unique}: {doomed_tasks:?}"
+            );
+        } else {
+            assert!(seen, "{point} run {run}: {unique} ({id}) was left unread");
+            assert!(
+                outcome.is_some_and(|o| o != "failed"),
+                "{point} run {run}: {unique} ({id}) is seen with outcome {outcome:?}"
+            );
+        }
+    }
+    assert_eq!(
+        ws.seen_flags().len(),
+        ledger.mails.len(),
+        "{point} run {run}: a message file went missing"
+    );
+    let orders = ws
+        .store()
+        .await
+        .orders_after(0)
+        .await
+        .expect("orders")
+        .len();
+
+    kill(
+        Pid::from_raw(i32::try_from(second.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = wait_exit(&mut second, Duration::from_secs(30)).expect("the bot stops");
+    assert!(status.success(), "{point} run {run}: {status:?}");
+    drop(db);
+    RunReport {
+        fired,
+        orders,
+        outcomes: outcomes.len(),
+        dead: doomed_tasks.len(),
+        took: started.elapsed(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bot_aborted_at_every_step_loses_no_mail_and_doubles_no_order() {
+    let mut fired = 0;
+    let mut runs = 0;
+    for point in POINTS {
+        for run in 0..RUNS {
+            let r = one_run(point, run).await;
+            runs += 1;
+            fired += usize::from(r.fired);
+            println!(
+                "faults maildir+memory {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | {:.1} s",
+                if r.fired { "aborted at the step" } else { "never reached; killed" },
+                r.orders,
+                r.outcomes,
+                r.dead,
+                r.took.as_secs_f64()
+            );
+            assert!(
+                r.fired,
+                "{point} run {run}: the fault point was never reached, so the run proved nothing"
+            );
+        }
+    }
+    println!("faults maildir+memory: {runs} runs, {fired} aborted at their step, every ledger ok");
+}
