@@ -12,7 +12,9 @@
 //!    failing mail unseen with a dead letter; every other mail exactly one outcome and seen;
 //!    nothing seen without an outcome.
 //!
-//! It prints one line per run and a summary.
+//! Two stacks: Maildir with the in-memory queue and SQLite, and IMAP (a private Dovecot)
+//! with Redis Streams and PostgreSQL, where the always-failing mail must also carry the
+//! failure keyword. It prints one line per run and a summary.
 
 mod common;
 
@@ -70,10 +72,19 @@ fn bad_mail() -> Vec<String> {
 }
 
 struct Ledger {
-    /// The mail to deliver: (Maildir unique name, bytes).
+    /// The mail to deliver: (Maildir unique name, bytes), resends included.
     mails: Vec<(String, String)>,
     expected: Expected,
     doomed: Vec<String>,
+}
+
+impl Ledger {
+    /// Messages whose bytes repeat an earlier one (a resend: one identity, one outcome).
+    fn resends(&self) -> usize {
+        let distinct: std::collections::HashSet<&str> =
+            self.mails.iter().map(|(_, m)| m.as_str()).collect();
+        self.mails.len() - distinct.len()
+    }
 }
 
 fn ledger() -> Ledger {
@@ -157,6 +168,8 @@ struct RunReport {
     orders: usize,
     outcomes: usize,
     dead: usize,
+    /// When the first process was gone.
+    died: Duration,
     took: Duration,
 }
 
@@ -172,15 +185,13 @@ async fn one_run(point: &str, run: usize) -> RunReport {
     // The first process dies at the step (or is killed if it never gets there).
     let skip = run * 2;
     let faults = format!("{point}={skip}*off->return(abort)");
-    // Its control plane's address is not waited for: it may die before it listens.
-    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("FAILPOINTS", &faults)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn the bot");
+    // For a reload, the bot must be up (its SIGHUP handler installed) before the signal;
+    // otherwise its address is not waited for: it may die before it listens.
+    let mut first = if point == "config.reload" {
+        spawn_with_control(&config, &[("FAILPOINTS", faults.as_str())]).0
+    } else {
+        spawn_bot(&config, Some(&faults))
+    };
     let delivering = deliver_waves(&ws, &ledger.mails);
     let pid = Pid::from_raw(i32::try_from(first.id()).expect("pid"));
     if point == "config.reload" {
@@ -198,6 +209,7 @@ async fn one_run(point: &str, run: usize) -> RunReport {
         let _ = kill(pid, Signal::SIGKILL);
         let _ = first.wait();
     }
+    let died = started.elapsed();
     delivering.join().expect("delivered");
 
     // The second runs without faults until the work settles.
@@ -270,6 +282,7 @@ async fn one_run(point: &str, run: usize) -> RunReport {
         orders,
         outcomes: outcomes.len(),
         dead: doomed_tasks.len(),
+        died,
         took: started.elapsed(),
     }
 }
@@ -284,11 +297,12 @@ async fn the_bot_aborted_at_every_step_loses_no_mail_and_doubles_no_order() {
             runs += 1;
             fired += usize::from(r.fired);
             println!(
-                "faults maildir+memory {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | {:.1} s",
+                "faults maildir+memory {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | died at {:.1} s, settled at {:.1} s",
                 if r.fired { "aborted at the step" } else { "never reached; killed" },
                 r.orders,
                 r.outcomes,
                 r.dead,
+                r.died.as_secs_f64(),
                 r.took.as_secs_f64()
             );
             assert!(
@@ -298,4 +312,250 @@ async fn the_bot_aborted_at_every_step_loses_no_mail_and_doubles_no_order() {
         }
     }
     println!("faults maildir+memory: {runs} runs, {fired} aborted at their step, every ledger ok");
+}
+
+/// Every step where the IMAP + Redis stack can die: the Maildir stack's, and the Redis
+/// retry mover (which moves due retries back to the stream).
+const IMAP_POINTS: &[&str] = &[
+    "queue.publish_batch",
+    "mail.after_fetch",
+    "mail.after_parse",
+    "mail.after_commit",
+    "worker.after_complete",
+    "queue.ack_batch",
+    "redis.retry_mover",
+    "config.reload",
+];
+
+const PASSWORD: &str = "fault-Pa55";
+
+/// The servers of the IMAP stack, shared by its runs; each run has its own mailbox user,
+/// Redis key prefix and database.
+struct ImapStack {
+    dovecot: plba_testkit::DovecotServer,
+    redis: plba_testkit::RedisServer,
+    pg: plba_testkit::PostgresServer,
+}
+
+fn user(n: usize) -> String {
+    format!("faults{n}")
+}
+
+impl ImapStack {
+    fn start(runs: usize) -> Self {
+        let users: Vec<(String, &str)> = (0..runs).map(|n| (user(n), PASSWORD)).collect();
+        let users: Vec<(&str, &str)> = users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
+        Self {
+            dovecot: plba_testkit::DovecotServer::start(&users),
+            redis: plba_testkit::RedisServer::start(false),
+            pg: plba_testkit::PostgresServer::start(),
+        }
+    }
+
+    /// A workspace on a new database whose `order_lines` refuse SKU-666, and its config:
+    /// mailbox user `n`, Redis keys under `run<n>`, leases taken over after 2 s.
+    async fn workspace(&self, n: usize) -> (Workspace, std::path::PathBuf) {
+        let ws = Workspace::with_store(self.pg.create_database());
+        ws.store().await;
+        let db = sqlx::PgPool::connect(&ws.store_url()).await.expect("db");
+        sqlx::raw_sql(
+            "CREATE FUNCTION erp_down() RETURNS trigger AS $$ BEGIN
+                 IF NEW.sku = 'SKU-666' THEN RAISE EXCEPTION 'ERP rejected SKU-666'; END IF;
+                 RETURN NEW; END $$ LANGUAGE plpgsql;
+             CREATE TRIGGER erp_down BEFORE INSERT ON order_lines
+                 FOR EACH ROW EXECUTE FUNCTION erp_down();",
+        )
+        .execute(&db)
+        .await
+        .expect("the SKU-666 trigger");
+        let password_file = ws.dir.path().join("imap-password");
+        std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+        let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
+        let text = std::fs::read_to_string(ws.config_redis(&self.redis.url(), 2, 2_000, control))
+            .expect("config")
+            .replace(
+                "max_deliveries = 3",
+                &format!("max_deliveries = 3\nkey_prefix = \"run{n}\""),
+            )
+            .replace("max_attempts = 3", "max_attempts = 2");
+        let source = format!(
+            "[sources.inbox]\ntype = \"imap_poll\"\npool = \"orders\"\nuser = \"{}\"\npassword_file = \"{}\"\n\
+             host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 100\nmax_backoff_ms = 1000\nlease_ttl_ms = 3000\n\n",
+            user(n),
+            password_file.display(),
+            self.dovecot.port()
+        );
+        let start = text.find("[sources.inbox]").expect("source section");
+        let end = text.find("[apps.mail_order_bot]").expect("app section");
+        let path = ws.dir.path().join("faults-imap.toml");
+        std::fs::write(&path, format!("{}{source}{}", &text[..start], &text[end..]))
+            .expect("config");
+        (ws, path)
+    }
+
+    /// The mailbox's messages: (is seen, carries the failure keyword).
+    fn flags(&self, n: usize) -> Vec<(bool, bool)> {
+        self.dovecot
+            .flags(&user(n), PASSWORD, "INBOX")
+            .values()
+            .map(|f| {
+                (
+                    f.iter().any(|x| x == "\\Seen"),
+                    f.iter().any(|x| x == "$OrderBotFailed"),
+                )
+            })
+            .collect()
+    }
+}
+
+fn spawn_bot(config: &std::path::Path, faults: Option<&str>) -> std::process::Child {
+    let mut bot = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"));
+    bot.args(["run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if let Some(f) = faults {
+        bot.env("FAILPOINTS", f);
+    }
+    bot.spawn().expect("spawn the bot")
+}
+
+async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> RunReport {
+    let started = Instant::now();
+    let (ws, config) = stack.workspace(n).await;
+    let ledger = ledger();
+    let skip = run * 2;
+    let faults = format!("{point}={skip}*off->return(abort)");
+    // For a reload, the bot must be up (its SIGHUP handler installed) before the signal.
+    let mut first = if point == "config.reload" {
+        spawn_with_control(&config, &[("FAILPOINTS", faults.as_str())]).0
+    } else {
+        spawn_bot(&config, Some(&faults))
+    };
+    let pid = Pid::from_raw(i32::try_from(first.id()).expect("pid"));
+    // Mail arrives in waves while the first process runs.
+    let per_wave = ledger.mails.len().div_ceil(WAVES);
+    for (i, wave) in ledger.mails.chunks(per_wave).enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let bytes: Vec<Vec<u8>> = wave.iter().map(|(_, m)| m.clone().into_bytes()).collect();
+        stack.dovecot.append(&user(n), PASSWORD, "INBOX", &bytes);
+        if point == "config.reload" {
+            let _ = kill(pid, Signal::SIGHUP);
+        }
+    }
+    if point == "config.reload" {
+        for _ in 0..=skip {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = kill(pid, Signal::SIGHUP);
+        }
+    }
+    let exit = wait_exit(&mut first, Duration::from_secs(30));
+    let fired = exit.is_some_and(|s| {
+        use std::os::unix::process::ExitStatusExt;
+        s.signal() == Some(Signal::SIGABRT as i32)
+    });
+    if exit.is_none() {
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = first.wait();
+    }
+    let died = started.elapsed();
+
+    let (mut second, addr) = spawn_with_control(&config, &[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let dead = loop {
+        let flags = stack.flags(n);
+        let unseen = flags.iter().filter(|(seen, _)| !seen).count();
+        let marked = flags.iter().filter(|(seen, kw)| !seen && *kw).count();
+        let dead = dead_letters(&addr).await.unwrap_or_default();
+        if unseen == ledger.doomed.len() && marked == unseen && dead.len() == ledger.doomed.len() {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "imap {point} run {run}: never settled: {unseen} unseen ({marked} with the failure keyword), dead letters {dead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let flags = stack.flags(n);
+    assert_eq!(
+        flags.len(),
+        ledger.mails.len(),
+        "imap {point} run {run}: a message went missing"
+    );
+    assert!(
+        flags.iter().all(|(seen, kw)| !(*seen && *kw)),
+        "imap {point} run {run}: a seen message carries the failure keyword"
+    );
+    let outcomes = assert_store_exactly_once(&ws, &ledger.expected).await;
+    for id in &ledger.doomed {
+        let outcome = outcomes.get(id).map(String::as_str);
+        assert!(
+            outcome.is_none_or(|o| o == "failed"),
+            "imap {point} run {run}: {id} always fails, yet its outcome is {outcome:?}"
+        );
+    }
+    let recorded = outcomes.values().filter(|o| *o != "failed").count();
+    let distinct_valid = ledger.mails.len() - ledger.doomed.len() - ledger.resends();
+    assert_eq!(
+        recorded, distinct_valid,
+        "imap {point} run {run}: every message but the failing ones has one outcome"
+    );
+    let orders = ws
+        .store()
+        .await
+        .orders_after(0)
+        .await
+        .expect("orders")
+        .len();
+    kill(
+        Pid::from_raw(i32::try_from(second.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = wait_exit(&mut second, Duration::from_secs(30)).expect("the bot stops");
+    assert!(status.success(), "imap {point} run {run}: {status:?}");
+    RunReport {
+        fired,
+        orders,
+        outcomes: outcomes.len(),
+        dead: dead.len(),
+        died,
+        took: started.elapsed(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_redis_postgres_aborted_at_every_step_lose_no_mail_and_double_no_order() {
+    let stack = ImapStack::start(IMAP_POINTS.len() * RUNS);
+    let mut fired = 0;
+    let mut runs = 0;
+    let only = std::env::var("PLBA_FAULT_POINT").ok();
+    for point in IMAP_POINTS
+        .iter()
+        .filter(|p| only.as_deref().is_none_or(|o| o == **p))
+    {
+        for run in 0..RUNS {
+            let r = one_imap_run(&stack, runs, point, run).await;
+            runs += 1;
+            fired += usize::from(r.fired);
+            println!(
+                "faults imap+redis+postgres {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | died at {:.1} s, settled at {:.1} s",
+                if r.fired { "aborted at the step" } else { "never reached; killed" },
+                r.orders,
+                r.outcomes,
+                r.dead,
+                r.died.as_secs_f64(),
+                r.took.as_secs_f64()
+            );
+            assert!(
+                r.fired,
+                "imap {point} run {run}: the fault point was never reached, so the run proved nothing"
+            );
+        }
+    }
+    println!(
+        "faults imap+redis+postgres: {runs} runs, {fired} aborted at their step, every ledger ok"
+    );
 }
