@@ -637,6 +637,9 @@ impl TaskHandler for OrderHandler {
     }
 }
 
+/// Longest a readiness probe waits for the order store.
+const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_000);
+
 struct StoreHealth(OrderStore);
 
 impl HealthContributor for StoreHealth {
@@ -649,10 +652,18 @@ impl HealthContributor for StoreHealth {
             if probe == Probe::Liveness {
                 return HealthStatus::Up;
             }
-            match self.0.ping().await {
-                Ok(()) => HealthStatus::Up,
-                Err(e) => HealthStatus::Down {
+            // A database that does not answer must not hold the probe up: a new connection
+            // to a server that is down can wait for the pool's whole acquire timeout.
+            match tokio::time::timeout(STORE_PROBE_TIMEOUT, self.0.ping()).await {
+                Ok(Ok(())) => HealthStatus::Up,
+                Ok(Err(e)) => HealthStatus::Down {
                     reason: e.to_string(),
+                },
+                Err(_) => HealthStatus::Down {
+                    reason: format!(
+                        "the order store did not answer within {} ms",
+                        STORE_PROBE_TIMEOUT.as_millis()
+                    ),
                 },
             }
         })

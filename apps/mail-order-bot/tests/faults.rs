@@ -347,7 +347,9 @@ impl ImapStack {
         let users: Vec<(&str, &str)> = users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
         Self {
             dovecot: plba_testkit::DovecotServer::start(&users),
-            redis: plba_testkit::RedisServer::start(false),
+            // A queue's Redis keeps its data (the AOF, synced before each answer), as a
+            // production one must: a restart loses no pointer.
+            redis: plba_testkit::RedisServer::start(true),
             pg: plba_testkit::PostgresServer::start(),
         }
     }
@@ -462,45 +464,82 @@ async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> R
     }
     let died = started.elapsed();
 
-    let (mut second, addr) = spawn_with_control(&config, &[]);
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let (second, addr) = spawn_with_control(&config, &[]);
+    let settled = settle_imap(
+        stack,
+        n,
+        &ws,
+        &ledger,
+        &addr,
+        &format!("imap {point} run {run}"),
+    )
+    .await;
+    stop_bot(second, &format!("imap {point} run {run}"));
+    RunReport {
+        fired,
+        orders: settled.orders,
+        outcomes: settled.outcomes,
+        dead: settled.dead,
+        died,
+        took: started.elapsed(),
+    }
+}
+
+/// What a settled IMAP run holds.
+struct Settled {
+    orders: usize,
+    outcomes: usize,
+    dead: usize,
+}
+
+/// Waits until the IMAP stack's work settles, then checks the ledger: every valid order
+/// once and seen, every always-failing mail unseen with the failure keyword and a dead
+/// letter, every other mail one outcome and seen.
+async fn settle_imap(
+    stack: &ImapStack,
+    n: usize,
+    ws: &Workspace,
+    ledger: &Ledger,
+    addr: &str,
+    label: &str,
+) -> Settled {
+    let deadline = Instant::now() + Duration::from_secs(120);
     let dead = loop {
         let flags = stack.flags(n);
         let unseen = flags.iter().filter(|(seen, _)| !seen).count();
         let marked = flags.iter().filter(|(seen, kw)| !seen && *kw).count();
-        let dead = dead_letters(&addr).await.unwrap_or_default();
-        if unseen == ledger.doomed.len() && marked == unseen && dead.len() == ledger.doomed.len() {
+        let dead = dead_letters(addr).await.unwrap_or_default();
+        if flags.len() == ledger.mails.len()
+            && unseen == ledger.doomed.len()
+            && marked == unseen
+            && dead.len() == ledger.doomed.len()
+        {
             break dead;
         }
         assert!(
             Instant::now() < deadline,
-            "imap {point} run {run}: never settled: {unseen} unseen ({marked} with the failure keyword), dead letters {dead:?}"
+            "{label}: never settled: {unseen} unseen ({marked} with the failure keyword), dead letters {dead:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let flags = stack.flags(n);
-    assert_eq!(
-        flags.len(),
-        ledger.mails.len(),
-        "imap {point} run {run}: a message went missing"
-    );
     assert!(
         flags.iter().all(|(seen, kw)| !(*seen && *kw)),
-        "imap {point} run {run}: a seen message carries the failure keyword"
+        "{label}: a seen message carries the failure keyword"
     );
-    let outcomes = assert_store_exactly_once(&ws, &ledger.expected).await;
+    let outcomes = assert_store_exactly_once(ws, &ledger.expected).await;
     for id in &ledger.doomed {
         let outcome = outcomes.get(id).map(String::as_str);
         assert!(
             outcome.is_none_or(|o| o == "failed"),
-            "imap {point} run {run}: {id} always fails, yet its outcome is {outcome:?}"
+            "{label}: {id} always fails, yet its outcome is {outcome:?}"
         );
     }
     let recorded = outcomes.values().filter(|o| *o != "failed").count();
     let distinct_valid = ledger.mails.len() - ledger.doomed.len() - ledger.resends();
     assert_eq!(
         recorded, distinct_valid,
-        "imap {point} run {run}: every message but the failing ones has one outcome"
+        "{label}: every message but the failing ones has one outcome"
     );
     let orders = ws
         .store()
@@ -509,21 +548,22 @@ async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> R
         .await
         .expect("orders")
         .len();
-    kill(
-        Pid::from_raw(i32::try_from(second.id()).expect("pid")),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let status = wait_exit(&mut second, Duration::from_secs(30)).expect("the bot stops");
-    assert!(status.success(), "imap {point} run {run}: {status:?}");
-    RunReport {
-        fired,
+    Settled {
         orders,
         outcomes: outcomes.len(),
         dead: dead.len(),
-        died,
-        took: started.elapsed(),
     }
+}
+
+fn stop_bot(mut bot: std::process::Child, label: &str) {
+    kill(
+        Pid::from_raw(i32::try_from(bot.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = wait_exit(&mut bot, Duration::from_secs(30)).expect("the bot stops");
+    assert!(status.success(), "{label}: {status:?}");
+    let _ = bot.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,4 +598,135 @@ async fn imap_redis_postgres_aborted_at_every_step_lose_no_mail_and_double_no_or
     println!(
         "faults imap+redis+postgres: {runs} runs, {fired} aborted at their step, every ledger ok"
     );
+}
+
+/// Whether the bot says it is ready (`None` while it does not answer).
+async fn ready(addr: &str) -> Option<bool> {
+    let answer = reqwest::Client::new()
+        .get(format!("http://{addr}/health/ready"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    Some(answer.status().is_success())
+}
+
+/// Polls readiness until it is `want`; how long that took.
+async fn readiness_becomes(addr: &str, want: bool, limit: Duration, label: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        if ready(addr).await == Some(want) {
+            return started.elapsed();
+        }
+        if started.elapsed() >= limit {
+            let status = reqwest::Client::new()
+                .get(format!("http://{addr}/status"))
+                .send()
+                .await
+                .ok();
+            let text = match status {
+                Some(r) => r.text().await.unwrap_or_default(),
+                None => String::new(),
+            };
+            panic!(
+                "{label}: readiness did not turn {} within {limit:?}: {text}",
+                if want { "ready" } else { "not ready" }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Dependency {
+    Redis,
+    Dovecot,
+    Postgres,
+}
+
+/// Each dependency of the IMAP stack stopped under a running bot and started again
+/// (PostgreSQL for 30 s): readiness turns not ready within 5 s of the outage and ready
+/// within 30 s of the recovery; mail that arrives meanwhile is handled once; the ledger
+/// holds. The retry policy here outlasts an outage (up to 30 attempts, 2 s apart at most),
+/// as a production one should; the always-failing mail is left to the abort runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_dependency_outage_turns_readiness_and_loses_nothing() {
+    let outages = [
+        (Dependency::Redis, Duration::from_secs(3)),
+        (Dependency::Dovecot, Duration::from_secs(3)),
+        (Dependency::Postgres, Duration::from_secs(30)),
+    ];
+    let mut stack = ImapStack::start(outages.len());
+    let only = std::env::var("PLBA_FAULT_POINT").ok();
+    for (n, (dependency, down_for)) in outages.into_iter().enumerate() {
+        let label = format!("outage {dependency:?}");
+        if only
+            .as_deref()
+            .is_some_and(|o| o != format!("{dependency:?}"))
+        {
+            continue;
+        }
+        let started = Instant::now();
+        let (ws, config) = stack.workspace(n).await;
+        let text = std::fs::read_to_string(&config)
+            .expect("config")
+            .replace("max_attempts = 2", "max_attempts = 30")
+            .replace(
+                "initial_backoff_ms = 10\nmax_backoff_ms = 50",
+                "initial_backoff_ms = 200\nmax_backoff_ms = 2000",
+            );
+        assert!(text.contains("max_attempts = 30") && text.contains("initial_backoff_ms = 200"));
+        std::fs::write(&config, text).expect("config");
+        let mut ledger = ledger();
+        let doomed = std::mem::take(&mut ledger.doomed);
+        ledger
+            .mails
+            .retain(|(_, m)| !doomed.iter().any(|d| m.contains(&d["mid:".len()..])));
+        let half = ledger.mails.len() / 2;
+        let bytes = |mails: &[(String, String)]| -> Vec<Vec<u8>> {
+            mails.iter().map(|(_, m)| m.clone().into_bytes()).collect()
+        };
+
+        let (bot, addr) = spawn_with_control(&config, &[]);
+        stack
+            .dovecot
+            .append(&user(n), PASSWORD, "INBOX", &bytes(&ledger.mails[..half]));
+        readiness_becomes(&addr, true, Duration::from_secs(30), &label).await;
+        match dependency {
+            Dependency::Redis => stack.redis.stop(),
+            Dependency::Dovecot => stack.dovecot.stop(),
+            Dependency::Postgres => stack.pg.stop(),
+        }
+        let to_down = readiness_becomes(&addr, false, Duration::from_secs(5), &label).await;
+        if !matches!(dependency, Dependency::Dovecot) {
+            stack
+                .dovecot
+                .append(&user(n), PASSWORD, "INBOX", &bytes(&ledger.mails[half..]));
+        }
+        tokio::time::sleep(down_for.saturating_sub(to_down)).await;
+        assert_eq!(ready(&addr).await, Some(false), "{label}: still down");
+        match dependency {
+            Dependency::Redis => stack.redis.restart(),
+            Dependency::Dovecot => stack.dovecot.restart(),
+            Dependency::Postgres => stack.pg.restart(),
+        }
+        let to_up = readiness_becomes(&addr, true, Duration::from_secs(30), &label).await;
+        if matches!(dependency, Dependency::Dovecot) {
+            stack
+                .dovecot
+                .append(&user(n), PASSWORD, "INBOX", &bytes(&ledger.mails[half..]));
+        }
+        let settled = settle_imap(&stack, n, &ws, &ledger, &addr, &label).await;
+        stop_bot(bot, &label);
+        println!(
+            "faults imap+redis+postgres outage {:<8} down {:>2} s: not ready after {:.1} s, ready {:.1} s after recovery | {} orders, {} outcomes | ledger ok | {:.1} s",
+            format!("{dependency:?}"),
+            down_for.as_secs(),
+            to_down.as_secs_f64(),
+            to_up.as_secs_f64(),
+            settled.orders,
+            settled.outcomes,
+            started.elapsed().as_secs_f64()
+        );
+    }
 }

@@ -466,18 +466,24 @@ impl PostgresServer {
                 "--no-sync",
             ],
         );
+        server.start_server();
+        server
+    }
+
+    fn start_server(&self) {
+        let data = self.dir.path().join("data");
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-            server.port,
-            server.dir.path().display()
+            self.port,
+            self.dir.path().display()
         );
-        server.run_checked(
+        self.run_checked(
             "pg_ctl",
             &[
                 "-D",
                 &data.display().to_string(),
                 "-l",
-                &server.dir.path().join("server.log").display().to_string(),
+                &self.dir.path().join("server.log").display().to_string(),
                 "-o",
                 &options,
                 "-w",
@@ -486,7 +492,18 @@ impl PostgresServer {
                 "start",
             ],
         );
-        server
+    }
+
+    /// Stops the server at once (`-m immediate`: connections are cut, as in a crash); its
+    /// data stays for [`PostgresServer::restart`].
+    pub fn stop(&self) {
+        let data = self.dir.path().join("data").display().to_string();
+        self.run_checked("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts the stopped server again on the same port, with its data.
+    pub fn restart(&self) {
+        self.start_server();
     }
 
     fn command(&self, program: &str) -> Command {
@@ -825,12 +842,15 @@ service stats {{
     }
 
     fn spawn(&mut self, binary: &Path) {
+        use std::os::unix::process::CommandExt;
+        // Its own process group, so that a stop can end its mail processes too.
         let child = Command::new(binary)
             .arg("-F")
             .arg("-c")
             .arg(self.dir.path().join("dovecot.conf"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("start dovecot");
         self.child = Some(child);
@@ -878,7 +898,8 @@ service stats {{
         self.dir.path().join("ca.pem")
     }
 
-    /// Stops Dovecot (SIGTERM to the master, which stops its processes).
+    /// Stops Dovecot: SIGTERM to the master, then SIGKILL to whatever is left of its process
+    /// group (mail processes still serving open connections), as in a crash of the server.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
@@ -894,6 +915,12 @@ service stats {{
             }
             let _ = child.kill();
             let _ = child.wait();
+            // Clients' mail processes may outlive the master, still serving their open
+            // connections: an outage ends them too.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
+                .status();
             // Its login and mail processes may outlive the master for a moment.
             let start = Instant::now();
             while self.greets() && start.elapsed() < Duration::from_secs(10) {
