@@ -730,3 +730,177 @@ async fn each_dependency_outage_turns_readiness_and_loses_nothing() {
         );
     }
 }
+
+/// The soak's own mail: unique ids from `from`, every tenth from an unknown sender, every
+/// fifteenth with no lines, every fiftieth always failing (SKU-666), every twentieth a
+/// resend of an earlier order.
+fn soak_mail(
+    from: usize,
+    count: usize,
+    ledger: &mut Ledger,
+    sent: &mut Vec<String>,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(count);
+    for i in from..from + count {
+        let id = format!("soak-{i}");
+        let mid = format!("mid:{id}@test.example");
+        let mail = if i % 20 == 19 && !sent.is_empty() {
+            sent[i % sent.len()].clone()
+        } else if i % 50 == 25 {
+            ledger.doomed.push(mid);
+            order_mail(&id, "purchasing@acme.example", &[("SKU-666", 1)])
+        } else if i % 10 == 9 {
+            ledger.expected.other.push((mid, "unknown_client"));
+            order_mail(&id, "someone@unknown.example", &[("SKU-1", 1)])
+        } else if i % 15 == 14 {
+            ledger.expected.other.push((mid, "no_lines"));
+            order_mail(&id, "x@acme.example", &[])
+        } else {
+            ledger.expected.orders.push(mid);
+            let m = order_mail(
+                &id,
+                "purchasing@acme.example",
+                &[("SKU-9", (i % 5 + 1) as u32)],
+            );
+            sent.push(m.clone());
+            m
+        };
+        ledger.mails.push((id, mail.clone()));
+        out.push(mail.into_bytes());
+    }
+    out
+}
+
+/// A fault the soak injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SoakFault {
+    /// The bot aborts at a named fault point.
+    Point(&'static str),
+    /// `kill -9` of the bot at a random moment.
+    Kill,
+    /// A dependency stopped for a few seconds and started again.
+    Outage(&'static str),
+}
+
+/// Random faults under a continuous stream of mail for `PLBA_SOAK_MINUTES` (0.5 in the
+/// suite; `just soak 30` for half an hour), then the ledger over everything that arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_random_faults_under_a_stream_of_mail() {
+    let minutes: f64 = std::env::var("PLBA_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0.5);
+    let mut stack = ImapStack::start(1);
+    let (ws, config) = stack.workspace(0).await;
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("max_attempts = 2", "max_attempts = 30")
+        .replace(
+            "initial_backoff_ms = 10\nmax_backoff_ms = 50",
+            "initial_backoff_ms = 200\nmax_backoff_ms = 2000",
+        );
+    std::fs::write(&config, text).expect("config");
+    let mut ledger = Ledger {
+        mails: Vec::new(),
+        expected: Expected::default(),
+        doomed: Vec::new(),
+    };
+    let mut sent = Vec::new();
+    let faults: Vec<SoakFault> = IMAP_POINTS
+        .iter()
+        .filter(|p| **p != "config.reload")
+        .map(|p| SoakFault::Point(p))
+        .chain([
+            SoakFault::Kill,
+            SoakFault::Outage("redis"),
+            SoakFault::Outage("dovecot"),
+            SoakFault::Outage("postgres"),
+        ])
+        .collect();
+    let mut injected: std::collections::BTreeMap<SoakFault, usize> = Default::default();
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(minutes * 60.0);
+    let mut bot = spawn_bot(&config, None);
+    while Instant::now() < until {
+        let fault = faults[fastrand::usize(..faults.len())];
+        *injected.entry(fault).or_default() += 1;
+        // Mail keeps arriving: five messages every 200 ms, for one to three seconds.
+        for _ in 0..fastrand::usize(5..15) {
+            let batch = soak_mail(ledger.mails.len(), 5, &mut ledger, &mut sent);
+            stack.dovecot.append(&user(0), PASSWORD, "INBOX", &batch);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        match fault {
+            SoakFault::Point(point) => {
+                let pid = Pid::from_raw(i32::try_from(bot.id()).expect("pid"));
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = bot.wait();
+                bot = spawn_bot(
+                    &config,
+                    Some(&format!(
+                        "{point}={}*off->return(abort)",
+                        fastrand::usize(0..5)
+                    )),
+                );
+                for _ in 0..10 {
+                    let batch = soak_mail(ledger.mails.len(), 5, &mut ledger, &mut sent);
+                    stack.dovecot.append(&user(0), PASSWORD, "INBOX", &batch);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Ok(Some(_)) = bot.try_wait() {
+                        break;
+                    }
+                }
+                let _ = kill(
+                    Pid::from_raw(i32::try_from(bot.id()).expect("pid")),
+                    Signal::SIGKILL,
+                );
+                let _ = bot.wait();
+                bot = spawn_bot(&config, None);
+            }
+            SoakFault::Kill => {
+                let _ = kill(
+                    Pid::from_raw(i32::try_from(bot.id()).expect("pid")),
+                    Signal::SIGKILL,
+                );
+                let _ = bot.wait();
+                bot = spawn_bot(&config, None);
+            }
+            SoakFault::Outage(which) => {
+                match which {
+                    "redis" => stack.redis.stop(),
+                    "dovecot" => stack.dovecot.stop(),
+                    _ => stack.pg.stop(),
+                }
+                tokio::time::sleep(Duration::from_secs(fastrand::u64(2..6))).await;
+                match which {
+                    "redis" => stack.redis.restart(),
+                    "dovecot" => stack.dovecot.restart(),
+                    _ => stack.pg.restart(),
+                }
+            }
+        }
+    }
+    // The stream stops; the last process runs until the work settles.
+    let _ = kill(
+        Pid::from_raw(i32::try_from(bot.id()).expect("pid")),
+        Signal::SIGKILL,
+    );
+    let _ = bot.wait();
+    let (last, addr) = spawn_with_control(&config, &[]);
+    let settled = settle_imap(&stack, 0, &ws, &ledger, &addr, "soak").await;
+    stop_bot(last, "soak");
+    let kinds: Vec<String> = injected
+        .iter()
+        .map(|(f, n)| format!("{f:?} x{n}"))
+        .collect();
+    println!(
+        "soak imap+redis+postgres {:.1} min: {} faults ({}) | {} mails appended, {} orders, {} outcomes, {} dead letters | 0 lost, 0 doubled: ledger ok",
+        started.elapsed().as_secs_f64() / 60.0,
+        injected.values().sum::<usize>(),
+        kinds.join(", "),
+        ledger.mails.len(),
+        settled.orders,
+        settled.outcomes,
+        settled.dead
+    );
+}
