@@ -697,3 +697,48 @@ async fn a_panicking_batch_is_handled_again_task_by_task() {
     assert!(dead[0].1.contains("handler panicked"), "{dead:?}");
     rig.runtime.shutdown().await;
 }
+
+/// A task of a kind no handler of its pool knows is dead-lettered at once as unroutable,
+/// with the kind in the reason; the pool goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_no_handler_knows_is_dead_lettered_as_unroutable() {
+    let rig = rig(vec!["ok"], "workers = 1\nmax_attempts = 3", 1000).await;
+    rig.queue
+        .publish(
+            Task::new(
+                "stray-1",
+                "nobody-handles-this",
+                "script",
+                serde_json::json!({}),
+            )
+            .expect("task"),
+        )
+        .await
+        .expect("publish");
+    let start = std::time::Instant::now();
+    while rig.queue.stats().await.expect("stats").dead == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let dead = rig
+        .queue
+        .dead_letters()
+        .expect("dead letters")
+        .get("stray-1")
+        .await
+        .expect("get")
+        .expect("the stray task is a dead letter");
+    assert!(
+        dead.reason
+            .contains("no handler for kind nobody-handles-this"),
+        "{}",
+        dead.reason
+    );
+    assert_eq!(dead.task.history.len(), 1, "one attempt, no retries");
+    let status = rig.runtime.status().await;
+    assert_eq!(status.pools[0].dead_lettered, 1);
+    assert_eq!(status.pools[0].retried, 0);
+}

@@ -9,9 +9,6 @@ pub mod redis;
 #[cfg(feature = "queue-amqp")]
 pub mod amqp;
 
-/// Decodes a task envelope read from a broker: at most `max_bytes`, UTF-8 JSON of a known
-/// schema version; otherwise why not (the entry is dead-lettered as `undecodable`).
-#[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
 /// A named fault point of the fault suite (`failpoints` feature; nothing without it). Its
 /// actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...); `return` makes the
 /// operation fail as unavailable, `return(abort)` aborts the process there, as `kill -9`
@@ -30,6 +27,9 @@ pub(crate) fn fault(name: &str) -> Result<(), runtime_contracts::QueueError> {
     Ok(())
 }
 
+/// Decodes a task envelope read from a broker: at most `max_bytes`, UTF-8 JSON of a known
+/// schema version; otherwise why not (the entry is dead-lettered as `undecodable`).
+#[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
 pub(crate) fn decode_envelope(
     raw: &[u8],
     max_bytes: usize,
@@ -51,6 +51,29 @@ pub(crate) fn decode_envelope(
             task.schema_version
         )),
         Err(e) => Err(format!("envelope does not decode: {e}")),
+    }
+}
+
+#[cfg(all(test, any(feature = "queue-redis", feature = "queue-amqp")))]
+mod tests {
+    use super::decode_envelope;
+
+    #[test]
+    fn envelopes_of_another_version_or_shape_are_refused_with_why() {
+        let task =
+            runtime_contracts::Task::new("t", "job", "src", serde_json::json!({})).expect("task");
+        let mut value = serde_json::to_value(&task).expect("json");
+        assert!(decode_envelope(value.to_string().as_bytes(), 4096).is_ok());
+        value["schema_version"] = serde_json::json!(99);
+        let refused = decode_envelope(value.to_string().as_bytes(), 4096);
+        assert_eq!(
+            refused.err().as_deref(),
+            Some("unknown envelope schema version 99")
+        );
+        assert!(decode_envelope(b"{not json", 4096)
+            .is_err_and(|e| e.starts_with("envelope does not decode")));
+        assert!(decode_envelope(&[0xff, 0xfe], 4096).is_err_and(|e| e.contains("UTF-8")));
+        assert!(decode_envelope(&[b' '; 5000], 4096).is_err_and(|e| e.contains("cap")));
     }
 }
 
