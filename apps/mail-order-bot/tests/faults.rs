@@ -173,6 +173,25 @@ struct RunReport {
     took: Duration,
 }
 
+impl RunReport {
+    /// Its line; a run whose fault point was never reached proved nothing and fails.
+    fn print(&self, stack: &str, point: &str, run: usize) {
+        println!(
+            "faults {stack} {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | died at {:.1} s, settled at {:.1} s",
+            if self.fired { "aborted at the step" } else { "never reached; killed" },
+            self.orders,
+            self.outcomes,
+            self.dead,
+            self.died.as_secs_f64(),
+            self.took.as_secs_f64()
+        );
+        assert!(
+            self.fired,
+            "{stack} {point} run {run}: the fault point was never reached, so the run proved nothing"
+        );
+    }
+}
+
 async fn one_run(point: &str, run: usize) -> RunReport {
     let started = Instant::now();
     let ws = Workspace::new();
@@ -296,19 +315,7 @@ async fn the_bot_aborted_at_every_step_loses_no_mail_and_doubles_no_order() {
             let r = one_run(point, run).await;
             runs += 1;
             fired += usize::from(r.fired);
-            println!(
-                "faults maildir+memory {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | died at {:.1} s, settled at {:.1} s",
-                if r.fired { "aborted at the step" } else { "never reached; killed" },
-                r.orders,
-                r.outcomes,
-                r.dead,
-                r.died.as_secs_f64(),
-                r.took.as_secs_f64()
-            );
-            assert!(
-                r.fired,
-                "{point} run {run}: the fault point was never reached, so the run proved nothing"
-            );
+            r.print("maildir+memory", point, run);
         }
     }
     println!("faults maildir+memory: {runs} runs, {fired} aborted at their step, every ledger ok");
@@ -580,19 +587,7 @@ async fn imap_redis_postgres_aborted_at_every_step_lose_no_mail_and_double_no_or
             let r = one_imap_run(&stack, runs, point, run).await;
             runs += 1;
             fired += usize::from(r.fired);
-            println!(
-                "faults imap+redis+postgres {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | died at {:.1} s, settled at {:.1} s",
-                if r.fired { "aborted at the step" } else { "never reached; killed" },
-                r.orders,
-                r.outcomes,
-                r.dead,
-                r.died.as_secs_f64(),
-                r.took.as_secs_f64()
-            );
-            assert!(
-                r.fired,
-                "imap {point} run {run}: the fault point was never reached, so the run proved nothing"
-            );
+            r.print("imap+redis+postgres", point, run);
         }
     }
     println!(
