@@ -41,6 +41,8 @@ const LOGIN_COOKIE: &str = "plba_login";
 const MAX_SESSIONS: usize = 1024;
 /// A session ends this long after login, however busy.
 const SESSION_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
+/// How long a wrong token waits for its answer.
+const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(500);
 /// Dead letters looked at per queue for one page.
 const DEAD_LETTER_SCAN: usize = 5_000;
 /// Dead letters shown on one page.
@@ -417,6 +419,8 @@ async fn login(State(ui): State<Ui>, headers: HeaderMap, form: FormMap) -> Respo
     let token = form.get("token").map(String::as_str).unwrap_or_default();
     let Some(role) = ui.tokens.role_of(token) else {
         tracing::warn!("console login refused: the token is not valid");
+        // Each wrong guess costs the guesser half a second.
+        tokio::time::sleep(FAILED_LOGIN_DELAY).await;
         return refuse(StatusCode::UNAUTHORIZED, "That token is not valid.");
     };
     let Some(id) = ui.sessions.create(role) else {
