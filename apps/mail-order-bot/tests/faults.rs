@@ -565,11 +565,40 @@ async fn settle_imap(
                 let head: String = reason.chars().take(80).collect();
                 *by_reason.entry(head).or_default() += 1;
             }
+            // The attempt history of the first few dead letters that are not the
+            // always-failing mail: when and why each attempt failed.
+            let mut histories = Vec::new();
+            for (id, _) in reasons
+                .iter()
+                .filter(|(_, r)| !r.contains("SKU-666"))
+                .take(3)
+            {
+                let detail: Option<serde_json::Value> = async {
+                    reqwest::Client::new()
+                        .get(format!("http://{addr}/queues/orders/dead-letters/{id}"))
+                        .send()
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()
+                }
+                .await;
+                let attempts: Vec<String> = detail
+                    .as_ref()
+                    .and_then(|d| d["task"]["history"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|h| format!("{} @{}: {}", h["attempt"], h["at_unix_ms"], h["reason"]))
+                    .collect();
+                histories.push(format!("{id}:\n  {}", attempts.join("\n  ")));
+            }
             panic!(
-                "{label}: never settled: {} messages, {unseen} unseen ({marked} with the failure keyword), {} dead letters for {} always-failing mails; dead letters by reason: {by_reason:#?}",
+                "{label}: never settled: {} messages, {unseen} unseen ({marked} with the failure keyword), {} dead letters for {} always-failing mails; dead letters by reason: {by_reason:#?}\n{}",
                 flags.len(),
                 reasons.len(),
-                ledger.doomed.len()
+                ledger.doomed.len(),
+                histories.join("\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
