@@ -411,3 +411,56 @@ async fn unsettled_lists_unseen_mail_older_than_the_bound() {
         .expect("unsettled");
     assert_eq!(capped.len(), 1);
 }
+
+/// A dead-lettered message whose failure keyword cannot be stored (the server is down)
+/// gets it once the server is back: the source keeps trying, so the message is neither
+/// searched again nor left looking like new mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_keyword_refused_during_an_outage_is_set_after_it() {
+    use runtime_adapters::queue::memory::{MemoryQueue, MemoryQueueConfig};
+    use runtime_contracts::Disposition;
+    use std::time::{Duration, Instant};
+
+    let mut server = DovecotServer::start(&[("u", "pass")]);
+    let mut client = server.client("u", "pass");
+    let uid = client
+        .append_one("INBOX", b"Subject: bad\r\n\r\nSKU-666 x 1\r\n")
+        .expect("APPENDUID");
+    drop(client);
+    let validity = server.uid_validity("u", "pass", "INBOX");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = std::sync::Arc::new(source(&server, dir.path(), 1024));
+    let queue = std::sync::Arc::new(MemoryQueue::new("orders", MemoryQueueConfig::default()));
+    let (ctx, stop) = plba_testkit::source_context(queue);
+    let run = {
+        let source = std::sync::Arc::clone(&source);
+        tokio::spawn(async move { source.start(ctx).await })
+    };
+    server.stop();
+    source.release(
+        &pointer(validity, u64::from(uid), None),
+        Disposition::DeadLettered,
+    );
+    // Long enough for the first attempts to fail against the stopped server.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.restart();
+    let start = Instant::now();
+    loop {
+        let flags = server.flags("u", "pass", "INBOX");
+        let flags = &flags[&uid];
+        if flags.iter().any(|f| f == "$OrderBotFailed") {
+            assert!(
+                !flags.iter().any(|f| f == "\\Seen"),
+                "a dead letter stays unseen: {flags:?}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "the keyword never came after the outage: {flags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.stop();
+    run.await.expect("join").expect("source stops cleanly");
+}

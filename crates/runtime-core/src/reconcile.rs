@@ -324,3 +324,68 @@ impl HealthContributor for ReconcileHealth {
         }))
     }
 }
+
+/// The first pause before the dead letters are read again after a failure, and the longest.
+const HAND_BACK_RETRY_FIRST: Duration = Duration::from_millis(500);
+const HAND_BACK_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Dead letters read per page.
+const HAND_BACK_PAGE: usize = 256;
+
+/// Hands every dead letter of `queue` whose source is one of `sources` back to it as
+/// [`Disposition::DeadLettered`](runtime_contracts::Disposition), once, at start.
+///
+/// A worker tells the source right after dead-lettering; a process that dies between the
+/// two, or a source that could not act on it (its server was down), would leave the item
+/// looking like new work at the source (for mail: unread, without the failure keyword).
+/// Telling the source again at every start makes that notice at least once; sources treat
+/// it as idempotent. A queue whose dead letters cannot be read (its server is down) is read
+/// again with a growing pause until it answers or `stop` is cancelled. Returns how many
+/// were handed back.
+pub(crate) async fn hand_back_dead_letters(
+    queue: Arc<dyn TaskQueue>,
+    sources: Vec<Arc<dyn TaskSource>>,
+    stop: tokio_util::sync::CancellationToken,
+) -> usize {
+    let Some(store) = queue.dead_letters() else {
+        return 0;
+    };
+    let (mut cursor, mut handed, mut pause) = (None, 0, HAND_BACK_RETRY_FIRST);
+    loop {
+        let page = tokio::select! {
+            _ = stop.cancelled() => return handed,
+            page = store.list(cursor.clone(), HAND_BACK_PAGE) => page,
+        };
+        match page {
+            Ok(page) => {
+                pause = HAND_BACK_RETRY_FIRST;
+                for dead in &page.items {
+                    if let Some(source) = sources.iter().find(|s| s.id() == &*dead.task.source) {
+                        source.release(&dead.task, runtime_contracts::Disposition::DeadLettered);
+                        handed += 1;
+                    }
+                }
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue = queue.name(), error = %e, retry_in_ms = pause.as_millis() as u64,
+                    "could not read the dead letters to hand them back to their sources");
+                tokio::select! {
+                    _ = stop.cancelled() => return handed,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(HAND_BACK_RETRY_MAX);
+            }
+        }
+    }
+    if handed > 0 {
+        tracing::info!(
+            queue = queue.name(),
+            dead_letters = handed,
+            "dead letters handed back to their sources"
+        );
+    }
+    handed
+}

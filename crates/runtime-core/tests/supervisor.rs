@@ -167,6 +167,18 @@ async fn rig_with(
     deadline_ms: u64,
     wrap: impl FnOnce(Arc<ScriptHandler>) -> Arc<dyn TaskHandler>,
 ) -> Rig {
+    let queue = Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default()));
+    rig_on(queue, script, pool_toml, deadline_ms, wrap).await
+}
+
+/// [`rig_with`] on a queue that may already hold work.
+async fn rig_on(
+    queue: Arc<MemoryQueue>,
+    script: Vec<&'static str>,
+    pool_toml: &str,
+    deadline_ms: u64,
+    wrap: impl FnOnce(Arc<ScriptHandler>) -> Arc<dyn TaskHandler>,
+) -> Rig {
     let text = format!(
         "[runtime]\nshutdown_deadline_ms = {deadline_ms}\n[pools.jobs]\n{pool_toml}\n[pools.jobs.retry]\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\n"
     );
@@ -186,7 +198,6 @@ async fn rig_with(
         attempts: Mutex::default(),
         dead: Mutex::default(),
     });
-    let queue = Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default()));
     let mut runtime = RuntimeBuilder::new(Arc::new(config))
         .queue("jobs", queue.clone())
         .source(source.clone(), "jobs")
@@ -741,4 +752,47 @@ async fn a_task_no_handler_knows_is_dead_lettered_as_unroutable() {
     let status = rig.runtime.status().await;
     assert_eq!(status.pools[0].dead_lettered, 1);
     assert_eq!(status.pools[0].retried, 0);
+}
+
+/// At start, every dead letter of a pool's queue is handed back to its source as
+/// dead-lettered (a process that died right after dead-lettering never told the source);
+/// dead letters of other sources are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letters_a_queue_holds_at_start_are_handed_back_to_their_source() {
+    let queue = Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default()));
+    for (id, source) in [("d1", "script"), ("d2", "elsewhere"), ("d3", "script")] {
+        let task = Task::new(id, "job", source, serde_json::json!({})).expect("task");
+        queue.publish(task).await.expect("publish");
+        let lease = queue
+            .consume(Duration::from_secs(1))
+            .await
+            .expect("consume")
+            .expect("a task");
+        queue
+            .dead_letter(
+                &lease,
+                AttemptFailure {
+                    attempt: 1,
+                    reason: "never".into(),
+                    at_unix_ms: 0,
+                },
+            )
+            .await
+            .expect("dead letter");
+    }
+    let rig = rig_on(queue, vec![], "workers = 1", 1000, |h| h).await;
+    until("two dead letters handed back", || {
+        rig.source.released.lock().expect("lock").len() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut released = rig.source.released.lock().expect("lock").clone();
+    released.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        released,
+        vec![
+            ("d1".to_owned(), Disposition::DeadLettered),
+            ("d3".to_owned(), Disposition::DeadLettered),
+        ]
+    );
 }

@@ -564,6 +564,22 @@ impl RuntimeManager {
                     .insert(source.id().to_owned(), error);
             });
         }
+        for (pool, queue) in &self.queues {
+            let sources: Vec<Arc<dyn TaskSource>> = self
+                .sources
+                .iter()
+                .filter(|(_, p)| p == pool)
+                .map(|(s, _)| Arc::clone(s))
+                .collect();
+            if !sources.is_empty() {
+                self.source_tasks
+                    .spawn(crate::reconcile::hand_back_dead_letters(
+                        Arc::clone(queue),
+                        sources,
+                        self.source_stop.child_token(),
+                    ));
+            }
+        }
         self.activity.watch(
             self.pools
                 .keys()

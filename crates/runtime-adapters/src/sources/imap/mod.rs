@@ -1170,26 +1170,71 @@ impl ImapSource {
         }
     }
 
-    /// Sets the failure keyword on dead-lettered messages, off the worker's path.
+    /// Sets the failure keyword on dead-lettered messages, off the worker's path: one
+    /// `UID STORE` per mailbox for what has arrived. What could not be stored (the server
+    /// is down) is tried again with a growing pause until it is stored or the source stops;
+    /// the runtime hands every dead letter over again at its next start, so a keyword lost
+    /// with the process is set then.
     async fn keyword_worker(&self, mut rx: mpsc::UnboundedReceiver<Pointer>, ctx: &SourceContext) {
         let flags = format!("+FLAGS.SILENT ({})", self.config.failed_keyword);
+        let mut waiting: Vec<Pointer> = Vec::new();
+        let mut pause = KEYWORD_RETRY_FIRST;
         loop {
-            let pointer = tokio::select! {
-                _ = ctx.shutdown.cancelled() => None,
-                p = rx.recv() => p,
-            };
-            let Some(pointer) = pointer else { break };
-            if let Err(e) = self.store(&pointer, &flags).await {
-                tracing::error!(source = %self.id, uid = pointer.uid, mailbox = %pointer.mailbox, error = %e,
-                    "could not set the failure keyword; the message stays unseen");
+            let retry = !waiting.is_empty();
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                p = rx.recv() => match p {
+                    Some(p) => waiting.push(p),
+                    None => break,
+                },
+                _ = tokio::time::sleep(pause), if retry => {}
+            }
+            while let Ok(p) = rx.try_recv() {
+                waiting.push(p);
+            }
+            let before = waiting.len();
+            waiting = self.store_keywords(waiting, &flags).await;
+            if waiting.is_empty() {
+                pause = KEYWORD_RETRY_FIRST;
+            } else if waiting.len() == before && retry {
+                pause = (pause * 2).min(KEYWORD_RETRY_MAX);
             }
         }
-        // At shutdown, flag what is already queued, without waiting for more.
-        while let Ok(pointer) = rx.try_recv() {
-            let _ = self.store(&pointer, &flags).await;
+        // At shutdown, flag what is already here, once, without waiting for more.
+        while let Ok(p) = rx.try_recv() {
+            waiting.push(p);
+        }
+        let left = self.store_keywords(waiting, &flags).await;
+        if !left.is_empty() {
+            tracing::warn!(source = %self.id, messages = left.len(),
+                "stopping with failure keywords not set; they are set at the next start");
         }
     }
+
+    /// Stores `flags` on `pointers`, a mailbox at a time; returns the ones not stored.
+    async fn store_keywords(&self, pointers: Vec<Pointer>, flags: &str) -> Vec<Pointer> {
+        let mut left = Vec::new();
+        for (pointer, uids) in group_by_mailbox(&pointers) {
+            for chunk in uids.chunks(KEYWORD_CHUNK) {
+                if let Err(e) = self.store_set(&pointer, chunk, flags).await {
+                    tracing::error!(source = %self.id, mailbox = %pointer.mailbox, messages = chunk.len(),
+                        error = %e, "could not set the failure keyword; trying again");
+                    left.extend(chunk.iter().map(|&uid| Pointer {
+                        uid,
+                        ..pointer.clone()
+                    }));
+                }
+            }
+        }
+        left
+    }
 }
+
+/// The first pause before a failure keyword is stored again, and the longest.
+const KEYWORD_RETRY_FIRST: Duration = Duration::from_millis(500);
+const KEYWORD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// UIDs per `UID STORE` of failure keywords.
+const KEYWORD_CHUNK: usize = 500;
 
 impl ImapSource {
     /// The pointers of a batch's tasks with their places in it, and the answers so far:
