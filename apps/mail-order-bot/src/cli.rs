@@ -13,7 +13,7 @@ use crate::compose::{
     build_traced_runtime, config_store_config, control_config, load_config, load_layered_config,
     watch_config_store, LayeredError,
 };
-use crate::domain::store::{OrderStore, StoredOrder, StoredOutcome};
+use crate::domain::store::{OrderStore, OutcomeRow, StoredOrder};
 use crate::module::{BotConfig, MailOrderModule, SECTION};
 use runtime_adapters::control::ControlServer;
 
@@ -550,7 +550,7 @@ fn print_order_table(orders: &[StoredOrder]) {
     }
 }
 
-fn print_outcomes(outcomes: &[StoredOutcome], format: Format) -> anyhow::Result<()> {
+fn print_outcomes(outcomes: &[OutcomeRow], format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(outcomes)?),
         Format::Table => {

@@ -163,6 +163,11 @@ async fn wait_text(c: &Client, css: &str, what: &str, reload: bool, limit: Durat
     }
 }
 
+/// [`wait_text`] on the page as it is (no reload), for up to 10 s.
+async fn see(c: &Client, css: &str, what: &str) {
+    wait_text(c, css, what, false, Duration::from_secs(10)).await;
+}
+
 async fn log_in(c: &Client, addr: &str, token: &str) {
     c.goto(&format!("http://{addr}/ui")).await.expect("goto");
     assert!(
@@ -243,23 +248,9 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         "the dead-letter count links to them",
     )
     .await;
-    wait_text(
-        &c,
-        "#dead-count",
-        "2 matching",
-        false,
-        Duration::from_secs(10),
-    )
-    .await;
+    see(&c, "#dead-count", "2 matching").await;
     click(&c, Locator::LinkText("maildir:inbox:2.bad"), "its row").await;
-    wait_text(
-        &c,
-        "#dead-letter",
-        "ERP rejected SKU-666",
-        false,
-        Duration::from_secs(10),
-    )
-    .await;
+    see(&c, "#dead-letter", "ERP rejected SKU-666").await;
     assert_eq!(
         c.find_all(Locator::Css("#attempts tbody tr"))
             .await
@@ -281,28 +272,14 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         "the replay button",
     )
     .await;
-    wait_text(
-        &c,
-        "main",
-        "back on queue orders?",
-        false,
-        Duration::from_secs(10),
-    )
-    .await;
+    see(&c, "main", "back on queue orders?").await;
     click(
         &c,
         Locator::XPath("//button[normalize-space()='Replay']"),
         "the confirmation",
     )
     .await;
-    wait_text(
-        &c,
-        ".notice",
-        "was put back on queue orders",
-        false,
-        Duration::from_secs(10),
-    )
-    .await;
+    see(&c, ".notice", "was put back on queue orders").await;
 
     // Its order shows in the bot's own pages.
     click(
@@ -323,7 +300,7 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
     .click()
     .await
     .expect("click");
-    wait_text(&c, "main", "Lines of order", false, Duration::from_secs(10)).await;
+    see(&c, "main", "Lines of order").await;
     let detail = text_of(&c, "main").await;
     assert!(
         detail.contains("SKU-666") || detail.contains("SKU-1"),
@@ -331,13 +308,13 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
     );
     let by_outcome = format!("http://{addr}/ui/app/outcomes?item=mid%3Abad%40test.example");
     c.goto(&by_outcome).await.expect("goto");
-    wait_text(&c, "main", "SKU-666", false, Duration::from_secs(10)).await;
+    see(&c, "main", "SKU-666").await;
     shot(&c, "message").await;
 
     // A phone's width: nothing wider than the screen but the tables' own scrollers.
     c.set_window_size(390, 844).await.expect("resize");
     c.goto(&format!("http://{addr}/ui")).await.expect("goto");
-    wait_text(&c, "h1", "Overview", false, Duration::from_secs(10)).await;
+    see(&c, "h1", "Overview").await;
     let overflow: Value = c
         .execute(
             "return document.documentElement.scrollWidth - document.documentElement.clientWidth",
@@ -359,7 +336,7 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         "log out",
     )
     .await;
-    wait_text(&c, "h1", "Log in", false, Duration::from_secs(10)).await;
+    see(&c, "h1", "Log in").await;
     log_in(&c, &addr, "console-read-token").await;
     assert!(text_of(&c, "#role").await.contains("read"));
     assert!(
@@ -371,14 +348,7 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
     );
     let page = format!("http://{addr}/ui/dead-letters/orders/maildir%3Ainbox%3A3.worse");
     c.goto(&page).await.expect("goto");
-    wait_text(
-        &c,
-        "#dead-letter",
-        "ERP rejected SKU-666",
-        false,
-        Duration::from_secs(10),
-    )
-    .await;
+    see(&c, "#dead-letter", "ERP rejected SKU-666").await;
     assert!(
         c.find_all(Locator::XPath(
             "//button[normalize-space()='Replay' or normalize-space()='Delete']"
@@ -400,14 +370,7 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         .expect("script");
     assert_eq!(status, json!(403), "the read session's POST is refused");
     c.refresh().await.expect("refresh");
-    wait_text(
-        &c,
-        "#dead-letter",
-        "maildir:inbox:3.worse",
-        false,
-        Duration::from_secs(10),
-    )
-    .await;
+    see(&c, "#dead-letter", "maildir:inbox:3.worse").await;
     shot(&c, "read-only").await;
 
     c.close().await.expect("close the browser");

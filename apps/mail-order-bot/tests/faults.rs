@@ -226,6 +226,41 @@ impl RunReport {
     }
 }
 
+/// The first process of a run, with `faults` set. For a reload the bot must be up (its
+/// SIGHUP handler installed) before the signal; otherwise its address is not waited for:
+/// it may die before it listens.
+fn spawn_first(config: &std::path::Path, point: &str, faults: &str) -> std::process::Child {
+    if point == "config.reload" {
+        spawn_with_control(config, &[("FAILPOINTS", faults)]).0
+    } else {
+        spawn_bot(config, Some(faults))
+    }
+}
+
+/// Asks `bot` to reload its configuration `times` times, 50 ms apart.
+async fn reload_times(bot: &std::process::Child, times: usize) {
+    let pid = Pid::from_raw(i32::try_from(bot.id()).expect("pid"));
+    for _ in 0..times {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = kill(pid, Signal::SIGHUP);
+    }
+}
+
+/// Waits up to 30 s for the first process to die at its fault point, and kills it if it
+/// never gets there. Whether the fault fired (the process aborted).
+fn reap_first(first: &mut std::process::Child) -> bool {
+    let exit = wait_exit(first, Duration::from_secs(30));
+    if exit.is_none() {
+        let pid = Pid::from_raw(i32::try_from(first.id()).expect("pid"));
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = first.wait();
+    }
+    exit.is_some_and(|s| {
+        use std::os::unix::process::ExitStatusExt;
+        s.signal() == Some(Signal::SIGABRT as i32)
+    })
+}
+
 async fn one_run(point: &str, run: usize) -> RunReport {
     let started = Instant::now();
     let ws = Workspace::new();
@@ -238,30 +273,12 @@ async fn one_run(point: &str, run: usize) -> RunReport {
     // The first process dies at the step (or is killed if it never gets there).
     let skip = run * 2;
     let faults = format!("{point}={skip}*off->return(abort)");
-    // For a reload, the bot must be up (its SIGHUP handler installed) before the signal;
-    // otherwise its address is not waited for: it may die before it listens.
-    let mut first = if point == "config.reload" {
-        spawn_with_control(&config, &[("FAILPOINTS", faults.as_str())]).0
-    } else {
-        spawn_bot(&config, Some(&faults))
-    };
+    let mut first = spawn_first(&config, point, &faults);
     let delivering = deliver_waves(&ws, &ledger.mails);
-    let pid = Pid::from_raw(i32::try_from(first.id()).expect("pid"));
     if point == "config.reload" {
-        for _ in 0..=skip {
-            std::thread::sleep(Duration::from_millis(50));
-            let _ = kill(pid, Signal::SIGHUP);
-        }
+        reload_times(&first, skip + 1).await;
     }
-    let exit = wait_exit(&mut first, Duration::from_secs(30));
-    let fired = exit.is_some_and(|s| {
-        use std::os::unix::process::ExitStatusExt;
-        s.signal() == Some(Signal::SIGABRT as i32)
-    });
-    if exit.is_none() {
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = first.wait();
-    }
+    let fired = reap_first(&mut first);
     let died = started.elapsed();
     delivering.join().expect("delivered");
 
@@ -469,13 +486,7 @@ async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> R
     let ledger = ledger();
     let skip = run * 2;
     let faults = format!("{point}={skip}*off->return(abort)");
-    // For a reload, the bot must be up (its SIGHUP handler installed) before the signal.
-    let mut first = if point == "config.reload" {
-        spawn_with_control(&config, &[("FAILPOINTS", faults.as_str())]).0
-    } else {
-        spawn_bot(&config, Some(&faults))
-    };
-    let pid = Pid::from_raw(i32::try_from(first.id()).expect("pid"));
+    let mut first = spawn_first(&config, point, &faults);
     // Mail arrives in waves while the first process runs.
     let per_wave = ledger.mails.len().div_ceil(WAVES);
     for (i, wave) in ledger.mails.chunks(per_wave).enumerate() {
@@ -485,24 +496,13 @@ async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> R
         let bytes: Vec<Vec<u8>> = wave.iter().map(|(_, m)| m.clone().into_bytes()).collect();
         stack.dovecot.append(&user(n), PASSWORD, "INBOX", &bytes);
         if point == "config.reload" {
-            let _ = kill(pid, Signal::SIGHUP);
+            reload_times(&first, 1).await;
         }
     }
     if point == "config.reload" {
-        for _ in 0..=skip {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let _ = kill(pid, Signal::SIGHUP);
-        }
+        reload_times(&first, skip + 1).await;
     }
-    let exit = wait_exit(&mut first, Duration::from_secs(30));
-    let fired = exit.is_some_and(|s| {
-        use std::os::unix::process::ExitStatusExt;
-        s.signal() == Some(Signal::SIGABRT as i32)
-    });
-    if exit.is_none() {
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = first.wait();
-    }
+    let fired = reap_first(&mut first);
     let died = started.elapsed();
 
     let (second, addr) = spawn_with_control(&config, &[]);

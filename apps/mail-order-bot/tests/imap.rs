@@ -230,7 +230,7 @@ async fn sigkill_between_a_batch_commit_and_its_store_then_restart() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
     let status = child.wait().expect("wait");
     assert!(!status.success(), "killed: {status:?}");
-    let deliveries = |o: Vec<mail_order_bot::domain::store::StoredOutcome>| {
+    let deliveries = |o: Vec<mail_order_bot::domain::store::OutcomeRow>| {
         o.iter().map(|o| o.deliveries).sum::<i64>()
     };
     let committed = deliveries(ws.store().await.outcomes().await.expect("outcomes"));

@@ -124,27 +124,6 @@ pub struct StoredOrder {
     pub lines: Vec<OrderLine>,
 }
 
-/// An outcome as stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct StoredOutcome {
-    /// Message identity.
-    pub message_identity: String,
-    /// Outcome name.
-    pub outcome: String,
-    /// Reason.
-    pub reason: Option<String>,
-    /// Order id, for `created`.
-    pub order_id: Option<i64>,
-    /// Sender.
-    pub sender: Option<String>,
-    /// Subject.
-    pub subject: Option<String>,
-    /// How many deliveries of this message were seen.
-    pub deliveries: i64,
-    /// When first recorded, UTC.
-    pub recorded_at: String,
-}
-
 /// The columns of an [`OutcomeRow`]: an outcome with its order's client, sender and subject.
 const OUTCOME_ROW: &str =
     "SELECT m.message_identity, m.outcome, m.reason, m.order_id, o.client_name,
@@ -983,26 +962,11 @@ impl OrderStore {
     }
 
     /// Every outcome, oldest first.
-    pub async fn outcomes(&self) -> Result<Vec<StoredOutcome>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT message_identity, outcome, reason, order_id, sender, subject, deliveries, recorded_at
-             FROM message_outcomes ORDER BY recorded_at, message_identity",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredOutcome {
-                    message_identity: r.try_get("message_identity")?,
-                    outcome: r.try_get("outcome")?,
-                    reason: r.try_get("reason")?,
-                    order_id: r.try_get("order_id")?,
-                    sender: r.try_get("sender")?,
-                    subject: r.try_get("subject")?,
-                    deliveries: r.try_get("deliveries")?,
-                    recorded_at: r.try_get("recorded_at")?,
-                })
-            })
+    pub async fn outcomes(&self) -> Result<Vec<OutcomeRow>, StoreError> {
+        let sql = format!("{OUTCOME_ROW} ORDER BY m.recorded_at, m.message_identity");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(outcome_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(StoreError::from)
     }
