@@ -103,7 +103,9 @@ pub struct SourceLease {
 /// What happened to a task that will not be completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disposition {
-    /// It was dead-lettered; the source must not publish it again on its own.
+    /// It was dead-lettered; the source must not publish it again on its own. Told at
+    /// least once: right after the dead-lettering, and again at every start for each dead
+    /// letter its queue still holds, so a source must treat a repeat as a no-op.
     DeadLettered,
     /// It went back to a queue that outlives this process, or was dropped with an
     /// in-memory queue at shutdown; the source may publish it again after a restart.
