@@ -10,10 +10,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use common::plane::{plane, plane_with, refuse_sku_666, Reply, CONTROL};
+use common::plane::{self, plane, plane_with, refuse_sku_666, Reply, CONTROL};
 use common::{order_mail, wait_for};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
 
 fn encode(s: &str) -> String {
     s.bytes()
@@ -70,13 +68,8 @@ impl<'a> Client<'a> {
             }
             None => Body::empty(),
         };
-        let resp = self
-            .app
-            .clone()
-            .oneshot(req.body(body).expect("request"))
-            .await
-            .expect("infallible");
-        for value in resp.headers().get_all("set-cookie") {
+        let reply = plane::exchange(self.app, req.body(body).expect("request")).await;
+        for value in reply.headers.get_all("set-cookie") {
             let value = value.to_str().expect("ascii cookie");
             let pair = value.split(';').next().unwrap_or_default();
             if let Some((k, v)) = pair.split_once('=') {
@@ -87,14 +80,7 @@ impl<'a> Client<'a> {
                 }
             }
         }
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        Reply {
-            status,
-            headers,
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-        }
+        reply
     }
 
     async fn get(&mut self, uri: &str) -> Reply {

@@ -106,11 +106,12 @@ pub async fn call(
         }
         None => Body::empty(),
     };
-    let resp = app
-        .clone()
-        .oneshot(req.body(body).expect("request"))
-        .await
-        .expect("infallible");
+    exchange(app, req.body(body).expect("request")).await
+}
+
+/// Sends one request to the router in process and reads the whole answer.
+pub async fn exchange(app: &Router, req: Request<Body>) -> Reply {
+    let resp = app.clone().oneshot(req).await.expect("infallible");
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
