@@ -250,7 +250,11 @@ impl ApplicationModule for MailOrderModule {
             }
             let handler = OrderHandler::new(store.clone(), &cfg, &clients);
             registry.handler(&cfg.pool, &cfg.task_kind, Arc::new(handler));
-            registry.health(Arc::new(StoreHealth(store.clone())));
+            // Without its database the handler can do nothing: while the store is not
+            // ready the pool waits, and outages dead-letter no mail.
+            let store_health = Arc::new(StoreHealth(store.clone()));
+            registry.health(store_health.clone());
+            registry.needs(&cfg.pool, store_health);
             registry.outcome_lookup(Arc::new(store.clone()));
             registry.console(Arc::new(crate::pages::BotPages::new(store.clone())));
             registry.service(Arc::new(store));
@@ -762,5 +766,8 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     }
     fn console(&mut self, pages: Arc<dyn runtime_contracts::ConsolePages>) {
         self.0.console(pages);
+    }
+    fn needs(&mut self, pool: &str, dependency: Arc<dyn HealthContributor>) {
+        self.0.needs(pool, dependency);
     }
 }

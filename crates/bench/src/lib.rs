@@ -109,6 +109,7 @@ pub fn start_pool(
             queue,
             handlers,
             sources,
+            needs: Vec::new(),
         },
         TraceService::new(),
     );

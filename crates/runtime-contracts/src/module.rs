@@ -58,6 +58,15 @@ pub trait ModuleRegistry: Send {
     fn outcome_lookup(&mut self, lookup: Arc<dyn OutcomeLookup>) {
         let _ = lookup;
     }
+    /// Declares that the handlers of `pool` cannot work while `dependency` is not ready
+    /// (its database, say). While its readiness answers `Down`, the pool takes no new work,
+    /// and an attempt that fails meanwhile goes back to its queue without counting against
+    /// `max_attempts`: an outage of the dependency dead-letters nothing, however long it
+    /// lasts. Register the contributor with [`ModuleRegistry::health`] too to have it in the
+    /// readiness report. The default ignores it.
+    fn needs(&mut self, pool: &str, dependency: Arc<dyn HealthContributor>) {
+        let _ = (pool, dependency);
+    }
     /// Registers pages the module adds to the operator console (read-only views of its
     /// own records). The default ignores them.
     fn console(&mut self, pages: Arc<dyn ConsolePages>) {

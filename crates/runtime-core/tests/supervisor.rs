@@ -168,7 +168,38 @@ async fn rig_with(
     wrap: impl FnOnce(Arc<ScriptHandler>) -> Arc<dyn TaskHandler>,
 ) -> Rig {
     let queue = Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default()));
-    rig_on(queue, script, pool_toml, deadline_ms, wrap).await
+    rig_on(queue, script, pool_toml, deadline_ms, wrap, Vec::new()).await
+}
+
+/// A module that registers [`OneHandler`]'s handler and declares what its pool needs.
+struct Needing {
+    inner: OneHandler,
+    needs: Vec<Arc<dyn HealthContributor>>,
+}
+
+impl ApplicationModule for Needing {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn config_section(&self) -> &str {
+        self.inner.config_section()
+    }
+    fn validate_config(&self, section: Option<&serde_json::Value>) -> Vec<ConfigProblem> {
+        self.inner.validate_config(section)
+    }
+    fn register<'a>(
+        &'a self,
+        registry: &'a mut dyn ModuleRegistry,
+        config: &'a dyn ConfigProvider,
+    ) -> BoxFuture<'a, Result<(), ModuleError>> {
+        Box::pin(async move {
+            self.inner.register(registry, config).await?;
+            for need in &self.needs {
+                registry.needs(self.inner.pool, Arc::clone(need));
+            }
+            Ok(())
+        })
+    }
 }
 
 /// [`rig_with`] on a queue that may already hold work.
@@ -178,6 +209,7 @@ async fn rig_on(
     pool_toml: &str,
     deadline_ms: u64,
     wrap: impl FnOnce(Arc<ScriptHandler>) -> Arc<dyn TaskHandler>,
+    needs: Vec<Arc<dyn HealthContributor>>,
 ) -> Rig {
     let text = format!(
         "[runtime]\nshutdown_deadline_ms = {deadline_ms}\n[pools.jobs]\n{pool_toml}\n[pools.jobs.retry]\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\n"
@@ -201,11 +233,14 @@ async fn rig_on(
     let mut runtime = RuntimeBuilder::new(Arc::new(config))
         .queue("jobs", queue.clone())
         .source(source.clone(), "jobs")
-        .module(Arc::new(OneHandler {
-            pool: "jobs",
-            kind: "job",
-            handler: wrap(handler.clone()),
-            source: None,
+        .module(Arc::new(Needing {
+            inner: OneHandler {
+                pool: "jobs",
+                kind: "job",
+                handler: wrap(handler.clone()),
+                source: None,
+            },
+            needs,
         }))
         .build()
         .await
@@ -267,8 +302,14 @@ async fn each_failure_kind_gets_its_policy() {
         ["t0", "t5"],
         "only successes are completed at the source"
     );
+    // Told at least once: a task dead-lettered while the start's hand-back reads the dead
+    // letters may be told twice.
     let released = rig.source.released.lock().expect("lock").clone();
-    assert_eq!(released.len(), 4);
+    let ids: std::collections::BTreeSet<_> = released.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids.into_iter().collect::<Vec<_>>(),
+        ["t1", "t2", "t3", "t4"]
+    );
     assert!(released
         .iter()
         .all(|(_, d)| *d == Disposition::DeadLettered));
@@ -780,7 +821,7 @@ async fn the_dead_letters_a_queue_holds_at_start_are_handed_back_to_their_source
             .await
             .expect("dead letter");
     }
-    let rig = rig_on(queue, vec![], "workers = 1", 1000, |h| h).await;
+    let rig = rig_on(queue, vec![], "workers = 1", 1000, |h| h, Vec::new()).await;
     until("two dead letters handed back", || {
         rig.source.released.lock().expect("lock").len() >= 2
     })
@@ -795,4 +836,104 @@ async fn the_dead_letters_a_queue_holds_at_start_are_handed_back_to_their_source
             ("d3".to_owned(), Disposition::DeadLettered),
         ]
     );
+}
+
+/// A dependency switched on and off by the test.
+struct Switch(AtomicBool);
+
+impl HealthContributor for Switch {
+    fn name(&self) -> &str {
+        "db"
+    }
+    fn check(&self, _probe: Probe) -> BoxFuture<'_, HealthStatus> {
+        let up = self.0.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if up {
+                HealthStatus::Up
+            } else {
+                HealthStatus::Down {
+                    reason: "switched off".into(),
+                }
+            }
+        })
+    }
+}
+
+/// Fails (retryably) while the switch is off, as a handler whose database is down does.
+struct Dependent {
+    db: Arc<Switch>,
+    calls: AtomicUsize,
+}
+
+impl TaskHandler for Dependent {
+    fn handle<'a>(
+        &'a self,
+        _task: &'a Task,
+        _ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let up = self.db.0.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if up {
+                Ok(Outcome::new("done"))
+            } else {
+                Err(HandlerError::retry("connection refused"))
+            }
+        })
+    }
+}
+
+/// While a dependency the pool needs is down, the pool takes no new work and failed
+/// attempts are not counted: with two attempts allowed, an outage that outlasts every
+/// backoff dead-letters nothing, and the work is done once the dependency is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_waits_while_a_dependency_it_needs_is_down_and_counts_no_attempts() {
+    let db = Arc::new(Switch(AtomicBool::new(false)));
+    let dependent = Arc::new(Dependent {
+        db: Arc::clone(&db),
+        calls: AtomicUsize::new(0),
+    });
+    let handler: Arc<dyn TaskHandler> = dependent.clone();
+    let rig = rig_on(
+        Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default())),
+        vec!["ok"; 6],
+        "workers = 2\nmax_attempts = 2",
+        1000,
+        move |_| handler,
+        vec![db.clone() as Arc<dyn HealthContributor>],
+    )
+    .await;
+    until("the pool waits for the dependency", || {
+        dependent.calls.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    // Far longer than every backoff (5-20 ms) of both attempts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = rig.runtime.status().await;
+    let pool = &status.pools[0];
+    assert_eq!(pool.dead_lettered, 0, "{pool:?}");
+    assert_eq!(
+        pool.waiting_for.as_deref(),
+        Some("db: switched off"),
+        "{pool:?}"
+    );
+    let calls = dependent.calls.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        dependent.calls.load(Ordering::SeqCst),
+        calls,
+        "a waiting pool takes no work"
+    );
+    assert!(calls <= 6, "only the attempts in flight failed: {calls}");
+
+    db.0.store(true, Ordering::SeqCst);
+    until("every task done", || {
+        rig.source.completed.lock().expect("lock").len() == 6
+    })
+    .await;
+    let status = rig.runtime.status().await;
+    let pool = &status.pools[0];
+    assert_eq!((pool.dead_lettered, pool.processed), (0, 6), "{pool:?}");
+    assert_eq!(pool.waiting_for, None);
+    assert_eq!(rig.queue.stats().await.expect("stats").dead, 0);
 }

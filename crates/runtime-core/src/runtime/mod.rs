@@ -186,6 +186,7 @@ struct Registrar<'a> {
     services: &'a ServiceContainer,
     outcomes: &'a mut Option<Arc<dyn OutcomeLookup>>,
     console: &'a mut Vec<Arc<dyn ConsolePages>>,
+    needs: &'a mut HashMap<String, Vec<Arc<dyn HealthContributor>>>,
 }
 
 impl ModuleRegistry for Registrar<'_> {
@@ -223,6 +224,14 @@ impl ModuleRegistry for Registrar<'_> {
 
     fn console(&mut self, pages: Arc<dyn ConsolePages>) {
         self.console.push(pages);
+    }
+
+    fn needs(&mut self, pool: &str, dependency: Arc<dyn HealthContributor>) {
+        self.pool(pool);
+        self.needs
+            .entry(pool.to_owned())
+            .or_default()
+            .push(dependency);
     }
 }
 
@@ -309,6 +318,7 @@ impl RuntimeBuilder {
         let mut declared = std::collections::BTreeSet::new();
         let mut outcomes = None;
         let mut console = Vec::new();
+        let mut needs = HashMap::new();
         for module in &self.modules {
             let mut registrar = Registrar {
                 handlers: &mut handlers,
@@ -319,6 +329,7 @@ impl RuntimeBuilder {
                 services: &services,
                 outcomes: &mut outcomes,
                 console: &mut console,
+                needs: &mut needs,
             };
             module.register(&mut registrar, &*self.config).await?;
         }
@@ -411,6 +422,7 @@ impl RuntimeBuilder {
             sources: self.sources,
             modules: self.modules.iter().map(|m| m.name().to_owned()).collect(),
             handlers,
+            needs,
             supervisor: WorkerSupervisor::with_metrics(metrics),
             health,
             services,
@@ -435,6 +447,8 @@ pub struct RuntimeManager {
     sources: Vec<(Arc<dyn TaskSource>, String)>,
     modules: Vec<String>,
     handlers: HashMap<String, HashMap<String, Arc<dyn TaskHandler>>>,
+    /// What each pool cannot work without ([`ModuleRegistry::needs`]).
+    needs: HashMap<String, Vec<Arc<dyn HealthContributor>>>,
     supervisor: WorkerSupervisor,
     health: HealthRegistry,
     services: Arc<ServiceContainer>,
@@ -511,6 +525,7 @@ impl RuntimeManager {
                     queue: Arc::clone(queue),
                     handlers: handlers.clone(),
                     sources,
+                    needs: self.needs.get(pool).cloned().unwrap_or_default(),
                 },
                 self.trace.clone(),
             );

@@ -1,5 +1,6 @@
 //! Worker pools: how many workers consume each queue, and what happens when one fails.
 
+mod gate;
 mod pool_worker;
 
 use std::collections::{BTreeSet, HashMap};
@@ -9,7 +10,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::FutureExt;
-use runtime_contracts::{TaskHandler, TaskQueue, TaskSource, Worker, WorkerContext};
+use runtime_contracts::{
+    HealthContributor, TaskHandler, TaskQueue, TaskSource, Worker, WorkerContext,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +37,8 @@ pub struct PoolCounters {
     pub(crate) restarts: AtomicU64,
     /// When a task of the pool last settled (or the pool started), ms since the epoch.
     pub(crate) last_progress_unix_ms: AtomicU64,
+    /// The dependency the pool waits for, and why it is not ready.
+    pub(crate) waiting_for: std::sync::Mutex<Option<String>>,
 }
 
 impl Default for PoolCounters {
@@ -47,6 +52,7 @@ impl Default for PoolCounters {
             returned: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             last_progress_unix_ms: AtomicU64::new(now_unix_ms()),
+            waiting_for: std::sync::Mutex::new(None),
         }
     }
 }
@@ -89,6 +95,9 @@ pub struct PoolStatus {
     pub restarts: u64,
     /// Milliseconds since a task of the pool last settled (or the pool started).
     pub ms_since_progress: u64,
+    /// While the pool takes no work because a dependency is not ready: which, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// What one pool is made of.
@@ -103,6 +112,9 @@ pub struct PoolSpec {
     pub handlers: HashMap<String, Arc<dyn TaskHandler>>,
     /// Sources by id, to complete and release tasks.
     pub sources: HashMap<String, Arc<dyn TaskSource>>,
+    /// Dependencies without which its handlers cannot work: while one is not ready, the
+    /// pool takes no new work and failed attempts are not counted.
+    pub needs: Vec<Arc<dyn HealthContributor>>,
 }
 
 impl std::fmt::Debug for PoolSpec {
@@ -281,6 +293,11 @@ impl WorkerSupervisor {
                     restarts: c.restarts.load(Ordering::Relaxed),
                     ms_since_progress: u64::try_from(c.since_progress().as_millis())
                         .unwrap_or(u64::MAX),
+                    waiting_for: c
+                        .waiting_for
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
                 }
             })
             .collect()

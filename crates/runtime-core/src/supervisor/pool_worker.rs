@@ -40,6 +40,8 @@ pub struct PoolWorker {
     queue: Arc<dyn TaskQueue>,
     handlers: HashMap<String, Arc<dyn TaskHandler>>,
     sources: HashMap<String, Arc<dyn TaskSource>>,
+    /// What the pool cannot work without.
+    gate: super::gate::Gate,
     shared: Shared,
     /// Metric handles by task kind and by outcome, so that recording costs no label lookup.
     kind_metrics: RwLock<HashMap<Arc<str>, Arc<KindMetrics>>>,
@@ -103,6 +105,7 @@ impl PoolWorker {
             queue: spec.queue,
             handlers: spec.handlers.into_iter().collect(),
             sources: spec.sources.into_iter().collect(),
+            gate: super::gate::Gate::new(spec.needs, Arc::clone(&shared.counters)),
             shared,
             kind_metrics: RwLock::default(),
             outcome_metrics: RwLock::default(),
@@ -198,6 +201,17 @@ impl PoolWorker {
             if self.shared.stop_consuming.is_cancelled() || retired {
                 self.acknowledge(&unacked).await;
                 return Ok(());
+            }
+            // A dependency is down: no new work until it is back.
+            if self.gate.is_shut() {
+                self.acknowledge(&unacked).await;
+                unacked.clear();
+                tokio::select! {
+                    _ = self.shared.stop_consuming.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(super::gate::RECHECK) => {}
+                }
+                self.gate.probe().await;
+                continue;
             }
             // Not raced with the stop signal: `consume` returns within CONSUME_WAIT, and a
             // lease it took is processed like any other.
@@ -515,6 +529,21 @@ impl PoolWorker {
                 class,
             } => {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(why) = self.gate.probe().await {
+                    // The dependency failed, not the task: back to the queue, uncounted.
+                    match self.queue.nack(lease, super::gate::RECHECK, None).await {
+                        Ok(()) => {
+                            self.shared.counters.retried.fetch_add(1, Ordering::Relaxed);
+                            metrics.retried.inc();
+                            tracing::warn!(task = %task.id, %reason, waiting_for = %why,
+                                "attempt failed while a dependency is not ready; back in the queue, not counted");
+                        }
+                        Err(e) => {
+                            tracing::error!(task = %task.id, error = %e, "nack failed; the lease will expire and the task reappear")
+                        }
+                    }
+                    return false;
+                }
                 let config = self.config();
                 let number = task.attempt.saturating_add(1);
                 if number >= config.max_attempts {

@@ -332,7 +332,13 @@ pub(crate) fn live(
                     tbody {
                         @for p in &status.pools {
                             tr {
-                                th scope="row" { (p.name) }
+                                th scope="row" {
+                                    (p.name)
+                                    @if let Some(why) = &p.waiting_for {
+                                        br;
+                                        span class="state-paused" { "waiting for " (why) }
+                                    }
+                                }
                                 td class="num" { (p.workers) } td class="num" { (p.busy) }
                                 td class="num" { (p.idle) } td class="num" { (p.processed) }
                                 td class="num" { (p.failed) } td class="num" { (p.retried) }
@@ -810,6 +816,41 @@ mod tests {
             admin.contains("action=\"/ui/sources/inbox/pause\""),
             "{admin}"
         );
+    }
+
+    /// A pool that waits for a dependency says which and why.
+    #[test]
+    fn the_pools_table_says_what_a_pool_waits_for() {
+        let pool = |name: &str, waiting_for: Option<&str>| runtime_core::PoolStatus {
+            name: name.into(),
+            workers: 4,
+            busy: 0,
+            idle: 4,
+            processed: 9,
+            failed: 2,
+            retried: 2,
+            dead_lettered: 0,
+            returned: 0,
+            restarts: 0,
+            ms_since_progress: 0,
+            waiting_for: waiting_for.map(str::to_owned),
+        };
+        let mut status = status(BTreeMap::new());
+        status.pools = vec![
+            pool("orders", Some("order-store: connection refused")),
+            pool("other", None),
+        ];
+        let ready = HealthReport {
+            probe: Probe::Readiness,
+            healthy: false,
+            checks: Vec::new(),
+        };
+        let html = live(&who(Role::Read), &status, &ready, &[]).into_string();
+        assert!(
+            html.contains("waiting for order-store: connection refused"),
+            "{html}"
+        );
+        assert_eq!(html.matches("waiting for").count(), 1, "{html}");
     }
 
     #[test]
