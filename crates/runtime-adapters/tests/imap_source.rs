@@ -464,3 +464,21 @@ async fn a_failure_keyword_refused_during_an_outage_is_set_after_it() {
     stop.stop();
     run.await.expect("join").expect("source stops cleanly");
 }
+
+/// `reachable` answers whether the server takes a command: yes, no while it is stopped
+/// (with why), and yes again once it is back, although the pooled session died with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reachable_follows_the_server() {
+    let mut server = DovecotServer::start(&[("u", "pass")]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imap = source(&server, dir.path(), 1024);
+    imap.reachable().await.expect("up");
+    // A pooled session now exists; the stop kills it.
+    server.stop();
+    let down = imap.reachable().await.expect_err("down");
+    assert!(!down.is_empty());
+    server.restart();
+    imap.reachable()
+        .await
+        .expect("up again, on a fresh session");
+}

@@ -240,6 +240,15 @@ pub trait TaskSource: Send + Sync {
         })
     }
 
+    /// Whether what the source reads can be reached now (for IMAP: a `NOOP` on a session),
+    /// with why not. The runtime asks when one of the source's tasks failed: while it
+    /// answers `Err`, the failure is the server's, not the task's, so the attempt is not
+    /// counted and the pool waits. Must answer within a few seconds. The default answers
+    /// `Ok`.
+    fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Tells the source a task will not be completed. The default does nothing.
     fn release(&self, task: &Task, disposition: Disposition) {
         let _ = (task, disposition);

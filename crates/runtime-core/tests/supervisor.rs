@@ -22,6 +22,8 @@ struct ScriptSource {
     released: Mutex<Vec<(String, Disposition)>>,
     waiting_for_capacity: AtomicBool,
     scanned: AtomicBool,
+    /// What it reads, when the test switches it off and on.
+    server: Option<Arc<Switch>>,
 }
 
 impl TaskSource for ScriptSource {
@@ -81,6 +83,19 @@ impl TaskSource for ScriptSource {
                 .expect("lock")
                 .push(task.id.to_string());
             Ok(())
+        })
+    }
+    fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
+        let up = self
+            .server
+            .as_ref()
+            .is_none_or(|s| s.0.load(Ordering::SeqCst));
+        Box::pin(async move {
+            if up {
+                Ok(())
+            } else {
+                Err("connection refused".to_owned())
+            }
         })
     }
     fn release(&self, task: &Task, disposition: Disposition) {
@@ -168,7 +183,16 @@ async fn rig_with(
     wrap: impl FnOnce(Arc<ScriptHandler>) -> Arc<dyn TaskHandler>,
 ) -> Rig {
     let queue = Arc::new(MemoryQueue::new("jobs", MemoryQueueConfig::default()));
-    rig_on(queue, script, pool_toml, deadline_ms, wrap, Vec::new()).await
+    rig_on(
+        queue,
+        script,
+        pool_toml,
+        deadline_ms,
+        wrap,
+        Vec::new(),
+        None,
+    )
+    .await
 }
 
 /// A module that registers [`OneHandler`]'s handler and declares what its pool needs.
@@ -210,6 +234,7 @@ async fn rig_on(
     deadline_ms: u64,
     wrap: impl FnOnce(Arc<ScriptHandler>) -> Arc<dyn TaskHandler>,
     needs: Vec<Arc<dyn HealthContributor>>,
+    server: Option<Arc<Switch>>,
 ) -> Rig {
     let text = format!(
         "[runtime]\nshutdown_deadline_ms = {deadline_ms}\n[pools.jobs]\n{pool_toml}\n[pools.jobs.retry]\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\n"
@@ -223,6 +248,7 @@ async fn rig_on(
         .expect("config");
     let source = Arc::new(ScriptSource {
         script,
+        server,
         ..Default::default()
     });
     let handler = Arc::new(ScriptHandler {
@@ -821,7 +847,7 @@ async fn the_dead_letters_a_queue_holds_at_start_are_handed_back_to_their_source
             .await
             .expect("dead letter");
     }
-    let rig = rig_on(queue, vec![], "workers = 1", 1000, |h| h, Vec::new()).await;
+    let rig = rig_on(queue, vec![], "workers = 1", 1000, |h| h, Vec::new(), None).await;
     until("two dead letters handed back", || {
         rig.source.released.lock().expect("lock").len() >= 2
     })
@@ -888,6 +914,17 @@ impl TaskHandler for Dependent {
 /// backoff dead-letters nothing, and the work is done once the dependency is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_waits_while_a_dependency_it_needs_is_down_and_counts_no_attempts() {
+    waits_while_down(false, "db: switched off").await;
+}
+
+/// The same when what is down is the server the failed task's source reads (for IMAP, the
+/// mailbox), which no module names: the source answers that it cannot reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_waits_while_the_source_of_a_failed_task_is_unreachable() {
+    waits_while_down(true, "source script: connection refused").await;
+}
+
+async fn waits_while_down(through_source: bool, why: &str) {
     let db = Arc::new(Switch(AtomicBool::new(false)));
     let dependent = Arc::new(Dependent {
         db: Arc::clone(&db),
@@ -900,7 +937,12 @@ async fn a_pool_waits_while_a_dependency_it_needs_is_down_and_counts_no_attempts
         "workers = 2\nmax_attempts = 2",
         1000,
         move |_| handler,
-        vec![db.clone() as Arc<dyn HealthContributor>],
+        if through_source {
+            Vec::new()
+        } else {
+            vec![db.clone() as Arc<dyn HealthContributor>]
+        },
+        through_source.then(|| db.clone()),
     )
     .await;
     until("the pool waits for the dependency", || {
@@ -912,11 +954,7 @@ async fn a_pool_waits_while_a_dependency_it_needs_is_down_and_counts_no_attempts
     let status = rig.runtime.status().await;
     let pool = &status.pools[0];
     assert_eq!(pool.dead_lettered, 0, "{pool:?}");
-    assert_eq!(
-        pool.waiting_for.as_deref(),
-        Some("db: switched off"),
-        "{pool:?}"
-    );
+    assert_eq!(pool.waiting_for.as_deref(), Some(why), "{pool:?}");
     let calls = dependent.calls.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(

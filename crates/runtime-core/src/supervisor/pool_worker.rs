@@ -210,7 +210,7 @@ impl PoolWorker {
                     _ = self.shared.stop_consuming.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(super::gate::RECHECK) => {}
                 }
-                self.gate.probe().await;
+                self.gate.ask(None).await;
                 continue;
             }
             // Not raced with the stop signal: `consume` returns within CONSUME_WAIT, and a
@@ -529,7 +529,7 @@ impl PoolWorker {
                 class,
             } => {
                 self.shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-                if let Some(why) = self.gate.probe().await {
+                if let Some(why) = self.gate.ask(Some(source)).await {
                     // The dependency failed, not the task: back to the queue, uncounted.
                     match self.queue.nack(lease, super::gate::RECHECK, None).await {
                         Ok(()) => {

@@ -1233,6 +1233,8 @@ impl ImapSource {
 /// The first pause before a failure keyword is stored again, and the longest.
 const KEYWORD_RETRY_FIRST: Duration = Duration::from_millis(500);
 const KEYWORD_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long [`TaskSource::reachable`] waits for a session, and for its `NOOP`.
+const REACHABLE_WITHIN: Duration = Duration::from_secs(2);
 /// UIDs per `UID STORE` of failure keywords.
 const KEYWORD_CHUNK: usize = 500;
 
@@ -1388,6 +1390,42 @@ impl TaskSource for ImapSource {
             };
             let result = self.unsettled_in(&mut pooled, older_than, max).await;
             self.checkin(pooled, permit, result)
+        })
+    }
+
+    /// A `NOOP` on a pooled session (a fresh one when that fails), within
+    /// [`REACHABLE_WITHIN`]. A pool whose sessions are all busy counts as reachable.
+    fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let Ok((pooled, permit)) =
+                tokio::time::timeout(REACHABLE_WITHIN, self.pool.checkout()).await
+            else {
+                return Ok(());
+            };
+            let noop = async {
+                if let Some(mut pooled) = pooled {
+                    if pooled.session.noop().await.is_ok() {
+                        return Ok(pooled);
+                    }
+                }
+                let mut session = self.login().await.map_err(|e| e.to_string())?;
+                session.noop().await.map_err(|e| format!("NOOP: {e}"))?;
+                Ok(Pooled {
+                    session,
+                    selected: None,
+                })
+            };
+            match tokio::time::timeout(REACHABLE_WITHIN, noop).await {
+                Ok(Ok(pooled)) => {
+                    self.pool.checkin(pooled, permit);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!(
+                    "no answer within {} ms",
+                    REACHABLE_WITHIN.as_millis()
+                )),
+            }
         })
     }
 
