@@ -10,6 +10,7 @@
 //! | `source-imap` | [`sources::imap`] | an IMAP mailbox, polled or watched with IDLE |
 //! | `source-webhook` | [`sources::webhook`] | deliveries POSTed by providers (Standard Webhooks, Pub/Sub, Graph) |
 //! | `source-schedule` | [`sources::schedule`] | one task per slot of a cron expression in a time zone |
+//! | `oauth2` | [`oauth2`] | OAuth2 access tokens (client credentials, refresh token, a file or a command) |
 //! | `config-sql` | [`config_store`] | configuration overrides in an SQLite or PostgreSQL table |
 //! | `control-http` | `control` | the operators' HTTP control plane (axum) |
 //!
@@ -20,8 +21,12 @@
 pub mod config_store;
 #[cfg(feature = "control-http")]
 pub mod control;
+#[cfg(feature = "oauth2")]
+pub mod oauth2;
 pub mod queue;
 pub mod sources;
+#[cfg(feature = "oauth2")]
+pub(crate) mod tls;
 
 /// Milliseconds since the Unix epoch.
 #[allow(dead_code)]

@@ -14,8 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod oauth;
 mod otlp;
 mod rabbit;
+pub use oauth::{TokenCounts, TokenMode, TokenServer};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use rabbit::RabbitServer;
 
@@ -613,6 +615,18 @@ fn mail_user_ids() -> (String, String) {
     (uid, gid)
 }
 
+/// What a private Dovecot offers beyond passwords.
+#[derive(Clone, Debug, Default)]
+pub struct DovecotOptions {
+    /// The push plugin's OX driver notifies this URL of every delivery.
+    pub push_url: Option<String>,
+    /// XOAUTH2 and OAUTHBEARER logins, checked by RFC 7662 introspection at this URL (the
+    /// `oauth2` passdb); passwords keep working for PLAIN and LOGIN.
+    pub oauth2_introspection_url: Option<String>,
+    /// The server does not announce MOVE (RFC 6851).
+    pub without_move: bool,
+}
+
 /// A private Dovecot (IMAP only): its own configuration in a short temp dir, passwd-file
 /// users, maildir mailboxes owned by a dedicated system user, a plain listener and an
 /// implicit-TLS listener on free loopback ports, with a certificate from its own test CA.
@@ -642,6 +656,18 @@ impl DovecotServer {
     /// [`DovecotServer::start`] with the `push_notification` plugin's OX driver sending each
     /// new delivery ([`DovecotServer::deliver`]) to `push_url` (an HTTP `PUT` of JSON).
     pub fn start_with_push(users: &[(&str, &str)], push_url: Option<&str>) -> Self {
+        Self::start_with(
+            users,
+            DovecotOptions {
+                push_url: push_url.map(str::to_owned),
+                ..DovecotOptions::default()
+            },
+        )
+    }
+
+    /// [`DovecotServer::start`] with `options`.
+    pub fn start_with(users: &[(&str, &str)], options: DovecotOptions) -> Self {
+        let push_url = options.push_url.as_deref();
         let binary = find("dovecot", "apt-get install dovecot-imapd");
         let (uid, gid) = mail_user_ids();
         // Socket paths must stay under 107 bytes: a short folder in /tmp.
@@ -685,7 +711,7 @@ info_log_path = {d}/dovecot.log
 ssl = yes
 ssl_cert = <{d}/server.pem
 ssl_key = <{d}/server.key
-auth_mechanisms = plain login
+auth_mechanisms = plain login{mechanisms}
 disable_plaintext_auth = no
 mail_location = maildir:~/Maildir
 # A throwaway test server, like the PostgreSQL one (fsync=off): no fsync of mail or
@@ -698,8 +724,10 @@ default_internal_user = dovecot
 default_login_user = dovenull
 passdb {{
   driver = passwd-file
+  mechanisms = plain login
   args = username_format=%u {d}/passwd
 }}
+{oauth2}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={d}/home/%u
@@ -720,8 +748,21 @@ service stats {{
     mode = 0666
   }}
 }}
+{capability}
 {push}"#,
             d = d.display(),
+            mechanisms = if options.oauth2_introspection_url.is_some() { " xoauth2 oauthbearer" } else { "" },
+            oauth2 = if options.oauth2_introspection_url.is_some() {
+                format!("passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}/oauth2.conf\n}}\n", d.display())
+            } else {
+                String::new()
+            },
+            // The capabilities of imapd 2.3.19 after login, less MOVE (RFC 6851).
+            capability = if options.without_move {
+                "protocol imap {\n  imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS BINARY SPECIAL-USE LITERAL+ NOTIFY\n}\n"
+            } else {
+                ""
+            },
             port = server.port,
             tls_port = server.tls_port,
             // The OX driver notifies only users whose http-notify metadata is set (below).
@@ -731,6 +772,15 @@ service stats {{
             )),
         );
         std::fs::write(d.join("dovecot.conf"), conf).expect("dovecot.conf");
+        if let Some(url) = &options.oauth2_introspection_url {
+            // Every token login is introspected (no auth cache); the token's username must be
+            // the login's, and it must be active.
+            std::fs::write(
+                d.join("oauth2.conf"),
+                format!("introspection_mode = post\nintrospection_url = {url}\nforce_introspection = yes\nusername_attribute = username\nactive_attribute = active\nactive_value = true\ntimeout_msecs = 5000\n"),
+            )
+            .expect("oauth2.conf");
+        }
         let mut server = server;
         server.spawn(&binary);
         if push_url.is_some() {

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use runtime_contracts::ConfigProblem;
 use serde::Deserialize;
 
+use crate::oauth2::{Grant, OAuth2Config};
+
 /// How the source learns of new mail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImapMode {
@@ -15,27 +17,76 @@ pub enum ImapMode {
     Idle,
 }
 
-/// Transport security.
+/// How the source logs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    /// `LOGIN` with the password of `password_env` / `password_file`.
+    #[default]
+    Password,
+    /// `AUTHENTICATE XOAUTH2` with a token of `[oauth2]` (Microsoft 365, Gmail).
+    Xoauth2,
+    /// `AUTHENTICATE OAUTHBEARER` (RFC 7628) with a token of `[oauth2]`.
+    Oauthbearer,
+}
+
+impl AuthMethod {
+    /// Whether it logs in with an OAuth2 token.
+    pub fn uses_token(self) -> bool {
+        self != Self::Password
+    }
+}
+
+/// A mailbox provider whose settings a preset fills.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Exchange Online: `outlook.office365.com:993`, the Microsoft identity platform's token
+    /// endpoint of `tenant`.
+    Microsoft365,
+    /// Gmail: `imap.gmail.com:993`, Google's token endpoint, scope `https://mail.google.com/`.
+    Gmail,
+}
+
+/// Transport security.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// Plain TCP (loopback and tests only).
     None,
     /// Plain TCP upgraded with `STARTTLS` before logging in.
     Starttls,
-    /// TLS from the first byte (IMAPS, port 993).
+    /// TLS from the first byte (IMAPS, port 993): the default.
+    #[default]
     Implicit,
 }
 
 /// The settings of an IMAP source.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 pub struct ImapConfig {
-    /// Server host name (also the name its certificate must carry).
+    /// `microsoft365` or `gmail`: fills host, port, TLS, the login method, the token
+    /// endpoint and the scope that are not set.
+    #[serde(default)]
+    pub provider: Option<Provider>,
+    /// The Microsoft 365 tenant (its id or a domain such as `contoso.onmicrosoft.com`).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Server host name (also the name its certificate must carry); a provider fills it.
+    #[serde(default)]
     pub host: String,
-    /// Server port (143 or 993 usually).
+    /// Server port; 0 (the default): 993 with implicit TLS, else 143.
+    #[serde(default)]
     pub port: u16,
-    /// `none`, `starttls` or `implicit`.
+    /// `none`, `starttls` or `implicit` (the default).
+    #[serde(default)]
     pub tls: TlsMode,
+    /// `password` (the default without a provider), `xoauth2` (with a provider) or
+    /// `oauthbearer`.
+    #[serde(default)]
+    pub auth: Option<AuthMethod>,
+    /// Where OAuth2 tokens come from, for `xoauth2` and `oauthbearer`.
+    #[serde(default)]
+    pub oauth2: Option<OAuth2Config>,
     /// PEM file with the CA certificate(s) to trust instead of the public roots (for a
     /// self-signed server).
     #[serde(default)]
@@ -120,6 +171,7 @@ impl std::fmt::Debug for ImapConfig {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("tls", &self.tls)
+            .field("auth", &self.auth)
             .field("user", &self.user)
             .field("mailboxes", &self.mailboxes)
             .finish_non_exhaustive()
@@ -182,8 +234,79 @@ fn default_replicas() -> usize {
 const IDLE_LIMIT_SECS: u64 = 29 * 60;
 
 impl ImapConfig {
+    /// The login method in force.
+    pub fn auth_method(&self) -> AuthMethod {
+        self.auth.unwrap_or(match self.provider {
+            Some(_) => AuthMethod::Xoauth2,
+            None => AuthMethod::Password,
+        })
+    }
+
+    /// The settings with the provider's preset and the port's default filled in where they
+    /// were not set.
+    pub fn resolved(mut self) -> Self {
+        match self.provider {
+            Some(Provider::Microsoft365) => {
+                if self.host.is_empty() {
+                    self.host = "outlook.office365.com".to_owned();
+                }
+                if let Some(oauth2) = self.oauth2.as_mut() {
+                    if oauth2.token_url.is_none() {
+                        let tenant = self.tenant.as_deref().unwrap_or("organizations");
+                        oauth2.token_url = Some(format!(
+                            "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+                        ));
+                    }
+                    if oauth2.scope.is_none() {
+                        oauth2.scope = Some(match oauth2.grant {
+                            // Delegated access: the user's consent to IMAP, and a refresh token.
+                            Some(Grant::RefreshToken) => {
+                                "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
+                                    .to_owned()
+                            }
+                            // App-only access: the IMAP.AccessAsApp application permission.
+                            _ => "https://outlook.office365.com/.default".to_owned(),
+                        });
+                    }
+                }
+            }
+            Some(Provider::Gmail) => {
+                if self.host.is_empty() {
+                    self.host = "imap.gmail.com".to_owned();
+                }
+                if let Some(oauth2) = self.oauth2.as_mut() {
+                    if oauth2.token_url.is_none() {
+                        oauth2.token_url = Some("https://oauth2.googleapis.com/token".to_owned());
+                    }
+                    if oauth2.scope.is_none() {
+                        oauth2.scope = Some("https://mail.google.com/".to_owned());
+                    }
+                    if oauth2.grant.is_none()
+                        && oauth2.token_file.is_none()
+                        && oauth2.token_command.is_none()
+                    {
+                        oauth2.grant = Some(Grant::RefreshToken);
+                    }
+                }
+            }
+            None => {}
+        }
+        if self.port == 0 {
+            self.port = if self.tls == TlsMode::Implicit {
+                993
+            } else {
+                143
+            };
+        }
+        self
+    }
+
     /// Problems with these values, keyed under `prefix`.
     pub fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
+        self.clone().resolved().problems_resolved(prefix)
+    }
+
+    fn problems_resolved(&self, prefix: &str) -> Vec<ConfigProblem> {
         let mut problems = runtime_contracts::config::require_positive(
             prefix,
             &[
@@ -202,7 +325,22 @@ impl ImapConfig {
         );
         let key = |k: &str| format!("{prefix}.{k}");
         if self.host.trim().is_empty() {
-            problems.push(ConfigProblem::new(key("host"), "must not be empty"));
+            problems.push(ConfigProblem::new(
+                key("host"),
+                "must not be empty (or set provider = \"microsoft365\" or \"gmail\")",
+            ));
+        }
+        if self.provider == Some(Provider::Microsoft365)
+            && self.tenant.as_deref().is_none_or(|t| t.trim().is_empty())
+            && self
+                .oauth2
+                .as_ref()
+                .is_some_and(|o| o.grant == Some(Grant::ClientCredentials))
+        {
+            problems.push(ConfigProblem::new(
+                key("tenant"),
+                "app-only access to Microsoft 365 needs the tenant (its id or domain)",
+            ));
         }
         if self.idle_reissue_secs >= IDLE_LIMIT_SECS {
             problems.push(ConfigProblem::new(
@@ -253,6 +391,28 @@ impl ImapConfig {
                 ));
             }
         }
+        let auth = self.auth_method();
+        match (&self.oauth2, auth.uses_token()) {
+            (Some(oauth2), true) => problems.extend(oauth2.problems(&key("oauth2"))),
+            (None, true) => problems.push(ConfigProblem::new(
+                key("oauth2"),
+                format!("auth = \"{}\" needs an [oauth2] table (token_url, client_id, client_secret_env, grant ...)", if auth == AuthMethod::Xoauth2 { "xoauth2" } else { "oauthbearer" }),
+            )),
+            (Some(_), false) => problems.push(ConfigProblem::new(
+                key("oauth2"),
+                "is used only with auth = \"xoauth2\" or \"oauthbearer\"",
+            )),
+            (None, false) => {}
+        }
+        if auth.uses_token() {
+            if self.password_env.is_some() || self.password_file.is_some() {
+                problems.push(ConfigProblem::new(
+                    key("password_env"),
+                    "a token login uses no password; remove password_env / password_file",
+                ));
+            }
+            return problems;
+        }
         match (&self.password_env, &self.password_file) {
             (Some(_), Some(_)) => problems.push(ConfigProblem::new(
                 key("password_env"),
@@ -290,5 +450,94 @@ impl ImapConfig {
             return Ok(line);
         }
         Err("no password_env or password_file".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(value: serde_json::Value) -> ImapConfig {
+        serde_json::from_value(value).expect("config")
+    }
+
+    #[test]
+    fn provider_presets_fill_what_is_not_set() {
+        let m365 = parse(serde_json::json!({
+            "provider": "microsoft365", "tenant": "contoso.onmicrosoft.com",
+            "user": "orders@contoso.com", "pool": "orders",
+            "oauth2": {"client_id": "app", "client_secret_env": "PATH", "grant": "client_credentials"},
+        }))
+        .resolved();
+        assert_eq!(
+            (m365.host.as_str(), m365.port, m365.tls),
+            ("outlook.office365.com", 993, TlsMode::Implicit)
+        );
+        assert_eq!(m365.auth_method(), AuthMethod::Xoauth2);
+        let oauth2 = m365.oauth2.as_ref().expect("oauth2");
+        assert_eq!(
+            oauth2.token_url.as_deref(),
+            Some("https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token")
+        );
+        assert_eq!(
+            oauth2.scope.as_deref(),
+            Some("https://outlook.office365.com/.default")
+        );
+        assert!(
+            m365.problems("sources.inbox").is_empty(),
+            "{:?}",
+            m365.problems("sources.inbox")
+        );
+
+        let gmail = parse(serde_json::json!({
+            "provider": "gmail", "user": "orders@example.com", "pool": "orders",
+            "oauth2": {"client_id": "app", "client_secret_env": "PATH", "refresh_token_env": "HOME"},
+        }))
+        .resolved();
+        assert_eq!((gmail.host.as_str(), gmail.port), ("imap.gmail.com", 993));
+        let oauth2 = gmail.oauth2.as_ref().expect("oauth2");
+        assert_eq!(
+            oauth2.token_url.as_deref(),
+            Some("https://oauth2.googleapis.com/token")
+        );
+        assert_eq!(oauth2.scope.as_deref(), Some("https://mail.google.com/"));
+        assert_eq!(oauth2.grant, Some(Grant::RefreshToken));
+        assert!(
+            gmail.problems("sources.inbox").is_empty(),
+            "{:?}",
+            gmail.problems("sources.inbox")
+        );
+    }
+
+    #[test]
+    fn a_token_login_needs_its_table_and_no_password() {
+        let config = parse(serde_json::json!({
+            "host": "imap.example", "user": "u", "pool": "orders", "auth": "oauthbearer",
+            "password_env": "HOME",
+        }));
+        let problems: Vec<String> = config
+            .problems("s")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("needs an [oauth2] table")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("uses no password")),
+            "{problems:?}"
+        );
+        let m365 = parse(serde_json::json!({
+            "provider": "microsoft365", "user": "u", "pool": "orders",
+            "oauth2": {"client_id": "app", "client_secret_env": "PATH", "grant": "client_credentials"},
+        }));
+        let problems: Vec<String> = m365.problems("s").iter().map(ToString::to_string).collect();
+        assert!(
+            problems.iter().any(|p| p.contains("needs the tenant")),
+            "{problems:?}"
+        );
     }
 }

@@ -6,15 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_imap::{Client, Session};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
 
-use super::config::{ImapConfig, TlsMode};
+use super::config::{AuthMethod, ImapConfig, TlsMode};
 
 /// A byte stream: TCP, or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug {}
@@ -40,6 +39,9 @@ pub enum ConnectError {
     /// The network or the protocol failed.
     #[error("{0}")]
     Io(String),
+    /// No OAuth2 token could be had.
+    #[error("{0}")]
+    Token(#[from] crate::oauth2::TokenError),
 }
 
 /// Builds the TLS client configuration: the CA file's certificates, else the public roots.
@@ -47,34 +49,9 @@ pub fn tls_config(config: &ImapConfig) -> Result<Option<Arc<ClientConfig>>, Conn
     if config.tls == TlsMode::None {
         return Ok(None);
     }
-    let mut roots = RootCertStore::empty();
-    match &config.ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| ConnectError::Tls(format!("reading {}: {e}", path.display())))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ConnectError::Tls(format!("reading {}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(ConnectError::Tls(format!(
-                    "{} holds no certificate",
-                    path.display()
-                )));
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .map_err(|e| ConnectError::Tls(format!("{}: {e}", path.display())))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let tls = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConnectError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Some(Arc::new(tls)))
+    crate::tls::client_config(config.ca_file.as_deref())
+        .map(Some)
+        .map_err(ConnectError::Tls)
 }
 
 async fn upgrade(
@@ -91,11 +68,57 @@ async fn upgrade(
     Ok(Box::new(stream))
 }
 
+/// What a connection logs in with.
+#[derive(Clone, Copy)]
+pub enum Credential<'a> {
+    /// `LOGIN user password`.
+    Password(&'a str),
+    /// `AUTHENTICATE XOAUTH2` or `OAUTHBEARER` with this access token.
+    Token(AuthMethod, &'a str),
+}
+
+/// The SASL exchange of XOAUTH2 or OAUTHBEARER (RFC 7628): the initial response carries the
+/// token; a second challenge is the server's error (JSON), answered with the empty (XOAUTH2)
+/// or `%x01` (OAUTHBEARER) response the mechanisms prescribe, after which the server says NO.
+struct Bearer {
+    initial: Option<Vec<u8>>,
+    method: AuthMethod,
+}
+
+impl Bearer {
+    fn new(method: AuthMethod, user: &str, host: &str, port: u16, token: &str) -> Self {
+        let initial = match method {
+            AuthMethod::Oauthbearer => {
+                // RFC 5801 saslname: ',' and '=' escaped.
+                let name = user.replace('=', "=3D").replace(',', "=2C");
+                format!("n,a={name},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01")
+            }
+            _ => format!("user={user}\x01auth=Bearer {token}\x01\x01"),
+        };
+        Self {
+            initial: Some(initial.into_bytes()),
+            method,
+        }
+    }
+}
+
+impl async_imap::Authenticator for Bearer {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        match self.initial.take() {
+            Some(initial) => initial,
+            None if self.method == AuthMethod::Oauthbearer => vec![1],
+            None => Vec::new(),
+        }
+    }
+}
+
 /// Connects, secures the connection as configured and logs in.
 pub async fn connect(
     config: &ImapConfig,
     tls: Option<&Arc<ClientConfig>>,
-    password: &str,
+    credential: Credential<'_>,
 ) -> Result<ImapSession, ConnectError> {
     let limit = Duration::from_millis(config.connect_timeout_ms);
     let io = |e: String| ConnectError::Io(e);
@@ -126,9 +149,27 @@ pub async fn connect(
         let upgraded = upgrade(tls_needed(config.tls)?, &config.host, client.into_inner()).await?;
         client = Client::new(upgraded);
     }
-    client
-        .login(&config.user, password)
-        .await
+    let answer = match credential {
+        Credential::Password(password) => {
+            tokio::time::timeout(limit, client.login(&config.user, password)).await
+        }
+        Credential::Token(method, token) => {
+            let mechanism = if method == AuthMethod::Oauthbearer {
+                "OAUTHBEARER"
+            } else {
+                "XOAUTH2"
+            };
+            let bearer = Bearer::new(method, &config.user, &config.host, config.port, token);
+            tokio::time::timeout(limit, client.authenticate(mechanism, bearer)).await
+        }
+    };
+    answer
+        .map_err(|_| {
+            io(format!(
+                "{address}: no answer to the login within {} ms",
+                limit.as_millis()
+            ))
+        })?
         .map_err(|(e, _)| match e {
             async_imap::error::Error::No(message) | async_imap::error::Error::Bad(message) => {
                 ConnectError::Login {
@@ -147,6 +188,18 @@ pub async fn connect(
 pub struct Pooled {
     pub session: ImapSession,
     pub selected: Option<(String, u32, u32)>,
+    /// When its login token is due for renewal: from then on the session is replaced by one
+    /// logged in with the new token (a server such as Exchange Online ends sessions whose
+    /// token expired).
+    pub retire_at: Option<std::time::Instant>,
+}
+
+impl Pooled {
+    /// Whether it may still be used (its token is not due for renewal).
+    pub fn current(&self) -> bool {
+        self.retire_at
+            .is_none_or(|at| std::time::Instant::now() < at)
+    }
 }
 
 /// At most `size` logged-in sessions, shared by the workers; a session that failed is

@@ -30,8 +30,8 @@ use runtime_contracts::{
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_rustls::rustls::ClientConfig;
 
-pub use config::{ImapConfig, ImapMode, TlsMode};
-use connection::{connect, tls_config, ConnectError, ImapSession, Pool, Pooled};
+pub use config::{AuthMethod, ImapConfig, ImapMode, Provider, TlsMode};
+use connection::{connect, tls_config, ConnectError, Credential, ImapSession, Pool, Pooled};
 
 /// An IMAP UID set (`1:5,7,9:10`) of ascending UIDs.
 /// How long a message's task id stays known after its ack (see `task_for`).
@@ -88,7 +88,8 @@ pub struct ImapSource {
     config: ImapConfig,
     account: String,
     tls: Option<Arc<ClientConfig>>,
-    password: Result<String, String>,
+    /// What the source logs in with, or why it cannot.
+    credentials: Result<Login, String>,
     pool: Pool,
     inner: Mutex<Inner>,
     keywords: mpsc::UnboundedSender<Pointer>,
@@ -188,17 +189,18 @@ impl ImapSource {
     pub fn new(id: impl Into<String>, config: ImapConfig, mode: ImapMode) -> Self {
         let id: String = id.into();
         let (keywords, keyword_rx) = mpsc::unbounded_channel();
+        let config = config.resolved();
         let tls = tls_config(&config);
-        let password = match &tls {
+        let credentials = match &tls {
             Err(e) => Err(e.to_string()),
-            Ok(_) => config.password(),
+            Ok(_) => Login::of(&config),
         };
         Self {
             shared_id: id.as_str().into(),
             kind: config.kind.as_str().into(),
             account: format!("{}@{}", config.user, config.host),
             tls: tls.ok().flatten(),
-            password,
+            credentials,
             pool: Pool::new(config.connections),
             mode,
             id,
@@ -260,10 +262,58 @@ impl ImapSource {
         }
     }
 
-    async fn login(&self) -> Result<ImapSession, ConnectError> {
-        let password = self.password.clone().map_err(ConnectError::Tls)?;
+    /// Logs a new connection in: the session, and when it should log in again (its token's
+    /// renewal time; `None` for a password). A token the server refuses is replaced once
+    /// (unless another connection already did) and tried again.
+    async fn login(&self) -> Result<(ImapSession, Option<Instant>), ConnectError> {
+        let credentials = self
+            .credentials
+            .as_ref()
+            .map_err(|e| ConnectError::Tls(e.clone()))?;
         self.lock().connects += 1;
-        connect(&self.config, self.tls.as_ref(), &password).await
+        let (method, tokens) = match credentials {
+            Login::Password(password) => {
+                let session = connect(
+                    &self.config,
+                    self.tls.as_ref(),
+                    Credential::Password(password),
+                )
+                .await?;
+                return Ok((session, None));
+            }
+            Login::Token(method, tokens) => (*method, tokens),
+        };
+        let token = tokens.token().await?;
+        let first = connect(
+            &self.config,
+            self.tls.as_ref(),
+            Credential::Token(method, token.secret.expose()),
+        )
+        .await;
+        match first {
+            Ok(session) => Ok((session, token.renew_at)),
+            Err(ConnectError::Login { message, .. }) => {
+                tracing::info!(source = %self.id, server = %message, "the server refused the token; asking for a new one");
+                let token = tokens.refused(&token).await?;
+                self.lock().connects += 1;
+                let session = connect(
+                    &self.config,
+                    self.tls.as_ref(),
+                    Credential::Token(method, token.secret.expose()),
+                )
+                .await?;
+                Ok((session, token.renew_at))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The token provider's counts, for a source that logs in with OAuth2.
+    pub fn token_stats(&self) -> Option<crate::oauth2::TokenStats> {
+        match &self.credentials {
+            Ok(Login::Token(_, tokens)) => Some(tokens.stats()),
+            _ => None,
+        }
     }
 
     /// Logs the worker pool's sessions in, all at once, and with one mailbox selects it, so
@@ -279,7 +329,7 @@ impl ImapSource {
             let pooled = match idle {
                 Some(pooled) => pooled,
                 None => {
-                    let Ok(mut session) = self.login().await else {
+                    let Ok((mut session, retire_at)) = self.login().await else {
                         return;
                     };
                     let mut selected = None;
@@ -291,7 +341,11 @@ impl ImapSource {
                         selected = Some((mailbox.to_owned(), v, next.unwrap_or(u32::MAX)));
                     }
                     tracing::debug!(source = %self.id, "pooled session logged in");
-                    Pooled { session, selected }
+                    Pooled {
+                        session,
+                        selected,
+                        retire_at,
+                    }
                 }
             };
             self.pool.checkin(pooled, permit);
@@ -302,7 +356,7 @@ impl ImapSource {
     // ---- the watcher: search, publish, wait --------------------------------------------
 
     async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {
-        if let Err(e) = &self.password {
+        if let Err(e) = &self.credentials {
             return Err(self.io(format!("cannot start: {e}")));
         }
         let keyword_rx = self
@@ -467,7 +521,7 @@ impl ImapSource {
         let mut warmed = false;
         while !ctx.shutdown.is_cancelled() {
             let error = match self.login().await {
-                Ok(session) => {
+                Ok((session, retire_at)) => {
                     tracing::debug!(source = %self.id, "watcher logged in");
                     failures = 0;
                     self.lock().progress.running();
@@ -478,9 +532,15 @@ impl ImapSource {
                             self.warm_pool().await;
                         }
                     };
-                    let (looped, ()) = tokio::join!(self.session_loop(session, ctx), warm);
+                    let (looped, ()) =
+                        tokio::join!(self.session_loop(session, retire_at, ctx), warm);
                     match looped {
-                        Ok(()) => return,
+                        Ok(Ended::Shutdown) => return,
+                        // Its token is due for renewal: log in again, no failure.
+                        Ok(Ended::Renew) => {
+                            tracing::debug!(source = %self.id, "watcher logs in again with a renewed token");
+                            continue;
+                        }
                         Err(e) => e,
                     }
                 }
@@ -501,22 +561,28 @@ impl ImapSource {
         }
     }
 
-    /// Searches and waits on one logged-in session until shutdown (`Ok`) or an error.
+    /// Searches and waits on one logged-in session until shutdown, until the session's
+    /// token is due for renewal (`retire_at`), or an error.
     async fn session_loop(
         &self,
         mut session: ImapSession,
+        retire_at: Option<Instant>,
         ctx: &SourceContext,
-    ) -> Result<(), String> {
+    ) -> Result<Ended, String> {
         // Searches left before idling again (IDLE mode): mail is arriving.
         let mut follow_ups = 0;
         loop {
+            if retire_at.is_some_and(|at| Instant::now() >= at) {
+                let _ = tokio::time::timeout(RETIRE_WAIT, session.logout()).await;
+                return Ok(Ended::Renew);
+            }
             let mut found = 0;
             for mailbox in &self.config.mailboxes {
                 match self.search_and_publish(&mut session, mailbox, ctx).await? {
                     Some(fresh) => found += fresh,
                     None => {
                         let _ = session.logout().await;
-                        return Ok(());
+                        return Ok(Ended::Shutdown);
                     }
                 }
             }
@@ -537,17 +603,20 @@ impl ImapSource {
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => {
                             let _ = session.logout().await;
-                            return Ok(());
+                            return Ok(Ended::Shutdown);
                         }
                         _ = tokio::time::sleep(IDLE_FOLLOW_UP) => {}
                     }
                 }
                 ImapMode::Poll => {
-                    let pause = Duration::from_millis(self.config.poll_interval_ms);
+                    let pause = until_retire(
+                        Duration::from_millis(self.config.poll_interval_ms),
+                        retire_at,
+                    );
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => {
                             let _ = session.logout().await;
-                            return Ok(());
+                            return Ok(Ended::Shutdown);
                         }
                         _ = tokio::time::sleep(pause) => {}
                     }
@@ -563,9 +632,9 @@ impl ImapSource {
                             .await
                             .map_err(|e| format!("SELECT {first}: {e}"))?;
                     }
-                    session = match self.idle(session, ctx).await? {
+                    session = match self.idle(session, retire_at, ctx).await? {
                         Some(session) => session,
-                        None => return Ok(()),
+                        None => return Ok(Ended::Shutdown),
                     };
                 }
             }
@@ -577,14 +646,18 @@ impl ImapSource {
     async fn idle(
         &self,
         session: ImapSession,
+        retire_at: Option<Instant>,
         ctx: &SourceContext,
     ) -> Result<Option<ImapSession>, String> {
         let mut handle = session.idle();
         handle.init().await.map_err(|e| format!("IDLE: {e}"))?;
-        let reissue = Duration::from_secs(
-            self.config
-                .idle_reissue_secs
-                .min(self.config.idle_check_secs),
+        let reissue = until_retire(
+            Duration::from_secs(
+                self.config
+                    .idle_reissue_secs
+                    .min(self.config.idle_check_secs),
+            ),
+            retire_at,
         );
         let limit = Duration::from_millis(self.config.connect_timeout_ms);
         let dead_after = Duration::from_secs(self.config.idle_dead_after_secs);
@@ -848,12 +921,9 @@ impl ImapSource {
         max_uid: u32,
     ) -> Result<Option<(Pooled, OwnedSemaphorePermit)>, SourceError> {
         let (pooled, permit) = self.pool.checkout().await;
-        let mut pooled = match pooled {
+        let mut pooled = match pooled.filter(Pooled::current) {
             Some(p) => p,
-            None => Pooled {
-                session: self.login().await.map_err(|e| self.io(e.to_string()))?,
-                selected: None,
-            },
+            None => self.fresh_pooled().await?,
         };
         // The cached selection is trusted only when it is the pointer's mailbox and
         // UIDVALIDITY and already holds the UIDs asked for; otherwise the mailbox is
@@ -884,6 +954,16 @@ impl ImapSource {
             return Ok(None);
         }
         Ok(Some((pooled, permit)))
+    }
+
+    /// A newly logged-in worker session.
+    async fn fresh_pooled(&self) -> Result<Pooled, SourceError> {
+        let (session, retire_at) = self.login().await.map_err(|e| self.io(e.to_string()))?;
+        Ok(Pooled {
+            session,
+            selected: None,
+            retire_at,
+        })
     }
 
     /// Puts a session back after a successful command; a failed one is dropped (the next
@@ -1381,12 +1461,9 @@ impl TaskSource for ImapSource {
     ) -> BoxFuture<'_, Result<Vec<Task>, SourceError>> {
         Box::pin(async move {
             let (pooled, permit) = self.pool.checkout().await;
-            let mut pooled = match pooled {
+            let mut pooled = match pooled.filter(Pooled::current) {
                 Some(p) => p,
-                None => Pooled {
-                    session: self.login().await.map_err(|e| self.io(e.to_string()))?,
-                    selected: None,
-                },
+                None => self.fresh_pooled().await?,
             };
             let result = self.unsettled_in(&mut pooled, older_than, max).await;
             self.checkin(pooled, permit, result)
@@ -1408,11 +1485,12 @@ impl TaskSource for ImapSource {
                         return Ok(pooled);
                     }
                 }
-                let mut session = self.login().await.map_err(|e| e.to_string())?;
+                let (mut session, retire_at) = self.login().await.map_err(|e| e.to_string())?;
                 session.noop().await.map_err(|e| format!("NOOP: {e}"))?;
                 Ok(Pooled {
                     session,
                     selected: None,
+                    retire_at,
                 })
             };
             match tokio::time::timeout(REACHABLE_WITHIN, noop).await {
@@ -1496,6 +1574,47 @@ where
         }
     }
     Ok(kept)
+}
+
+/// How the watcher's session ended without an error.
+enum Ended {
+    /// The source stops.
+    Shutdown,
+    /// The session's token is due for renewal: log in again.
+    Renew,
+}
+
+/// How long a retired session may take to log out.
+const RETIRE_WAIT: Duration = Duration::from_secs(2);
+
+/// `wait`, or less when the session must log in again before it has passed.
+fn until_retire(wait: Duration, retire_at: Option<Instant>) -> Duration {
+    match retire_at {
+        Some(at) => wait.min(at.saturating_duration_since(Instant::now())),
+        None => wait,
+    }
+}
+
+/// What a source logs in with.
+enum Login {
+    /// A password (`auth = "password"`).
+    Password(String),
+    /// OAuth2 tokens from a provider shared by every connection of the source.
+    Token(AuthMethod, Arc<crate::oauth2::TokenProvider>),
+}
+
+impl Login {
+    fn of(config: &ImapConfig) -> Result<Self, String> {
+        let method = config.auth_method();
+        if !method.uses_token() {
+            return config.password().map(Self::Password);
+        }
+        let oauth2 = config
+            .oauth2
+            .clone()
+            .ok_or_else(|| "a token login needs [oauth2]".to_owned())?;
+        crate::oauth2::TokenProvider::new(oauth2).map(|p| Self::Token(method, Arc::new(p)))
+    }
 }
 
 /// How soon an IDLE source searches again after a search that found new mail, instead of
