@@ -724,8 +724,7 @@ default_internal_user = dovecot
 default_login_user = dovenull
 passdb {{
   driver = passwd-file
-  mechanisms = plain login
-  args = username_format=%u {d}/passwd
+{password_mechanisms}  args = username_format=%u {d}/passwd
 }}
 {oauth2}
 userdb {{
@@ -752,6 +751,9 @@ service stats {{
 {push}"#,
             d = d.display(),
             mechanisms = if options.oauth2_introspection_url.is_some() { " xoauth2 oauthbearer" } else { "" },
+            // Only beside the oauth2 passdb: a passdb limited to mechanisms is skipped by the
+            // user lookups of doveadm and the LDA.
+            password_mechanisms = if options.oauth2_introspection_url.is_some() { "  mechanisms = plain login\n" } else { "" },
             oauth2 = if options.oauth2_introspection_url.is_some() {
                 format!("passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}/oauth2.conf\n}}\n", d.display())
             } else {
