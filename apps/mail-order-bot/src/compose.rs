@@ -522,8 +522,7 @@ pub async fn build_traced_runtime(
     let mut builder = RuntimeBuilder::new(Arc::clone(&config))
         .module(module)
         .log_control(logs)
-        .telemetry(telemetry)
-        .live_keys(["sources.*.poll_interval_ms"]);
+        .telemetry(telemetry);
     builder = match queue_choice {
         QueueChoice::Memory(cfg) => builder.queue_factory(move |pool| -> Arc<dyn TaskQueue> {
             Arc::new(MemoryQueue::new(pool, cfg.clone()))
@@ -557,20 +556,7 @@ pub async fn build_traced_runtime(
             })?;
             let pool = cfg.pool().to_owned();
             let source: Arc<dyn runtime_contracts::TaskSource> = match cfg {
-                SourceConfig::Maildir(cfg) => {
-                    let source = Arc::new(MaildirSource::new(id.clone(), cfg));
-                    let live = Arc::clone(&source);
-                    runtime_contracts::ConfigProvider::subscribe(
-                        &*config,
-                        &format!("sources.{id}.poll_interval_ms"),
-                        Box::new(move |v| {
-                            if let Some(ms) = v.as_u64() {
-                                live.set_poll_interval_ms(ms);
-                            }
-                        }),
-                    );
-                    source
-                }
+                SourceConfig::Maildir(cfg) => Arc::new(MaildirSource::new(id.clone(), cfg)),
                 SourceConfig::Imap(cfg, mode) => Arc::new(ImapSource::new(id.clone(), *cfg, mode)),
                 SourceConfig::Webhook(cfg) => Arc::new(WebhookSource::new(id.clone(), *cfg)),
                 SourceConfig::Schedule(cfg) => Arc::new(ScheduleSource::new(id.clone(), *cfg)),

@@ -620,3 +620,108 @@ async fn a_push_and_the_mailboxs_own_search_make_one_task_per_mail() {
         "no mail handled twice: {outcomes:?}"
     );
 }
+
+/// Messages in `folder` with `\Seen`, and without.
+fn seen_in(server: &DovecotServer, folder: &str) -> (usize, usize) {
+    let flags = server.flags(USER, PASSWORD, folder);
+    let seen = flags
+        .values()
+        .filter(|f| f.iter().any(|x| x == "\\Seen"))
+        .count();
+    (seen, flags.len() - seen)
+}
+
+/// A reload of a running IMAP source, checked by what the source does next: a shorter
+/// `poll_interval_ms` applies to the pause under way (the next search comes at once, without
+/// a restart), and a second mailbox is searched after the source is started again with it.
+/// A change of the source's pool is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_the_poll_interval_and_the_mailboxes_takes_effect() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    server.client(USER, PASSWORD).run("CREATE Orders");
+    let ws = Workspace::new();
+    let settings = |interval: u64, mailboxes: &str| {
+        format!(
+            "host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = {interval}\nmailboxes = {mailboxes}",
+            server.port()
+        )
+    };
+    let path = imap_config(&ws, "imap_poll", &settings(600_000, "[\"INBOX\"]"), 3);
+    let rewrite = |interval: u64, mailboxes: &str| {
+        let text = std::fs::read_to_string(&path).expect("config");
+        let start = text.find("host = \"127.0.0.1\"").expect("settings");
+        let end = start + text[start..].find("\n\n").expect("end of the section");
+        let text = format!(
+            "{}{}{}",
+            &text[..start],
+            settings(interval, mailboxes),
+            &text[end..]
+        );
+        std::fs::write(&path, text).expect("config");
+    };
+    let runtime = start(&path).await;
+    drain(&runtime).await;
+    let (mails, expected) = mixed_mail(20);
+    let mails = bytes(&mails);
+
+    // A ten-minute interval: mail appended after the first search waits.
+    server.append(USER, PASSWORD, "INBOX", &mails[..10]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        seen_in(&server, "INBOX"),
+        (0, 10),
+        "no search before the interval"
+    );
+    rewrite(200, "[\"INBOX\"]");
+    let report = runtime.reload().expect("valid");
+    assert_eq!(report.applied, vec!["sources.inbox.poll_interval_ms"]);
+    assert!(report.restarted.is_empty(), "{report:?}");
+    wait_for(
+        Duration::from_secs(20),
+        "the INBOX searched at once",
+        || async { seen_in(&server, "INBOX") == (10, 0) },
+    )
+    .await;
+    assert_eq!(runtime.status().await.sources["inbox"].restarts, 0);
+
+    // Orders is not searched until the reload names it; then it is, after one restart.
+    server.append(USER, PASSWORD, "Orders", &mails[10..]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        seen_in(&server, "Orders"),
+        (0, 10),
+        "Orders is not configured yet"
+    );
+    rewrite(200, "[\"INBOX\", \"Orders\"]");
+    let report = runtime.reload().expect("valid");
+    assert_eq!(report.applied, vec!["sources.inbox.mailboxes"]);
+    assert_eq!(report.restarted, vec!["inbox"]);
+    wait_for(Duration::from_secs(20), "Orders searched", || async {
+        seen_in(&server, "Orders") == (10, 0)
+    })
+    .await;
+    let status = runtime.status().await;
+    assert_eq!(status.sources["inbox"].restarts, 1);
+    assert_eq!(status.sources["inbox"].state, SourceState::Running);
+
+    // The connection count is fixed for the process: refused, with the reason, and
+    // nothing restarts.
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(
+        &path,
+        text.replacen(
+            "pool = \"orders\"\nuser",
+            "pool = \"orders\"\nconnections = 2\nuser",
+            1,
+        ),
+    )
+    .expect("config");
+    let report = runtime.reload().expect("valid");
+    assert_eq!(report.needs_restart, vec!["sources.inbox.connections"]);
+    let why = &report.reasons["sources.inbox.connections"];
+    assert!(why.contains("after a process restart"), "{why}");
+    assert!(report.restarted.is_empty());
+    assert_eq!(runtime.status().await.sources["inbox"].restarts, 1);
+    runtime.shutdown().await;
+    assert_store_exactly_once(&ws, &expected).await;
+}

@@ -112,6 +112,19 @@ pub enum Disposition {
     Returned,
 }
 
+/// What a source did with a changed configuration ([`TaskSource::reconfigure`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reconfigure {
+    /// In effect now, while the source runs.
+    Applied,
+    /// Taken, and in effect once the source is started again: the runtime stops the
+    /// running source and starts it through the same supervised path that first started it.
+    Restart,
+    /// Not taken: the source runs on as before, and the reason says why (the change needs
+    /// a process restart).
+    Refused(String),
+}
+
 /// Tells a source whether the pool behind its queue can take more work.
 pub trait Backpressure: Send + Sync {
     /// Resolves once in-flight plus queued work is below the pool's high watermark.
@@ -164,6 +177,10 @@ impl fmt::Debug for SourceContext {
 ///   defaults call `load_content` and `complete` one task after another. `complete_batch`
 ///   is called only with tasks whose outcomes are committed, like `complete`.
 /// - `release` is called when a task will not be completed (dead-lettered or returned).
+/// - `reconfigure` takes a changed configuration of the source while it runs (a reload).
+///   `start` may be called again after it returned (the runtime restarts a source whose
+///   start failed, whose task panicked, or that asked for a restart to apply a change), so
+///   a source keeps what must outlive one run (its counts, what it published) outside it.
 /// - `unsettled` lists the work the source still holds unfinished, for the runtime's
 ///   reconciliation sweep (none by default).
 ///
@@ -247,6 +264,19 @@ pub trait TaskSource: Send + Sync {
     /// `Ok`.
     fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Takes the source's changed configuration (its whole section, `type` included, already
+    /// validated) while it runs: [`Reconfigure::Applied`] when it is in effect now,
+    /// [`Reconfigure::Restart`] when it is taken and needs the source started again, or
+    /// [`Reconfigure::Refused`] with the reason. Must never claim a change it does not
+    /// apply. The default refuses every change.
+    fn reconfigure(&self, section: &serde_json::Value) -> Reconfigure {
+        let _ = section;
+        Reconfigure::Refused(format!(
+            "source {} cannot change its settings while it runs",
+            self.id()
+        ))
     }
 
     /// Tells the source a task will not be completed. The default does nothing.

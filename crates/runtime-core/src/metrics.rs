@@ -180,6 +180,7 @@ pub struct Metrics {
     pub(crate) ready: Gauge,
     pub(crate) readiness_checks: Family<NameLabel, Gauge>,
     pub(crate) reconcile_republished: Family<NameLabel, Counter>,
+    pub(crate) source_restarts: Family<NameLabel, Counter>,
     pub(crate) config_rejected: Counter,
     pub(crate) latency_all: Histogram,
 }
@@ -221,6 +222,7 @@ impl Metrics {
             ready: Gauge::default(),
             readiness_checks: Family::default(),
             reconcile_republished: Family::default(),
+            source_restarts: Family::default(),
             config_rejected: Counter::default(),
             latency_all: latency_histogram(),
         };
@@ -330,6 +332,11 @@ impl Metrics {
                 "reconcile_republished",
                 "Unfinished work found with no task in its queue and published again, by source",
                 m.reconcile_republished.clone(),
+            );
+            r.register(
+                "source_restarts",
+                "Times a source was started again: after its start failed or it panicked, or to apply a changed configuration",
+                m.source_restarts.clone(),
             );
             r.register(
                 "spans_exported",

@@ -373,6 +373,34 @@ impl TaskSource for MaildirSource {
         &self.id
     }
 
+    /// `poll_interval_ms` applies at the next pause; any other change is refused (the
+    /// folder and the tasks' kind and pool are fixed for the process).
+    fn reconfigure(&self, section: &serde_json::Value) -> runtime_contracts::Reconfigure {
+        use runtime_contracts::Reconfigure;
+        let (kind, new) = match super::typed_section::<MaildirConfig>(section) {
+            Ok(read) => read,
+            Err(e) => return Reconfigure::Refused(e),
+        };
+        if kind != "maildir" {
+            return Reconfigure::Refused(format!(
+                "source {} cannot change its type from maildir to {kind} while it runs",
+                self.id
+            ));
+        }
+        let same_otherwise = MaildirConfig {
+            poll_interval_ms: self.config.poll_interval_ms,
+            ..new.clone()
+        };
+        if same_otherwise != self.config {
+            return Reconfigure::Refused(format!(
+                "source {}: only poll_interval_ms changes while it runs; the other settings take effect after a restart",
+                self.id
+            ));
+        }
+        self.set_poll_interval_ms(new.poll_interval_ms);
+        Reconfigure::Applied
+    }
+
     fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(self.run(ctx))
     }

@@ -27,6 +27,25 @@ fn payload_content(
         })
 }
 
+/// A source's section as [`runtime_contracts::TaskSource::reconfigure`] gets it, read as
+/// its settings: the `type` and the rest as `T`, or why it cannot be read.
+#[cfg(any(feature = "source-maildir", feature = "source-imap"))]
+pub(crate) fn typed_section<T: serde::de::DeserializeOwned>(
+    section: &serde_json::Value,
+) -> Result<(String, T), String> {
+    let mut map = section
+        .as_object()
+        .cloned()
+        .ok_or_else(|| "the section is not a table".to_owned())?;
+    let kind = match map.remove("type") {
+        Some(serde_json::Value::String(kind)) => kind,
+        _ => return Err("the section has no type".to_owned()),
+    };
+    let settings = serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| format!("the section cannot be read: {e}"))?;
+    Ok((kind, settings))
+}
+
 /// [`publish_chunk`] with the source's bookkeeping: the keys are reserved as pending in
 /// `progress` before publishing (a worker may complete a task before the publish returns),
 /// counted when enqueued, and released again when publishing failed or shutdown came first.

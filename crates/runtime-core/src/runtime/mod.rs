@@ -25,6 +25,7 @@ use crate::trace::{LogControl, TraceService};
 mod diagnostics;
 mod parts;
 mod reload;
+mod supervised;
 
 pub use diagnostics::{Diagnostics, Finding};
 use parts::{MeteredQueue, PoolHealth, QueueBackpressure, SourceControl, SourceHealth};
@@ -69,6 +70,10 @@ pub struct SourceReport {
     /// Its lease, when replicas share what it watches (one watches at a time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseReport>,
+    /// Times the runtime started it again: after its start failed or its task panicked
+    /// (with backoff), or to apply a changed configuration.
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// A source's lease, for operators.
@@ -564,20 +569,16 @@ impl RuntimeManager {
                 }),
                 tracer: Arc::new(self.trace.clone()),
             };
-            let source = Arc::clone(source);
-            let ended = Arc::clone(&self.source_ended);
             tracing::info!(source = source.id(), pool, "source started");
-            self.source_tasks.spawn(async move {
-                let result = source.start(ctx).await;
-                let error = result.err().map(|e| e.to_string());
-                if let Some(e) = &error {
-                    tracing::error!(source = source.id(), error = %e, "source stopped with an error");
-                }
-                ended
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(source.id().to_owned(), error);
-            });
+            self.source_tasks
+                .spawn(supervised::run_supervised(supervised::Supervised {
+                    source: Arc::clone(source),
+                    ctx,
+                    control: Arc::clone(control),
+                    metrics: Arc::clone(&self.metrics),
+                    ended: Arc::clone(&self.source_ended),
+                    stop: self.source_stop.child_token(),
+                }));
         }
         for (pool, queue) in &self.queues {
             let sources: Vec<Arc<dyn TaskSource>> = self
@@ -631,8 +632,15 @@ impl RuntimeManager {
     }
 
     fn source_report(&self, source: &dyn TaskSource, pool: &str) -> SourceReport {
-        let status = source.status();
+        let mut status = source.status();
+        let control = self.source_controls.get(source.id());
+        // Between a failed run and the next, the supervisor knows better than the source.
+        if let Some(down) = control.and_then(|c| c.down_reason()) {
+            status.state = SourceState::Degraded;
+            status.last_error = Some(down);
+        }
         SourceReport {
+            restarts: control.map_or(0, |c| c.restarts.load(std::sync::atomic::Ordering::Relaxed)),
             pool: pool.to_owned(),
             state: status.state,
             paused: self

@@ -1,8 +1,8 @@
 //! The runtime's own parts around sources and pools: pause control, backpressure, publish
 //! metrics, and the health checks that read them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use runtime_contracts::{
@@ -15,14 +15,38 @@ use crate::config::{ConfigurationManager, PoolConfig};
 use crate::metrics::Metrics;
 use crate::supervisor::PoolCounters;
 
-/// Whether an operator paused a source.
+/// Whether an operator paused a source, and how its supervised runs went.
 #[derive(Debug, Default)]
 pub(crate) struct SourceControl {
     paused: AtomicBool,
     resumed: Notify,
+    /// Times the source was started again.
+    pub(crate) restarts: AtomicU64,
+    /// Why the source is not running while it waits to be started again.
+    pub(crate) down: Mutex<Option<String>>,
+    /// The running start's stop signal, to start it again with a changed configuration.
+    pub(crate) run: Mutex<Option<tokio_util::sync::CancellationToken>>,
+    /// Set when the running start is stopped to be started again at once.
+    pub(crate) restart_requested: AtomicBool,
+    /// Wakes a supervisor waiting out a backoff when a restart is requested.
+    pub(crate) restart_wake: Notify,
 }
 
 impl SourceControl {
+    /// Why the source is down between two runs, if it is.
+    pub(crate) fn down_reason(&self) -> Option<String> {
+        self.down.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the running start so that the supervisor starts it again at once.
+    pub(crate) fn request_restart(&self) {
+        self.restart_requested.store(true, Ordering::SeqCst);
+        if let Some(run) = &*self.run.lock().unwrap_or_else(|e| e.into_inner()) {
+            run.cancel();
+        }
+        self.restart_wake.notify_waiters();
+    }
+
     pub(crate) fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }
@@ -199,6 +223,9 @@ impl HealthContributor for SourceHealth {
                 return HealthStatus::Down {
                     reason: format!("source {id} is paused"),
                 };
+            }
+            if let Some(reason) = self.control.down_reason() {
+                return HealthStatus::Down { reason };
             }
             let status = self.source.status();
             if status.state != SourceState::Running {

@@ -1,6 +1,9 @@
 //! Reloading the configuration: validate everything, then apply what is safe live and
 //! report what needs a restart.
 
+use std::collections::BTreeMap;
+
+use runtime_contracts::Reconfigure;
 use serde::{Deserialize, Serialize};
 
 use super::{RejectedChange, RuntimeManager};
@@ -15,6 +18,12 @@ pub struct ReloadReport {
     pub applied: Vec<String>,
     /// Changed keys that take effect only after a restart.
     pub needs_restart: Vec<String>,
+    /// Why, for the keys of `needs_restart` whose owner said (a source refusing a change).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: BTreeMap<String, String>,
+    /// Sources started again to apply their changed keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarted: Vec<String>,
 }
 
 /// Keys the core applies live (for pools that already run).
@@ -50,7 +59,9 @@ impl RuntimeManager {
     /// Reads the configuration again. If it has any problem, nothing changes and every
     /// problem is returned. Otherwise the new configuration replaces the old, what is safe
     /// live (pool sizes and policies, log filter, bounds, and keys registered with
-    /// [`super::RuntimeBuilder::live_keys`]) takes effect now, and the rest is reported as
+    /// [`super::RuntimeBuilder::live_keys`]) takes effect now, a running source's changed
+    /// keys go to the source ([`runtime_contracts::TaskSource::reconfigure`]: applied, applied
+    /// by starting it again, or refused with its reason), and the rest is reported as
     /// needing a restart.
     pub fn reload(&self) -> Result<ReloadReport, ConfigReport> {
         self.reload_with(self.config.overrides())
@@ -86,7 +97,48 @@ impl RuntimeManager {
             ..ReloadReport::default()
         };
         let mut pools_to_update = std::collections::BTreeSet::new();
+        // A running source's changed keys go to the source, which applies them, takes them
+        // for a restart, or refuses them with its reason.
+        let mut by_source: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut rest = Vec::new();
         for key in changed {
+            match key
+                .strip_prefix("sources.")
+                .and_then(|k| k.split_once('.'))
+                .filter(|(id, _)| self.source_controls.contains_key(*id))
+            {
+                Some((id, _)) => by_source.entry(id.to_owned()).or_default().push(key),
+                None => rest.push(key),
+            }
+        }
+        let root = self.config.root();
+        for (id, keys) in by_source {
+            let section = root.get("sources").and_then(|s| s.get(&id));
+            let source = self.sources.iter().find(|(s, _)| s.id() == id);
+            let answer = match (section, source) {
+                (Some(section), Some((source, _))) => source.reconfigure(section),
+                _ => Reconfigure::Refused(format!("source {id} was removed")),
+            };
+            match answer {
+                Reconfigure::Applied => report.applied.extend(keys),
+                Reconfigure::Restart => {
+                    if let Some(control) = self.source_controls.get(&id) {
+                        control.request_restart();
+                    }
+                    tracing::info!(source = %id, keys = ?keys, "restarting the source to apply its changed settings");
+                    report.restarted.push(id);
+                    report.applied.extend(keys);
+                }
+                Reconfigure::Refused(reason) => {
+                    tracing::warn!(source = %id, keys = ?keys, %reason, "source change not applied");
+                    for key in keys {
+                        report.reasons.insert(key.clone(), reason.clone());
+                        report.needs_restart.push(key);
+                    }
+                }
+            }
+        }
+        for key in rest {
             let running_pool = key
                 .strip_prefix("pools.")
                 .and_then(|rest| rest.split('.').next())

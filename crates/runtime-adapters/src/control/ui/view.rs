@@ -274,7 +274,8 @@ pub(crate) fn live(
                     thead { tr {
                         th scope="col" { "Source" } th scope="col" { "Pool" } th scope="col" { "State" }
                         th scope="col" class="num" { "Published" } th scope="col" class="num" { "Completed" }
-                        th scope="col" class="num" { "Pending" } th scope="col" { "Last event" }
+                        th scope="col" class="num" { "Pending" } th scope="col" class="num" { "Restarts" }
+                        th scope="col" { "Last event" }
                         th scope="col" { "Next slot" } th scope="col" { "Lease (owner, token, age)" }
                         th scope="col" { "Last error" }
                         @if who.admin() { th scope="col" { "Action" } }
@@ -292,6 +293,7 @@ pub(crate) fn live(
                                 td class="num" { (s.published) }
                                 td class="num" { (s.completed) }
                                 td class="num" { (s.pending) }
+                                td class="num" { (s.restarts) }
                                 td { (age(s.last_event_age_ms)) " ago" }
                                 td { (s.next_due.as_deref().unwrap_or("—")) }
                                 td class="lease" {
@@ -634,8 +636,13 @@ pub(crate) fn reload_result(
                     @if !report.applied.is_empty() {
                         p { "Applied live: " } ul { @for k in &report.applied { li { code { (k) } } } }
                     }
+                    @if !report.restarted.is_empty() {
+                        p { "Sources started again to apply them: " } ul { @for id in &report.restarted { li { code { (id) } } } }
+                    }
                     @if !report.needs_restart.is_empty() {
-                        p { "Needs a restart: " } ul { @for k in &report.needs_restart { li { code { (k) } } } }
+                        p { "Needs a restart: " } ul { @for k in &report.needs_restart {
+                            li { code { (k) } @if let Some(why) = report.reasons.get(k) { " — " (why) } }
+                        } }
                     }
                 }
             }
@@ -742,6 +749,7 @@ mod tests {
             last_error: None,
             next_due: None,
             lease,
+            restarts: 3,
         }
     }
 
@@ -805,6 +813,10 @@ mod tests {
             "{html}"
         );
         assert!(!html.contains("/pause"), "a reader gets no action");
+        assert!(
+            html.contains("<td class=\"num\">2</td><td class=\"num\">3</td>"),
+            "pending, then restarts: {html}"
+        );
         let admin = live(
             &who(Role::Admin),
             &status(BTreeMap::from([("inbox".to_owned(), source(None))])),

@@ -192,6 +192,8 @@ pub struct Pooled {
     /// logged in with the new token (a server such as Exchange Online ends sessions whose
     /// token expired).
     pub retire_at: Option<std::time::Instant>,
+    /// The source's settings generation it logged in under.
+    pub generation: u64,
 }
 
 impl Pooled {

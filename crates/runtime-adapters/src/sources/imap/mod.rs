@@ -77,6 +77,40 @@ struct Inner {
     completed_at: HashMap<String, Instant>,
     /// Login attempts (watcher and workers).
     connects: u64,
+    /// Every mailbox the source was configured to read since it was made: a task that
+    /// points into one a reload removed still loads and completes.
+    mailboxes: BTreeSet<String>,
+}
+
+/// What a source's configuration makes of it, swapped whole by a reload.
+struct Settings {
+    config: ImapConfig,
+    mode: ImapMode,
+    account: String,
+    tls: Option<Arc<ClientConfig>>,
+    /// What the source logs in with, or why it cannot.
+    credentials: Result<Login, String>,
+    /// Counts the swaps: a pooled session logged in under earlier settings is not reused.
+    generation: u64,
+}
+
+impl Settings {
+    fn of(config: ImapConfig, mode: ImapMode, generation: u64) -> Self {
+        let config = config.resolved();
+        let tls = tls_config(&config);
+        let credentials = match &tls {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => Login::of(&config),
+        };
+        Self {
+            account: format!("{}@{}", config.user, config.host),
+            tls: tls.ok().flatten(),
+            credentials,
+            mode,
+            config,
+            generation,
+        }
+    }
 }
 
 /// The IMAP source. See the module docs.
@@ -84,20 +118,18 @@ pub struct ImapSource {
     id: String,
     shared_id: Arc<str>,
     kind: Arc<str>,
-    mode: ImapMode,
-    config: ImapConfig,
-    account: String,
-    tls: Option<Arc<ClientConfig>>,
-    /// What the source logs in with, or why it cannot.
-    credentials: Result<Login, String>,
+    settings: std::sync::RwLock<Arc<Settings>>,
     pool: Pool,
     inner: Mutex<Inner>,
     keywords: mpsc::UnboundedSender<Pointer>,
-    keyword_rx: Mutex<Option<mpsc::UnboundedReceiver<Pointer>>>,
+    /// Held by the running start's keyword worker; the next start takes it again.
+    keyword_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Pointer>>,
     seen: SeenBatch,
     /// While this replica holds the watcher's lease: the resource, the token its tasks
     /// carry, and the signal that makes the watcher step down.
     fence: Mutex<Option<(String, u64, StepDown)>>,
+    /// Wakes a polling watcher's pause when a reload changed its interval.
+    retuned: tokio::sync::Notify,
 }
 
 /// Stops the watcher when the process shuts down or when this replica loses the lease.
@@ -170,10 +202,11 @@ struct SeenBatch {
 
 impl std::fmt::Debug for ImapSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings = self.settings();
         f.debug_struct("ImapSource")
             .field("id", &self.id)
-            .field("mode", &self.mode)
-            .field("config", &self.config)
+            .field("mode", &settings.mode)
+            .field("config", &settings.config)
             .finish_non_exhaustive()
     }
 }
@@ -189,28 +222,103 @@ impl ImapSource {
     pub fn new(id: impl Into<String>, config: ImapConfig, mode: ImapMode) -> Self {
         let id: String = id.into();
         let (keywords, keyword_rx) = mpsc::unbounded_channel();
-        let config = config.resolved();
-        let tls = tls_config(&config);
-        let credentials = match &tls {
-            Err(e) => Err(e.to_string()),
-            Ok(_) => Login::of(&config),
+        let settings = Settings::of(config, mode, 0);
+        let inner = Inner {
+            mailboxes: settings.config.mailboxes.iter().cloned().collect(),
+            ..Inner::default()
         };
         Self {
             shared_id: id.as_str().into(),
-            kind: config.kind.as_str().into(),
-            account: format!("{}@{}", config.user, config.host),
-            tls: tls.ok().flatten(),
-            credentials,
-            pool: Pool::new(config.connections),
-            mode,
+            kind: settings.config.kind.as_str().into(),
+            pool: Pool::new(settings.config.connections),
+            settings: std::sync::RwLock::new(Arc::new(settings)),
             id,
-            config,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             keywords,
-            keyword_rx: Mutex::new(Some(keyword_rx)),
+            keyword_rx: tokio::sync::Mutex::new(keyword_rx),
             seen: SeenBatch::default(),
             fence: Mutex::new(None),
+            retuned: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Takes a reloaded section: a changed `poll_interval_ms` alone is swapped in and
+    /// applies to the pause under way; changed mailboxes, credentials, OAuth2 settings or
+    /// the server replace the settings (sessions logged in under the old ones are not used
+    /// again) and ask for a restart; the pool, the kind, the connection count and the
+    /// source's type stay as they are for the process.
+    fn reconfigure_with(&self, section: &serde_json::Value) -> runtime_contracts::Reconfigure {
+        use runtime_contracts::Reconfigure;
+        let (kind, new) = match super::typed_section::<ImapConfig>(section) {
+            Ok(read) => read,
+            Err(e) => return Reconfigure::Refused(e),
+        };
+        let mode = match kind.as_str() {
+            "imap_poll" => ImapMode::Poll,
+            "imap_idle" => ImapMode::Idle,
+            other => {
+                return Reconfigure::Refused(format!(
+                    "source {} cannot change its type to {other} while it runs",
+                    self.id
+                ))
+            }
+        };
+        let old = self.settings();
+        let fixed = |c: &ImapConfig| (c.pool.clone(), c.kind.clone(), c.connections, c.replicas);
+        if fixed(&new) != fixed(&old.config) {
+            return Reconfigure::Refused(format!(
+                "source {}: pool, kind, connections and replicas take effect after a process restart",
+                self.id
+            ));
+        }
+        let only_interval = mode == old.mode
+            && ImapConfig {
+                poll_interval_ms: old.config.poll_interval_ms,
+                ..new.clone()
+            } == old.config;
+        let settings = Settings::of(new, mode, old.generation + u64::from(!only_interval));
+        if let Err(e) = &settings.credentials {
+            return Reconfigure::Refused(format!("source {}: {e}", self.id));
+        }
+        let only_interval = only_interval.then_some(settings.config.poll_interval_ms);
+        let mailboxes = settings.config.mailboxes.clone();
+        {
+            let mut current = self.settings.write().unwrap_or_else(|e| e.into_inner());
+            match only_interval {
+                // The credentials (and their token cache) stay; only the interval is new.
+                Some(ms) => {
+                    let mut config = current.config.clone();
+                    config.poll_interval_ms = ms;
+                    *current = Arc::new(Settings {
+                        config,
+                        mode: current.mode,
+                        account: current.account.clone(),
+                        tls: current.tls.clone(),
+                        credentials: current.credentials.clone(),
+                        generation: current.generation,
+                    });
+                }
+                None => *current = Arc::new(settings),
+            }
+        }
+        if only_interval.is_some() {
+            self.retuned.notify_waiters();
+            return Reconfigure::Applied;
+        }
+        self.lock().mailboxes.extend(mailboxes);
+        self.pool.clear();
+        Reconfigure::Restart
+    }
+
+    /// Whether a pooled session may serve another command: its token is not due, and it
+    /// logged in under the settings in force.
+    fn reusable(&self, pooled: &Pooled) -> bool {
+        pooled.current() && pooled.generation == self.settings().generation
+    }
+
+    /// The settings in force now.
+    fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -244,7 +352,7 @@ impl ImapSource {
             number("uid"),
         ) {
             (Some(mailbox), Some(uid_validity), Some(uid))
-                if self.config.mailboxes.iter().any(|m| m == mailbox) && uid > 0 =>
+                if uid > 0 && self.lock().mailboxes.contains(mailbox) =>
             {
                 Ok(Pointer {
                     mailbox: mailbox.to_owned(),
@@ -265,44 +373,42 @@ impl ImapSource {
     /// Logs a new connection in: the session, and when it should log in again (its token's
     /// renewal time; `None` for a password). A token the server refuses is replaced once
     /// (unless another connection already did) and tried again.
-    async fn login(&self) -> Result<(ImapSession, Option<Instant>), ConnectError> {
-        let credentials = self
+    async fn login(&self) -> Result<(ImapSession, Option<Instant>, u64), ConnectError> {
+        let settings = self.settings();
+        let generation = settings.generation;
+        let (config, tls) = (&settings.config, settings.tls.as_ref());
+        let credentials = settings
             .credentials
             .as_ref()
             .map_err(|e| ConnectError::Tls(e.clone()))?;
         self.lock().connects += 1;
         let (method, tokens) = match credentials {
             Login::Password(password) => {
-                let session = connect(
-                    &self.config,
-                    self.tls.as_ref(),
-                    Credential::Password(password),
-                )
-                .await?;
-                return Ok((session, None));
+                let session = connect(config, tls, Credential::Password(password)).await?;
+                return Ok((session, None, generation));
             }
             Login::Token(method, tokens) => (*method, tokens),
         };
         let token = tokens.token().await?;
         let first = connect(
-            &self.config,
-            self.tls.as_ref(),
+            config,
+            tls,
             Credential::Token(method, token.secret.expose()),
         )
         .await;
         match first {
-            Ok(session) => Ok((session, token.renew_at)),
+            Ok(session) => Ok((session, token.renew_at, generation)),
             Err(ConnectError::Login { message, .. }) => {
                 tracing::info!(source = %self.id, server = %message, "the server refused the token; asking for a new one");
                 let token = tokens.refused(&token).await?;
                 self.lock().connects += 1;
                 let session = connect(
-                    &self.config,
-                    self.tls.as_ref(),
+                    config,
+                    tls,
                     Credential::Token(method, token.secret.expose()),
                 )
                 .await?;
-                Ok((session, token.renew_at))
+                Ok((session, token.renew_at, generation))
             }
             Err(e) => Err(e),
         }
@@ -310,7 +416,7 @@ impl ImapSource {
 
     /// The token provider's counts, for a source that logs in with OAuth2.
     pub fn token_stats(&self) -> Option<crate::oauth2::TokenStats> {
-        match &self.credentials {
+        match &self.settings().credentials {
             Ok(Login::Token(_, tokens)) => Some(tokens.stats()),
             _ => None,
         }
@@ -320,16 +426,17 @@ impl ImapSource {
     /// that the first batches start with a FETCH; a session that cannot log in (or select)
     /// is left for a worker's checkout to try again.
     async fn warm_pool(&self) {
-        let only_mailbox = match self.config.mailboxes.as_slice() {
+        let settings = self.settings();
+        let only_mailbox = match settings.config.mailboxes.as_slice() {
             [one] => Some(one.as_str()),
             _ => None,
         };
-        let logins = (0..self.config.connections).map(|_| async {
+        let logins = (0..self.settings().config.connections).map(|_| async {
             let (idle, permit) = self.pool.checkout().await;
             let pooled = match idle {
                 Some(pooled) => pooled,
                 None => {
-                    let Ok((mut session, retire_at)) = self.login().await else {
+                    let Ok((mut session, retire_at, generation)) = self.login().await else {
                         return;
                     };
                     let mut selected = None;
@@ -345,6 +452,7 @@ impl ImapSource {
                         session,
                         selected,
                         retire_at,
+                        generation,
                     }
                 }
             };
@@ -356,20 +464,16 @@ impl ImapSource {
     // ---- the watcher: search, publish, wait --------------------------------------------
 
     async fn run(&self, ctx: SourceContext) -> Result<(), SourceError> {
-        if let Err(e) = &self.credentials {
+        if let Err(e) = &self.settings().credentials {
             return Err(self.io(format!("cannot start: {e}")));
         }
-        let keyword_rx = self
-            .keyword_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let keywords = async {
-            if let Some(rx) = keyword_rx {
-                self.keyword_worker(rx, &ctx).await;
-            }
-        };
-        tokio::join!(self.watch_leased(&ctx), keywords, self.seen_flusher(&ctx));
+        // Waits for an earlier start's keyword worker to let go (a restart).
+        let mut keyword_rx = self.keyword_rx.lock().await;
+        tokio::join!(
+            self.watch_leased(&ctx),
+            self.keyword_worker(&mut keyword_rx, &ctx),
+            self.seen_flusher(&ctx)
+        );
         self.lock().progress.stopped();
         Ok(())
     }
@@ -385,15 +489,18 @@ impl ImapSource {
     /// keywords run on every replica regardless.
     async fn watch_leased(&self, ctx: &SourceContext) {
         let leases = match ctx.queue.leases() {
-            Some(leases) if self.config.exclusive => leases,
+            Some(leases) if self.settings().config.exclusive => leases,
             _ => return self.watch(ctx).await,
         };
         let resource = format!(
             "imap/{}@{}:{}/{}",
-            self.config.user, self.config.host, self.config.port, self.id
+            self.settings().config.user,
+            self.settings().config.host,
+            self.settings().config.port,
+            self.id
         );
         let owner = holder_name();
-        let ttl = Duration::from_millis(self.config.lease_ttl_ms);
+        let ttl = Duration::from_millis(self.settings().config.lease_ttl_ms);
         let every = ttl / 3;
         self.lock().progress.lease = Some(runtime_contracts::SourceLease {
             resource: resource.clone(),
@@ -521,7 +628,7 @@ impl ImapSource {
         let mut warmed = false;
         while !ctx.shutdown.is_cancelled() {
             let error = match self.login().await {
-                Ok((session, retire_at)) => {
+                Ok((session, retire_at, _)) => {
                     tracing::debug!(source = %self.id, "watcher logged in");
                     failures = 0;
                     self.lock().progress.running();
@@ -549,7 +656,7 @@ impl ImapSource {
             failures = failures.saturating_add(1);
             // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... up to max_backoff_ms.
             let base = Duration::from_millis(250u64 << failures.min(16))
-                .min(Duration::from_millis(self.config.max_backoff_ms));
+                .min(Duration::from_millis(self.settings().config.max_backoff_ms));
             let pause = jittered(base);
             tracing::warn!(source = %self.id, error = %error, ?pause, "imap connection failed; reconnecting");
             self.lock().progress.degraded(error);
@@ -577,7 +684,7 @@ impl ImapSource {
                 return Ok(Ended::Renew);
             }
             let mut found = 0;
-            for mailbox in &self.config.mailboxes {
+            for mailbox in &self.settings().config.mailboxes {
                 match self.search_and_publish(&mut session, mailbox, ctx).await? {
                     Some(fresh) => found += fresh,
                     None => {
@@ -588,7 +695,7 @@ impl ImapSource {
             }
             self.lock().progress.progressed();
             while session.unsolicited_responses.try_recv().is_ok() {}
-            match self.mode {
+            match self.settings().mode {
                 // Mail is arriving: Dovecot sends the next IDLE notification only after
                 // about half a second, so after a search that found new mail, search again
                 // every 100 ms for as long as that delay instead of idling; a message that
@@ -609,24 +716,32 @@ impl ImapSource {
                     }
                 }
                 ImapMode::Poll => {
-                    let pause = until_retire(
-                        Duration::from_millis(self.config.poll_interval_ms),
-                        retire_at,
-                    );
-                    tokio::select! {
-                        _ = ctx.shutdown.cancelled() => {
-                            let _ = session.logout().await;
-                            return Ok(Ended::Shutdown);
+                    // A reload that changes the interval applies to this pause: it is
+                    // measured again from when the pause began.
+                    let began = Instant::now();
+                    loop {
+                        let retuned = self.retuned.notified();
+                        let pause = until_retire(
+                            Duration::from_millis(self.settings().config.poll_interval_ms),
+                            retire_at,
+                        )
+                        .saturating_sub(began.elapsed());
+                        tokio::select! {
+                            _ = ctx.shutdown.cancelled() => {
+                                let _ = session.logout().await;
+                                return Ok(Ended::Shutdown);
+                            }
+                            _ = tokio::time::sleep(pause) => break,
+                            _ = retuned => {}
                         }
-                        _ = tokio::time::sleep(pause) => {}
                     }
                     // A cheap check that the connection still answers.
                     session.noop().await.map_err(|e| format!("NOOP: {e}"))?;
                 }
                 ImapMode::Idle => {
                     // IDLE watches the first mailbox; with one mailbox it is still selected.
-                    if self.config.mailboxes.len() > 1 {
-                        let first = &self.config.mailboxes[0];
+                    if self.settings().config.mailboxes.len() > 1 {
+                        let first = &self.settings().config.mailboxes[0];
                         session
                             .select(first)
                             .await
@@ -653,14 +768,15 @@ impl ImapSource {
         handle.init().await.map_err(|e| format!("IDLE: {e}"))?;
         let reissue = until_retire(
             Duration::from_secs(
-                self.config
+                self.settings()
+                    .config
                     .idle_reissue_secs
-                    .min(self.config.idle_check_secs),
+                    .min(self.settings().config.idle_check_secs),
             ),
             retire_at,
         );
-        let limit = Duration::from_millis(self.config.connect_timeout_ms);
-        let dead_after = Duration::from_secs(self.config.idle_dead_after_secs);
+        let limit = Duration::from_millis(self.settings().config.connect_timeout_ms);
+        let dead_after = Duration::from_secs(self.settings().config.idle_dead_after_secs);
         let woke = {
             // The inner timeout restarts with every response the server sends (Dovecot says
             // "Still here" every two minutes); the outer one re-issues IDLE in time.
@@ -717,7 +833,8 @@ impl ImapSource {
         tracing::debug!(source = %self.id, mailbox, uid_validity, "mailbox selected");
         let query = format!(
             "{} NOT KEYWORD {}",
-            self.config.search, self.config.failed_keyword
+            self.settings().config.search,
+            self.settings().config.failed_keyword
         );
         let uids: BTreeSet<u32> = session
             .uid_search(&query)
@@ -757,7 +874,7 @@ impl ImapSource {
                 .map(|(uid, _)| *uid)
                 .collect()
         };
-        for uids in fresh.chunks(self.config.batch_size) {
+        for uids in fresh.chunks(self.settings().config.batch_size) {
             // Sizes of the whole chunk in one command: the pointer carries the size, so a
             // worker can refuse an oversized message before downloading it.
             let set = uid_set(uids);
@@ -774,7 +891,7 @@ impl ImapSource {
             .collect();
             let mut chunk = Vec::with_capacity(uids.len());
             let mut traces = Vec::with_capacity(uids.len());
-            let trigger = match self.mode {
+            let trigger = match self.settings().mode {
                 ImapMode::Poll => "poll",
                 ImapMode::Idle => "idle",
             };
@@ -804,7 +921,7 @@ impl ImapSource {
     /// The pointer task of a message.
     fn task_for(&self, pointer: &Pointer, size: u32) -> Result<Task, String> {
         let payload = serde_json::json!({
-            "account": self.account,
+            "account": self.settings().account,
             "mailbox": pointer.mailbox,
             "uid_validity": pointer.uid_validity,
             "uid": pointer.uid,
@@ -832,13 +949,13 @@ impl ImapSource {
         max: usize,
     ) -> Result<Vec<Task>, String> {
         let mut tasks = Vec::new();
-        for mailbox in &self.config.mailboxes {
+        for mailbox in &self.settings().config.mailboxes {
             let (uid_validity, uid_next) = select(&mut pooled.session, mailbox).await?;
             pooled.selected = Some((mailbox.clone(), uid_validity, uid_next));
             let query = format!(
                 "{} NOT KEYWORD {} OLDER {}",
-                self.config.search,
-                self.config.failed_keyword,
+                self.settings().config.search,
+                self.settings().config.failed_keyword,
                 older_than.as_secs().max(1)
             );
             let uids: BTreeSet<u32> = pooled
@@ -849,7 +966,7 @@ impl ImapSource {
                 .into_iter()
                 .collect();
             let uids: Vec<u32> = uids.into_iter().take(max - tasks.len()).collect();
-            for chunk in uids.chunks(self.config.batch_size) {
+            for chunk in uids.chunks(self.settings().config.batch_size) {
                 let set = uid_set(chunk);
                 let sizes: Vec<(u32, u32)> = read_fetches(
                     pooled
@@ -921,7 +1038,7 @@ impl ImapSource {
         max_uid: u32,
     ) -> Result<Option<(Pooled, OwnedSemaphorePermit)>, SourceError> {
         let (pooled, permit) = self.pool.checkout().await;
-        let mut pooled = match pooled.filter(Pooled::current) {
+        let mut pooled = match pooled.filter(|p| self.reusable(p)) {
             Some(p) => p,
             None => self.fresh_pooled().await?,
         };
@@ -958,11 +1075,13 @@ impl ImapSource {
 
     /// A newly logged-in worker session.
     async fn fresh_pooled(&self) -> Result<Pooled, SourceError> {
-        let (session, retire_at) = self.login().await.map_err(|e| self.io(e.to_string()))?;
+        let (session, retire_at, generation) =
+            self.login().await.map_err(|e| self.io(e.to_string()))?;
         Ok(Pooled {
             session,
             selected: None,
             retire_at,
+            generation,
         })
     }
 
@@ -1015,7 +1134,7 @@ impl ImapSource {
         pointer: &Pointer,
         known_size: Option<u64>,
     ) -> Result<Fetched, SourceError> {
-        let max = self.config.max_message_bytes;
+        let max = self.settings().config.max_message_bytes;
         if let Some(size) = known_size.filter(|s| *s > max) {
             return Ok(Fetched::TooLarge(size));
         }
@@ -1142,7 +1261,7 @@ impl ImapSource {
         &self,
         pointers: &[(Pointer, Option<u64>)],
     ) -> Vec<Result<Fetched, SourceError>> {
-        let max = self.config.max_message_bytes;
+        let max = self.settings().config.max_message_bytes;
         let mut out: Vec<Option<Result<Fetched, SourceError>>> =
             (0..pointers.len()).map(|_| None).collect();
         // Chunks of one mailbox and UIDVALIDITY whose declared sizes fit one command.
@@ -1255,8 +1374,8 @@ impl ImapSource {
     /// is down) is tried again with a growing pause until it is stored or the source stops;
     /// the runtime hands every dead letter over again at its next start, so a keyword lost
     /// with the process is set then.
-    async fn keyword_worker(&self, mut rx: mpsc::UnboundedReceiver<Pointer>, ctx: &SourceContext) {
-        let flags = format!("+FLAGS.SILENT ({})", self.config.failed_keyword);
+    async fn keyword_worker(&self, rx: &mut mpsc::UnboundedReceiver<Pointer>, ctx: &SourceContext) {
+        let flags = format!("+FLAGS.SILENT ({})", self.settings().config.failed_keyword);
         let mut waiting: Vec<Pointer> = Vec::new();
         let mut pause = KEYWORD_RETRY_FIRST;
         loop {
@@ -1352,7 +1471,7 @@ impl ImapSource {
             Fetched::TooLarge(size) => Err(SourceError::TooLarge {
                 source_id: self.id.clone(),
                 size,
-                limit: self.config.max_message_bytes,
+                limit: self.settings().config.max_message_bytes,
             }),
         }
     }
@@ -1372,6 +1491,10 @@ impl TaskSource for ImapSource {
 
     fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(self.run(ctx))
+    }
+
+    fn reconfigure(&self, section: &serde_json::Value) -> runtime_contracts::Reconfigure {
+        self.reconfigure_with(section)
     }
 
     fn status(&self) -> SourceStatus {
@@ -1461,7 +1584,7 @@ impl TaskSource for ImapSource {
     ) -> BoxFuture<'_, Result<Vec<Task>, SourceError>> {
         Box::pin(async move {
             let (pooled, permit) = self.pool.checkout().await;
-            let mut pooled = match pooled.filter(Pooled::current) {
+            let mut pooled = match pooled.filter(|p| self.reusable(p)) {
                 Some(p) => p,
                 None => self.fresh_pooled().await?,
             };
@@ -1485,12 +1608,14 @@ impl TaskSource for ImapSource {
                         return Ok(pooled);
                     }
                 }
-                let (mut session, retire_at) = self.login().await.map_err(|e| e.to_string())?;
+                let (mut session, retire_at, generation) =
+                    self.login().await.map_err(|e| e.to_string())?;
                 session.noop().await.map_err(|e| format!("NOOP: {e}"))?;
                 Ok(Pooled {
                     session,
                     selected: None,
                     retire_at,
+                    generation,
                 })
             };
             match tokio::time::timeout(REACHABLE_WITHIN, noop).await {
@@ -1596,6 +1721,7 @@ fn until_retire(wait: Duration, retire_at: Option<Instant>) -> Duration {
 }
 
 /// What a source logs in with.
+#[derive(Clone)]
 enum Login {
     /// A password (`auth = "password"`).
     Password(String),
