@@ -273,7 +273,7 @@ pub fn source_config(
             } else {
                 ImapMode::Poll
             };
-            checked(&rest, &key, ImapConfig::problems)
+            checked(&rest, &key, |c: &ImapConfig, k: &str| c.problems_for(k, mode))
                 .map(|c| SourceConfig::Imap(Box::new(c), mode))
         }
         "webhook" => checked(&rest, &key, WebhookConfig::problems)

@@ -725,3 +725,36 @@ async fn a_reload_of_the_poll_interval_and_the_mailboxes_takes_effect() {
     runtime.shutdown().await;
     assert_store_exactly_once(&ws, &expected).await;
 }
+
+/// IDLE on two folders, each on a connection of its own: mail appended to either arrives
+/// live (well before the periodic check would search), and is handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_on_two_folders_picks_up_mail_in_either() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    server.client(USER, PASSWORD).run("CREATE Orders");
+    let ws = Workspace::new();
+    let settings = format!(
+        "host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmailboxes = [\"INBOX\", \"Orders\"]\nidle_check_secs = 120",
+        server.port()
+    );
+    let runtime = start(&imap_config(&ws, "imap_idle", &settings, 3)).await;
+    drain(&runtime).await;
+    let (mails, expected) = mixed_mail(40);
+    let mails = bytes(&mails);
+    // Let both watchers reach IDLE after their first search.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for (n, chunk) in mails.chunks(10).enumerate() {
+        let folder = if n % 2 == 0 { "Orders" } else { "INBOX" };
+        server.append(USER, PASSWORD, folder, chunk);
+        wait_for(
+            Duration::from_secs(20),
+            &format!("batch {n} in {folder} seen live"),
+            || async { seen_in(&server, folder).0 == 10 * (n / 2 + 1) },
+        )
+        .await;
+    }
+    assert_eq!(seen_in(&server, "INBOX"), (20, 0));
+    assert_eq!(seen_in(&server, "Orders"), (20, 0));
+    runtime.shutdown().await;
+    assert_store_exactly_once(&ws, &expected).await;
+}

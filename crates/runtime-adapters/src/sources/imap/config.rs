@@ -13,7 +13,8 @@ use crate::oauth2::{Grant, OAuth2Config};
 pub enum ImapMode {
     /// `UID SEARCH` every `poll_interval_ms`.
     Poll,
-    /// IMAP IDLE (RFC 2177) on the first mailbox, searching again after every wake-up.
+    /// IMAP IDLE (RFC 2177) on every mailbox (a connection each), searching a mailbox
+    /// again after its wake-up.
     Idle,
 }
 
@@ -99,7 +100,7 @@ pub struct ImapConfig {
     /// File holding the password (its first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// Mailboxes read, in order; IDLE watches the first.
+    /// Mailboxes read, in order; IDLE watches each on a connection of its own.
     #[serde(default = "default_mailboxes")]
     pub mailboxes: Vec<String>,
     /// IMAP search criteria selecting the messages to process.
@@ -301,12 +302,26 @@ impl ImapConfig {
         self
     }
 
-    /// Problems with these values, keyed under `prefix`.
+    /// Problems with these values, keyed under `prefix`, for a polling source.
     pub fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
-        self.clone().resolved().problems_resolved(prefix)
+        self.problems_for(prefix, ImapMode::Poll)
     }
 
-    fn problems_resolved(&self, prefix: &str) -> Vec<ConfigProblem> {
+    /// Problems with these values for a source in `mode` (IDLE holds one watcher
+    /// connection per mailbox).
+    pub fn problems_for(&self, prefix: &str, mode: ImapMode) -> Vec<ConfigProblem> {
+        self.clone().resolved().problems_resolved(prefix, mode)
+    }
+
+    /// Connections the watcher holds: one, or one per mailbox when it IDLEs.
+    pub fn watchers(&self, mode: ImapMode) -> usize {
+        match mode {
+            ImapMode::Poll => 1,
+            ImapMode::Idle => self.mailboxes.len().max(1),
+        }
+    }
+
+    fn problems_resolved(&self, prefix: &str, mode: ImapMode) -> Vec<ConfigProblem> {
         let mut problems = runtime_contracts::config::require_positive(
             prefix,
             &[
@@ -351,11 +366,16 @@ impl ImapConfig {
                 ),
             ));
         }
-        if self.replicas.max(1) * self.connections + 1 > self.max_connections {
+        let watchers = self.watchers(mode);
+        if self.replicas.max(1) * self.connections + watchers > self.max_connections {
+            let watching = match watchers {
+                1 => "the watcher".to_owned(),
+                n => format!("{n} IDLE watchers (one per mailbox)"),
+            };
             problems.push(ConfigProblem::new(
                 key("connections"),
                 format!(
-                    "{} replicas x {} worker connections plus the watcher exceed max_connections = {} (the server's limit per user and IP)",
+                    "{} replicas x {} worker connections plus {watching} exceed max_connections = {} (the server's limit per user and IP)",
                     self.replicas.max(1), self.connections, self.max_connections
                 ),
             ));
@@ -506,6 +526,25 @@ mod tests {
             gmail.problems("sources.inbox").is_empty(),
             "{:?}",
             gmail.problems("sources.inbox")
+        );
+    }
+
+    #[test]
+    fn idle_counts_one_watcher_connection_per_mailbox() {
+        let config = parse(serde_json::json!({
+            "host": "imap.example", "user": "u", "pool": "orders", "password_env": "HOME",
+            "mailboxes": ["INBOX", "Orders", "Returns"], "connections": 8,
+        }));
+        assert!(config.problems_for("s", ImapMode::Poll).is_empty());
+        let problems: Vec<String> = config
+            .problems_for("s", ImapMode::Idle)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            problems.iter().any(|p| p
+                .contains("plus 3 IDLE watchers (one per mailbox) exceed max_connections = 10")),
+            "{problems:?}"
         );
     }
 

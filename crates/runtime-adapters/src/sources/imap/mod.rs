@@ -19,7 +19,7 @@
 mod config;
 mod connection;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,9 @@ struct Inner {
     /// Every mailbox the source was configured to read since it was made: a task that
     /// points into one a reload removed still loads and completes.
     mailboxes: BTreeSet<String>,
+    /// Watchers (by their mailboxes) whose connection fails now, with the error: the
+    /// source is degraded while any is.
+    watchers_down: BTreeMap<String, String>,
 }
 
 /// What a source's configuration makes of it, swapped whole by a reload.
@@ -469,6 +472,7 @@ impl ImapSource {
         }
         // Waits for an earlier start's keyword worker to let go (a restart).
         let mut keyword_rx = self.keyword_rx.lock().await;
+        self.lock().watchers_down.clear();
         tokio::join!(
             self.watch_leased(&ctx),
             self.keyword_worker(&mut keyword_rx, &ctx),
@@ -623,15 +627,58 @@ impl ImapSource {
         }
     }
 
+    /// Watches the configured mailboxes: by polling, all of them on one connection; by
+    /// IDLE, each on a connection of its own (a session IDLEs on one mailbox only).
     async fn watch(&self, ctx: &SourceContext) {
+        let settings = self.settings();
+        let mailboxes = &settings.config.mailboxes;
+        match settings.mode {
+            ImapMode::Idle if mailboxes.len() > 1 => {
+                let watchers = mailboxes.iter().enumerate().map(|(n, mailbox)| {
+                    self.watch_these(ctx, std::slice::from_ref(mailbox), n == 0)
+                });
+                futures::future::join_all(watchers).await;
+            }
+            _ => self.watch_these(ctx, mailboxes, true).await,
+        }
+    }
+
+    /// A watcher reached its server (and searched: `progressed`); the source runs again
+    /// once no other watcher is failing.
+    fn watcher_up(&self, mailboxes: &[String], progressed: bool) {
+        let mut inner = self.lock();
+        inner.watchers_down.remove(&mailboxes.join(","));
+        let still_down = inner.watchers_down.values().next().cloned();
+        if progressed {
+            inner.progress.progressed();
+        } else {
+            inner.progress.running();
+        }
+        if let Some(error) = still_down {
+            inner.progress.degraded(error);
+        }
+    }
+
+    /// A watcher's connection failed; it reconnects with backoff.
+    fn watcher_down(&self, mailboxes: &[String], error: String) {
+        let mut inner = self.lock();
+        inner
+            .watchers_down
+            .insert(mailboxes.join(","), error.clone());
+        inner.progress.degraded(error);
+    }
+
+    /// One watcher connection for `mailboxes`: logs in, searches and waits, and reconnects
+    /// with backoff; `warm`: it also logs the workers' pool in, the first time.
+    async fn watch_these(&self, ctx: &SourceContext, mailboxes: &[String], warm: bool) {
         let mut failures = 0u32;
-        let mut warmed = false;
+        let mut warmed = !warm;
         while !ctx.shutdown.is_cancelled() {
             let error = match self.login().await {
                 Ok((session, retire_at, _)) => {
                     tracing::debug!(source = %self.id, "watcher logged in");
                     failures = 0;
-                    self.lock().progress.running();
+                    self.watcher_up(mailboxes, false);
                     // The first time the server takes the login, the workers' sessions log in
                     // while the watcher searches, not after the first tasks are published.
                     let warm = async {
@@ -640,7 +687,7 @@ impl ImapSource {
                         }
                     };
                     let (looped, ()) =
-                        tokio::join!(self.session_loop(session, retire_at, ctx), warm);
+                        tokio::join!(self.session_loop(session, retire_at, mailboxes, ctx), warm);
                     match looped {
                         Ok(Ended::Shutdown) => return,
                         // Its token is due for renewal: log in again, no failure.
@@ -659,7 +706,7 @@ impl ImapSource {
                 .min(Duration::from_millis(self.settings().config.max_backoff_ms));
             let pause = jittered(base);
             tracing::warn!(source = %self.id, error = %error, ?pause, "imap connection failed; reconnecting");
-            self.lock().progress.degraded(error);
+            self.watcher_down(mailboxes, error);
             self.pool.clear();
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => return,
@@ -674,6 +721,7 @@ impl ImapSource {
         &self,
         mut session: ImapSession,
         retire_at: Option<Instant>,
+        mailboxes: &[String],
         ctx: &SourceContext,
     ) -> Result<Ended, String> {
         // Searches left before idling again (IDLE mode): mail is arriving.
@@ -684,7 +732,7 @@ impl ImapSource {
                 return Ok(Ended::Renew);
             }
             let mut found = 0;
-            for mailbox in &self.settings().config.mailboxes {
+            for mailbox in mailboxes {
                 match self.search_and_publish(&mut session, mailbox, ctx).await? {
                     Some(fresh) => found += fresh,
                     None => {
@@ -693,7 +741,7 @@ impl ImapSource {
                     }
                 }
             }
-            self.lock().progress.progressed();
+            self.watcher_up(mailboxes, true);
             while session.unsolicited_responses.try_recv().is_ok() {}
             match self.settings().mode {
                 // Mail is arriving: Dovecot sends the next IDLE notification only after
@@ -739,9 +787,9 @@ impl ImapSource {
                     session.noop().await.map_err(|e| format!("NOOP: {e}"))?;
                 }
                 ImapMode::Idle => {
-                    // IDLE watches the first mailbox; with one mailbox it is still selected.
-                    if self.settings().config.mailboxes.len() > 1 {
-                        let first = &self.settings().config.mailboxes[0];
+                    // IDLE watches the first of its mailboxes (each watcher has one); with
+                    // one mailbox it is still selected.
+                    if let [first, _, ..] = mailboxes {
                         session
                             .select(first)
                             .await
