@@ -393,6 +393,9 @@ struct ImapStack {
     dovecot: plba_testkit::DovecotServer,
     redis: plba_testkit::RedisServer,
     pg: plba_testkit::PostgresServer,
+    /// Settled mail is filed: `on_success = { move = "Processed" }`, `on_failure =
+    /// { move = "Failed" }`.
+    filing: bool,
 }
 
 fn user(n: usize) -> String {
@@ -401,10 +404,17 @@ fn user(n: usize) -> String {
 
 impl ImapStack {
     fn start(runs: usize) -> Self {
+        Self::start_with(runs, false, plba_testkit::DovecotOptions::default())
+    }
+
+    /// [`ImapStack::start`] with settled mail filed into folders (`filing`), on a Dovecot
+    /// with `options`.
+    fn start_with(runs: usize, filing: bool, options: plba_testkit::DovecotOptions) -> Self {
         let users: Vec<(String, &str)> = (0..runs).map(|n| (user(n), PASSWORD)).collect();
         let users: Vec<(&str, &str)> = users.iter().map(|(u, p)| (u.as_str(), *p)).collect();
         Self {
-            dovecot: plba_testkit::DovecotServer::start(&users),
+            filing,
+            dovecot: plba_testkit::DovecotServer::start_with(&users, options),
             // A queue's Redis keeps its data (the AOF, synced before each answer), as a
             // production one must: a restart loses no pointer.
             redis: plba_testkit::RedisServer::start(true),
@@ -440,10 +450,15 @@ impl ImapStack {
             .replace("max_attempts = 3", "max_attempts = 2");
         let source = format!(
             "[sources.inbox]\ntype = \"imap_poll\"\npool = \"orders\"\nuser = \"{}\"\npassword_file = \"{}\"\n\
-             host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 100\nmax_backoff_ms = 1000\nlease_ttl_ms = 3000\n\n",
+             host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 100\nmax_backoff_ms = 1000\nlease_ttl_ms = 3000\n{}\n",
             user(n),
             password_file.display(),
-            self.dovecot.port()
+            self.dovecot.port(),
+            if self.filing {
+                "on_success = { move = \"Processed\" }\non_failure = { move = \"Failed\" }\n"
+            } else {
+                ""
+            }
         );
         let start = text.find("[sources.inbox]").expect("source section");
         let end = text.find("[apps.mail_order_bot]").expect("app section");
@@ -455,8 +470,16 @@ impl ImapStack {
 
     /// The mailbox's messages: (is seen, carries the failure keyword).
     fn flags(&self, n: usize) -> Vec<(bool, bool)> {
+        self.flags_in(n, "INBOX")
+    }
+
+    /// [`ImapStack::flags`] of `folder` (none while it does not exist).
+    fn flags_in(&self, n: usize, folder: &str) -> Vec<(bool, bool)> {
+        if !self.dovecot.client(&user(n), PASSWORD).has_mailbox(folder) {
+            return Vec::new();
+        }
         self.dovecot
-            .flags(&user(n), PASSWORD, "INBOX")
+            .flags(&user(n), PASSWORD, folder)
             .values()
             .map(|f| {
                 (
@@ -484,7 +507,9 @@ async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> R
     let started = Instant::now();
     let (ws, config) = stack.workspace(n).await;
     let ledger = ledger();
-    let skip = run * 2;
+    // A filing point is reached a few times per run only (the failed mail is two
+    // messages): it fires at its first reach.
+    let skip = if stack.filing { 0 } else { run * 2 };
     let faults = format!("{point}={skip}*off->return(abort)");
     let mut first = spawn_first(&config, point, &faults);
     // Mail arrives in waves while the first process runs.
@@ -551,11 +576,16 @@ async fn settle_imap(
         let unseen = flags.iter().filter(|(seen, _)| !seen).count();
         let marked = flags.iter().filter(|(seen, kw)| !seen && *kw).count();
         let dead = dead_letters(addr).await.unwrap_or_default();
-        if flags.len() == ledger.mails.len()
-            && unseen == ledger.doomed.len()
-            && marked == unseen
-            && dead.len() == ledger.doomed.len()
-        {
+        let settled = if stack.filing {
+            // The INBOX empties: settled mail in Processed (a crash between a copy and
+            // its delete may leave a second copy there), the failing mail in Failed.
+            flags.is_empty()
+                && stack.flags_in(n, "Processed").len() >= ledger.mails.len() - ledger.doomed.len()
+                && stack.flags_in(n, "Failed").len() >= ledger.doomed.len()
+        } else {
+            flags.len() == ledger.mails.len() && unseen == ledger.doomed.len() && marked == unseen
+        };
+        if settled && dead.len() == ledger.doomed.len() {
             break dead;
         }
         if Instant::now() >= deadline {
@@ -603,7 +633,21 @@ async fn settle_imap(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let flags = stack.flags(n);
+    let mut flags = stack.flags(n);
+    if stack.filing {
+        let processed = stack.flags_in(n, "Processed");
+        assert!(
+            processed.iter().all(|(seen, kw)| *seen && !kw),
+            "{label}: Processed holds settled mail only"
+        );
+        let failed = stack.flags_in(n, "Failed");
+        assert!(
+            failed.iter().all(|(seen, kw)| !seen && *kw),
+            "{label}: Failed holds unseen mail with the failure keyword only"
+        );
+        flags.extend(processed);
+        flags.extend(failed);
+    }
     assert!(
         flags.iter().all(|(seen, kw)| !(*seen && *kw)),
         "{label}: a seen message carries the failure keyword"
@@ -667,6 +711,53 @@ async fn imap_redis_postgres_aborted_at_every_step_lose_no_mail_and_double_no_or
     println!(
         "faults imap+redis+postgres: {runs} runs, {fired} aborted at their step, every ledger ok"
     );
+}
+
+/// The filing steps, on a Dovecot with MOVE and on one without it: a message's flags
+/// are set, then it is moved (or copied, flagged `\\Deleted` and expunged).
+const FILING_POINTS: [(&str, bool); 5] = [
+    ("imap.before_move", false),
+    ("imap.before_failed_move", false),
+    ("imap.before_move", true),
+    ("imap.after_copy", true),
+    ("imap.after_delete", true),
+];
+
+/// Runs of each filing point.
+const FILING_RUNS: usize = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filing_into_folders_aborted_at_every_step_loses_no_mail_and_doubles_no_order() {
+    let only = std::env::var("PLBA_FAULT_POINT").ok();
+    let mut runs = 0;
+    for without_move in [false, true] {
+        let points: Vec<&str> = FILING_POINTS
+            .iter()
+            .filter(|(p, w)| *w == without_move && only.as_deref().is_none_or(|o| o == *p))
+            .map(|(p, _)| *p)
+            .collect();
+        let stack = ImapStack::start_with(
+            points.len() * FILING_RUNS,
+            true,
+            plba_testkit::DovecotOptions {
+                without_move,
+                ..Default::default()
+            },
+        );
+        let label = if without_move {
+            "imap filing by copy"
+        } else {
+            "imap filing by move"
+        };
+        for (i, point) in points.iter().enumerate() {
+            for run in 0..FILING_RUNS {
+                let r = one_imap_run(&stack, i * FILING_RUNS + run, point, run).await;
+                runs += 1;
+                r.print(label, point, run);
+            }
+        }
+    }
+    println!("faults imap filing: {runs} runs, every one aborted at its step, every ledger ok");
 }
 
 /// Whether the bot says it is ready (`None` while it does not answer).

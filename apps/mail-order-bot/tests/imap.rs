@@ -758,3 +758,71 @@ async fn idle_on_two_folders_picks_up_mail_in_either() {
     runtime.shutdown().await;
     assert_store_exactly_once(&ws, &expected).await;
 }
+
+/// `on_success = { move = "Processed" }` and `on_failure = { move = "Failed" }`: settled
+/// mail leaves the INBOX for its folder (created when missing) once its outcome is
+/// committed, by `UID MOVE` on a server that has it and by `UID COPY`, `\Deleted` and
+/// `UID EXPUNGE` on one that does not; every order once, nothing left behind.
+async fn filing_into_folders(without_move: bool) {
+    let server = DovecotServer::start_with(
+        &[(USER, PASSWORD)],
+        plba_testkit::DovecotOptions {
+            without_move,
+            ..Default::default()
+        },
+    );
+    let ws = Workspace::new();
+    let settings = format!(
+        "{}\non_success = {{ move = \"Processed\" }}\non_failure = {{ move = \"Failed\" }}",
+        plain(&server)
+    );
+    let (mut mails, expected) = mixed_mail(60);
+    for n in 0..2 {
+        mails.push(
+            order_mail(
+                &format!("fails-{n}"),
+                "purchasing@acme.example",
+                &[("SKU-1", 1)],
+            )
+            .replacen("MIME-Version", "X-Test-Fault: error\r\nMIME-Version", 1),
+        );
+    }
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails[..30]));
+    let runtime = start(&imap_config(&ws, "imap_poll", &settings, 2)).await;
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails[30..]));
+    wait_for(Duration::from_secs(60), "the INBOX emptied", || async {
+        server.flags(USER, PASSWORD, "INBOX").is_empty()
+    })
+    .await;
+    drain(&runtime).await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    assert_store_exactly_once(&ws, &expected).await;
+    let processed = server.flags(USER, PASSWORD, "Processed");
+    assert_eq!(processed.len(), 60, "every settled message filed once");
+    assert!(
+        processed
+            .values()
+            .all(|f| f.iter().any(|x| x == "\\Seen") && f.iter().any(|x| x == "$OrderBotDone")),
+        "{processed:?}"
+    );
+    let failed = server.flags(USER, PASSWORD, "Failed");
+    assert_eq!(failed.len(), 2);
+    assert!(
+        failed
+            .values()
+            .all(|f| !f.iter().any(|x| x == "\\Seen") && f.iter().any(|x| x == "$OrderBotFailed")),
+        "{failed:?}"
+    );
+    assert_eq!(status.pools[0].dead_lettered, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_mail_is_moved_into_its_folder_with_move() {
+    filing_into_folders(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_mail_is_moved_into_its_folder_by_copy_and_expunge_without_move() {
+    filing_into_folders(true).await;
+}

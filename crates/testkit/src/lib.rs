@@ -1088,6 +1088,16 @@ impl ImapLine {
             .and_then(|u| u.parse().ok())
     }
 
+    /// Whether `mailbox` exists (`LIST`).
+    pub fn has_mailbox(&mut self, mailbox: &str) -> bool {
+        self.tags += 1;
+        let tag = format!("L{}", self.tags);
+        self.send(format!("{tag} LIST \"\" \"{mailbox}\"\r\n").as_bytes());
+        self.until_tagged(&tag)
+            .iter()
+            .any(|l| l.starts_with("* LIST"))
+    }
+
     /// Runs one command (e.g. `CREATE Orders`), panicking unless it succeeds.
     pub fn run(&mut self, command: &str) {
         self.tags += 1;

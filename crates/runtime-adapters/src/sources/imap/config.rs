@@ -140,6 +140,20 @@ pub struct ImapConfig {
     /// searched again).
     #[serde(default = "default_failed_keyword")]
     pub failed_keyword: String,
+    /// What happens to a message once its outcome is committed: `"seen"` (the default:
+    /// `\Seen` is set and it stays) or `{ move = "Processed" }` (`\Seen` and
+    /// `done_keyword` are set, then it is moved there).
+    #[serde(default, deserialize_with = "on_success")]
+    pub on_success: Filing,
+    /// What happens to a message whose task is dead-lettered: `"keyword"` (the default:
+    /// `failed_keyword` is set and it stays unseen) or `{ move = "Failed" }` (the keyword is
+    /// set, then it is moved there).
+    #[serde(default, deserialize_with = "on_failure")]
+    pub on_failure: Filing,
+    /// Keyword set with `\Seen` before a message is moved by `on_success`: a move cut short
+    /// (a crash) is finished by the watcher's next pass, which moves what carries it.
+    #[serde(default = "default_done_keyword")]
+    pub done_keyword: String,
     /// Largest message handed to a handler, in bytes.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: u64,
@@ -177,6 +191,64 @@ impl std::fmt::Debug for ImapConfig {
             .field("mailboxes", &self.mailboxes)
             .finish_non_exhaustive()
     }
+}
+
+/// Where a settled message goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Filing {
+    /// It stays in its mailbox, flagged (`\Seen`, or the failure keyword).
+    #[default]
+    Stay,
+    /// It is flagged, then moved to this folder (created when missing): `UID MOVE` where
+    /// the server has it, else `UID COPY`, `\Deleted` and `UID EXPUNGE`.
+    Move(String),
+}
+
+impl Filing {
+    /// The folder it is moved to, if any.
+    pub fn folder(&self) -> Option<&str> {
+        match self {
+            Self::Stay => None,
+            Self::Move(folder) => Some(folder),
+        }
+    }
+}
+
+/// `word` or `{ move = "Folder" }`.
+fn filing<'de, D: serde::Deserializer<'de>>(d: D, word: &str) -> Result<Filing, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    match &value {
+        serde_json::Value::String(s) if s == word => return Ok(Filing::Stay),
+        serde_json::Value::Object(map) if map.len() == 1 => {
+            if let Some(serde_json::Value::String(folder)) = map.get("move") {
+                return Ok(Filing::Move(folder.clone()));
+            }
+        }
+        _ => {}
+    }
+    Err(serde::de::Error::custom(format!(
+        "expected \"{word}\" or {{ move = \"Folder\" }}, found {value}"
+    )))
+}
+
+fn on_success<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Filing, D::Error> {
+    filing(d, "seen")
+}
+
+fn on_failure<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Filing, D::Error> {
+    filing(d, "keyword")
+}
+
+fn default_done_keyword() -> String {
+    "$OrderBotDone".to_owned()
+}
+
+/// Whether `word` can be an IMAP keyword (an atom, no `\`).
+fn is_keyword(word: &str) -> bool {
+    !word.is_empty()
+        && !word
+            .chars()
+            .any(|c| c.is_whitespace() || "(){%*\"\\]".contains(c) || c.is_control())
 }
 
 fn default_mailboxes() -> Vec<String> {
@@ -392,16 +464,45 @@ impl ImapConfig {
                 "needs at least one mailbox name, none empty",
             ));
         }
-        if self.failed_keyword.is_empty()
-            || self
-                .failed_keyword
-                .chars()
-                .any(|c| c.is_whitespace() || "(){%*\"\\]".contains(c) || c.is_control())
-        {
+        for (name, word) in [
+            ("failed_keyword", &self.failed_keyword),
+            ("done_keyword", &self.done_keyword),
+        ] {
+            if !is_keyword(word) {
+                problems.push(ConfigProblem::new(
+                    key(name),
+                    format!("{word:?} is not an IMAP keyword"),
+                ));
+            }
+        }
+        if self.failed_keyword == self.done_keyword {
             problems.push(ConfigProblem::new(
-                key("failed_keyword"),
-                format!("{:?} is not an IMAP keyword", self.failed_keyword),
+                key("done_keyword"),
+                "must differ from failed_keyword",
             ));
+        }
+        for (name, filing) in [
+            ("on_success", &self.on_success),
+            ("on_failure", &self.on_failure),
+        ] {
+            let Some(folder) = filing.folder() else {
+                continue;
+            };
+            if folder.trim().is_empty() || folder.chars().any(|c| c.is_control() || c == '"') {
+                problems.push(ConfigProblem::new(
+                    key(name),
+                    format!("{folder:?} is not a folder name"),
+                ));
+            } else if self
+                .mailboxes
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(folder))
+            {
+                problems.push(ConfigProblem::new(
+                    key(name),
+                    format!("moves into {folder:?}, which is one of the mailboxes it reads: its mail would be read again"),
+                ));
+            }
         }
         if let Some(path) = &self.ca_file {
             if !path.is_file() {
@@ -526,6 +627,44 @@ mod tests {
             gmail.problems("sources.inbox").is_empty(),
             "{:?}",
             gmail.problems("sources.inbox")
+        );
+    }
+
+    #[test]
+    fn filing_is_a_word_or_a_move_into_another_folder() {
+        let config = parse(serde_json::json!({
+            "host": "imap.example", "user": "u", "pool": "orders", "password_env": "HOME",
+            "on_success": {"move": "Processed"}, "on_failure": "keyword",
+        }));
+        assert_eq!(config.on_success, Filing::Move("Processed".into()));
+        assert_eq!(config.on_failure, Filing::Stay);
+        assert!(
+            config.problems("s").is_empty(),
+            "{:?}",
+            config.problems("s")
+        );
+        let wrong: Result<ImapConfig, _> = serde_json::from_value(serde_json::json!({
+            "host": "imap.example", "user": "u", "pool": "orders", "on_success": "moved",
+        }));
+        let why = wrong.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            why.contains("expected \"seen\" or { move = \"Folder\" }"),
+            "{why}"
+        );
+        let into_itself = parse(serde_json::json!({
+            "host": "imap.example", "user": "u", "pool": "orders", "password_env": "HOME",
+            "on_failure": {"move": "inbox"},
+        }));
+        let problems: Vec<String> = into_itself
+            .problems("s")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("one of the mailboxes it reads")),
+            "{problems:?}"
         );
     }
 

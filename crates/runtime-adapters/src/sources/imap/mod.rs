@@ -8,6 +8,9 @@
 //! - `complete` sets `\Seen` (`UID STORE +FLAGS.SILENT`) after the outcome is committed. A
 //!   dead-lettered task gets the configured keyword (`$OrderBotFailed`) and stays unseen;
 //!   searches exclude that keyword, so it is not published again, even after a restart.
+//! - `on_success = { move = "Processed" }` / `on_failure = { move = "Failed" }` file the
+//!   message after those flags (with `$OrderBotDone` on success): `UID MOVE`, or `UID COPY`,
+//!   `\Deleted`, `UID EXPUNGE` without MOVE. The watcher's pass finishes a move cut short.
 //! - A pointer is published once: the source remembers what is pending, in flight or
 //!   dead-lettered, and publishing is idempotent by task id as well.
 //! - UIDVALIDITY changes drop the old pointers (they load as gone) and the messages are
@@ -30,7 +33,7 @@ use runtime_contracts::{
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_rustls::rustls::ClientConfig;
 
-pub use config::{AuthMethod, ImapConfig, ImapMode, Provider, TlsMode};
+pub use config::{AuthMethod, Filing, ImapConfig, ImapMode, Provider, TlsMode};
 use connection::{connect, tls_config, ConnectError, Credential, ImapSession, Pool, Pooled};
 
 /// An IMAP UID set (`1:5,7,9:10`) of ascending UIDs.
@@ -83,6 +86,51 @@ struct Inner {
     /// Watchers (by their mailboxes) whose connection fails now, with the error: the
     /// source is degraded while any is.
     watchers_down: BTreeMap<String, String>,
+    /// What the server offers for filing (MOVE, UIDPLUS), learnt at the first move.
+    caps: Option<Caps>,
+    /// Messages (mailbox, UID) a worker is filing now: the watcher's pass that finishes
+    /// filing cut short leaves them alone.
+    filing: std::collections::HashSet<(String, u32)>,
+}
+
+/// Marks messages as being filed by this worker until dropped.
+struct FilingNow<'a> {
+    source: &'a ImapSource,
+    keys: Vec<(String, u32)>,
+}
+
+impl<'a> FilingNow<'a> {
+    fn new(source: &'a ImapSource, mailbox: &str, uids: &[u32]) -> Self {
+        let keys: Vec<(String, u32)> = uids.iter().map(|&u| (mailbox.to_owned(), u)).collect();
+        source.lock().filing.extend(keys.iter().cloned());
+        Self { source, keys }
+    }
+}
+
+impl Drop for FilingNow<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.source.lock();
+        for key in &self.keys {
+            inner.filing.remove(key);
+        }
+    }
+}
+
+/// What a worker does on a selected mailbox.
+enum Step<'a> {
+    /// `UID STORE` these flags.
+    Store(&'a str),
+    /// File into this folder.
+    File(&'a str),
+}
+
+/// The server's extensions that filing uses.
+#[derive(Clone, Copy, Debug)]
+struct Caps {
+    /// RFC 6851 `MOVE`.
+    moves: bool,
+    /// RFC 4315 `UIDPLUS` (`UID EXPUNGE`).
+    uidplus: bool,
 }
 
 /// What a source's configuration makes of it, swapped whole by a reload.
@@ -472,7 +520,11 @@ impl ImapSource {
         }
         // Waits for an earlier start's keyword worker to let go (a restart).
         let mut keyword_rx = self.keyword_rx.lock().await;
-        self.lock().watchers_down.clear();
+        {
+            let mut inner = self.lock();
+            inner.watchers_down.clear();
+            inner.caps = None;
+        }
         tokio::join!(
             self.watch_leased(&ctx),
             self.keyword_worker(&mut keyword_rx, &ctx),
@@ -879,10 +931,14 @@ impl ImapSource {
             }
         }
         tracing::debug!(source = %self.id, mailbox, uid_validity, "mailbox selected");
+        let settings = self.settings();
+        let config = &settings.config;
+        if config.on_success.folder().is_some() || config.on_failure.folder().is_some() {
+            self.finish_filing(session, mailbox).await?;
+        }
         let query = format!(
-            "{} NOT KEYWORD {}",
-            self.settings().config.search,
-            self.settings().config.failed_keyword
+            "{} NOT KEYWORD {} NOT KEYWORD {}",
+            config.search, config.failed_keyword, config.done_keyword
         );
         let uids: BTreeSet<u32> = session
             .uid_search(&query)
@@ -1151,8 +1207,186 @@ impl ImapSource {
         }
     }
 
-    async fn store(&self, pointer: &Pointer, flags: &str) -> Result<(), SourceError> {
-        self.store_set(pointer, &[pointer.uid], flags).await
+    /// Settles messages whose outcomes are committed, as `on_success` says: `\Seen`; or
+    /// `\Seen` with the done keyword, then the move (the keyword lets the next pass finish
+    /// a move cut short).
+    async fn settle_set(&self, pointer: &Pointer, uids: &[u32]) -> Result<(), SourceError> {
+        let settings = self.settings();
+        let Some(folder) = settings.config.on_success.folder() else {
+            return self
+                .store_set(pointer, uids, "+FLAGS.SILENT (\\Seen)")
+                .await;
+        };
+        let flags = format!("+FLAGS.SILENT (\\Seen {})", settings.config.done_keyword);
+        let _filing = FilingNow::new(self, &pointer.mailbox, uids);
+        self.store_set(pointer, uids, &flags).await?;
+        self.fault("imap.before_move")?;
+        self.move_set(pointer, uids, folder).await
+    }
+
+    /// A named fault point (only in a `failpoints` build) as this source's error.
+    fn fault(&self, name: &str) -> Result<(), SourceError> {
+        crate::queue::fault(name).map_err(|e| self.io(e.to_string()))
+    }
+
+    /// Moves messages of `pointer`'s mailbox (and UIDVALIDITY) into `folder` on a pooled
+    /// session.
+    async fn move_set(
+        &self,
+        pointer: &Pointer,
+        uids: &[u32],
+        folder: &str,
+    ) -> Result<(), SourceError> {
+        self.on_selected(pointer, uids, Step::File(folder)).await
+    }
+
+    /// What the server offers for filing, asked once per start.
+    async fn caps(&self, session: &mut ImapSession) -> Result<Caps, String> {
+        if let Some(caps) = self.lock().caps {
+            return Ok(caps);
+        }
+        let offered = session
+            .capabilities()
+            .await
+            .map_err(|e| format!("CAPABILITY: {e}"))?;
+        let caps = Caps {
+            moves: offered.has_str("MOVE"),
+            uidplus: offered.has_str("UIDPLUS"),
+        };
+        tracing::debug!(source = %self.id, ?caps, "server capabilities for filing");
+        self.lock().caps = Some(caps);
+        Ok(caps)
+    }
+
+    /// Moves `uids` of the selected mailbox into `folder`, creating it when missing:
+    /// `UID MOVE` where the server has it; else `UID COPY`, `\Deleted`, then `UID EXPUNGE`
+    /// of those UIDs (plain `EXPUNGE` without UIDPLUS). UIDs no longer there are skipped
+    /// by the server. A crash after the copy leaves the message flagged in place, and the
+    /// next pass files it again (a second copy in the folder, never a second order).
+    async fn file_into(
+        &self,
+        session: &mut ImapSession,
+        uids: &[u32],
+        folder: &str,
+    ) -> Result<(), String> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let caps = self.caps(session).await?;
+        let set = uid_set(uids);
+        let mut created = false;
+        loop {
+            let moved = if caps.moves {
+                session.uid_mv(&set, folder).await
+            } else {
+                session.uid_copy(&set, folder).await
+            };
+            match moved {
+                Ok(()) => break,
+                // The folder is missing (Dovecot: NO [TRYCREATE]): create it, once.
+                Err(async_imap::error::Error::No(why)) if !created => {
+                    tracing::info!(source = %self.id, folder, server = %why, "creating the folder to file mail into");
+                    if let Err(e) = session.create(folder).await {
+                        tracing::debug!(source = %self.id, folder, error = %e, "CREATE (it may exist)");
+                    }
+                    created = true;
+                }
+                Err(e) => {
+                    let verb = if caps.moves { "MOVE" } else { "COPY" };
+                    return Err(format!("UID {verb} {set} {folder}: {e}"));
+                }
+            }
+        }
+        if caps.moves {
+            return Ok(());
+        }
+        self.fault("imap.after_copy").map_err(|e| e.to_string())?;
+        let deleted = session
+            .uid_store(&set, "+FLAGS.SILENT (\\Deleted)")
+            .await
+            .map_err(|e| format!("UID STORE {set} \\Deleted: {e}"))?;
+        read_fetches(deleted, |_| None::<()>)
+            .await
+            .map_err(|e| format!("UID STORE {set} \\Deleted: {e}"))?;
+        self.fault("imap.after_delete").map_err(|e| e.to_string())?;
+        self.expunge(session, &set, caps).await
+    }
+
+    /// Expunges `set` (`UID EXPUNGE`; plain `EXPUNGE` without UIDPLUS).
+    async fn expunge(
+        &self,
+        session: &mut ImapSession,
+        set: &str,
+        caps: Caps,
+    ) -> Result<(), String> {
+        use futures::TryStreamExt;
+        if caps.uidplus {
+            let gone = session
+                .uid_expunge(set)
+                .await
+                .map_err(|e| format!("UID EXPUNGE {set}: {e}"))?;
+            gone.try_collect::<Vec<_>>()
+                .await
+                .map_err(|e| format!("UID EXPUNGE {set}: {e}"))?;
+        } else {
+            let gone = session
+                .expunge()
+                .await
+                .map_err(|e| format!("EXPUNGE: {e}"))?;
+            gone.try_collect::<Vec<_>>()
+                .await
+                .map_err(|e| format!("EXPUNGE: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Finishes filing cut short in the selected `mailbox`: messages that carry the done
+    /// (or failure) keyword are settled, and are moved where `on_success` (or
+    /// `on_failure`) says; a copy already flagged `\Deleted` is only expunged.
+    async fn finish_filing(&self, session: &mut ImapSession, mailbox: &str) -> Result<(), String> {
+        let settings = self.settings();
+        let config = &settings.config;
+        for (keyword, filing) in [
+            (&config.done_keyword, &config.on_success),
+            (&config.failed_keyword, &config.on_failure),
+        ] {
+            let Some(folder) = filing.folder() else {
+                continue;
+            };
+            let query = format!("KEYWORD {keyword} DELETED");
+            let copied: Vec<u32> = session
+                .uid_search(&query)
+                .await
+                .map_err(|e| format!("UID SEARCH {query}: {e}"))?
+                .into_iter()
+                .filter(|&uid| !self.being_filed(mailbox, uid))
+                .collect();
+            if !copied.is_empty() {
+                let caps = self.caps(session).await?;
+                let mut copied = copied;
+                copied.sort_unstable();
+                self.expunge(session, &uid_set(&copied), caps).await?;
+            }
+            let query = format!("KEYWORD {keyword} UNDELETED");
+            let mut left: Vec<u32> = session
+                .uid_search(&query)
+                .await
+                .map_err(|e| format!("UID SEARCH {query}: {e}"))?
+                .into_iter()
+                .filter(|&uid| !self.being_filed(mailbox, uid))
+                .collect();
+            if !left.is_empty() {
+                left.sort_unstable();
+                tracing::info!(source = %self.id, folder, messages = left.len(), "filing settled mail whose move was cut short");
+                self.file_into(session, &left, folder).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a worker is filing this message now.
+    fn being_filed(&self, mailbox: &str, uid: u32) -> bool {
+        self.lock().filing.contains(&(mailbox.to_owned(), uid))
     }
 
     /// `UID STORE` on ascending UIDs of `pointer`'s mailbox (and UIDVALIDITY).
@@ -1162,17 +1396,34 @@ impl ImapSource {
         uids: &[u32],
         flags: &str,
     ) -> Result<(), SourceError> {
+        self.on_selected(pointer, uids, Step::Store(flags)).await
+    }
+
+    /// Runs `step` on a pooled session with `pointer`'s mailbox selected, for `uids`;
+    /// nothing when its UIDVALIDITY changed (the UIDs mean nothing any more).
+    async fn on_selected(
+        &self,
+        pointer: &Pointer,
+        uids: &[u32],
+        step: Step<'_>,
+    ) -> Result<(), SourceError> {
         let max_uid = uids.iter().copied().max().unwrap_or(pointer.uid);
         let Some((mut pooled, permit)) = self.checkout(pointer, max_uid).await? else {
             return Ok(());
         };
-        let uid = uid_set(uids);
-        let result = match pooled.session.uid_store(&uid, flags).await {
-            Ok(responses) => read_fetches(responses, |_| None::<()>)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("UID STORE {uid} {flags}: {e}")),
-            Err(e) => Err(format!("UID STORE {uid} {flags}: {e}")),
+        let session = &mut pooled.session;
+        let result = match step {
+            Step::Store(flags) => {
+                let uid = uid_set(uids);
+                match session.uid_store(&uid, flags).await {
+                    Ok(responses) => read_fetches(responses, |_| None::<()>)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("UID STORE {uid} {flags}: {e}")),
+                    Err(e) => Err(format!("UID STORE {uid} {flags}: {e}")),
+                }
+            }
+            Step::File(folder) => self.file_into(session, uids, folder).await,
         };
         self.checkin(pooled, permit, result)
     }
@@ -1249,7 +1500,7 @@ impl ImapSource {
             group.sort_by_key(|(p, _)| p.uid);
             let uids: Vec<u32> = group.iter().map(|(p, _)| p.uid).collect();
             let result = self
-                .store_set(&group[0].0, &uids, "+FLAGS.SILENT (\\Seen)")
+                .settle_set(&group[0].0, &uids)
                 .await
                 .map_err(|e| e.to_string());
             for (_, answer) in group {
@@ -1277,7 +1528,7 @@ impl ImapSource {
             let mut results = Vec::with_capacity(pointers.len());
             for (pointer, uids) in group_by_mailbox(pointers) {
                 let result = self
-                    .store_set(&pointer, &uids, "+FLAGS.SILENT (\\Seen)")
+                    .settle_set(&pointer, &uids)
                     .await
                     .map_err(|e| e.to_string());
                 results.push(((pointer.mailbox, pointer.uid_validity), result));
@@ -1297,7 +1548,7 @@ impl ImapSource {
         for (pointer, answer) in pointers.iter().zip(answers) {
             out.push(match answer.await {
                 Ok(result) => result.map_err(|e| self.io(e)),
-                Err(_) => self.store(pointer, "+FLAGS.SILENT (\\Seen)").await,
+                Err(_) => self.settle_set(pointer, &[pointer.uid]).await,
             });
         }
         out
@@ -1408,12 +1659,12 @@ impl ImapSource {
             state.0
         };
         if !queued {
-            return self.store(&pointer, "+FLAGS.SILENT (\\Seen)").await;
+            return self.settle_set(&pointer, &[pointer.uid]).await;
         }
         self.seen.wake.notify_one();
         match rx.await {
             Ok(result) => result.map_err(|e| self.io(e)),
-            Err(_) => self.store(&pointer, "+FLAGS.SILENT (\\Seen)").await,
+            Err(_) => self.settle_set(&pointer, &[pointer.uid]).await,
         }
     }
 
@@ -1463,7 +1714,23 @@ impl ImapSource {
         let mut left = Vec::new();
         for (pointer, uids) in group_by_mailbox(&pointers) {
             for chunk in uids.chunks(KEYWORD_CHUNK) {
-                if let Err(e) = self.store_set(&pointer, chunk, flags).await {
+                let settled = async {
+                    let _filing = self
+                        .settings()
+                        .config
+                        .on_failure
+                        .folder()
+                        .map(|_| FilingNow::new(self, &pointer.mailbox, chunk));
+                    self.store_set(&pointer, chunk, flags).await?;
+                    match self.settings().config.on_failure.folder() {
+                        Some(folder) => {
+                            self.fault("imap.before_failed_move")?;
+                            self.move_set(&pointer, chunk, folder).await
+                        }
+                        None => Ok(()),
+                    }
+                };
+                if let Err(e) = settled.await {
                     tracing::error!(source = %self.id, mailbox = %pointer.mailbox, messages = chunk.len(),
                         error = %e, "could not set the failure keyword; trying again");
                     left.extend(chunk.iter().map(|&uid| Pointer {
