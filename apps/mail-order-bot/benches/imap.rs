@@ -19,6 +19,10 @@
 //!   `\Seen` latency p50/p99/max with IDLE and with 5 s polling. Dovecot batches IDLE
 //!   notifications for about half a second.
 //!
+//! - the largest backlog drained with XOAUTH2 logins (tokens of an hour, and of one second
+//!   so that sessions log in again during the drain) beside the same drain with a
+//!   password, taking turns.
+//!
 //! Sizes: `PLBA_BENCH_IMAP_BACKLOGS` (`2000,10000`); `PLBA_BENCH_IMAP_PG=0` skips nothing
 //! silently: it is printed that PostgreSQL rows were not asked for.
 
@@ -114,8 +118,17 @@ fn config(
     kind: &str,
     prefetch: usize,
     poll_ms: u64,
+    login: Option<&str>,
 ) -> PathBuf {
     std::fs::write(dir.join("pw"), PASSWORD).expect("pw");
+    // A password from its file, or `login`'s lines (which end the source's section).
+    let (password, login) = match login {
+        None => (
+            format!("password_file = \"{}\"\n", dir.join("pw").display()),
+            String::new(),
+        ),
+        Some(lines) => (String::new(), lines.to_owned()),
+    };
     let text = format!(
         r#"
 [runtime]
@@ -136,17 +149,16 @@ host = "127.0.0.1"
 port = {port}
 tls = "none"
 user = "{USER}"
-password_file = "{pw}"
-pool = "orders"
+{password}pool = "orders"
 poll_interval_ms = {poll_ms}
 connections = 4
+{login}
 
 [apps.mail_order_bot]
 store_url = "{store_url}"
 clients_file = "{clients}"
 "#,
         port = server.port(),
-        pw = dir.join("pw").display(),
         clients = corpus().join("clients.toml").display(),
     );
     let path = dir.join("bot.toml");
@@ -213,9 +225,18 @@ async fn bot_drain(
     store_url: &str,
     n: usize,
     prefetch: usize,
+    login: Option<&str>,
 ) -> (f64, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = config(dir.path(), server, store_url, "imap_poll", prefetch, 1000);
+    let config = config(
+        dir.path(),
+        server,
+        store_url,
+        "imap_poll",
+        prefetch,
+        1000,
+        login,
+    );
     let mut watcher = server.client(USER, PASSWORD);
     assert_eq!(watcher.unseen_count("INBOX"), n);
     // The mailbox as the script loop finds it in its median run: selected once before, so
@@ -379,7 +400,7 @@ async fn backlog(n: usize, backend: &str, pg: Option<&PostgresServer>) {
         client.run("UID STORE 1:* -FLAGS.SILENT (\\Seen)");
     };
     let before = if part("before") {
-        let (before, _) = bot_drain(&server, &store_url(&dir.path().join("a")), n, 1).await;
+        let (before, _) = bot_drain(&server, &store_url(&dir.path().join("a")), n, 1, None).await;
         unseen_again(USER);
         before
     } else {
@@ -402,7 +423,7 @@ async fn backlog(n: usize, backend: &str, pg: Option<&PostgresServer>) {
         scripts.push(rate(handled, started.elapsed()));
         drop(client);
         let store = store_url(&dir.path().join(format!("b{round}")));
-        let (bot, peak) = bot_drain(&server, &store, n, prefetch).await;
+        let (bot, peak) = bot_drain(&server, &store, n, prefetch, None).await;
         bots.push(bot);
         rss = rss.max(peak);
     }
@@ -419,6 +440,67 @@ async fn backlog(n: usize, backend: &str, pg: Option<&PostgresServer>) {
         after / script,
         after / ceiling,
         after / before,
+    );
+}
+
+/// The same backlog drained with a password and with XOAUTH2 logins (tokens of
+/// `lifetime` from testkit's endpoint; each login is introspected by Dovecot), taking turns
+/// three times each on one server. With tokens of an hour's kind, token work happens at the
+/// first login only; with tokens of one second, sessions log in again every 0.8 s during
+/// the drain, which shows what a renewal costs.
+async fn backlog_oauth2(n: usize, lifetime: Duration) {
+    let tokens = plba_testkit::TokenServer::start(USER, lifetime);
+    tokens.add_client("bench-app", "bench-client-secret-0123456789");
+    let server = DovecotServer::start_with(
+        &[(USER, PASSWORD)],
+        plba_testkit::DovecotOptions {
+            oauth2_introspection_url: Some(tokens.introspection_url()),
+            ..Default::default()
+        },
+    );
+    server.append(USER, PASSWORD, "INBOX", &mix(n));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, "bench-client-secret-0123456789\n").expect("secret");
+    let login = format!(
+        "auth = \"xoauth2\"\n[sources.inbox.oauth2]\ntoken_url = \"{}\"\nclient_id = \"bench-app\"\n\
+         client_secret_file = \"{}\"\ngrant = \"client_credentials\"\n",
+        tokens.token_url(),
+        secret.display()
+    );
+    let prefetch = plba_testkit::env_number("PLBA_BENCH_IMAP_PREFETCH", 64) as usize;
+    let (mut passwords, mut oauth2) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        for (rates, login) in [(&mut passwords, None), (&mut oauth2, Some(login.as_str()))] {
+            let store = format!(
+                "sqlite://{}",
+                dir.path()
+                    .join(format!(
+                        "{round}-{}.db",
+                        rates.len() + login.map_or(0, |_| 10)
+                    ))
+                    .display()
+            );
+            let (rate, _) = bot_drain(&server, &store, n, prefetch, login).await;
+            rates.push(rate);
+            let mut client = server.client(USER, PASSWORD);
+            client.run("SELECT INBOX");
+            client.run("UID STORE 1:* -FLAGS.SILENT (\\Seen)");
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[1]
+    };
+    let counts = tokens.counts();
+    let (password, token) = (median(passwords), median(oauth2));
+    println!(
+        "backlog {n:>6} SQLite     login by XOAUTH2 ({:>4} s tokens): {token:>6.0} msg/s vs password {password:>6.0} msg/s (medians of 3, taking turns) | \
+         {} tokens issued, {} introspections (one per login) | xoauth2/password {:.2}",
+        lifetime.as_secs(),
+        counts.issued_total(),
+        counts.introspections,
+        token / password,
     );
 }
 
@@ -496,7 +578,15 @@ async fn live(kind: &str, poll_ms: u64, rate: u64, secs: u64) {
     let server = DovecotServer::start(&[(USER, PASSWORD)]);
     let dir = tempfile::tempdir().expect("tempdir");
     let store_url = format!("sqlite://{}", dir.path().join("orders.db").display());
-    let bot = spawn_bot(&config(dir.path(), &server, &store_url, kind, 32, poll_ms));
+    let bot = spawn_bot(&config(
+        dir.path(),
+        &server,
+        &store_url,
+        kind,
+        32,
+        poll_ms,
+        None,
+    ));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let total = (rate * secs) as usize;
     let messages = mix(total);
@@ -589,6 +679,11 @@ fn main() {
             if let Some(pg) = &pg {
                 backlog(n, "PostgreSQL", Some(pg)).await;
             }
+        }
+        if part("oauth2") {
+            let n = backlogs.last().copied().unwrap_or(10_000);
+            backlog_oauth2(n, Duration::from_secs(3600)).await;
+            backlog_oauth2(n, Duration::from_secs(1)).await;
         }
         if part("stages") {
             stages(backlogs.first().copied().unwrap_or(2000), pg.as_ref()).await;

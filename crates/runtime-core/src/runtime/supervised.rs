@@ -59,6 +59,11 @@ pub(crate) async fn run_supervised(s: Supervised) {
             shutdown: Arc::new(TokenSignal(run.clone())),
             ..s.ctx.clone()
         };
+        // Running again: it has not ended (until this run does).
+        s.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         let began = Instant::now();
         let outcome = AssertUnwindSafe(s.source.start(ctx)).catch_unwind().await;
         *s.control.run.lock().unwrap_or_else(|e| e.into_inner()) = None;
