@@ -385,3 +385,42 @@ async fn the_token_endpoint_down_for_30_s_recovers_by_itself() {
     bot.stop_and_check(&tokens.secrets(), "endpoint down");
     assert_store_exactly_once(&ws, &expected).await;
 }
+
+/// Every token revoked at the endpoint, then Dovecot restarted, so that every session logs
+/// in again with the cached (now refused) token: the source asks for one new token, the
+/// logins succeed, and no mail is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_are_replaced_at_the_next_login_and_no_mail_is_lost() {
+    let (tokens, mut dovecot) = servers(Duration::from_secs(3600));
+    let ws = Workspace::new();
+    let secret = secret_file(&ws, "client-secret", CLIENT_SECRET);
+    let mut bot = Bot::spawn(&bot_config(&ws, &dovecot, &tokens, "imap_idle", &secret));
+    let (mails, expected) = mixed_mail(60);
+    append(&dovecot, &mails[..30]);
+    wait_for(Duration::from_secs(30), "the first mail read", || async {
+        seen_split(&dovecot).0 == 30
+    })
+    .await;
+    assert_eq!(
+        tokens.counts().issued_total(),
+        1,
+        "one token for every login"
+    );
+    tokens.revoke_all();
+    dovecot.restart();
+    append(&dovecot, &mails[30..]);
+    wait_for(
+        Duration::from_secs(60),
+        "the rest read after the restart",
+        || async { seen_split(&dovecot) == (60, 0) },
+    )
+    .await;
+    assert_eq!(
+        tokens.counts().issued_total(),
+        2,
+        "one new token once the cached one was refused"
+    );
+    bot.ask_everything().await;
+    bot.stop_and_check(&tokens.secrets(), "revoked");
+    assert_store_exactly_once(&ws, &expected).await;
+}
