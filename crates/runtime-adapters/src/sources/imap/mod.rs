@@ -314,6 +314,9 @@ impl ImapSource {
                 ))
             }
         };
+        // Compared as the running settings are: with the provider's preset and the port's
+        // default filled in.
+        let new = new.resolved();
         let old = self.settings();
         let fixed = |c: &ImapConfig| (c.pool.clone(), c.kind.clone(), c.connections, c.replicas);
         if fixed(&new) != fixed(&old.config) {
@@ -2103,5 +2106,61 @@ impl ImapSource {
     /// How many times the source has tried to log in (watcher and workers).
     pub fn login_attempts(&self) -> u64 {
         self.lock().connects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use runtime_contracts::{Reconfigure, TaskSource};
+
+    use super::*;
+
+    /// A Gmail source's section as a reload hands it over (the preset unresolved).
+    fn section(poll_interval_ms: u64, mailboxes: &[&str], connections: usize) -> serde_json::Value {
+        serde_json::json!({
+            "type": "imap_poll", "provider": "gmail", "user": "orders@example.com",
+            "pool": "orders", "poll_interval_ms": poll_interval_ms, "mailboxes": mailboxes,
+            "connections": connections,
+            "oauth2": {"client_id": "app", "client_secret_env": "PATH", "refresh_token_env": "HOME"},
+        })
+    }
+
+    fn source() -> ImapSource {
+        let mut config = section(5000, &["INBOX"], 4);
+        config.as_object_mut().expect("table").remove("type");
+        let config: ImapConfig = serde_json::from_value(config).expect("config");
+        ImapSource::new("inbox", config, ImapMode::Poll)
+    }
+
+    #[test]
+    fn a_reload_applies_the_interval_restarts_for_mailboxes_and_refuses_the_pool_size() {
+        let imap = source();
+        let generation = imap.settings().generation;
+        // The preset is filled in before comparing: only the interval differs.
+        assert_eq!(
+            imap.reconfigure(&section(250, &["INBOX"], 4)),
+            Reconfigure::Applied
+        );
+        assert_eq!(imap.settings().config.poll_interval_ms, 250);
+        assert_eq!(imap.settings().generation, generation, "the sessions stay");
+
+        assert_eq!(
+            imap.reconfigure(&section(250, &["INBOX", "Orders"], 4)),
+            Reconfigure::Restart
+        );
+        assert_eq!(imap.settings().config.mailboxes, ["INBOX", "Orders"]);
+        assert_eq!(imap.settings().generation, generation + 1, "new sessions");
+        assert!(imap.lock().mailboxes.contains("Orders"));
+
+        let Reconfigure::Refused(why) = imap.reconfigure(&section(250, &["INBOX"], 2)) else {
+            panic!("the connection count is fixed");
+        };
+        assert!(why.contains("connections"), "{why}");
+        assert_eq!(imap.settings().config.connections, 4);
+
+        let mut idle = section(250, &["INBOX", "Orders"], 4);
+        idle["type"] = serde_json::json!("imap_idle");
+        assert_eq!(imap.reconfigure(&idle), Reconfigure::Restart);
+        assert_eq!(imap.settings().mode, ImapMode::Idle);
     }
 }
