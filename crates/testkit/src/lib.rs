@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod oauth;
@@ -230,9 +230,41 @@ pub async fn drain_ids(queue: &dyn TaskQueue) -> Vec<String> {
     ids
 }
 
+/// A loopback port for a private server, free now and held for this process: it is drawn
+/// below the kernel's ephemeral range (32768 and up here), so no outbound connection can take
+/// it while its server is stopped for an outage test and started again on it, and a lock file
+/// (`flock`, released when the process ends) keeps every other process of the machine
+/// (a second test run) and every later call in this one from handing it out too.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("plba-ports");
+    std::fs::create_dir_all(&dir).expect("the port lock directory");
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let random = std::collections::hash_map::RandomState::new();
+    for attempt in 0u32..10_000 {
+        let draw = std::hash::BuildHasher::hash_one(&random, (attempt, std::process::id()));
+        let port = 20_000 + (draw % 12_000) as u16;
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        // Held by another process, or by this one (a second flock on a new descriptor of
+        // the same file is refused too).
+        let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        held.push(lock);
+        return port;
+    }
+    panic!("no free loopback port between 20000 and 32000");
 }
 
 /// The path of `program` on the PATH (or in /usr/sbin, /usr/bin); panics with how to install
