@@ -14,10 +14,12 @@ use runtime_contracts::{
 use serde::Deserialize;
 
 use crate::domain::clients::{load_clients_file, ClientDirectory, ClientEntry};
+use crate::domain::erp::{ErpConfig, ErpHandler};
 use crate::domain::extract::CsvLimits;
 use crate::domain::message::{identity_of, read_mail_in_stages, sha256_hex, MailFacts, MailLimits};
+use crate::domain::outbox::{self, OutboxQueue, OutboxSource};
 use crate::domain::sheets::SheetLimits;
-use crate::domain::store::{Backend, NewOrder, OrderStore, Recorded, Recording};
+use crate::domain::store::{Backend, Effects, NewOrder, OrderStore, Recorded, Recording};
 use crate::domain::OutcomeKind;
 
 /// The module's configuration key.
@@ -74,6 +76,33 @@ pub struct BotConfig {
     /// Also read clients from the store's `clients` table.
     #[serde(default)]
     pub clients_from_store: bool,
+    /// Deliver each new order to an ERP over HTTP, from the outbox.
+    #[serde(default)]
+    pub erp: Option<ErpConfig>,
+    /// How the outbox's effects are dispatched.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+}
+
+/// `[apps.mail_order_bot.outbox]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct OutboxConfig {
+    /// How long a dispatcher holds a claimed effect; a dispatcher that dies holding it
+    /// (kill -9, a lost host) leaves it to another claim after this long.
+    #[serde(default = "default_outbox_lease_ms")]
+    pub lease_ms: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            lease_ms: default_outbox_lease_ms(),
+        }
+    }
+}
+
+fn default_outbox_lease_ms() -> u64 {
+    60_000
 }
 
 fn default_pool() -> String {
@@ -149,6 +178,9 @@ impl BotConfig {
                 Err(e) => problems.push(ConfigProblem::new(format!("{SECTION}.clients_file"), e)),
             }
         }
+        if let Some(erp) = &config.erp {
+            problems.extend(erp.problems(&format!("{SECTION}.erp"), config.outbox.lease_ms));
+        }
         if Backend::of(&config.store_url).is_none() {
             problems.push(ConfigProblem::new(
                 format!("{SECTION}.store_url"),
@@ -172,6 +204,7 @@ impl BotConfig {
                 ),
                 ("zip_max_ratio", config.zip_max_ratio),
                 ("sheet_max_cells", config.sheet_max_cells),
+                ("outbox.lease_ms", config.outbox.lease_ms),
             ],
         ));
         if problems.is_empty() {
@@ -215,12 +248,16 @@ impl ApplicationModule for MailOrderModule {
                         .join("; "),
                 }
             })?;
+            let effects = Effects {
+                erp: cfg.erp.is_some(),
+            };
             let store = OrderStore::open(&cfg.store_url)
                 .await
                 .map_err(|e| ModuleError::Init {
                     module: self.name().to_owned(),
                     message: e.to_string(),
-                })?;
+                })?
+                .with_effects(effects);
             let mut clients = cfg.clients.clone();
             if let Some(path) = &cfg.clients_file {
                 clients.extend(
@@ -254,7 +291,32 @@ impl ApplicationModule for MailOrderModule {
             // ready the pool waits, and outages dead-letter no mail.
             let store_health = Arc::new(StoreHealth(store.clone()));
             registry.health(store_health.clone());
-            registry.needs(&cfg.pool, store_health);
+            registry.needs(&cfg.pool, store_health.clone());
+            if effects.any() {
+                // The outbox is the queue of a pool of its own, so its effects are retried,
+                // dead-lettered and replayed like any task.
+                registry.pool(outbox::POOL);
+                registry.queue(
+                    outbox::POOL,
+                    Arc::new(OutboxQueue::new(
+                        store.clone(),
+                        std::time::Duration::from_millis(cfg.outbox.lease_ms),
+                    )),
+                );
+                registry.source(Arc::new(OutboxSource::default()), outbox::POOL);
+                registry.needs(outbox::POOL, store_health.clone());
+            }
+            if let Some(erp) = &cfg.erp {
+                let handler =
+                    ErpHandler::new(store.clone(), erp).map_err(|message| ModuleError::Config {
+                        module: self.name().to_owned(),
+                        message,
+                    })?;
+                let health = handler.health();
+                registry.handler(outbox::POOL, outbox::ERP_KIND, Arc::new(handler));
+                registry.health(health.clone());
+                registry.needs(outbox::POOL, health);
+            }
             registry.outcome_lookup(Arc::new(store.clone()));
             registry.console(Arc::new(crate::pages::BotPages::new(store.clone())));
             registry.service(Arc::new(store));
@@ -548,7 +610,7 @@ impl OrderHandler {
 /// Its actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...), and `return`
 /// fails the message like an error the runtime retries, `return(abort)` aborts the process
 /// at this step, as `kill -9` would.
-fn fault(name: &str) -> Result<(), HandlerError> {
+pub(crate) fn fault(name: &str) -> Result<(), HandlerError> {
     let _ = name;
     fail::fail_point!(name, |arg| {
         if arg.as_deref() == Some("abort") {
@@ -744,7 +806,12 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     for Wrapping<'_, W>
 {
     fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
-        self.0.handler(pool, kind, (self.1)(handler));
+        // Only the mail handler: the outbox's effects are not the bot's messages.
+        if pool == outbox::POOL {
+            self.0.handler(pool, kind, handler);
+        } else {
+            self.0.handler(pool, kind, (self.1)(handler));
+        }
     }
     fn pool(&mut self, name: &str) {
         self.0.pool(name);

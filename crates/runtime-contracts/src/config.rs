@@ -39,6 +39,41 @@ pub fn require_positive(prefix: &str, values: &[(&str, u64)]) -> Vec<ConfigProbl
         .collect()
 }
 
+/// A secret named by configuration: the value of the environment variable `env`, or the
+/// first line of `file` (trimmed); `Ok(None)` when neither is named. The error names the
+/// variable or the file and what it is for (`what`), never the secret.
+///
+/// ```
+/// use runtime_contracts::config::secret_from;
+/// assert_eq!(secret_from(None, None, "token"), Ok(None));
+/// let missing = secret_from(Some("PLBA_DOC_NO_SUCH_VAR"), None, "token").unwrap_err();
+/// assert_eq!(missing, "environment variable PLBA_DOC_NO_SUCH_VAR (the token) is not set");
+/// ```
+pub fn secret_from(
+    env: Option<&str>,
+    file: Option<&std::path::Path>,
+    what: &str,
+) -> Result<Option<String>, String> {
+    if let Some(var) = env {
+        return std::env::var(var)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .map(Some)
+            .ok_or_else(|| format!("environment variable {var} (the {what}) is not set"));
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the {what} file {}: {e}", path.display()))?;
+        let line = text.lines().next().unwrap_or("").trim().to_owned();
+        if line.is_empty() {
+            return Err(format!("the {what} file {} is empty", path.display()));
+        }
+        return Ok(Some(line));
+    }
+    Ok(None)
+}
+
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.key, self.message)

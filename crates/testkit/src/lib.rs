@@ -14,9 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod erp;
 mod oauth;
 mod otlp;
 mod rabbit;
+pub use erp::{ErpMode, ErpRequest, ErpServer};
 pub use oauth::{TokenCounts, TokenMode, TokenServer};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use rabbit::RabbitServer;

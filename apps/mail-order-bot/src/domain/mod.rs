@@ -6,10 +6,12 @@
 
 pub mod charset;
 pub mod clients;
+pub mod erp;
 pub mod extract;
 pub mod framing;
 pub mod html;
 pub mod message;
+pub mod outbox;
 pub mod sheets;
 pub mod store;
 

@@ -222,6 +222,15 @@ impl Backend {
         }
     }
 
+    /// The current time in milliseconds since the Unix epoch, in SQL (the database's clock,
+    /// which every replica shares).
+    pub(crate) fn now_ms(self) -> &'static str {
+        match self {
+            Self::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Self::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
     /// The current time as an ISO 8601 UTC string with milliseconds, in SQL.
     fn now(self) -> &'static str {
         match self {
@@ -283,11 +292,30 @@ fn parameter_list(backend: Backend, first: usize, count: usize) -> String {
     out
 }
 
+/// Which effects of a recorded outcome the store writes into the outbox, in the outcome's
+/// transaction (see `domain::outbox`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Each new order is delivered to the ERP (`erp` rows).
+    pub erp: bool,
+}
+
+impl Effects {
+    /// Whether any effect is on.
+    pub fn any(self) -> bool {
+        self.erp
+    }
+}
+
 /// The store.
 #[derive(Clone, Debug)]
 pub struct OrderStore {
     pool: AnyPool,
     backend: Backend,
+    effects: Effects,
+    /// Woken after a commit that wrote outbox rows, so that the dispatcher of this process
+    /// does not wait for its next poll.
+    outbox_written: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn install_drivers() {
@@ -384,7 +412,12 @@ impl OrderStore {
             match opened.await {
                 Ok(pool) => {
                     tracing::debug!(?backend, elapsed = ?started.elapsed(), "store opened and migrated");
-                    return Ok(Self { pool, backend });
+                    return Ok(Self {
+                        pool,
+                        backend,
+                        effects: Effects::default(),
+                        outbox_written: std::sync::Arc::default(),
+                    });
                 }
                 Err(e) if attempt < 5 => {
                     attempt += 1;
@@ -399,6 +432,39 @@ impl OrderStore {
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// This store, writing an outbox row for each of `effects` with every outcome that has
+    /// one.
+    #[must_use]
+    pub fn with_effects(mut self, effects: Effects) -> Self {
+        self.effects = effects;
+        self
+    }
+
+    /// The effects written with each outcome.
+    pub fn effects(&self) -> Effects {
+        self.effects
+    }
+
+    /// The database's connections (for the outbox, which shares the store's database).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Notified after a commit that wrote outbox rows.
+    pub(crate) fn outbox_written(&self) -> &tokio::sync::Notify {
+        &self.outbox_written
+    }
+
+    fn wrote_outbox(&self, recorded: &[&Recorded]) {
+        if self.effects.erp
+            && recorded
+                .iter()
+                .any(|r| matches!(r, Recorded::New { order_id: Some(_) }))
+        {
+            self.outbox_written.notify_waiters();
+        }
     }
 
     /// Applies the migrations. Two processes starting at once may race on a fresh
@@ -434,6 +500,7 @@ impl OrderStore {
         let mut tx = self.pool.begin().await?;
         let recorded = self.record_in(&mut tx, rec).await?;
         tx.commit().await?;
+        self.wrote_outbox(&[&recorded]);
         Ok(recorded)
     }
 
@@ -446,7 +513,10 @@ impl OrderStore {
     pub async fn record_batch(&self, recs: &[&Recording]) -> Vec<Result<Recorded, StoreError>> {
         if recs.len() > 1 && self.backend == Backend::Postgres {
             match self.record_all_postgres(recs).await {
-                Ok(recorded) => return recorded,
+                Ok(recorded) => {
+                    self.wrote_outbox(&recorded.iter().flatten().collect::<Vec<_>>());
+                    return recorded;
+                }
                 Err(e) => tracing::warn!(
                     recordings = recs.len(),
                     error = %e,
@@ -461,7 +531,10 @@ impl OrderStore {
                 Ok::<_, StoreError>(recorded)
             };
             match batch.await {
-                Ok(recorded) => return recorded.into_iter().map(Ok).collect(),
+                Ok(recorded) => {
+                    self.wrote_outbox(&recorded.iter().collect::<Vec<_>>());
+                    return recorded.into_iter().map(Ok).collect();
+                }
                 Err(e) => tracing::warn!(
                     recordings = recs.len(),
                     error = %e,
@@ -525,6 +598,7 @@ impl OrderStore {
             }
         }
         let now = self.backend.now();
+        let now_ms = self.backend.now_ms();
         let sql = format!(
             "WITH input AS (
                  SELECT x.*, CASE WHEN x.client_id IS NOT NULL
@@ -556,12 +630,17 @@ impl OrderStore {
                  FROM json_to_recordset($2::json) AS l(identity TEXT, line_no BIGINT,
                      sku TEXT, quantity BIGINT, origin TEXT)
                  JOIN new_orders ON new_orders.message_identity = l.identity
+             ), new_effects AS (
+                 INSERT INTO outbox (effect, message_identity, order_id, due_ms, created_ms)
+                 SELECT 'erp', new_orders.message_identity, new_orders.id, {now_ms}, {now_ms}
+                 FROM new_orders WHERE $3
              )
              SELECT message_identity, order_id FROM claimed"
         );
         let rows = sqlx::query(&sql)
             .bind(serde_json::Value::Array(outcomes).to_string())
             .bind(serde_json::Value::Array(lines).to_string())
+            .bind(self.effects.erp)
             .fetch_all(&self.pool)
             .await?;
         let mut claimed: HashMap<String, Option<i64>> = HashMap::with_capacity(rows.len());
@@ -709,6 +788,27 @@ impl OrderStore {
             }
             query.execute(&mut **tx).await?;
         }
+        // The new orders' effects.
+        if self.effects.erp {
+            let ordered: Vec<(&String, &i64)> = order_ids.iter().collect();
+            for chunk in ordered.chunks(ROWS_PER_STATEMENT) {
+                let now_ms = self.backend.now_ms();
+                let values = placeholders(
+                    self.backend,
+                    chunk.len(),
+                    2,
+                    &format!(", 'erp', {now_ms}, {now_ms}"),
+                );
+                let sql = format!(
+                    "INSERT INTO outbox (message_identity, order_id, effect, due_ms, created_ms) VALUES {values}"
+                );
+                let mut query = sqlx::query(&sql).persistent(false);
+                for (identity, id) in chunk {
+                    query = query.bind(*identity).bind(**id);
+                }
+                query.execute(&mut **tx).await?;
+            }
+        }
         // 3. Everything else, one by one, in order: it sees the rows written above.
         let mut out: Vec<Option<Recorded>> = vec![None; recs.len()];
         for &i in &firsts {
@@ -825,6 +925,17 @@ impl OrderStore {
                 .bind(&rec.identity)
                 .execute(&mut **tx)
                 .await?;
+            if self.effects.erp {
+                let now_ms = self.backend.now_ms();
+                sqlx::query(&format!(
+                    "INSERT INTO outbox (effect, message_identity, order_id, due_ms, created_ms)
+                     VALUES ('erp', $1, $2, {now_ms}, {now_ms})"
+                ))
+                .bind(&rec.identity)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            }
             order_id = Some(id);
         }
         Ok(Recorded::New { order_id })
@@ -898,34 +1009,53 @@ impl OrderStore {
         .await?;
         let mut orders = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: i64 = row.try_get("id")?;
-            let lines = sqlx::query(
-                "SELECT sku, quantity, origin FROM order_lines WHERE order_id = $1 ORDER BY line_no",
-            )
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|l| {
-                Ok(OrderLine {
-                    sku: l.try_get("sku")?,
-                    quantity: u32::try_from(l.try_get::<i64, _>("quantity")?).unwrap_or(0),
-                    origin: l.try_get("origin")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-            orders.push(StoredOrder {
-                id,
-                message_identity: row.try_get("message_identity")?,
-                client_id: row.try_get("client_id")?,
-                client_name: row.try_get("client_name")?,
-                sender: row.try_get("sender")?,
-                subject: row.try_get("subject")?,
-                created_at: row.try_get("created_at")?,
-                lines,
-            });
+            orders.push(self.order_of_row(&row).await?);
         }
         Ok(orders)
+    }
+
+    /// The order `id` with its lines, if there is one.
+    pub async fn order(&self, id: i64) -> Result<Option<StoredOrder>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, message_identity, client_id, client_name, sender, subject, created_at
+             FROM orders WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(Some(self.order_of_row(&row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn order_of_row(&self, row: &sqlx::any::AnyRow) -> Result<StoredOrder, StoreError> {
+        let id: i64 = row.try_get("id")?;
+        let lines = sqlx::query(
+            "SELECT sku, quantity, origin FROM order_lines WHERE order_id = $1 ORDER BY line_no",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|l| {
+            Ok(OrderLine {
+                sku: l.try_get("sku")?,
+                quantity: u32::try_from(l.try_get::<i64, _>("quantity")?).unwrap_or(0),
+                origin: l.try_get("origin")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(StoredOrder {
+            id,
+            message_identity: row.try_get("message_identity")?,
+            client_id: row.try_get("client_id")?,
+            client_name: row.try_get("client_name")?,
+            sender: row.try_get("sender")?,
+            subject: row.try_get("subject")?,
+            created_at: row.try_get("created_at")?,
+            lines,
+        })
     }
 
     /// The highest order id, 0 when there is none.

@@ -1,0 +1,306 @@
+//! The transactional outbox and the ERP delivery, against the testkit's ERP on loopback:
+//! every order reaches the ERP and is applied once by its key, through 500s, timeouts, a
+//! lost answer (409 on the retry) and an ERP that goes away; a refused order becomes a dead
+//! letter that an operator lists and replays like any other.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::plane::{call, ADMIN, READ};
+use common::{order_mail, wait_for, Workspace};
+use mail_order_bot::compose::{build_runtime, control_config, load_config};
+use mail_order_bot::domain::erp::order_key;
+use mail_order_bot::module::MailOrderModule;
+use plba_testkit::{ErpMode, ErpServer, PostgresServer};
+use runtime_contracts::Probe;
+use runtime_core::RuntimeManager;
+
+const CONTROL: &str = r#"
+[control]
+enabled = true
+bind = "127.0.0.1:0"
+read_tokens = ["read-token-1"]
+admin_tokens = ["admin-token-1"]
+"#;
+
+/// The ERP section and a quick outbox pool (short backoff, a 3 s lease).
+fn erp_section(erp: &ErpServer, max_attempts: u32) -> String {
+    format!(
+        r#"
+[apps.mail_order_bot.erp]
+url = "{url}"
+timeout_ms = 1000
+auth_env = "PLBA_TEST_ERP_AUTH"
+
+[apps.mail_order_bot.outbox]
+lease_ms = 3000
+
+[pools.outbox]
+workers = 4
+max_attempts = {max_attempts}
+
+[pools.outbox.retry]
+initial_backoff_ms = 20
+max_backoff_ms = 200
+jitter = 0.1
+"#,
+        url = erp.url()
+    )
+}
+
+async fn start(path: &std::path::Path) -> (Arc<RuntimeManager>, axum::Router) {
+    std::env::set_var("PLBA_TEST_ERP_AUTH", "Bearer erp-token-7");
+    let manager = Arc::new(load_config(Some(path), Some(HashMap::new())).expect("config"));
+    let cfg = control_config(manager.root().get("control")).expect("control config");
+    let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule), None)
+        .await
+        .expect("runtime");
+    runtime.start().expect("start");
+    let runtime = Arc::new(runtime);
+    let app = runtime_adapters::control::router(Arc::clone(&runtime), &cfg);
+    (runtime, app)
+}
+
+fn mails(n: usize, prefix: &str) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            let mail = order_mail(
+                &id,
+                "purchasing@acme.example",
+                &[("SKU-1", 2), ("SKU-2", 1)],
+            );
+            (id, mail)
+        })
+        .collect()
+}
+
+/// The keys of every order in the store.
+async fn order_keys(ws: &Workspace) -> Vec<(String, i64)> {
+    let store = ws.store().await;
+    store
+        .orders_after(0)
+        .await
+        .expect("orders")
+        .into_iter()
+        .map(|o| (order_key(&o.message_identity), o.id))
+        .collect()
+}
+
+async fn outbox_stats(runtime: &RuntimeManager) -> runtime_contracts::QueueStats {
+    runtime
+        .queue("outbox")
+        .expect("the outbox pool")
+        .stats()
+        .await
+        .expect("stats")
+}
+
+/// Every order applied once by its key, with its lines; the bodies are what the store has.
+async fn assert_ledger(ws: &Workspace, erp: &ErpServer, orders: usize) {
+    let keys = order_keys(ws).await;
+    assert_eq!(keys.len(), orders, "one order per mail");
+    let applied = erp.applied();
+    assert_eq!(applied.len(), orders, "every order reached the ERP");
+    let store = ws.store().await;
+    for (key, id) in &keys {
+        let body = applied
+            .get(key)
+            .unwrap_or_else(|| panic!("order {id} ({key}) was not applied"));
+        let order = store.order(*id).await.expect("order").expect("stored");
+        assert_eq!(body["id"], key.as_str());
+        assert_eq!(body["number"], *id);
+        assert_eq!(body["client"]["id"], order.client_id.as_str());
+        let lines = body["lines"].as_array().expect("lines");
+        assert_eq!(lines.len(), order.lines.len());
+        for (sent, kept) in lines.iter().zip(&order.lines) {
+            assert_eq!(sent["sku"], kept.sku.as_str());
+            assert_eq!(sent["quantity"], kept.quantity);
+        }
+    }
+    for request in erp.requests() {
+        assert_eq!(
+            request.authorization.as_deref(),
+            Some("Bearer erp-token-7"),
+            "the credential from the environment"
+        );
+        let key = request.key.expect("every request has its key");
+        assert!(applied.contains_key(&key), "a request for an order: {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_order_reaches_the_erp_once_through_failures_timeouts_and_a_lost_answer() {
+    let ws = Workspace::new();
+    let erp = ErpServer::start();
+    // The first answers: a 500, a hang (the client times out), an answer lost after the
+    // ERP applied the order (its retry gets 409), a 503 with Retry-After and a 429.
+    erp.script(&[
+        ErpMode::ServerError,
+        ErpMode::Hang,
+        ErpMode::AppliedButLost,
+        ErpMode::Unavailable(1),
+        ErpMode::TooMany(1),
+        ErpMode::ServerError,
+    ]);
+    let config = ws.config_with(4, 3, &format!("{}{CONTROL}", erp_section(&erp, 8)));
+    for (id, mail) in mails(30, "erp") {
+        ws.deliver(&id, &mail);
+    }
+    // And two that make no order: nothing goes to the ERP for them.
+    ws.deliver(
+        "nobody",
+        &order_mail("nobody", "x@unknown.example", &[("SKU-1", 1)]),
+    );
+    ws.deliver(
+        "nolines",
+        &order_mail("nolines", "purchasing@acme.example", &[]),
+    );
+    let (runtime, app) = start(&config).await;
+    wait_for(Duration::from_secs(60), "every order applied", || async {
+        erp.applied().len() == 30 && outbox_stats(&runtime).await.processed == 30
+    })
+    .await;
+    let stats = outbox_stats(&runtime).await;
+    let status = call(&app, "GET", "/status", READ, None).await.json();
+    runtime.shutdown().await;
+    assert_ledger(&ws, &erp, 30).await;
+    assert_eq!(stats.dead, 0, "nothing dead-lettered: {stats:?}");
+    assert_eq!(stats.depth + stats.scheduled + stats.in_flight, 0);
+    // The 500s, the 429 and a lone timeout count; a 503 (the ERP says it is away) does not.
+    assert!(
+        stats.failed >= 3,
+        "the failed attempts are counted: {stats:?}"
+    );
+    let by_key = erp.requests_by_key();
+    let repeated = by_key.values().filter(|n| **n > 1).count();
+    assert!(
+        repeated >= 3,
+        "the failed deliveries were repeated: {by_key:?}"
+    );
+    assert!(
+        erp.requests().iter().any(|r| r.status == 409),
+        "the lost answer's retry got 409 and counted as delivered"
+    );
+    let queues = status["queues"].to_string();
+    assert!(
+        queues.contains("outbox"),
+        "the outbox is in /status: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_order_is_a_dead_letter_with_the_erps_answer_and_replays() {
+    let ws = Workspace::new();
+    let erp = ErpServer::start();
+    erp.script(&[ErpMode::BadRequest]);
+    let config = ws.config_with(2, 3, &format!("{}{CONTROL}", erp_section(&erp, 8)));
+    ws.deliver(
+        "refused",
+        &order_mail("refused", "purchasing@acme.example", &[("SKU-9", 1)]),
+    );
+    let (runtime, app) = start(&config).await;
+    wait_for(Duration::from_secs(30), "the dead letter", || async {
+        outbox_stats(&runtime).await.dead == 1
+    })
+    .await;
+    assert_eq!(erp.requests().len(), 1, "a 400 is not retried");
+    let listed = call(&app, "GET", "/queues/outbox/dead-letters", READ, None).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let items = listed.json()["items"].as_array().cloned().expect("items");
+    assert_eq!(items.len(), 1, "{}", listed.text);
+    let reason = items[0]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.contains("400") && reason.contains("unknown article"),
+        "the status and an excerpt of the ERP's answer: {reason}"
+    );
+    let id = items[0]["id"].as_str().expect("id").to_owned();
+    // The ERP's catalogue is fixed: the operator replays it.
+    let replayed = call(
+        &app,
+        "POST",
+        &format!("/queues/outbox/dead-letters/{id}/replay"),
+        ADMIN,
+        None,
+    )
+    .await;
+    assert!(replayed.status.is_success(), "{}", replayed.text);
+    wait_for(Duration::from_secs(30), "the replayed delivery", || async {
+        erp.applied().len() == 1 && outbox_stats(&runtime).await.processed == 1
+    })
+    .await;
+    let stats = outbox_stats(&runtime).await;
+    runtime.shutdown().await;
+    assert_eq!(stats.dead, 0);
+    assert_ledger(&ws, &erp, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_erp_away_turns_readiness_and_the_outbox_drains_when_it_is_back() {
+    let ws = Workspace::new();
+    let mut erp = ErpServer::start();
+    erp.down();
+    // Two attempts at most: only an outage that counted attempts could dead-letter.
+    let config = ws.config_with(2, 3, &format!("{}{CONTROL}", erp_section(&erp, 2)));
+    for (id, mail) in mails(10, "away") {
+        ws.deliver(&id, &mail);
+    }
+    let (runtime, _app) = start(&config).await;
+    wait_for(
+        Duration::from_secs(30),
+        "readiness down for the ERP",
+        || async {
+            let report = runtime.health().check(Probe::Readiness).await;
+            report
+                .checks
+                .iter()
+                .any(|c| c.name == "erp" && c.status != runtime_contracts::HealthStatus::Up)
+        },
+    )
+    .await;
+    // Away for a minute, with the mail still coming in.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let during = outbox_stats(&runtime).await;
+    assert_eq!(during.dead, 0, "an outage dead-letters nothing: {during:?}");
+    assert_eq!(during.processed, 0);
+    erp.up();
+    wait_for(Duration::from_secs(60), "the outbox drained", || async {
+        outbox_stats(&runtime).await.processed == 10
+    })
+    .await;
+    wait_for(Duration::from_secs(30), "readiness up again", || async {
+        runtime.health().check(Probe::Readiness).await.healthy
+    })
+    .await;
+    runtime.shutdown().await;
+    assert_ledger(&ws, &erp, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_postgres_the_batch_statement_writes_the_outbox_rows() {
+    let pg = PostgresServer::start();
+    let ws = Workspace::with_store(pg.create_database());
+    let erp = ErpServer::start();
+    let config = ws.config_with(4, 3, &format!("{}{CONTROL}", erp_section(&erp, 8)));
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("[pools.orders]\n", "[pools.orders]\nprefetch = 32\n");
+    std::fs::write(&config, text).expect("config");
+    for (id, mail) in mails(60, "pg") {
+        ws.deliver(&id, &mail);
+    }
+    let (runtime, _app) = start(&config).await;
+    wait_for(Duration::from_secs(60), "every order applied", || async {
+        erp.applied().len() == 60 && outbox_stats(&runtime).await.processed == 60
+    })
+    .await;
+    runtime.shutdown().await;
+    assert_ledger(&ws, &erp, 60).await;
+    assert!(
+        erp.requests_by_key().values().all(|n| *n == 1),
+        "no fault: one request per order"
+    );
+}
