@@ -34,6 +34,9 @@ const POINTS: &[&str] = &[
     "worker.after_complete",
     "queue.ack_batch",
     "config.reload",
+    "outbox.after_claim",
+    "outbox.after_send",
+    "outbox.before_mark",
 ];
 
 /// Runs of each point.
@@ -196,6 +199,52 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::pr
     None
 }
 
+/// The ERP section of a fault run: a 2 s lease, so a killed dispatcher's claims come back
+/// quickly.
+fn erp_section(erp: &plba_testkit::ErpServer) -> String {
+    format!(
+        "\n[apps.mail_order_bot.erp]\nurl = \"{}\"\ntimeout_ms = 1000\n\n[apps.mail_order_bot.outbox]\nlease_ms = 2000\n",
+        erp.url()
+    )
+}
+
+/// Every order reached the ERP and was applied once by its key; every request the ERP got
+/// was for one of them.
+async fn assert_erp_ledger(
+    erp: &plba_testkit::ErpServer,
+    orders: &[mail_order_bot::domain::store::StoredOrder],
+    label: &str,
+) {
+    let keys: std::collections::BTreeSet<String> = orders
+        .iter()
+        .map(|o| mail_order_bot::domain::erp::order_key(&o.message_identity))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while erp.applied().len() < keys.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{label}: {} of {} orders reached the ERP",
+            erp.applied().len(),
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let applied: std::collections::BTreeSet<String> = erp.applied().into_keys().collect();
+    assert_eq!(applied, keys, "{label}: the ERP applied exactly the orders");
+    for request in erp.requests() {
+        let key = request.key.unwrap_or_default();
+        assert!(
+            keys.contains(&key),
+            "{label}: a request for no order: {key}"
+        );
+        assert!(
+            matches!(request.status, 201 | 409),
+            "{label}: the ERP answered {} to {key}",
+            request.status
+        );
+    }
+}
+
 /// What one run found.
 struct RunReport {
     fired: bool,
@@ -267,8 +316,14 @@ async fn one_run(point: &str, run: usize) -> RunReport {
     ws.store().await;
     let db = refuse_sku_666(&ws).await;
     let ledger = ledger();
-    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
-    let config = ws.config_with(2, 2, control);
+    // Every order also goes to the ERP, from the outbox; a killed dispatcher's claims
+    // come back after the 2 s lease.
+    let erp = plba_testkit::ErpServer::start();
+    let control = format!(
+        "{}\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n",
+        erp_section(&erp)
+    );
+    let config = ws.config_with(2, 2, &control);
 
     // The first process dies at the step (or is killed if it never gets there).
     let skip = run * 2;
@@ -331,13 +386,9 @@ async fn one_run(point: &str, run: usize) -> RunReport {
         ledger.mails.len(),
         "{point} run {run}: a message file went missing"
     );
-    let orders = ws
-        .store()
-        .await
-        .orders_after(0)
-        .await
-        .expect("orders")
-        .len();
+    let orders = ws.store().await.orders_after(0).await.expect("orders");
+    assert_erp_ledger(&erp, &orders, &format!("{point} run {run}")).await;
+    let orders = orders.len();
 
     kill(
         Pid::from_raw(i32::try_from(second.id()).expect("pid")),
@@ -383,6 +434,9 @@ const IMAP_POINTS: &[&str] = &[
     "queue.ack_batch",
     "redis.retry_mover",
     "config.reload",
+    "outbox.after_claim",
+    "outbox.after_send",
+    "outbox.before_mark",
 ];
 
 const PASSWORD: &str = "fault-Pa55";
@@ -424,7 +478,11 @@ impl ImapStack {
 
     /// A workspace on a new database whose `order_lines` refuse SKU-666, and its config:
     /// mailbox user `n`, Redis keys under `run<n>`, leases taken over after 2 s.
-    async fn workspace(&self, n: usize) -> (Workspace, std::path::PathBuf) {
+    async fn workspace(
+        &self,
+        n: usize,
+        erp: Option<&plba_testkit::ErpServer>,
+    ) -> (Workspace, std::path::PathBuf) {
         let ws = Workspace::with_store(self.pg.create_database());
         ws.store().await;
         let db = sqlx::PgPool::connect(&ws.store_url()).await.expect("db");
@@ -440,8 +498,11 @@ impl ImapStack {
         .expect("the SKU-666 trigger");
         let password_file = ws.dir.path().join("imap-password");
         std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
-        let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n";
-        let text = std::fs::read_to_string(ws.config_redis(&self.redis.url(), 2, 2_000, control))
+        let mut control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n".to_owned();
+        if let Some(erp) = erp {
+            control.push_str(&erp_section(erp));
+        }
+        let text = std::fs::read_to_string(ws.config_redis(&self.redis.url(), 2, 2_000, &control))
             .expect("config")
             .replace(
                 "max_deliveries = 3",
@@ -505,7 +566,8 @@ fn spawn_bot(config: &std::path::Path, faults: Option<&str>) -> std::process::Ch
 
 async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> RunReport {
     let started = Instant::now();
-    let (ws, config) = stack.workspace(n).await;
+    let erp = plba_testkit::ErpServer::start();
+    let (ws, config) = stack.workspace(n, Some(&erp)).await;
     let ledger = ledger();
     // A filing point is reached a few times per run only (the failed mail is two
     // messages): it fires at its first reach.
@@ -540,6 +602,8 @@ async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> R
         &format!("imap {point} run {run}"),
     )
     .await;
+    let orders = ws.store().await.orders_after(0).await.expect("orders");
+    assert_erp_ledger(&erp, &orders, &format!("imap {point} run {run}")).await;
     stop_bot(second, &format!("imap {point} run {run}"));
     RunReport {
         fired,
@@ -827,7 +891,7 @@ async fn each_dependency_outage_turns_readiness_and_loses_nothing() {
             continue;
         }
         let started = Instant::now();
-        let (ws, config) = stack.workspace(n).await;
+        let (ws, config) = stack.workspace(n, None).await;
         // The order store is one the pool needs: while PostgreSQL is down the pool waits and
         // failed attempts are not counted, so the test policy (2 attempts, 10-50 ms apart)
         // loses nothing to 30 s of it. A mailbox coming back can answer the gate's NOOP just
@@ -976,7 +1040,7 @@ async fn soak_random_faults_under_a_stream_of_mail() {
         .and_then(|m| m.parse().ok())
         .unwrap_or(0.5);
     let mut stack = ImapStack::start(1);
-    let (ws, config) = stack.workspace(0).await;
+    let (ws, config) = stack.workspace(0, None).await;
     // Retries outlast a mailbox outage (see the outage runs); and the poison guard (a task
     // whose worker died with it `max_deliveries` times is given up) allows for a crash
     // every few seconds, which may catch one task in flight several times without the task

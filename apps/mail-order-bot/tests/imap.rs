@@ -577,12 +577,55 @@ async fn a_dovecot_push_notification_becomes_the_order_and_the_mail_is_seen() {
     .await;
     let status = runtime.status().await;
     runtime.shutdown().await;
-    assert_eq!(status.sources["push"].published, 1, "the notification");
+    // The notification names the message's UID and becomes its task; when Dovecot has not
+    // assigned the UID yet (it then sends `imap-uid: 0`), it wakes the mailbox's search.
+    // Either way one task, and well before the next search was due.
     assert_eq!(
-        status.sources["inbox"].published, 0,
-        "the mailbox's own search did not bring it"
+        status.sources["push"].published + status.sources["inbox"].published,
+        1,
+        "one task: {:?}",
+        status.sources
     );
     assert_eq!(status.pools[0].processed, 1);
+}
+
+/// Dovecot sends `imap-uid: 0` when it has not assigned the delivery's UID yet (a Maildir
+/// whose UID list another session holds): the notification wakes the mailbox's search.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_without_a_uid_wakes_the_mailboxs_search() {
+    let ws = Workspace::new();
+    let (server, runtime, hook_port) = pushed_bot(&ws, 600_000).await;
+    // Appended over IMAP: no notification of its own.
+    server.append(
+        USER,
+        PASSWORD,
+        "INBOX",
+        &bytes(&[order_mail(
+            "no-uid",
+            "purchasing@acme.example",
+            &[("SKU-7", 2)],
+        )]),
+    );
+    let answer = reqwest::Client::new()
+        .put(format!("http://127.0.0.1:{hook_port}/hooks/dovecot?token=push-token-9"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(format!(
+            r#"{{"user":"{USER}","event":"messageNew","folder":"INBOX","imap-uidvalidity":1796607957,"imap-uid":0,"from":"purchasing@acme.example","subject":"Order no-uid","unseen":1}}"#
+        ))
+        .send()
+        .await
+        .expect("the webhook answers");
+    assert_eq!(answer.status().as_u16(), 202, "accepted, not refused");
+    wait_for(
+        Duration::from_secs(30),
+        "the order, the mail seen",
+        || async { common::orders_so_far(&ws).await == 1 && seen_split(&server) == (1, 0) },
+    )
+    .await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    assert_eq!(status.sources["inbox"].published, 1, "the woken search");
+    assert_eq!(status.sources["push"].published, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

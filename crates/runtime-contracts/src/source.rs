@@ -132,6 +132,24 @@ pub trait Backpressure: Send + Sync {
     fn wait_for_capacity(&self) -> BoxFuture<'_, ()>;
 }
 
+/// Asks the sources of this process to look for work now: a notification that says that
+/// something changed without saying what (a Dovecot push without a UID) wakes the source
+/// that reads it.
+pub trait SourceWaker: Send + Sync {
+    /// Wakes the source `id` ([`TaskSource::wake`]); false when there is none.
+    fn wake(&self, id: &str) -> bool;
+}
+
+/// A [`SourceWaker`] that knows no source (for a source started outside a runtime).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoSources;
+
+impl SourceWaker for NoSources {
+    fn wake(&self, _id: &str) -> bool {
+        false
+    }
+}
+
 /// What the runtime hands a source when it starts it.
 #[derive(Clone)]
 pub struct SourceContext {
@@ -143,6 +161,8 @@ pub struct SourceContext {
     pub backpressure: Arc<dyn Backpressure>,
     /// Writes trace context into the headers of published tasks.
     pub tracer: Arc<dyn TraceFactory>,
+    /// The other sources of the process, to wake.
+    pub sources: Arc<dyn SourceWaker>,
 }
 
 impl fmt::Debug for SourceContext {
@@ -265,6 +285,11 @@ pub trait TaskSource: Send + Sync {
     fn reachable(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Asked to look for work now rather than at its next scan (another source was told
+    /// that something changed here; see [`SourceWaker`]). Never blocks. The default does
+    /// nothing: the next scan finds the work.
+    fn wake(&self) {}
 
     /// Takes the source's changed configuration (its whole section, `type` included, already
     /// validated) while it runs: [`Reconfigure::Applied`] when it is in effect now,

@@ -82,6 +82,7 @@ pub fn source_context(queue: Arc<dyn TaskQueue>) -> (SourceContext, Arc<StopSign
         shutdown: stop.clone(),
         backpressure: Arc::new(NoBackpressure),
         tracer: Arc::new(NoTrace),
+        sources: Arc::new(runtime_contracts::NoSources),
     };
     (ctx, stop)
 }

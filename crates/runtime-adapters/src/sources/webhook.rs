@@ -360,9 +360,10 @@ type HmacSha256 = Hmac<sha2::Sha256>;
 
 /// A refusal: status and a stable error code with a message.
 fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let message = message.into();
     (
         status,
-        axum::Json(json!({"error": {"code": code, "message": message.into()}})),
+        axum::Json(json!({"error": {"code": code, "message": message}})),
     )
         .into_response()
 }
@@ -615,16 +616,20 @@ impl Handler {
                     tracing::debug!(source = %self.id, user = ?text("user"), "notification for another user ignored");
                     return Ok(Vec::new());
                 }
-                let (Some(user), Some(folder), Some(validity), Some(uid)) = (
-                    text("user"),
-                    text("folder"),
-                    number("imap-uidvalidity"),
-                    number("imap-uid"),
-                ) else {
+                let (Some(user), Some(folder)) = (text("user"), text("folder")) else {
                     return Err(bad(
                         "missing_delivery_id",
                         "a messageNew names user, folder, imap-uidvalidity and imap-uid".into(),
                     ));
+                };
+                let (Some(validity), Some(uid)) = (number("imap-uidvalidity"), number("imap-uid"))
+                else {
+                    // Dovecot sends `imap-uid: 0` when the delivery's UID is not assigned
+                    // yet (a Maildir whose UID list another session holds locked): the mail
+                    // is there, its UID unknown. The mailbox's own source searches now.
+                    let woke = self.ctx.sources.wake(&self.shared_id);
+                    tracing::debug!(source = %self.id, folder, woke, "a notification without a UID; the mailbox's source searches now");
+                    return Ok(Vec::new());
                 };
                 Ok(vec![(
                     format!("{folder}:{validity}:{uid}"),

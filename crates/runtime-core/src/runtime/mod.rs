@@ -548,6 +548,12 @@ impl RuntimeManager {
             }
             tracing::info!(pool, workers = pool_config.workers, "pool started");
         }
+        let waker: Arc<dyn runtime_contracts::SourceWaker> = Arc::new(Waker(
+            self.sources
+                .iter()
+                .map(|(s, _)| (s.id().to_owned(), Arc::clone(s)))
+                .collect(),
+        ));
         for (source, pool) in &self.sources {
             let (Some(queue), Some(pool_config), Some(control)) = (
                 self.queues.get(pool),
@@ -568,6 +574,7 @@ impl RuntimeManager {
                     control: Arc::clone(control),
                 }),
                 tracer: Arc::new(self.trace.clone()),
+                sources: Arc::clone(&waker),
             };
             tracing::info!(source = source.id(), pool, "source started");
             self.source_tasks
@@ -890,6 +897,21 @@ impl RuntimeManager {
             drained_in_time,
             pools: status.pools,
             queues: status.queues,
+        }
+    }
+}
+
+/// The runtime's sources by id, for a source that wakes another.
+struct Waker(HashMap<String, Arc<dyn TaskSource>>);
+
+impl runtime_contracts::SourceWaker for Waker {
+    fn wake(&self, id: &str) -> bool {
+        match self.0.get(id) {
+            Some(source) => {
+                source.wake();
+                true
+            }
+            None => false,
         }
     }
 }

@@ -179,8 +179,11 @@ pub struct ImapSource {
     /// While this replica holds the watcher's lease: the resource, the token its tasks
     /// carry, and the signal that makes the watcher step down.
     fence: Mutex<Option<(String, u64, StepDown)>>,
-    /// Wakes a polling watcher's pause when a reload changed its interval.
+    /// Wakes a polling watcher's pause when a reload changed its interval, or when it was
+    /// asked to search now (`nudged`).
     retuned: tokio::sync::Notify,
+    /// Set by [`TaskSource::wake`]: the pause under way (or the next one) ends at once.
+    nudged: std::sync::atomic::AtomicBool,
 }
 
 /// Stops the watcher when the process shuts down or when this replica loses the lease.
@@ -290,6 +293,7 @@ impl ImapSource {
             seen: SeenBatch::default(),
             fence: Mutex::new(None),
             retuned: tokio::sync::Notify::new(),
+            nudged: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -824,6 +828,9 @@ impl ImapSource {
                     let began = Instant::now();
                     loop {
                         let retuned = self.retuned.notified();
+                        if self.nudged.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
                         let pause = until_retire(
                             Duration::from_millis(self.settings().config.poll_interval_ms),
                             retire_at,
@@ -1809,6 +1816,12 @@ impl TaskSource for ImapSource {
 
     fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {
         Box::pin(self.run(ctx))
+    }
+
+    /// A polling watcher searches now (an IDLE watcher hears of new mail by itself).
+    fn wake(&self) {
+        self.nudged.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.retuned.notify_waiters();
     }
 
     fn reconfigure(&self, section: &serde_json::Value) -> runtime_contracts::Reconfigure {
