@@ -21,6 +21,7 @@ bench:
     cargo bench -p mail-order-bot --bench parse
     cargo bench -p mail-order-bot --bench imap
     cargo bench -p mail-order-bot --bench replicas
+    cargo bench -p mail-order-bot --bench outbox
 
 # Fuzz parse + extract for SECONDS (needs `cargo install cargo-fuzz`; stable Rust, so no
 # sanitizer). New inputs go to fuzz/corpus-work (ignored by git); a crash lands in

@@ -295,7 +295,7 @@ impl ApplicationModule for MailOrderModule {
             if effects.any() {
                 // The outbox is the queue of a pool of its own, so its effects are retried,
                 // dead-lettered and replayed like any task.
-                registry.pool(outbox::POOL);
+                registry.pool_with(outbox::POOL, outbox::pool_defaults());
                 registry.queue(
                     outbox::POOL,
                     Arc::new(OutboxQueue::new(
@@ -815,6 +815,9 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     }
     fn pool(&mut self, name: &str) {
         self.0.pool(name);
+    }
+    fn pool_with(&mut self, name: &str, defaults: runtime_contracts::PoolDefaults) {
+        self.0.pool_with(name, defaults);
     }
     fn queue(&mut self, pool: &str, queue: Arc<dyn runtime_contracts::TaskQueue>) {
         self.0.queue(pool, queue);

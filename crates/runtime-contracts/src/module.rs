@@ -32,6 +32,22 @@ pub enum ModuleError {
     },
 }
 
+/// Settings a module proposes for a pool it declares ([`ModuleRegistry::pool_with`]);
+/// `None` leaves the platform's default. The configuration's own keys always win.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolDefaults {
+    /// Workers.
+    pub workers: Option<usize>,
+    /// Tasks each worker leases and hands its handler at once.
+    pub prefetch: Option<usize>,
+    /// Attempts before a task is dead-lettered.
+    pub max_attempts: Option<u32>,
+    /// The first retry's delay.
+    pub initial_backoff_ms: Option<u64>,
+    /// The longest retry delay.
+    pub max_backoff_ms: Option<u64>,
+}
+
 /// Where a module registers its parts. Implemented by the runtime core's builder.
 ///
 /// Sources, queues and pools usually come from the configuration, composed by the binary; a
@@ -44,6 +60,13 @@ pub trait ModuleRegistry: Send {
     /// Declares a worker pool the module needs. When the configuration has no
     /// `[pools.<name>]`, the pool runs with the platform's default settings.
     fn pool(&mut self, name: &str);
+    /// [`ModuleRegistry::pool`] with settings the module proposes for it: each applies
+    /// where the configuration's `[pools.<name>]` does not set that key. The default
+    /// ignores them.
+    fn pool_with(&mut self, name: &str, defaults: PoolDefaults) {
+        let _ = defaults;
+        self.pool(name);
+    }
     /// Registers a queue the module brings for the pool `pool`, instead of the configured
     /// queue type.
     fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>);

@@ -533,25 +533,27 @@ async fn excerpt(mut response: reqwest::Response) -> String {
     text
 }
 
-impl TaskHandler for ErpHandler {
-    fn handle<'a>(
-        &'a self,
-        task: &'a Task,
-        _ctx: &'a HandlerContext,
-    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
-        Box::pin(async move {
-            let Some(order_id) = task
-                .payload
-                .get("order_id")
-                .and_then(serde_json::Value::as_i64)
-            else {
-                return Err(HandlerError::Permanent(format!(
-                    "outbox row {:?} names no order",
-                    row_of(task)
-                )));
-            };
-            let order = match self.store.order(order_id).await {
-                Ok(Some(order)) => order,
+impl ErpHandler {
+    /// The order a task names, from `loaded` (read for its batch) or else the store.
+    async fn handle_one(
+        &self,
+        task: &Task,
+        loaded: Option<&std::collections::HashMap<i64, StoredOrder>>,
+    ) -> Result<Outcome, HandlerError> {
+        let Some(order_id) = order_of(task) else {
+            return Err(HandlerError::Permanent(format!(
+                "outbox row {:?} names no order",
+                row_of(task)
+            )));
+        };
+        let fetched;
+        let order = match loaded.and_then(|l| l.get(&order_id)) {
+            Some(order) => order,
+            None => match self.store.order(order_id).await {
+                Ok(Some(order)) => {
+                    fetched = order;
+                    &fetched
+                }
                 Ok(None) => {
                     return Err(HandlerError::Permanent(format!(
                         "order {order_id} is not in the store"
@@ -562,41 +564,64 @@ impl TaskHandler for ErpHandler {
                         "reading order {order_id}: {e}"
                     )))
                 }
-            };
-            let answer = self.deliver(&order).await;
-            crate::module::fault("outbox.after_send")?;
-            match answer {
-                Answer::Delivered(detail) => {
-                    self.health.reached();
-                    Ok(Outcome::new("delivered").with_detail(detail))
-                }
-                Answer::Retry(reason, after, away) => {
-                    match away {
-                        Away::Yes => self
-                            .health
-                            .unreachable(reason.clone(), after.unwrap_or(HOLD_DOWN).max(HOLD_DOWN)),
-                        Away::Maybe => self.health.timed_out(reason.clone()),
-                        Away::No => self.health.reached(),
-                    }
-                    Err(HandlerError::Retry { reason, after })
-                }
-                Answer::Refused(reason) => {
-                    self.health.reached();
-                    Err(HandlerError::Permanent(reason))
-                }
+            },
+        };
+        let answer = self.deliver(order).await;
+        crate::module::fault("outbox.after_send")?;
+        match answer {
+            Answer::Delivered(detail) => {
+                self.health.reached();
+                Ok(Outcome::new("delivered").with_detail(detail))
             }
-        })
+            Answer::Retry(reason, after, away) => {
+                match away {
+                    Away::Yes => self
+                        .health
+                        .unreachable(reason.clone(), after.unwrap_or(HOLD_DOWN).max(HOLD_DOWN)),
+                    Away::Maybe => self.health.timed_out(reason.clone()),
+                    Away::No => self.health.reached(),
+                }
+                Err(HandlerError::Retry { reason, after })
+            }
+            Answer::Refused(reason) => {
+                self.health.reached();
+                Err(HandlerError::Permanent(reason))
+            }
+        }
+    }
+}
+
+fn order_of(task: &Task) -> Option<i64> {
+    task.payload
+        .get("order_id")
+        .and_then(serde_json::Value::as_i64)
+}
+
+impl TaskHandler for ErpHandler {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        _ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        Box::pin(self.handle_one(task, None))
     }
 
     fn handle_batch<'a>(
         &'a self,
         tasks: &'a [Arc<Task>],
-        ctx: &'a HandlerContext,
+        _ctx: &'a HandlerContext,
     ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
-        // Deliveries are independent: side by side.
-        Box::pin(futures::future::join_all(
-            tasks.iter().map(|task| self.handle(task, ctx)),
-        ))
+        Box::pin(async move {
+            // The batch's orders in two statements; then the deliveries side by side.
+            let ids: Vec<i64> = tasks.iter().filter_map(|t| order_of(t)).collect();
+            let loaded = self.store.orders(&ids).await.ok();
+            futures::future::join_all(
+                tasks
+                    .iter()
+                    .map(|task| self.handle_one(task, loaded.as_ref())),
+            )
+            .await
+        })
     }
 }
 

@@ -31,6 +31,20 @@ pub const POOL: &str = "outbox";
 pub const SOURCE: &str = "outbox";
 /// The task kind of an ERP delivery.
 pub const ERP_KIND: &str = "outbox.erp";
+/// What the `outbox` pool runs with where `[pools.outbox]` says nothing: each worker claims
+/// up to 16 effects at once and performs them side by side (one claim and one mark per
+/// batch); a failing effect is tried 10 times over about eight minutes (1 s doubling to
+/// 5 min) before it becomes a dead letter, and an ERP that is away counts no attempts.
+pub fn pool_defaults() -> runtime_contracts::PoolDefaults {
+    runtime_contracts::PoolDefaults {
+        workers: Some(4),
+        prefetch: Some(16),
+        max_attempts: Some(10),
+        initial_backoff_ms: Some(1_000),
+        max_backoff_ms: Some(300_000),
+    }
+}
+
 /// Failed attempts kept in a row's history.
 const HISTORY_KEPT: usize = 20;
 /// The longest a claim waits between two looks at the table when nothing wakes it.

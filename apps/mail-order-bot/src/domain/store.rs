@@ -1029,6 +1029,58 @@ impl OrderStore {
         }
     }
 
+    /// The orders `ids` with their lines (two statements for all of them); an id with no
+    /// order is left out.
+    pub async fn orders(&self, ids: &[i64]) -> Result<HashMap<i64, StoredOrder>, StoreError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let list = parameter_list(self.backend, 0, chunk.len());
+            let sql = format!(
+                "SELECT id, message_identity, client_id, client_name, sender, subject, created_at
+                 FROM orders WHERE id IN ({list})"
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let id: i64 = row.try_get("id")?;
+                out.insert(
+                    id,
+                    StoredOrder {
+                        id,
+                        message_identity: row.try_get("message_identity")?,
+                        client_id: row.try_get("client_id")?,
+                        client_name: row.try_get("client_name")?,
+                        sender: row.try_get("sender")?,
+                        subject: row.try_get("subject")?,
+                        created_at: row.try_get("created_at")?,
+                        lines: Vec::new(),
+                    },
+                );
+            }
+            let sql = format!(
+                "SELECT order_id, sku, quantity, origin FROM order_lines
+                 WHERE order_id IN ({list}) ORDER BY order_id, line_no"
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for l in query.fetch_all(&self.pool).await? {
+                let id: i64 = l.try_get("order_id")?;
+                if let Some(order) = out.get_mut(&id) {
+                    order.lines.push(OrderLine {
+                        sku: l.try_get("sku")?,
+                        quantity: u32::try_from(l.try_get::<i64, _>("quantity")?).unwrap_or(0),
+                        origin: l.try_get("origin")?,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn order_of_row(&self, row: &sqlx::any::AnyRow) -> Result<StoredOrder, StoreError> {
         let id: i64 = row.try_get("id")?;
         let lines = sqlx::query(

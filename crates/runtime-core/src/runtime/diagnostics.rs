@@ -67,7 +67,7 @@ impl RuntimeManager {
         let mut out = Diagnostics::default();
         let platform = self.config.platform();
         for (name, queue) in &self.queues {
-            let pool = platform.pools.get(name).cloned().unwrap_or_default();
+            let pool = self.effective_pool(&platform, name).unwrap_or_default();
             let timeout = pool.handler_timeout();
             match queue.inspect(INSPECT_MAX).await {
                 Ok(Some(inspection)) => {

@@ -185,6 +185,7 @@ impl std::fmt::Debug for RuntimeBuilder {
 struct Registrar<'a> {
     handlers: &'a mut HashMap<String, HashMap<String, Arc<dyn TaskHandler>>>,
     pools: &'a mut std::collections::BTreeSet<String>,
+    pool_defaults: &'a mut HashMap<String, runtime_contracts::PoolDefaults>,
     queues: &'a mut BTreeMap<String, Arc<dyn TaskQueue>>,
     sources: &'a mut Vec<(Arc<dyn TaskSource>, String)>,
     health: &'a HealthRegistry,
@@ -205,6 +206,11 @@ impl ModuleRegistry for Registrar<'_> {
 
     fn pool(&mut self, name: &str) {
         self.pools.insert(name.to_owned());
+    }
+
+    fn pool_with(&mut self, name: &str, defaults: runtime_contracts::PoolDefaults) {
+        self.pool(name);
+        self.pool_defaults.insert(name.to_owned(), defaults);
     }
 
     fn queue(&mut self, pool: &str, queue: Arc<dyn TaskQueue>) {
@@ -324,10 +330,12 @@ impl RuntimeBuilder {
         let mut outcomes = None;
         let mut console = Vec::new();
         let mut needs = HashMap::new();
+        let mut pool_defaults = HashMap::new();
         for module in &self.modules {
             let mut registrar = Registrar {
                 handlers: &mut handlers,
                 pools: &mut declared,
+                pool_defaults: &mut pool_defaults,
                 queues: &mut self.queues,
                 sources: &mut self.sources,
                 health: &health,
@@ -342,6 +350,11 @@ impl RuntimeBuilder {
         let mut pools = self.config.platform().pools;
         for name in declared {
             pools.entry(name).or_default();
+        }
+        for (name, defaults) in &pool_defaults {
+            if let Some(pool) = pools.get_mut(name) {
+                *pool = with_defaults(&self.config.root(), name, pool.clone(), defaults);
+            }
         }
         let mut problems = Vec::new();
         for pool in pools.keys() {
@@ -419,6 +432,7 @@ impl RuntimeBuilder {
             telemetry: self.telemetry,
             config: self.config,
             pools,
+            pool_defaults,
             source_controls,
             live_keys: self.live_keys,
             logs: self.logs,
@@ -444,6 +458,8 @@ impl RuntimeBuilder {
 pub struct RuntimeManager {
     config: Arc<ConfigurationManager>,
     pools: BTreeMap<String, crate::config::PoolConfig>,
+    /// What modules proposed for their pools ([`ModuleRegistry::pool_with`]).
+    pool_defaults: HashMap<String, runtime_contracts::PoolDefaults>,
     source_controls: HashMap<String, Arc<SourceControl>>,
     live_keys: Vec<String>,
     logs: Option<Arc<LogControl>>,
@@ -913,5 +929,58 @@ impl runtime_contracts::SourceWaker for Waker {
             }
             None => false,
         }
+    }
+}
+
+/// `pool` (as the configuration gives it) with a module's `defaults` for each key that the
+/// configuration's `[pools.NAME]` does not set itself.
+fn with_defaults(
+    root: &serde_json::Value,
+    name: &str,
+    mut pool: crate::config::PoolConfig,
+    defaults: &runtime_contracts::PoolDefaults,
+) -> crate::config::PoolConfig {
+    let raw = root.get("pools").and_then(|p| p.get(name));
+    let set = |key: &str| raw.and_then(|r| r.get(key)).is_some();
+    let retry_set = |key: &str| {
+        raw.and_then(|r| r.get("retry"))
+            .and_then(|r| r.get(key))
+            .is_some()
+    };
+    if let (false, Some(v)) = (set("workers"), defaults.workers) {
+        pool.workers = v;
+    }
+    if let (false, Some(v)) = (set("prefetch"), defaults.prefetch) {
+        pool.prefetch = v;
+    }
+    if let (false, Some(v)) = (set("max_attempts"), defaults.max_attempts) {
+        pool.max_attempts = v;
+    }
+    if let (false, Some(v)) = (retry_set("initial_backoff_ms"), defaults.initial_backoff_ms) {
+        pool.retry.initial_backoff_ms = v;
+    }
+    if let (false, Some(v)) = (retry_set("max_backoff_ms"), defaults.max_backoff_ms) {
+        pool.retry.max_backoff_ms = v;
+    }
+    pool
+}
+
+impl RuntimeManager {
+    /// The settings of `pool` in `platform`, with its module's proposals where the
+    /// configuration is silent.
+    pub(crate) fn effective_pool(
+        &self,
+        platform: &crate::config::PlatformConfig,
+        pool: &str,
+    ) -> Option<crate::config::PoolConfig> {
+        let configured = platform
+            .pools
+            .get(pool)
+            .cloned()
+            .or_else(|| self.pools.contains_key(pool).then(Default::default))?;
+        Some(match self.pool_defaults.get(pool) {
+            Some(defaults) => with_defaults(&self.config.root(), pool, configured, defaults),
+            None => configured,
+        })
     }
 }

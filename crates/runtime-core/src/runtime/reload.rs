@@ -162,8 +162,8 @@ impl RuntimeManager {
             }
         }
         for pool in pools_to_update {
-            if let Some(config) = platform.pools.get(&pool) {
-                self.supervisor.update_pool(&pool, config.clone());
+            if let Some(config) = self.effective_pool(&platform, &pool) {
+                self.supervisor.update_pool(&pool, config);
             }
         }
         if report.applied.iter().any(|k| k == "runtime.log") {
