@@ -318,6 +318,7 @@ impl ApplicationModule for MailOrderModule {
                 registry.needs(outbox::POOL, health);
             }
             registry.outcome_lookup(Arc::new(store.clone()));
+            registry.retention(Arc::new(store.clone()));
             registry.console(Arc::new(crate::pages::BotPages::new(store.clone())));
             registry.service(Arc::new(store));
             Ok(())
@@ -818,6 +819,9 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     }
     fn pool_with(&mut self, name: &str, defaults: runtime_contracts::PoolDefaults) {
         self.0.pool_with(name, defaults);
+    }
+    fn retention(&mut self, sweep: Arc<dyn runtime_contracts::RetentionSweep>) {
+        self.0.retention(sweep);
     }
     fn queue(&mut self, pool: &str, queue: Arc<dyn runtime_contracts::TaskQueue>) {
         self.0.queue(pool, queue);

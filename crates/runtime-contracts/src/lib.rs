@@ -36,7 +36,10 @@ pub use config::{ConfigError, ConfigProblem, ConfigProvider, ConfigSubscriber};
 pub use console::{ConsoleError, ConsolePages};
 pub use handler::{HandlerContext, HandlerError, Outcome, TaskHandler};
 pub use health::{HealthContributor, HealthStatus, Probe};
-pub use module::{ApplicationModule, ModuleError, ModuleRegistry, OutcomeLookup, PoolDefaults};
+pub use module::{
+    ApplicationModule, ModuleError, ModuleRegistry, OutcomeLookup, PoolDefaults, RetentionPolicy,
+    RetentionSweep,
+};
 pub use queue::{
     ConsumerInfo, DeadLetter, DeadLetterPage, DeadLetterStore, Inspection, Lease, LeaseHolder,
     LeaseInfo, Leases, PublishResult, QueueError, QueueStats, RetryInfo, TaskQueue,

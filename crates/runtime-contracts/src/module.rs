@@ -90,11 +90,41 @@ pub trait ModuleRegistry: Send {
     fn needs(&mut self, pool: &str, dependency: Arc<dyn HealthContributor>) {
         let _ = (pool, dependency);
     }
+    /// Registers what the module deletes in the retention sweep (`[retention]`). The
+    /// default ignores it.
+    fn retention(&mut self, sweep: Arc<dyn RetentionSweep>) {
+        let _ = sweep;
+    }
     /// Registers pages the module adds to the operator console (read-only views of its
     /// own records). The default ignores them.
     fn console(&mut self, pages: Arc<dyn ConsolePages>) {
         let _ = pages;
     }
+}
+
+/// How long records are kept, as `[retention]` says: each age applies to what a module
+/// keeps under that name; `None` keeps them for good.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Recorded outcomes (a record that something was done, not the thing itself).
+    pub outcomes: Option<std::time::Duration>,
+    /// Effects already performed (delivered outbox rows).
+    pub effects: Option<std::time::Duration>,
+    /// The business records themselves (orders); kept unless the operator says otherwise.
+    pub records: Option<std::time::Duration>,
+    /// Dead letters (the runtime purges its queues' own).
+    pub dead_letters: Option<std::time::Duration>,
+}
+
+/// A module's part of the retention sweep: deletes what is older than the policy allows
+/// and says how much, by what (`outcomes`, `orders`, ...). Never deletes anything whose
+/// absence would let work be done twice.
+pub trait RetentionSweep: Send + Sync {
+    /// One sweep; `Err` names what failed.
+    fn sweep<'a>(
+        &'a self,
+        policy: &'a RetentionPolicy,
+    ) -> BoxFuture<'a, Result<Vec<(String, u64)>, String>>;
 }
 
 /// Which tasks already have a recorded outcome, as the module's store knows it. The

@@ -21,6 +21,7 @@ mod error;
 mod health;
 pub mod metrics;
 pub mod reconcile;
+pub mod retention;
 mod retry;
 mod runtime;
 mod shutdown;

@@ -181,8 +181,27 @@ pub struct Metrics {
     pub(crate) readiness_checks: Family<NameLabel, Gauge>,
     pub(crate) reconcile_republished: Family<NameLabel, Counter>,
     pub(crate) source_restarts: Family<NameLabel, Counter>,
+    pub(crate) retention_removed: Family<WhatLabel, Counter>,
     pub(crate) config_rejected: Counter,
     pub(crate) latency_all: Histogram,
+}
+
+/// The `what` label of the retention counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WhatLabel {
+    /// What was removed.
+    pub what: String,
+}
+
+impl Metrics {
+    /// Counts what a retention sweep removed.
+    pub(crate) fn retention_removed(&self, what: &str, n: u64) {
+        self.retention_removed
+            .get_or_create(&WhatLabel {
+                what: what.to_owned(),
+            })
+            .inc_by(n);
+    }
 }
 
 impl Default for Metrics {
@@ -223,6 +242,7 @@ impl Metrics {
             readiness_checks: Family::default(),
             reconcile_republished: Family::default(),
             source_restarts: Family::default(),
+            retention_removed: Family::default(),
             config_rejected: Counter::default(),
             latency_all: latency_histogram(),
         };
@@ -332,6 +352,11 @@ impl Metrics {
                 "reconcile_republished",
                 "Unfinished work found with no task in its queue and published again, by source",
                 m.reconcile_republished.clone(),
+            );
+            r.register(
+                "retention_removed",
+                "Records removed by the retention sweep, by what (dead_letters:QUEUE, outcomes, outbox, orders)",
+                m.retention_removed.clone(),
             );
             r.register(
                 "source_restarts",

@@ -1315,6 +1315,96 @@ impl runtime_contracts::OutcomeLookup for OrderStore {
     }
 }
 
+/// `t` as the stored timestamps write it (ISO 8601 UTC with milliseconds), which sort as
+/// text in time order.
+fn stored_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+impl OrderStore {
+    /// Deletes what `policy` no longer keeps; what was removed, by table. Never deleted:
+    /// an effect still pending, an order with one, the outcome of an order that is kept
+    /// (it is what recognises the order's mail when it is sent again).
+    pub async fn sweep_old(
+        &self,
+        policy: &runtime_contracts::RetentionPolicy,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let ago = |age: Duration| {
+            chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX)
+        };
+        let mut removed = Vec::new();
+        if let Some(age) = policy.effects {
+            let cutoff = ago(age).timestamp_millis();
+            let done = sqlx::query("DELETE FROM outbox WHERE state = 'done' AND settled_ms < $1")
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?;
+            removed.push(("outbox".to_owned(), done.rows_affected()));
+        }
+        if let Some(age) = policy.records {
+            let cutoff = stored_time(ago(age));
+            let mut orders = 0;
+            loop {
+                let ids: Vec<i64> = sqlx::query_scalar(
+                    "SELECT id FROM orders WHERE created_at < $1 AND NOT EXISTS
+                         (SELECT 1 FROM outbox WHERE outbox.order_id = orders.id AND outbox.state = 'pending')
+                     ORDER BY id LIMIT 500",
+                )
+                .bind(&cutoff)
+                .fetch_all(&self.pool)
+                .await?;
+                if ids.is_empty() {
+                    break;
+                }
+                let list = parameter_list(self.backend, 0, ids.len());
+                let mut tx = self.pool.begin().await?;
+                for table in [
+                    "DELETE FROM outbox WHERE order_id IN",
+                    "DELETE FROM message_outcomes WHERE order_id IN",
+                    "DELETE FROM order_lines WHERE order_id IN",
+                    "DELETE FROM orders WHERE id IN",
+                ] {
+                    let sql = format!("{table} ({list})");
+                    let mut query = sqlx::query(&sql).persistent(false);
+                    for id in &ids {
+                        query = query.bind(*id);
+                    }
+                    let done = query.execute(&mut *tx).await?;
+                    if table.starts_with("DELETE FROM orders") {
+                        orders += done.rows_affected();
+                    }
+                }
+                tx.commit().await?;
+            }
+            removed.push(("orders".to_owned(), orders));
+        }
+        if let Some(age) = policy.outcomes {
+            let cutoff = stored_time(ago(age));
+            let done = sqlx::query(
+                "DELETE FROM message_outcomes WHERE recorded_at < $1 AND order_id IS NULL",
+            )
+            .bind(&cutoff)
+            .execute(&self.pool)
+            .await?;
+            removed.push(("outcomes".to_owned(), done.rows_affected()));
+        }
+        Ok(removed)
+    }
+}
+
+impl runtime_contracts::RetentionSweep for OrderStore {
+    fn sweep<'a>(
+        &'a self,
+        policy: &'a runtime_contracts::RetentionPolicy,
+    ) -> runtime_contracts::BoxFuture<'a, Result<Vec<(String, u64)>, String>> {
+        Box::pin(async move {
+            self.sweep_old(policy)
+                .await
+                .map_err(|e| format!("the order store: {e}"))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{placeholders, Backend, NewOrder, OrderStore, Recorded, Recording};

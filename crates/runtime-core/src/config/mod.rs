@@ -378,7 +378,7 @@ impl ConfigurationManager {
     }
 
     fn unclaimed_keys(&self, root: &serde_json::Value) -> Vec<ConfigProblem> {
-        let mut known: BTreeSet<&str> = ["runtime", "pools", "telemetry", "reconcile"]
+        let mut known: BTreeSet<&str> = ["runtime", "pools", "telemetry", "reconcile", "retention"]
             .into_iter()
             .collect();
         let mut nested: BTreeSet<(&str, &str)> = BTreeSet::new();

@@ -134,6 +134,9 @@ pub struct PlatformConfig {
     pub telemetry: TelemetryConfig,
     /// `[reconcile]`: the reconciliation sweep, when configured.
     pub reconcile: Option<crate::reconcile::ReconcileConfig>,
+    /// `[retention]`: how long records are kept (the sweep runs on a schedule's tasks of
+    /// its kind).
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl PlatformConfig {
@@ -169,6 +172,17 @@ impl PlatformConfig {
             }
             cfg
         });
+        let retention = match root.get("retention") {
+            None => crate::retention::RetentionConfig::default(),
+            Some(v) => {
+                let (cfg, parse_problems) =
+                    parse_section_with_unknown::<crate::retention::RetentionConfig>(v, "retention");
+                problems.extend(parse_problems);
+                let cfg = cfg.unwrap_or_default();
+                problems.extend(cfg.problems());
+                cfg
+            }
+        };
         let mut pools = BTreeMap::new();
         match root.get("pools") {
             None => {}
@@ -212,6 +226,7 @@ impl PlatformConfig {
                     pools,
                     telemetry,
                     reconcile,
+                    retention,
                 }),
                 problems,
             ),

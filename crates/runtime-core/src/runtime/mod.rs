@@ -193,6 +193,7 @@ struct Registrar<'a> {
     outcomes: &'a mut Option<Arc<dyn OutcomeLookup>>,
     console: &'a mut Vec<Arc<dyn ConsolePages>>,
     needs: &'a mut HashMap<String, Vec<Arc<dyn HealthContributor>>>,
+    retention: &'a mut Vec<Arc<dyn runtime_contracts::RetentionSweep>>,
 }
 
 impl ModuleRegistry for Registrar<'_> {
@@ -206,6 +207,10 @@ impl ModuleRegistry for Registrar<'_> {
 
     fn pool(&mut self, name: &str) {
         self.pools.insert(name.to_owned());
+    }
+
+    fn retention(&mut self, sweep: Arc<dyn runtime_contracts::RetentionSweep>) {
+        self.retention.push(sweep);
     }
 
     fn pool_with(&mut self, name: &str, defaults: runtime_contracts::PoolDefaults) {
@@ -331,6 +336,7 @@ impl RuntimeBuilder {
         let mut console = Vec::new();
         let mut needs = HashMap::new();
         let mut pool_defaults = HashMap::new();
+        let mut sweeps = Vec::new();
         for module in &self.modules {
             let mut registrar = Registrar {
                 handlers: &mut handlers,
@@ -343,6 +349,7 @@ impl RuntimeBuilder {
                 outcomes: &mut outcomes,
                 console: &mut console,
                 needs: &mut needs,
+                retention: &mut sweeps,
             };
             module.register(&mut registrar, &*self.config).await?;
         }
@@ -400,6 +407,29 @@ impl RuntimeBuilder {
             ))));
             reconciler
         });
+        let retention = {
+            let cfg = self.config.platform().retention;
+            let queues = self
+                .queues
+                .iter()
+                .map(|(name, queue)| (name.clone(), Arc::clone(queue)))
+                .collect();
+            let retention = Arc::new(crate::retention::Retention::new(
+                cfg.clone(),
+                queues,
+                sweeps,
+                Arc::clone(&metrics),
+            ));
+            // Its tasks come from a schedule source in whichever pool it publishes to.
+            for pool in pools.keys() {
+                if let Some(kinds) = handlers.get_mut(pool) {
+                    kinds
+                        .entry(cfg.kind.clone())
+                        .or_insert_with(|| Arc::clone(&retention) as Arc<dyn TaskHandler>);
+                }
+            }
+            retention
+        };
         for pool in pools.keys() {
             if !handlers.contains_key(pool) {
                 problems.push(format!("pool {pool} has no handler"));
@@ -428,6 +458,7 @@ impl RuntimeBuilder {
             console,
             activity: Arc::new(crate::activity::Activity::default()),
             reconciler,
+            retention,
             rejected: Mutex::new(None),
             telemetry: self.telemetry,
             config: self.config,
@@ -480,6 +511,7 @@ pub struct RuntimeManager {
     source_ended: Arc<Mutex<HashMap<String, Option<String>>>>,
     state: Mutex<RuntimeState>,
     reconciler: Option<Arc<Reconciler>>,
+    retention: Arc<crate::retention::Retention>,
     rejected: Mutex<Option<RejectedChange>>,
     console: Vec<Arc<dyn ConsolePages>>,
     activity: Arc<crate::activity::Activity>,
@@ -690,6 +722,11 @@ impl RuntimeManager {
                 fenced_publishes: l.fenced_publishes,
             }),
         }
+    }
+
+    /// The retention sweep (`[retention]`).
+    pub fn retention(&self) -> &Arc<crate::retention::Retention> {
+        &self.retention
     }
 
     /// The reconciliation sweep, when `[reconcile]` is configured.
