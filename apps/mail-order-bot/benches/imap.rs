@@ -23,6 +23,9 @@
 //!   so that sessions log in again during the drain) beside the same drain with a
 //!   password, taking turns.
 //!
+//! - the largest backlog with the ERP effect on (an outbox row per order in its
+//!   transaction; deliveries sent meanwhile by the `outbox` pool) beside it without.
+//!
 //! Sizes: `PLBA_BENCH_IMAP_BACKLOGS` (`2000,10000`); `PLBA_BENCH_IMAP_PG=0` skips nothing
 //! silently: it is printed that PostgreSQL rows were not asked for.
 
@@ -504,6 +507,66 @@ async fn backlog_oauth2(n: usize, lifetime: Duration) {
     );
 }
 
+/// The largest backlog with the ERP effect on (each order's delivery written to the outbox
+/// in its transaction, sent by the `outbox` pool meanwhile) beside the same drain without,
+/// taking turns; the drain is timed to the last `\Seen`, and the ERP must then have every
+/// order once.
+async fn backlog_erp(n: usize) {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    server.append(USER, PASSWORD, "INBOX", &mix(n));
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("pw"), PASSWORD).expect("pw");
+    let prefetch = plba_testkit::env_number("PLBA_BENCH_IMAP_PREFETCH", 64) as usize;
+    let (mut plain, mut with_erp, mut sent) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3 {
+        for erp_on in [false, true] {
+            let erp = plba_testkit::ErpServer::start();
+            let lines = format!(
+                "password_file = \"{}\"\n{}",
+                dir.path().join("pw").display(),
+                if erp_on {
+                    format!("\n[apps.mail_order_bot.erp]\nurl = \"{}\"\n", erp.url())
+                } else {
+                    String::new()
+                }
+            );
+            let db = dir.path().join(format!("erp-{round}-{erp_on}.db"));
+            let store = format!("sqlite://{}", db.display());
+            let (rate, _) = bot_drain(&server, &store, n, prefetch, Some(&lines)).await;
+            if erp_on {
+                let orders = OrderStore::open(&store)
+                    .await
+                    .expect("store")
+                    .order_count_after(0)
+                    .await
+                    .expect("orders") as usize;
+                // The bot was stopped at the last \Seen: what it had not sent yet waits in
+                // the outbox for the next start, so only what it sent is checked here.
+                let applied = erp.applied().len();
+                assert!(applied <= orders);
+                assert!(erp.requests_by_key().values().all(|c| *c == 1));
+                sent.push((applied, orders));
+                with_erp.push(rate);
+            } else {
+                plain.push(rate);
+            }
+            let mut client = server.client(USER, PASSWORD);
+            client.run("SELECT INBOX");
+            client.run("UID STORE 1:* -FLAGS.SILENT (\\Seen)");
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[1]
+    };
+    let (without, with) = (median(plain), median(with_erp));
+    println!(
+        "backlog {n:>6} SQLite     with the ERP effect: {with:>6.0} msg/s vs without {without:>6.0} msg/s (medians of 3, taking turns) | \
+         orders sent by the last \\Seen (sent/created): {sent:?} | with/without {:.2}",
+        with / without,
+    );
+}
+
 /// Each stage alone, on the same mix: where the time goes.
 async fn stages(n: usize, pg: Option<&PostgresServer>) {
     let messages = mix(n);
@@ -684,6 +747,9 @@ fn main() {
             let n = backlogs.last().copied().unwrap_or(10_000);
             backlog_oauth2(n, Duration::from_secs(3600)).await;
             backlog_oauth2(n, Duration::from_secs(1)).await;
+        }
+        if part("erp") {
+            backlog_erp(backlogs.last().copied().unwrap_or(10_000)).await;
         }
         if part("stages") {
             stages(backlogs.first().copied().unwrap_or(2000), pg.as_ref()).await;

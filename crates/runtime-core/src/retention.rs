@@ -143,7 +143,8 @@ impl Retention {
         let Some(dead) = queue.dead_letters() else {
             return Ok(0);
         };
-        let cutoff = crate::now_unix_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(0));
+        let cutoff =
+            crate::now_unix_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(0));
         let mut old = Vec::new();
         let mut cursor = None;
         loop {
