@@ -418,3 +418,32 @@ async fn two_replicas_dispatch_one_postgres_outbox_and_send_no_row_twice() {
         "both replicas dispatched: {processed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_failing_again_and_again_is_a_poison_candidate_in_diagnostics() {
+    let ws = Workspace::new();
+    let erp = ErpServer::start();
+    erp.set_mode(ErpMode::ServerError);
+    let section = erp_section(&erp, 50).replace("max_backoff_ms = 200", "max_backoff_ms = 100");
+    let config = ws.config_with(2, 3, &format!("{section}{CONTROL}"));
+    ws.deliver(
+        "stuck",
+        &order_mail("stuck", "purchasing@acme.example", &[("SKU-4", 1)]),
+    );
+    let (runtime, app) = start(&config).await;
+    wait_for(Duration::from_secs(30), "three failed attempts", || async {
+        outbox_stats(&runtime).await.failed >= 3
+    })
+    .await;
+    let findings = runtime.diagnostics().await.findings;
+    let status = call(&app, "GET", "/status", READ, None).await.json();
+    runtime.shutdown().await;
+    let poison = findings
+        .iter()
+        .find(|f| f.kind == "poison_candidate" && f.subject == "outbox")
+        .unwrap_or_else(|| panic!("no outbox poison candidate: {findings:?}"));
+    assert!(poison.detail.contains("the ERP answered 500"), "{poison:?}");
+    let outbox = &status["queues"]["outbox"];
+    assert!(outbox["failed"].as_u64() >= Some(3), "{status}");
+    assert!(outbox["oldest_pending_age_ms"].is_u64(), "{status}");
+}

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use runtime_contracts::queue::{Inspection, LeaseInfo, RetryInfo};
 use runtime_contracts::{
     AttemptFailure, BoxFuture, DeadLetter, DeadLetterPage, DeadLetterStore, Lease, PublishResult,
     QueueError, QueueStats, SourceContext, SourceError, SourceState, SourceStatus, Task, TaskQueue,
@@ -440,6 +441,53 @@ impl TaskQueue for OutboxQueue {
 
     fn dead_letters(&self) -> Option<&dyn DeadLetterStore> {
         Some(self)
+    }
+
+    /// For `/diagnostics`: the effects claimed now (how long each has been held) and those
+    /// that failed before and wait for their next attempt, with their history.
+    fn inspect(&self, max: usize) -> BoxFuture<'_, Result<Option<Inspection>, QueueError>> {
+        Box::pin(async move {
+            let now = self.backend().now_ms();
+            let limit = i64::try_from(max.clamp(1, 1000)).unwrap_or(1000);
+            let leased = sqlx::query(&format!(
+                "SELECT {COLUMNS}, {now} - (lease_until_ms - $1) AS held_ms FROM outbox
+                 WHERE state = 'pending' AND lease_until_ms > {now} ORDER BY id LIMIT $2"
+            ))
+            .bind(ms(self.lease))
+            .bind(limit)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(unavailable)?;
+            let mut inspection = Inspection::default();
+            for row in &leased {
+                let task = Self::task_of(row)?;
+                let held: i64 = row.try_get("held_ms").map_err(unavailable)?;
+                inspection.leases.push(LeaseInfo {
+                    task: task.id.to_string(),
+                    kind: Some(task.kind.to_string()),
+                    consumer: None,
+                    held_ms: u64::try_from(held).unwrap_or(0),
+                    deliveries: task.attempt.saturating_add(1),
+                });
+            }
+            let retrying = sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM outbox WHERE state = 'pending' AND attempt > 0
+                 ORDER BY attempt DESC, id LIMIT $1"
+            ))
+            .bind(limit)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(unavailable)?;
+            for row in &retrying {
+                let task = Self::task_of(row)?;
+                inspection.retrying.push(RetryInfo {
+                    task: task.id.to_string(),
+                    kind: task.kind.to_string(),
+                    history: task.history,
+                });
+            }
+            Ok(Some(inspection))
+        })
     }
 }
 
