@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,31 +84,9 @@ struct Bot {
 
 impl Bot {
     fn spawn(config: &std::path::Path) -> Self {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn the bot");
-        let stderr = child.stderr.take().expect("stderr");
         let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(addr) = line.strip_prefix("control plane listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-                sink.lock().expect("logs").push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the control plane's address");
+        let (child, addr) =
+            common::plane::spawn_with_control_logs(config, &[], Some(Arc::clone(&logs)));
         Self {
             child,
             logs,

@@ -144,6 +144,15 @@ pub fn spawn_with_control(
     config: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (std::process::Child, String) {
+    spawn_with_control_logs(config, env, None)
+}
+
+/// [`spawn_with_control`], every line the bot writes to stderr also kept in `logs`.
+pub fn spawn_with_control_logs(
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+    logs: Option<Arc<std::sync::Mutex<Vec<String>>>>,
+) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut bot = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
         .args(["run", "--config"])
@@ -162,6 +171,9 @@ pub fn spawn_with_control(
         {
             if let Some(addr) = line.strip_prefix("control plane listening on http://") {
                 let _ = tx.send(addr.to_owned());
+            }
+            if let Some(logs) = &logs {
+                logs.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         }
     });

@@ -1363,35 +1363,41 @@ impl ImapSource {
             let Some(folder) = filing.folder() else {
                 continue;
             };
-            let query = format!("KEYWORD {keyword} DELETED");
-            let copied: Vec<u32> = session
-                .uid_search(&query)
-                .await
-                .map_err(|e| format!("UID SEARCH {query}: {e}"))?
-                .into_iter()
-                .filter(|&uid| !self.being_filed(mailbox, uid))
-                .collect();
+            let copied = self
+                .settled_uids(session, mailbox, &format!("KEYWORD {keyword} DELETED"))
+                .await?;
             if !copied.is_empty() {
                 let caps = self.caps(session).await?;
-                let mut copied = copied;
-                copied.sort_unstable();
                 self.expunge(session, &uid_set(&copied), caps).await?;
             }
-            let query = format!("KEYWORD {keyword} UNDELETED");
-            let mut left: Vec<u32> = session
-                .uid_search(&query)
-                .await
-                .map_err(|e| format!("UID SEARCH {query}: {e}"))?
-                .into_iter()
-                .filter(|&uid| !self.being_filed(mailbox, uid))
-                .collect();
+            let left = self
+                .settled_uids(session, mailbox, &format!("KEYWORD {keyword} UNDELETED"))
+                .await?;
             if !left.is_empty() {
-                left.sort_unstable();
                 tracing::info!(source = %self.id, folder, messages = left.len(), "filing settled mail whose move was cut short");
                 self.file_into(session, &left, folder).await?;
             }
         }
         Ok(())
+    }
+
+    /// The UIDs `query` finds in the selected `mailbox`, ascending, without those a worker
+    /// is filing now.
+    async fn settled_uids(
+        &self,
+        session: &mut ImapSession,
+        mailbox: &str,
+        query: &str,
+    ) -> Result<Vec<u32>, String> {
+        let mut uids: Vec<u32> = session
+            .uid_search(query)
+            .await
+            .map_err(|e| format!("UID SEARCH {query}: {e}"))?
+            .into_iter()
+            .filter(|&uid| !self.being_filed(mailbox, uid))
+            .collect();
+        uids.sort_unstable();
+        Ok(uids)
     }
 
     /// Whether a worker is filing this message now.
