@@ -61,6 +61,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// List, replay and purge the dead letters of a running bot's queues (the mail pool's,
+    /// and the outbox's: ERP deliveries that were refused), through its control plane.
+    DeadLetters {
+        /// What to do.
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Read and change the configuration overrides kept in the database that
     /// `[config_store]` names (merged over the file, under the environment).
     Config {
@@ -79,6 +86,57 @@ pub enum Command {
         /// What to do with them.
         #[command(subcommand)]
         action: ListAction,
+    },
+}
+
+/// How the CLI reaches a running bot's control plane.
+#[derive(Debug, clap::Args)]
+pub struct Plane {
+    /// The bot's TOML configuration: its `[control]` gives the address and a token.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The control plane's base URL (default: from `[control].bind`).
+    #[arg(long)]
+    url: Option<String>,
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// List a queue's dead letters with their reasons.
+    List {
+        /// The queue (its pool's name): `orders`, `outbox`, ...
+        #[arg(long, default_value = "orders")]
+        queue: String,
+        #[command(flatten)]
+        plane: Plane,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Put dead letters back on their queue: one by id, or all of them (`--all`).
+    Replay {
+        /// The queue.
+        #[arg(long, default_value = "orders")]
+        queue: String,
+        /// The dead letter's id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every dead letter of the queue.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        plane: Plane,
+    },
+    /// Delete one dead letter for good.
+    Purge {
+        /// The queue.
+        #[arg(long, default_value = "orders")]
+        queue: String,
+        /// The dead letter's id.
+        id: String,
+        #[command(flatten)]
+        plane: Plane,
     },
 }
 
@@ -163,6 +221,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             format,
         } => diagnose(config, url, format).await,
         Command::Config { action } => config_command(action).await,
+        Command::DeadLetters { action } => dead_letters(action).await,
         Command::Orders {
             action: ListAction::List { config, format },
         } => {
@@ -239,6 +298,117 @@ async fn diagnose(
     } else {
         EXIT_FINDINGS
     })
+}
+
+/// The control plane's base URL and the token to use (`admin`: an admin token first).
+fn plane_of(plane: &Plane, admin: bool) -> Result<(String, Option<String>), u8> {
+    let manager = config_or_exit(plane.config.as_deref())?;
+    let cfg = control_config(manager.root().get("control")).map_err(|_| EXIT_CONFIG)?;
+    let base = plane.url.clone().unwrap_or_else(|| {
+        let bind = cfg
+            .bind
+            .replace("0.0.0.0", "127.0.0.1")
+            .replace("[::]", "[::1]");
+        format!("http://{bind}")
+    });
+    let configured = if admin {
+        cfg.admin_tokens.first().cloned()
+    } else {
+        cfg.read_tokens
+            .first()
+            .cloned()
+            .or_else(|| cfg.admin_tokens.first().cloned())
+    };
+    let token = std::env::var("PLBA_CONTROL_TOKEN").ok().or(configured);
+    Ok((base.trim_end_matches('/').to_owned(), token))
+}
+
+async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<u8> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let (plane, admin) = match &action {
+        DeadLetterAction::List { plane, .. } => (plane, false),
+        DeadLetterAction::Replay { plane, .. } | DeadLetterAction::Purge { plane, .. } => {
+            (plane, true)
+        }
+    };
+    let (base, token) = match plane_of(plane, admin) {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
+    };
+    let send = |request: reqwest::RequestBuilder| {
+        let request = match &token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        };
+        let base = base.clone();
+        async move {
+            let answer = request.send().await.with_context(|| {
+                format!("asking the bot at {base} (is it running with [control] enabled?)")
+            })?;
+            let status = answer.status();
+            let body: serde_json::Value = answer.json().await.unwrap_or_default();
+            if !status.is_success() {
+                let message = body["error"]["message"].as_str().unwrap_or("");
+                anyhow::bail!("the control plane at {base} answered {status}: {message} (an admin token replays and purges: PLBA_CONTROL_TOKEN or [control].admin_tokens)");
+            }
+            Ok::<_, anyhow::Error>(body)
+        }
+    };
+    match action {
+        DeadLetterAction::List { queue, format, .. } => {
+            let mut items = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut request = client
+                    .get(format!("{base}/queues/{queue}/dead-letters"))
+                    .query(&[("limit", "200")]);
+                if let Some(c) = &cursor {
+                    request = request.query(&[("cursor", c)]);
+                }
+                let page = send(request).await?;
+                items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                match page["next_cursor"].as_str() {
+                    Some(next) => cursor = Some(next.to_owned()),
+                    None => break,
+                }
+            }
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
+                Format::Table => {
+                    if items.is_empty() {
+                        println!("no dead letters in {queue}");
+                    }
+                    for d in &items {
+                        println!(
+                            "{}  {}  {}",
+                            d["id"].as_str().unwrap_or(""),
+                            d["task"]["kind"].as_str().unwrap_or(""),
+                            truncate(d["reason"].as_str().unwrap_or(""), 160)
+                        );
+                    }
+                }
+            }
+        }
+        DeadLetterAction::Replay { queue, id, all, .. } => {
+            let request = match (&id, all) {
+                (Some(id), false) => {
+                    client.post(format!("{base}/queues/{queue}/dead-letters/{id}/replay"))
+                }
+                _ => client
+                    .post(format!("{base}/queues/{queue}/dead-letters/replay"))
+                    .json(&serde_json::json!({})),
+            };
+            let answer = send(request).await?;
+            println!("{}", serde_json::to_string(&answer)?);
+        }
+        DeadLetterAction::Purge { queue, id, .. } => {
+            send(client.delete(format!("{base}/queues/{queue}/dead-letters/{id}"))).await?;
+            println!("dead letter {id} of {queue} purged");
+        }
+    }
+    Ok(0)
 }
 
 fn print_diagnostics(report: &runtime_core::Diagnostics) {

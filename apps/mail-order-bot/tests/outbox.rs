@@ -447,3 +447,75 @@ async fn a_delivery_failing_again_and_again_is_a_poison_candidate_in_diagnostics
     assert!(outbox["failed"].as_u64() >= Some(3), "{status}");
     assert!(outbox["oldest_pending_age_ms"].is_u64(), "{status}");
 }
+
+/// The CLI against a running bot's control plane: list the outbox's dead letters, replay one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_lists_and_replays_the_outboxs_dead_letters() {
+    let ws = Workspace::new();
+    let erp = ErpServer::start();
+    erp.set_mode(ErpMode::BadRequest);
+    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1\"]\nadmin_tokens = [\"admin-token-1\"]\n";
+    let config = ws.config_with(2, 3, &format!("{}{control}", erp_section(&erp, 8)));
+    ws.deliver(
+        "cli",
+        &order_mail("cli", "purchasing@acme.example", &[("SKU-5", 1)]),
+    );
+    let (mut bot, addr) =
+        common::plane::spawn_with_control(&config, &[("PLBA_TEST_ERP_AUTH", "Bearer erp-token-7")]);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .args(["--url", &format!("http://{addr}")])
+            .env("PLBA_TEST_ERP_AUTH", "Bearer erp-token-7")
+            .output()
+            .expect("the CLI");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut listed = String::new();
+    wait_for(
+        Duration::from_secs(30),
+        "the dead letter, by the CLI",
+        || {
+            let (code, out, err) = cli(&[
+                "dead-letters",
+                "list",
+                "--queue",
+                "outbox",
+                "--format",
+                "json",
+            ]);
+            assert_eq!(code, Some(0), "{err}");
+            listed = out;
+            let found = listed.contains("unknown article");
+            async move { found }
+        },
+    )
+    .await;
+    let items: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
+    let id = items[0]["id"].as_str().expect("id").to_owned();
+    assert!(items[0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("400"));
+    erp.set_mode(ErpMode::Normal);
+    let (code, out, err) = cli(&["dead-letters", "replay", "--queue", "outbox", &id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_for(Duration::from_secs(30), "the replayed delivery", || async {
+        erp.applied().len() == 1
+    })
+    .await;
+    let (code, out, _) = cli(&["dead-letters", "list", "--queue", "outbox"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("no dead letters in outbox"), "{out}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(bot.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = bot.wait();
+}
