@@ -612,7 +612,16 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
     assert_eq!(other.status(), 202);
     let answer: serde_json::Value = other.json().await.expect("json");
     assert_eq!(answer["status"], "ignored");
-    let incomplete = put(r#"{"user":"u","event":"messageNew","folder":"INBOX"}"#)
+    // No UID yet (Dovecot sends `imap-uid: 0` before it assigned one): accepted, no task;
+    // the mailbox's own source is woken to search.
+    let no_uid = put(r#"{"user":"u","event":"messageNew","folder":"INBOX","imap-uidvalidity":1796353437,"imap-uid":0}"#)
+        .await
+        .expect("request");
+    assert_eq!(no_uid.status(), 202);
+    let answer: serde_json::Value = no_uid.json().await.expect("json");
+    assert_eq!(answer["tasks"], serde_json::json!([]));
+    // Without its folder it points nowhere.
+    let incomplete = put(r#"{"user":"u","event":"messageNew","imap-uid":7}"#)
         .await
         .expect("request");
     assert_eq!(incomplete.status(), 400);
