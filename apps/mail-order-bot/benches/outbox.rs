@@ -42,6 +42,7 @@ fn recordings(n: usize) -> Vec<Recording> {
                     })
                     .collect(),
             }),
+            reply: None,
         })
         .collect()
 }
@@ -77,7 +78,10 @@ async fn outbox(erp: &ErpServer, url: &str, dir: &std::path::Path, n: usize) -> 
     let store = OrderStore::open(url)
         .await
         .expect("store")
-        .with_effects(Effects { erp: true });
+        .with_effects(Effects {
+            erp: true,
+            ..Effects::default()
+        });
     let recs = recordings(n);
     for chunk in recs.chunks(256) {
         let refs: Vec<&Recording> = chunk.iter().collect();

@@ -17,9 +17,10 @@ use crate::domain::clients::{load_clients_file, ClientDirectory, ClientEntry};
 use crate::domain::erp::{ErpConfig, ErpHandler};
 use crate::domain::extract::CsvLimits;
 use crate::domain::message::{identity_of, read_mail_in_stages, sha256_hex, MailFacts, MailLimits};
-use crate::domain::outbox::{self, OutboxQueue, OutboxSource};
+use crate::domain::outbox::{self, OutboxQueue, OutboxSource, Scope};
+use crate::domain::reply::{ReplyConfig, ReplyHandler};
 use crate::domain::sheets::SheetLimits;
-use crate::domain::store::{Backend, Effects, NewOrder, OrderStore, Recorded, Recording};
+use crate::domain::store::{Backend, Effects, NewOrder, OrderStore, Recorded, Recording, ReplyTo};
 use crate::domain::OutcomeKind;
 
 /// The module's configuration key.
@@ -79,6 +80,10 @@ pub struct BotConfig {
     /// Deliver each new order to an ERP over HTTP, from the outbox.
     #[serde(default)]
     pub erp: Option<ErpConfig>,
+    /// Reply to senders over SMTP (a confirmation of each order, a rejection of mail the
+    /// bot could not take), from the outbox.
+    #[serde(default)]
+    pub reply: Option<ReplyConfig>,
     /// How the outbox's effects are dispatched.
     #[serde(default)]
     pub outbox: OutboxConfig,
@@ -181,6 +186,9 @@ impl BotConfig {
         if let Some(erp) = &config.erp {
             problems.extend(erp.problems(&format!("{SECTION}.erp"), config.outbox.lease_ms));
         }
+        if let Some(reply) = &config.reply {
+            problems.extend(reply.problems(&format!("{SECTION}.reply"), config.outbox.lease_ms));
+        }
         if Backend::of(&config.store_url).is_none() {
             problems.push(ConfigProblem::new(
                 format!("{SECTION}.store_url"),
@@ -250,6 +258,7 @@ impl ApplicationModule for MailOrderModule {
             })?;
             let effects = Effects {
                 erp: cfg.erp.is_some(),
+                reply: cfg.reply.as_ref().map(|r| r.answer).unwrap_or_default(),
             };
             let store = OrderStore::open(&cfg.store_url)
                 .await
@@ -292,21 +301,21 @@ impl ApplicationModule for MailOrderModule {
             let store_health = Arc::new(StoreHealth(store.clone()));
             registry.health(store_health.clone());
             registry.needs(&cfg.pool, store_health.clone());
-            if effects.any() {
-                // The outbox is the queue of a pool of its own, so its effects are retried,
-                // dead-lettered and replayed like any task.
-                registry.pool_with(outbox::POOL, outbox::pool_defaults());
+            let lease = std::time::Duration::from_millis(cfg.outbox.lease_ms);
+            // Each effect is the queue of a pool of its own, so it is retried,
+            // dead-lettered and replayed like any task, and a party that is away holds back
+            // only its own effect.
+            let dispatch = |registry: &mut dyn ModuleRegistry, scope: Scope, defaults| {
+                registry.pool_with(scope.pool(), defaults);
                 registry.queue(
-                    outbox::POOL,
-                    Arc::new(OutboxQueue::new(
-                        store.clone(),
-                        std::time::Duration::from_millis(cfg.outbox.lease_ms),
-                    )),
+                    scope.pool(),
+                    Arc::new(OutboxQueue::new(store.clone(), lease, scope)),
                 );
-                registry.source(Arc::new(OutboxSource::default()), outbox::POOL);
-                registry.needs(outbox::POOL, store_health.clone());
-            }
+                registry.source(Arc::new(OutboxSource::new(scope)), scope.pool());
+                registry.needs(scope.pool(), store_health.clone());
+            };
             if let Some(erp) = &cfg.erp {
+                dispatch(&mut *registry, Scope::Erp, outbox::pool_defaults());
                 let handler =
                     ErpHandler::new(store.clone(), erp).map_err(|message| ModuleError::Config {
                         module: self.name().to_owned(),
@@ -316,6 +325,23 @@ impl ApplicationModule for MailOrderModule {
                 registry.handler(outbox::POOL, outbox::ERP_KIND, Arc::new(handler));
                 registry.health(health.clone());
                 registry.needs(outbox::POOL, health);
+            }
+            if let Some(reply) = cfg.reply.as_ref().filter(|_| effects.reply.any()) {
+                dispatch(
+                    &mut *registry,
+                    Scope::Replies,
+                    outbox::reply_pool_defaults(),
+                );
+                let handler = ReplyHandler::new(store.clone(), reply).map_err(|message| {
+                    ModuleError::Config {
+                        module: self.name().to_owned(),
+                        message,
+                    }
+                })?;
+                let health = handler.health();
+                registry.handler(outbox::REPLY_POOL, outbox::REPLY_KIND, Arc::new(handler));
+                registry.health(health.clone());
+                registry.needs(outbox::REPLY_POOL, health);
             }
             registry.outcome_lookup(Arc::new(store.clone()));
             registry.retention(Arc::new(store.clone()));
@@ -364,6 +390,26 @@ impl OrderHandler {
         }
     }
 
+    /// Where a reply to the message goes, if it may be answered: to its From address (the
+    /// one resolved as the client; a Reply-To elsewhere would let anyone make the bot mail
+    /// a third party), threaded under its Message-ID.
+    fn reply_to(facts: &MailFacts) -> Option<ReplyTo> {
+        if facts.no_reply.is_some() {
+            return None;
+        }
+        let mut references = facts.references.clone();
+        if let Some(id) = &facts.message_id {
+            if !references.contains(id) {
+                references.push(id.clone());
+            }
+        }
+        Some(ReplyTo {
+            to: facts.sender.clone()?,
+            in_reply_to: facts.message_id.clone(),
+            references,
+        })
+    }
+
     /// Decides the outcome of a read message: a limit hit, then an automatic message, then
     /// the client, then the lines of the parts that client's options read.
     pub fn decide(&self, facts: &MailFacts, task_id: &str) -> Recording {
@@ -377,6 +423,7 @@ impl OrderHandler {
             outcome: OutcomeKind::Created,
             reason: None,
             order: None,
+            reply: Self::reply_to(facts),
         };
         let mut outcome = |kind: OutcomeKind, reason: String| {
             rec.outcome = kind;
@@ -449,6 +496,7 @@ impl OrderHandler {
                     outcome: OutcomeKind::Rejected,
                     reason: Some(reason),
                     order: None,
+                    reply: None,
                 })))
             }
         }
@@ -808,7 +856,7 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
 {
     fn handler(&mut self, pool: &str, kind: &str, handler: Arc<dyn TaskHandler>) {
         // Only the mail handler: the outbox's effects are not the bot's messages.
-        if pool == outbox::POOL {
+        if pool == outbox::POOL || pool == outbox::REPLY_POOL {
             self.0.handler(pool, kind, handler);
         } else {
             self.0.handler(pool, kind, (self.1)(handler));

@@ -342,7 +342,10 @@ async fn recorded_orders(url: &str, n: usize) {
     let store = OrderStore::open(url)
         .await
         .expect("store")
-        .with_effects(Effects { erp: true });
+        .with_effects(Effects {
+            erp: true,
+            ..Effects::default()
+        });
     let recordings: Vec<Recording> = (0..n)
         .map(|i| Recording {
             identity: format!("mid:replica-{i}@test.example"),
@@ -362,6 +365,7 @@ async fn recorded_orders(url: &str, n: usize) {
                     origin: "body".into(),
                 }],
             }),
+            reply: None,
         })
         .collect();
     for chunk in recordings.chunks(50) {

@@ -17,20 +17,20 @@
 //! uncounted, so an outage of any length dead-letters nothing.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use runtime_contracts::config::secret_from;
 use runtime_contracts::{
-    BoxFuture, ConfigProblem, HandlerContext, HandlerError, HealthContributor, HealthStatus,
-    Outcome, Probe, Task, TaskHandler,
+    BoxFuture, ConfigProblem, HandlerContext, HandlerError, Outcome, Task, TaskHandler,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::outbox::row_of;
+use super::peer::{PeerHealth, HOLD_DOWN};
 use super::store::{OrderStore, StoredOrder};
 
 /// `[apps.mail_order_bot.erp]`.
@@ -75,8 +75,6 @@ fn default_max_retry_after_ms() -> u64 {
 
 /// Most bytes of an answer's body kept for an operator.
 const EXCERPT_BYTES: usize = 512;
-/// How long the endpoint counts as unreachable after it failed, before it is tried again.
-const HOLD_DOWN: Duration = Duration::from_secs(2);
 
 impl ErpConfig {
     /// Problems with these values, keyed under `prefix`; `lease_ms` is the outbox's lease,
@@ -245,101 +243,18 @@ impl<'a> ErpOrder<'a> {
     }
 }
 
-/// Whether the ERP can be reached, as the last deliveries found it.
-#[derive(Debug)]
-pub struct ErpHealth {
-    url: String,
-    down: Mutex<Option<(String, Instant)>>,
-    /// Deliveries in a row that timed out: one may be a slow order, two say the ERP is not
-    /// answering.
-    timeouts: std::sync::atomic::AtomicU32,
-}
-
-impl ErpHealth {
-    fn new(url: &str) -> Self {
-        Self {
-            url: url.to_owned(),
-            down: Mutex::new(None),
-            timeouts: std::sync::atomic::AtomicU32::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(String, Instant)>> {
-        self.down
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn unreachable(&self, reason: String, hold: Duration) {
-        *self.lock() = Some((reason, Instant::now() + hold));
-    }
-
-    fn reached(&self) {
-        self.timeouts.store(0, std::sync::atomic::Ordering::Relaxed);
-        *self.lock() = None;
-    }
-
-    /// A delivery timed out: the ERP counts as away from the second in a row on.
-    fn timed_out(&self, reason: String) {
-        let n = self
-            .timeouts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        if n >= 2 {
-            self.unreachable(reason, HOLD_DOWN);
-        }
-    }
-
-    /// Whether a TCP connection to the endpoint's host opens.
-    async fn connects(&self) -> Result<(), String> {
-        let url = reqwest::Url::parse(&self.url).map_err(|e| e.to_string())?;
-        let host = url.host_str().unwrap_or_default().to_owned();
-        let port = url.port_or_known_default().unwrap_or(80);
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("the ERP at {host}:{port} refuses connections: {e}")),
-            Err(_) => Err(format!(
-                "the ERP at {host}:{port} did not accept a connection within 2 s"
-            )),
-        }
-    }
-}
-
-impl HealthContributor for ErpHealth {
-    fn name(&self) -> &str {
-        "erp"
-    }
-
-    fn check(&self, probe: Probe) -> BoxFuture<'_, HealthStatus> {
-        Box::pin(async move {
-            if probe == Probe::Liveness {
-                return HealthStatus::Up;
-            }
-            let Some((reason, until)) = self.lock().clone() else {
-                return HealthStatus::Up;
-            };
-            if Instant::now() < until {
-                return HealthStatus::Down { reason };
-            }
-            // The hold-down is over: let the next delivery find out, unless the endpoint
-            // does not even accept a connection.
-            match self.connects().await {
-                Ok(()) => {
-                    self.reached();
-                    HealthStatus::Up
-                }
-                Err(why) => {
-                    self.unreachable(why.clone(), HOLD_DOWN);
-                    HealthStatus::Down { reason: why }
-                }
-            }
-        })
-    }
+/// The ERP's reachability (`erp` in readiness), at the host and port of `url`.
+fn erp_health(url: &str) -> PeerHealth {
+    let parsed = reqwest::Url::parse(url).ok();
+    let host = parsed
+        .as_ref()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    let port = parsed
+        .as_ref()
+        .and_then(reqwest::Url::port_or_known_default)
+        .unwrap_or(80);
+    PeerHealth::new("erp", "the ERP", &host, port)
 }
 
 /// Delivers the outbox's `erp` rows.
@@ -351,7 +266,7 @@ pub struct ErpHandler {
     auth: Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
     signing_key: Option<Arc<Vec<u8>>>,
     max_retry_after: Duration,
-    health: Arc<ErpHealth>,
+    health: Arc<PeerHealth>,
 }
 
 /// What one delivery came to.
@@ -402,12 +317,12 @@ impl ErpHandler {
             auth,
             signing_key: config.signing_key()?.map(Arc::new),
             max_retry_after: Duration::from_millis(config.max_retry_after_ms),
-            health: Arc::new(ErpHealth::new(&config.url)),
+            health: Arc::new(erp_health(&config.url)),
         })
     }
 
     /// The ERP's reachability, for readiness and the outbox pool's gate.
-    pub fn health(&self) -> Arc<ErpHealth> {
+    pub fn health(&self) -> Arc<PeerHealth> {
         Arc::clone(&self.health)
     }
 

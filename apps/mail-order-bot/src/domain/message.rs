@@ -145,6 +145,13 @@ pub struct MailFacts {
     pub unsupported: Option<String>,
     /// The limit hit, if one was: the message is `rejected`.
     pub rejected: Option<String>,
+    /// Its `Message-ID` as sent (with angle brackets), for a reply's threading.
+    pub message_id: Option<String>,
+    /// The last few of its `References`, for a reply's threading.
+    pub references: Vec<String>,
+    /// Why it must never be answered, if so: a mailing list, bulk or automatic mail, the
+    /// null sender, a no-reply address (RFC 3834 §2).
+    pub no_reply: Option<String>,
 }
 
 impl MailFacts {
@@ -160,6 +167,9 @@ impl MailFacts {
             auto_reply: None,
             unsupported: None,
             rejected: None,
+            message_id: None,
+            references: Vec::new(),
+            no_reply: Some("the message could not be parsed".into()),
         }
     }
 
@@ -304,6 +314,77 @@ fn auto_reply(message: &Message<'_>, sender: Option<&str>) -> Option<String> {
         .iter()
         .find(|p| subject.starts_with(*p))
         .map(|p| format!("subject starts with {p:?}"))
+}
+
+/// Most `References` a reply carries on (RFC 5322 §3.6.4 lets a long thread be trimmed).
+const REFERENCES_KEPT: usize = 10;
+
+/// The message ids in a `References` or `In-Reply-To` value: each `<…>` token that is
+/// printable ASCII without spaces, the last [`REFERENCES_KEPT`] of them.
+fn message_ids(value: &str) -> Vec<String> {
+    let mut ids: Vec<String> = value
+        .split('<')
+        .skip(1)
+        .filter_map(|rest| rest.split_once('>').map(|(id, _)| id))
+        .filter(|id| !id.is_empty() && id.len() <= 250 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(|id| format!("<{id}>"))
+        .collect();
+    let skip = ids.len().saturating_sub(REFERENCES_KEPT);
+    ids.drain(..skip);
+    ids
+}
+
+/// No-reply mailboxes by their local part.
+const NO_REPLY_LOCAL_PARTS: &[&str] = &[
+    "noreply",
+    "no-reply",
+    "no_reply",
+    "donotreply",
+    "do-not-reply",
+    "do_not_reply",
+    "bounce",
+    "bounces",
+    "mailer-daemon",
+    "postmaster",
+];
+
+/// Why `message` must never be answered, if so (RFC 3834 §2): automatic mail, mailing
+/// lists, bulk mail, the null sender, a no-reply address, or a sender asking for no
+/// automatic answers.
+fn no_reply(message: &Message<'_>, sender: Option<&str>, auto: Option<&String>) -> Option<String> {
+    if let Some(why) = auto {
+        return Some(why.clone());
+    }
+    let header = |name: &str| message.header_raw(name).map(|v| v.trim().to_lowercase());
+    for name in [
+        "List-Id",
+        "List-Unsubscribe",
+        "List-Post",
+        "Mailing-List",
+        "X-Mailing-List",
+    ] {
+        if header(name).is_some() {
+            return Some(format!("mailing-list mail ({name})"));
+        }
+    }
+    if let Some(p) = header("Precedence").filter(|p| matches!(p.as_str(), "bulk" | "list" | "junk"))
+    {
+        return Some(format!("Precedence: {p}"));
+    }
+    if let Some(v) = header("X-Auto-Response-Suppress").filter(|v| {
+        v.split(',')
+            .any(|t| matches!(t.trim(), "all" | "autoreply" | "oof"))
+    }) {
+        return Some(format!("X-Auto-Response-Suppress: {v}"));
+    }
+    let Some(sender) = sender else {
+        return Some("no From address".into());
+    };
+    let local = sender.split('@').next().unwrap_or_default();
+    if NO_REPLY_LOCAL_PARTS.contains(&local) {
+        return Some(format!("a no-reply address ({sender})"));
+    }
+    None
 }
 
 fn is_forward(subject: Option<&str>) -> bool {
@@ -537,6 +618,14 @@ fn parse_and_read(
         .filter(|a| a.contains('@'));
     let subject = message.subject().map(str::to_owned);
     let auto_reply = auto_reply(&message, sender.as_deref());
+    let no_reply = no_reply(&message, sender.as_deref(), auto_reply.as_ref());
+    let message_id = usable_message_id(message.message_id())
+        .and_then(|id| id.strip_prefix("mid:").map(|id| format!("<{id}>")))
+        .filter(|id| message_ids(id).len() == 1);
+    let references = message
+        .header_raw("References")
+        .map(message_ids)
+        .unwrap_or_default();
     stage("extract");
     let mode = if is_forward(subject.as_deref()) {
         TextMode::Forward
@@ -567,6 +656,9 @@ fn parse_and_read(
         auto_reply,
         unsupported: reader.unsupported,
         rejected: reader.rejected,
+        message_id,
+        references,
+        no_reply,
     }
 }
 
@@ -595,6 +687,43 @@ mod tests {
         let raw = "From: \"orders@acme.example\" <mallory@evil.example>\r\n\r\nSKU-1 x 1";
         let facts = read_mail(raw.as_bytes(), &MailLimits::default());
         assert_eq!(facts.sender.as_deref(), Some("mallory@evil.example"));
+    }
+
+    #[test]
+    fn only_mail_that_may_be_answered_is_answerable() {
+        let base = "From: Buyer <buyer@acme.example>\r\nMessage-ID: <po-7@acme.example>\r\nReferences: <a@x> bad <b@y>\r\nSubject: PO\r\n";
+        let facts = read_mail(
+            format!("{base}\r\nSKU-1 x 1").as_bytes(),
+            &MailLimits::default(),
+        );
+        assert_eq!(facts.no_reply, None);
+        assert_eq!(facts.message_id.as_deref(), Some("<po-7@acme.example>"));
+        assert_eq!(
+            facts.references,
+            vec!["<a@x>".to_owned(), "<b@y>".to_owned()]
+        );
+        for (header, why) in [
+            ("List-Id: <sales.lists.acme.example>", "List-Id"),
+            ("Precedence: bulk", "bulk"),
+            ("Precedence: list", "list"),
+            ("Auto-Submitted: auto-replied", "Auto-Submitted"),
+            ("Return-Path: <>", "null sender"),
+            (
+                "X-Auto-Response-Suppress: OOF, AutoReply",
+                "X-Auto-Response-Suppress",
+            ),
+        ] {
+            let raw = format!("{base}{header}\r\n\r\nSKU-1 x 1");
+            let facts = read_mail(raw.as_bytes(), &MailLimits::default());
+            assert!(
+                facts.no_reply.as_deref().is_some_and(|w| w.contains(why)),
+                "{header}: {:?}",
+                facts.no_reply
+            );
+        }
+        let raw = "From: no-reply@shop.example\r\n\r\nSKU-1 x 1";
+        let facts = read_mail(raw.as_bytes(), &MailLimits::default());
+        assert!(facts.no_reply.is_some());
     }
 
     #[test]

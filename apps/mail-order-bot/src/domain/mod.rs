@@ -12,6 +12,8 @@ pub mod framing;
 pub mod html;
 pub mod message;
 pub mod outbox;
+pub mod peer;
+pub mod reply;
 pub mod sheets;
 pub mod store;
 

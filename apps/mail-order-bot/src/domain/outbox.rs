@@ -26,12 +26,55 @@ use sqlx::Row;
 
 use super::store::{Backend, OrderStore};
 
-/// The worker pool that performs the effects.
+/// The worker pool that delivers orders to the ERP.
 pub const POOL: &str = "outbox";
-/// The source the outbox's tasks name (it publishes nothing: the rows are the queue).
+/// The source the ERP deliveries name (it publishes nothing: the rows are the queue).
 pub const SOURCE: &str = "outbox";
 /// The task kind of an ERP delivery.
 pub const ERP_KIND: &str = "outbox.erp";
+/// The worker pool that sends the replies to senders: a pool of its own, so that an SMTP
+/// relay that is away holds back no ERP delivery, and the other way round.
+pub const REPLY_POOL: &str = "replies";
+/// The source the replies name.
+pub const REPLY_SOURCE: &str = "replies";
+/// The task kind of a reply.
+pub const REPLY_KIND: &str = "outbox.reply";
+
+/// Which of the outbox's effects a queue hands out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// `erp` rows: the `outbox` pool.
+    Erp,
+    /// `reply:<outcome>` rows: the `replies` pool.
+    Replies,
+}
+
+impl Scope {
+    /// The rows of this scope, as an SQL condition on `outbox`.
+    fn rows(self) -> &'static str {
+        match self {
+            Self::Erp => "effect = 'erp'",
+            Self::Replies => "effect LIKE 'reply:%'",
+        }
+    }
+
+    /// The pool (and queue) of this scope.
+    pub fn pool(self) -> &'static str {
+        match self {
+            Self::Erp => POOL,
+            Self::Replies => REPLY_POOL,
+        }
+    }
+
+    /// The source its tasks name.
+    pub fn source(self) -> &'static str {
+        match self {
+            Self::Erp => SOURCE,
+            Self::Replies => REPLY_SOURCE,
+        }
+    }
+}
+
 /// What the `outbox` pool runs with where `[pools.outbox]` says nothing: each worker claims
 /// up to 16 effects at once and performs them side by side (one claim and one mark per
 /// batch); a failing effect is tried 10 times over about eight minutes (1 s doubling to
@@ -43,6 +86,20 @@ pub fn pool_defaults() -> runtime_contracts::PoolDefaults {
         max_attempts: Some(10),
         initial_backoff_ms: Some(1_000),
         max_backoff_ms: Some(300_000),
+    }
+}
+
+/// What the `replies` pool runs with where `[pools.replies]` says nothing: two workers of
+/// eight replies each (a relay takes a few connections, not dozens); a reply the relay
+/// defers (greylisting, a full queue) is tried 12 times over about an hour and a half
+/// (5 s doubling to 15 min), and a relay that is away counts no attempts.
+pub fn reply_pool_defaults() -> runtime_contracts::PoolDefaults {
+    runtime_contracts::PoolDefaults {
+        workers: Some(2),
+        prefetch: Some(8),
+        max_attempts: Some(12),
+        initial_backoff_ms: Some(5_000),
+        max_backoff_ms: Some(900_000),
     }
 }
 
@@ -62,6 +119,7 @@ enum Arg {
 pub struct OutboxQueue {
     store: OrderStore,
     lease: Duration,
+    scope: Scope,
     tokens: AtomicU64,
 }
 
@@ -88,8 +146,9 @@ const COLUMNS: &str =
     "id, effect, message_identity, order_id, attempt, history, last_error, claim, settled_ms";
 
 impl OutboxQueue {
-    /// The outbox of `store`; a claimed row stays with its dispatcher for `lease`.
-    pub fn new(store: OrderStore, lease: Duration) -> Self {
+    /// The rows of `scope` in the outbox of `store`; a claimed row stays with its
+    /// dispatcher for `lease`.
+    pub fn new(store: OrderStore, lease: Duration, scope: Scope) -> Self {
         // Claim tokens differ between processes (the seed) and between claims (the count).
         let seed = now_unix_ms()
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -97,6 +156,7 @@ impl OutboxQueue {
         Self {
             store,
             lease,
+            scope,
             tokens: AtomicU64::new(seed),
         }
     }
@@ -110,17 +170,19 @@ impl OutboxQueue {
         i64::try_from(t).unwrap_or(1).max(1)
     }
 
-    fn task_of(row: &sqlx::any::AnyRow) -> Result<Task, QueueError> {
+    fn task_of(&self, row: &sqlx::any::AnyRow) -> Result<Task, QueueError> {
         let id: i64 = row.try_get("id").map_err(unavailable)?;
         let effect: String = row.try_get("effect").map_err(unavailable)?;
         let identity: String = row.try_get("message_identity").map_err(unavailable)?;
         let order_id: Option<i64> = row.try_get("order_id").map_err(unavailable)?;
         let attempt: i64 = row.try_get("attempt").map_err(unavailable)?;
         let history: String = row.try_get("history").map_err(unavailable)?;
+        // `reply:created`, `reply:no_lines`, … are all replies.
+        let kind = effect.split(':').next().unwrap_or(&effect);
         let mut task = Task::new(
             format!("outbox:{id}"),
-            format!("outbox.{effect}"),
-            SOURCE,
+            format!("outbox.{kind}"),
+            self.scope.source(),
             serde_json::json!({
                 "row": id,
                 "effect": effect,
@@ -146,10 +208,11 @@ impl OutboxQueue {
             "UPDATE outbox SET claim = $1, lease_until_ms = {now} + $2
              WHERE id IN (
                  SELECT id FROM outbox
-                 WHERE state = 'pending' AND due_ms <= {now}
+                 WHERE state = 'pending' AND due_ms <= {now} AND {rows}
                    AND (lease_until_ms IS NULL OR lease_until_ms <= {now})
                  ORDER BY due_ms, id LIMIT $3{lock})
-             RETURNING {COLUMNS}"
+             RETURNING {COLUMNS}",
+            rows = self.scope.rows()
         );
         let rows = sqlx::query(&sql)
             .bind(token)
@@ -161,7 +224,7 @@ impl OutboxQueue {
         let mut leases = Vec::with_capacity(rows.len());
         for row in &rows {
             leases.push(Lease {
-                task: Arc::new(Self::task_of(row)?),
+                task: Arc::new(self.task_of(row)?),
                 receipt: u64::try_from(token).unwrap_or(0),
             });
         }
@@ -203,8 +266,8 @@ impl OutboxQueue {
         serde_json::to_string(&history[skip..]).unwrap_or_else(|_| "[]".into())
     }
 
-    fn dead_letter_of(row: &sqlx::any::AnyRow) -> Result<DeadLetter, QueueError> {
-        let task = Self::task_of(row)?;
+    fn dead_letter_of(&self, row: &sqlx::any::AnyRow) -> Result<DeadLetter, QueueError> {
+        let task = self.task_of(row)?;
         let reason: Option<String> = row.try_get("last_error").map_err(unavailable)?;
         let at: Option<i64> = row.try_get("settled_ms").map_err(unavailable)?;
         Ok(DeadLetter {
@@ -218,7 +281,7 @@ impl OutboxQueue {
 
 impl TaskQueue for OutboxQueue {
     fn name(&self) -> &str {
-        POOL
+        self.scope.pool()
     }
 
     fn system(&self) -> &'static str {
@@ -241,7 +304,8 @@ impl TaskQueue for OutboxQueue {
             let now = self.backend().now_ms();
             let done = sqlx::query(&format!(
                 "UPDATE outbox SET state = 'pending', due_ms = {now}
-                 WHERE id = $1 AND state = 'dead'"
+                 WHERE id = $1 AND state = 'dead' AND {rows}",
+                rows = self.scope.rows()
             ))
             .bind(row)
             .execute(self.store.pool())
@@ -414,7 +478,8 @@ impl TaskQueue for OutboxQueue {
                     CAST(COALESCE(SUM(CASE WHEN state = 'dead' THEN 1 ELSE 0 END), 0) AS BIGINT) AS dead,
                     CAST(COALESCE(SUM(attempt), 0) AS BIGINT) AS failed,
                     CAST({now} - MIN(CASE WHEN state = 'pending' THEN created_ms END) AS BIGINT) AS oldest
-                 FROM outbox"
+                 FROM outbox WHERE {rows}",
+                rows = self.scope.rows()
             );
             let row = sqlx::query(&sql)
                 .fetch_one(self.store.pool())
@@ -451,7 +516,8 @@ impl TaskQueue for OutboxQueue {
             let limit = i64::try_from(max.clamp(1, 1000)).unwrap_or(1000);
             let leased = sqlx::query(&format!(
                 "SELECT {COLUMNS}, {now} - (lease_until_ms - $1) AS held_ms FROM outbox
-                 WHERE state = 'pending' AND lease_until_ms > {now} ORDER BY id LIMIT $2"
+                 WHERE state = 'pending' AND lease_until_ms > {now} AND {rows} ORDER BY id LIMIT $2",
+                rows = self.scope.rows()
             ))
             .bind(ms(self.lease))
             .bind(limit)
@@ -460,7 +526,7 @@ impl TaskQueue for OutboxQueue {
             .map_err(unavailable)?;
             let mut inspection = Inspection::default();
             for row in &leased {
-                let task = Self::task_of(row)?;
+                let task = self.task_of(row)?;
                 let held: i64 = row.try_get("held_ms").map_err(unavailable)?;
                 inspection.leases.push(LeaseInfo {
                     task: task.id.to_string(),
@@ -471,15 +537,16 @@ impl TaskQueue for OutboxQueue {
                 });
             }
             let retrying = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM outbox WHERE state = 'pending' AND attempt > 0
-                 ORDER BY attempt DESC, id LIMIT $1"
+                "SELECT {COLUMNS} FROM outbox WHERE state = 'pending' AND attempt > 0 AND {rows}
+                 ORDER BY attempt DESC, id LIMIT $1",
+                rows = self.scope.rows()
             ))
             .bind(limit)
             .fetch_all(self.store.pool())
             .await
             .map_err(unavailable)?;
             for row in &retrying {
-                let task = Self::task_of(row)?;
+                let task = self.task_of(row)?;
                 inspection.retrying.push(RetryInfo {
                     task: task.id.to_string(),
                     kind: task.kind.to_string(),
@@ -501,7 +568,8 @@ impl DeadLetterStore for OutboxQueue {
             let after: i64 = cursor.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
             let limit = limit.clamp(1, 1000);
             let rows = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM outbox WHERE state = 'dead' AND id > $1 ORDER BY id LIMIT $2"
+                "SELECT {COLUMNS} FROM outbox WHERE state = 'dead' AND id > $1 AND {rows} ORDER BY id LIMIT $2",
+                rows = self.scope.rows()
             ))
             .bind(after)
             .bind(i64::try_from(limit + 1).unwrap_or(1001))
@@ -510,7 +578,7 @@ impl DeadLetterStore for OutboxQueue {
             .map_err(unavailable)?;
             let mut items = rows
                 .iter()
-                .map(Self::dead_letter_of)
+                .map(|row| self.dead_letter_of(row))
                 .collect::<Result<Vec<_>, _>>()?;
             let next_cursor = (items.len() > limit).then(|| {
                 items.truncate(limit);
@@ -526,13 +594,14 @@ impl DeadLetterStore for OutboxQueue {
                 return Ok(None);
             };
             let row = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM outbox WHERE state = 'dead' AND id = $1"
+                "SELECT {COLUMNS} FROM outbox WHERE state = 'dead' AND id = $1 AND {rows}",
+                rows = self.scope.rows()
             ))
             .bind(id)
             .fetch_optional(self.store.pool())
             .await
             .map_err(unavailable)?;
-            row.as_ref().map(Self::dead_letter_of).transpose()
+            row.as_ref().map(|row| self.dead_letter_of(row)).transpose()
         })
     }
 
@@ -544,7 +613,8 @@ impl DeadLetterStore for OutboxQueue {
             let now = self.backend().now_ms();
             let done = sqlx::query(&format!(
                 "UPDATE outbox SET state = 'pending', due_ms = {now}, attempt = 0, settled_ms = NULL
-                 WHERE id = $1 AND state = 'dead'"
+                 WHERE id = $1 AND state = 'dead' AND {rows}",
+                rows = self.scope.rows()
             ))
             .bind(row)
             .execute(self.store.pool())
@@ -563,7 +633,8 @@ impl DeadLetterStore for OutboxQueue {
             let now = self.backend().now_ms();
             let done = sqlx::query(&format!(
                 "UPDATE outbox SET state = 'pending', due_ms = {now}, attempt = 0, settled_ms = NULL
-                 WHERE state = 'dead'"
+                 WHERE state = 'dead' AND {rows}",
+                rows = self.scope.rows()
             ))
             .execute(self.store.pool())
             .await
@@ -578,11 +649,14 @@ impl DeadLetterStore for OutboxQueue {
             let row: i64 = id
                 .parse()
                 .map_err(|_| QueueError::DeadLetterNotFound(id.to_owned()))?;
-            let done = sqlx::query("DELETE FROM outbox WHERE id = $1 AND state = 'dead'")
-                .bind(row)
-                .execute(self.store.pool())
-                .await
-                .map_err(unavailable)?;
+            let done = sqlx::query(&format!(
+                "DELETE FROM outbox WHERE id = $1 AND state = 'dead' AND {}",
+                self.scope.rows()
+            ))
+            .bind(row)
+            .execute(self.store.pool())
+            .await
+            .map_err(unavailable)?;
             if done.rows_affected() == 0 {
                 return Err(QueueError::DeadLetterNotFound(id.to_owned()));
             }
@@ -594,14 +668,25 @@ impl DeadLetterStore for OutboxQueue {
 /// The source the outbox's tasks name. It publishes nothing (the pool takes the rows from
 /// [`OutboxQueue`]) and completes nothing at a source: a delivered effect is settled by
 /// the queue's ack.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OutboxSource {
+    scope: Scope,
     running: std::sync::atomic::AtomicBool,
+}
+
+impl OutboxSource {
+    /// The source of `scope`'s tasks.
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            running: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 impl TaskSource for OutboxSource {
     fn id(&self) -> &str {
-        SOURCE
+        self.scope.source()
     }
 
     fn start(&self, ctx: SourceContext) -> BoxFuture<'_, Result<(), SourceError>> {

@@ -74,6 +74,23 @@ pub struct Recording {
     pub reason: Option<String>,
     /// The order, for `created`.
     pub order: Option<NewOrder>,
+    /// Where a reply to this message goes and what it answers, when the message may be
+    /// answered at all (not a list, bulk or automatic mail; see `MailFacts::reply`). The
+    /// store writes a reply effect when its effects answer this outcome.
+    pub reply: Option<ReplyTo>,
+}
+
+/// Where a reply goes and what it answers (RFC 3834 §3.1.3, RFC 5322 §3.6.4).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplyTo {
+    /// The address the reply goes to (the message's From address).
+    pub to: String,
+    /// The message's `Message-ID`, with its angle brackets.
+    #[serde(default)]
+    pub in_reply_to: Option<String>,
+    /// The message's `References` (its last few), then its `Message-ID`.
+    #[serde(default)]
+    pub references: Vec<String>,
 }
 
 /// What `record` did.
@@ -122,6 +139,25 @@ pub struct StoredOrder {
     pub created_at: String,
     /// Lines.
     pub lines: Vec<OrderLine>,
+}
+
+/// What a reply is about (see [`OrderStore::reply_facts`]).
+#[derive(Clone, Debug)]
+pub struct ReplyFacts {
+    /// `reply:<outcome>`: the outcome the reply answers.
+    pub effect: String,
+    /// The message's identity.
+    pub message_identity: String,
+    /// Where it goes, and what it answers.
+    pub to: ReplyTo,
+    /// The message's outcome now (a replay may have changed it since the row was written).
+    pub outcome: String,
+    /// Why, for outcomes other than `created`.
+    pub reason: Option<String>,
+    /// The message's subject.
+    pub subject: Option<String>,
+    /// Its order, for `created`.
+    pub order: Option<StoredOrder>,
 }
 
 /// The columns of an [`OutcomeRow`]: an outcome with its order's client, sender and subject.
@@ -298,12 +334,78 @@ fn parameter_list(backend: Backend, first: usize, count: usize) -> String {
 pub struct Effects {
     /// Each new order is delivered to the ERP (`erp` rows).
     pub erp: bool,
+    /// The outcomes answered with a reply to the sender (`reply:<outcome>` rows).
+    pub reply: Answered,
+}
+
+/// The outcomes that get a reply: a confirmation for `created`, a rejection for the others.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Answered {
+    /// A confirmation of each new order.
+    #[serde(default)]
+    pub created: bool,
+    /// A rejection when no order lines were found.
+    #[serde(default)]
+    pub no_lines: bool,
+    /// A rejection when the content could not be read (encrypted, TNEF).
+    #[serde(default)]
+    pub unsupported_content: bool,
+    /// A rejection when the sender is no known client.
+    #[serde(default)]
+    pub unknown_client: bool,
+}
+
+impl Answered {
+    /// Every outcome that can be answered.
+    pub fn all() -> Self {
+        Self {
+            created: true,
+            no_lines: true,
+            unsupported_content: true,
+            unknown_client: true,
+        }
+    }
+
+    /// Whether any outcome is answered.
+    pub fn any(self) -> bool {
+        self.created || self.no_lines || self.unsupported_content || self.unknown_client
+    }
+
+    /// Whether `outcome` is answered.
+    pub fn answers(self, outcome: OutcomeKind) -> bool {
+        match outcome {
+            OutcomeKind::Created => self.created,
+            OutcomeKind::NoLines => self.no_lines,
+            OutcomeKind::UnsupportedContent => self.unsupported_content,
+            OutcomeKind::UnknownClient => self.unknown_client,
+            _ => false,
+        }
+    }
 }
 
 impl Effects {
     /// Whether any effect is on.
     pub fn any(self) -> bool {
-        self.erp
+        self.erp || self.reply.any()
+    }
+
+    /// The reply effect `rec` gets (`reply:<outcome>`) and its row's recipient and payload,
+    /// if it gets one: its outcome is answered, it may be answered, and a `created` outcome
+    /// made an order.
+    fn reply_of(self, rec: &Recording, order_id: Option<i64>) -> Option<(String, &str, String)> {
+        let to = rec.reply.as_ref()?;
+        if !self.reply.answers(rec.outcome)
+            || (rec.outcome == OutcomeKind::Created && order_id.is_none())
+        {
+            return None;
+        }
+        let payload = serde_json::to_string(to).ok()?;
+        Some((
+            format!("reply:{}", rec.outcome.as_str()),
+            to.to.as_str(),
+            payload,
+        ))
     }
 }
 
@@ -458,11 +560,12 @@ impl OrderStore {
     }
 
     fn wrote_outbox(&self, recorded: &[&Recorded]) {
-        if self.effects.erp
-            && recorded
-                .iter()
-                .any(|r| matches!(r, Recorded::New { order_id: Some(_) }))
-        {
+        let wrote = |r: &&Recorded| match r {
+            Recorded::New { order_id: Some(_) } => self.effects.any(),
+            Recorded::New { order_id: None } => self.effects.reply.any(),
+            _ => false,
+        };
+        if recorded.iter().any(wrote) {
             self.outbox_written.notify_waiters();
         }
     }
@@ -586,6 +689,11 @@ impl OrderStore {
                 "task_id": rec.task_id,
                 "client_id": rec.order.as_ref().map(|o| &o.client_id),
                 "client_name": rec.order.as_ref().map(|o| &o.client_name),
+                // The reply's row, when its outcome is answered (a `created` one only if
+                // the statement writes its order: `claimed.order_id` below).
+                "reply_effect": self.effects.reply_of(rec, Some(0)).map(|r| r.0),
+                "recipient": rec.reply.as_ref().map(|r| &r.to),
+                "reply": self.effects.reply_of(rec, Some(0)).map(|r| r.2),
             }));
             for (n, line) in rec.order.iter().flat_map(|o| o.lines.iter()).enumerate() {
                 lines.push(serde_json::json!({
@@ -605,7 +713,8 @@ impl OrderStore {
                      THEN nextval(pg_get_serial_sequence('orders', 'id')) END AS order_id
                  FROM json_to_recordset($1::json) AS x(identity TEXT, outcome TEXT, reason TEXT,
                      sha TEXT, fingerprint TEXT, sender TEXT, subject TEXT, task_id TEXT,
-                     client_id TEXT, client_name TEXT)
+                     client_id TEXT, client_name TEXT, reply_effect TEXT, recipient TEXT,
+                     reply TEXT)
              ), claimed AS (
                  INSERT INTO message_outcomes
                      (message_identity, outcome, reason, content_sha256, content_fingerprint,
@@ -634,6 +743,15 @@ impl OrderStore {
                  INSERT INTO outbox (effect, message_identity, order_id, due_ms, created_ms)
                  SELECT 'erp', new_orders.message_identity, new_orders.id, {now_ms}, {now_ms}
                  FROM new_orders WHERE $3
+             ), new_replies AS (
+                 INSERT INTO outbox
+                     (effect, message_identity, order_id, recipient, payload, due_ms, created_ms)
+                 SELECT input.reply_effect, input.identity, claimed.order_id, input.recipient,
+                     input.reply, {now_ms}, {now_ms}
+                 FROM claimed JOIN input ON input.identity = claimed.message_identity
+                 WHERE input.reply_effect IS NOT NULL
+                   AND (input.outcome <> 'created' OR claimed.order_id IS NOT NULL)
+                 ON CONFLICT (effect, message_identity) DO NOTHING
              )
              SELECT message_identity, order_id FROM claimed"
         );
@@ -809,6 +927,39 @@ impl OrderStore {
                 query.execute(&mut **tx).await?;
             }
         }
+        // The claimed recordings' replies.
+        let replies: Vec<(&String, Option<i64>, (String, &str, String))> = firsts
+            .iter()
+            .filter(|&&i| claimed.contains(&recs[i].identity))
+            .filter_map(|&i| {
+                let order_id = order_ids.get(&recs[i].identity).copied();
+                let reply = self.effects.reply_of(recs[i], order_id)?;
+                Some((&recs[i].identity, order_id, reply))
+            })
+            .collect();
+        for chunk in replies.chunks(ROWS_PER_STATEMENT) {
+            let now_ms = self.backend.now_ms();
+            let values = placeholders(
+                self.backend,
+                chunk.len(),
+                5,
+                &format!(", {now_ms}, {now_ms}"),
+            );
+            let sql = format!(
+                "INSERT INTO outbox (effect, message_identity, order_id, recipient, payload, due_ms, created_ms)
+                 VALUES {values} ON CONFLICT (effect, message_identity) DO NOTHING"
+            );
+            let mut query = sqlx::query(&sql).persistent(false);
+            for (identity, order_id, (effect, to, payload)) in chunk {
+                query = query
+                    .bind(effect.as_str())
+                    .bind(identity.as_str())
+                    .bind(*order_id)
+                    .bind(*to)
+                    .bind(payload.as_str());
+            }
+            query.execute(&mut **tx).await?;
+        }
         // 3. Everything else, one by one, in order: it sees the rows written above.
         let mut out: Vec<Option<Recorded>> = vec![None; recs.len()];
         for &i in &firsts {
@@ -938,6 +1089,22 @@ impl OrderStore {
             }
             order_id = Some(id);
         }
+        if let Some((effect, to, payload)) = self.effects.reply_of(rec, order_id) {
+            let now_ms = self.backend.now_ms();
+            sqlx::query(&format!(
+                "INSERT INTO outbox
+                    (effect, message_identity, order_id, recipient, payload, due_ms, created_ms)
+                 VALUES ($1, $2, $3, $4, $5, {now_ms}, {now_ms})
+                 ON CONFLICT (effect, message_identity) DO NOTHING"
+            ))
+            .bind(effect)
+            .bind(&rec.identity)
+            .bind(order_id)
+            .bind(to)
+            .bind(payload)
+            .execute(&mut **tx)
+            .await?;
+        }
         Ok(Recorded::New { order_id })
     }
 
@@ -1027,6 +1194,80 @@ impl OrderStore {
             Some(row) => Ok(Some(self.order_of_row(&row).await?)),
             None => Ok(None),
         }
+    }
+
+    /// What the reply of outbox row `row` is about: the row's effect, recipient and
+    /// threading, the message's outcome as it stands now, and its order.
+    pub async fn reply_facts(&self, row: i64) -> Result<Option<ReplyFacts>, StoreError> {
+        let found = sqlx::query(
+            "SELECT outbox.effect, outbox.message_identity, outbox.recipient, outbox.payload,
+                    m.outcome, m.reason, m.subject, m.order_id
+             FROM outbox JOIN message_outcomes m ON m.message_identity = outbox.message_identity
+             WHERE outbox.id = $1",
+        )
+        .bind(row)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        let order_id: Option<i64> = found.try_get("order_id")?;
+        let order = match order_id {
+            Some(id) => self.order(id).await?,
+            None => None,
+        };
+        let payload: Option<String> = found.try_get("payload")?;
+        Ok(Some(ReplyFacts {
+            effect: found.try_get("effect")?,
+            message_identity: found.try_get("message_identity")?,
+            to: payload
+                .as_deref()
+                .and_then(|p| serde_json::from_str(p).ok())
+                .unwrap_or_default(),
+            outcome: found.try_get("outcome")?,
+            reason: found.try_get("reason")?,
+            subject: found.try_get("subject")?,
+            order,
+        }))
+    }
+
+    /// Replies handed to the relay for `recipient` in the last `window_ms` (for the
+    /// per-sender rate limit).
+    pub async fn replies_sent_to(
+        &self,
+        recipient: &str,
+        window_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let now = self.backend.now_ms();
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM outbox
+             WHERE recipient = $1 AND sent_ms IS NOT NULL AND sent_ms > {now} - $2"
+        ))
+        .bind(recipient)
+        .bind(i64::try_from(window_ms).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Notes on outbox row `row` that its reply was handed to the relay now.
+    pub async fn reply_sent(&self, row: i64) -> Result<(), StoreError> {
+        let now = self.backend.now_ms();
+        sqlx::query(&format!("UPDATE outbox SET sent_ms = {now} WHERE id = $1"))
+            .bind(row)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Notes on outbox row `row` why its reply is not sent (it is then settled as done).
+    pub async fn reply_withheld(&self, row: i64, why: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE outbox SET last_error = $2 WHERE id = $1")
+            .bind(row)
+            .bind(why)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The orders `ids` with their lines (two statements for all of them); an id with no
@@ -1407,9 +1648,13 @@ impl runtime_contracts::RetentionSweep for OrderStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{placeholders, Backend, NewOrder, OrderStore, Recorded, Recording};
+    use super::{
+        placeholders, Answered, Backend, Effects, NewOrder, OrderStore, Recorded, Recording,
+        ReplyTo,
+    };
     use crate::domain::extract::OrderLine;
     use crate::domain::OutcomeKind;
+    use sqlx::Row as _;
 
     fn recording(identity: &str, lines: &[(&str, u32)], fingerprint: &str) -> Recording {
         Recording {
@@ -1436,6 +1681,11 @@ mod tests {
                         origin: "body".to_owned(),
                     })
                     .collect(),
+            }),
+            reply: Some(ReplyTo {
+                to: "buyer@example.com".to_owned(),
+                in_reply_to: Some(format!("<{identity}>")),
+                references: vec![format!("<{identity}>")],
             }),
         }
     }
@@ -1495,6 +1745,111 @@ mod tests {
         assert!(order.is_none());
         let (outcome, _) = store.message("mid:none").await.expect("message");
         assert!(outcome.is_none());
+    }
+
+    /// The reply rows: (effect, identity, recipient), in identity order.
+    async fn reply_rows(store: &OrderStore) -> Vec<(String, String, String)> {
+        sqlx::query(
+            "SELECT effect, message_identity, recipient FROM outbox
+             WHERE effect LIKE 'reply:%' ORDER BY message_identity, effect",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r.get::<String, _>("effect"),
+                r.get::<String, _>("message_identity"),
+                r.get::<String, _>("recipient"),
+            )
+        })
+        .collect()
+    }
+
+    /// Replies are written with their outcome on every path (one message, a batch, and on
+    /// PostgreSQL the batch statement): once per message and answered outcome, none for a
+    /// duplicate, an outcome not answered, or mail that may not be answered.
+    async fn replies_are_written_with_their_outcome(store: OrderStore) {
+        let store = store.with_effects(Effects {
+            erp: false,
+            reply: Answered {
+                created: true,
+                no_lines: true,
+                unsupported_content: false,
+                unknown_client: false,
+            },
+        });
+        let mut unanswerable = recording("mid:list", &[("L-1", 1)], "fp-list");
+        unanswerable.reply = None;
+        let mut unknown = recording("mid:stranger", &[], "fp-stranger");
+        unknown.outcome = OutcomeKind::UnknownClient;
+        store
+            .record(&recording("mid:one", &[("A-1", 1)], "fp-one"))
+            .await
+            .expect("one");
+        let batch = [
+            recording("mid:two", &[("B-1", 2)], "fp-two"),
+            recording("mid:three", &[], "fp-three"),
+            recording("mid:one", &[("A-1", 1)], "fp-one"),
+            unanswerable,
+            unknown,
+        ];
+        let refs: Vec<&Recording> = batch.iter().collect();
+        for r in store.record_batch(&refs).await {
+            r.expect("recorded");
+        }
+        let to = "buyer@example.com".to_owned();
+        assert_eq!(
+            reply_rows(&store).await,
+            vec![
+                ("reply:created".into(), "mid:one".into(), to.clone()),
+                ("reply:no_lines".into(), "mid:three".into(), to.clone()),
+                ("reply:created".into(), "mid:two".into(), to),
+            ]
+        );
+        let row: i64 =
+            sqlx::query_scalar("SELECT id FROM outbox WHERE message_identity = 'mid:two'")
+                .fetch_one(store.pool())
+                .await
+                .expect("row");
+        let facts = store.reply_facts(row).await.expect("facts").expect("found");
+        assert_eq!(facts.outcome, "created");
+        assert_eq!(facts.to.in_reply_to.as_deref(), Some("<mid:two>"));
+        assert_eq!(facts.order.expect("order").lines[0].sku, "B-1");
+        assert_eq!(
+            store
+                .replies_sent_to("buyer@example.com", 60_000)
+                .await
+                .expect("n"),
+            0
+        );
+        store.reply_sent(row).await.expect("sent");
+        assert_eq!(
+            store
+                .replies_sent_to("buyer@example.com", 60_000)
+                .await
+                .expect("n"),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn replies_are_written_with_their_outcome_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("o.db").display());
+        replies_are_written_with_their_outcome(OrderStore::open(&url).await.expect("store")).await;
+    }
+
+    #[tokio::test]
+    async fn replies_are_written_with_their_outcome_on_postgres() {
+        let pg = plba_testkit::PostgresServer::start();
+        replies_are_written_with_their_outcome(
+            OrderStore::open(&pg.create_database())
+                .await
+                .expect("store"),
+        )
+        .await;
     }
 
     #[tokio::test]
