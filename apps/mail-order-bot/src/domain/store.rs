@@ -384,6 +384,9 @@ impl Answered {
     }
 }
 
+/// A reply's outbox row: its effect (`reply:<outcome>`), recipient and payload (JSON).
+type ReplyRow<'a> = (String, &'a str, String);
+
 impl Effects {
     /// Whether any effect is on.
     pub fn any(self) -> bool {
@@ -393,7 +396,7 @@ impl Effects {
     /// The reply effect `rec` gets (`reply:<outcome>`) and its row's recipient and payload,
     /// if it gets one: its outcome is answered, it may be answered, and a `created` outcome
     /// made an order.
-    fn reply_of(self, rec: &Recording, order_id: Option<i64>) -> Option<(String, &str, String)> {
+    fn reply_of(self, rec: &Recording, order_id: Option<i64>) -> Option<ReplyRow<'_>> {
         let to = rec.reply.as_ref()?;
         if !self.reply.answers(rec.outcome)
             || (rec.outcome == OutcomeKind::Created && order_id.is_none())
@@ -928,7 +931,7 @@ impl OrderStore {
             }
         }
         // The claimed recordings' replies.
-        let replies: Vec<(&String, Option<i64>, (String, &str, String))> = firsts
+        let replies: Vec<(&String, Option<i64>, ReplyRow<'_>)> = firsts
             .iter()
             .filter(|&&i| claimed.contains(&recs[i].identity))
             .filter_map(|&i| {
