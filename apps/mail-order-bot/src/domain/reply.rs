@@ -666,14 +666,7 @@ fn one_line(text: &str) -> String {
 
 /// The error and its causes, on one line.
 fn error_text(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    one_line(&text)
+    one_line(&super::erp::error_chain(e))
 }
 
 impl TaskHandler for ReplyHandler {
