@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 mod erp;
 mod oauth;
 mod otlp;
+mod postfix;
 mod rabbit;
 pub use erp::{ErpMode, ErpRequest, ErpServer};
 pub use oauth::{TokenCounts, TokenMode, TokenServer};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
+pub use postfix::PostfixServer;
 pub use rabbit::RabbitServer;
 
 use runtime_contracts::{
@@ -660,6 +662,10 @@ pub struct DovecotOptions {
     pub oauth2_introspection_url: Option<String>,
     /// The server does not announce MOVE (RFC 6851).
     pub without_move: bool,
+    /// An LMTP listener (`dovecot-lmtpd`) on a free loopback port, for a mail relay to
+    /// deliver into the users' INBOXes; the recipient is the user name (e.g.
+    /// `buyer@nordic.example`).
+    pub lmtp: bool,
 }
 
 /// A private Dovecot (IMAP only): its own configuration in a short temp dir, passwd-file
@@ -670,6 +676,7 @@ pub struct DovecotServer {
     dir: tempfile::TempDir,
     port: u16,
     tls_port: u16,
+    lmtp_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -729,14 +736,18 @@ impl DovecotServer {
             ],
         );
         Self::make_certificates(&d);
+        if options.lmtp {
+            find("/usr/lib/dovecot/lmtp", "apt-get install dovecot-lmtpd");
+        }
         let server = Self {
             port: free_port(),
             tls_port: free_port(),
+            lmtp_port: options.lmtp.then(free_port),
             dir,
             child: None,
         };
         let conf = format!(
-            r#"protocols = imap
+            r#"protocols = imap{lmtp_protocol}
 listen = 127.0.0.1
 base_dir = {d}/run
 state_dir = {d}/state
@@ -783,8 +794,13 @@ service stats {{
   }}
 }}
 {capability}
+{lmtp}
 {push}"#,
             d = d.display(),
+            lmtp_protocol = if options.lmtp { " lmtp" } else { "" },
+            lmtp = server.lmtp_port.map_or(String::new(), |port| format!(
+                "service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n"
+            )),
             mechanisms = if options.oauth2_introspection_url.is_some() { " xoauth2 oauthbearer" } else { "" },
             // Only beside the oauth2 passdb: a passdb limited to mechanisms is skipped by the
             // user lookups of doveadm and the LDA.
@@ -973,6 +989,12 @@ service stats {{
     /// The plain IMAP port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The LMTP port ([`DovecotOptions::lmtp`]).
+    pub fn lmtp_port(&self) -> u16 {
+        self.lmtp_port
+            .expect("this Dovecot was started without its LMTP listener")
     }
 
     /// The implicit-TLS (IMAPS) port.
@@ -1166,7 +1188,32 @@ impl ImapLine {
         self.send(format!("E EXAMINE {mailbox}\r\n").as_bytes());
         self.expect_ok("E");
         self.send(b"F UID FETCH 1:* (BODY.PEEK[])\r\n");
-        self.read_literals("F")
+        let (messages, bytes) = self.read_literals("F", |_| {});
+        (messages, bytes)
+    }
+
+    /// Every message of `mailbox`, whole (`BODY.PEEK[]`, so no flag changes), in UID order.
+    pub fn messages(&mut self, mailbox: &str) -> Vec<Vec<u8>> {
+        self.tags += 1;
+        let tag = format!("M{}", self.tags);
+        self.send(format!("{tag} EXAMINE {mailbox}\r\n").as_bytes());
+        let exists = self
+            .until_tagged(&tag)
+            .iter()
+            .find_map(|l| {
+                l.strip_prefix("* ")?
+                    .strip_suffix(" EXISTS\r\n")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0usize);
+        let mut out = Vec::new();
+        if exists > 0 {
+            let tag = format!("{tag}f");
+            self.send(format!("{tag} UID FETCH 1:* (BODY.PEEK[])\r\n").as_bytes());
+            self.read_literals(&tag, |body| out.push(body));
+        }
+        out
     }
 
     /// How many messages of `mailbox` lack `\Seen` (`STATUS … (UNSEEN)`).
@@ -1204,7 +1251,7 @@ impl ImapLine {
             .collect();
         for uid in &uids {
             self.send(format!("F UID FETCH {uid} (BODY.PEEK[])\r\n").as_bytes());
-            let (fetched, _) = self.read_literals("F");
+            let (fetched, _) = self.read_literals("F", |_| {});
             assert_eq!(fetched, 1, "UID {uid} fetched");
             self.send(format!("W UID STORE {uid} +FLAGS.SILENT (\\Seen)\r\n").as_bytes());
             self.expect_ok("W");
@@ -1225,8 +1272,9 @@ impl ImapLine {
         }
     }
 
-    /// Reads the answer of `tag`, counting its literals: (literals, bytes).
-    fn read_literals(&mut self, tag: &str) -> (usize, usize) {
+    /// Reads the answer of `tag`, counting its literals and handing each to `keep`:
+    /// (literals, bytes).
+    fn read_literals(&mut self, tag: &str, mut keep: impl FnMut(Vec<u8>)) -> (usize, usize) {
         use std::io::Read as _;
         let (mut messages, mut bytes) = (0, 0);
         loop {
@@ -1246,6 +1294,7 @@ impl ImapLine {
                 self.stream.read_exact(&mut body).expect("literal");
                 messages += 1;
                 bytes += size;
+                keep(body);
             }
         }
     }
