@@ -34,6 +34,8 @@ missing=()
 need redis-server || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
 need initdb || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 need dovecot || [ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
+[ -x /usr/lib/dovecot/lmtp ] || missing+=(dovecot-lmtpd)
+[ -x /usr/sbin/postfix ] || missing+=(postfix)
 need openssl || missing+=(openssl)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 # promtool checks the alert rules in deploy/prometheus (Debian ships it with prometheus;

@@ -1,0 +1,498 @@
+//! Replies to the sender through a real relay: the bot hands its replies to a private
+//! Postfix, which delivers them over LMTP into the private Dovecot, where the test reads
+//! them back over IMAP: one per message and outcome (by the derived Message-ID), threaded
+//! under the order mail, with the RFC 3834 headers and the template's text; none for
+//! automatic, bulk, list or null-sender mail; no loop and no flood of answers; and a relay
+//! that is away holds the replies back until it is back.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{order_mail, wait_for, Workspace};
+use mail_order_bot::compose::{build_runtime, load_config};
+use mail_order_bot::domain::reply::reply_message_id;
+use mail_order_bot::module::MailOrderModule;
+use mail_parser::MessageParser;
+use plba_testkit::{DovecotOptions, DovecotServer, PostfixServer};
+use runtime_contracts::{HealthStatus, Probe};
+use runtime_core::RuntimeManager;
+
+const PASSWORD: &str = "pw-7";
+const BOT: &str = "orders@plba.test";
+const DOMAINS: &[&str] = &[
+    "plba.test",
+    "acme.example",
+    "nordic.example",
+    "elsewhere.example",
+];
+const USERS: &[&str] = &[
+    BOT,
+    "purchasing@acme.example",
+    "buyer@nordic.example",
+    "stranger@elsewhere.example",
+    "auto@elsewhere.example",
+    "bulk@elsewhere.example",
+    "list@elsewhere.example",
+    "bounce@elsewhere.example",
+    "flood@elsewhere.example",
+    "s1@elsewhere.example",
+    "s2@elsewhere.example",
+    "s3@elsewhere.example",
+    "s4@elsewhere.example",
+];
+
+/// The private Dovecot (every user's mailbox, LMTP) and the Postfix in front of it.
+struct Relay {
+    dovecot: DovecotServer,
+    postfix: PostfixServer,
+}
+
+impl Relay {
+    fn start() -> Self {
+        let users: Vec<(&str, &str)> = USERS.iter().map(|u| (*u, PASSWORD)).collect();
+        let dovecot = DovecotServer::start_with(
+            &users,
+            DovecotOptions {
+                lmtp: true,
+                ..DovecotOptions::default()
+            },
+        );
+        let postfix = PostfixServer::start(dovecot.lmtp_port(), DOMAINS);
+        Self { dovecot, postfix }
+    }
+
+    /// `user`'s INBOX, read over IMAP.
+    fn inbox(&self, user: &str) -> Vec<Reply> {
+        self.dovecot
+            .client(user, PASSWORD)
+            .messages("INBOX")
+            .iter()
+            .map(|raw| Reply::parse(raw))
+            .collect()
+    }
+
+    /// Waits until `user` has `n` messages, then a moment more for any that should not come.
+    async fn expect(&self, user: &str, n: usize) -> Vec<Reply> {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{n} in {user}"),
+            || async { self.inbox(user).len() >= n },
+        )
+        .await;
+        let got = self.inbox(user);
+        assert_eq!(
+            got.len(),
+            n,
+            "{user}: {got:#?}\npostfix: {}",
+            self.postfix.log()
+        );
+        got
+    }
+
+    /// The `[apps.mail_order_bot.reply]` section and a quick `replies` pool.
+    fn section(&self, per_sender_max: u32) -> String {
+        format!(
+            r#"
+[apps.mail_order_bot.reply]
+from = "Order desk <{BOT}>"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+timeout_ms = 5000
+per_sender_max = {per_sender_max}
+
+[pools.replies.retry]
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+jitter = 0.1
+"#,
+            port = self.postfix.port()
+        )
+    }
+}
+
+/// A reply as read back.
+#[derive(Debug)]
+struct Reply {
+    from: String,
+    to: String,
+    subject: String,
+    message_id: String,
+    in_reply_to: Option<String>,
+    references: Vec<String>,
+    auto_submitted: Option<String>,
+    body: String,
+}
+
+impl Reply {
+    fn parse(raw: &[u8]) -> Self {
+        let m = MessageParser::default().parse(raw).expect("a message");
+        let address = |a: Option<&mail_parser::Address<'_>>| {
+            a.and_then(|a| a.first())
+                .and_then(|a| a.address())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let texts = |v: &mail_parser::HeaderValue<'_>| -> Vec<String> {
+            match v {
+                mail_parser::HeaderValue::Text(t) => vec![t.to_string()],
+                mail_parser::HeaderValue::TextList(l) => l.iter().map(|t| t.to_string()).collect(),
+                _ => Vec::new(),
+            }
+        };
+        Self {
+            from: address(m.from()),
+            to: address(m.to()),
+            subject: m.subject().unwrap_or_default().to_owned(),
+            message_id: m.message_id().unwrap_or_default().to_owned(),
+            in_reply_to: texts(m.in_reply_to()).into_iter().next(),
+            references: texts(m.references()),
+            auto_submitted: m.header_raw("Auto-Submitted").map(|v| v.trim().to_owned()),
+            body: m.body_text(0).map(|b| b.into_owned()).unwrap_or_default(),
+        }
+    }
+}
+
+/// A mail from `from` with Message-ID `<{id}@mail.example>` and `headers` (each ending
+/// with CRLF).
+fn mail(id: &str, from: &str, headers: &str, body: &str) -> String {
+    format!(
+        "From: {from}\r\nTo: {BOT}\r\nSubject: Order {id}\r\nMessage-ID: <{id}@mail.example>\r\n\
+         {headers}MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n"
+    )
+}
+
+async fn start(path: &std::path::Path) -> Arc<RuntimeManager> {
+    let manager = Arc::new(load_config(Some(path), Some(HashMap::new())).expect("config"));
+    let mut runtime = build_runtime(manager, Arc::new(MailOrderModule), None)
+        .await
+        .expect("runtime");
+    runtime.start().expect("start");
+    Arc::new(runtime)
+}
+
+async fn replies_stats(runtime: &RuntimeManager) -> runtime_contracts::QueueStats {
+    runtime
+        .queue("replies")
+        .expect("the replies pool")
+        .stats()
+        .await
+        .expect("stats")
+}
+
+/// The derived Message-ID (without its angle brackets) of the reply to the message whose
+/// outcome names `sender`.
+async fn expected_id(ws: &Workspace, sender: &str) -> String {
+    let outcome = ws
+        .store()
+        .await
+        .outcomes()
+        .await
+        .expect("outcomes")
+        .into_iter()
+        .find(|o| o.sender.as_deref() == Some(sender))
+        .unwrap_or_else(|| panic!("an outcome for {sender}"));
+    reply_message_id(
+        &outcome.message_identity,
+        &format!("reply:{}", outcome.outcome),
+        "plba.test",
+    )
+    .trim_matches(['<', '>'])
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_sender_hears_back_once_threaded_and_automatic_mail_gets_no_answer() {
+    let relay = Relay::start();
+    let ws = Workspace::new();
+    let config = ws.config_with(2, 3, &relay.section(5));
+    let lines = "Hello,\r\n\r\nSKU-1 x 2\r\nSKU-2 x 1\r\n\r\nThanks";
+    let mails = [
+        (
+            "created",
+            mail(
+                "created",
+                "Buyer <purchasing@acme.example>",
+                "References: <earlier@acme.example>\r\nIn-Reply-To: <earlier@acme.example>\r\n",
+                lines,
+            ),
+        ),
+        (
+            "nolines",
+            mail(
+                "nolines",
+                "buyer@nordic.example",
+                "",
+                "Please send us your catalogue.",
+            ),
+        ),
+        (
+            "unknown",
+            mail("unknown", "stranger@elsewhere.example", "", lines),
+        ),
+        (
+            "auto",
+            mail(
+                "auto",
+                "auto@elsewhere.example",
+                "Auto-Submitted: auto-replied\r\n",
+                lines,
+            ),
+        ),
+        (
+            "bulk",
+            mail(
+                "bulk",
+                "bulk@elsewhere.example",
+                "Precedence: bulk\r\n",
+                lines,
+            ),
+        ),
+        (
+            "list",
+            mail(
+                "list",
+                "list@elsewhere.example",
+                "List-Id: <buyers.elsewhere.example>\r\n",
+                lines,
+            ),
+        ),
+        (
+            "null",
+            mail(
+                "null",
+                "bounce@elsewhere.example",
+                "Return-Path: <>\r\n",
+                lines,
+            ),
+        ),
+    ];
+    for (id, m) in &mails {
+        ws.deliver(id, m);
+    }
+    let runtime = start(&config).await;
+    let confirmation = relay.expect("purchasing@acme.example", 1).await;
+    let no_lines = relay.expect("buyer@nordic.example", 1).await;
+    let unknown = relay.expect("stranger@elsewhere.example", 1).await;
+    wait_for(Duration::from_secs(30), "the replies settled", || async {
+        let s = replies_stats(&runtime).await;
+        s.processed == 3 && s.depth == 0 && s.in_flight == 0
+    })
+    .await;
+    for user in [
+        "auto@elsewhere.example",
+        "bulk@elsewhere.example",
+        "list@elsewhere.example",
+        "bounce@elsewhere.example",
+    ] {
+        relay.expect(user, 0).await;
+    }
+
+    // The confirmation: threaded under the order mail and what it referred to.
+    let c = &confirmation[0];
+    let order = ws.store().await.orders_after(0).await.expect("orders");
+    assert_eq!(order.len(), 1, "one order");
+    let number = order[0].id;
+    assert_eq!(c.from, BOT);
+    assert_eq!(c.to, "purchasing@acme.example");
+    assert_eq!(c.subject, format!("Re: Order created [order {number}]"));
+    assert_eq!(c.in_reply_to.as_deref(), Some("created@mail.example"));
+    assert_eq!(
+        c.references,
+        vec![
+            "earlier@acme.example".to_owned(),
+            "created@mail.example".to_owned()
+        ]
+    );
+    assert_eq!(c.auto_submitted.as_deref(), Some("auto-replied"));
+    assert!(
+        c.body.contains(&format!("order {number} for Acme")),
+        "{}",
+        c.body
+    );
+    assert!(c.body.contains("2 x SKU-1") && c.body.contains("1 x SKU-2"));
+    assert_eq!(
+        c.message_id,
+        expected_id(&ws, "purchasing@acme.example").await
+    );
+
+    // The rejections say what the bot could not read.
+    let n = &no_lines[0];
+    assert_eq!(n.subject, "Re: Order nolines [not processed]");
+    assert!(n.body.contains("We found no order lines"), "{}", n.body);
+    assert_eq!(n.in_reply_to.as_deref(), Some("nolines@mail.example"));
+    assert_eq!(n.message_id, expected_id(&ws, "buyer@nordic.example").await);
+    let u = &unknown[0];
+    assert!(
+        u.body
+            .contains("stranger@elsewhere.example is not one of our clients"),
+        "{}",
+        u.body
+    );
+    assert_eq!(u.auto_submitted.as_deref(), Some("auto-replied"));
+    assert_eq!(
+        u.message_id,
+        expected_id(&ws, "stranger@elsewhere.example").await
+    );
+    runtime.shutdown().await;
+
+    // A second run over the same store and mail answers nothing again.
+    for (id, m) in &mails {
+        ws.deliver(&format!("{id}-again"), m);
+    }
+    let runtime = start(&config).await;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        runtime.wait_until_idle(Duration::from_millis(50)),
+    )
+    .await
+    .expect("idle");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    runtime.shutdown().await;
+    for user in [
+        "purchasing@acme.example",
+        "buyer@nordic.example",
+        "stranger@elsewhere.example",
+    ] {
+        relay.expect(user, 1).await;
+    }
+}
+
+/// The workspace's configuration reading the bot's own mailbox on the relay's Dovecot by
+/// IDLE, with `extra`.
+fn imap_config(ws: &Workspace, relay: &Relay, extra: &str) -> std::path::PathBuf {
+    let text = ws.config_text(2, 3, extra);
+    let start = text.find("[sources.inbox]").expect("source section");
+    let end = text.find("[apps.mail_order_bot]").expect("app section");
+    let password_file = ws.dir.path().join("imap-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+    let section = format!(
+        "[sources.inbox]\ntype = \"imap_idle\"\npool = \"orders\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nuser = \"{BOT}\"\npassword_file = \"{}\"\nmax_backoff_ms = 2000\n\n",
+        relay.dovecot.port(),
+        password_file.display()
+    );
+    let text = format!("{}{section}{}", &text[..start], &text[end..]);
+    let path = ws.dir.path().join("bot-imap.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mail_loop_and_a_flooding_sender_get_no_endless_answers() {
+    let relay = Relay::start();
+    let ws = Workspace::new();
+    let config = imap_config(&ws, &relay, &relay.section(3));
+    let lines = "SKU-1 x 2";
+    // A sender that is nobody's client writes eight times; and the bot's own address
+    // writes to the bot (a forwarding rule pointing back, a forged sender): its answer
+    // lands in the bot's own mailbox.
+    let mut mails: Vec<Vec<u8>> = (0..8)
+        .map(|i| mail(&format!("flood-{i}"), "flood@elsewhere.example", "", lines).into_bytes())
+        .collect();
+    mails.push(mail("loop", &format!("Order desk <{BOT}>"), "", lines).into_bytes());
+    relay.dovecot.append(BOT, PASSWORD, "INBOX", &mails);
+    let runtime = start(&config).await;
+
+    // The limit holds: three answers to the flooding sender, not eight.
+    let flood = relay.expect("flood@elsewhere.example", 3).await;
+    let mut ids: Vec<&str> = flood.iter().map(|r| r.message_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        3,
+        "three different messages answered: {flood:#?}"
+    );
+    // The loop ends after one answer: the reply came back and was read, and as an
+    // automatic message it is not answered.
+    wait_for(
+        Duration::from_secs(60),
+        "the reply in the bot's mailbox read",
+        || async {
+            let flags = relay.dovecot.flags(BOT, PASSWORD, "INBOX");
+            flags.len() == 10 && flags.values().all(|f| f.iter().any(|x| x == "\\Seen"))
+        },
+    )
+    .await;
+    wait_for(Duration::from_secs(30), "the replies settled", || async {
+        let s = replies_stats(&runtime).await;
+        s.processed == 9 && s.depth == 0 && s.in_flight == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    runtime.shutdown().await;
+    let own = relay.inbox(BOT);
+    let answers: Vec<&Reply> = own.iter().filter(|r| r.auto_submitted.is_some()).collect();
+    assert_eq!(answers.len(), 1, "one answer came back: {own:#?}");
+    assert_eq!(answers[0].in_reply_to.as_deref(), Some("loop@mail.example"));
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    assert_eq!(outcomes.len(), 10, "{outcomes:#?}");
+    let answer = outcomes
+        .iter()
+        .find(|o| {
+            o.subject
+                .as_deref()
+                .is_some_and(|s| s.starts_with("Re: Order loop"))
+        })
+        .expect("the answer's outcome");
+    assert_eq!(answer.outcome, "auto_reply", "{answer:?}");
+    relay.expect("flood@elsewhere.example", 3).await;
+    assert_eq!(relay.inbox(BOT).len(), 10, "no reply answered a reply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_stopped_for_30_s_turns_readiness_and_the_replies_go_out_after() {
+    let mut relay = Relay::start();
+    relay.postfix.stop();
+    let ws = Workspace::new();
+    let config = ws.config_with(2, 3, &relay.section(5));
+    let senders = [
+        "s1@elsewhere.example",
+        "s2@elsewhere.example",
+        "s3@elsewhere.example",
+        "s4@elsewhere.example",
+    ];
+    for (i, sender) in senders.iter().enumerate() {
+        ws.deliver(
+            &format!("away-{i}"),
+            &order_mail(&format!("away-{i}"), sender, &[("SKU-1", 1)]),
+        );
+    }
+    let runtime = start(&config).await;
+    wait_for(
+        Duration::from_secs(30),
+        "readiness down for the relay",
+        || async {
+            let report = runtime.health().check(Probe::Readiness).await;
+            report
+                .checks
+                .iter()
+                .any(|c| c.name == "smtp" && c.status != HealthStatus::Up)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during = replies_stats(&runtime).await;
+    assert_eq!(during.dead, 0, "an outage dead-letters nothing: {during:?}");
+    assert_eq!(during.processed, 0, "{during:?}");
+    assert_eq!(
+        ws.store().await.outcomes().await.expect("outcomes").len(),
+        4,
+        "the mail itself was read"
+    );
+    relay.postfix.start_again();
+    for sender in senders {
+        let got = relay.expect(sender, 1).await;
+        assert_eq!(got[0].message_id, expected_id(&ws, sender).await);
+    }
+    wait_for(Duration::from_secs(30), "readiness up again", || async {
+        runtime.health().check(Probe::Readiness).await.healthy
+    })
+    .await;
+    let after = replies_stats(&runtime).await;
+    assert_eq!((after.processed, after.dead), (4, 0), "{after:?}");
+    runtime.shutdown().await;
+}
