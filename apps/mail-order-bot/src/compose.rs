@@ -70,7 +70,8 @@ pub enum QueueChoice {
     Amqp(AmqpQueueConfig),
 }
 
-/// Every pool's handler timeout, the bot's pool included when only declared.
+/// The handler timeout of every pool that leases from the main queue (not the outbox
+/// pools), the bot's pool included when only declared.
 fn handler_timeouts(root: &serde_json::Value) -> Vec<(String, u64)> {
     let default = runtime_core::PoolConfig::default().handler_timeout_ms;
     let mut timeouts: Vec<(String, u64)> = root
@@ -79,6 +80,15 @@ fn handler_timeouts(root: &serde_json::Value) -> Vec<(String, u64)> {
         .map(|pools| {
             pools
                 .iter()
+                // The outbox pools lease their rows from the order store, not from this
+                // queue.
+                .filter(|(name, _)| {
+                    ![
+                        crate::domain::outbox::POOL,
+                        crate::domain::outbox::REPLY_POOL,
+                    ]
+                    .contains(&name.as_str())
+                })
                 .map(|(name, pool)| {
                     let t = pool.get("handler_timeout_ms").and_then(|t| t.as_u64());
                     (name.clone(), t.unwrap_or(default))

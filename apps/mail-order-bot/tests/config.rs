@@ -486,3 +486,29 @@ fn the_replicas_manifest_carries_the_replicas_config() {
     assert_eq!(embedded, config);
     assert!(manifest.contains("replicas: 3") && config.contains("replicas = 3"));
 }
+
+#[test]
+fn the_outbox_pools_are_not_held_to_the_main_queues_lease() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let redis = valid(tmp.path()).replace(
+        "type = \"memory\"",
+        "type = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nclaim_min_idle_ms = 10000",
+    );
+    // The outbox pools lease rows from the order store (their default handler timeout is
+    // 30 s, over the Redis claim time): nothing to say.
+    let outbox_pools = format!(
+        "{redis}\n[pools.outbox.retry]\ninitial_backoff_ms = 100\n\n[pools.replies.retry]\ninitial_backoff_ms = 100\n"
+    );
+    assert_eq!(problems(tmp.path(), &outbox_pools), vec![]);
+    // A pool that does lease from Redis is.
+    let got = problems(
+        tmp.path(),
+        &format!("{redis}\n[pools.other]\nworkers = 1\n"),
+    );
+    assert!(
+        got.iter()
+            .any(|(k, m)| k == "queue.claim_min_idle_ms"
+                && m.contains("pools.other.handler_timeout_ms")),
+        "{got:#?}"
+    );
+}

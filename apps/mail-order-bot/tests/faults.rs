@@ -98,6 +98,15 @@ fn ledger() -> Ledger {
     expected
         .other
         .push(("mid:nested@test.example".to_owned(), "rejected"));
+    // Automatic mail from somebody who is not a client: recorded, never answered.
+    for (id, header, outcome) in NOT_ANSWERED {
+        let mut mail = order_mail(id, "someone@unknown.example", &[("SKU-1", 1)]);
+        mail.insert_str(0, &format!("{header}\r\n"));
+        mails.push(mail);
+        expected
+            .other
+            .push((format!("mid:{id}@test.example"), outcome));
+    }
     let doomed = always_failing();
     mails.extend(doomed.iter().map(|(_, m)| m.clone()));
     Ledger {
@@ -110,6 +119,108 @@ fn ledger() -> Ledger {
         doomed: doomed.into_iter().map(|(id, _)| id).collect(),
     }
 }
+
+/// Mail that must get no reply: (id, header, its outcome).
+const NOT_ANSWERED: [(&str, &str, &str); 3] = [
+    ("auto", "Auto-Submitted: auto-replied", "auto_reply"),
+    ("bulk", "Precedence: bulk", "unknown_client"),
+    ("bounce", "Return-Path: <>", "auto_reply"),
+];
+
+/// Every mailbox a reply of the ledger can land in: the senders', and the bot's own (where
+/// a bounce would go).
+const REPLY_USERS: [&str; 5] = [
+    "purchasing@acme.example",
+    "buyer@nordic.example",
+    "someone@unknown.example",
+    "x@acme.example",
+    common::relay::BOT,
+];
+
+fn start_relay() -> common::relay::Relay {
+    common::relay::Relay::start(
+        &REPLY_USERS,
+        &[
+            "acme.example",
+            "nordic.example",
+            "unknown.example",
+            "plba.test",
+        ],
+    )
+}
+
+/// The reply section of a fault run: no per-sender limit to speak of (the ledger's
+/// clients send dozens of orders), the relay's answer bounded within the 2 s lease.
+fn reply_section(relay: &common::relay::Relay) -> String {
+    relay
+        .section(100_000)
+        .replace("timeout_ms = 5000", "timeout_ms = 1500")
+}
+
+/// Every message that should be answered got exactly one reply, found in its sender's
+/// mailbox by the Message-ID derived from its identity and outcome; nothing else got one
+/// (automatic, bulk and null-sender mail, the always-failing mail, bounces to the bot).
+///
+/// A reply the relay accepted just before the process died, before the store noted it,
+/// is sent again with the same Message-ID, which makes it recognisable as a repeat: such
+/// repeats are counted (the return value) and bounded by what the replies pool can have
+/// in flight at one crash.
+async fn assert_reply_ledger(relay: &common::relay::Relay, ledger: &Ledger, label: &str) -> usize {
+    let no_answer: Vec<String> = NOT_ANSWERED
+        .iter()
+        .map(|(id, _, _)| format!("mid:{id}@test.example"))
+        .collect();
+    let mut due: Vec<String> = ledger
+        .expected
+        .orders
+        .iter()
+        .map(|identity| (identity.as_str(), "created"))
+        .chain(
+            ledger
+                .expected
+                .other
+                .iter()
+                .filter(|(identity, outcome)| {
+                    matches!(*outcome, "unknown_client" | "no_lines")
+                        && !no_answer.contains(identity)
+                })
+                .map(|(identity, outcome)| (identity.as_str(), *outcome)),
+        )
+        .map(|(identity, outcome)| {
+            mail_order_bot::domain::reply::reply_message_id(
+                identity,
+                &format!("reply:{outcome}"),
+                "plba.test",
+            )
+            .trim_matches(['<', '>'])
+            .to_owned()
+        })
+        .collect();
+    due.sort_unstable();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = relay.message_ids(&REPLY_USERS);
+    while got.len() < due.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        got = relay.message_ids(&REPLY_USERS);
+    }
+    let sent = got.len();
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(
+        got, due,
+        "{label}: one reply per answerable message, none for the rest"
+    );
+    let repeats = sent - got.len();
+    assert!(
+        repeats <= REPLIES_IN_FLIGHT,
+        "{label}: {repeats} replies repeated after one crash"
+    );
+    repeats
+}
+
+/// The most replies the `replies` pool has in flight (its default prefetch, 8, for each
+/// of its 2 workers).
+const REPLIES_IN_FLIGHT: usize = 16;
 
 /// Mail arrives in waves, each found by its own scan (so a source publishes several
 /// batches): the first before the bot starts, the others 150 ms apart.
@@ -251,6 +362,8 @@ struct RunReport {
     orders: usize,
     outcomes: usize,
     dead: usize,
+    /// Replies sent again after the crash (same Message-ID).
+    repeats: usize,
     /// When the first process was gone.
     died: Duration,
     took: Duration,
@@ -260,11 +373,12 @@ impl RunReport {
     /// Its line; a run whose fault point was never reached proved nothing and fails.
     fn print(&self, stack: &str, point: &str, run: usize) {
         println!(
-            "faults {stack} {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters | ledger ok | died at {:.1} s, settled at {:.1} s",
+            "faults {stack} {point:<22} run {run}: {} | {} orders, {} outcomes, {} dead letters, {} replies repeated | ledger ok | died at {:.1} s, settled at {:.1} s",
             if self.fired { "aborted at the step" } else { "never reached; killed" },
             self.orders,
             self.outcomes,
             self.dead,
+            self.repeats,
             self.died.as_secs_f64(),
             self.took.as_secs_f64()
         );
@@ -310,7 +424,8 @@ fn reap_first(first: &mut std::process::Child) -> bool {
     })
 }
 
-async fn one_run(point: &str, run: usize) -> RunReport {
+async fn one_run(relay: &common::relay::Relay, point: &str, run: usize) -> RunReport {
+    relay.clear(&REPLY_USERS).await;
     let started = Instant::now();
     let ws = Workspace::new();
     ws.store().await;
@@ -320,8 +435,9 @@ async fn one_run(point: &str, run: usize) -> RunReport {
     // come back after the 2 s lease.
     let erp = plba_testkit::ErpServer::start();
     let control = format!(
-        "{}\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n",
-        erp_section(&erp)
+        "{}{}\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n",
+        erp_section(&erp),
+        reply_section(relay)
     );
     let config = ws.config_with(2, 2, &control);
 
@@ -388,6 +504,7 @@ async fn one_run(point: &str, run: usize) -> RunReport {
     );
     let orders = ws.store().await.orders_after(0).await.expect("orders");
     assert_erp_ledger(&erp, &orders, &format!("{point} run {run}")).await;
+    let repeats = assert_reply_ledger(relay, &ledger, &format!("{point} run {run}")).await;
     let orders = orders.len();
 
     kill(
@@ -403,6 +520,7 @@ async fn one_run(point: &str, run: usize) -> RunReport {
         orders,
         outcomes: outcomes.len(),
         dead: doomed_tasks.len(),
+        repeats,
         died,
         took: started.elapsed(),
     }
@@ -410,11 +528,16 @@ async fn one_run(point: &str, run: usize) -> RunReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bot_aborted_at_every_step_loses_no_mail_and_doubles_no_order() {
+    let relay = start_relay();
     let mut fired = 0;
     let mut runs = 0;
-    for point in POINTS {
+    let only = std::env::var("PLBA_FAULT_POINT").ok();
+    for point in POINTS
+        .iter()
+        .filter(|p| only.as_deref().is_none_or(|o| o == **p))
+    {
         for run in 0..RUNS {
-            let r = one_run(point, run).await;
+            let r = one_run(&relay, point, run).await;
             runs += 1;
             fired += usize::from(r.fired);
             r.print("maildir+memory", point, run);
@@ -447,6 +570,8 @@ struct ImapStack {
     dovecot: plba_testkit::DovecotServer,
     redis: plba_testkit::RedisServer,
     pg: plba_testkit::PostgresServer,
+    /// Where the replies go.
+    relay: common::relay::Relay,
     /// Settled mail is filed: `on_success = { move = "Processed" }`, `on_failure =
     /// { move = "Failed" }`.
     filing: bool,
@@ -473,6 +598,7 @@ impl ImapStack {
             // production one must: a restart loses no pointer.
             redis: plba_testkit::RedisServer::start(true),
             pg: plba_testkit::PostgresServer::start(),
+            relay: start_relay(),
         }
     }
 
@@ -501,6 +627,7 @@ impl ImapStack {
         let mut control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n".to_owned();
         if let Some(erp) = erp {
             control.push_str(&erp_section(erp));
+            control.push_str(&reply_section(&self.relay));
         }
         let text = std::fs::read_to_string(ws.config_redis(&self.redis.url(), 2, 2_000, &control))
             .expect("config")
@@ -565,6 +692,7 @@ fn spawn_bot(config: &std::path::Path, faults: Option<&str>) -> std::process::Ch
 }
 
 async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> RunReport {
+    stack.relay.clear(&REPLY_USERS).await;
     let started = Instant::now();
     let erp = plba_testkit::ErpServer::start();
     let (ws, config) = stack.workspace(n, Some(&erp)).await;
@@ -604,12 +732,15 @@ async fn one_imap_run(stack: &ImapStack, n: usize, point: &str, run: usize) -> R
     .await;
     let orders = ws.store().await.orders_after(0).await.expect("orders");
     assert_erp_ledger(&erp, &orders, &format!("imap {point} run {run}")).await;
+    let repeats =
+        assert_reply_ledger(&stack.relay, &ledger, &format!("imap {point} run {run}")).await;
     stop_bot(second, &format!("imap {point} run {run}"));
     RunReport {
         fired,
         orders: settled.orders,
         outcomes: settled.outcomes,
         dead: settled.dead,
+        repeats,
         died,
         took: started.elapsed(),
     }

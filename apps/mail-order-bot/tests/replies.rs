@@ -11,17 +11,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::relay::{Relay, Reply, BOT, PASSWORD};
 use common::{order_mail, wait_for, Workspace};
 use mail_order_bot::compose::{build_runtime, load_config};
 use mail_order_bot::domain::reply::reply_message_id;
 use mail_order_bot::module::MailOrderModule;
-use mail_parser::MessageParser;
-use plba_testkit::{DovecotOptions, DovecotServer, PostfixServer};
 use runtime_contracts::{HealthStatus, Probe};
 use runtime_core::RuntimeManager;
 
-const PASSWORD: &str = "pw-7";
-const BOT: &str = "orders@plba.test";
 const DOMAINS: &[&str] = &[
     "plba.test",
     "acme.example",
@@ -43,118 +40,6 @@ const USERS: &[&str] = &[
     "s3@elsewhere.example",
     "s4@elsewhere.example",
 ];
-
-/// The private Dovecot (every user's mailbox, LMTP) and the Postfix in front of it.
-struct Relay {
-    dovecot: DovecotServer,
-    postfix: PostfixServer,
-}
-
-impl Relay {
-    fn start() -> Self {
-        let users: Vec<(&str, &str)> = USERS.iter().map(|u| (*u, PASSWORD)).collect();
-        let dovecot = DovecotServer::start_with(
-            &users,
-            DovecotOptions {
-                lmtp: true,
-                ..DovecotOptions::default()
-            },
-        );
-        let postfix = PostfixServer::start(dovecot.lmtp_port(), DOMAINS);
-        Self { dovecot, postfix }
-    }
-
-    /// `user`'s INBOX, read over IMAP.
-    fn inbox(&self, user: &str) -> Vec<Reply> {
-        self.dovecot
-            .client(user, PASSWORD)
-            .messages("INBOX")
-            .iter()
-            .map(|raw| Reply::parse(raw))
-            .collect()
-    }
-
-    /// Waits until `user` has `n` messages, then a moment more for any that should not come.
-    async fn expect(&self, user: &str, n: usize) -> Vec<Reply> {
-        wait_for(
-            Duration::from_secs(60),
-            &format!("{n} in {user}"),
-            || async { self.inbox(user).len() >= n },
-        )
-        .await;
-        let got = self.inbox(user);
-        assert_eq!(
-            got.len(),
-            n,
-            "{user}: {got:#?}\npostfix: {}",
-            self.postfix.log()
-        );
-        got
-    }
-
-    /// The `[apps.mail_order_bot.reply]` section and a quick `replies` pool.
-    fn section(&self, per_sender_max: u32) -> String {
-        format!(
-            r#"
-[apps.mail_order_bot.reply]
-from = "Order desk <{BOT}>"
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-timeout_ms = 5000
-per_sender_max = {per_sender_max}
-
-[pools.replies.retry]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
-jitter = 0.1
-"#,
-            port = self.postfix.port()
-        )
-    }
-}
-
-/// A reply as read back.
-#[derive(Debug)]
-struct Reply {
-    from: String,
-    to: String,
-    subject: String,
-    message_id: String,
-    in_reply_to: Option<String>,
-    references: Vec<String>,
-    auto_submitted: Option<String>,
-    body: String,
-}
-
-impl Reply {
-    fn parse(raw: &[u8]) -> Self {
-        let m = MessageParser::default().parse(raw).expect("a message");
-        let address = |a: Option<&mail_parser::Address<'_>>| {
-            a.and_then(|a| a.first())
-                .and_then(|a| a.address())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let texts = |v: &mail_parser::HeaderValue<'_>| -> Vec<String> {
-            match v {
-                mail_parser::HeaderValue::Text(t) => vec![t.to_string()],
-                mail_parser::HeaderValue::TextList(l) => l.iter().map(|t| t.to_string()).collect(),
-                _ => Vec::new(),
-            }
-        };
-        Self {
-            from: address(m.from()),
-            to: address(m.to()),
-            subject: m.subject().unwrap_or_default().to_owned(),
-            message_id: m.message_id().unwrap_or_default().to_owned(),
-            in_reply_to: texts(m.in_reply_to()).into_iter().next(),
-            references: texts(m.references()),
-            auto_submitted: m.header_raw("Auto-Submitted").map(|v| v.trim().to_owned()),
-            body: m.body_text(0).map(|b| b.into_owned()).unwrap_or_default(),
-        }
-    }
-}
 
 /// A mail from `from` with Message-ID `<{id}@mail.example>` and `headers` (each ending
 /// with CRLF).
@@ -206,7 +91,7 @@ async fn expected_id(ws: &Workspace, sender: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_sender_hears_back_once_threaded_and_automatic_mail_gets_no_answer() {
-    let relay = Relay::start();
+    let relay = Relay::start(USERS, DOMAINS);
     let ws = Workspace::new();
     let config = ws.config_with(2, 3, &relay.section(5));
     let lines = "Hello,\r\n\r\nSKU-1 x 2\r\nSKU-2 x 1\r\n\r\nThanks";
@@ -382,7 +267,7 @@ fn imap_config(ws: &Workspace, relay: &Relay, extra: &str) -> std::path::PathBuf
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mail_loop_and_a_flooding_sender_get_no_endless_answers() {
-    let relay = Relay::start();
+    let relay = Relay::start(USERS, DOMAINS);
     let ws = Workspace::new();
     let config = imap_config(&ws, &relay, &relay.section(3));
     let lines = "SKU-1 x 2";
@@ -445,7 +330,7 @@ async fn a_mail_loop_and_a_flooding_sender_get_no_endless_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_stopped_for_30_s_turns_readiness_and_the_replies_go_out_after() {
-    let mut relay = Relay::start();
+    let mut relay = Relay::start(USERS, DOMAINS);
     relay.postfix.stop();
     let ws = Workspace::new();
     let config = ws.config_with(2, 3, &relay.section(5));
@@ -495,4 +380,102 @@ async fn a_relay_stopped_for_30_s_turns_readiness_and_the_replies_go_out_after()
     let after = replies_stats(&runtime).await;
     assert_eq!((after.processed, after.dead), (4, 0), "{after:?}");
     runtime.shutdown().await;
+}
+
+/// `n` unknown-client outcomes written straight into the store at `url`, each with its
+/// reply row, to the four `s*` senders in turn.
+async fn recorded_rejections(url: &str, n: usize) -> Vec<String> {
+    use mail_order_bot::domain::store::{Answered, Effects, OrderStore, Recording, ReplyTo};
+    use mail_order_bot::domain::OutcomeKind;
+    let store = OrderStore::open(url)
+        .await
+        .expect("store")
+        .with_effects(Effects {
+            reply: Answered::all(),
+            ..Effects::default()
+        });
+    let recordings: Vec<Recording> = (0..n)
+        .map(|i| Recording {
+            identity: format!("mid:replica-{i}@mail.example"),
+            content_sha256: format!("sha-{i}"),
+            fingerprint: format!("fp-{i}"),
+            sender: Some(format!("s{}@elsewhere.example", i % 4 + 1)),
+            subject: Some(format!("Order {i}")),
+            task_id: format!("task-{i}"),
+            outcome: OutcomeKind::UnknownClient,
+            reason: Some("not a client".into()),
+            order: None,
+            reply: Some(ReplyTo {
+                to: format!("s{}@elsewhere.example", i % 4 + 1),
+                in_reply_to: Some(format!("<replica-{i}@mail.example>")),
+                references: vec![format!("<replica-{i}@mail.example>")],
+            }),
+        })
+        .collect();
+    for chunk in recordings.chunks(50) {
+        let refs: Vec<&Recording> = chunk.iter().collect();
+        for r in store.record_batch(&refs).await {
+            r.expect("recorded");
+        }
+    }
+    recordings
+        .iter()
+        .map(|r| {
+            reply_message_id(&r.identity, "reply:unknown_client", "plba.test")
+                .trim_matches(['<', '>'])
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_send_one_postgres_outboxs_replies_each_once() {
+    let relay = Relay::start(USERS, DOMAINS);
+    let pg = plba_testkit::PostgresServer::start();
+    let url = pg.create_database();
+    let (a, b) = (
+        Workspace::with_store(url.clone()),
+        Workspace::with_store(url.clone()),
+    );
+    let mut replicas = Vec::new();
+    for ws in [&a, &b] {
+        replicas.push(start(&ws.config_with(1, 3, &relay.section(1_000))).await);
+    }
+    // Both are running when the rows appear (written by a third process, as it were).
+    let mut due = recorded_rejections(&url, 200).await;
+    due.sort_unstable();
+    let senders = [
+        "s1@elsewhere.example",
+        "s2@elsewhere.example",
+        "s3@elsewhere.example",
+        "s4@elsewhere.example",
+    ];
+    wait_for(
+        Duration::from_secs(120),
+        "every reply delivered",
+        || async { relay.message_ids(&senders).len() >= 200 },
+    )
+    .await;
+    let mut processed = Vec::new();
+    for runtime in &replicas {
+        wait_for(Duration::from_secs(10), "the marks", || async {
+            replies_stats(runtime).await.processed == 200
+        })
+        .await;
+        let pool = runtime
+            .pool_status()
+            .into_iter()
+            .find(|p| p.name == "replies")
+            .expect("the replies pool");
+        processed.push(pool.processed);
+        runtime.shutdown().await;
+    }
+    let mut got = relay.message_ids(&senders);
+    got.sort_unstable();
+    assert_eq!(got, due, "every reply once, none sent twice");
+    assert_eq!(processed.iter().sum::<u64>(), 200, "{processed:?}");
+    assert!(
+        processed.iter().all(|p| *p > 0),
+        "both replicas sent: {processed:?}"
+    );
 }

@@ -602,6 +602,12 @@ impl ReplyHandler {
                 )))
             }
         };
+        if let Some(at) = facts.sent_ms {
+            // Handed to the relay by a dispatcher that died before marking the row: not
+            // sent twice.
+            return Ok(Outcome::new("sent")
+                .with_detail(format!("already handed to the relay at {at} (unix ms)")));
+        }
         let answers = facts.effect.strip_prefix("reply:").unwrap_or_default();
         if answers != facts.outcome {
             // A replay changed the outcome since: the reply now due is another row's.

@@ -158,6 +158,9 @@ pub struct ReplyFacts {
     pub subject: Option<String>,
     /// Its order, for `created`.
     pub order: Option<StoredOrder>,
+    /// When the reply was handed to the relay, if it was (a dispatcher that died before
+    /// marking the row done).
+    pub sent_ms: Option<i64>,
 }
 
 /// The columns of an [`OutcomeRow`]: an outcome with its order's client, sender and subject.
@@ -1204,7 +1207,7 @@ impl OrderStore {
     pub async fn reply_facts(&self, row: i64) -> Result<Option<ReplyFacts>, StoreError> {
         let found = sqlx::query(
             "SELECT outbox.effect, outbox.message_identity, outbox.recipient, outbox.payload,
-                    m.outcome, m.reason, m.subject, m.order_id
+                    outbox.sent_ms, m.outcome, m.reason, m.subject, m.order_id
              FROM outbox JOIN message_outcomes m ON m.message_identity = outbox.message_identity
              WHERE outbox.id = $1",
         )
@@ -1231,6 +1234,7 @@ impl OrderStore {
             reason: found.try_get("reason")?,
             subject: found.try_get("subject")?,
             order,
+            sent_ms: found.try_get("sent_ms")?,
         }))
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod plane;
+pub mod relay;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

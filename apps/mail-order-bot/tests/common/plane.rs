@@ -164,6 +164,8 @@ pub fn spawn_with_control_logs(
         .expect("spawn the bot");
     let stderr = bot.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let early = Arc::clone(&seen);
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
@@ -172,6 +174,10 @@ pub fn spawn_with_control_logs(
             if let Some(addr) = line.strip_prefix("control plane listening on http://") {
                 let _ = tx.send(addr.to_owned());
             }
+            let mut early = early.lock().unwrap_or_else(|e| e.into_inner());
+            if early.len() < 200 {
+                early.push(line.clone());
+            }
             if let Some(logs) = &logs {
                 logs.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
@@ -179,6 +185,11 @@ pub fn spawn_with_control_logs(
     });
     let addr = rx
         .recv_timeout(Duration::from_secs(60))
-        .expect("the control plane's address");
+        .unwrap_or_else(|e| {
+            panic!(
+                "the control plane's address: {e}; the bot wrote:\n{}",
+                seen.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+            )
+        });
     (bot, addr)
 }
