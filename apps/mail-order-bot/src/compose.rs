@@ -346,7 +346,51 @@ fn cross_check(root: &serde_json::Value) -> Vec<ConfigProblem> {
             }
         }
     }
+    if let Some(Err(p)) = retention_source(root, bot_pool) {
+        problems.extend(p);
+    }
     problems
+}
+
+/// The schedule source the bot adds for the retention sweep (`[retention].schedule`, on
+/// the bot's pool) when no configured source publishes the sweep's kind: its id and
+/// settings. `None` when one does, or when the schedule is `off`.
+fn retention_source(
+    root: &serde_json::Value,
+    bot_pool: &str,
+) -> Option<Result<(String, ScheduleConfig), Vec<ConfigProblem>>> {
+    let retention: runtime_core::retention::RetentionConfig = root
+        .get("retention")
+        .and_then(|r| serde_json::from_value(r.clone()).ok())
+        .unwrap_or_default();
+    let cron = retention.own_schedule()?;
+    let sources = root.get("sources").and_then(|s| s.as_object());
+    let published = sources.is_some_and(|sources| {
+        sources.values().any(|s| {
+            s.get("type").and_then(|t| t.as_str()) == Some("schedule")
+                && s.get("kind").and_then(|k| k.as_str()) == Some(retention.kind.as_str())
+        })
+    });
+    if published {
+        return None;
+    }
+    let id = ["retention", "plba-retention"]
+        .into_iter()
+        .find(|id| !sources.is_some_and(|s| s.contains_key(*id)))
+        .unwrap_or("plba-retention-sweep");
+    let settings = serde_json::json!({ "cron": cron, "pool": bot_pool, "kind": retention.kind });
+    Some(
+        checked(&settings, "retention.schedule", ScheduleConfig::problems)
+            .map(|c| (id.to_owned(), c))
+            .map_err(|problems| {
+                problems
+                    .into_iter()
+                    .map(|p| {
+                        ConfigProblem::new("retention.schedule", format!("{cron:?}: {}", p.message))
+                    })
+                    .collect()
+            }),
+    )
 }
 
 /// Loads and validates the whole configuration; `env` replaces the process environment.
@@ -573,6 +617,10 @@ pub async fn build_traced_runtime(
             };
             builder = builder.source(source, &pool);
         }
+    }
+    if let Some(Ok((id, cfg))) = retention_source(&root, &bot.pool) {
+        tracing::info!(source = %id, cron = %cfg.cron, "the retention sweep runs on its own schedule ([retention].schedule)");
+        builder = builder.source(Arc::new(ScheduleSource::new(id, cfg)), &bot.pool);
     }
     Ok(builder.build().await?)
 }

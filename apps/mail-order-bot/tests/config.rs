@@ -512,3 +512,12 @@ fn the_outbox_pools_are_not_held_to_the_main_queues_lease() {
         "{got:#?}"
     );
 }
+
+#[test]
+fn a_retention_schedule_that_is_no_cron_expression_is_named() {
+    check(
+        |t| format!("{t}\n[retention]\nschedule = \"every night\"\n"),
+        "retention.schedule",
+        "every night",
+    );
+}

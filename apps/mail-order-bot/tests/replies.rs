@@ -479,3 +479,46 @@ async fn two_replicas_send_one_postgres_outboxs_replies_each_once() {
         "both replicas sent: {processed:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_once_exits_after_the_orders_reached_the_erp_and_the_replies_went_out() {
+    let relay = Relay::start(USERS, DOMAINS);
+    let erp = plba_testkit::ErpServer::start();
+    let ws = Workspace::new();
+    let erp_section = format!(
+        "\n[apps.mail_order_bot.erp]\nurl = \"{}\"\ntimeout_ms = 2000\n",
+        erp.url()
+    );
+    let config = ws.config_with(2, 3, &format!("{}{erp_section}", relay.section(100)));
+    let senders = [
+        "s1@elsewhere.example",
+        "purchasing@acme.example",
+        "buyer@nordic.example",
+    ];
+    for (i, sender) in senders.iter().enumerate() {
+        ws.deliver(
+            &format!("once-{i}"),
+            &order_mail(&format!("once-{i}"), sender, &[("SKU-1", 1)]),
+        );
+    }
+    let bot = common::BotProcess::spawn(&ws, &config, true);
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || bot.finish())
+        .await
+        .expect("the bot");
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    // Everything was handed on before the process exited: nothing is left to wait for.
+    assert_eq!(
+        erp.applied().len(),
+        2,
+        "both orders reached the ERP: {stdout}"
+    );
+    assert_eq!(
+        relay.postfix.queued() + relay.message_ids(&senders).len(),
+        3,
+        "{stdout}"
+    );
+    for sender in senders {
+        let got = relay.expect(sender, 1).await;
+        assert_eq!(got[0].message_id, expected_id(&ws, sender).await);
+    }
+}

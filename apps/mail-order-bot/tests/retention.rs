@@ -160,3 +160,49 @@ async fn the_sweep_removes_exactly_what_is_older_than_each_limit() {
     assert_eq!(identities("outbox").await, mid(&["o1", "o4"]));
     assert_eq!(count(&db, "SELECT COUNT(*) FROM order_lines").await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_schedule_source_the_sweep_runs_on_its_own_schedule_unless_it_is_off() {
+    let start = |extra: &str| {
+        let ws = Workspace::new();
+        let config = ws.config_with(2, 3, extra);
+        async move {
+            let manager =
+                Arc::new(load_config(Some(&config), Some(HashMap::new())).expect("config"));
+            let mut runtime = build_runtime(manager, Arc::new(MailOrderModule), None)
+                .await
+                .expect("runtime");
+            runtime.start().expect("start");
+            (ws, runtime)
+        }
+    };
+    // A configuration that says nothing of a schedule gets the daily one; here every
+    // second, to see it run.
+    let (_ws, runtime) = start("\n[retention]\nschedule = \"* * * * * *\"\n").await;
+    let sources: Vec<String> = runtime.status().await.sources.into_keys().collect();
+    assert!(sources.contains(&"retention".to_owned()), "{sources:?}");
+    wait_for(Duration::from_secs(30), "a sweep", || async {
+        runtime.retention().last().is_some()
+    })
+    .await;
+    runtime.shutdown().await;
+
+    let (_ws, runtime) = start("").await;
+    let status = runtime.status().await;
+    assert!(
+        status.sources.contains_key("retention"),
+        "the default schedule: {:?}",
+        status.sources.keys().collect::<Vec<_>>()
+    );
+    runtime.shutdown().await;
+
+    let (_ws, runtime) = start("\n[retention]\nschedule = \"off\"\n").await;
+    let status = runtime.status().await;
+    assert!(
+        !status.sources.contains_key("retention"),
+        "off: no sweep of its own"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(runtime.retention().last().is_none());
+    runtime.shutdown().await;
+}

@@ -38,7 +38,14 @@ pub struct RetentionConfig {
     pub dead_letters_days: u64,
     /// Days orders are kept; unset keeps them for good.
     pub orders_days: Option<u64>,
+    /// When the sweep runs if no source of the configuration publishes `kind`: a cron
+    /// expression with seconds, in UTC (by default `0 30 3 * * *`, 03:30 every day), for
+    /// the schedule source the application adds; `off` runs no sweep of its own.
+    pub schedule: String,
 }
+
+/// The default [`RetentionConfig::schedule`]: 03:30 UTC every day.
+pub const DEFAULT_RETENTION_SCHEDULE: &str = "0 30 3 * * *";
 
 impl Default for RetentionConfig {
     fn default() -> Self {
@@ -48,6 +55,7 @@ impl Default for RetentionConfig {
             outbox_days: 90,
             dead_letters_days: 90,
             orders_days: None,
+            schedule: DEFAULT_RETENTION_SCHEDULE.into(),
         }
     }
 }
@@ -75,7 +83,18 @@ impl RetentionConfig {
         if self.kind.trim().is_empty() {
             problems.push(ConfigProblem::new("retention.kind", "must not be empty"));
         }
+        if self.schedule.trim().is_empty() {
+            problems.push(ConfigProblem::new(
+                "retention.schedule",
+                "must be a cron expression or \"off\"",
+            ));
+        }
         problems
+    }
+
+    /// The cron expression of the sweep's own schedule, unless it is `off`.
+    pub fn own_schedule(&self) -> Option<&str> {
+        Some(self.schedule.trim()).filter(|s| !s.eq_ignore_ascii_case("off"))
     }
 
     /// The ages, as modules read them.
