@@ -43,6 +43,7 @@ fn recordings(n: usize) -> Vec<Recording> {
                     .collect(),
             }),
             reply: None,
+            task: None,
         })
         .collect()
 }

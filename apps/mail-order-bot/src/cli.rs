@@ -81,11 +81,47 @@ pub enum Command {
         #[command(subcommand)]
         action: ListAction,
     },
-    /// Read the recorded outcome of every message.
+    /// Read the recorded outcome of every message, or run the mail of some again.
     Outcomes {
         /// What to do with them.
         #[command(subcommand)]
-        action: ListAction,
+        action: OutcomeAction,
+    },
+}
+
+/// `outcomes` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OutcomeAction {
+    /// List them.
+    List {
+        /// TOML configuration file; the embedded config/default.toml when omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Run the mail recorded as `unknown_client` or `no_lines` again through a running
+    /// bot's handler (after a client was added or a fix), through its control plane: each
+    /// message makes its order once and gets the reply now due.
+    Replay {
+        /// The outcome to replay: `unknown_client` or `no_lines`.
+        #[arg(long)]
+        kind: String,
+        /// Only outcomes recorded on or after this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only mail from this address.
+        #[arg(long)]
+        sender: Option<String>,
+        /// At most this many messages, oldest first.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Say what would be run again; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        plane: Plane,
     },
 }
 
@@ -231,10 +267,51 @@ pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Outcomes {
-            action: ListAction::List { config, format },
+            action: OutcomeAction::List { config, format },
         } => {
             let store = open_store(config).await?;
             print_outcomes(&store.outcomes().await?, format)?;
+            Ok(0)
+        }
+        Command::Outcomes {
+            action:
+                OutcomeAction::Replay {
+                    kind,
+                    since,
+                    sender,
+                    limit,
+                    dry_run,
+                    plane,
+                },
+        } => {
+            let (base, token) = match plane_of(&plane, true) {
+                Ok(found) => found,
+                Err(code) => return Ok(code),
+            };
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?;
+            let body = serde_json::json!({
+                "kind": kind, "since": since, "sender": sender, "limit": limit, "dry_run": dry_run,
+            });
+            let answer = call_plane(
+                client
+                    .post(format!("{base}/actions/outcomes.replay"))
+                    .json(&body),
+                token.as_deref(),
+                &base,
+            )
+            .await?;
+            println!("{}", answer["message"].as_str().unwrap_or_default());
+            for item in answer["items"].as_array().into_iter().flatten() {
+                println!(
+                    "  {}  {}  {}  {}",
+                    item["recorded_at"].as_str().unwrap_or(""),
+                    item["sender"].as_str().unwrap_or("—"),
+                    truncate(item["subject"].as_str().unwrap_or("—"), 60),
+                    item["message_identity"].as_str().unwrap_or("")
+                );
+            }
             Ok(0)
         }
     }
@@ -323,6 +400,29 @@ fn plane_of(plane: &Plane, admin: bool) -> Result<(String, Option<String>), u8> 
     Ok((base.trim_end_matches('/').to_owned(), token))
 }
 
+/// Sends `request` to the control plane at `base` with `token`; its JSON answer, or what
+/// the plane said when it refused.
+async fn call_plane(
+    request: reqwest::RequestBuilder,
+    token: Option<&str>,
+    base: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let request = match token {
+        Some(t) => request.bearer_auth(t),
+        None => request,
+    };
+    let answer = request.send().await.with_context(|| {
+        format!("asking the bot at {base} (is it running with [control] enabled?)")
+    })?;
+    let status = answer.status();
+    let body: serde_json::Value = answer.json().await.unwrap_or_default();
+    if !status.is_success() {
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        anyhow::bail!("the control plane at {base} answered {status}: {message} (an admin token replays and purges: PLBA_CONTROL_TOKEN or [control].admin_tokens)");
+    }
+    Ok(body)
+}
+
 async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<u8> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -337,25 +437,8 @@ async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<u8> {
         Ok(found) => found,
         Err(code) => return Ok(code),
     };
-    let send = |request: reqwest::RequestBuilder| {
-        let request = match &token {
-            Some(t) => request.bearer_auth(t),
-            None => request,
-        };
-        let base = base.clone();
-        async move {
-            let answer = request.send().await.with_context(|| {
-                format!("asking the bot at {base} (is it running with [control] enabled?)")
-            })?;
-            let status = answer.status();
-            let body: serde_json::Value = answer.json().await.unwrap_or_default();
-            if !status.is_success() {
-                let message = body["error"]["message"].as_str().unwrap_or("");
-                anyhow::bail!("the control plane at {base} answered {status}: {message} (an admin token replays and purges: PLBA_CONTROL_TOKEN or [control].admin_tokens)");
-            }
-            Ok::<_, anyhow::Error>(body)
-        }
-    };
+    let send =
+        |request: reqwest::RequestBuilder| call_plane(request, token.as_deref(), base.as_str());
     match action {
         DeadLetterAction::List { queue, format, .. } => {
             let mut items = Vec::new();

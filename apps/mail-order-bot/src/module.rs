@@ -346,6 +346,10 @@ impl ApplicationModule for MailOrderModule {
             registry.outcome_lookup(Arc::new(store.clone()));
             registry.retention(Arc::new(store.clone()));
             registry.console(Arc::new(crate::pages::BotPages::new(store.clone())));
+            registry.actions(Arc::new(crate::domain::replay::ReplayActions::new(
+                store.clone(),
+                cfg.pool.clone(),
+            )));
             registry.service(Arc::new(store));
             Ok(())
         })
@@ -424,6 +428,7 @@ impl OrderHandler {
             reason: None,
             order: None,
             reply: Self::reply_to(facts),
+            task: None,
         };
         let mut outcome = |kind: OutcomeKind, reason: String| {
             rec.outcome = kind;
@@ -497,6 +502,7 @@ impl OrderHandler {
                     reason: Some(reason),
                     order: None,
                     reply: None,
+                    task: None,
                 })))
             }
         }
@@ -529,7 +535,8 @@ impl OrderHandler {
                         });
                         drop(raw);
                         span = ctx.task_stage(&task, "decide");
-                        let decided = this.decide(&facts, task.id.as_str());
+                        let mut decided = this.decide(&facts, task.id.as_str());
+                        decided.task = Some(task_pointer(&task));
                         drop(span);
                         Prepared::Record(Box::new(decided))
                     }))
@@ -578,7 +585,10 @@ impl OrderHandler {
             Prepared::Done(outcome) => Ok(outcome),
             Prepared::Record(rec) => {
                 let committing = ctx.stage("store commit");
-                let recorded = self.store.record(&rec).await;
+                let recorded = match replayed(task) {
+                    Some(kind) => self.store.record_replay(&rec, kind).await,
+                    None => self.store.record(&rec).await,
+                };
                 drop(committing);
                 let recorded = recorded.map_err(recording_failed)?;
                 fault("mail.after_commit")?;
@@ -655,6 +665,31 @@ impl OrderHandler {
     }
 }
 
+/// The header of a task an operator published to run a message again
+/// (`outcomes replay`): the outcome kind it replays.
+pub const REPLAY_HEADER: &str = "plba-replay";
+
+/// The outcome kind `task` replays, if it is a replay.
+fn replayed(task: &Task) -> Option<OutcomeKind> {
+    let kind = task.headers.get(REPLAY_HEADER)?;
+    crate::domain::replay::REPLAYABLE
+        .iter()
+        .copied()
+        .find(|k| k.as_str() == kind)
+}
+
+/// What the store keeps of the task that carried a message, to run it again: its source,
+/// kind and pointer.
+fn task_pointer(task: &Task) -> String {
+    serde_json::json!({
+        "source": &*task.source,
+        "kind": &*task.kind,
+        "payload": task.payload,
+        "id": task.id.as_str(),
+    })
+    .to_string()
+}
+
 /// A named fault point of the fault suite (`failpoints` feature; nothing without it).
 /// Its actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...), and `return`
 /// fails the message like an error the runtime retries, `return(abort)` aborts the process
@@ -727,7 +762,17 @@ impl TaskHandler for OrderHandler {
         tasks: &'a [Arc<Task>],
         ctx: &'a HandlerContext,
     ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
-        Box::pin(self.handle_tasks(tasks, ctx))
+        Box::pin(async move {
+            if tasks.iter().any(|t| replayed(t).is_some()) {
+                // An operator's replay (rare): each message on its own.
+                let mut out = Vec::with_capacity(tasks.len());
+                for task in tasks {
+                    out.push(self.handle_task(task, ctx).await);
+                }
+                return out;
+            }
+            self.handle_tasks(tasks, ctx).await
+        })
     }
 
     fn on_dead_letter<'a>(
@@ -888,6 +933,9 @@ impl<W: Fn(Arc<dyn TaskHandler>) -> Arc<dyn TaskHandler> + Send> ModuleRegistry
     }
     fn console(&mut self, pages: Arc<dyn runtime_contracts::ConsolePages>) {
         self.0.console(pages);
+    }
+    fn actions(&mut self, actions: Arc<dyn runtime_contracts::OperatorActions>) {
+        self.0.actions(actions);
     }
     fn needs(&mut self, pool: &str, dependency: Arc<dyn HealthContributor>) {
         self.0.needs(pool, dependency);

@@ -366,6 +366,7 @@ async fn recorded_orders(url: &str, n: usize) {
                 }],
             }),
             reply: None,
+            task: None,
         })
         .collect();
     for chunk in recordings.chunks(50) {

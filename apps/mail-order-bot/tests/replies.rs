@@ -410,6 +410,7 @@ async fn recorded_rejections(url: &str, n: usize) -> Vec<String> {
                 in_reply_to: Some(format!("<replica-{i}@mail.example>")),
                 references: vec![format!("<replica-{i}@mail.example>")],
             }),
+            task: None,
         })
         .collect();
     for chunk in recordings.chunks(50) {
@@ -521,4 +522,145 @@ async fn run_once_exits_after_the_orders_reached_the_erp_and_the_replies_went_ou
         let got = relay.expect(sender, 1).await;
         assert_eq!(got[0].message_id, expected_id(&ws, sender).await);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_client_mail_replayed_after_the_client_is_added_makes_one_order_and_one_confirmation(
+) {
+    use common::plane::{call, ADMIN, READ};
+    let relay = Relay::start(USERS, DOMAINS);
+    let erp = plba_testkit::ErpServer::start();
+    let ws = Workspace::new();
+    let extra = format!(
+        "{}\n[apps.mail_order_bot.erp]\nurl = \"{}\"\ntimeout_ms = 2000\n\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1\"]\nadmin_tokens = [\"admin-token-1\"]\n",
+        relay.section(100),
+        erp.url()
+    );
+    let config = ws.config_with(2, 3, &extra);
+    let lines = "SKU-7 x 3";
+    for i in 0..2 {
+        let id = format!("stranger-{i}");
+        ws.deliver(&id, &mail(&id, "stranger@elsewhere.example", "", lines));
+    }
+    ws.deliver("s1", &mail("s1", "s1@elsewhere.example", "", lines));
+    let runtime = start(&config).await;
+    relay.expect("stranger@elsewhere.example", 2).await;
+    relay.expect("s1@elsewhere.example", 1).await;
+    runtime.shutdown().await;
+    assert_eq!(
+        ws.store()
+            .await
+            .orders_after(0)
+            .await
+            .expect("orders")
+            .len(),
+        0
+    );
+
+    // The sender becomes a client; the bot is started again with it.
+    let text = std::fs::read_to_string(&config).expect("config")
+        + "\n[[apps.mail_order_bot.clients]]\nid = \"C-3\"\nname = \"Elsewhere\"\naddresses = [\"stranger@elsewhere.example\"]\n";
+    std::fs::write(&config, text).expect("config");
+    let runtime = start(&config).await;
+    let manager = load_config(Some(&config), Some(HashMap::new())).expect("config");
+    let cfg =
+        mail_order_bot::compose::control_config(manager.root().get("control")).expect("control");
+    let app = runtime_adapters::control::router(Arc::clone(&runtime), &cfg);
+    let replay = |body: serde_json::Value, token| {
+        let app = app.clone();
+        async move {
+            call(
+                &app,
+                "POST",
+                "/actions/outcomes.replay",
+                token,
+                Some(("application/json", body.to_string().into_bytes())),
+            )
+            .await
+        }
+    };
+    let listed = call(&app, "GET", "/actions", READ, None).await;
+    assert!(listed.text.contains("outcomes.replay"), "{}", listed.text);
+    let kind =
+        serde_json::json!({"kind": "unknown_client", "sender": "stranger@elsewhere.example"});
+    assert_eq!(replay(kind.clone(), READ).await.status, 403, "admins only");
+    let bad = replay(serde_json::json!({"kind": "created"}), ADMIN).await;
+    assert_eq!(bad.status, 400, "{}", bad.text);
+    assert!(bad.text.contains("cannot be replayed"), "{}", bad.text);
+
+    // A dry run says what would happen and changes nothing.
+    let mut dry = kind.clone();
+    dry["dry_run"] = true.into();
+    let answer = replay(dry, ADMIN).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json()["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(answer.json()["published"], 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        ws.store()
+            .await
+            .orders_after(0)
+            .await
+            .expect("orders")
+            .len(),
+        0
+    );
+
+    // The replay: one order and one confirmation per message.
+    let answer = replay(kind.clone(), ADMIN).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json()["published"], 2, "{}", answer.text);
+    let replies = relay.expect("stranger@elsewhere.example", 4).await;
+    wait_for(
+        Duration::from_secs(30),
+        "both orders at the ERP",
+        || async { erp.applied().len() == 2 },
+    )
+    .await;
+    let orders = ws.store().await.orders_after(0).await.expect("orders");
+    assert_eq!(orders.len(), 2);
+    assert!(orders.iter().all(|o| o.client_id == "C-3"));
+    let mut confirmations: Vec<String> = replies
+        .iter()
+        .filter(|r| r.subject.contains("[order "))
+        .map(|r| r.message_id.clone())
+        .collect();
+    confirmations.sort_unstable();
+    let mut due: Vec<String> = orders
+        .iter()
+        .map(|o| {
+            reply_message_id(&o.message_identity, "reply:created", "plba.test")
+                .trim_matches(['<', '>'])
+                .to_owned()
+        })
+        .collect();
+    due.sort_unstable();
+    assert_eq!(confirmations, due, "one confirmation per replayed message");
+
+    // Again: nothing is left of that kind, nothing happens.
+    let again = replay(kind, ADMIN).await;
+    assert_eq!(again.json()["published"], 0, "{}", again.text);
+    // A sender still unknown is decided the same: no order, no second rejection.
+    let rest = replay(serde_json::json!({"kind": "unknown_client"}), ADMIN).await;
+    assert_eq!(rest.json()["published"], 1, "{}", rest.text);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        runtime.wait_until_idle(Duration::from_millis(50)),
+    )
+    .await
+    .expect("idle");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    runtime.shutdown().await;
+    assert_eq!(
+        ws.store()
+            .await
+            .orders_after(0)
+            .await
+            .expect("orders")
+            .len(),
+        2
+    );
+    relay.expect("stranger@elsewhere.example", 4).await;
+    relay.expect("s1@elsewhere.example", 1).await;
+    assert_eq!(erp.applied().len(), 2);
 }

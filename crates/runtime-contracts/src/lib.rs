@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod action;
 pub mod config;
 pub mod console;
 pub mod handler;
@@ -32,6 +33,7 @@ pub mod task;
 pub mod trace;
 pub mod worker;
 
+pub use action::{ActionError, ActionParam, ActionReport, ActionSpec, OperatorActions};
 pub use config::{ConfigError, ConfigProblem, ConfigProvider, ConfigSubscriber};
 pub use console::{ConsoleError, ConsolePages};
 pub use handler::{HandlerContext, HandlerError, Outcome, TaskHandler};

@@ -100,6 +100,11 @@ pub trait ModuleRegistry: Send {
     fn console(&mut self, pages: Arc<dyn ConsolePages>) {
         let _ = pages;
     }
+    /// Registers actions the module offers operators (`POST /actions/{name}`). The default
+    /// ignores them.
+    fn actions(&mut self, actions: Arc<dyn crate::OperatorActions>) {
+        let _ = actions;
+    }
 }
 
 /// How long records are kept, as `[retention]` says: each age applies to what a module

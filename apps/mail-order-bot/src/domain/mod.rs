@@ -13,6 +13,7 @@ pub mod html;
 pub mod message;
 pub mod outbox;
 pub mod peer;
+pub mod replay;
 pub mod reply;
 pub mod sheets;
 pub mod store;

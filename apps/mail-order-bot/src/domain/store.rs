@@ -78,6 +78,24 @@ pub struct Recording {
     /// answered at all (not a list, bulk or automatic mail; see `MailFacts::reply`). The
     /// store writes a reply effect when its effects answer this outcome.
     pub reply: Option<ReplyTo>,
+    /// The task that carried the message (source, kind and pointer, as JSON), kept with
+    /// the outcome so that an operator can run the mail again (`outcomes replay`).
+    pub task: Option<String>,
+}
+
+/// An outcome whose message can be run again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayCandidate {
+    /// Message identity.
+    pub message_identity: String,
+    /// Sender.
+    pub sender: Option<String>,
+    /// Subject.
+    pub subject: Option<String>,
+    /// When the outcome was recorded.
+    pub recorded_at: String,
+    /// The task that carried it (JSON: source, kind, pointer).
+    pub task: String,
 }
 
 /// Where a reply goes and what it answers (RFC 3834 §3.1.3, RFC 5322 §3.6.4).
@@ -286,8 +304,21 @@ impl Backend {
 const CLAIM_FAILED: &str = "outcome = excluded.outcome, reason = excluded.reason,
      content_sha256 = excluded.content_sha256,
      content_fingerprint = excluded.content_fingerprint, task_id = excluded.task_id,
+     task = COALESCE(excluded.task, message_outcomes.task),
      deliveries = message_outcomes.deliveries + 1, updated_at = excluded.updated_at
      WHERE message_outcomes.outcome = 'failed'";
+
+/// [`CLAIM_FAILED`] for a replay of an outcome of one kind: that kind is replaced too (the
+/// message is decided again; its order, if any now, is written once by its unique key).
+fn claim_replayed(kind: OutcomeKind) -> String {
+    CLAIM_FAILED.replace(
+        "WHERE message_outcomes.outcome = 'failed'",
+        &format!(
+            "WHERE message_outcomes.outcome IN ('failed', '{}')",
+            kind.as_str()
+        ),
+    )
+}
 
 /// Rows of one multi-row statement (8 parameters each: well below SQLite's 32,766 and
 /// PostgreSQL's 65,535 bound parameters).
@@ -607,10 +638,66 @@ impl OrderStore {
     /// was fixed.
     pub async fn record(&self, rec: &Recording) -> Result<Recorded, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let recorded = self.record_in(&mut tx, rec).await?;
+        let recorded = self.record_in(&mut tx, rec, CLAIM_FAILED).await?;
         tx.commit().await?;
         self.wrote_outbox(&[&recorded]);
         Ok(recorded)
+    }
+
+    /// Records a message run again by an operator (`outcomes replay`) whose outcome was
+    /// `replayed`: like [`OrderStore::record`], except that an outcome of that kind is
+    /// replaced by the new decision, with its order and effects. An outcome of any other
+    /// kind (the message was replayed already, or recorded otherwise since) stays: the
+    /// replay is a duplicate. The orders' unique message key keeps a second order out.
+    pub async fn record_replay(
+        &self,
+        rec: &Recording,
+        replayed: OutcomeKind,
+    ) -> Result<Recorded, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let recorded = self
+            .record_in(&mut tx, rec, &claim_replayed(replayed))
+            .await?;
+        tx.commit().await?;
+        self.wrote_outbox(&[&recorded]);
+        Ok(recorded)
+    }
+
+    /// The outcomes of `kind` that can be run again (their task is known), oldest first:
+    /// recorded on or after `since` (`YYYY-MM-DD`, UTC) and from `sender`, when given; at
+    /// most `limit`.
+    pub async fn replay_candidates(
+        &self,
+        kind: OutcomeKind,
+        since: Option<&str>,
+        sender: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ReplayCandidate>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT message_identity, sender, subject, recorded_at, task FROM message_outcomes
+             WHERE outcome = $1 AND task IS NOT NULL
+               AND (CAST($2 AS TEXT) IS NULL OR recorded_at >= CAST($2 AS TEXT))
+               AND (CAST($3 AS TEXT) IS NULL OR LOWER(sender) = LOWER(CAST($3 AS TEXT)))
+             ORDER BY recorded_at, message_identity LIMIT $4",
+        )
+        .bind(kind.as_str())
+        .bind(since)
+        .bind(sender)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReplayCandidate {
+                    message_identity: r.try_get("message_identity")?,
+                    sender: r.try_get("sender")?,
+                    subject: r.try_get("subject")?,
+                    recorded_at: r.try_get("recorded_at")?,
+                    task: r.try_get("task")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
     }
 
     /// Records several outcomes in one transaction (group commit): one result per
@@ -693,6 +780,7 @@ impl OrderStore {
                 "sender": rec.sender,
                 "subject": rec.subject,
                 "task_id": rec.task_id,
+                "task": rec.task,
                 "client_id": rec.order.as_ref().map(|o| &o.client_id),
                 "client_name": rec.order.as_ref().map(|o| &o.client_name),
                 // The reply's row, when its outcome is answered (a `created` one only if
@@ -719,14 +807,14 @@ impl OrderStore {
                      THEN nextval(pg_get_serial_sequence('orders', 'id')) END AS order_id
                  FROM json_to_recordset($1::json) AS x(identity TEXT, outcome TEXT, reason TEXT,
                      sha TEXT, fingerprint TEXT, sender TEXT, subject TEXT, task_id TEXT,
-                     client_id TEXT, client_name TEXT, reply_effect TEXT, recipient TEXT,
+                     task TEXT, client_id TEXT, client_name TEXT, reply_effect TEXT, recipient TEXT,
                      reply TEXT)
              ), claimed AS (
                  INSERT INTO message_outcomes
                      (message_identity, outcome, reason, content_sha256, content_fingerprint,
-                      sender, subject, task_id, order_id, recorded_at, updated_at)
+                      sender, subject, task_id, task, order_id, recorded_at, updated_at)
                  SELECT identity, outcome, reason, sha, fingerprint, sender, subject, task_id,
-                     order_id, {now}, {now}
+                     task, order_id, {now}, {now}
                  FROM input
                  ON CONFLICT (message_identity) DO UPDATE SET order_id = excluded.order_id,
                      {CLAIM_FAILED}
@@ -807,11 +895,11 @@ impl OrderStore {
         let mut claimed: std::collections::HashSet<String> =
             std::collections::HashSet::with_capacity(recs.len());
         for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
-            let values = placeholders(self.backend, chunk.len(), 8, &format!(", {now}, {now}"));
+            let values = placeholders(self.backend, chunk.len(), 9, &format!(", {now}, {now}"));
             let sql = format!(
                 "INSERT INTO message_outcomes
                     (message_identity, outcome, reason, content_sha256, content_fingerprint,
-                     sender, subject, task_id, recorded_at, updated_at)
+                     sender, subject, task_id, task, recorded_at, updated_at)
                  VALUES {values}
                  ON CONFLICT (message_identity) DO UPDATE SET {CLAIM_FAILED}
                  RETURNING message_identity"
@@ -829,7 +917,8 @@ impl OrderStore {
                     .bind(&rec.fingerprint)
                     .bind(&rec.sender)
                     .bind(&rec.subject)
-                    .bind(&rec.task_id);
+                    .bind(&rec.task_id)
+                    .bind(&rec.task);
             }
             for row in query.fetch_all(&mut **tx).await? {
                 claimed.insert(row.try_get("message_identity")?);
@@ -977,7 +1066,7 @@ impl OrderStore {
         }
         for (i, rec) in recs.iter().enumerate() {
             if out[i].is_none() {
-                out[i] = Some(self.record_in(tx, rec).await?);
+                out[i] = Some(self.record_in(tx, rec, CLAIM_FAILED).await?);
             }
         }
         Ok(out.into_iter().flatten().collect())
@@ -987,6 +1076,7 @@ impl OrderStore {
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         rec: &Recording,
+        claim: &str,
     ) -> Result<Recorded, StoreError> {
         let now = self.backend.now();
         // The first statement writes, so the database takes the row (SQLite: the write
@@ -998,7 +1088,7 @@ impl OrderStore {
                 &rec.identity,
                 rec.outcome,
                 rec.reason.as_deref(),
-                CLAIM_FAILED,
+                claim,
             )
             .await?;
         if claimed == 0 {
@@ -1129,8 +1219,8 @@ impl OrderStore {
         Ok(sqlx::query(&format!(
             "INSERT INTO message_outcomes
                 (message_identity, outcome, reason, content_sha256, content_fingerprint,
-                 sender, subject, task_id, recorded_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {now}, {now})
+                 sender, subject, task_id, task, recorded_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, {now}, {now})
              ON CONFLICT (message_identity) DO UPDATE SET {on_conflict}"
         ))
         .bind(identity)
@@ -1141,6 +1231,7 @@ impl OrderStore {
         .bind(&rec.sender)
         .bind(&rec.subject)
         .bind(&rec.task_id)
+        .bind(&rec.task)
         .execute(&mut **tx)
         .await?
         .rows_affected())
@@ -1694,6 +1785,7 @@ mod tests {
                 in_reply_to: Some(format!("<{identity}>")),
                 references: vec![format!("<{identity}>")],
             }),
+            task: Some(format!(r#"{{"id":"task-{identity}"}}"#)),
         }
     }
 
@@ -1839,6 +1931,100 @@ mod tests {
                 .expect("n"),
             1
         );
+    }
+
+    /// A replay replaces only an outcome of the replayed kind: the order once, then
+    /// nothing; the candidates are that kind's outcomes with a known task, by sender.
+    async fn replays_replace_only_the_replayed_kind(store: OrderStore) {
+        let store = store.with_effects(Effects {
+            erp: true,
+            reply: Answered::all(),
+        });
+        let mut unknown = recording("mid:r1@x", &[], "fp-r1");
+        unknown.outcome = OutcomeKind::UnknownClient;
+        unknown.reason = Some("not a client".into());
+        store.record(&unknown).await.expect("recorded");
+        store
+            .record(&recording("mid:r2@x", &[("SKU-1", 1)], "fp-r2"))
+            .await
+            .expect("recorded");
+        let found = store
+            .replay_candidates(
+                OutcomeKind::UnknownClient,
+                Some("2000-01-01"),
+                Some("BUYER@example.com"),
+                10,
+            )
+            .await
+            .expect("candidates");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].message_identity, "mid:r1@x");
+        assert!(found[0].task.contains("task-mid:r1@x"));
+        for (since, sender) in [
+            (Some("2999-01-01"), None),
+            (None, Some("other@example.com")),
+        ] {
+            let none = store
+                .replay_candidates(OutcomeKind::UnknownClient, since, sender, 10)
+                .await
+                .expect("candidates");
+            assert!(none.is_empty(), "{since:?} {sender:?}: {none:?}");
+        }
+        // Decided again: an order now.
+        let now = recording("mid:r1@x", &[("SKU-2", 2)], "fp-r1");
+        let first = store
+            .record_replay(&now, OutcomeKind::UnknownClient)
+            .await
+            .expect("replayed");
+        assert!(
+            matches!(first, Recorded::New { order_id: Some(_) }),
+            "{first:?}"
+        );
+        let again = store
+            .record_replay(&now, OutcomeKind::UnknownClient)
+            .await
+            .expect("replayed");
+        assert!(matches!(again, Recorded::Duplicate { .. }), "{again:?}");
+        // A replay never replaces another kind's outcome.
+        let other = store
+            .record_replay(
+                &recording("mid:r2@x", &[("SKU-9", 9)], "fp-r2"),
+                OutcomeKind::UnknownClient,
+            )
+            .await
+            .expect("replayed");
+        assert!(matches!(other, Recorded::Duplicate { .. }), "{other:?}");
+        assert_eq!(store.orders_after(0).await.expect("orders").len(), 2);
+        assert!(store
+            .replay_candidates(OutcomeKind::UnknownClient, None, None, 10)
+            .await
+            .expect("candidates")
+            .is_empty());
+        let effects: Vec<String> = sqlx::query_scalar(
+            "SELECT effect FROM outbox WHERE message_identity = 'mid:r1@x' ORDER BY effect",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .expect("effects");
+        assert_eq!(effects, ["erp", "reply:created", "reply:unknown_client"]);
+    }
+
+    #[tokio::test]
+    async fn replays_replace_only_the_replayed_kind_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("o.db").display());
+        replays_replace_only_the_replayed_kind(OrderStore::open(&url).await.expect("store")).await;
+    }
+
+    #[tokio::test]
+    async fn replays_replace_only_the_replayed_kind_on_postgres() {
+        let pg = plba_testkit::PostgresServer::start();
+        replays_replace_only_the_replayed_kind(
+            OrderStore::open(&pg.create_database())
+                .await
+                .expect("store"),
+        )
+        .await;
     }
 
     #[tokio::test]

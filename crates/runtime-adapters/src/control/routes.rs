@@ -111,6 +111,22 @@ pub(crate) fn table(open_health: bool) -> Vec<Route> {
             handler: || delete(purge_one),
         },
         Route {
+            method: "get",
+            path: "/actions",
+            role: Role::Read,
+            summary: "The actions the application offers operators, with their parameters",
+            body: None,
+            handler: || get(actions),
+        },
+        Route {
+            method: "post",
+            path: "/actions/{name}",
+            role: Role::Admin,
+            summary: "Run one of the application's actions; with dry_run, only say what it would do",
+            body: Some(action_schema),
+            handler: || post(run_action),
+        },
+        Route {
             method: "post",
             path: "/sources/{id}/pause",
             role: Role::Admin,
@@ -248,6 +264,92 @@ impl Filter {
         self.kind.as_deref().is_none_or(|k| &*d.task.kind == k)
             && self.reason.as_deref().is_none_or(|r| d.reason.contains(r))
     }
+}
+
+fn action_schema() -> Value {
+    json!({"type": "object", "description": "the action's parameters (GET /actions lists them)", "properties": {
+        "dry_run": {"type": "boolean", "description": "say what would happen, change nothing"}}})
+}
+
+async fn actions(State(ctl): State<Ctl>) -> Json<Value> {
+    let actions: Vec<runtime_contracts::ActionSpec> = ctl
+        .runtime
+        .operator_actions()
+        .iter()
+        .flat_map(|a| a.actions())
+        .collect();
+    Json(json!({ "actions": actions }))
+}
+
+async fn run_action(
+    State(ctl): State<Ctl>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(params) = body.as_object() else {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the body must be a JSON object of the action's parameters",
+        ));
+    };
+    let dry_run = match params.get("dry_run") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "dry_run must be true or false",
+            ))
+        }
+    };
+    let mut params = params.clone();
+    params.remove("dry_run");
+    let params = Value::Object(params);
+    let mut report = None;
+    for module in ctl.runtime.operator_actions() {
+        match module.run(&name, &params, dry_run).await {
+            Ok(Some(r)) => {
+                report = Some(r);
+                break;
+            }
+            Ok(None) => {}
+            Err(runtime_contracts::ActionError::BadRequest(m)) => {
+                return Err(ApiError::bad_request("invalid_params", m))
+            }
+            Err(runtime_contracts::ActionError::Unavailable(m)) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    m,
+                ))
+            }
+        }
+    }
+    let Some(report) = report else {
+        return Err(ApiError::not_found(format!("no action {name:?}")));
+    };
+    let mut published = 0usize;
+    if !dry_run {
+        for (pool, task) in report.publish {
+            let Some(queue) = ctl.runtime.queue(&pool) else {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("the action published to pool {pool:?}, which has no queue"),
+                ));
+            };
+            queue.publish(task).await.map_err(queue_error)?;
+            published += 1;
+        }
+        tracing::info!(action = %name, published, message = %report.message, "action run by an operator");
+    }
+    Ok(Json(json!({
+        "action": name,
+        "dry_run": dry_run,
+        "message": report.message,
+        "items": report.items,
+        "published": published,
+    })))
 }
 
 fn filter_schema() -> Value {

@@ -192,6 +192,7 @@ struct Registrar<'a> {
     services: &'a ServiceContainer,
     outcomes: &'a mut Option<Arc<dyn OutcomeLookup>>,
     console: &'a mut Vec<Arc<dyn ConsolePages>>,
+    actions: &'a mut Vec<Arc<dyn runtime_contracts::OperatorActions>>,
     needs: &'a mut HashMap<String, Vec<Arc<dyn HealthContributor>>>,
     retention: &'a mut Vec<Arc<dyn runtime_contracts::RetentionSweep>>,
 }
@@ -240,6 +241,10 @@ impl ModuleRegistry for Registrar<'_> {
 
     fn console(&mut self, pages: Arc<dyn ConsolePages>) {
         self.console.push(pages);
+    }
+
+    fn actions(&mut self, actions: Arc<dyn runtime_contracts::OperatorActions>) {
+        self.actions.push(actions);
     }
 
     fn needs(&mut self, pool: &str, dependency: Arc<dyn HealthContributor>) {
@@ -334,6 +339,7 @@ impl RuntimeBuilder {
         let mut declared = std::collections::BTreeSet::new();
         let mut outcomes = None;
         let mut console = Vec::new();
+        let mut actions = Vec::new();
         let mut needs = HashMap::new();
         let mut pool_defaults = HashMap::new();
         let mut sweeps = Vec::new();
@@ -348,6 +354,7 @@ impl RuntimeBuilder {
                 services: &services,
                 outcomes: &mut outcomes,
                 console: &mut console,
+                actions: &mut actions,
                 needs: &mut needs,
                 retention: &mut sweeps,
             };
@@ -456,6 +463,7 @@ impl RuntimeBuilder {
         }
         Ok(RuntimeManager {
             console,
+            actions,
             activity: Arc::new(crate::activity::Activity::default()),
             reconciler,
             retention,
@@ -514,6 +522,7 @@ pub struct RuntimeManager {
     retention: Arc<crate::retention::Retention>,
     rejected: Mutex<Option<RejectedChange>>,
     console: Vec<Arc<dyn ConsolePages>>,
+    actions: Vec<Arc<dyn runtime_contracts::OperatorActions>>,
     activity: Arc<crate::activity::Activity>,
 }
 
@@ -679,6 +688,11 @@ impl RuntimeManager {
     /// the interval still open.
     pub fn activity(&self) -> Vec<crate::activity::ActivitySample> {
         self.activity.history()
+    }
+
+    /// The actions modules offer operators.
+    pub fn operator_actions(&self) -> &[Arc<dyn runtime_contracts::OperatorActions>] {
+        &self.actions
     }
 
     /// The pages modules added to the operator console.
