@@ -724,3 +724,104 @@ async fn loggers_and_reload_show_the_change_and_its_result() {
     let config = admin.get("/ui/config").await;
     assert!(config.text.contains("was refused"), "{}", config.text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_previews_an_outcome_replay_and_runs_it_after_confirming() {
+    let p = plane(None).await;
+    p.ws.deliver("no-lines", &order_mail("no-lines", "x@acme.example", &[]));
+    let processed = || {
+        p.runtime
+            .pool_status()
+            .into_iter()
+            .find(|s| s.name == "orders")
+            .map_or(0, |s| s.processed)
+    };
+    wait_for(Duration::from_secs(30), "the outcome", || async {
+        processed() == 1
+    })
+    .await;
+
+    // A reader sees the action, not its form.
+    let mut reader = Client::new(&p.app);
+    reader.login("read-token-1").await;
+    let page = reader.get("/ui/actions").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+    assert!(page.text.contains("outcomes.replay"), "{}", page.text);
+    assert!(!page.text.contains("action=\"/ui/actions/outcomes.replay\""));
+
+    let mut admin = Client::new(&p.app);
+    admin.login("admin-token-1").await;
+    let page = admin.get("/ui/actions").await;
+    assert!(
+        page.text.contains("action=\"/ui/actions/outcomes.replay\""),
+        "{}",
+        page.text
+    );
+    let csrf = admin.csrf().await;
+    let forged = admin
+        .post(
+            "/ui/actions/outcomes.replay",
+            &[("csrf", "wrong"), ("kind", "no_lines")],
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let bad = admin
+        .post(
+            "/ui/actions/outcomes.replay",
+            &[("csrf", &csrf), ("kind", "created")],
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.text);
+
+    // The first submission is a dry run that asks.
+    let preview = admin
+        .post(
+            "/ui/actions/outcomes.replay",
+            &[
+                ("csrf", &csrf),
+                ("kind", "no_lines"),
+                ("sender", ""),
+                ("limit", "10"),
+            ],
+        )
+        .await;
+    assert_eq!(preview.status, StatusCode::OK, "{}", preview.text);
+    assert!(
+        preview
+            .text
+            .contains("would run 1 message recorded as no_lines"),
+        "{}",
+        preview.text
+    );
+    assert!(preview.text.contains("x@acme.example"), "{}", preview.text);
+    assert!(preview.text.contains("name=\"confirm\" value=\"yes\""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(processed(), 1, "a preview runs nothing");
+
+    let run = admin
+        .post(
+            "/ui/actions/outcomes.replay",
+            &[
+                ("csrf", &csrf),
+                ("kind", "no_lines"),
+                ("limit", "10"),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(run.status, StatusCode::SEE_OTHER, "{}", run.text);
+    assert_eq!(location(&run), "/ui/actions");
+    let after = admin.get("/ui/actions").await;
+    assert!(after.text.contains("running 1 message"), "{}", after.text);
+    wait_for(Duration::from_secs(30), "the replayed message", || async {
+        processed() == 2
+    })
+    .await;
+    // Decided again the same: still one outcome, no order.
+    let store = p.ws.store().await;
+    let outcomes = store.outcomes().await.expect("outcomes");
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(outcomes[0].outcome, "no_lines");
+    assert!(store.orders_after(0).await.expect("orders").is_empty());
+    p.runtime.shutdown().await;
+}

@@ -103,8 +103,10 @@ impl Params {
         }
         let limit = match map.get("limit") {
             None | Some(serde_json::Value::Null) => 1_000,
+            // A number, or the text of one (a console form's field).
             Some(v) => v
                 .as_i64()
+                .or_else(|| v.as_str().and_then(|t| t.trim().parse().ok()))
                 .filter(|n| (1..=MAX_REPLAY).contains(n))
                 .ok_or_else(|| bad(format!("limit: {v} is not a number from 1 to {MAX_REPLAY}")))?,
         };
@@ -222,6 +224,8 @@ mod tests {
         assert_eq!(ok.kind, OutcomeKind::UnknownClient);
         assert_eq!(ok.sender.as_deref(), Some("a@b.example"));
         assert_eq!(ok.limit, 1_000);
+        let text_limit = Params::of(&serde_json::json!({"kind": "no_lines", "limit": "25"}));
+        assert_eq!(text_limit.expect("ok").limit, 25);
         for (params, words) in [
             (serde_json::json!({}), "kind is required"),
             (serde_json::json!({"kind": "created"}), "cannot be replayed"),

@@ -150,6 +150,67 @@ impl ControlConfig {
     }
 }
 
+/// What an operator action did (or, in a dry run, would do).
+pub(crate) struct ActionDone {
+    pub(crate) message: String,
+    pub(crate) items: Vec<serde_json::Value>,
+    pub(crate) published: usize,
+}
+
+/// Why an operator action did not run.
+pub(crate) enum ActionFailure {
+    /// No module offers it.
+    NotFound,
+    /// The module refused it.
+    Refused(runtime_contracts::ActionError),
+    /// A task it asked for could not be published (after `published` were).
+    Publish(String),
+}
+
+/// Runs operator action `name` (the API's and the console's one path): the module that
+/// offers it decides; unless this is a dry run, the tasks it asks for are published.
+pub(crate) async fn run_action(
+    runtime: &RuntimeManager,
+    name: &str,
+    params: &serde_json::Value,
+    dry_run: bool,
+) -> Result<ActionDone, ActionFailure> {
+    let mut report = None;
+    for module in runtime.operator_actions() {
+        if let Some(r) = module
+            .run(name, params, dry_run)
+            .await
+            .map_err(ActionFailure::Refused)?
+        {
+            report = Some(r);
+            break;
+        }
+    }
+    let report = report.ok_or(ActionFailure::NotFound)?;
+    let mut published = 0usize;
+    if !dry_run {
+        for (pool, task) in report.publish {
+            let queue = runtime.queue(&pool).ok_or_else(|| {
+                ActionFailure::Publish(format!(
+                    "the action published to pool {pool:?}, which has no queue"
+                ))
+            })?;
+            queue.publish(task).await.map_err(|e| {
+                ActionFailure::Publish(format!(
+                    "{published} task(s) published, then the queue refused: {e}"
+                ))
+            })?;
+            published += 1;
+        }
+        tracing::info!(action = %name, published, message = %report.message, "action run by an operator");
+    }
+    Ok(ActionDone {
+        message: report.message,
+        items: report.items,
+        published,
+    })
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub(crate) struct Ctl {

@@ -304,52 +304,29 @@ async fn run_action(
     };
     let mut params = params.clone();
     params.remove("dry_run");
-    let params = Value::Object(params);
-    let mut report = None;
-    for module in ctl.runtime.operator_actions() {
-        match module.run(&name, &params, dry_run).await {
-            Ok(Some(r)) => {
-                report = Some(r);
-                break;
-            }
-            Ok(None) => {}
-            Err(runtime_contracts::ActionError::BadRequest(m)) => {
-                return Err(ApiError::bad_request("invalid_params", m))
-            }
-            Err(runtime_contracts::ActionError::Unavailable(m)) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    m,
-                ))
-            }
+    match super::run_action(&ctl.runtime, &name, &Value::Object(params), dry_run).await {
+        Ok(done) => Ok(Json(json!({
+            "action": name,
+            "dry_run": dry_run,
+            "message": done.message,
+            "items": done.items,
+            "published": done.published,
+        }))),
+        Err(super::ActionFailure::NotFound) => {
+            Err(ApiError::not_found(format!("no action {name:?}")))
         }
-    }
-    let Some(report) = report else {
-        return Err(ApiError::not_found(format!("no action {name:?}")));
-    };
-    let mut published = 0usize;
-    if !dry_run {
-        for (pool, task) in report.publish {
-            let Some(queue) = ctl.runtime.queue(&pool) else {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("the action published to pool {pool:?}, which has no queue"),
-                ));
-            };
-            queue.publish(task).await.map_err(queue_error)?;
-            published += 1;
+        Err(super::ActionFailure::Refused(runtime_contracts::ActionError::BadRequest(m))) => {
+            Err(ApiError::bad_request("invalid_params", m))
         }
-        tracing::info!(action = %name, published, message = %report.message, "action run by an operator");
+        Err(super::ActionFailure::Refused(runtime_contracts::ActionError::Unavailable(m))) => Err(
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        ),
+        Err(super::ActionFailure::Publish(m)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            m,
+        )),
     }
-    Ok(Json(json!({
-        "action": name,
-        "dry_run": dry_run,
-        "message": report.message,
-        "items": report.items,
-        "published": published,
-    })))
 }
 
 fn filter_schema() -> Value {

@@ -293,6 +293,8 @@ pub(crate) fn router(
         .route("/ui/dead-letters/{queue}/{id}/delete", post(delete_one))
         .route("/ui/sources/{id}/pause", post(pause))
         .route("/ui/sources/{id}/resume", post(resume))
+        .route("/ui/actions", get(actions))
+        .route("/ui/actions/{name}", post(run_action))
         .route("/ui/loggers", get(loggers).post(set_loggers))
         .route("/ui/config", get(config))
         .route("/ui/config/reload", post(reload))
@@ -938,6 +940,86 @@ async fn source_action(
 }
 
 // ---- loggers ----
+
+// ---- the application's actions ----
+
+async fn actions(State(ui): State<Ui>, headers: HeaderMap) -> Response {
+    let who = match ui.who(&headers) {
+        Ok(who) => who,
+        Err(r) => return r,
+    };
+    let specs: Vec<runtime_contracts::ActionSpec> = ui
+        .runtime
+        .operator_actions()
+        .iter()
+        .flat_map(|a| a.actions())
+        .collect();
+    view::page(
+        "Actions",
+        "/ui/actions",
+        &who,
+        &ui.runtime,
+        view::actions(&who, &specs),
+    )
+    .into_response()
+}
+
+/// An action's form: without `confirm`, a dry run and a page that asks; with it, the run.
+async fn run_action(
+    State(ui): State<Ui>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    form: FormMap,
+) -> Response {
+    let form = form_of(form);
+    let who = match ui.actor(&headers, &form) {
+        Ok(who) => who,
+        Err(r) => return r,
+    };
+    let run = confirmed(&form);
+    let mut kept: Vec<(&str, &str)> = form
+        .iter()
+        .filter(|(k, v)| !matches!(k.as_str(), "csrf" | "confirm") && !v.trim().is_empty())
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    kept.sort_unstable();
+    // Form fields are text: each parameter is the string it says.
+    let params: serde_json::Map<String, serde_json::Value> = kept
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(v.trim())))
+        .collect();
+    match super::run_action(&ui.runtime, &name, &serde_json::Value::Object(params), !run).await {
+        Ok(done) if run => ui.done(
+            &who,
+            format!("{} ({} task(s) published).", done.message, done.published),
+            "/ui/actions",
+        ),
+        Ok(done) => view::page(
+            &format!("Run {name}?"),
+            "/ui/actions",
+            &who,
+            &ui.runtime,
+            view::action_preview(&who, &name, &done.message, &done.items, &kept),
+        )
+        .into_response(),
+        Err(super::ActionFailure::NotFound) => ui.problem(
+            Some(&who),
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &format!("There is no action {name:?}."),
+        ),
+        Err(super::ActionFailure::Refused(runtime_contracts::ActionError::BadRequest(m))) => {
+            ui.problem(Some(&who), StatusCode::BAD_REQUEST, "Refused", &m)
+        }
+        Err(super::ActionFailure::Refused(runtime_contracts::ActionError::Unavailable(m)))
+        | Err(super::ActionFailure::Publish(m)) => ui.problem(
+            Some(&who),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            &m,
+        ),
+    }
+}
 
 async fn loggers(State(ui): State<Ui>, headers: HeaderMap) -> Response {
     let who = match ui.who(&headers) {

@@ -104,6 +104,13 @@ pub(crate) fn page(
             nav.push((format!("/ui/app/{}", url_encode(&p.id)), p.title));
         }
     }
+    if runtime
+        .operator_actions()
+        .iter()
+        .any(|a| !a.actions().is_empty())
+    {
+        nav.push(("/ui/actions".to_owned(), "Actions".to_owned()));
+    }
     nav.push(("/ui/loggers".to_owned(), "Loggers".to_owned()));
     nav.push(("/ui/config".to_owned(), "Configuration".to_owned()));
     html! {
@@ -547,6 +554,69 @@ pub(crate) fn dead_letter(who: &Who, queue: &str, d: &DeadLetter) -> Markup {
             }
         }
         p { a href="/ui/dead-letters" { "Back to the dead letters" } }
+    }
+}
+
+/// The application's operator actions, each a form whose first submission is a dry run.
+pub(crate) fn actions(who: &Who, specs: &[runtime_contracts::ActionSpec]) -> Markup {
+    html! {
+        @if !who.admin() {
+            p { "Running an action needs an admin token; this session was opened with a read token." }
+        }
+        @for spec in specs {
+            section aria-labelledby=(format!("action-{}", spec.name)) {
+                h2 id=(format!("action-{}", spec.name)) { code { (spec.name) } }
+                p { (spec.summary) }
+                @if who.admin() {
+                    form class="stack" method="post" action=(format!("/ui/actions/{}", url_encode(&spec.name))) {
+                        input type="hidden" name="csrf" value=(who.csrf);
+                        @for param in &spec.params {
+                            label for=(format!("{}-{}", spec.name, param.name)) {
+                                code { (param.name) } ": " (param.help)
+                            }
+                            input id=(format!("{}-{}", spec.name, param.name)) name=(param.name) required[param.required];
+                        }
+                        button type="submit" { "Preview" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A dry run's answer, with the button that runs the action for real.
+pub(crate) fn action_preview(
+    who: &Who,
+    name: &str,
+    message: &str,
+    items: &[Value],
+    params: &[(&str, &str)],
+) -> Markup {
+    let columns: Vec<String> = items
+        .first()
+        .and_then(Value::as_object)
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    html! {
+        @if !items.is_empty() {
+            table {
+                thead { tr { @for c in &columns { th scope="col" { (c) } } } }
+                tbody {
+                    @for item in items {
+                        tr { @for c in &columns { td { (word(&item[c.as_str()])) } } }
+                    }
+                }
+            }
+        }
+        (confirm(
+            who,
+            &format!("{message}. Run it?"),
+            &format!("/ui/actions/{}", url_encode(name)),
+            params,
+            "Run",
+            "/ui/actions",
+            false,
+        ))
     }
 }
 
