@@ -59,6 +59,19 @@ async fn start(path: &std::path::Path) -> Arc<RuntimeManager> {
     Arc::new(runtime)
 }
 
+/// Waits until `runtime` is idle, a moment more for anything that should not come, then
+/// stops it.
+async fn settle_and_stop(runtime: &RuntimeManager) {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        runtime.wait_until_idle(Duration::from_millis(50)),
+    )
+    .await
+    .expect("idle");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    runtime.shutdown().await;
+}
+
 async fn replies_stats(runtime: &RuntimeManager) -> runtime_contracts::QueueStats {
     runtime
         .queue("replies")
@@ -229,14 +242,7 @@ async fn every_sender_hears_back_once_threaded_and_automatic_mail_gets_no_answer
         ws.deliver(&format!("{id}-again"), m);
     }
     let runtime = start(&config).await;
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        runtime.wait_until_idle(Duration::from_millis(50)),
-    )
-    .await
-    .expect("idle");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    runtime.shutdown().await;
+    settle_and_stop(&runtime).await;
     for user in [
         "purchasing@acme.example",
         "buyer@nordic.example",
@@ -643,14 +649,7 @@ async fn unknown_client_mail_replayed_after_the_client_is_added_makes_one_order_
     // A sender still unknown is decided the same: no order, no second rejection.
     let rest = replay(serde_json::json!({"kind": "unknown_client"}), ADMIN).await;
     assert_eq!(rest.json()["published"], 1, "{}", rest.text);
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        runtime.wait_until_idle(Duration::from_millis(50)),
-    )
-    .await
-    .expect("idle");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    runtime.shutdown().await;
+    settle_and_stop(&runtime).await;
     assert_eq!(
         ws.store()
             .await
