@@ -23,8 +23,10 @@
 //!   so that sessions log in again during the drain) beside the same drain with a
 //!   password, taking turns.
 //!
-//! - the largest backlog with the ERP effect on (an outbox row per order in its
-//!   transaction; deliveries sent meanwhile by the `outbox` pool) beside it without.
+//! - the largest backlog with the ERP and reply effects on (an outbox row per order and per
+//!   answerable message in its transaction; deliveries and replies sent meanwhile by the
+//!   `outbox` and `replies` pools, the replies to a private Postfix that discards them)
+//!   beside it without.
 //!
 //! Sizes: `PLBA_BENCH_IMAP_BACKLOGS` (`2000,10000`); `PLBA_BENCH_IMAP_PG=0` skips nothing
 //! silently: it is printed that PostgreSQL rows were not asked for.
@@ -507,11 +509,13 @@ async fn backlog_oauth2(n: usize, lifetime: Duration) {
     );
 }
 
-/// The largest backlog with the ERP effect on (each order's delivery written to the outbox
-/// in its transaction, sent by the `outbox` pool meanwhile) beside the same drain without,
-/// taking turns; the drain is timed to the last `\Seen`, and the ERP must then have every
-/// order once.
+/// The largest backlog with the ERP and reply effects on (each order's delivery and each
+/// answerable message's reply written to the outbox in its transaction, sent by the
+/// `outbox` and `replies` pools meanwhile, the replies through a private Postfix that
+/// discards them) beside the same drain without, taking turns; the drain is timed to the
+/// last `\Seen`, and the ERP must then have every order it got once.
 async fn backlog_erp(n: usize) {
+    let relay = plba_testkit::PostfixServer::start_discarding();
     let server = DovecotServer::start(&[(USER, PASSWORD)]);
     server.append(USER, PASSWORD, "INBOX", &mix(n));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -525,7 +529,11 @@ async fn backlog_erp(n: usize) {
                 "password_file = \"{}\"\n{}",
                 dir.path().join("pw").display(),
                 if erp_on {
-                    format!("\n[apps.mail_order_bot.erp]\nurl = \"{}\"\n", erp.url())
+                    format!(
+                        "\n[apps.mail_order_bot.erp]\nurl = \"{}\"\n\n[apps.mail_order_bot.reply]\nfrom = \"orders@plba.test\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+                        erp.url(),
+                        relay.port()
+                    )
                 } else {
                     String::new()
                 }
@@ -561,7 +569,7 @@ async fn backlog_erp(n: usize) {
     };
     let (without, with) = (median(plain), median(with_erp));
     println!(
-        "backlog {n:>6} SQLite     with the ERP effect: {with:>6.0} msg/s vs without {without:>6.0} msg/s (medians of 3, taking turns) | \
+        "backlog {n:>6} SQLite     with the ERP and reply effects: {with:>6.0} msg/s vs without {without:>6.0} msg/s (medians of 3, taking turns) | \
          orders sent by the last \\Seen (sent/created): {sent:?} | with/without {:.2}",
         with / without,
     );

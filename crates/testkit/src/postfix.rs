@@ -38,7 +38,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 /// A private Postfix (the Debian package) on a free loopback port: its own `main.cf`,
 /// `master.cf`, queue and log in a temp dir. It accepts mail from loopback for
 /// `domains` and hands every message to an LMTP server on `127.0.0.1:lmtp_port` (the
-/// private Dovecot's). Its queue is kept across [`PostfixServer::stop`] and
+/// private Dovecot's), or discards what it accepted ([`PostfixServer::start_discarding`]). Its queue is kept across [`PostfixServer::stop`] and
 /// [`PostfixServer::start_again`]; it is stopped when dropped.
 pub struct PostfixServer {
     dir: tempfile::TempDir,
@@ -57,6 +57,19 @@ impl std::fmt::Debug for PostfixServer {
 impl PostfixServer {
     /// Starts Postfix for `domains`, delivering to the LMTP server on `lmtp_port`.
     pub fn start(lmtp_port: u16, domains: &[&str]) -> Self {
+        Self::start_with(&format!(
+            "virtual_mailbox_domains = {}\nvirtual_transport = lmtp:inet:127.0.0.1:{lmtp_port}\n",
+            domains.join(" ")
+        ))
+    }
+
+    /// Starts a Postfix that accepts mail for any address from loopback and discards it
+    /// after queueing it (its `discard` transport): a relay for benchmarks.
+    pub fn start_discarding() -> Self {
+        Self::start_with("default_transport = discard:\nrelay_transport = discard:\n")
+    }
+
+    fn start_with(delivery: &str) -> Self {
         find("postfix", INSTALL);
         let dir = tempfile::Builder::new()
             .prefix("pf")
@@ -85,9 +98,7 @@ inet_protocols = ipv4
 mydestination =
 relay_domains =
 mynetworks = 127.0.0.0/8
-virtual_mailbox_domains = {domains}
-virtual_transport = lmtp:inet:127.0.0.1:{lmtp_port}
-alias_maps =
+{delivery}alias_maps =
 alias_database =
 local_recipient_maps =
 smtputf8_enable = no
@@ -99,7 +110,6 @@ queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
 ",
-            domains = domains.join(" "),
         );
         std::fs::write(dir.path().join("main.cf"), main_cf).expect("main.cf");
         std::fs::write(

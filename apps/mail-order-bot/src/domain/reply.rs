@@ -370,6 +370,25 @@ impl std::fmt::Debug for ReplyHandler {
 }
 
 /// What one send came to.
+/// What one reply came to.
+enum Done {
+    /// Settled without a send (skipped, withheld, sent before).
+    Settled(Outcome),
+    /// Handed to the relay: its row is to be noted.
+    Handed(i64, Outcome),
+    /// Over the per-sender limit: the reason is to be noted on its row.
+    Withheld(i64, String),
+}
+
+impl Done {
+    fn outcome(self) -> Outcome {
+        match self {
+            Self::Settled(o) | Self::Handed(_, o) => o,
+            Self::Withheld(_, why) => Outcome::new("withheld").with_detail(why),
+        }
+    }
+}
+
 enum Sent {
     Accepted,
     Retry(String, bool),
@@ -582,7 +601,9 @@ impl ReplyHandler {
         }
     }
 
-    async fn handle_one(&self, task: &Task) -> Result<Outcome, HandlerError> {
+    /// One reply sent, or settled without sending; the row to note as handed to the
+    /// relay when the relay took it.
+    async fn send_one(&self, task: &Task) -> Result<Done, HandlerError> {
         let Some(row) = row_of(task) else {
             return Err(HandlerError::Permanent(format!(
                 "task {} names no outbox row",
@@ -592,9 +613,9 @@ impl ReplyHandler {
         let facts = match self.store.reply_facts(row).await {
             Ok(Some(facts)) => facts,
             Ok(None) => {
-                return Ok(
-                    Outcome::new("skipped").with_detail("the outbox row or its outcome is gone")
-                )
+                return Ok(Done::Settled(
+                    Outcome::new("skipped").with_detail("the outbox row or its outcome is gone"),
+                ))
             }
             Err(e) => {
                 return Err(HandlerError::retry(format!(
@@ -605,16 +626,17 @@ impl ReplyHandler {
         if let Some(at) = facts.sent_ms {
             // Handed to the relay by a dispatcher that died before marking the row: not
             // sent twice.
-            return Ok(Outcome::new("sent")
-                .with_detail(format!("already handed to the relay at {at} (unix ms)")));
+            return Ok(Done::Settled(Outcome::new("sent").with_detail(format!(
+                "already handed to the relay at {at} (unix ms)"
+            ))));
         }
         let answers = facts.effect.strip_prefix("reply:").unwrap_or_default();
         if answers != facts.outcome {
             // A replay changed the outcome since: the reply now due is another row's.
-            return Ok(Outcome::new("skipped").with_detail(format!(
+            return Ok(Done::Settled(Outcome::new("skipped").with_detail(format!(
                 "the message is now {}, not {answers}",
                 facts.outcome
-            )));
+            ))));
         }
         let message = self.message(&facts).map_err(HandlerError::Permanent)?;
         let to = facts.to.to.as_str();
@@ -627,25 +649,16 @@ impl ReplyHandler {
             .await
             .map_err(|e| HandlerError::retry(format!("counting the replies to {to}: {e}")))?;
         if let Err(why) = self.reserve(to, sent) {
-            self.store
-                .reply_withheld(row, &why)
-                .await
-                .map_err(|e| HandlerError::retry(format!("noting outbox row {row}: {e}")))?;
-            return Ok(Outcome::new("withheld").with_detail(why));
+            return Ok(Done::Withheld(row, why));
         }
         let answer = self.send(&message).await;
-        if matches!(answer, Sent::Accepted) {
-            // Counted for the limit at once; a crash before this line sends it again (with
-            // the same Message-ID).
-            if let Err(e) = self.store.reply_sent(row).await {
-                tracing::warn!(row, error = %e, "the reply was sent but could not be noted");
-            }
-        }
-        crate::module::fault("outbox.after_send")?;
         match answer {
             Sent::Accepted => {
                 self.health.reached();
-                Ok(Outcome::new("sent").with_detail(to.to_owned()))
+                Ok(Done::Handed(
+                    row,
+                    Outcome::new("sent").with_detail(to.to_owned()),
+                ))
             }
             Sent::Retry(reason, away) => {
                 self.release(to);
@@ -661,6 +674,61 @@ impl ReplyHandler {
                 self.health.reached();
                 Err(HandlerError::Permanent(reason))
             }
+        }
+    }
+
+    /// One reply, its row noted at once when the relay took it.
+    async fn handle_one(&self, task: &Task) -> Result<Outcome, HandlerError> {
+        let done = self.send_one(task).await;
+        self.settle(vec![done])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(HandlerError::retry("no result")))
+    }
+
+    /// Notes what `done` came to, in one statement or transaction each for the whole
+    /// batch: the rows handed to the relay, then the reasons of those withheld.
+    async fn settle(
+        &self,
+        done: Vec<Result<Done, HandlerError>>,
+    ) -> Vec<Result<Outcome, HandlerError>> {
+        let handed: Vec<i64> = done
+            .iter()
+            .filter_map(|d| match d {
+                Ok(Done::Handed(row, _)) => Some(*row),
+                _ => None,
+            })
+            .collect();
+        self.note_sent(&handed).await;
+        let withheld: Vec<(i64, String)> = done
+            .iter()
+            .filter_map(|d| match d {
+                Ok(Done::Withheld(row, why)) => Some((*row, why.clone())),
+                _ => None,
+            })
+            .collect();
+        let noted = self
+            .store
+            .replies_withheld(&withheld)
+            .await
+            .map_err(|e| format!("noting why replies are withheld: {e}"));
+        done.into_iter()
+            .map(|d| {
+                let d = d?;
+                if let (Done::Withheld(..), Err(e)) = (&d, &noted) {
+                    return Err(HandlerError::retry(e.clone()));
+                }
+                crate::module::fault("outbox.after_send")?;
+                Ok(d.outcome())
+            })
+            .collect()
+    }
+
+    /// Counted for the limit at once, in one statement for a batch; a crash before it
+    /// sends those replies again (with the same Message-ID).
+    async fn note_sent(&self, rows: &[i64]) {
+        if let Err(e) = self.store.replies_sent(rows).await {
+            tracing::warn!(rows = rows.len(), error = %e, "replies were sent but could not be noted");
         }
     }
 }
@@ -689,9 +757,11 @@ impl TaskHandler for ReplyHandler {
         tasks: &'a [Arc<Task>],
         _ctx: &'a HandlerContext,
     ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
-        Box::pin(futures::future::join_all(
-            tasks.iter().map(|task| self.handle_one(task)),
-        ))
+        Box::pin(async move {
+            let done =
+                futures::future::join_all(tasks.iter().map(|task| self.send_one(task))).await;
+            self.settle(done).await
+        })
     }
 }
 

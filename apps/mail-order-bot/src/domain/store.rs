@@ -1348,23 +1348,40 @@ impl OrderStore {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Notes on outbox row `row` that its reply was handed to the relay now.
-    pub async fn reply_sent(&self, row: i64) -> Result<(), StoreError> {
+    /// Notes that the replies of outbox rows `rows` were handed to the relay (one
+    /// statement for a batch: the rate limit counts them, and a row claimed again after a
+    /// crash is not sent twice).
+    pub async fn replies_sent(&self, rows: &[i64]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let now = self.backend.now_ms();
-        sqlx::query(&format!("UPDATE outbox SET sent_ms = {now} WHERE id = $1"))
-            .bind(row)
-            .execute(&self.pool)
-            .await?;
+        let list: Vec<String> = rows.iter().map(i64::to_string).collect();
+        sqlx::query(&format!(
+            "UPDATE outbox SET sent_ms = {now} WHERE id IN ({})",
+            list.join(", ")
+        ))
+        .persistent(false)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
-    /// Notes on outbox row `row` why its reply is not sent (it is then settled as done).
-    pub async fn reply_withheld(&self, row: i64, why: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET last_error = $2 WHERE id = $1")
-            .bind(row)
-            .bind(why)
-            .execute(&self.pool)
-            .await?;
+    /// Notes on each outbox row why its reply is not sent (each is then settled as done),
+    /// in one transaction.
+    pub async fn replies_withheld(&self, rows: &[(i64, String)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (row, why) in rows {
+            sqlx::query("UPDATE outbox SET last_error = $2 WHERE id = $1")
+                .bind(*row)
+                .bind(why)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1923,7 +1940,7 @@ mod tests {
                 .expect("n"),
             0
         );
-        store.reply_sent(row).await.expect("sent");
+        store.replies_sent(&[row]).await.expect("sent");
         assert_eq!(
             store
                 .replies_sent_to("buyer@example.com", 60_000)
