@@ -524,3 +524,63 @@ async fn the_cli_lists_and_replays_the_outboxs_dead_letters() {
     );
     let _ = bot.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_previews_and_runs_an_outcome_replay() {
+    let ws = Workspace::new();
+    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1\"]\nadmin_tokens = [\"admin-token-1\"]\n";
+    let config = ws.config_with(2, 3, control);
+    ws.deliver(
+        "stranger",
+        &order_mail("stranger", "someone@unknown.example", &[("SKU-5", 1)]),
+    );
+    let (mut bot, addr) = common::plane::spawn_with_control(&config, &[]);
+    wait_for(Duration::from_secs(30), "the outcome", || async {
+        common::orders_so_far(&ws).await == 0
+            && ws
+                .store()
+                .await
+                .outcomes()
+                .await
+                .map(|o| o.len() == 1)
+                .unwrap_or(false)
+    })
+    .await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"))
+            .args(["outcomes", "replay", "--config"])
+            .arg(&config)
+            .args(["--url", &format!("http://{addr}")])
+            .args(args)
+            .output()
+            .expect("the CLI");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["--kind", "unknown_client", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("would run 1 message recorded as unknown_client"),
+        "{out}"
+    );
+    assert!(out.contains("someone@unknown.example"), "{out}");
+    let (code, out, err) = cli(&["--kind", "created"]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(err.contains("cannot be replayed"), "{err}");
+    let (code, out, err) = cli(&[
+        "--kind",
+        "unknown_client",
+        "--sender",
+        "someone@unknown.example",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("running 1 message"), "{out}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(bot.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = bot.wait();
+}
