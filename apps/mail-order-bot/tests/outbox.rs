@@ -397,30 +397,12 @@ async fn two_replicas_dispatch_one_postgres_outbox_and_send_no_row_twice() {
         erp.applied().len() == 400
     })
     .await;
-    let mut processed = Vec::new();
-    for runtime in &replicas {
-        wait_for(Duration::from_secs(10), "the marks", || async {
-            outbox_stats(runtime).await.processed == 400
-        })
-        .await;
-        let pool = runtime
-            .pool_status()
-            .into_iter()
-            .find(|p| p.name == "outbox")
-            .expect("the outbox pool");
-        processed.push(pool.processed);
-        runtime.shutdown().await;
-    }
+    common::stop_replicas_counting(&replicas, "outbox", 400).await;
     assert_ledger(&a, &erp, 400).await;
     assert!(
         erp.requests_by_key().values().all(|n| *n == 1),
         "no row sent twice: {:?}",
         erp.requests_by_key().values().filter(|n| **n > 1).count()
-    );
-    assert_eq!(processed.iter().sum::<u64>(), 400, "{processed:?}");
-    assert!(
-        processed.iter().all(|p| *p > 0),
-        "both replicas dispatched: {processed:?}"
     );
 }
 

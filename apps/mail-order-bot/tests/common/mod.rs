@@ -675,3 +675,34 @@ pub async fn try_status(port: u16) -> Option<serde_json::Value> {
         .ok()?;
     answer.json().await.ok()
 }
+
+/// Stops each replica once its `pool`'s queue has marked all `total` rows settled; how
+/// many of them each replica's pool processed itself (both must have worked, and together
+/// exactly `total`).
+pub async fn stop_replicas_counting(
+    replicas: &[Arc<runtime_core::RuntimeManager>],
+    pool: &str,
+    total: u64,
+) -> Vec<u64> {
+    let mut processed = Vec::new();
+    for runtime in replicas {
+        wait_for(Duration::from_secs(10), "the marks", || async {
+            let queue = runtime.queue(pool).expect("the pool's queue");
+            queue.stats().await.is_ok_and(|s| s.processed == total)
+        })
+        .await;
+        let status = runtime
+            .pool_status()
+            .into_iter()
+            .find(|p| p.name == pool)
+            .expect("the pool");
+        processed.push(status.processed);
+        runtime.shutdown().await;
+    }
+    assert_eq!(processed.iter().sum::<u64>(), total, "{processed:?}");
+    assert!(
+        processed.iter().all(|p| *p > 0),
+        "every replica worked: {processed:?}"
+    );
+    processed
+}
