@@ -205,8 +205,9 @@ impl std::fmt::Debug for ScheduleSource {
 }
 
 /// The longest sleep between two looks at the clock: a clock that jumps (NTP, a suspended
-/// host) is noticed within this.
-const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// host) is noticed within this, and each look is progress for readiness, so a source
+/// whose next slot is hours away stays ready under any `source_progress_bound_ms`.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// The wait before a failed publish is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
