@@ -55,14 +55,23 @@ pub struct BotConfig {
     /// Most cells a spreadsheet sheet may span (rows × columns).
     #[serde(default = "default_sheet_max_cells")]
     pub sheet_max_cells: u64,
-    /// Most `message/rfc822` parts a message may declare (forwarded mail); beyond, it is
-    /// `rejected` unparsed, because the parser aborts the process on very deep nesting.
+    /// Most message parts a message may hold, of any kind (`message/rfc822`,
+    /// `message/global`, `multipart/digest` children, those inside transfer-encoded ones;
+    /// forwarded mail); beyond, it is `rejected` unparsed, because the parser aborts the
+    /// process on very deep nesting.
     #[serde(default = "default_max_rfc822_nesting")]
     pub max_rfc822_nesting: usize,
-    /// Most `multipart/*` parts a message may declare; beyond, it is `rejected` unparsed
+    /// Most `multipart/*` parts a message may hold; beyond, it is `rejected` unparsed
     /// (the parser's time grows with the square of their nesting).
     #[serde(default = "default_max_multipart_parts")]
     pub max_multipart_parts: usize,
+    /// Most MIME entities (parts and nested messages) a message may hold.
+    #[serde(default = "default_max_mime_parts")]
+    pub max_mime_parts: usize,
+    /// Most transfer-encoded (base64, quoted-printable) message parts a message may hold:
+    /// the parser decodes each and parses what it holds.
+    #[serde(default = "default_max_encoded_message_parts")]
+    pub max_encoded_message_parts: usize,
     /// Demo only: copy the bundled sample mail into this Maildir before starting (a
     /// sample already there, seen or not, is not copied again).
     #[serde(default)]
@@ -128,6 +137,12 @@ fn default_csv_max_line_bytes() -> usize {
 fn default_max_multipart_parts() -> usize {
     MailLimits::default().max_multipart_parts
 }
+fn default_max_mime_parts() -> usize {
+    MailLimits::default().max_mime_parts
+}
+fn default_max_encoded_message_parts() -> usize {
+    MailLimits::default().max_encoded_message_parts
+}
 fn default_max_message_bytes() -> usize {
     MailLimits::default().max_message_bytes
 }
@@ -148,6 +163,8 @@ impl BotConfig {
             max_message_bytes: self.max_message_bytes,
             max_rfc822_nesting: self.max_rfc822_nesting,
             max_multipart_parts: self.max_multipart_parts,
+            max_mime_parts: self.max_mime_parts,
+            max_encoded_message_parts: self.max_encoded_message_parts,
             csv: CsvLimits {
                 max_rows: self.csv_max_rows,
                 max_record_bytes: self.csv_max_line_bytes,
@@ -206,6 +223,7 @@ impl BotConfig {
                 ("csv_max_line_bytes", config.csv_max_line_bytes as u64),
                 ("max_rfc822_nesting", config.max_rfc822_nesting as u64),
                 ("max_multipart_parts", config.max_multipart_parts as u64),
+                ("max_mime_parts", config.max_mime_parts as u64),
                 (
                     "xlsx_max_uncompressed_bytes",
                     config.xlsx_max_uncompressed_bytes,

@@ -158,3 +158,47 @@ fn json_logs_are_one_object_a_line_with_each_tasks_trace() {
     let distinct: HashSet<&String> = traces.values().collect();
     assert_eq!(distinct.len(), traces.len(), "one trace per message");
 }
+
+/// Every hostile input of the fuzz corpus (nestings of each kind the parser reads, plain and
+/// inside base64 message parts, zip bombs, an XLSX lying about its sizes) delivered beside an
+/// order: `run --once` ends normally, each is `rejected` with the limit it hit and marked
+/// seen, and the order is made. Before the structure was bounded, one of them aborted the
+/// process (exit 134) and left the mail unread, so every start crashed again.
+#[test]
+fn hostile_mail_is_rejected_and_the_process_lives_on() {
+    let ws = Workspace::new();
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_extract");
+    let mut hostile = Vec::new();
+    for entry in std::fs::read_dir(&seeds).expect("fuzz corpus").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("rejected-") {
+            ws.deliver_bytes(&name, &std::fs::read(entry.path()).expect("seed"));
+            hostile.push(name);
+        }
+    }
+    assert!(hostile.len() >= 10, "{hostile:?}");
+    ws.deliver(
+        "good",
+        &common::order_mail("good", "buyer@acme.example", &[("SKU-1", 2)]),
+    );
+    let config = ws.config(2, 3);
+    let (code, stdout, stderr) = BotProcess::spawn(&ws, &config, true).finish();
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(unseen(&ws), 0, "every message is marked seen");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let outcomes = rt.block_on(async { ws.store().await.outcomes().await.expect("outcomes") });
+    let rejected = outcomes.iter().filter(|o| o.outcome == "rejected").count();
+    assert_eq!(rejected, hostile.len(), "{outcomes:#?}");
+    assert!(outcomes
+        .iter()
+        .filter(|o| o.outcome == "rejected")
+        .all(|o| o.reason.as_deref().is_some_and(|r| r.contains("max_")
+            || r.contains("zip_max_ratio")
+            || r.contains("sheet_max_cells")
+            || r.contains("declares"))));
+    assert_eq!(
+        outcomes.iter().filter(|o| o.outcome == "created").count(),
+        1,
+        "{outcomes:#?}"
+    );
+}

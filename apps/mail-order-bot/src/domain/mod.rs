@@ -17,6 +17,7 @@ pub mod replay;
 pub mod reply;
 pub mod sheets;
 pub mod store;
+pub mod structure;
 
 /// Every outcome a message can end with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

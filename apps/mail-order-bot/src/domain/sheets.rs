@@ -3,7 +3,8 @@
 //!
 //! - XLSX and ODS are zip files: every entry's declared uncompressed size, their total, and
 //!   the compression ratio are checked before calamine inflates anything (a 500 KB zip bomb
-//!   declares 500 MB).
+//!   declares 500 MB); then every entry is inflated once, counting, and one that gives more
+//!   than it declared is refused (the declared sizes are the sender's word).
 //! - calamine allocates a sheet's whole dense range (`XFD1048576` alone is 17 billion cells).
 //!   XLSX sheets are read cell by cell with a streaming reader, after their declared
 //!   dimension is checked; XLS and ODS sheets are measured from their records before
@@ -164,7 +165,44 @@ fn check_zip(bytes: &[u8], origin: &str, limits: SheetLimits) -> Result<(), Limi
             ));
         }
     }
+    // The sizes above are the attacker's word: each entry is inflated once more, counting,
+    // and one that gives more than it declares is refused (an XLSX whose shared strings
+    // declared 900 bytes inflated to gigabytes inside calamine). The declared total is within
+    // the cap, so this reads at most the cap.
+    for i in 0..zip.len() {
+        let Ok(entry) = zip.by_index(i) else {
+            continue; // unreadable or encrypted: calamine reports it
+        };
+        let declared = entry.size();
+        let name = entry.name().to_owned();
+        let mut counted = CountingSink(0);
+        // Reading past the declared size is enough to know it lied; a stream that breaks
+        // is left to calamine, which reports the file as unreadable.
+        let _ = std::io::copy(&mut entry.take(declared.saturating_add(1)), &mut counted);
+        if counted.0 > declared {
+            return Err(hit(
+                "xlsx_max_uncompressed_bytes",
+                format!(
+                    "{origin}: entry {name:?} inflates to more than the {declared} bytes it declares"
+                ),
+            ));
+        }
+    }
     Ok(())
+}
+
+/// Counts the bytes written to it and keeps none.
+struct CountingSink(u64);
+
+impl std::io::Write for CountingSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn too_many_cells(origin: &str, sheet: &str, rows: u64, cols: u64, max: u64) -> LimitHit {

@@ -169,6 +169,41 @@ def zip_bomb_xlsx(entry_bytes):
     return buf.getvalue()
 
 
+def lying_xlsx(real_bytes, declared=900):
+    """An XLSX whose sharedStrings.xml inflates to real_bytes but declares `declared` bytes
+    in both its local header and the central directory (the sizes are the sender's word)."""
+    data = xlsx([[["SKU", "Quantity"], ["SKU-1", 1]]])
+    src = zipfile.ZipFile(io.BytesIO(data))
+    buf = io.BytesIO()
+    big = ('<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="2" uniqueCount="2">'
+           "<si><t>SKU</t></si><si><t>" + "A" * real_bytes + "</t></si></sst>")
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for info in src.infolist():
+            body = big.encode() if info.filename == "xl/sharedStrings.xml" else src.read(info.filename)
+            z.writestr(zinfo(info.filename), body)
+    out = bytearray(buf.getvalue())
+    name = b"xl/sharedStrings.xml"
+    for sig, size_at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        at = 0
+        while True:
+            at = out.find(sig, at)
+            if at < 0:
+                break
+            if out[at + name_at:at + name_at + len(name)] == name:
+                out[at + size_at:at + size_at + 4] = declared.to_bytes(4, "little")
+            at += 4
+    return bytes(out)
+
+
+def nested_kinds(levels):
+    """Hostile nestings the parser reads but a count of `message/rfc822` misses, by name."""
+    glob = "".join("Content-Type: message/global\n\n" for _ in range(levels)) + "SKU-1 x 1\n"
+    digest = "".join("Content-Type: multipart/digest; boundary=d%d\n\n--d%d\n\n" % (i, i) for i in range(levels)) + "SKU-1 x 1\n"
+    inner = "".join("Content-Type: message/rfc822\n\n" for _ in range(levels)) + "SKU-1 x 1\n"
+    encoded = "Content-Type: message/rfc822\nContent-Transfer-Encoding: base64\n\n" + b64(crlf(inner).encode()) + "\n"
+    return {"message-global": glob, "digest": digest, "base64-rfc822": encoded}
+
+
 def ods(rows, raw_content=None):
     cells = []
     for row in rows:
@@ -618,6 +653,16 @@ def main():
     lf = unclosed(with_attachment(berlin, "Bestellung 7800", "b7800@berlin.example", "Anbei.", "b7800.csv", b"Artikel;Menge\nDE-7801;12\n", "text/csv", "X-Mailer: mutt"))
     case("078-lf-line-endings-unclosed-csv", lf.encode("utf-8"), "created", ["DE-7801:12"])
 
+    # -- hostile structure the parser reads but a count of `message/rfc822` missed ----------
+    for n, (kind, body) in enumerate(nested_kinds(100).items()):
+        case("%03d-nested-%s-100-levels" % (79 + n, kind),
+             headers(acme, "nested " + kind, "nested-%s@acme.example" % kind) + body,
+             "rejected", reason="max_rfc822_nesting")
+    case("082-xlsx-lying-about-its-size",
+         with_attachment(nordic, "PO lying xlsx", "lying@nordic.example", "See attachment.", "po.xlsx",
+                         lying_xlsx(4 << 20), "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
+         "rejected", reason="inflates to more than the 900 bytes it declares")
+
     with open(os.path.join(HERE, "expected.toml"), "w", encoding="utf-8") as f:
         f.write("# One [[case]] per .eml file, processed in this order into one store.\n"
                 "# Written by generate.py; `lines` are SKU:quantity in order, `reason` a substring of the\n"
@@ -634,6 +679,21 @@ def main():
             if c["overrides"]:
                 f.write("limits = { %s }\n" % ", ".join("%s = %d" % kv for kv in c["overrides"].items()))
     print("%d cases" % len(CASES))
+    write_fuzz_seeds(acme, nordic)
+
+
+def write_fuzz_seeds(acme, nordic):
+    """Hostile seeds for the fuzz corpus (`fuzz/corpus/parse_extract`): each must hit a limit
+    (`tests/fuzz_corpus.rs` reads them on a 2 MiB stack); each aborted the process before."""
+    seeds = os.path.join(HERE, "..", "..", "fuzz", "corpus", "parse_extract")
+    for kind, body in nested_kinds(20000).items():
+        raw = crlf(headers(acme, "nested " + kind, "seed-%s@acme.example" % kind) + body).encode()
+        with open(os.path.join(seeds, "rejected-nested-%s-20000-levels.eml" % kind), "wb") as f:
+            f.write(raw)
+    raw = crlf(with_attachment(nordic, "PO lying xlsx", "seed-lying@nordic.example", "See attachment.", "po.xlsx",
+                               lying_xlsx(64 << 20), "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")).encode()
+    with open(os.path.join(seeds, "rejected-xlsx-lying-sizes-64mb.eml"), "wb") as f:
+        f.write(raw)
 
 
 def toml_str(s):
