@@ -160,6 +160,7 @@ connections = 4
 {login}
 
 [apps.mail_order_bot]
+sender_auth = {{ mode = "off" }}
 store_url = "{store_url}"
 clients_file = "{clients}"
 "#,
@@ -598,8 +599,10 @@ async fn stages(n: usize, pg: Option<&PostgresServer>) {
     };
     for (name, one_url, batch_url) in backends {
         let one = OrderStore::open(&one_url).await.expect("store");
-        let cfg: BotConfig =
-            serde_json::from_value(serde_json::json!({ "store_url": one_url })).expect("cfg");
+        let cfg: BotConfig = serde_json::from_value(
+            serde_json::json!({ "store_url": one_url, "sender_auth": { "mode": "off" } }),
+        )
+        .expect("cfg");
         let handler = OrderHandler::new(one.clone(), &cfg, &clients);
         let recs: Vec<Recording> = facts
             .iter()

@@ -100,7 +100,7 @@ async fn outbox(erp: &ErpServer, url: &str, dir: &std::path::Path, n: usize) -> 
         &config,
         format!(
             "[runtime]\nlog = \"warn\"\n\n[sources.inbox]\ntype = \"maildir\"\npath = \"{}\"\npool = \"orders\"\n\n\
-             [apps.mail_order_bot]\nstore_url = \"{url}\"\n\n[apps.mail_order_bot.erp]\nurl = \"{}\"\n",
+             [apps.mail_order_bot]\nstore_url = \"{url}\"\nsender_auth = {{ mode = \"off\" }}\n\n[apps.mail_order_bot.erp]\nurl = \"{}\"\n",
             maildir.display(),
             erp.url()
         ),

@@ -119,6 +119,7 @@ replicas = {replicas}
 lease_ttl_ms = 3000
 
 [apps.mail_order_bot]
+sender_auth = {{ mode = "off" }}
 store_url = "{store_url}"
 
 [[apps.mail_order_bot.clients]]

@@ -19,6 +19,7 @@ use crate::domain::extract::CsvLimits;
 use crate::domain::message::{identity_of, read_mail_in_stages, sha256_hex, MailFacts, MailLimits};
 use crate::domain::outbox::{self, OutboxQueue, OutboxSource, Scope};
 use crate::domain::reply::{ReplyConfig, ReplyHandler};
+use crate::domain::sender_auth::{Checker, SenderAuthConfig};
 use crate::domain::sheets::SheetLimits;
 use crate::domain::store::{Backend, Effects, NewOrder, OrderStore, Recorded, Recording, ReplyTo};
 use crate::domain::OutcomeKind;
@@ -96,6 +97,9 @@ pub struct BotConfig {
     /// How the outbox's effects are dispatched.
     #[serde(default)]
     pub outbox: OutboxConfig,
+    /// How a sender is authenticated before its client is resolved (`mode` must be chosen).
+    #[serde(default)]
+    pub sender_auth: SenderAuthConfig,
 }
 
 /// `[apps.mail_order_bot.outbox]`.
@@ -205,6 +209,12 @@ impl BotConfig {
         }
         if let Some(reply) = &config.reply {
             problems.extend(reply.problems(&format!("{SECTION}.reply"), config.outbox.lease_ms));
+        }
+        for (key, problem) in config.sender_auth.problems() {
+            problems.push(ConfigProblem::new(
+                format!("{SECTION}.sender_auth.{key}"),
+                problem,
+            ));
         }
         if Backend::of(&config.store_url).is_none() {
             problems.push(ConfigProblem::new(
@@ -380,6 +390,7 @@ pub struct OrderHandler {
     store: OrderStore,
     clients: Arc<ClientDirectory>,
     limits: MailLimits,
+    sender_auth: Arc<Checker>,
 }
 
 impl OrderHandler {
@@ -389,6 +400,7 @@ impl OrderHandler {
             store,
             clients: Arc::new(ClientDirectory::new(clients)),
             limits: cfg.limits(),
+            sender_auth: Arc::new(cfg.sender_auth.checker()),
         }
     }
 
@@ -467,7 +479,20 @@ impl OrderHandler {
             );
             return rec;
         };
-        let Some(client) = self.clients.resolve(sender) else {
+        let client = self.clients.resolve(sender);
+        // Forged mail never makes an order and is never answered (an answer would go to the
+        // address it forged); a client whose senders cannot sign may be let through.
+        if let Err(why) = self.sender_auth.check(sender, &facts.auth_results) {
+            if !client.is_some_and(|c| c.allow_unauthenticated) {
+                rec.reply = None;
+                outcome(
+                    OutcomeKind::UnauthenticatedSender,
+                    format!("sender {sender} not authenticated: {why}"),
+                );
+                return rec;
+            }
+        }
+        let Some(client) = client else {
             outcome(
                 OutcomeKind::UnknownClient,
                 format!("no client for sender {sender}"),

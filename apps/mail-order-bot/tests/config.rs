@@ -28,6 +28,7 @@ pool = "orders"
 
 [apps.mail_order_bot]
 store_url = "sqlite://{db}"
+sender_auth = {{ mode = "off" }}
 
 [[apps.mail_order_bot.clients]]
 id = "C-1"

@@ -48,8 +48,10 @@ fn cases() -> Vec<Case> {
 async fn walk(store_url: &str, batch: usize) {
     let store = OrderStore::open(store_url).await.expect("open store");
     let clients = load_clients_file(&corpus().join("clients.toml")).expect("clients.toml");
-    let cfg: BotConfig =
-        serde_json::from_value(serde_json::json!({ "store_url": store_url })).expect("config");
+    let cfg: BotConfig = serde_json::from_value(
+        serde_json::json!({ "store_url": store_url, "sender_auth": { "mode": "off" } }),
+    )
+    .expect("config");
     let handler = OrderHandler::new(store.clone(), &cfg, &clients);
     let cases = cases();
     let mut failures = Vec::new();

@@ -27,9 +27,12 @@ async fn race(url: &str) {
         domains: vec!["acme.example".into()],
         attachments: None,
         read_body: true,
+        allow_unauthenticated: false,
     }];
-    let cfg: BotConfig =
-        serde_json::from_value(serde_json::json!({ "store_url": url })).expect("config");
+    let cfg: BotConfig = serde_json::from_value(
+        serde_json::json!({ "store_url": url, "sender_auth": { "mode": "off" } }),
+    )
+    .expect("config");
     // Each worker has its own connection pool, as two processes would.
     let mut workers: Vec<(OrderHandler, OrderStore)> = Vec::new();
     for _ in 0..2 {

@@ -229,6 +229,23 @@ impl LogControl {
     }
 }
 
+/// Crates whose logs are capped at `debug` whatever filter is set (`RUST_LOG`, the config,
+/// an admin's `PUT /log-level`): at `trace`, the IMAP client logs every command it writes,
+/// `LOGIN "user" "password"` included, and every byte it reads, whole mail bodies included;
+/// the AMQP and Redis clients log frames and commands with their payloads.
+pub const CAPPED_AT_DEBUG: &[&str] =
+    &["async_imap", "imap_proto", "lapin", "amq_protocol", "redis"];
+
+/// The fixed filter under the reloadable one: [`CAPPED_AT_DEBUG`] at `debug` at most,
+/// everything else as the reloadable filter says.
+pub fn dependency_cap() -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::LevelFilter;
+    CAPPED_AT_DEBUG.iter().fold(
+        tracing_subscriber::filter::Targets::new().with_default(LevelFilter::TRACE),
+        |targets, name| targets.with_target(*name, LevelFilter::DEBUG),
+    )
+}
+
 /// [`install_subscriber_as`] with human-readable lines.
 pub fn install_subscriber(filter: &str) -> Option<LogControl> {
     install_subscriber_as(filter, LogFormat::Text)
@@ -282,7 +299,8 @@ pub fn install_subscriber_with(
             .event_format(JsonLines)
             .boxed(),
     }
-    .with_filter(log_filter);
+    .with_filter(log_filter)
+    .with_filter(dependency_cap());
     let traces = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(LevelFilter::INFO);
@@ -459,6 +477,29 @@ impl TraceFactory for TraceService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_crates_never_log_below_debug() {
+        use tracing::Level;
+        let cap = dependency_cap();
+        for target in [
+            "async_imap",
+            "async_imap::client",
+            "imap_proto::parser",
+            "lapin::channel",
+            "redis::aio",
+        ] {
+            assert!(!cap.would_enable(target, &Level::TRACE), "{target}");
+            assert!(cap.would_enable(target, &Level::DEBUG), "{target}");
+        }
+        for target in [
+            "runtime_core::supervisor",
+            "mail_order_bot",
+            "runtime_adapters",
+        ] {
+            assert!(cap.would_enable(target, &Level::TRACE), "{target}");
+        }
+    }
 
     #[test]
     fn published_tasks_carry_a_trace_that_survives_retries() {

@@ -27,6 +27,10 @@ pub struct ClientEntry {
     /// Whether order lines in the message text are read (default true).
     #[serde(default = "yes")]
     pub read_body: bool,
+    /// Take this client's mail even when its sender is not authenticated (for a sender
+    /// whose mail system cannot sign): forged mail in its name then makes orders too.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
 }
 
 fn yes() -> bool {
@@ -44,6 +48,8 @@ pub struct Client {
     pub attachments: Option<Vec<PartKind>>,
     /// Whether the message text is read.
     pub read_body: bool,
+    /// Whether unauthenticated mail in its name is taken.
+    pub allow_unauthenticated: bool,
 }
 
 impl Client {
@@ -129,6 +135,7 @@ impl ClientDirectory {
                 name: entry.name.clone(),
                 attachments: entry.attachments.clone(),
                 read_body: entry.read_body,
+                allow_unauthenticated: entry.allow_unauthenticated,
             };
             for a in &entry.addresses {
                 dir.by_address.insert(normalise(a), client.clone());
@@ -226,6 +233,7 @@ pub fn load_clients_file(path: &std::path::Path) -> Result<Vec<ClientEntry>, Str
             domains: split_list(get(domains)),
             attachments: kinds,
             read_body: !matches!(get(read_body).to_lowercase().as_str(), "false" | "no" | "0"),
+            allow_unauthenticated: false,
         });
     }
     Ok(entries)
@@ -244,6 +252,7 @@ mod tests {
                 domains: vec!["acme.example".into()],
                 attachments: None,
                 read_body: true,
+                allow_unauthenticated: false,
             },
             ClientEntry {
                 id: "C-2".into(),
@@ -252,6 +261,7 @@ mod tests {
                 domains: vec![],
                 attachments: None,
                 read_body: true,
+                allow_unauthenticated: false,
             },
         ])
     }
@@ -291,6 +301,7 @@ mod tests {
                 domains: vec!["nodot".into()],
                 attachments: None,
                 read_body: true,
+                allow_unauthenticated: false,
             },
             ClientEntry {
                 id: "C-9".into(),
@@ -299,6 +310,7 @@ mod tests {
                 domains: vec![],
                 attachments: None,
                 read_body: true,
+                allow_unauthenticated: false,
             },
         ];
         let keys: Vec<String> = ClientDirectory::problems(&entries, "c")

@@ -150,6 +150,9 @@ pub struct MailFacts {
     /// Why it must never be answered, if so: a mailing list, bulk or automatic mail, the
     /// null sender, a no-reply address (RFC 3834 §2).
     pub no_reply: Option<String>,
+    /// Its `Authentication-Results` header values, top first, unfolded (at most
+    /// [`sender_auth::MAX_HEADERS`](super::sender_auth::MAX_HEADERS)).
+    pub auth_results: Vec<String>,
 }
 
 impl MailFacts {
@@ -168,6 +171,7 @@ impl MailFacts {
             message_id: None,
             references: Vec::new(),
             no_reply: Some("the message could not be parsed".into()),
+            auth_results: Vec::new(),
         }
     }
 
@@ -539,6 +543,29 @@ fn limit_before_parsing(raw: &[u8], limits: &MailLimits) -> Option<String> {
     super::structure::measure(raw, &limits.structure()).err()
 }
 
+/// The top-level `Authentication-Results` values, top first, unfolded and bounded.
+fn authentication_results(message: &Message<'_>) -> Vec<String> {
+    use super::sender_auth::{MAX_HEADERS, MAX_HEADER_BYTES};
+    message
+        .headers()
+        .iter()
+        .filter(|h| {
+            h.name
+                .as_str()
+                .eq_ignore_ascii_case("Authentication-Results")
+        })
+        .take(MAX_HEADERS)
+        .filter_map(|h| {
+            let raw = message
+                .raw_message
+                .get(h.offset_start as usize..h.offset_end as usize)?;
+            let raw = &raw[..raw.len().min(MAX_HEADER_BYTES)];
+            let text = String::from_utf8_lossy(raw);
+            Some(text.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+        .collect()
+}
+
 /// How deep `message`'s nested messages go and how many parts it holds in all, walked
 /// without recursion.
 fn shape(message: &Message<'_>) -> (usize, usize) {
@@ -651,6 +678,7 @@ fn parse_and_read(
         .header_raw("References")
         .map(message_ids)
         .unwrap_or_default();
+    let auth_results = authentication_results(&message);
     stage("extract");
     let mode = if is_forward(subject.as_deref()) {
         TextMode::Forward
@@ -684,6 +712,7 @@ fn parse_and_read(
         rejected: reader.rejected,
         message_id,
         references,
+        auth_results,
         no_reply,
     }
 }

@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod peer;
 pub mod replay;
 pub mod reply;
+pub mod sender_auth;
 pub mod sheets;
 pub mod store;
 pub mod structure;
@@ -38,6 +39,9 @@ pub enum OutcomeKind {
     AutoReply,
     /// Content the bot cannot read (S/MIME, PGP, TNEF `winmail.dat`) and no lines elsewhere.
     UnsupportedContent,
+    /// The sender could not be authenticated (no passing, aligned DMARC, DKIM or SPF result
+    /// from the trusted mail system): never an order, never answered.
+    UnauthenticatedSender,
     /// A safety limit was hit (the reason names it); the process lives on.
     Rejected,
     /// The message could not be handled after every attempt; it stays unread.
@@ -46,7 +50,7 @@ pub enum OutcomeKind {
 
 impl OutcomeKind {
     /// Every outcome.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Created,
         Self::Duplicate,
         Self::ConflictingDuplicate,
@@ -54,6 +58,7 @@ impl OutcomeKind {
         Self::NoLines,
         Self::AutoReply,
         Self::UnsupportedContent,
+        Self::UnauthenticatedSender,
         Self::Rejected,
         Self::Failed,
     ];
@@ -68,6 +73,7 @@ impl OutcomeKind {
             Self::UnsupportedContent => "unsupported_content",
             Self::UnknownClient => "unknown_client",
             Self::NoLines => "no_lines",
+            Self::UnauthenticatedSender => "unauthenticated_sender",
             Self::Rejected => "rejected",
             Self::Failed => "failed",
         }

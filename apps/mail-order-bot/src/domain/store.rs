@@ -1644,6 +1644,7 @@ impl OrderStore {
                             .collect()
                     }),
                     read_body: r.try_get::<i64, _>("read_body")? != 0,
+                    allow_unauthenticated: false,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()

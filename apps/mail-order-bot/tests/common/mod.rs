@@ -147,6 +147,7 @@ poll_interval_ms = 50
 
 [apps.mail_order_bot]
 store_url = "{store}"
+sender_auth = {{ mode = "off" }}
 {CLIENTS}
 {extra}
 "#,
