@@ -204,7 +204,10 @@ fn content_type(header: &[u8]) -> Entity {
         .trim()
         .to_ascii_lowercase();
     if media.starts_with("multipart/") {
-        return boundary_of(&ctype).map_or(Entity::Other, Entity::Multipart);
+        // Longer boundaries than RFC 2046's 70 characters (with room) are left to the parser.
+        return boundary_of(&ctype)
+            .filter(|b| b.len() <= 200)
+            .map_or(Entity::Other, Entity::Multipart);
     }
     let encoded = field("Content-Transfer-Encoding").is_some_and(|e| {
         let e = e.to_ascii_lowercase();
@@ -217,7 +220,7 @@ fn content_type(header: &[u8]) -> Entity {
 }
 
 /// The `boundary` parameter of a Content-Type value, quoted or not.
-fn boundary_of(ctype: &str) -> Option<Vec<u8>> {
+pub(crate) fn boundary_of(ctype: &str) -> Option<Vec<u8>> {
     for param in ctype.split(';').skip(1) {
         let Some((name, value)) = param.split_once('=') else {
             continue;
@@ -230,7 +233,7 @@ fn boundary_of(ctype: &str) -> Option<Vec<u8>> {
             Some(quoted) => quoted.split('"').next().unwrap_or(""),
             None => value.split_whitespace().next().unwrap_or(""),
         };
-        if !value.is_empty() && value.len() <= 200 {
+        if !value.is_empty() {
             return Some(value.as_bytes().to_vec());
         }
     }

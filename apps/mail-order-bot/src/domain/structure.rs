@@ -22,6 +22,8 @@
 use mail_parser::decoders::base64::base64_decode;
 use mail_parser::decoders::quoted_printable::quoted_printable_decode;
 
+use super::framing::boundary_of;
+
 /// How deep the parser reads transfer-encoded message parts (mail-parser's own limit).
 const ENCODED_DEPTH: usize = 3;
 
@@ -318,27 +320,6 @@ fn classify(block: &[u8], in_digest: bool) -> Kind {
         Some(e) if e.contains("quoted-printable") => Kind::EncodedMessage { base64: false },
         _ => Kind::Message,
     }
-}
-
-/// The `boundary` parameter of a Content-Type value, quoted or not.
-fn boundary_of(ctype: &str) -> Option<Vec<u8>> {
-    for param in ctype.split(';').skip(1) {
-        let Some((name, value)) = param.split_once('=') else {
-            continue;
-        };
-        if !name.trim().eq_ignore_ascii_case("boundary") {
-            continue;
-        }
-        let value = value.trim();
-        let value = match value.strip_prefix('"') {
-            Some(quoted) => quoted.split('"').next().unwrap_or(""),
-            None => value.split_whitespace().next().unwrap_or(""),
-        };
-        if !value.is_empty() {
-            return Some(value.as_bytes().to_vec());
-        }
-    }
-    None
 }
 
 #[cfg(test)]
