@@ -92,7 +92,7 @@ log = "error"
 [control]
 enabled = true
 bind = "127.0.0.1:{port}"
-read_tokens = ["read-token-1"]
+read_tokens = ["read-token-1-7c1f0e9b2d4a6f835e21"]
 
 [queue]
 type = "redis"
@@ -142,7 +142,7 @@ async fn holders(ports: &[u16]) -> usize {
     for port in ports {
         let answer = reqwest::Client::new()
             .get(format!("http://127.0.0.1:{port}/status"))
-            .bearer_auth("read-token-1")
+            .bearer_auth("read-token-1-7c1f0e9b2d4a6f835e21")
             .timeout(Duration::from_secs(2))
             .send()
             .await;

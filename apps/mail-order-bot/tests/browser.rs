@@ -102,8 +102,8 @@ fn start_bot(ws: &Workspace) -> (Killed, String) {
 [control]
 enabled = true
 bind = "127.0.0.1:0"
-read_tokens = ["console-read-token"]
-admin_tokens = ["console-admin-token"]
+read_tokens = ["console-read-token-9a4e7c2b1f6d83"]
+admin_tokens = ["console-admin-token-5e2b9d7a1c4f36"]
 "#;
     let config = ws.config_with(2, 2, control);
     let (bot, addr) = common::plane::spawn_with_control(&config, &[]);
@@ -203,7 +203,7 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
         .await
         .expect("goto");
     shot(&c, "login").await;
-    log_in(&c, &addr, "console-admin-token").await;
+    log_in(&c, &addr, "console-admin-token-5e2b9d7a1c4f36").await;
     assert!(text_of(&c, "#sources").await.contains("inbox"));
     assert!(text_of(&c, "#role").await.contains("admin"));
     assert_eq!(text_of(&c, "#readiness").await, "ready");
@@ -337,7 +337,7 @@ async fn an_operator_replays_a_dead_letter_from_the_console_and_sees_its_order()
     )
     .await;
     see(&c, "h1", "Log in").await;
-    log_in(&c, &addr, "console-read-token").await;
+    log_in(&c, &addr, "console-read-token-9a4e7c2b1f6d83").await;
     assert!(text_of(&c, "#role").await.contains("read"));
     assert!(
         c.find_all(Locator::XPath("//button[normalize-space()='Pause']"))

@@ -74,6 +74,7 @@ fn the_valid_base_config_is_valid() {
 #[test]
 fn each_bad_config_is_reported_with_its_key() {
     type Mutation = Box<dyn Fn(&str) -> String>;
+    std::env::set_var("PLBA_TEST_EMPTY_HOOK_SECRET", "");
     let cases: Vec<(&str, Mutation, &str, &str)> = vec![
         (
             "syntax error",
@@ -204,6 +205,30 @@ fn each_bad_config_is_reported_with_its_key() {
             }),
             "sources.hook.auth",
             "graph_client_state goes with format = \"graph\"",
+        ),
+        (
+            "a webhook secret that is set but empty",
+            Box::new(|t: &str| {
+                format!("{t}\n[sources.hook]\ntype = \"webhook\"\nbind = \"127.0.0.1:0\"\npool = \"orders\"\nallow_volatile_queue = true\n[sources.hook.auth]\ntype = \"shared_secret\"\nheader = \"x-token\"\nsecret_env = \"PLBA_TEST_EMPTY_HOOK_SECRET\"\n")
+            }),
+            "sources.hook.auth",
+            "secret 1 is empty",
+        ),
+        (
+            "a short control token",
+            Box::new(|t: &str| {
+                format!("{t}\n[control]\nenabled = true\nadmin_tokens = [\"short-token\"]\n")
+            }),
+            "control.admin_tokens",
+            "token 1 has 11 bytes; at least 32",
+        ),
+        (
+            "the shipped placeholder token",
+            Box::new(|t: &str| {
+                format!("{t}\n[control]\nenabled = true\nread_tokens = [\"change-me-read-0000000000000000000000\"]\n")
+            }),
+            "control.read_tokens",
+            "is a placeholder",
         ),
         (
             "source names a pool that does not exist",
@@ -451,8 +476,14 @@ fn the_shipped_configs_are_valid() {
             .arg(dir.join(name))
             .env("ORDERS_IMAP_PASSWORD", "not-used")
             // replicas.toml listens on all interfaces, which needs tokens (from a Secret).
-            .env("PLBA_CONTROL_ADMIN_TOKENS", "admin-token-1")
-            .env("PLBA_CONTROL_READ_TOKENS", "read-token-1")
+            .env(
+                "PLBA_CONTROL_ADMIN_TOKENS",
+                "admin-token-1-4b8e2d6f0a3c9e17b5d2",
+            )
+            .env(
+                "PLBA_CONTROL_READ_TOKENS",
+                "read-token-1-7c1f0e9b2d4a6f835e21",
+            )
             .output()
             .expect("check-config");
         assert_eq!(

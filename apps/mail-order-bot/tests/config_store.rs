@@ -48,7 +48,7 @@ async fn scenario(store_url: &str) {
     let path = ws.config_with(
         2,
         3,
-        &format!("\n[config_store]\nurl = \"{store_url}\"\npoll_interval_ms = 100\n\n[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n"),
+        &format!("\n[config_store]\nurl = \"{store_url}\"\npoll_interval_ms = 100\n\n[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\n"),
     );
 
     // file < database < environment
@@ -154,7 +154,7 @@ async fn scenario(store_url: &str) {
     // What an operator sees: GET /status.
     let seen: serde_json::Value = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/status"))
-        .bearer_auth("read-token-1")
+        .bearer_auth("read-token-1-7c1f0e9b2d4a6f835e21")
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)

@@ -162,7 +162,13 @@ async fn login_sessions_csrf_and_roles_guard_every_page_and_action() {
     // The login form's own CSRF check: a post without its cookie is refused.
     let mut foreign = Client::new(&p.app);
     let forged = foreign
-        .post("/ui/login", &[("csrf", &nonce), ("token", "admin-token-1")])
+        .post(
+            "/ui/login",
+            &[
+                ("csrf", &nonce),
+                ("token", "admin-token-1-4b8e2d6f0a3c9e17b5d2"),
+            ],
+        )
         .await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN, "{}", forged.text);
     assert!(!foreign.cookies.contains_key("plba_session"));
@@ -175,7 +181,7 @@ async fn login_sessions_csrf_and_roles_guard_every_page_and_action() {
 
     // A read session: it sees everything, with no action buttons, and cannot act.
     let mut reader = Client::new(&p.app);
-    reader.login("read-token-1").await;
+    reader.login("read-token-1-7c1f0e9b2d4a6f835e21").await;
     let session = reader.cookies["plba_session"].clone();
     assert_eq!(session.len(), 64, "a 256-bit random session id");
     let overview = reader.get("/ui").await;
@@ -197,7 +203,10 @@ async fn login_sessions_csrf_and_roles_guard_every_page_and_action() {
         assert!(overview.text.contains(part), "{part} in {}", overview.text);
     }
     assert!(!overview.text.contains("/ui/sources/inbox/pause"));
-    for secret in ["read-token-1", "admin-token-1"] {
+    for secret in [
+        "read-token-1-7c1f0e9b2d4a6f835e21",
+        "admin-token-1-4b8e2d6f0a3c9e17b5d2",
+    ] {
         assert!(!overview.text.contains(secret));
     }
     let live = reader.get("/ui/live").await;
@@ -216,14 +225,14 @@ async fn login_sessions_csrf_and_roles_guard_every_page_and_action() {
     let config = reader.get("/ui/config").await;
     assert_eq!(config.status, StatusCode::OK);
     assert!(config.text.contains("[redacted]"), "{}", config.text);
-    assert!(!config.text.contains("admin-token-1"));
+    assert!(!config.text.contains("admin-token-1-4b8e2d6f0a3c9e17b5d2"));
     assert!(!config.text.contains("/ui/config/reload"));
     let loggers = reader.get("/ui/loggers").await;
     assert_eq!(loggers.status, StatusCode::OK);
 
     // An admin session: CSRF first, then a confirmation, then the action.
     let mut admin = Client::new(&p.app);
-    admin.login("admin-token-1").await;
+    admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
     let csrf = admin.csrf().await;
     let overview = admin.get("/ui").await;
     assert!(overview.text.contains("/ui/sources/inbox/pause"));
@@ -350,7 +359,7 @@ async fn an_idle_session_expires_and_must_log_in_again() {
     let control = format!("{CONTROL}ui_session_idle_secs = 1\n");
     let p = plane_with(None, &control).await;
     let mut admin = Client::new(&p.app);
-    admin.login("admin-token-1").await;
+    admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
     let csrf = admin.csrf().await;
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     let page = admin.get("/ui").await;
@@ -398,9 +407,9 @@ async fn dead_letters_are_found_replayed_and_deleted_and_the_order_shows_in_the_
     .await;
 
     let mut reader = Client::new(&p.app);
-    reader.login("read-token-1").await;
+    reader.login("read-token-1-7c1f0e9b2d4a6f835e21").await;
     let mut admin = Client::new(&p.app);
-    admin.login("admin-token-1").await;
+    admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
     let csrf = admin.csrf().await;
 
     let list = reader.get("/ui/dead-letters").await;
@@ -581,7 +590,7 @@ async fn replay_all_matching_asks_first_and_replays_only_what_matches() {
         .await
         .expect("fix");
     let mut admin = Client::new(&p.app);
-    admin.login("admin-token-1").await;
+    admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
     let csrf = admin.csrf().await;
     let list = admin.get("/ui/dead-letters?q=b.mail").await;
     assert!(list.text.contains("Replay all 1 matching"), "{}", list.text);
@@ -625,7 +634,7 @@ async fn loggers_and_reload_show_the_change_and_its_result() {
     let logs = runtime_core::install_subscriber("info");
     let p = plane(logs).await;
     let mut admin = Client::new(&p.app);
-    admin.login("admin-token-1").await;
+    admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
     let csrf = admin.csrf().await;
 
     let page = admin.get("/ui/loggers").await;
@@ -743,14 +752,14 @@ async fn an_operator_previews_an_outcome_replay_and_runs_it_after_confirming() {
 
     // A reader sees the action, not its form.
     let mut reader = Client::new(&p.app);
-    reader.login("read-token-1").await;
+    reader.login("read-token-1-7c1f0e9b2d4a6f835e21").await;
     let page = reader.get("/ui/actions").await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.text);
     assert!(page.text.contains("outcomes.replay"), "{}", page.text);
     assert!(!page.text.contains("action=\"/ui/actions/outcomes.replay\""));
 
     let mut admin = Client::new(&p.app);
-    admin.login("admin-token-1").await;
+    admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
     let page = admin.get("/ui/actions").await;
     assert!(
         page.text.contains("action=\"/ui/actions/outcomes.replay\""),

@@ -47,7 +47,7 @@ async fn every_route_answers_and_every_bad_request_gets_a_json_error() {
     let wrong = call(app, "GET", "/status", Some("nope"), None).await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     assert!(
-        !wrong.text.contains("read-token-1"),
+        !wrong.text.contains("read-token-1-7c1f0e9b2d4a6f835e21"),
         "secrets never appear in a response"
     );
 
@@ -228,7 +228,10 @@ async fn every_route_answers_and_every_bad_request_gets_a_json_error() {
     let config = call(app, "GET", "/config", READ, None).await;
     assert_eq!(config.status, StatusCode::OK);
     assert_eq!(config.json()["control"]["admin_tokens"], "[redacted]");
-    assert!(!config.text.contains("admin-token-1") && !config.text.contains("read-token-1"));
+    assert!(
+        !config.text.contains("admin-token-1-4b8e2d6f0a3c9e17b5d2")
+            && !config.text.contains("read-token-1-7c1f0e9b2d4a6f835e21")
+    );
 
     // Dead-letter routes on an empty store.
     let list = call(app, "GET", "/queues/orders/dead-letters", READ, None).await;
@@ -397,8 +400,13 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
         &order_mail("bad", "purchasing@acme.example", &[("SKU-666", 3)]),
     );
 
-    let (mut bot, addr) =
-        common::plane::spawn_with_control(&config, &[("PLBA_CONTROL_ADMIN_TOKENS", "e2e-admin")]);
+    let (mut bot, addr) = common::plane::spawn_with_control(
+        &config,
+        &[(
+            "PLBA_CONTROL_ADMIN_TOKENS",
+            "e2e-admin-8d3f1b7e2a9c4d6f0b5e1a27",
+        )],
+    );
 
     assert_eq!(http(&addr, "GET", "/health/live", "").0, 200);
     let dead_id = {
@@ -411,8 +419,12 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
             || {
                 let (addr, sink) = (addr.clone(), sink.clone());
                 async move {
-                    let (status, page) =
-                        http(&addr, "GET", "/queues/orders/dead-letters", "e2e-admin");
+                    let (status, page) = http(
+                        &addr,
+                        "GET",
+                        "/queues/orders/dead-letters",
+                        "e2e-admin-8d3f1b7e2a9c4d6f0b5e1a27",
+                    );
                     let id = page["items"][0]["id"].as_str().map(str::to_owned);
                     *sink.lock().expect("lock") = id.clone();
                     status == 200 && id.is_some()
@@ -428,7 +440,7 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
         &addr,
         "GET",
         &format!("/queues/orders/dead-letters/{dead_id}"),
-        "e2e-admin",
+        "e2e-admin-8d3f1b7e2a9c4d6f0b5e1a27",
     );
     assert!(
         one["reason"]
@@ -462,7 +474,7 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
         &addr,
         "POST",
         &format!("/queues/orders/dead-letters/{dead_id}/replay"),
-        "e2e-admin",
+        "e2e-admin-8d3f1b7e2a9c4d6f0b5e1a27",
     );
     assert_eq!(status, 200, "{body}");
     wait_for(Duration::from_secs(60), "the replayed order", || async {
@@ -478,7 +490,12 @@ async fn over_a_real_port_a_dead_letter_is_replayed_after_its_fault_is_fixed() {
         || async { ws.seen_flags()["2.bad"] },
     )
     .await;
-    let (_, page) = http(&addr, "GET", "/queues/orders/dead-letters", "e2e-admin");
+    let (_, page) = http(
+        &addr,
+        "GET",
+        "/queues/orders/dead-letters",
+        "e2e-admin-8d3f1b7e2a9c4d6f0b5e1a27",
+    );
     assert_eq!(page["items"], json!([]));
     let outcomes = ws.store().await.outcomes().await.expect("outcomes");
     let bad: Vec<_> = outcomes
@@ -537,6 +554,16 @@ async fn slow_requests_time_out_and_excess_ones_are_shed_with_retry_after() {
         (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
     );
     assert_eq!(shed.headers["retry-after"], "1");
+    // Health is not under the shared limit: a full plane is not a dead process.
+    for path in ["/health/live", "/health/ready"] {
+        let health = call(&app, "GET", path, None, None).await;
+        assert_ne!(
+            health.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {}",
+            health.text
+        );
+    }
 
     let timed_out = first.await.expect("join").expect("infallible");
     assert_eq!(timed_out.status(), StatusCode::REQUEST_TIMEOUT);
@@ -555,6 +582,106 @@ async fn slow_requests_time_out_and_excess_ones_are_shed_with_retry_after() {
         StatusCode::OK
     );
     runtime.shutdown().await;
+}
+
+/// A plane without tokens (loopback only) answers only requests for a loopback host name
+/// (a page whose name was rebound to 127.0.0.1 sends its own), and no plane takes a
+/// state-changing request from another site, tokens or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_from_other_sites_and_rebound_names_are_refused() {
+    let open = common::plane::plane_with(
+        None,
+        "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let with_host = |method: &str, path: &str, host: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host)
+            .body(Body::empty())
+            .expect("request")
+    };
+    for host in [
+        "attacker.example",
+        "attacker.example:8080",
+        "192.0.2.7:8080",
+    ] {
+        let reply = common::plane::exchange(&open.app, with_host("GET", "/status", host)).await;
+        assert_eq!(
+            (reply.status, reply.code().as_str()),
+            (StatusCode::FORBIDDEN, "forbidden_host"),
+            "{host}"
+        );
+    }
+    for host in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080"] {
+        let reply = common::plane::exchange(&open.app, with_host("GET", "/status", host)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{host}: {}", reply.text);
+    }
+    // A cross-site form post (no body, no token: a "simple" request any page can make).
+    let cross = |site: Option<&str>, origin: Option<&str>| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/sources/inbox/pause")
+            .header("host", "127.0.0.1:8080");
+        if let Some(site) = site {
+            req = req.header("sec-fetch-site", site);
+        }
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        req.body(Body::empty()).expect("request")
+    };
+    for (site, origin) in [
+        (Some("cross-site"), None),
+        (Some("same-site"), Some("http://127.0.0.1:3000")),
+        (None, Some("http://attacker.example")),
+        (None, Some("null")),
+    ] {
+        let reply = common::plane::exchange(&open.app, cross(site, origin)).await;
+        assert_eq!(
+            (reply.status, reply.code().as_str()),
+            (StatusCode::FORBIDDEN, "cross_site"),
+            "{site:?} {origin:?}"
+        );
+    }
+    assert!(!open.runtime.status().await.sources["inbox"].paused);
+    // The console itself (same origin) and a client that is not a browser may act.
+    let reply = common::plane::exchange(
+        &open.app,
+        cross(Some("same-origin"), Some("http://127.0.0.1:8080")),
+    )
+    .await;
+    assert!(reply.status.is_success(), "{}", reply.text);
+    assert!(open.runtime.status().await.sources["inbox"].paused);
+    open.runtime.shutdown().await;
+
+    // With tokens, any Host is answered (the token is the boundary), but a cross-site
+    // request is refused even with a valid token.
+    let guarded = common::plane::plane(None).await;
+    let mut req = with_host("GET", "/status", "orders.internal.example:8080");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", common::plane::READ.unwrap_or_default())
+            .parse()
+            .expect("header"),
+    );
+    assert_eq!(
+        common::plane::exchange(&guarded.app, req).await.status,
+        StatusCode::OK
+    );
+    let mut req = cross(Some("cross-site"), Some("http://attacker.example"));
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", common::plane::ADMIN.unwrap_or_default())
+            .parse()
+            .expect("header"),
+    );
+    assert_eq!(
+        common::plane::exchange(&guarded.app, req).await.status,
+        StatusCode::FORBIDDEN
+    );
+    guarded.runtime.shutdown().await;
 }
 
 /// The metric names a text mentions (`plba_…`), as their families: without the `_total`,

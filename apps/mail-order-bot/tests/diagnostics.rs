@@ -33,7 +33,7 @@ async fn start(path: &std::path::Path) -> (Arc<RuntimeManager>, ControlServer) {
 async fn diagnostics(port: u16) -> Diagnostics {
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/diagnostics"))
-        .bearer_auth("read-token-1")
+        .bearer_auth("read-token-1-7c1f0e9b2d4a6f835e21")
         .send()
         .await
         .expect("GET /diagnostics")
@@ -78,7 +78,7 @@ async fn a_stuck_lease_and_a_poison_email_are_reported_with_what_to_do() {
     );
     let port = free_port();
     let extra = format!(
-        "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n"
+        "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\n"
     );
     let text = std::fs::read_to_string(ws.config_redis(&redis.url(), 2, 60_000, &extra))
         .expect("config")
@@ -177,7 +177,7 @@ async fn a_healthy_bot_has_nothing_to_report_and_an_unreachable_one_is_an_error(
     let ws = Workspace::new();
     let port = free_port();
     let extra = format!(
-        "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n"
+        "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\n"
     );
     let path = ws.config_with(2, 3, &extra);
     let bin = env!("CARGO_BIN_EXE_mail-order-bot");

@@ -517,12 +517,12 @@ async fn pushed_bot_once(
     ws: &Workspace,
     poll_ms: u64,
 ) -> Option<(DovecotServer, RuntimeManager, u16)> {
-    std::env::set_var("PLBA_TEST_PUSH_TOKEN", "push-token-9");
+    std::env::set_var("PLBA_TEST_PUSH_TOKEN", "push-token-9-b4e2a8c6d1f3");
     let hook_port = plba_testkit::free_port();
     let server = DovecotServer::start_with_push(
         &[(USER, PASSWORD)],
         Some(&format!(
-            "http://127.0.0.1:{hook_port}/hooks/dovecot?token=push-token-9"
+            "http://127.0.0.1:{hook_port}/hooks/dovecot?token=push-token-9-b4e2a8c6d1f3"
         )),
     );
     let source = format!(
@@ -607,7 +607,7 @@ async fn a_push_without_a_uid_wakes_the_mailboxs_search() {
         )]),
     );
     let answer = reqwest::Client::new()
-        .put(format!("http://127.0.0.1:{hook_port}/hooks/dovecot?token=push-token-9"))
+        .put(format!("http://127.0.0.1:{hook_port}/hooks/dovecot?token=push-token-9-b4e2a8c6d1f3"))
         .header("content-type", "application/json; charset=utf-8")
         .body(format!(
             r#"{{"user":"{USER}","event":"messageNew","folder":"INBOX","imap-uidvalidity":1796607957,"imap-uid":0,"from":"purchasing@acme.example","subject":"Order no-uid","unseen":1}}"#

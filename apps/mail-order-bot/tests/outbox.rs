@@ -22,8 +22,8 @@ const CONTROL: &str = r#"
 [control]
 enabled = true
 bind = "127.0.0.1:0"
-read_tokens = ["read-token-1"]
-admin_tokens = ["admin-token-1"]
+read_tokens = ["read-token-1-7c1f0e9b2d4a6f835e21"]
+admin_tokens = ["admin-token-1-4b8e2d6f0a3c9e17b5d2"]
 "#;
 
 /// The ERP section and a quick outbox pool (short backoff, a 3 s lease).
@@ -441,7 +441,7 @@ async fn the_cli_lists_and_replays_the_outboxs_dead_letters() {
     let ws = Workspace::new();
     let erp = ErpServer::start();
     erp.set_mode(ErpMode::BadRequest);
-    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1\"]\nadmin_tokens = [\"admin-token-1\"]\n";
+    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\nadmin_tokens = [\"admin-token-1-4b8e2d6f0a3c9e17b5d2\"]\n";
     let config = ws.config_with(2, 3, &format!("{}{control}", erp_section(&erp, 8)));
     ws.deliver(
         "cli",
@@ -510,7 +510,7 @@ async fn the_cli_lists_and_replays_the_outboxs_dead_letters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cli_previews_and_runs_an_outcome_replay() {
     let ws = Workspace::new();
-    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1\"]\nadmin_tokens = [\"admin-token-1\"]\n";
+    let control = "\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\nadmin_tokens = [\"admin-token-1-4b8e2d6f0a3c9e17b5d2\"]\n";
     let config = ws.config_with(2, 3, control);
     ws.deliver(
         "stranger",

@@ -210,7 +210,7 @@ async fn two_bot_processes_on_one_redis_fire_each_slot_once() {
             // A late start still fires what it missed (catch_up), and the other process's
             // slots are known to the queue: each fires once.
             let extra = format!(
-                "{}\n[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n",
+                "{}\n[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\n",
                 SWEEP
                     .replace("cron = \"* * * * * *\"", &format!("cron = \"{cron}\""))
                     .replace("time_zone = \"Asia/Tokyo\"", "time_zone = \"UTC\"\nmisfire = \"catch_up\"")

@@ -135,7 +135,7 @@ impl Replicas {
         for i in 0..n {
             let port = plba_testkit::free_port();
             let control = format!(
-                "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1\"]\n"
+                "[control]\nenabled = true\nbind = \"127.0.0.1:{port}\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\n"
             );
             let text = std::fs::read_to_string(ws.config_redis(&redis.url(), 2, 5_000, &control))
                 .expect("config");

@@ -520,7 +520,7 @@ async fn unknown_client_mail_replayed_after_the_client_is_added_makes_one_order_
     let erp = plba_testkit::ErpServer::start();
     let ws = Workspace::new();
     let extra = format!(
-        "{}\n[apps.mail_order_bot.erp]\nurl = \"{}\"\ntimeout_ms = 2000\n\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1\"]\nadmin_tokens = [\"admin-token-1\"]\n",
+        "{}\n[apps.mail_order_bot.erp]\nurl = \"{}\"\ntimeout_ms = 2000\n\n[control]\nenabled = true\nbind = \"127.0.0.1:0\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\nadmin_tokens = [\"admin-token-1-4b8e2d6f0a3c9e17b5d2\"]\n",
         relay.section(100),
         erp.url()
     );

@@ -294,7 +294,7 @@ async fn two_bot_processes_on_one_redis_yield_one_trace_per_email() {
 async fn get(port: u16, path: &str) -> String {
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}{path}"))
-        .bearer_auth("read-token-1")
+        .bearer_auth("read-token-1-7c1f0e9b2d4a6f835e21")
         .send()
         .await
         .expect("request")
@@ -315,7 +315,7 @@ async fn a_collector_that_is_down_drops_counted_spans_and_stops_no_work() {
     let control = free_port();
     // Nothing listens on the collector's port; 16 spans fit the buffer.
     let extra = format!(
-        "{}max_queue_spans = 16\nexport_timeout_ms = 300\n\n[control]\nenabled = true\nbind = \"127.0.0.1:{control}\"\nread_tokens = [\"read-token-1\"]\n",
+        "{}max_queue_spans = 16\nexport_timeout_ms = 300\n\n[control]\nenabled = true\nbind = \"127.0.0.1:{control}\"\nread_tokens = [\"read-token-1-7c1f0e9b2d4a6f835e21\"]\n",
         telemetry(&format!("http://127.0.0.1:{}", free_port()), "bot-down")
     );
     let bot = BotProcess::spawn(&ws, &ws.config_with(4, 3, &extra), false);

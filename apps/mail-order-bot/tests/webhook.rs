@@ -17,7 +17,7 @@ fn webhook(port: u16, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_becomes_the_order_once_and_the_mail_is_seen() {
-    std::env::set_var("PLBA_TEST_HOOK_TOKEN", "hook-token");
+    std::env::set_var("PLBA_TEST_HOOK_TOKEN", "hook-token-3c9e1a7f5b2d8e40");
     let redis = RedisServer::start(false);
     let ws = Workspace::new();
     let port = free_port();
@@ -45,7 +45,7 @@ async fn a_notification_becomes_the_order_once_and_the_mail_is_seen() {
         client
             .post(&url)
             .header("content-type", "application/json")
-            .header("x-hook-token", "hook-token")
+            .header("x-hook-token", "hook-token-3c9e1a7f5b2d8e40")
             .body(r#"{"unique":"1700000000.hook1.host","event":"MessageNew"}"#)
             .send()
     };
@@ -79,12 +79,15 @@ async fn a_notification_becomes_the_order_once_and_the_mail_is_seen() {
     bot.signal(nix::sys::signal::Signal::SIGTERM);
     let (code, _, stderr) = bot.finish();
     assert_eq!(code, 0, "{stderr}");
-    assert!(!stderr.contains("hook-token"), "the secret is never logged");
+    assert!(
+        !stderr.contains("hook-token-3c9e1a7f5b2d8e40"),
+        "the secret is never logged"
+    );
 }
 
 #[test]
 fn a_webhook_on_the_in_memory_queue_is_refused_unless_said_so() {
-    std::env::set_var("PLBA_TEST_HOOK_TOKEN", "hook-token");
+    std::env::set_var("PLBA_TEST_HOOK_TOKEN", "hook-token-3c9e1a7f5b2d8e40");
     let ws = Workspace::new();
     let bin = env!("CARGO_BIN_EXE_mail-order-bot");
     let check = |extra: &str| {

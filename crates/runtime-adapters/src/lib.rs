@@ -13,6 +13,7 @@
 //! | `oauth2` | [`oauth2`] | OAuth2 access tokens (client credentials, refresh token, a file or a command) |
 //! | `config-sql` | [`config_store`] | configuration overrides in an SQLite or PostgreSQL table |
 //! | `control-http` | `control` | the operators' HTTP control plane (axum) |
+//! | (always) | [`secret`] | checks of configured secrets (empty, short, placeholders) |
 //!
 //! What it is not for: business logic, lifecycle and retry policy (see `runtime-core`).
 #![warn(missing_docs)]
@@ -24,6 +25,7 @@ pub mod control;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
 pub mod queue;
+pub mod secret;
 pub mod sources;
 #[cfg(feature = "oauth2")]
 pub(crate) mod tls;

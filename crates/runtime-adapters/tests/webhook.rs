@@ -48,7 +48,10 @@ fn standard() -> WebhookAuth {
             base64::engine::general_purpose::STANDARD.encode(SECRET)
         ),
     );
-    std::env::set_var("PLBA_TEST_WEBHOOK_OLD_SECRET", "whsec_b2xkIHNlY3JldA==");
+    std::env::set_var(
+        "PLBA_TEST_WEBHOOK_OLD_SECRET",
+        "whsec_YW4gb2xkIHNlY3JldCBvZiB0aGUgcm90YXRpb24=",
+    );
     WebhookAuth::Standard {
         secrets_env: vec![
             "PLBA_TEST_WEBHOOK_OLD_SECRET".into(),
@@ -298,7 +301,7 @@ async fn every_bad_request_is_refused_and_enqueues_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_secret_is_checked_and_the_id_can_come_from_the_body() {
     let redis = RedisServer::start(false);
-    std::env::set_var("PLBA_TEST_WEBHOOK_TOKEN", "s3cret-token");
+    std::env::set_var("PLBA_TEST_WEBHOOK_TOKEN", "s3cret-token-0f8a2c6e91d4");
     let auth = WebhookAuth::SharedSecret {
         header: Some("x-webhook-token".into()),
         query: None,
@@ -333,7 +336,7 @@ async fn a_shared_secret_is_checked_and_the_id_can_come_from_the_body() {
             .send()
     };
     assert_eq!(send("wrong").await.expect("request").status(), 401);
-    let ok = send("s3cret-token").await.expect("request");
+    let ok = send("s3cret-token-0f8a2c6e91d4").await.expect("request");
     assert_eq!(ok.status(), 202);
     let answer: serde_json::Value = ok.json().await.expect("json");
     assert_eq!(answer["task"], "webhook:pubsub:136969346945");
@@ -398,7 +401,7 @@ async fn drain(hook: &Hook) -> std::collections::BTreeMap<String, serde_json::Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pubsub_push_envelope_is_decoded_and_its_token_checked_in_the_query() {
     let redis = RedisServer::start(false);
-    std::env::set_var("PLBA_TEST_PUBSUB_TOKEN", "push-token-1");
+    std::env::set_var("PLBA_TEST_PUBSUB_TOKEN", "push-token-1-5d2e8a7c3b91");
     let auth = WebhookAuth::SharedSecret {
         header: None,
         query: Some("token".into()),
@@ -442,17 +445,19 @@ async fn a_pubsub_push_envelope_is_decoded_and_its_token_checked_in_the_query() 
         ("no messageId", r#"{"message":{"data":"e30="}}"#.to_owned()),
         ("data not base64", envelope("2", "%%%")),
     ] {
-        let answer = push("push-token-1", body).await.expect("request");
+        let answer = push("push-token-1-5d2e8a7c3b91", body)
+            .await
+            .expect("request");
         assert_eq!(answer.status(), 400, "{case}");
     }
     assert_eq!(hook.published().await, 0, "nothing enqueued by a refusal");
-    let ok = push("push-token-1", envelope("136969346945", &data))
+    let ok = push("push-token-1-5d2e8a7c3b91", envelope("136969346945", &data))
         .await
         .expect("request");
     assert_eq!(ok.status(), 202);
     let answer: serde_json::Value = ok.json().await.expect("json");
     assert_eq!(answer["task"], "webhook:hook:136969346945");
-    let again = push("push-token-1", envelope("136969346945", &data))
+    let again = push("push-token-1-5d2e8a7c3b91", envelope("136969346945", &data))
         .await
         .expect("request");
     assert_eq!(again.status(), 202, "Pub/Sub's redelivery is acknowledged");
@@ -587,7 +592,7 @@ async fn graph_notifications_are_validated_checked_and_split_into_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
     let redis = RedisServer::start(false);
-    std::env::set_var("PLBA_TEST_DOVECOT_TOKEN", "dc-token");
+    std::env::set_var("PLBA_TEST_DOVECOT_TOKEN", "dc-token-7e3a9c1f5b2d4e6a");
     let auth = WebhookAuth::SharedSecret {
         header: None,
         query: Some("token".into()),
@@ -601,7 +606,10 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
     let hook = start_with(&redis, "dovecot", cfg, false).await;
     let put = |body: &'static str| {
         hook.client
-            .put(format!("{}/hooks/mail?token=dc-token", hook.url))
+            .put(format!(
+                "{}/hooks/mail?token=dc-token-7e3a9c1f5b2d4e6a",
+                hook.url
+            ))
             .header("content-type", "application/json; charset=utf-8")
             .body(body)
             .send()

@@ -668,7 +668,7 @@ pub fn ghost_consumer(url: &str, name: &str) -> runtime_adapters::queue::redis::
 pub async fn try_status(port: u16) -> Option<serde_json::Value> {
     let answer = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/status"))
-        .bearer_auth("read-token-1")
+        .bearer_auth("read-token-1-7c1f0e9b2d4a6f835e21")
         .timeout(Duration::from_secs(5))
         .send()
         .await

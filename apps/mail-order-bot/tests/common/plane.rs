@@ -21,13 +21,13 @@ pub const CONTROL: &str = r#"
 [control]
 enabled = true
 bind = "127.0.0.1:0"
-read_tokens = ["read-token-1"]
-admin_tokens = ["admin-token-1"]
+read_tokens = ["read-token-1-7c1f0e9b2d4a6f835e21"]
+admin_tokens = ["admin-token-1-4b8e2d6f0a3c9e17b5d2"]
 max_body_bytes = 1024
 "#;
 
-pub const READ: Option<&str> = Some("read-token-1");
-pub const ADMIN: Option<&str> = Some("admin-token-1");
+pub const READ: Option<&str> = Some("read-token-1-7c1f0e9b2d4a6f835e21");
+pub const ADMIN: Option<&str> = Some("admin-token-1-4b8e2d6f0a3c9e17b5d2");
 
 pub struct Plane {
     pub app: Router,

@@ -36,6 +36,9 @@ pub const READ_TOKENS_ENV: &str = "PLBA_CONTROL_READ_TOKENS";
 /// See [`READ_TOKENS_ENV`].
 pub const ADMIN_TOKENS_ENV: &str = "PLBA_CONTROL_ADMIN_TOKENS";
 
+/// The fewest characters a control-plane token may have.
+pub const MIN_TOKEN_CHARS: usize = 32;
+
 /// `[control]`.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(default)]
@@ -134,6 +137,22 @@ impl ControlConfig {
             }
             Ok(_) => {}
         }
+        let from_env = [
+            ("read_tokens", READ_TOKENS_ENV, &self.read_tokens),
+            ("admin_tokens", ADMIN_TOKENS_ENV, &self.admin_tokens),
+        ];
+        for (key, var, listed) in from_env {
+            let listed = listed
+                .iter()
+                .map(|t| (format!("{prefix}.{key}"), t.clone()));
+            let env = env_tokens(var).into_iter().map(|t| (var.to_owned(), t));
+            for (n, (at, token)) in listed.chain(env).enumerate() {
+                if let Some(why) = crate::secret::weakness(token.trim().as_bytes(), MIN_TOKEN_CHARS)
+                {
+                    problems.push(ConfigProblem::new(at, format!("token {} {why}", n + 1)));
+                }
+            }
+        }
         problems.extend(runtime_contracts::config::require_positive(
             prefix,
             &[
@@ -221,7 +240,35 @@ pub(crate) struct Ctl {
 /// test in-process with `tower::ServiceExt::oneshot`.
 pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
     let tokens = Arc::new(config.tokens());
-    let routes = routes::table(config.open_health)
+    // Health is served beside the shared limit, not under it: slow requests holding every
+    // slot must not make `/health/live` fail and get the process restarted.
+    let (health, api): (Vec<_>, Vec<_>) = routes::table(config.open_health)
+        .into_iter()
+        .partition(|route| route.path.starts_with("/health/"));
+    let health = health
+        .into_iter()
+        .fold(Router::new(), |router, route| {
+            let guard = auth::Guard {
+                tokens: Arc::clone(&tokens),
+                role: route.role,
+            };
+            let method_router = (route.handler)()
+                .route_layer(axum::middleware::from_fn_with_state(guard, auth::require));
+            router.route(route.path, method_router)
+        })
+        .with_state(Ctl {
+            runtime: Arc::clone(&runtime),
+        })
+        .layer(
+            ServiceBuilder::new()
+                .map_response(json_errors)
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(on_panic))
+                .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Duration::from_millis(config.request_timeout_ms),
+                )),
+        );
+    let routes = api
         .into_iter()
         .fold(Router::new(), |router, route| {
             let guard = auth::Guard {
@@ -275,7 +322,140 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             config.max_body_bytes,
         ));
-    routes.layer(limits)
+    let boundary = Boundary {
+        tokens: tokens.any(),
+    };
+    health
+        .merge(routes.layer(limits))
+        .layer(axum::middleware::from_fn_with_state(
+            boundary,
+            request_boundary,
+        ))
+}
+
+/// What every request is checked against before any route sees it.
+#[derive(Clone, Copy, Debug)]
+struct Boundary {
+    /// Whether tokens are configured (without, the loopback address is the boundary).
+    tokens: bool,
+}
+
+/// Whether `host` (a `Host` header: a name or address, maybe with a port) names this
+/// machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host and port of an `Origin` value (`http://127.0.0.1:8080`), lower-cased.
+fn origin_authority(origin: &str) -> Option<String> {
+    let rest = origin.split_once("://")?.1;
+    Some(rest.trim_end_matches('/').to_ascii_lowercase())
+}
+
+/// The request's boundary:
+/// - without tokens, only a loopback `Host` is answered: a web page that rebinds its own
+///   name to 127.0.0.1 sends its name, not a loopback one (DNS rebinding);
+/// - a request that changes state (any method but GET, HEAD and OPTIONS) from a browser
+///   must be same-origin: a cross-site `Sec-Fetch-Site`, or an `Origin` other than the
+///   `Host`, is refused (a bodiless POST is a "simple" cross-site request that any page
+///   can make, tokens or not, when a cookie or loopback would admit it).
+async fn request_boundary(
+    axum::extract::State(boundary): axum::extract::State<Boundary>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = text(header::HOST)
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    if !boundary.tokens {
+        if let Some(host) = host.as_deref().filter(|h| !is_loopback_host(h)) {
+            tracing::warn!(host = %host.chars().take(100).collect::<String>(), "control plane: a request for a non-loopback host was refused (no tokens are configured)");
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_host",
+                "without tokens the control plane answers only requests for localhost, 127.0.0.1 or [::1]",
+            )
+            .into_response();
+        }
+    }
+    let safe = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if !safe {
+        let site = text(header::HeaderName::from_static("sec-fetch-site"));
+        // A browser that sends `Sec-Fetch-Site` says where the request comes from; its
+        // `Origin` may then be `null` (the console's `Referrer-Policy: no-referrer`). An
+        // older browser is judged by its `Origin` against the `Host`.
+        let cross_site = match site {
+            Some(site) => !matches!(site, "same-origin" | "none"),
+            None => text(header::ORIGIN).is_some_and(|origin| {
+                origin_authority(origin)
+                    .zip(host.as_deref())
+                    .is_none_or(|(o, h)| o != h.to_ascii_lowercase())
+            }),
+        };
+        if cross_site {
+            let clip = |v: Option<&str>| v.unwrap_or("-").chars().take(100).collect::<String>();
+            tracing::warn!(
+                method = %request.method(),
+                path = %request.uri().path(),
+                origin = %clip(text(header::ORIGIN)),
+                host = %clip(host.as_deref()),
+                sec_fetch_site = %clip(site),
+                "control plane: a cross-site request was refused"
+            );
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                "requests that change state must come from the console itself or from a client that is not a browser",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod boundary_tests {
+    use super::{is_loopback_host, origin_authority};
+
+    #[test]
+    fn loopback_hosts_and_origins_are_read() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8080",
+            "127.0.0.1",
+            "127.0.0.1:9",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:8080",
+            "10.0.0.1:8080",
+            "localhost.attacker.example",
+            "[2001:db8::1]:80",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+        assert_eq!(
+            origin_authority("http://127.0.0.1:8080").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(origin_authority("null"), None);
+    }
 }
 
 async fn on_overload(error: tower::BoxError) -> ApiError {

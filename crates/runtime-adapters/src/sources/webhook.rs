@@ -258,6 +258,9 @@ impl WebhookConfig {
     }
 }
 
+/// The fewest bytes a webhook secret (or its decoded `whsec_` key) may have.
+pub const MIN_SECRET_BYTES: usize = 16;
+
 /// A secret from the environment variable `env`, else from the first non-empty line of
 /// `file`; an error names what is missing (never the secret).
 fn one_secret(env: Option<&str>, file: Option<&std::path::Path>) -> Result<String, String> {
@@ -314,7 +317,7 @@ impl WebhookAuth {
                 client_state_file: file,
             } => vec![one_secret(env.as_deref(), file.as_deref())?],
         };
-        texts
+        let keys: Vec<Vec<u8>> = texts
             .iter()
             .map(|t| match (self, t.strip_prefix("whsec_")) {
                 (Self::Standard { .. }, Some(b64)) => {
@@ -325,7 +328,15 @@ impl WebhookAuth {
                 }
                 _ => Ok(t.as_bytes().to_vec()),
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        // An empty secret matches a missing header and keys an HMAC anyone can compute; a
+        // short one or a placeholder is guessed.
+        for (n, key) in keys.iter().enumerate() {
+            if let Some(why) = crate::secret::weakness(key, MIN_SECRET_BYTES) {
+                return Err(format!("secret {} {why}", n + 1));
+            }
+        }
+        Ok(keys)
     }
 }
 
