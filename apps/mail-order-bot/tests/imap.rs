@@ -305,6 +305,50 @@ async fn dovecot_restarted_mid_run_loses_and_doubles_nothing() {
     assert_eq!(seen_split(&server), (300, 0));
 }
 
+/// The server stops answering mid-run (a proxy stops forwarding, connections left open):
+/// the watcher's commands time out within `command_timeout_ms`, the source is degraded
+/// with the reason, and when the server answers again every message is handled once and
+/// seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_degrades_the_source_and_loses_and_doubles_nothing() {
+    let server = DovecotServer::start(&[(USER, PASSWORD)]);
+    let proxy = plba_testkit::StallProxy::start(server.port());
+    let ws = Workspace::new();
+    let (mails, expected) = mixed_mail(300);
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails));
+    let source = format!(
+        "host = \"127.0.0.1\"\nport = {}\ntls = \"none\"\npoll_interval_ms = 200\ncommand_timeout_ms = 1000",
+        proxy.port()
+    );
+    let runtime = start(&imap_config(&ws, "imap_poll", &source, 50)).await;
+    wait_for(Duration::from_secs(60), "some orders", || async {
+        common::orders_so_far(&ws).await >= 20
+    })
+    .await;
+    proxy.stall();
+    let stalled_at = std::time::Instant::now();
+    wait_for(
+        Duration::from_secs(15),
+        "the source to be degraded",
+        || async {
+            let status = runtime.status().await;
+            let inbox = &status.sources["inbox"];
+            inbox.state == runtime_contracts::SourceState::Degraded
+                && inbox
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("command_timeout_ms"))
+        },
+    )
+    .await;
+    eprintln!("degraded {:?} after the stall", stalled_at.elapsed());
+    proxy.resume();
+    drain(&runtime).await;
+    runtime.shutdown().await;
+    assert_store_exactly_once(&ws, &expected).await;
+    assert_eq!(seen_split(&server), (300, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_picks_up_mail_appended_while_busy() {
     let server = DovecotServer::start(&[(USER, PASSWORD)]);

@@ -482,3 +482,72 @@ async fn reachable_follows_the_server() {
         .await
         .expect("up again, on a fresh session");
 }
+
+/// A server that stops answering mid-command (a proxy that stops forwarding, the
+/// connection left open) makes the FETCH and the completion's STORE fail as timed out
+/// within `command_timeout_ms`, never hang; once it answers again, the message loads and
+/// is flagged on a fresh session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_mid_command_times_out_and_recovers() {
+    let server = DovecotServer::start(&[("u", "pass")]);
+    let proxy = plba_testkit::StallProxy::start(server.port());
+    let message = b"Subject: hi\r\nMessage-ID: <stall@b>\r\n\r\nSKU-1 x 1\r\n".to_vec();
+    let uid = u64::from(
+        server
+            .client("u", "pass")
+            .append_one("INBOX", &message)
+            .expect("APPENDUID"),
+    );
+    let validity = server.uid_validity("u", "pass", "INBOX");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "pass\n").expect("pw");
+    let config: ImapConfig = serde_json::from_value(serde_json::json!({
+        "host": "127.0.0.1", "port": proxy.port(), "tls": "none", "user": "u",
+        "password_file": pw, "pool": "orders", "command_timeout_ms": 1000,
+    }))
+    .expect("config");
+    assert!(config.problems("sources.inbox").is_empty());
+    let imap = ImapSource::new("inbox", config, ImapMode::Poll);
+    let task = pointer(validity, uid, None);
+    // A pooled, logged-in session first.
+    assert_eq!(
+        imap.load_content(&task).await.expect("load").as_deref(),
+        Some(&message[..])
+    );
+
+    proxy.stall();
+    let started = std::time::Instant::now();
+    let load = tokio::time::timeout(std::time::Duration::from_secs(20), imap.load_content(&task))
+        .await
+        .expect("the load returned instead of hanging");
+    let failed = load.expect_err("a stalled FETCH is an error");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(proxy.held() > 0, "the command was cut mid-way");
+    let complete = tokio::time::timeout(std::time::Duration::from_secs(20), imap.complete(&task))
+        .await
+        .expect("the STORE returned instead of hanging");
+    assert!(complete.is_err(), "a stalled completion is an error");
+    assert!(
+        server.flags("u", "pass", "INBOX")[&(uid as u32)].is_empty(),
+        "nothing was flagged"
+    );
+    eprintln!("stalled: {failed}");
+
+    proxy.resume();
+    assert_eq!(
+        imap.load_content(&task)
+            .await
+            .expect("load again")
+            .as_deref(),
+        Some(&message[..])
+    );
+    imap.complete(&task).await.expect("complete");
+    assert!(server.flags("u", "pass", "INBOX")[&(uid as u32)]
+        .iter()
+        .any(|f| f == "\\Seen"));
+}

@@ -18,11 +18,13 @@ mod erp;
 mod oauth;
 mod otlp;
 mod postfix;
+mod proxy;
 mod rabbit;
 pub use erp::{ErpMode, ErpRequest, ErpServer};
 pub use oauth::{TokenCounts, TokenMode, TokenServer};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use postfix::PostfixServer;
+pub use proxy::StallProxy;
 pub use rabbit::RabbitServer;
 
 use runtime_contracts::{

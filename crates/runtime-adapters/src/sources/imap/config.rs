@@ -160,6 +160,12 @@ pub struct ImapConfig {
     /// Connect and greeting timeout, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Longest a connection may go without progress while it waits for the server (a TLS
+    /// handshake, STARTTLS, the login, SELECT, SEARCH, FETCH, STORE, MOVE, LOGOUT; IDLE has
+    /// its own bounds): beyond, the command fails as timed out and the connection is
+    /// dropped, so a stalled server degrades the source instead of hanging it.
+    #[serde(default = "default_command_timeout_ms")]
+    pub command_timeout_ms: u64,
     /// Longest wait between reconnection attempts, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
@@ -287,6 +293,9 @@ fn default_failed_keyword() -> String {
 fn default_max_message_bytes() -> u64 {
     25 * 1024 * 1024
 }
+fn default_command_timeout_ms() -> u64 {
+    30_000
+}
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
@@ -405,6 +414,7 @@ impl ImapConfig {
                 ("connections", self.connections as u64),
                 ("max_message_bytes", self.max_message_bytes),
                 ("connect_timeout_ms", self.connect_timeout_ms),
+                ("command_timeout_ms", self.command_timeout_ms),
                 ("max_backoff_ms", self.max_backoff_ms),
                 ("lease_ttl_ms", self.lease_ttl_ms),
                 ("replicas", self.replicas as u64),

@@ -19,6 +19,155 @@ use super::config::{AuthMethod, ImapConfig, TlsMode};
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug> Io for T {}
 
+tokio::task_local! {
+    /// Set while the task waits in IDLE, where a quiet server is the normal case (IDLE has
+    /// its own bounds: the re-issue, the dead-connection check).
+    static PATIENT: ();
+}
+
+/// Runs `future` with the stall guard relaxed: reads may wait as long as they like.
+pub async fn patiently<F: std::future::Future>(future: F) -> F::Output {
+    PATIENT.scope((), future).await
+}
+
+/// A TCP stream that fails a read or a write which has made no progress for `limit`:
+/// every handshake, command and answer of a connection is bounded this way (a server that
+/// stops answering mid-command turns into an error, never a hang), whatever the call site.
+/// The wait for a read starts again with every write (a new command) and every byte read;
+/// inside [`patiently`] reads may wait.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: TcpStream,
+    limit: Duration,
+    read_since: Option<tokio::time::Instant>,
+    write_since: Option<tokio::time::Instant>,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Guarded {
+    /// Guards `inner` with `limit`, and turns on TCP keepalive (a peer that vanished
+    /// without a word is noticed by the kernel).
+    pub fn new(inner: TcpStream, limit: Duration) -> Self {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(6);
+        let _ = socket2::SockRef::from(&inner).set_tcp_keepalive(&keepalive);
+        Self {
+            inner,
+            limit,
+            read_since: None,
+            write_since: None,
+            timer: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    /// Whether a wait that began at `since` has lasted too long; registers the wake-up.
+    fn stalled(
+        timer: &mut std::pin::Pin<Box<tokio::time::Sleep>>,
+        since: tokio::time::Instant,
+        limit: Duration,
+        cx: &mut std::task::Context<'_>,
+    ) -> bool {
+        let deadline = since + limit;
+        if tokio::time::Instant::now() >= deadline {
+            return true;
+        }
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        let _ = timer.as_mut().poll(cx);
+        false
+    }
+
+    fn timed_out(&self, what: &str) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the server {what} for {} ms (command_timeout_ms)",
+                self.limit.as_millis()
+            ),
+        )
+    }
+}
+
+use std::future::Future as _;
+use std::task::Poll;
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.read_since = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending if PATIENT.try_with(|_| ()).is_ok() => {
+                this.read_since = None;
+                Poll::Pending
+            }
+            Poll::Pending => {
+                let since = *this
+                    .read_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                if Self::stalled(&mut this.timer, since, this.limit, cx) {
+                    this.read_since = None;
+                    Poll::Ready(Err(this.timed_out("sent nothing")))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                // A new command: the wait for its answer starts now.
+                this.write_since = None;
+                this.read_since = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let since = *this
+                    .write_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                if Self::stalled(&mut this.timer, since, this.limit, cx) {
+                    this.write_since = None;
+                    Poll::Ready(Err(this.timed_out("took nothing we wrote")))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A logged-in session.
 pub type ImapSession = Session<Box<dyn Io>>;
 
@@ -128,7 +277,10 @@ pub async fn connect(
         .map_err(|_| io(format!("connecting to {address}: timed out")))?
         .map_err(|e| io(format!("connecting to {address}: {e}")))?;
     let _ = tcp.set_nodelay(true);
-    let mut stream: Box<dyn Io> = Box::new(tcp);
+    let mut stream: Box<dyn Io> = Box::new(Guarded::new(
+        tcp,
+        Duration::from_millis(config.command_timeout_ms),
+    ));
     let tls_needed = |mode| {
         tls.ok_or_else(|| ConnectError::Tls(format!("{mode:?} without a TLS configuration")))
     };

@@ -36,6 +36,9 @@ use tokio_rustls::rustls::ClientConfig;
 pub use config::{AuthMethod, Filing, ImapConfig, ImapMode, Provider, TlsMode};
 use connection::{connect, tls_config, ConnectError, Credential, ImapSession, Pool, Pooled};
 
+/// The `watchers_down` entry of the workers' connections.
+const WORKERS: &str = "(workers)";
+
 /// An IMAP UID set (`1:5,7,9:10`) of ascending UIDs.
 /// How long a message's task id stays known after its ack (see `task_for`).
 const KEEP_AFTER_ACK: Duration = Duration::from_secs(30);
@@ -718,6 +721,30 @@ impl ImapSource {
         }
     }
 
+    /// A worker's command failed on its connection (a timeout, a lost connection, a refused
+    /// login): the source is degraded with the reason until a worker's command succeeds, so
+    /// a server that stops answering shows even while the watcher waits (the queue full of
+    /// the very work that cannot be fetched).
+    fn worker_down(&self, error: &str) {
+        let mut inner = self.lock();
+        let error = format!("the workers' connection: {error}");
+        inner
+            .watchers_down
+            .insert(WORKERS.to_owned(), error.clone());
+        inner.progress.degraded(error);
+    }
+
+    /// A worker's command succeeded.
+    fn worker_up(&self) {
+        let mut inner = self.lock();
+        if inner.watchers_down.remove(WORKERS).is_some() {
+            match inner.watchers_down.values().next().cloned() {
+                Some(error) => inner.progress.degraded(error),
+                None => inner.progress.running(),
+            }
+        }
+    }
+
     /// A watcher's connection failed; it reconnects with backoff.
     fn watcher_down(&self, mailboxes: &[String], error: String) {
         let mut inner = self.lock();
@@ -893,7 +920,7 @@ impl ImapSource {
             let (wait, interrupt) = handle.wait_with_timeout(dead_after);
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => { drop(interrupt); None }
-                r = tokio::time::timeout(reissue, wait) => Some(r),
+                r = connection::patiently(tokio::time::timeout(reissue, wait)) => Some(r),
             }
         };
         match woke {
@@ -1169,11 +1196,11 @@ impl ImapSource {
         let validity = match current {
             Some(v) => v,
             None => {
-                let selected = pooled
-                    .session
-                    .select(&pointer.mailbox)
-                    .await
-                    .map_err(|e| self.io(format!("SELECT {}: {e}", pointer.mailbox)))?;
+                let selected = pooled.session.select(&pointer.mailbox).await.map_err(|e| {
+                    let e = format!("SELECT {}: {e}", pointer.mailbox);
+                    self.worker_down(&e);
+                    self.io(e)
+                })?;
                 let v = selected.uid_validity.unwrap_or(0);
                 let next = selected.uid_next.unwrap_or(u32::MAX);
                 pooled.selected = Some((pointer.mailbox.clone(), v, next));
@@ -1189,8 +1216,10 @@ impl ImapSource {
 
     /// A newly logged-in worker session.
     async fn fresh_pooled(&self) -> Result<Pooled, SourceError> {
-        let (session, retire_at, generation) =
-            self.login().await.map_err(|e| self.io(e.to_string()))?;
+        let (session, retire_at, generation) = self.login().await.map_err(|e| {
+            self.worker_down(&e.to_string());
+            self.io(e.to_string())
+        })?;
         Ok(Pooled {
             session,
             selected: None,
@@ -1211,9 +1240,13 @@ impl ImapSource {
         match result {
             Ok(value) => {
                 self.pool.checkin(pooled, permit);
+                self.worker_up();
                 Ok(value)
             }
-            Err(e) => Err(self.io(e)),
+            Err(e) => {
+                self.worker_down(&e);
+                Err(self.io(e))
+            }
         }
     }
 
