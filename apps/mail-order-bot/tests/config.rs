@@ -553,3 +553,24 @@ fn a_retention_schedule_that_is_no_cron_expression_is_named() {
         "every night",
     );
 }
+
+/// A syntax error names the line and column, never the line's text: it may hold a token or
+/// a URL with its password, and the message reaches logs, `/status` and HTTP answers.
+#[test]
+fn a_syntax_error_does_not_echo_the_line() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = valid(tmp.path()).replacen(
+        "[apps.mail_order_bot]",
+        "[control]\nadmin_tokens = [\"the-secret-admin-token-0123456789abcdef\"\n\n[apps.mail_order_bot]",
+        1,
+    );
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(&path, text).expect("write");
+    let err = load_config(Some(&path), Some(HashMap::new())).expect_err("a syntax error");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("(syntax)") && shown.contains("line"),
+        "{shown}"
+    );
+    assert!(!shown.contains("the-secret-admin-token"), "{shown}");
+}

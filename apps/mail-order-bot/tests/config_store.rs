@@ -68,7 +68,33 @@ async fn scenario(store_url: &str) {
     }
     let (code, err_out, err) = cli(&path, &["set", "pools.orders.wokers", "3"], &[]);
     assert_eq!(code, 2, "a misspelt key: {err_out}{err}");
-    assert!(err.contains("pools.orders.wokers: unknown key"), "{err}");
+    assert!(
+        err.contains("pools.orders.wokers: may not be set from the database"),
+        "{err}"
+    );
+    // Only tuning keys: a row that points the IMAP host elsewhere (the bot would log in
+    // there with the real password), sets a token, a bind address or a path is refused.
+    for (key, value) in [
+        ("sources.inbox.host", "\"imap.attacker.example\""),
+        ("sources.inbox.path", "\"/tmp/elsewhere\""),
+        (
+            "control.admin_tokens",
+            "[\"a-token-of-the-attackers-choice-0123456789\"]",
+        ),
+        ("control.bind", "\"0.0.0.0:8080\""),
+        (
+            "apps.mail_order_bot.store_url",
+            "\"sqlite:///tmp/other.db\"",
+        ),
+        ("apps.mail_order_bot.seed_samples_into", "\"/tmp/x\""),
+    ] {
+        let (code, _, err) = cli(&path, &["set", key, value], &[]);
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(
+            err.contains(&format!("{key}: may not be set from the database")),
+            "{err}"
+        );
+    }
     let (_, listed, _) = cli(&path, &["list"], &[]);
     assert!(
         listed.starts_with("pools.orders.workers = 3") && listed.lines().count() == 1,

@@ -31,6 +31,11 @@ pub struct ConfigStoreConfig {
     /// How often the table's version is read, in milliseconds.
     #[serde(default = "default_poll")]
     pub poll_interval_ms: u64,
+    /// More key patterns a row may set, besides the tuning keys of
+    /// [`runtime_core::config::OVERRIDABLE`] (`*` is one segment; hosts, credentials, tokens,
+    /// addresses and paths cannot be allowed).
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 fn default_table() -> String {
@@ -47,6 +52,14 @@ impl ConfigStoreConfig {
             prefix,
             &[("poll_interval_ms", self.poll_interval_ms)],
         );
+        for (i, pattern) in self.allow.iter().enumerate() {
+            if runtime_core::config::never_overridable(pattern) {
+                problems.push(ConfigProblem::new(
+                    format!("{prefix}.allow[{i}]"),
+                    format!("{pattern:?} names a host, a credential, a token, an address or a path: those are set in the file only"),
+                ));
+            }
+        }
         if !["sqlite:", "postgres://", "postgresql://"]
             .iter()
             .any(|s| self.url.starts_with(s))
@@ -107,21 +120,10 @@ pub struct SqlConfigStore {
     table: String,
     name: String,
     poll: Duration,
+    allow: Vec<String>,
 }
 
-/// `url` with any password replaced, for messages.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+use crate::secret::redact_url as redacted;
 
 impl SqlConfigStore {
     /// Opens the database and creates the table when it is missing.
@@ -156,10 +158,11 @@ impl SqlConfigStore {
             table: config.table.clone(),
             name,
             poll: Duration::from_millis(config.poll_interval_ms),
+            allow: config.allow.clone(),
         })
     }
 
-    /// The store, for messages (`database postgres://bot:***@db/orders`).
+    /// The store, for messages (`database postgres://bot:[redacted]@db/orders`).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -226,6 +229,7 @@ impl SqlConfigStore {
             name: self.name.clone(),
             version,
             entries,
+            allowed: self.allow.clone(),
         })
     }
 
@@ -266,7 +270,7 @@ mod tests {
     fn passwords_are_not_shown() {
         assert_eq!(
             redacted("postgres://bot:s3cret@db:5432/orders"),
-            "postgres://bot:***@db:5432/orders"
+            "postgres://bot:[redacted]@db:5432/orders"
         );
         assert_eq!(redacted("sqlite://var/config.db"), "sqlite://var/config.db");
     }
@@ -277,11 +281,37 @@ mod tests {
             url: "sqlite://x.db".into(),
             table: table.into(),
             poll_interval_ms: 1000,
+            allow: Vec::new(),
         };
         assert!(cfg("plba_config").problems("config_store").is_empty());
         assert_eq!(
             cfg("x; DROP TABLE orders").problems("config_store")[0].key,
             "config_store.table"
         );
+    }
+
+    #[test]
+    fn hosts_credentials_and_paths_cannot_be_allowed() {
+        let cfg = |allow: &[&str]| ConfigStoreConfig {
+            url: "sqlite://x.db".into(),
+            table: "plba_config".into(),
+            poll_interval_ms: 1000,
+            allow: allow.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        assert!(cfg(&["apps.mail_order_bot.csv_max_rows"])
+            .problems("config_store")
+            .is_empty());
+        for bad in [
+            "sources.*.host",
+            "control.admin_tokens",
+            "sources.inbox.password_file",
+            "control.bind",
+            "apps.mail_order_bot.store_url",
+            "apps.mail_order_bot.seed_samples_into",
+        ] {
+            let problems = cfg(&[bad]).problems("config_store");
+            assert_eq!(problems.len(), 1, "{bad}");
+            assert_eq!(problems[0].key, "config_store.allow[0]");
+        }
     }
 }

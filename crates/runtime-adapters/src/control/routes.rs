@@ -533,21 +533,8 @@ pub(crate) fn redact(value: &Value) -> Value {
                 .collect(),
         ),
         Value::Array(items) => Value::Array(items.iter().map(redact).collect()),
-        Value::String(s) => Value::String(redact_url(s)),
+        Value::String(s) => Value::String(crate::secret::redact_url(s)),
         other => other.clone(),
-    }
-}
-
-fn redact_url(s: &str) -> String {
-    let Some((scheme, rest)) = s.split_once("://") else {
-        return s.to_owned();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return s.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:[redacted]@{host}"),
-        None => s.to_owned(),
     }
 }
 

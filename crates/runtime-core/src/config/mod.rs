@@ -86,6 +86,100 @@ pub struct Overrides {
     pub version: String,
     /// `(dotted key, TOML value text)`, e.g. `("pools.orders.workers", "8")`.
     pub entries: Vec<(String, String)>,
+    /// Key patterns the file allows besides [`OVERRIDABLE`] (`[config_store] allow`).
+    pub allowed: Vec<String>,
+}
+
+/// A parser's message without the excerpt of the source it quotes (`3 | admin_tokens =
+/// ["…"`): the line may hold a token or a URL with its password, and the message goes to
+/// logs, `/status`, the console and HTTP answers. The line and column stay.
+pub fn without_source_lines(message: &str) -> String {
+    let quoted = |line: &str| {
+        let t = line.trim_start();
+        let t = t
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start();
+        t.starts_with('|')
+    };
+    message
+        .lines()
+        .filter(|line| !quoted(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The keys a database row may override: tuning, never where the bot connects, what it
+/// logs in with, what it listens on or which files it reads and writes (a row that could
+/// point an IMAP `host` elsewhere would hand the real password to another server). `*` is
+/// one key segment.
+pub const OVERRIDABLE: &[&str] = &[
+    "runtime.log",
+    "runtime.source_progress_bound_ms",
+    "pools.*.workers",
+    "pools.*.prefetch",
+    "pools.*.handler_timeout_ms",
+    "pools.*.high_watermark",
+    "pools.*.low_watermark",
+    "pools.*.retry.*",
+    "sources.*.poll_interval_ms",
+    "sources.*.batch_size",
+    "sources.*.idle_reissue_secs",
+    "sources.*.idle_check_secs",
+    "sources.*.idle_dead_after_secs",
+    "sources.*.max_backoff_ms",
+    "reconcile.older_than_secs",
+];
+
+/// Key segments that no pattern may open to the database, whatever `allow` says: hosts,
+/// credentials, tokens, listening addresses, URLs, files and paths.
+pub const NEVER_OVERRIDABLE: &[&str] = &[
+    "host",
+    "port",
+    "bind",
+    "url",
+    "user",
+    "password",
+    "token",
+    "secret",
+    "path",
+    "file",
+    "env",
+    "tls",
+    "ca_file",
+    "seed_samples_into",
+    "oauth2",
+    "auth",
+    "provider",
+    "tenant",
+];
+
+fn segment_matches(pattern: &str, key: &str) -> bool {
+    let (p, k): (Vec<&str>, Vec<&str>) = (pattern.split('.').collect(), key.split('.').collect());
+    p.len() == k.len() && p.iter().zip(&k).all(|(p, k)| *p == "*" || p == k)
+}
+
+/// Whether `key` touches what is never overridable (a segment naming a host, a
+/// credential, a file...).
+pub fn never_overridable(key: &str) -> bool {
+    key.split('.').any(|segment| {
+        let segment = segment.to_ascii_lowercase();
+        NEVER_OVERRIDABLE.iter().any(|n| {
+            segment == *n
+                || segment.ends_with(&format!("_{n}"))
+                || segment.starts_with(&format!("{n}_"))
+                || segment.contains("token")
+                || segment.contains("password")
+                || segment.contains("secret")
+        })
+    })
+}
+
+/// Whether a database row may set `key`: on [`OVERRIDABLE`] or `allowed`, and never on
+/// [`NEVER_OVERRIDABLE`].
+pub fn overridable(key: &str, allowed: &[String]) -> bool {
+    !never_overridable(key)
+        && (OVERRIDABLE.iter().any(|p| segment_matches(p, key))
+            || allowed.iter().any(|p| segment_matches(p, key)))
 }
 
 impl Overrides {
@@ -95,6 +189,16 @@ impl Overrides {
         let mut root = toml::Table::new();
         let mut problems = Vec::new();
         for (key, text) in &self.entries {
+            if !overridable(key, &self.allowed) {
+                problems.push(ConfigProblem::new(
+                    key.clone(),
+                    "may not be set from the database: only tuning keys may (pools' workers, \
+                     prefetch, timeouts and retry, sources' intervals, the log filter, and \
+                     what [config_store] allow names); hosts, credentials, tokens, bind \
+                     addresses and paths are set in the file",
+                ));
+                continue;
+            }
             let parsed = format!("v = {text}").parse::<toml::Table>();
             let value = match parsed {
                 Ok(mut t) if t.len() == 1 => match t.remove("v") {
@@ -371,10 +475,10 @@ impl ConfigurationManager {
         builder = builder.add_source(env);
         let built = builder
             .build()
-            .map_err(|e| ConfigProblem::new("(syntax)", e.to_string()))?;
+            .map_err(|e| ConfigProblem::new("(syntax)", without_source_lines(&e.to_string())))?;
         built
             .try_deserialize::<serde_json::Value>()
-            .map_err(|e| ConfigProblem::new("(syntax)", e.to_string()))
+            .map_err(|e| ConfigProblem::new("(syntax)", without_source_lines(&e.to_string())))
     }
 
     fn unclaimed_keys(&self, root: &serde_json::Value) -> Vec<ConfigProblem> {

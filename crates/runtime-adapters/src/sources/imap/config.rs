@@ -421,6 +421,24 @@ impl ImapConfig {
             ],
         );
         let key = |k: &str| format!("{prefix}.{k}");
+        // Without TLS the password (or token) and every mail cross the network in clear
+        // text: only to this machine.
+        let loopback = self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if self.tls == TlsMode::None && !loopback {
+            problems.push(ConfigProblem::new(
+                key("tls"),
+                format!(
+                    "\"none\" sends the password and the mail in clear text; it is allowed only to a loopback host, not {:?}: use \"implicit\" or \"starttls\"",
+                    self.host
+                ),
+            ));
+        }
         if self.host.trim().is_empty() {
             problems.push(ConfigProblem::new(
                 key("host"),
@@ -638,6 +656,26 @@ mod tests {
             "{:?}",
             gmail.problems("sources.inbox")
         );
+    }
+
+    #[test]
+    fn clear_text_is_only_allowed_to_this_machine() {
+        let with = |host: &str, tls: &str| {
+            parse(serde_json::json!({
+                "host": host, "tls": tls, "user": "u", "pool": "orders", "password_env": "HOME",
+            }))
+            .problems("sources.inbox")
+            .into_iter()
+            .filter(|p| p.key == "sources.inbox.tls")
+            .count()
+        };
+        for host in ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"] {
+            assert_eq!(with(host, "none"), 0, "{host}");
+        }
+        for host in ["imap.example.com", "10.0.0.5", "dovecot"] {
+            assert_eq!(with(host, "none"), 1, "{host}");
+            assert_eq!(with(host, "starttls"), 0, "{host}");
+        }
     }
 
     #[test]
