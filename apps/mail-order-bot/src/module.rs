@@ -2,6 +2,7 @@
 //!
 //! Like `domain`, this uses no runtime crate but `runtime-contracts`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -69,6 +70,11 @@ pub struct BotConfig {
     /// Most MIME entities (parts and nested messages) a message may hold.
     #[serde(default = "default_max_mime_parts")]
     pub max_mime_parts: usize,
+    /// How many times reading one message may stop the process (an abort, an
+    /// out-of-memory kill) before it is rejected unread (`max_handling_deaths`), on any
+    /// queue: a poison message must not crash every start.
+    #[serde(default = "default_max_handling_deaths")]
+    pub max_handling_deaths: u32,
     /// Most transfer-encoded (base64, quoted-printable) message parts a message may hold:
     /// the parser decodes each and parses what it holds.
     #[serde(default = "default_max_encoded_message_parts")]
@@ -140,6 +146,9 @@ fn default_csv_max_line_bytes() -> usize {
 }
 fn default_max_multipart_parts() -> usize {
     MailLimits::default().max_multipart_parts
+}
+fn default_max_handling_deaths() -> u32 {
+    3
 }
 fn default_max_mime_parts() -> usize {
     MailLimits::default().max_mime_parts
@@ -234,6 +243,7 @@ impl BotConfig {
                 ("max_rfc822_nesting", config.max_rfc822_nesting as u64),
                 ("max_multipart_parts", config.max_multipart_parts as u64),
                 ("max_mime_parts", config.max_mime_parts as u64),
+                ("max_handling_deaths", u64::from(config.max_handling_deaths)),
                 (
                     "xlsx_max_uncompressed_bytes",
                     config.xlsx_max_uncompressed_bytes,
@@ -391,6 +401,9 @@ pub struct OrderHandler {
     clients: Arc<ClientDirectory>,
     limits: MailLimits,
     sender_auth: Arc<Checker>,
+    max_handling_deaths: i64,
+    /// Tasks whose reading ended since the last batch began (cleared with the next one).
+    handled: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl OrderHandler {
@@ -401,6 +414,8 @@ impl OrderHandler {
             clients: Arc::new(ClientDirectory::new(clients)),
             limits: cfg.limits(),
             sender_auth: Arc::new(cfg.sender_auth.checker()),
+            max_handling_deaths: i64::from(cfg.max_handling_deaths),
+            handled: Arc::default(),
         }
     }
 
@@ -566,11 +581,29 @@ impl OrderHandler {
         let limits = self.limits;
         let this = self.clone();
         let ctx = ctx.clone();
+        // Reading these begins (and that of the last batch's ended): a message that stopped
+        // the process while it was read is known when it comes again. A store that cannot
+        // note it does not stop the reading (recording would fail the same way).
+        let ids: Vec<String> = tasks.iter().map(|(t, _)| t.id.to_string()).collect();
+        let finished = std::mem::take(&mut *self.handled.lock().unwrap_or_else(|e| e.into_inner()));
+        let deaths = match self.store.handling(&ids, &finished).await {
+            Ok(deaths) => deaths,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not note the messages being read");
+                HashMap::new()
+            }
+        };
+        let max_deaths = self.max_handling_deaths;
         let parsed = tokio::task::spawn_blocking(move || {
             tasks
                 .into_iter()
                 .map(|(task, raw)| {
+                    let died = deaths.get(task.id.as_str()).copied().unwrap_or(0);
+                    if died >= max_deaths {
+                        return Ok(Prepared::Record(Box::new(poisoned(&task, &raw, died))));
+                    }
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let _ = fault("mail.in_parse");
                         let mut span = SpanGuard::none();
                         let facts = read_mail_in_stages(&raw, &limits, &mut |stage| {
                             span = SpanGuard::none();
@@ -593,6 +626,10 @@ impl OrderHandler {
                 .collect::<Vec<_>>()
         })
         .await;
+        self.handled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
         parsed.unwrap_or_else(|e| {
             (0..n)
                 .map(|_| {
@@ -737,6 +774,28 @@ fn task_pointer(task: &Task) -> String {
 /// Its actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...), and `return`
 /// fails the message like an error the runtime retries, `return(abort)` aborts the process
 /// at this step, as `kill -9` would.
+/// The outcome of a message whose reading stopped the process `died` times: rejected
+/// unread (its identity is the hash of its bytes, so a resent copy is its duplicate).
+fn poisoned(task: &Task, raw: &[u8], died: i64) -> Recording {
+    let hash = sha256_hex(raw);
+    tracing::error!(task = %task.id, deaths = died, "a message stopped the process while it was read; rejected unread");
+    Recording {
+        identity: format!("sha256:{hash}"),
+        fingerprint: hash.clone(),
+        content_sha256: hash,
+        sender: None,
+        subject: None,
+        task_id: task.id.to_string(),
+        outcome: OutcomeKind::Rejected,
+        reason: Some(format!(
+            "max_handling_deaths: the process stopped {died} times while reading this message; it is not read again"
+        )),
+        order: None,
+        reply: None,
+        task: Some(task_pointer(task)),
+    }
+}
+
 pub(crate) fn fault(name: &str) -> Result<(), HandlerError> {
     let _ = name;
     fail::fail_point!(name, |arg| {

@@ -1282,3 +1282,72 @@ async fn soak_random_faults_under_a_stream_of_mail() {
         settled.dead
     );
 }
+
+/// A message whose reading aborts the process (a fault point that aborts in the middle of
+/// every read stands for the parser overflowing its stack or the kernel's OOM killer) is
+/// recognised when it comes again, on the in-memory queue where nothing else counts its
+/// deliveries: after `max_handling_deaths` (3) deaths it is rejected unread and seen, and
+/// the process runs on; the order beside it, delivered later, is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_kills_the_process_is_rejected_after_three_deaths() {
+    let ws = Workspace::new();
+    ws.deliver(
+        "poison",
+        &order_mail("poison", "buyer@acme.example", &[("SKU-1", 1)]),
+    );
+    let config = ws.config(1, 3);
+    for death in 1..=3 {
+        let mut bot = spawn_bot(&config, Some("mail.in_parse=return(abort)"));
+        let status = wait_exit(&mut bot, Duration::from_secs(60)).expect("the bot died reading");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(Signal::SIGABRT as i32),
+            "death {death}"
+        );
+        assert!(
+            !ws.seen_flags().values().any(|s| *s),
+            "still unread after death {death}"
+        );
+    }
+    // The fourth start never reads it (the fault point is still armed: reading it would
+    // abort again) and goes on to the next mail, which the fault point spares.
+    ws.deliver(
+        "good",
+        &order_mail("good", "buyer@acme.example", &[("SKU-2", 2)]),
+    );
+    let mut bot = std::process::Command::new(env!("CARGO_BIN_EXE_mail-order-bot"));
+    let output = bot
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .env("FAILPOINTS", "mail.in_parse=1*off->return(abort)")
+        .output()
+        .expect("run --once");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        ws.seen_flags().values().all(|s| *s),
+        "{:?}",
+        ws.seen_flags()
+    );
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    let poison = outcomes
+        .iter()
+        .find(|o| o.outcome == "rejected")
+        .unwrap_or_else(|| panic!("{outcomes:#?}"));
+    assert!(
+        poison
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("max_handling_deaths: the process stopped 3 times")),
+        "{poison:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| o.outcome == "created").count(),
+        1,
+        "{outcomes:#?}"
+    );
+}

@@ -1348,6 +1348,49 @@ impl OrderStore {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Notes, in one transaction, that reading the messages of tasks `starting` begins and
+    /// that reading those of `finished` ended; returns, for each of `starting`, how many
+    /// times its reading began before without ending (the process died reading it).
+    pub async fn handling(
+        &self,
+        starting: &[String],
+        finished: &[String],
+    ) -> Result<HashMap<String, i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in finished.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "DELETE FROM handling WHERE task_id IN ({})",
+                parameter_list(self.backend, 0, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).persistent(false);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let mut before = HashMap::new();
+        let now = self.backend.now_ms();
+        for chunk in starting.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO handling (task_id, starts, updated_ms) VALUES {} \
+                 ON CONFLICT (task_id) DO UPDATE SET starts = handling.starts + 1, \
+                 updated_ms = excluded.updated_ms RETURNING task_id, starts",
+                placeholders(self.backend, chunk.len(), 1, &format!(", 1, {now}"))
+            );
+            let mut q = sqlx::query(&sql).persistent(false);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                let id: String = row.try_get("task_id")?;
+                let starts: i64 = row.try_get("starts")?;
+                before.insert(id, starts - 1);
+            }
+        }
+        tx.commit().await?;
+        Ok(before)
+    }
+
     /// Notes that the replies of outbox rows `rows` were handed to the relay (one
     /// statement for a batch: the rate limit counts them, and a row claimed again after a
     /// crash is not sent twice).
