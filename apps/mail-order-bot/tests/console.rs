@@ -382,6 +382,58 @@ async fn an_idle_session_expires_and_must_log_in_again() {
     assert!(!p.runtime.status().await.sources["inbox"].paused);
     let live = admin.get("/ui/live").await;
     assert_eq!(live.status, StatusCode::UNAUTHORIZED);
+
+    // The live panel's polling (every 2 s from an open tab) does not keep a session alive.
+    admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
+    let polled_until = std::time::Instant::now() + Duration::from_millis(1_500);
+    let mut polls = 0;
+    while std::time::Instant::now() < polled_until {
+        let live = admin.get("/ui/live").await;
+        if live.status != StatusCode::OK {
+            break;
+        }
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(polls >= 2, "the panel answered while the session lived");
+    assert_eq!(location(&admin.get("/ui").await), "/ui/login?expired=1");
+}
+
+/// Off loopback the session cookie is `Secure` whatever `ui_secure_cookie` says: it must
+/// never cross the network in clear text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cookie_is_secure_off_loopback() {
+    let control = CONTROL.replace("bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"");
+    assert!(control.contains("0.0.0.0"), "{control}");
+    let p = plane_with(None, &control).await;
+    let mut admin = Client::new(&p.app);
+    let form = admin.get("/ui/login").await;
+    let nonce = field(&form.text, "csrf").expect("csrf");
+    let done = admin
+        .post(
+            "/ui/login",
+            &[
+                ("csrf", &nonce),
+                ("token", "admin-token-1-4b8e2d6f0a3c9e17b5d2"),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.text);
+    let cookies: Vec<&str> = done
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert!(!cookies.is_empty());
+    assert!(
+        cookies.iter().all(|c| c.contains("; Secure")),
+        "{cookies:?}"
+    );
+    let local = plane_with(None, CONTROL).await;
+    let form = Client::new(&local.app).get("/ui/login").await;
+    let cookie = form.headers["set-cookie"].to_str().unwrap_or("");
+    assert!(!cookie.contains("Secure"), "{cookie}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

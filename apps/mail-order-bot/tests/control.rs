@@ -684,6 +684,68 @@ async fn requests_from_other_sites_and_rebound_names_are_refused() {
     guarded.runtime.shutdown().await;
 }
 
+/// Every request that changes something is logged with the token that made it (its label:
+/// role, place, the first digits of its hash; never the token), and wrong tokens from one
+/// address are counted: beyond ten a minute, no token from there is checked (`429` with
+/// `Retry-After`), so guessing is slowed without a request ever waiting in a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_name_their_token_and_wrong_tokens_are_throttled_per_address() {
+    let ws = Workspace::new();
+    let config = ws.config_with(2, 2, common::plane::CONTROL);
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (mut bot, addr) =
+        common::plane::spawn_with_control_logs(&config, &[], Some(Arc::clone(&logs)));
+    let admin = common::plane::ADMIN.unwrap_or_default();
+    let (status, _) = http(&addr, "POST", "/sources/inbox/pause", admin);
+    assert_eq!(status, 200);
+    common::wait_for(Duration::from_secs(10), "the action's log line", || {
+        let logs = Arc::clone(&logs);
+        async move {
+            logs.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|l| {
+                    l.contains("operator request")
+                        && l.contains("admin token 1 (sha256 ")
+                        && l.contains("/sources/inbox/pause")
+                })
+        }
+    })
+    .await;
+    assert!(
+        !logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|l| l.contains(admin)),
+        "the token itself is never logged"
+    );
+
+    for n in 0..10 {
+        let (status, body) = http(&addr, "GET", "/status", &format!("wrong-token-{n}"));
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, body) = http(&addr, "GET", "/status", "wrong-token-10");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("too_many_failures")),
+        "{body}"
+    );
+    // Not checked at all while blocked, right or wrong: a guess learns nothing.
+    let (status, _) = http(
+        &addr,
+        "GET",
+        "/status",
+        common::plane::READ.unwrap_or_default(),
+    );
+    assert_eq!(status, 429);
+    // Health stays open to probes.
+    let (status, _) = http(&addr, "GET", "/health/live", "");
+    assert_eq!(status, 200);
+    let _ = bot.kill();
+    let _ = bot.wait();
+}
+
 /// The metric names a text mentions (`plba_…`), as their families: without the `_total`,
 /// `_bucket`, `_sum` and `_count` of their samples.
 fn metric_families(text: &str) -> BTreeSet<String> {

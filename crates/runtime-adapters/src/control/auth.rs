@@ -64,6 +64,25 @@ impl Tokens {
         !self.read.is_empty() || !self.admin.is_empty()
     }
 
+    /// How logs name the holder of `token`: its role, its place in the list and the first
+    /// hex digits of its SHA-256 (which say which token acted without revealing it).
+    pub fn label_of(&self, token: &str) -> Option<String> {
+        use sha2::Digest as _;
+        let token = token.trim().as_bytes();
+        let digest = sha2::Sha256::digest(token);
+        let fingerprint: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        let place = |tokens: &[Vec<u8>]| {
+            tokens
+                .iter()
+                .position(|t| bool::from(t.as_slice().ct_eq(token)))
+        };
+        if let Some(n) = place(&self.admin) {
+            Some(format!("admin token {} (sha256 {fingerprint}…)", n + 1))
+        } else {
+            place(&self.read).map(|n| format!("read token {} (sha256 {fingerprint}…)", n + 1))
+        }
+    }
+
     /// The role a presented token carries, if it is one of the configured tokens.
     pub fn role_of(&self, token: &str) -> Option<Role> {
         let token = token.trim().as_bytes();
@@ -117,21 +136,118 @@ impl Tokens {
     }
 }
 
-/// Middleware state: the tokens and the role a route needs.
+/// Failed token checks per client address: beyond [`MAX_FAILURES`] in a
+/// [`FAILURE_WINDOW`], that address's tokens are not checked until the window ends (`429`
+/// with `Retry-After`), so guessing is slowed to a few tries a minute without a request
+/// ever holding a slot while it waits.
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    failures:
+        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+/// Failed checks an address may make in a window.
+pub(crate) const MAX_FAILURES: u32 = 10;
+/// The window.
+pub(crate) const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses remembered at most (the oldest are forgotten first).
+const MAX_ADDRESSES: usize = 10_000;
+
+impl Throttle {
+    /// How long `ip` must wait before its tokens are checked again, if it must.
+    pub(crate) fn blocked(&self, ip: Option<std::net::IpAddr>) -> Option<std::time::Duration> {
+        let ip = ip?;
+        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, since) = map.get(&ip)?;
+        let left = FAILURE_WINDOW.checked_sub(since.elapsed())?;
+        (*count >= MAX_FAILURES).then_some(left)
+    }
+
+    /// A failed check from `ip`.
+    pub(crate) fn failed(&self, ip: Option<std::net::IpAddr>) {
+        let Some(ip) = ip else { return };
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_ADDRESSES {
+            map.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+            if map.len() >= MAX_ADDRESSES {
+                if let Some(oldest) = map.iter().min_by_key(|(_, (_, s))| *s).map(|(k, _)| *k) {
+                    map.remove(&oldest);
+                }
+            }
+        }
+        let entry = map.entry(ip).or_insert((0, std::time::Instant::now()));
+        if entry.1.elapsed() >= FAILURE_WINDOW {
+            *entry = (0, std::time::Instant::now());
+        }
+        entry.0 += 1;
+    }
+
+    /// The refusal while blocked.
+    pub(crate) fn refusal(left: std::time::Duration) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_failures",
+            "too many wrong tokens from this address; try again later",
+        )
+        .with_retry_after(left.as_secs().max(1))
+    }
+}
+
+/// The client's address, when the server recorded it.
+pub(crate) fn client_ip(request: &Request) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// Middleware state: the tokens, the failure throttle and the role a route needs.
 #[derive(Clone, Debug)]
 pub(crate) struct Guard {
     pub(crate) tokens: std::sync::Arc<Tokens>,
+    pub(crate) throttle: std::sync::Arc<Throttle>,
     pub(crate) role: Role,
 }
 
 pub(crate) async fn require(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let ip = client_ip(&request);
+    if guard.role != Role::Open {
+        if let Some(left) = guard.throttle.blocked(ip) {
+            return Throttle::refusal(left).into_response();
+        }
+    }
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match guard.tokens.authorize(header, guard.role) {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
+        Ok(()) => {
+            let acts = !matches!(
+                *request.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+            );
+            if !acts {
+                return next.run(request).await;
+            }
+            // Every request that changes something says who made it.
+            let actor = header
+                .and_then(|h| {
+                    h.strip_prefix("Bearer ")
+                        .or_else(|| h.strip_prefix("bearer "))
+                })
+                .and_then(|t| guard.tokens.label_of(t))
+                .unwrap_or_else(|| "a loopback client (no tokens are configured)".to_owned());
+            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            let response = next.run(request).await;
+            tracing::info!(%actor, %method, %path, status = response.status().as_u16(), "operator request");
+            response
+        }
+        Err(e) => {
+            if e.status == StatusCode::UNAUTHORIZED {
+                guard.throttle.failed(ip);
+            }
+            e.into_response()
+        }
     }
 }
 

@@ -16,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     /// Structured details, e.g. the problems of a rejected configuration.
     pub details: Option<serde_json::Value>,
+    /// Seconds for `Retry-After` (503 and 429; 1 when unset).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,7 +28,14 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
+    }
+
+    /// Sets `Retry-After`.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// Adds structured details.
@@ -62,9 +71,10 @@ impl IntoResponse for ApiError {
                 );
             }
             StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                let secs = self.retry_after.unwrap_or(1);
                 response
                     .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             _ => {}
         }
@@ -85,6 +95,7 @@ pub(crate) fn code_for(status: StatusCode) -> &'static str {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
         StatusCode::SERVICE_UNAVAILABLE => "overloaded",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
         s if s.is_server_error() => "internal_error",
         _ => "error",
     }

@@ -63,7 +63,8 @@ pub struct ControlConfig {
     pub ui: bool,
     /// A console session ends after this many seconds without a request.
     pub ui_session_idle_secs: u64,
-    /// Mark the console's cookies `Secure` (set it when a TLS proxy fronts the console).
+    /// Mark the console's cookies `Secure` (set it when a TLS proxy fronts the console; they
+    /// are whenever `bind` is not a loopback address).
     pub ui_secure_cookie: bool,
 }
 
@@ -245,17 +246,8 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
     let (health, api): (Vec<_>, Vec<_>) = routes::table(config.open_health)
         .into_iter()
         .partition(|route| route.path.starts_with("/health/"));
-    let health = health
-        .into_iter()
-        .fold(Router::new(), |router, route| {
-            let guard = auth::Guard {
-                tokens: Arc::clone(&tokens),
-                role: route.role,
-            };
-            let method_router = (route.handler)()
-                .route_layer(axum::middleware::from_fn_with_state(guard, auth::require));
-            router.route(route.path, method_router)
-        })
+    let throttle = Arc::new(auth::Throttle::default());
+    let health = guarded(health, &tokens, &throttle)
         .with_state(Ctl {
             runtime: Arc::clone(&runtime),
         })
@@ -268,17 +260,7 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
                     Duration::from_millis(config.request_timeout_ms),
                 )),
         );
-    let routes = api
-        .into_iter()
-        .fold(Router::new(), |router, route| {
-            let guard = auth::Guard {
-                tokens: Arc::clone(&tokens),
-                role: route.role,
-            };
-            let method_router = (route.handler)()
-                .route_layer(axum::middleware::from_fn_with_state(guard, auth::require));
-            router.route(route.path, method_router)
-        })
+    let routes = guarded(api, &tokens, &throttle)
         .fallback(|uri: axum::http::Uri| async move {
             if uri.path() == "/ui" || uri.path().starts_with("/ui/") {
                 ui::not_found()
@@ -300,8 +282,15 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
         routes.merge(ui::router(
             runtime,
             Arc::clone(&tokens),
+            Arc::clone(&throttle),
             Duration::from_secs(config.ui_session_idle_secs),
-            config.ui_secure_cookie,
+            // Off this machine the session cookie must only travel over TLS (a proxy in
+            // front): a browser will not send a `Secure` cookie over plain HTTP.
+            config.ui_secure_cookie
+                || config
+                    .bind
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|addr| !addr.ip().is_loopback()),
         ))
     } else {
         routes
@@ -331,6 +320,24 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
             boundary,
             request_boundary,
         ))
+}
+
+/// `routes`, each behind the token check of its role.
+fn guarded(
+    routes: Vec<routes::Route>,
+    tokens: &Arc<Tokens>,
+    throttle: &Arc<auth::Throttle>,
+) -> Router<Ctl> {
+    routes.into_iter().fold(Router::new(), |router, route| {
+        let guard = auth::Guard {
+            tokens: Arc::clone(tokens),
+            throttle: Arc::clone(throttle),
+            role: route.role,
+        };
+        let method_router = (route.handler)()
+            .route_layer(axum::middleware::from_fn_with_state(guard, auth::require));
+        router.route(route.path, method_router)
+    })
 }
 
 /// What every request is checked against before any route sees it.
@@ -545,11 +552,15 @@ impl ControlServer {
         let app = router(runtime, config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
+            // The peer's address feeds the wrong-token throttle.
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "control plane stopped with an error");
             }

@@ -42,7 +42,6 @@ const MAX_SESSIONS: usize = 1024;
 /// A session ends this long after login, however busy.
 const SESSION_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
 /// How long a wrong token waits for its answer.
-const FAILED_LOGIN_DELAY: Duration = Duration::from_millis(500);
 /// Dead letters looked at per queue for one page.
 const DEAD_LETTER_SCAN: usize = 5_000;
 /// Dead letters shown on one page.
@@ -50,6 +49,8 @@ const DEAD_LETTER_ROWS: usize = 200;
 
 struct Session {
     role: Role,
+    /// Who logged in, for the logs (the token's label).
+    actor: String,
     csrf: String,
     created: Instant,
     last_seen: Instant,
@@ -99,7 +100,7 @@ impl Sessions {
         }
     }
 
-    fn create(&self, role: Role) -> Option<String> {
+    fn create(&self, role: Role, actor: String) -> Option<String> {
         let id = random_token();
         let csrf = random_token();
         if id.is_empty() || csrf.is_empty() {
@@ -122,6 +123,7 @@ impl Sessions {
             id.clone(),
             Session {
                 role,
+                actor,
                 csrf,
                 created: now,
                 last_seen: now,
@@ -136,8 +138,9 @@ impl Sessions {
             || now.duration_since(s.created) >= SESSION_MAX_AGE
     }
 
-    /// The session `id`, touched, with its flash message taken.
-    fn get(&self, id: &str) -> Option<Who> {
+    /// The session `id` with its flash message taken; `touch`: an operator's request
+    /// (a page, a form), which keeps the session alive; the live panel's polling does not.
+    fn get(&self, id: &str, touch: bool) -> Option<Who> {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let session = map.get_mut(id)?;
@@ -145,13 +148,21 @@ impl Sessions {
             map.remove(id);
             return None;
         }
-        session.last_seen = now;
+        if touch {
+            session.last_seen = now;
+        }
         Some(Who {
             id: id.to_owned(),
             role: session.role,
             csrf: session.csrf.clone(),
             flash: session.flash.take(),
         })
+    }
+
+    /// The actor of session `id`, without touching it.
+    fn actor_of(&self, id: &str) -> Option<String> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(id).map(|s| s.actor.clone())
     }
 
     fn flash(&self, id: &str, message: String) {
@@ -176,6 +187,7 @@ pub(crate) struct Ui {
     tokens: Arc<Tokens>,
     sessions: Arc<Sessions>,
     secure_cookie: bool,
+    throttle: Arc<super::auth::Throttle>,
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -204,8 +216,14 @@ impl Ui {
     // The error is the answer itself (a redirect or a refusal), returned at once.
     #[allow(clippy::result_large_err)]
     fn who(&self, headers: &HeaderMap) -> Result<Who, Response> {
+        self.session(headers, true)
+    }
+
+    /// [`Ui::who`]; `touch`: whether the request keeps the session alive.
+    #[allow(clippy::result_large_err)]
+    fn session(&self, headers: &HeaderMap, touch: bool) -> Result<Who, Response> {
         let presented = cookie(headers, SESSION_COOKIE);
-        match presented.and_then(|id| self.sessions.get(id)) {
+        match presented.and_then(|id| self.sessions.get(id, touch)) {
             Some(who) => Ok(who),
             None => {
                 let to = if presented.is_some() {
@@ -271,6 +289,7 @@ impl Ui {
 pub(crate) fn router(
     runtime: Arc<RuntimeManager>,
     tokens: Arc<Tokens>,
+    throttle: Arc<super::auth::Throttle>,
     idle: Duration,
     secure_cookie: bool,
 ) -> Router {
@@ -279,6 +298,7 @@ pub(crate) fn router(
         tokens,
         sessions: Arc::new(Sessions::new(idle)),
         secure_cookie,
+        throttle,
     };
     Router::new()
         .route("/ui", get(overview))
@@ -302,6 +322,10 @@ pub(crate) fn router(
         .route("/ui/static/app.css", get(css))
         .route("/ui/static/app.js", get(js))
         .layer(axum::middleware::from_fn(security_headers))
+        .layer(axum::middleware::from_fn_with_state(
+            ui.clone(),
+            log_actions,
+        ))
         .with_state(ui)
 }
 
@@ -390,8 +414,16 @@ async fn login_form(State(ui): State<Ui>, Query(q): Query<HashMap<String, String
     response
 }
 
-async fn login(State(ui): State<Ui>, headers: HeaderMap, form: FormMap) -> Response {
+async fn login(
+    State(ui): State<Ui>,
+    extensions: axum::http::Extensions,
+    headers: HeaderMap,
+    form: FormMap,
+) -> Response {
     let form = form_of(form);
+    let ip = extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|p| p.0.ip());
     let refuse = |status: StatusCode, message: &str| {
         let nonce = random_token();
         let mut response = (
@@ -419,19 +451,32 @@ async fn login(State(ui): State<Ui>, headers: HeaderMap, form: FormMap) -> Respo
         );
     }
     let token = form.get("token").map(String::as_str).unwrap_or_default();
+    // Wrong guesses are counted per address, as for bearer tokens: beyond a few a minute,
+    // no token is checked from there until the minute is over (no request waits holding a
+    // slot of the plane's limit).
+    if ui.throttle.blocked(ip).is_some() {
+        tracing::warn!("console login refused: too many wrong tokens from this address");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many wrong tokens from this address; wait a minute.",
+        );
+    }
     let Some(role) = ui.tokens.role_of(token) else {
+        ui.throttle.failed(ip);
         tracing::warn!("console login refused: the token is not valid");
-        // Each wrong guess costs the guesser half a second.
-        tokio::time::sleep(FAILED_LOGIN_DELAY).await;
         return refuse(StatusCode::UNAUTHORIZED, "That token is not valid.");
     };
-    let Some(id) = ui.sessions.create(role) else {
+    let actor = ui
+        .tokens
+        .label_of(token)
+        .unwrap_or_else(|| format!("{role:?} token"));
+    let Some(id) = ui.sessions.create(role, actor.clone()) else {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "No session could be made (no randomness from the system).",
         );
     };
-    tracing::info!(role = ?role, "console login");
+    tracing::info!(role = ?role, %actor, "console login");
     let mut response = Redirect::to("/ui").into_response();
     let h = response.headers_mut();
     h.append(
@@ -490,8 +535,29 @@ async fn live_part(ui: &Ui, who: &Who) -> Markup {
     view::live(who, &status, &ready, &activity)
 }
 
+/// Every console form that acts is logged with the session's actor (the label of the
+/// token it logged in with), its path and the answer.
+async fn log_actions(
+    State(ui): State<Ui>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.method() != axum::http::Method::POST || request.uri().path() == "/ui/login" {
+        return next.run(request).await;
+    }
+    let actor = cookie(request.headers(), SESSION_COOKIE)
+        .and_then(|id| ui.sessions.actor_of(id))
+        .unwrap_or_else(|| "no session".to_owned());
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    tracing::info!(%actor, %path, status = response.status().as_u16(), "console action");
+    response
+}
+
 async fn live(State(ui): State<Ui>, headers: HeaderMap) -> Response {
-    let who = match ui.who(&headers) {
+    // The page's script polls this every 2 s: an open, unattended tab must not keep its
+    // session alive for ever.
+    let who = match ui.session(&headers, false) {
         Ok(who) => who,
         // The script reloads the page, which leads to the login form.
         Err(_) => return StatusCode::UNAUTHORIZED.into_response(),
