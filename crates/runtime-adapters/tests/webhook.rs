@@ -30,6 +30,10 @@ fn config_as(format: WebhookFormat, auth: WebhookAuth) -> WebhookConfig {
         id_header: "webhook-id".into(),
         id_pointer: None,
         max_body_bytes: 1024,
+        max_connections: 256,
+        header_timeout_ms: 10_000,
+        request_timeout_ms: 10_000,
+        max_concurrent_requests: 64,
         capacity_wait_ms: 200,
         retry_after_secs: 7,
         allow_volatile_queue: false,
@@ -671,4 +675,81 @@ async fn a_dovecot_push_is_an_imap_pointer_and_other_events_are_ignored() {
             .collect::<Vec<_>>(),
         ["sources.push.task_source", "sources.push.dovecot_user"]
     );
+}
+
+/// Facing the internet: a client that trickles its headers is cut off after
+/// `header_timeout_ms`, one that sends half a body gets `408` after `request_timeout_ms`,
+/// and connections beyond `max_connections` are closed at once, while a normal delivery
+/// is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_and_too_many_connections_are_cut_off() {
+    use std::io::{Read, Write};
+    let redis = RedisServer::start(false);
+    let mut config = config(standard());
+    config.max_connections = 4;
+    config.header_timeout_ms = 500;
+    config.request_timeout_ms = 500;
+    let hook = start_with(&redis, "limits", config, false).await;
+    let addr = hook.url.trim_start_matches("http://").to_owned();
+    let read_all = |mut stream: std::net::TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let started = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        (
+            String::from_utf8_lossy(&answer).into_owned(),
+            started.elapsed(),
+        )
+    };
+    let answers = tokio::task::spawn_blocking(move || {
+        // Headers trickled, never finished: closed within the header timeout.
+        let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+        slow.write_all(b"POST /hooks/mail HTTP/1.1\r\nHost: x\r\n").expect("write");
+        let slow = read_all(slow);
+        // Half a body: 408.
+        let mut half = std::net::TcpStream::connect(&addr).expect("connect");
+        half.write_all(
+            b"POST /hooks/mail HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":",
+        )
+        .expect("write");
+        let half = read_all(half);
+        // Four idle connections hold every slot; a fifth is closed at once.
+        let held: Vec<_> = (0..4)
+            .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let extra = read_all(std::net::TcpStream::connect(&addr).expect("connect"));
+        drop(held);
+        (slow, half, extra)
+    })
+    .await
+    .expect("join");
+    let (slow, half, extra) = answers;
+    assert!(
+        slow.1 < Duration::from_secs(5),
+        "the slow client was cut off: {slow:?}"
+    );
+    assert!(!slow.0.contains("202"), "{slow:?}");
+    assert!(half.0.starts_with("HTTP/1.1 408"), "{half:?}");
+    assert!(
+        extra.0.is_empty() && extra.1 < Duration::from_secs(2),
+        "{extra:?}"
+    );
+    // The slots free again: a normal delivery is taken.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let body = r#"{"unique":"limits-1"}"#;
+    let answer = hook
+        .client
+        .post(format!("{}/hooks/mail", hook.url))
+        .header("content-type", "application/json")
+        .header("webhook-id", "limits-1")
+        .header("webhook-timestamp", now().to_string())
+        .header("webhook-signature", sign("limits-1", now(), body))
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    assert!(answer.status().is_success(), "{}", answer.status());
 }

@@ -133,6 +133,18 @@ pub struct WebhookConfig {
     /// Largest body accepted, in bytes.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Connections open at once; one more is closed at once (load shedding at the door).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers (slow senders hold nothing).
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// Longest one request may take, its body included (`408` beyond).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Requests handled at once; more get `503` with `Retry-After`.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
     /// How long a delivery may wait for room in the pool before it is refused with 503,
     /// in milliseconds.
     #[serde(default = "default_capacity_wait")]
@@ -164,6 +176,18 @@ fn default_kind() -> String {
 fn default_id_header() -> String {
     "webhook-id".into()
 }
+fn default_max_connections() -> usize {
+    256
+}
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_concurrent_requests() -> usize {
+    64
+}
 fn default_max_body() -> usize {
     256 * 1024
 }
@@ -182,6 +206,13 @@ impl WebhookConfig {
             &[
                 ("max_body_bytes", self.max_body_bytes as u64),
                 ("retry_after_secs", self.retry_after_secs),
+                ("max_connections", self.max_connections as u64),
+                ("header_timeout_ms", self.header_timeout_ms),
+                ("request_timeout_ms", self.request_timeout_ms),
+                (
+                    "max_concurrent_requests",
+                    self.max_concurrent_requests as u64,
+                ),
             ],
         );
         if self.bind.parse::<SocketAddr>().is_err() {
@@ -337,6 +368,70 @@ impl WebhookAuth {
             }
         }
         Ok(keys)
+    }
+}
+
+async fn overloaded(_: tower::BoxError) -> axum::response::Response {
+    let mut response = refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "too many requests at once; retry shortly",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    response
+}
+
+/// Serves `app` on `listener` until `shutdown`, facing the internet: at most
+/// `max_connections` connections (one more is closed at once), each given
+/// `header_timeout_ms` to send its headers (a client trickling them holds nothing for
+/// long), HTTP/1.1 only (what providers and Dovecot speak); open requests finish at
+/// shutdown.
+async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    config: &WebhookConfig,
+    shutdown: runtime_contracts::Shutdown,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let header_timeout = Duration::from_millis(config.header_timeout_ms);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((tcp, peer)) = accepted else {
+            // Out of file descriptors, say: try again shortly rather than spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tracing::warn!(%peer, "webhook: too many connections; one more was closed");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
     }
 }
 
@@ -950,12 +1045,22 @@ impl TaskSource for WebhookSource {
                 .layer(axum::extract::DefaultBodyLimit::max(
                     self.config.max_body_bytes,
                 ))
-                .with_state(handler);
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
+                .with_state(handler)
+                .layer(
+                    tower::ServiceBuilder::new()
+                        .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+                        .layer(tower::load_shed::LoadShedLayer::new())
+                        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                            self.config.max_concurrent_requests,
+                        ))
+                        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                            StatusCode::REQUEST_TIMEOUT,
+                            Duration::from_millis(self.config.request_timeout_ms),
+                        )),
+                );
+            serve_bounded(listener, app, &self.config, shutdown).await;
             self.counters().state = Some(SourceState::Stopped);
-            served.map_err(|e| io(format!("serving: {e}")))
+            Ok(())
         })
     }
 
