@@ -594,7 +594,7 @@ pub async fn build_traced_runtime(
             for (pool, settings) in pools(&config, &bot.pool) {
                 // The broker pushes as many deliveries as the pool's workers lease at once.
                 let prefetch = settings.workers.saturating_mul(settings.prefetch);
-                let queue = Arc::new(AmqpQueue::new(pool.clone(), cfg.clone(), prefetch));
+                let queue = Arc::new(AmqpQueue::new(pool.clone(), cfg.clone(), prefetch)?);
                 builder = builder
                     .health(Arc::new(AmqpHealth(Arc::clone(&queue))))
                     .queue(&pool, queue);

@@ -23,7 +23,7 @@ use crate::domain::reply::{ReplyConfig, ReplyHandler};
 use crate::domain::sender_auth::{Checker, SenderAuthConfig};
 use crate::domain::sheets::SheetLimits;
 use crate::domain::store::{Backend, Effects, NewOrder, OrderStore, Recorded, Recording, ReplyTo};
-use crate::domain::OutcomeKind;
+use crate::domain::{clip, OutcomeKind, MAX_NAMED_INVALID, MAX_STORED_REASON};
 
 /// The module's configuration key.
 pub const SECTION: &str = "apps.mail_order_bot";
@@ -477,7 +477,7 @@ impl OrderHandler {
         };
         let mut outcome = |kind: OutcomeKind, reason: String| {
             rec.outcome = kind;
-            rec.reason = Some(reason);
+            rec.reason = Some(clip(&reason, MAX_STORED_REASON).into_owned());
         };
         if let Some(limit) = &facts.rejected {
             outcome(OutcomeKind::Rejected, limit.clone());
@@ -515,8 +515,7 @@ impl OrderHandler {
             return rec;
         };
         let extraction = facts.extraction(|kind| client.reads(kind));
-        let invalid = (!extraction.invalid.is_empty())
-            .then(|| format!("invalid lines: {}", extraction.invalid.join("; ")));
+        let invalid = (!extraction.invalid.is_empty()).then(|| invalid_reason(&extraction.invalid));
         if extraction.lines.is_empty() {
             match (&facts.unsupported, invalid) {
                 (Some(what), _) => outcome(
@@ -750,6 +749,21 @@ impl OrderHandler {
 pub const REPLAY_HEADER: &str = "plba-replay";
 
 /// The outcome kind `task` replays, if it is a replay.
+/// The reason that names a message's invalid lines: the first [`MAX_NAMED_INVALID`], each
+/// cut short, then how many more there were; never longer than [`MAX_STORED_REASON`].
+fn invalid_reason(invalid: &[String]) -> String {
+    let named: Vec<_> = invalid
+        .iter()
+        .take(MAX_NAMED_INVALID)
+        .map(|line| clip(line, 160))
+        .collect();
+    let mut reason = format!("invalid lines: {}", named.join("; "));
+    if invalid.len() > named.len() {
+        reason.push_str(&format!("; and {} more", invalid.len() - named.len()));
+    }
+    clip(&reason, MAX_STORED_REASON).into_owned()
+}
+
 fn replayed(task: &Task) -> Option<OutcomeKind> {
     let kind = task.headers.get(REPLAY_HEADER)?;
     crate::domain::replay::REPLAYABLE

@@ -625,22 +625,7 @@ async fn dead_letters_are_found_replayed_and_deleted_and_the_order_shows_in_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_all_matching_asks_first_and_replays_only_what_matches() {
     let p = plane(None).await;
-    p.ws.store().await;
-    let db = refuse_sku_666(&p.ws).await;
-    for (name, qty) in [("a", 1), ("b", 2), ("c", 3)] {
-        p.ws.deliver(
-            &format!("{name}.mail"),
-            &order_mail(name, "purchasing@acme.example", &[("SKU-666", qty)]),
-        );
-    }
-    wait_for(Duration::from_secs(60), "three dead letters", || async {
-        p.runtime.status().await.queues["orders"].dead == 3
-    })
-    .await;
-    sqlx::query("DROP TRIGGER erp_down")
-        .execute(&db)
-        .await
-        .expect("fix");
+    plane::three_fixed_dead_letters(&p).await;
     let mut admin = Client::new(&p.app);
     admin.login("admin-token-1-4b8e2d6f0a3c9e17b5d2").await;
     let csrf = admin.csrf().await;

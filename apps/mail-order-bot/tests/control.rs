@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::plane::{call, plane, refuse_sku_666, ADMIN, CONTROL, READ};
+use common::plane::{call, plane, refuse_sku_666, three_fixed_dead_letters, ADMIN, CONTROL, READ};
 use common::{order_mail, wait_for, Workspace};
 use http_body_util::BodyExt;
 use mail_order_bot::compose::{build_runtime, control_config, load_config};
@@ -84,11 +84,16 @@ async fn every_route_answers_and_every_bad_request_gets_a_json_error() {
     assert_eq!(paused.status, StatusCode::OK, "{}", paused.text);
     let not_ready = call(app, "GET", "/health/ready", None, None).await;
     assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    // Open health says what is down; why (hosts, users, errors) only to a token's holder.
     assert!(
-        not_ready.text.contains("source inbox is paused"),
+        !not_ready.text.contains("source inbox is paused")
+            && not_ready.text.contains("a read token shows why"),
         "{}",
         not_ready.text
     );
+    let why = call(app, "GET", "/health/ready", READ, None).await;
+    assert_eq!(why.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(why.text.contains("source inbox is paused"), "{}", why.text);
     assert_eq!(
         call(app, "GET", "/status", READ, None).await.json()["sources"]["inbox"]["paused"],
         true
@@ -270,8 +275,48 @@ async fn every_route_answers_and_every_bad_request_gets_a_json_error() {
         json_body(json!({})),
     )
     .await;
-    assert_eq!(none.json(), json!({"replayed": []}));
+    assert_eq!(none.json(), json!({"replayed": [], "more": false}));
 
+    p.runtime.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_every_matching_dead_letter_is_done_a_bounded_number_at_a_time() {
+    let p = plane(None).await;
+    three_fixed_dead_letters(&p).await;
+    let path = "/queues/orders/dead-letters/replay";
+    for limit in [0, 10_001] {
+        let bad = call(
+            &p.app,
+            "POST",
+            path,
+            ADMIN,
+            json_body(json!({"limit": limit})),
+        )
+        .await;
+        assert_eq!(
+            (bad.status, bad.code().as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+            "{}",
+            bad.text
+        );
+    }
+    let first = call(&p.app, "POST", path, ADMIN, json_body(json!({"limit": 2}))).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let first = first.json();
+    assert_eq!(
+        first["replayed"].as_array().map(Vec::len),
+        Some(2),
+        "{first}"
+    );
+    assert_eq!(first["more"], true, "{first}");
+    p.ws.wait_for_orders(2).await;
+    let rest = call(&p.app, "POST", path, ADMIN, json_body(json!({})))
+        .await
+        .json();
+    assert_eq!(rest["replayed"].as_array().map(Vec::len), Some(1), "{rest}");
+    assert_eq!(rest["more"], false, "{rest}");
+    p.ws.wait_for_orders(3).await;
     p.runtime.shutdown().await;
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use mail_order_bot::domain::clients::load_clients_file;
 use mail_order_bot::domain::message::read_mail;
 use mail_order_bot::domain::store::{OrderStore, Recorded};
-use mail_order_bot::domain::OutcomeKind;
+use mail_order_bot::domain::{OutcomeKind, MAX_STORED_REASON, MAX_STORED_SUBJECT};
 use mail_order_bot::module::{outcome_of, BotConfig, OrderHandler};
 use plba_testkit::PostgresServer;
 use serde::Deserialize;
@@ -141,6 +141,15 @@ async fn walk(store_url: &str, batch: usize) {
             if !have.contains(want.as_str()) {
                 problems.push(format!("reason {have:?} does not contain {want:?}"));
             }
+        }
+        // What is kept of any mail is bounded, however large the mail.
+        let reason_chars = rec.reason.as_deref().map_or(0, |r| r.chars().count());
+        if reason_chars > MAX_STORED_REASON {
+            problems.push(format!("a reason of {reason_chars} characters is stored"));
+        }
+        let subject_chars = rec.subject.as_deref().map_or(0, |s| s.chars().count());
+        if subject_chars > MAX_STORED_SUBJECT {
+            problems.push(format!("a subject of {subject_chars} characters is stored"));
         }
         if let Some(want) = &case.subject {
             if facts.subject.as_deref() != Some(want.as_str()) {

@@ -143,7 +143,7 @@ async fn plba(url: &str, pool: &str, n: u64, consumers: usize, produce: bool) ->
         url: url.to_owned(),
         ..AmqpQueueConfig::default()
     };
-    let queue = Arc::new(AmqpQueue::new(pool, config, consumers * 100));
+    let queue = Arc::new(AmqpQueue::new(pool, config, consumers * 100).expect("queue"));
     if produce {
         use runtime_contracts::TaskQueue;
         queue.stats().await.expect("declares the queues");

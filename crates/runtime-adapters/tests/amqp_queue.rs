@@ -20,7 +20,7 @@ async fn broker_down_means_errors_and_not_ready_then_recovery_with_nothing_lost(
         reconnect_max_ms: 500,
         ..AmqpQueueConfig::default()
     };
-    let q = Arc::new(AmqpQueue::new("jobs", config, 8));
+    let q = Arc::new(AmqpQueue::new("jobs", config, 8).expect("queue"));
     let health = AmqpHealth(Arc::clone(&q));
     assert_eq!(health.check(Probe::Readiness).await, HealthStatus::Up);
     q.publish(task("a")).await.expect("publish");

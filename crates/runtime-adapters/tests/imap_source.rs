@@ -100,6 +100,71 @@ async fn pointers_load_complete_and_go_stale_safely() {
     ));
 }
 
+/// The size in a pointer is the server's `RFC822.SIZE`, which the limit does not trust: a
+/// message larger than it declared is fetched no further than the limit and a byte, alone
+/// or in a batch, and is too large.
+#[tokio::test]
+async fn a_message_larger_than_its_declared_size_is_cut_at_the_limit() {
+    let server = DovecotServer::start(&[("u", "pass")]);
+    let mut client = server.client("u", "pass");
+    let big = format!(
+        "Subject: big\r\nMessage-ID: <big@b>\r\n\r\n{}",
+        "SKU-1 x 1\r\n".repeat(2000)
+    )
+    .into_bytes();
+    let small = b"Subject: small\r\nMessage-ID: <small@b>\r\n\r\nSKU-2 x 2\r\n".to_vec();
+    let big_uid = u64::from(client.append_one("INBOX", &big).expect("APPENDUID"));
+    let small_uid = u64::from(client.append_one("INBOX", &small).expect("APPENDUID"));
+    let validity = server.uid_validity("u", "pass", "INBOX");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imap = source(&server, dir.path(), 1024);
+    // The server said 100 bytes (a lie, or a size the index got wrong).
+    let lying = pointer(validity, big_uid, Some(100));
+    assert!(
+        matches!(
+            imap.load_content(&lying).await,
+            Err(SourceError::TooLarge {
+                size: 1025,
+                limit: 1024,
+                ..
+            })
+        ),
+        "alone"
+    );
+    let batch: Vec<std::sync::Arc<Task>> = vec![
+        pointer(validity, small_uid, Some(small.len() as u64)),
+        pointer(validity, big_uid, Some(100)),
+    ]
+    .into_iter()
+    .map(std::sync::Arc::new)
+    .collect();
+    let loaded = imap.load_batch(&batch).await;
+    assert_eq!(
+        loaded[0].as_ref().expect("small").as_deref(),
+        Some(&small[..])
+    );
+    assert!(
+        matches!(loaded[1], Err(SourceError::TooLarge { size: 1025, .. })),
+        "in a batch: {:?}",
+        loaded[1].as_ref().map(|b| b.as_ref().map(Vec::len))
+    );
+    // A message exactly at the limit is whole.
+    let exact = {
+        let head = "Subject: exact\r\nMessage-ID: <exact@b>\r\n\r\n";
+        let mut m = head.as_bytes().to_vec();
+        m.resize(1024, b'x');
+        m
+    };
+    let exact_uid = u64::from(client.append_one("INBOX", &exact).expect("APPENDUID"));
+    assert_eq!(
+        imap.load_content(&pointer(validity, exact_uid, Some(1024)))
+            .await
+            .expect("exact")
+            .as_deref(),
+        Some(&exact[..])
+    );
+}
+
 /// A batch of pointers loads with one answer per pointer, in order, whatever each one is;
 /// completing a batch flags exactly its messages.
 #[tokio::test]

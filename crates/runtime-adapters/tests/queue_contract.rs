@@ -25,9 +25,12 @@ trait Backend: Send + Sync {
     /// A consumer of queue `name`: a new connection and consumer where the backend has
     /// them, the same queue otherwise.
     fn open(&self, name: &str) -> (Arc<dyn TaskQueue>, Kill);
-    /// Writes bytes that are no task envelope onto queue `name`; None for queues that
-    /// hold typed tasks in memory.
-    fn inject_garbage(&self, name: &str) -> Option<BoxFuture<'static, ()>>;
+    /// Writes `bytes` onto queue `name` as another writer of the server would; None for
+    /// queues that hold typed tasks in memory.
+    fn inject(&self, name: &str, bytes: Vec<u8>) -> Option<BoxFuture<'static, ()>>;
+    /// A consumer of queue `name` that signs with the key in [`SIGNING_ENV`]; None for
+    /// queues that nothing outside the process can write to.
+    fn open_signed(&self, name: &str) -> Option<Arc<dyn TaskQueue>>;
     /// Deliveries after which a task whose consumers keep dying is dead-lettered as
     /// `worker_lost`; None when the backend lives and dies with its consumers.
     fn max_deliveries(&self) -> Option<u32>;
@@ -55,7 +58,10 @@ impl Backend for Memory {
             .clone();
         (queue, Box::new(|| Box::pin(async {})))
     }
-    fn inject_garbage(&self, _: &str) -> Option<BoxFuture<'static, ()>> {
+    fn inject(&self, _: &str, _: Vec<u8>) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+    fn open_signed(&self, _: &str) -> Option<Arc<dyn TaskQueue>> {
         None
     }
     fn max_deliveries(&self) -> Option<u32> {
@@ -84,7 +90,18 @@ impl Backend for Redis {
         let queue = Arc::new(RedisQueue::new(name, config).expect("redis queue"));
         (queue, Box::new(|| Box::pin(async {})))
     }
-    fn inject_garbage(&self, name: &str) -> Option<BoxFuture<'static, ()>> {
+    fn open_signed(&self, name: &str) -> Option<Arc<dyn TaskQueue>> {
+        let config = RedisQueueConfig {
+            url: self.server.url(),
+            consumer: "signed".into(),
+            signing_key_env: Some(SIGNING_ENV.into()),
+            ..RedisQueueConfig::default()
+        };
+        Some(Arc::new(
+            RedisQueue::new(name, config).expect("redis queue"),
+        ))
+    }
+    fn inject(&self, name: &str, bytes: Vec<u8>) -> Option<BoxFuture<'static, ()>> {
         let url = self.server.url();
         let stream = format!("plba:{name}:stream");
         Some(Box::pin(async move {
@@ -97,7 +114,7 @@ impl Backend for Redis {
                 .arg(&stream)
                 .arg("*")
                 .arg("env")
-                .arg("{not an envelope")
+                .arg(bytes)
                 .query_async(&mut conn)
                 .await
                 .expect("XADD");
@@ -119,14 +136,22 @@ impl Backend for Amqp {
             max_deliveries: 2,
             ..AmqpQueueConfig::default()
         };
-        let queue = Arc::new(AmqpQueue::new(name, config, 16));
+        let queue = Arc::new(AmqpQueue::new(name, config, 16).expect("queue"));
         let killed = Arc::clone(&queue);
         (
             queue,
             Box::new(move || Box::pin(async move { killed.close().await })),
         )
     }
-    fn inject_garbage(&self, name: &str) -> Option<BoxFuture<'static, ()>> {
+    fn open_signed(&self, name: &str) -> Option<Arc<dyn TaskQueue>> {
+        let config = AmqpQueueConfig {
+            url: self.server.url(),
+            signing_key_env: Some(SIGNING_ENV.into()),
+            ..AmqpQueueConfig::default()
+        };
+        Some(Arc::new(AmqpQueue::new(name, config, 16).expect("queue")))
+    }
+    fn inject(&self, name: &str, bytes: Vec<u8>) -> Option<BoxFuture<'static, ()>> {
         let url = self.server.url();
         let queue = format!("plba.{name}");
         Some(Box::pin(async move {
@@ -142,7 +167,7 @@ impl Backend for Amqp {
                 "".into(),
                 queue.as_str().into(),
                 BasicPublishOptions::default(),
-                b"{not an envelope",
+                &bytes,
                 lapin::BasicProperties::default(),
             )
             .await
@@ -575,7 +600,7 @@ async fn an_undecodable_message_is_dead_lettered_and_consuming_goes_on(
     b: Arc<dyn Backend>,
     name: String,
 ) -> Outcome {
-    let Some(inject) = b.inject_garbage(&name) else {
+    let Some(inject) = b.inject(&name, b"{not an envelope".to_vec()) else {
         return Outcome::NotApplicable("it holds typed tasks, never bytes");
     };
     let (q, _) = b.open(&name);
@@ -601,6 +626,55 @@ async fn an_undecodable_message_is_dead_lettered_and_consuming_goes_on(
     Outcome::Passed
 }
 
+/// The environment variable of the signing key (set by `main`).
+const SIGNING_ENV: &str = "PLBA_TEST_QUEUE_SIGNING_KEY";
+
+async fn a_signed_queue_dead_letters_what_it_did_not_sign(
+    b: Arc<dyn Backend>,
+    name: String,
+) -> Outcome {
+    let Some(q) = b.open_signed(&name) else {
+        return Outcome::NotApplicable("nothing outside the process can write to it");
+    };
+    assert!(next(&*q, NOTHING).await.is_none());
+    // A well-formed envelope from a writer without the key, and one with a made-up seal.
+    let forged = serde_json::to_vec(&task("forged")).expect("json");
+    let mut sealed = format!("plba-sig1:{}:", "0".repeat(64)).into_bytes();
+    sealed.extend_from_slice(&forged);
+    for bytes in [forged, sealed] {
+        b.inject(&name, bytes).expect("inject").await;
+    }
+    // What the queue writes itself is signed, its retries too.
+    q.publish(task("signed")).await.expect("publish");
+    let lease = expect_next(&*q, "signed").await;
+    q.nack(&lease, Duration::ZERO, Some(failure(1)))
+        .await
+        .expect("nack");
+    let lease = expect_next(&*q, "signed").await;
+    assert_eq!(lease.task.attempt, 1, "the retry kept its history");
+    q.ack(&lease).await.expect("ack");
+    stats_until(&*q, "both forgeries are dead", |s| s.dead == 2).await;
+    let dlq = q.dead_letters().expect("dlq");
+    let page = dlq.list(None, 10).await.expect("list");
+    assert_eq!(page.items.len(), 2);
+    for dead in &page.items {
+        assert!(
+            dead.reason.starts_with("unauthenticated"),
+            "{}",
+            dead.reason
+        );
+    }
+    // A replayed forgery is not laundered into a signed task of its claimed kind.
+    dlq.replay(&page.items[0].id).await.expect("replay");
+    let lease = next(&*q, Duration::from_secs(10))
+        .await
+        .expect("the replayed letter is delivered");
+    assert_ne!(&*lease.task.kind, "job", "{:?}", lease.task);
+    assert_ne!(lease.task.id.as_str(), "forged");
+    q.ack(&lease).await.expect("ack");
+    Outcome::Passed
+}
+
 /// A case as the runner calls it: its name and the boxed future of its body.
 macro_rules! cases {
     ($($case:ident),* $(,)?) => {
@@ -620,9 +694,12 @@ const CASES: &[(&str, Case)] = cases![
     work_of_a_dead_consumer_comes_back,
     a_task_whose_consumers_keep_dying_is_dead_lettered_as_worker_lost,
     an_undecodable_message_is_dead_lettered_and_consuming_goes_on,
+    a_signed_queue_dead_letters_what_it_did_not_sign,
 ];
 
 fn main() {
+    // Before any thread starts.
+    std::env::set_var(SIGNING_ENV, "3b9f1c7e5a2d8f4b6e0c9a1d3f5b7e2c");
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

@@ -30,13 +30,8 @@ pub fn close_open_parts(raw: &[u8]) -> Cow<'_, [u8]> {
     // Where the copy (if any) has reached in `raw`.
     let mut copied = 0usize;
     let mut state = State::Headers(Vec::new());
-    let mut at = 0usize;
-    while at < raw.len() {
-        let end = raw[at..]
-            .iter()
-            .position(|b| *b == b'\n')
-            .map_or(raw.len(), |p| at + p + 1);
-        let line = &raw[at..end];
+    for (at, line) in lines_with_ends(raw) {
+        let end = at + line.len();
         if let Some((depth, closing)) = boundary_line(line, &open) {
             let inner = open.len() - 1 - depth;
             if inner > 0 {
@@ -92,7 +87,6 @@ pub fn close_open_parts(raw: &[u8]) -> Cow<'_, [u8]> {
                 State::Body => State::Body,
             };
         }
-        at = end;
     }
     if open.is_empty() {
         return match out {
@@ -115,6 +109,23 @@ pub fn close_open_parts(raw: &[u8]) -> Cow<'_, [u8]> {
         out.extend_from_slice(eol);
     }
     Cow::Owned(out)
+}
+
+/// The lines of `raw`, each with its line ending and the offset where it starts; a last
+/// line without an ending is yielded as it is.
+pub(crate) fn lines_with_ends(raw: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= raw.len() {
+            return None;
+        }
+        let start = at;
+        at = raw[start..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(raw.len(), |p| start + p + 1);
+        Some((start, &raw[start..at]))
+    })
 }
 
 enum State {

@@ -667,8 +667,10 @@ fn parse_and_read(
         .from()
         .and_then(|a| a.iter().find_map(|addr| addr.address()))
         .map(|a| a.trim().to_lowercase())
-        .filter(|a| a.contains('@'));
-    let subject = message.subject().map(str::to_owned);
+        .filter(|a| a.contains('@') && a.len() <= super::MAX_SENDER);
+    let subject = message
+        .subject()
+        .map(|s| super::clip(s, super::MAX_STORED_SUBJECT).into_owned());
     let auto_reply = auto_reply(&message, sender.as_deref());
     let no_reply = no_reply(&message, sender.as_deref(), auto_reply.as_ref());
     let message_id = usable_message_id(message.message_id())

@@ -20,6 +20,34 @@ pub mod sheets;
 pub mod store;
 pub mod structure;
 
+/// Longest subject kept with an outcome, in characters.
+pub const MAX_STORED_SUBJECT: usize = 998;
+/// Longest reason kept with an outcome, in characters.
+pub const MAX_STORED_REASON: usize = 2_000;
+/// Most invalid lines named in a reason; the rest are counted.
+pub const MAX_NAMED_INVALID: usize = 20;
+/// Longest sender address taken from `From` (RFC 5321 §4.5.3.1.3: a path is at most 256
+/// octets with its brackets); a longer one is no address.
+pub const MAX_SENDER: usize = 254;
+
+/// `text` cut to at most `max` characters at a character boundary; a cut text ends in
+/// `…` and says how many characters were left out, so that what is stored of a mail (its
+/// subject, the reasons its content yields) stays bounded however large the mail is.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((cut, _)) => {
+            let left = text[cut..].chars().count();
+            let note = format!("… ({left} more characters)");
+            let keep = text
+                .char_indices()
+                .nth(max.saturating_sub(note.chars().count()))
+                .map_or(cut, |(i, _)| i);
+            std::borrow::Cow::Owned(format!("{}{note}", &text[..keep]))
+        }
+    }
+}
+
 /// Every outcome a message can end with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

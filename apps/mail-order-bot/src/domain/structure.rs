@@ -22,7 +22,7 @@
 use mail_parser::decoders::base64::base64_decode;
 use mail_parser::decoders::quoted_printable::quoted_printable_decode;
 
-use super::framing::boundary_of;
+use super::framing::{boundary_of, lines_with_ends};
 
 /// How deep the parser reads transfer-encoded message parts (mail-parser's own limit).
 const ENCODED_DEPTH: usize = 3;
@@ -131,14 +131,7 @@ fn walk(
         in_digest: false,
     };
     counts.parts += 1;
-    let mut at = 0usize;
-    while at < raw.len() {
-        let end = raw[at..]
-            .iter()
-            .position(|b| *b == b'\n')
-            .map_or(raw.len(), |p| at + p + 1);
-        let line = &raw[at..end];
-        at = end;
+    for (_, line) in lines_with_ends(raw) {
         if let Some((depth, closing)) = boundary_line(line, &open) {
             if let State::Body {
                 encoded: Some((base64, body)),

@@ -173,6 +173,20 @@ sender_auth = {{ mode = "off" }}
             .expect("open store")
     }
 
+    /// Waits (up to a minute) until the store holds `n` orders.
+    pub async fn wait_for_orders(&self, n: usize) {
+        wait_for(Duration::from_secs(60), &format!("{n} orders"), || async {
+            self.store()
+                .await
+                .orders_after(0)
+                .await
+                .expect("orders")
+                .len()
+                == n
+        })
+        .await;
+    }
+
     /// Unique name → whether the file is marked seen, for every message in the Maildir.
     pub fn seen_flags(&self) -> BTreeMap<String, bool> {
         let mut out = BTreeMap::new();

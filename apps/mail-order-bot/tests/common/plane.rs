@@ -138,6 +138,27 @@ pub async fn refuse_sku_666(ws: &Workspace) -> sqlx::SqlitePool {
     db
 }
 
+/// Three dead letters on `p`'s `orders` queue (mails `a.mail`, `b.mail`, `c.mail` of SKU-666
+/// × 1, 2 and 3, which the database refused), then the fault lifted: a replay makes orders.
+pub async fn three_fixed_dead_letters(p: &Plane) {
+    p.ws.store().await;
+    let db = refuse_sku_666(&p.ws).await;
+    for (name, qty) in [("a", 1), ("b", 2), ("c", 3)] {
+        p.ws.deliver(
+            &format!("{name}.mail"),
+            &super::order_mail(name, "purchasing@acme.example", &[("SKU-666", qty)]),
+        );
+    }
+    wait_for(Duration::from_secs(60), "three dead letters", || async {
+        p.runtime.status().await.queues["orders"].dead == 3
+    })
+    .await;
+    sqlx::query("DROP TRIGGER erp_down")
+        .execute(&db)
+        .await
+        .expect("fix");
+}
+
 /// The bot binary on `config`, whose control plane binds a free port (`127.0.0.1:0`), with
 /// `env` added; returns the process and the address it printed.
 pub fn spawn_with_control(

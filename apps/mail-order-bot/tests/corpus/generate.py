@@ -663,6 +663,14 @@ def main():
                          lying_xlsx(4 << 20), "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
          "rejected", reason="inflates to more than the 900 bytes it declares")
 
+    # -- what is stored of a mail stays bounded however large the mail --------------------------
+    words = ["overlong"] * 6000
+    folded = "\n ".join(" ".join(words[i:i + 10]) for i in range(0, len(words), 10))
+    body = "".join("SKU-9%04d x 0\n" % i for i in range(3000)) + "SKU-8301 x 2\n"
+    case("083-huge-subject-and-thousands-of-invalid-lines",
+         headers(acme, "PO 8300 " + folded, "po8300@acme.example") + "Content-Type: text/plain\n\n" + body,
+         "created", ["SKU-8301:2"], reason="; and 2980 more")
+
     with open(os.path.join(HERE, "expected.toml"), "w", encoding="utf-8") as f:
         f.write("# One [[case]] per .eml file, processed in this order into one store.\n"
                 "# Written by generate.py; `lines` are SKU:quantity in order, `reason` a substring of the\n"

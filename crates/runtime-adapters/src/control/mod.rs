@@ -235,6 +235,8 @@ pub(crate) async fn run_action(
 #[derive(Clone)]
 pub(crate) struct Ctl {
     pub(crate) runtime: Arc<RuntimeManager>,
+    /// The configured tokens (open health shows reasons only to their holders).
+    pub(crate) tokens: Arc<Tokens>,
 }
 
 /// The control plane's router, with its limits, auth and JSON errors, ready to serve or to
@@ -250,6 +252,7 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
     let health = guarded(health, &tokens, &throttle)
         .with_state(Ctl {
             runtime: Arc::clone(&runtime),
+            tokens: Arc::clone(&tokens),
         })
         .layer(
             ServiceBuilder::new()
@@ -277,6 +280,7 @@ pub fn router(runtime: Arc<RuntimeManager>, config: &ControlConfig) -> Router {
         })
         .with_state(Ctl {
             runtime: Arc::clone(&runtime),
+            tokens: Arc::clone(&tokens),
         });
     let routes = if config.ui {
         routes.merge(ui::router(

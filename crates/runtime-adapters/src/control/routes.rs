@@ -2,11 +2,11 @@
 //! OpenAPI document, so the three cannot drift apart.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::Json;
-use runtime_contracts::{DeadLetter, DeadLetterStore, Probe};
+use runtime_contracts::{DeadLetter, DeadLetterStore, HealthStatus, Probe};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -185,22 +185,34 @@ pub(crate) fn table(open_health: bool) -> Vec<Route> {
     ]
 }
 
-async fn health(ctl: &Ctl, probe: Probe) -> Response {
-    let report = ctl.runtime.health().check(probe).await;
+async fn health(ctl: &Ctl, probe: Probe, headers: &HeaderMap) -> Response {
+    let mut report = ctl.runtime.health().check(probe).await;
     let status = if report.healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Open health answers anyone who reaches the port; a reason names hosts, users and
+    // errors, so only a token's holder reads it (an orchestrator needs the status alone).
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if ctl.tokens.any() && ctl.tokens.authorize(authorization, Role::Read).is_err() {
+        for check in &mut report.checks {
+            if let HealthStatus::Down { reason } = &mut check.status {
+                *reason = "down (a read token shows why)".to_owned();
+            }
+        }
+    }
     (status, Json(report)).into_response()
 }
 
-async fn live(State(ctl): State<Ctl>) -> Response {
-    health(&ctl, Probe::Liveness).await
+async fn live(State(ctl): State<Ctl>, headers: HeaderMap) -> Response {
+    health(&ctl, Probe::Liveness, &headers).await
 }
 
-async fn ready(State(ctl): State<Ctl>) -> Response {
-    health(&ctl, Probe::Readiness).await
+async fn ready(State(ctl): State<Ctl>, headers: HeaderMap) -> Response {
+    health(&ctl, Probe::Readiness, &headers).await
 }
 
 async fn status(State(ctl): State<Ctl>) -> Json<runtime_core::RuntimeStatus> {
@@ -257,6 +269,8 @@ struct Filter {
     kind: Option<String>,
     /// Only dead letters whose reason contains this text.
     reason: Option<String>,
+    /// At most this many (replay: [`REPLAY_LIMIT`] unless set, never more than [`SCAN_LIMIT`]).
+    limit: Option<usize>,
 }
 
 impl Filter {
@@ -331,7 +345,9 @@ async fn run_action(
 
 fn filter_schema() -> Value {
     json!({"type": "object", "additionalProperties": false, "properties": {
-        "kind": {"type": "string"}, "reason": {"type": "string", "description": "substring of the reason"}}})
+        "kind": {"type": "string"}, "reason": {"type": "string", "description": "substring of the reason"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": SCAN_LIMIT,
+            "description": "replay at most this many (default 1000); `more` in the answer says whether others match"}}})
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,8 +359,11 @@ struct ListQuery {
     reason: Option<String>,
 }
 
-/// Most dead letters looked at for one listing request.
+/// Most dead letters looked at for one listing request, and most replayed by one request.
 const SCAN_LIMIT: usize = 10_000;
+
+/// Dead letters replayed by one request that sets no `limit`.
+const REPLAY_LIMIT: usize = 1_000;
 
 async fn dead_letters(
     State(ctl): State<Ctl>,
@@ -362,6 +381,7 @@ async fn dead_letters(
     let filter = Filter {
         kind: q.kind,
         reason: q.reason,
+        limit: None,
     };
     let mut cursor = q.cursor;
     let mut items = Vec::new();
@@ -413,19 +433,31 @@ async fn replay_matching(
     ApiJson(filter): ApiJson<Filter>,
 ) -> Result<Json<Value>, ApiError> {
     let store = store(&ctl, &queue)?;
+    let limit = filter.limit.unwrap_or(REPLAY_LIMIT);
+    if !(1..=SCAN_LIMIT).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("limit must be between 1 and {SCAN_LIMIT}"),
+        ));
+    }
+    // The ids are collected first (a replay changes the list under a cursor), a bounded
+    // number of them: the rest are left for the next request, which `more` asks for.
     let mut ids = Vec::new();
     let mut cursor = None;
+    let mut more = false;
     loop {
         let page = store.list(cursor, 500).await.map_err(queue_error)?;
-        ids.extend(
-            page.items
-                .iter()
-                .filter(|d| filter.keeps(d))
-                .map(|d| d.id.clone()),
-        );
+        for d in page.items.iter().filter(|d| filter.keeps(d)) {
+            if ids.len() == limit {
+                more = true;
+                break;
+            }
+            ids.push(d.id.clone());
+        }
         match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
+            Some(next) if !more => cursor = Some(next),
+            _ => break,
         }
     }
     let mut replayed = Vec::new();
@@ -440,9 +472,10 @@ async fn replay_matching(
     tracing::info!(
         queue,
         count = replayed.len(),
+        more,
         "dead letters replayed by an operator"
     );
-    Ok(Json(json!({ "replayed": replayed })))
+    Ok(Json(json!({ "replayed": replayed, "more": more })))
 }
 
 async fn purge_one(

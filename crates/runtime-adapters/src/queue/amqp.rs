@@ -54,6 +54,7 @@ use runtime_contracts::{
 };
 use serde::Deserialize;
 
+use super::signing::{self, Refusal, Signer};
 use crate::now_unix_ms;
 
 /// The kind of RabbitMQ queue.
@@ -103,6 +104,10 @@ pub struct AmqpQueueConfig {
     pub reconnect_max_ms: u64,
     /// How long an id published here, and settled elsewhere, is still refused (s).
     pub dedupe_window_secs: u64,
+    /// The environment variable holding this queue's signing key (at least 32 bytes, the
+    /// same in every process): every envelope is then signed, and one delivered without a
+    /// valid signature is dead-lettered as `unauthenticated` (see `queue::signing`).
+    pub signing_key_env: Option<String>,
 }
 
 impl Default for AmqpQueueConfig {
@@ -118,6 +123,7 @@ impl Default for AmqpQueueConfig {
             connect_timeout_ms: 5_000,
             reconnect_max_ms: 5_000,
             dedupe_window_secs: 3_600,
+            signing_key_env: None,
         }
     }
 }
@@ -156,12 +162,18 @@ impl AmqpQueueConfig {
                 ("dedupe_window_secs", self.dedupe_window_secs),
             ],
         ));
+        if let Some(var) = &self.signing_key_env {
+            if let Err(why) = Signer::from_env(var, "") {
+                problems.push(ConfigProblem::new(format!("{prefix}.signing_key_env"), why));
+            }
+        }
         problems
     }
 }
 
 const REASON_WORKER_LOST: &str = "worker_lost";
 const REASON_UNDECODABLE: &str = "undecodable";
+const REASON_UNAUTHENTICATED: &str = "unauthenticated";
 const HEADER_REASON: &str = "plba-reason";
 const HEADER_DEAD_AT: &str = "plba-dead-at-ms";
 const HEADER_ATTEMPTS: &str = "plba-attempts";
@@ -191,8 +203,10 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
-fn encode(task: &Task) -> Result<Vec<u8>, QueueError> {
-    serde_json::to_vec(task).map_err(|e| unavailable(format!("encoding the envelope: {e}")))
+fn encode(task: &Task, signer: Option<&Signer>) -> Result<Vec<u8>, QueueError> {
+    let json =
+        serde_json::to_vec(task).map_err(|e| unavailable(format!("encoding the envelope: {e}")))?;
+    Ok(signing::seal(signer, json))
 }
 
 fn text_header(headers: &FieldTable, name: &str) -> Option<String> {
@@ -275,6 +289,8 @@ enum Known {
 /// The AMQP queue of one pool. See the module docs.
 pub struct AmqpQueue {
     name: String,
+    /// Signs what is published and checks what is delivered, when `signing_key_env` is set.
+    signer: Option<Signer>,
     config: AmqpQueueConfig,
     names: Names,
     prefetch: u16,
@@ -312,15 +328,23 @@ impl AmqpQueue {
     /// The queue of pool `name`, whose workers lease up to `pool_prefetch` tasks in all
     /// (workers × batch size: the `basic.qos` when the config leaves it 0). Connects
     /// lazily: an unreachable broker is an error of the first operation and of readiness.
-    pub fn new(name: impl Into<String>, config: AmqpQueueConfig, pool_prefetch: usize) -> Self {
+    ///
+    /// Fails only when `signing_key_env` names no usable key.
+    pub fn new(
+        name: impl Into<String>,
+        config: AmqpQueueConfig,
+        pool_prefetch: usize,
+    ) -> Result<Self, QueueError> {
         let name = name.into();
+        let signer = Signer::of_queue(config.signing_key_env.as_deref(), &name)?;
         let prefetch = if config.prefetch > 0 {
             config.prefetch
         } else {
             u16::try_from(pool_prefetch.max(1)).unwrap_or(u16::MAX)
         };
         let work = format!("{}.{name}", config.queue_prefix);
-        Self {
+        Ok(Self {
+            signer,
             names: Names {
                 dead: format!("{work}.dead"),
                 work,
@@ -340,7 +364,7 @@ impl AmqpQueue {
             published: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-        }
+        })
     }
 
     /// The work queue's name on the broker.
@@ -664,12 +688,21 @@ impl AmqpQueue {
             .and_then(|h| number_header(h, "x-delivery-count"))
             .unwrap_or(0)
             + 1;
-        let task = match super::decode_envelope(&delivery.data, self.config.max_message_bytes) {
+        let decoded = signing::decode(
+            &delivery.data,
+            self.config.max_message_bytes,
+            self.signer.as_ref(),
+        );
+        let task = match decoded {
             Ok(task) => task,
-            Err(why) => {
-                tracing::error!(queue = %self.name, %why, "undecodable message dead-lettered");
+            Err(refusal) => {
+                let (kind, why) = match refusal {
+                    Refusal::Undecodable(why) => (REASON_UNDECODABLE, why),
+                    Refusal::Unauthenticated(why) => (REASON_UNAUTHENTICATED, why),
+                };
+                tracing::error!(queue = %self.name, %why, kind, "message refused and dead-lettered");
                 let id = format!(
-                    "undecodable:{}",
+                    "{kind}:{}",
                     delivery
                         .properties
                         .message_id()
@@ -678,7 +711,7 @@ impl AmqpQueue {
                         .unwrap_or_else(|| format!("{}-{}", now_unix_ms(), delivery.delivery_tag))
                 );
                 let body = delivery.data.clone();
-                let reason = format!("{REASON_UNDECODABLE}: {why}");
+                let reason = format!("{kind}: {why}");
                 self.bury_raw(&delivery.acker, &id, body, &reason, &[])
                     .await;
                 return None;
@@ -697,7 +730,7 @@ impl AmqpQueue {
             task.attempt = failure.attempt;
             task.history.push(failure.clone());
             let id = task.id.to_string();
-            if let Ok(body) = encode(&task) {
+            if let Ok(body) = encode(&task, self.signer.as_ref()) {
                 self.bury_raw(&delivery.acker, &id, body, &failure.reason, &task.history)
                     .await;
                 lock(&self.known).insert(Arc::from(id.as_str()), Known::Dead);
@@ -779,7 +812,7 @@ impl AmqpQueue {
                 }
             }
         };
-        let body = encode(task)?;
+        let body = encode(task, self.signer.as_ref())?;
         match self
             .publish_to(&target, &[(task.id.as_str(), body, None)])
             .await
@@ -932,7 +965,7 @@ impl TaskQueue for AmqpQueue {
             }
             let mut messages = Vec::with_capacity(fresh.len());
             for (task, _) in &fresh {
-                messages.push((task.id.as_str(), encode(task)?, None));
+                messages.push((task.id.as_str(), encode(task, self.signer.as_ref())?, None));
             }
             if let Err(e) = self.publish_to(&self.names.work, &messages).await {
                 for (_, id) in &fresh {
@@ -1029,7 +1062,7 @@ impl TaskQueue for AmqpQueue {
             let mut task = (*lease.task).clone();
             task.attempt = task.attempt.saturating_add(1);
             task.history.push(failure.clone());
-            let body = encode(&task)?;
+            let body = encode(&task, self.signer.as_ref())?;
             if !self
                 .bury_raw(&held.acker, &id, body, &failure.reason, &task.history)
                 .await
@@ -1117,7 +1150,10 @@ struct Taken {
     acker: Acker,
 }
 
-fn to_dead_letter(queue: &str, delivery: &Delivery) -> DeadLetter {
+/// A dead letter as the dead queue holds it; an envelope that does not decode, or whose
+/// signature is not valid on a queue that signs, is a placeholder task holding its raw
+/// text, so that a replay can never turn an injected message into a signed task.
+fn to_dead_letter(queue: &str, delivery: &Delivery, signer: Option<&Signer>) -> DeadLetter {
     let headers = delivery.properties.headers().clone().unwrap_or_default();
     let id = delivery
         .properties
@@ -1125,7 +1161,7 @@ fn to_dead_letter(queue: &str, delivery: &Delivery) -> DeadLetter {
         .as_ref()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_default();
-    let task = match super::decode_envelope(&delivery.data, usize::MAX) {
+    let task = match signing::decode(&delivery.data, usize::MAX / 2, signer) {
         Ok(task) => task,
         Err(_) => {
             // An undecodable message: its raw text, as far as it goes, in a placeholder.
@@ -1226,7 +1262,7 @@ impl AmqpQueue {
             );
             let got = self.answer("basic.get", get).await?;
             let Some(got) = got else { break };
-            let letter = to_dead_letter(&self.name, &got.delivery);
+            let letter = to_dead_letter(&self.name, &got.delivery, self.signer.as_ref());
             taken.push(Taken {
                 letter,
                 acker: got.delivery.acker,
@@ -1242,7 +1278,7 @@ impl AmqpQueue {
         lock(&self.known).insert(Arc::clone(&id), Known::Pending(Instant::now()));
         self.publish_to(
             &self.names.work,
-            &[(task.id.as_str(), encode(&task)?, None)],
+            &[(task.id.as_str(), encode(&task, self.signer.as_ref())?, None)],
         )
         .await?;
         self.answer("basic.ack", taken.acker.ack(BasicAckOptions::default()))

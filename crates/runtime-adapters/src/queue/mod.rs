@@ -9,6 +9,9 @@ pub mod redis;
 #[cfg(feature = "queue-amqp")]
 pub mod amqp;
 
+#[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
+pub(crate) mod signing;
+
 /// A named fault point of the fault suite (`failpoints` feature; nothing without it). Its
 /// actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...); `return` makes the
 /// operation fail as unavailable, `return(abort)` aborts the process there, as `kill -9`

@@ -22,6 +22,7 @@ use runtime_contracts::{
 };
 use serde::Deserialize;
 
+use super::signing::{self, Refusal, Signer};
 use crate::now_unix_ms;
 
 /// A multiplexed connection: many requests in flight on one socket.
@@ -53,6 +54,10 @@ pub struct RedisQueueConfig {
     pub max_entry_bytes: usize,
     /// How long a published task id is remembered for idempotent publishing (s).
     pub dedupe_ttl_secs: u64,
+    /// The environment variable holding this queue's signing key (at least 32 bytes, the
+    /// same in every process): every envelope is then signed, and one read without a valid
+    /// signature is dead-lettered as `unauthenticated` (see `queue::signing`). Unset: none.
+    pub signing_key_env: Option<String>,
 }
 
 impl Default for RedisQueueConfig {
@@ -68,6 +73,7 @@ impl Default for RedisQueueConfig {
             max_deliveries: 5,
             max_entry_bytes: 64 * 1024,
             dedupe_ttl_secs: 7 * 24 * 3600,
+            signing_key_env: None,
         }
     }
 }
@@ -94,6 +100,11 @@ impl RedisQueueConfig {
                 ("dedupe_ttl_secs", self.dedupe_ttl_secs),
             ],
         ));
+        if let Some(var) = &self.signing_key_env {
+            if let Err(why) = Signer::from_env(var, "") {
+                problems.push(ConfigProblem::new(format!("{prefix}.signing_key_env"), why));
+            }
+        }
         for (pool, timeout) in handler_timeouts {
             if self.claim_min_idle_ms <= *timeout {
                 problems.push(ConfigProblem::new(
@@ -119,6 +130,7 @@ impl RedisQueueConfig {
 const GROUP: &str = "plba";
 const REASON_WORKER_LOST: &str = "worker_lost";
 const REASON_UNDECODABLE: &str = "undecodable";
+const REASON_UNAUTHENTICATED: &str = "unauthenticated";
 
 /// Publishes unless the id is known: the check and the append are one step, so a crash
 /// between them cannot leave an id marked known with no entry.
@@ -318,27 +330,36 @@ fn field<'a>(fields: &'a [Field], name: &str) -> Option<&'a [u8]> {
 /// What became of an entry read from the stream.
 enum Decoded {
     Task(Task),
-    Undecodable(String),
+    /// Dead-lettered under this reason (`undecodable: …`, `unauthenticated: …`).
+    Refused(String),
 }
 
-fn decode(fields: &[Field], max_bytes: usize) -> Decoded {
+fn decode(fields: &[Field], max_bytes: usize, signer: Option<&Signer>) -> Decoded {
     let Some(raw) = field(fields, "env") else {
-        return Decoded::Undecodable("entry has no `env` field".into());
+        return Decoded::Refused(format!("{REASON_UNDECODABLE}: entry has no `env` field"));
     };
-    match super::decode_envelope(raw, max_bytes) {
+    match signing::decode(raw, max_bytes, signer) {
         Ok(task) => Decoded::Task(task),
-        Err(why) => Decoded::Undecodable(why),
+        Err(Refusal::Undecodable(why)) => Decoded::Refused(format!("{REASON_UNDECODABLE}: {why}")),
+        Err(Refusal::Unauthenticated(why)) => {
+            Decoded::Refused(format!("{REASON_UNAUTHENTICATED}: {why}"))
+        }
     }
 }
 
-fn encode(task: &Task) -> Result<String, QueueError> {
-    serde_json::to_string(task)
+fn encode(task: &Task, signer: Option<&Signer>) -> Result<String, QueueError> {
+    let json = serde_json::to_vec(task)
+        .map_err(|e| QueueError::Unavailable(format!("encoding the envelope: {e}")))?;
+    // JSON and the seal's prefix are UTF-8.
+    String::from_utf8(signing::seal(signer, json))
         .map_err(|e| QueueError::Unavailable(format!("encoding the envelope: {e}")))
 }
 
 /// The Redis Streams queue. See the module docs.
 pub struct RedisQueue {
     name: String,
+    /// Signs what is written and checks what is read, when `signing_key_env` is set.
+    signer: Option<Signer>,
     config: RedisQueueConfig,
     consumer: String,
     keys: Keys,
@@ -380,7 +401,9 @@ impl RedisQueue {
         let pool = pool_config
             .create_pool(Some(Runtime::Tokio1))
             .map_err(unavailable)?;
+        let signer = Signer::of_queue(config.signing_key_env.as_deref(), &name)?;
         Ok(Self {
+            signer,
             keys: Keys::new(&config.key_prefix, &name),
             consumer: config.consumer_name(),
             name,
@@ -517,22 +540,16 @@ impl RedisQueue {
     async fn admit(&self, conn: &mut Conn, read: Vec<Entry>) -> Result<Vec<Lease>, QueueError> {
         let mut leases = Vec::with_capacity(read.len());
         for (entry, fields) in read {
-            match decode(&fields, self.config.max_entry_bytes) {
+            match decode(&fields, self.config.max_entry_bytes, self.signer.as_ref()) {
                 Decoded::Task(task) => leases.push(self.lease(task, entry)),
-                Decoded::Undecodable(why) => {
-                    tracing::error!(queue = %self.name, entry, %why, "undecodable entry dead-lettered");
+                Decoded::Refused(reason) => {
+                    tracing::error!(queue = %self.name, entry, %reason, "entry refused and dead-lettered");
                     let raw = field(&fields, "env")
                         .map(|b| String::from_utf8_lossy(b).into_owned())
                         .unwrap_or_default();
-                    let id = format!("undecodable:{entry}");
-                    self.bury(
-                        conn,
-                        &entry,
-                        &id,
-                        &raw,
-                        &format!("{REASON_UNDECODABLE}: {why}"),
-                    )
-                    .await?;
+                    let kind = reason.split(':').next().unwrap_or(REASON_UNDECODABLE);
+                    let id = format!("{kind}:{entry}");
+                    self.bury(conn, &entry, &id, &raw, &reason).await?;
                 }
             }
         }
@@ -599,10 +616,14 @@ impl RedisQueue {
                 let raw = field(&fields, "env")
                     .map(|b| String::from_utf8_lossy(b).into_owned())
                     .unwrap_or_default();
-                let task_id = match decode(&fields, self.config.max_entry_bytes) {
-                    Decoded::Task(t) => t.id.to_string(),
-                    Decoded::Undecodable(_) => format!("undecodable:{entry}"),
-                };
+                let task_id =
+                    match decode(&fields, self.config.max_entry_bytes, self.signer.as_ref()) {
+                        Decoded::Task(t) => t.id.to_string(),
+                        Decoded::Refused(reason) => format!(
+                            "{}:{entry}",
+                            reason.split(':').next().unwrap_or(REASON_UNDECODABLE)
+                        ),
+                    };
                 tracing::error!(queue = %self.name, entry, deliveries, "consumers kept dying on this entry; dead-lettered as worker_lost");
                 self.bury(
                     conn,
@@ -717,7 +738,7 @@ impl TaskQueue for RedisQueue {
 
     fn publish(&self, task: Task) -> BoxFuture<'_, Result<PublishResult, QueueError>> {
         Box::pin(async move {
-            let envelope = encode(&task)?;
+            let envelope = encode(&task, self.signer.as_ref())?;
             let mut conn = self.conn().await?;
             self.ensure_group(&mut conn).await?;
             let mut invocation = self.publish.prepare_invoke();
@@ -752,7 +773,10 @@ impl TaskQueue for RedisQueue {
             if tasks.is_empty() {
                 return Ok(Vec::new());
             }
-            let envelopes = tasks.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+            let envelopes = tasks
+                .iter()
+                .map(|t| encode(t, self.signer.as_ref()))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut conn = self.conn().await?;
             self.ensure_group(&mut conn).await?;
             if !self.publish_loaded.load(Ordering::Relaxed) {
@@ -916,7 +940,7 @@ impl TaskQueue for RedisQueue {
                 task.history.push(failure);
                 self.failed.fetch_add(1, Ordering::Relaxed);
             }
-            let envelope = encode(&task)?;
+            let envelope = encode(&task, self.signer.as_ref())?;
             let mut conn = self.conn().await?;
             let mut pipe = redis::pipe();
             pipe.atomic();
@@ -969,7 +993,7 @@ impl TaskQueue for RedisQueue {
             task.attempt = task.attempt.saturating_add(1);
             task.history.push(failure.clone());
             self.failed.fetch_add(1, Ordering::Relaxed);
-            let envelope = encode(&task)?;
+            let envelope = encode(&task, self.signer.as_ref())?;
             let mut conn = self.conn().await?;
             self.bury(
                 &mut conn,
@@ -1089,12 +1113,12 @@ impl RedisQueue {
                 let task = body
                     .map(entries)
                     .and_then(|e| e.into_iter().next())
-                    .and_then(
-                        |(_, fields)| match decode(&fields, self.config.max_entry_bytes) {
+                    .and_then(|(_, fields)| {
+                        match decode(&fields, self.config.max_entry_bytes, self.signer.as_ref()) {
                             Decoded::Task(t) => Some(t),
-                            Decoded::Undecodable(_) => None,
-                        },
-                    );
+                            Decoded::Refused(_) => None,
+                        }
+                    });
                 LeaseInfo {
                     task: task
                         .as_ref()
@@ -1249,11 +1273,14 @@ impl RedisQueue {
         Ok(entries(&reply)
             .into_iter()
             .next()
-            .and_then(|(e, f)| to_dead_letter(&f).map(|d| (e, d))))
+            .and_then(|(e, f)| to_dead_letter(&f, self.signer.as_ref()).map(|d| (e, d))))
     }
 }
 
-fn to_dead_letter(fields: &[Field]) -> Option<DeadLetter> {
+/// A dead letter as stored; an envelope that does not decode, or whose signature is not
+/// valid on a queue that signs, is a placeholder task of kind `undecodable` holding its raw
+/// text, so that a replay can never turn an injected entry into a signed task.
+fn to_dead_letter(fields: &[Field], signer: Option<&Signer>) -> Option<DeadLetter> {
     let id = String::from_utf8(field(fields, "task")?.to_vec()).ok()?;
     let reason = String::from_utf8_lossy(field(fields, "reason").unwrap_or_default()).into_owned();
     let at = std::str::from_utf8(field(fields, "at").unwrap_or_default())
@@ -1261,25 +1288,28 @@ fn to_dead_letter(fields: &[Field]) -> Option<DeadLetter> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(0);
     let env = field(fields, "env").unwrap_or_default();
-    let task = serde_json::from_slice::<Task>(env).unwrap_or_else(|_| {
-        // An undecodable envelope is kept as a task whose payload is the raw text.
-        let raw = String::from_utf8_lossy(env).into_owned();
-        Task::new(
-            id.clone(),
-            "undecodable",
-            "redis",
-            serde_json::json!({ "raw": raw.chars().take(1024).collect::<String>() }),
-        )
-        .unwrap_or_else(|_| {
+    let opened = signing::open(env, signer).ok();
+    let task = opened
+        .and_then(|json| serde_json::from_slice::<Task>(json).ok())
+        .unwrap_or_else(|| {
+            // An undecodable envelope is kept as a task whose payload is the raw text.
+            let raw = String::from_utf8_lossy(env).into_owned();
             Task::new(
-                "undecodable",
+                id.clone(),
                 "undecodable",
                 "redis",
-                serde_json::Value::Null,
+                serde_json::json!({ "raw": raw.chars().take(1024).collect::<String>() }),
             )
-            .unwrap_or_else(|_| unreachable_task())
-        })
-    });
+            .unwrap_or_else(|_| {
+                Task::new(
+                    "undecodable",
+                    "undecodable",
+                    "redis",
+                    serde_json::Value::Null,
+                )
+                .unwrap_or_else(|_| unreachable_task())
+            })
+        });
     Some(DeadLetter {
         id,
         task,
@@ -1417,7 +1447,7 @@ impl DeadLetterStore for RedisQueue {
                 .map_err(|e| self.broken(e))?;
             let mut rows: Vec<(String, DeadLetter)> = entries(&reply)
                 .into_iter()
-                .filter_map(|(e, f)| to_dead_letter(&f).map(|d| (e, d)))
+                .filter_map(|(e, f)| to_dead_letter(&f, self.signer.as_ref()).map(|d| (e, d)))
                 .collect();
             let next_cursor = if rows.len() > limit {
                 rows.truncate(limit);
@@ -1446,7 +1476,7 @@ impl DeadLetterStore for RedisQueue {
                 return Err(QueueError::DeadLetterNotFound(id.to_owned()));
             };
             dead.task.attempt = 0;
-            let envelope = encode(&dead.task)?;
+            let envelope = encode(&dead.task, self.signer.as_ref())?;
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .cmd("XADD")

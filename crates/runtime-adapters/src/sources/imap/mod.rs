@@ -1493,7 +1493,7 @@ impl ImapSource {
         let session = &mut pooled.session;
         let result = async {
             if known_size.is_some() {
-                return fetch_body(session, &uid).await;
+                return fetch_body(session, &uid, max).await;
             }
             let sizes = read_fetches(
                 session
@@ -1510,7 +1510,7 @@ impl ImapSource {
             if u64::from(size) > max {
                 return Ok(Fetched::TooLarge(u64::from(size)));
             }
-            fetch_body(session, &uid).await
+            fetch_body(session, &uid, max).await
         }
         .await;
         self.checkin(pooled, permit, result)
@@ -1654,7 +1654,7 @@ impl ImapSource {
                         } else {
                             bodies.remove(&uid)
                         };
-                        out[i] = Some(Ok(body.map_or(Fetched::Gone, Fetched::Body)));
+                        out[i] = Some(Ok(body.map_or(Fetched::Gone, |b| bounded(b, max))));
                     }
                 }
                 Err(e) => {
@@ -1682,16 +1682,17 @@ impl ImapSource {
             return Ok(None);
         };
         let set = uid_set(uids);
+        let query = body_query(self.settings().config.max_message_bytes);
         let result = async {
             let stream = pooled
                 .session
-                .uid_fetch(&set, "BODY.PEEK[]")
+                .uid_fetch(&set, &query)
                 .await
-                .map_err(|e| format!("UID FETCH {set} BODY.PEEK[]: {e}"))?;
+                .map_err(|e| format!("UID FETCH {set} {query}: {e}"))?;
             read_fetches(stream, |f| Some((f.uid?, f.body()?.to_vec())))
                 .await
                 .map(|bodies| bodies.into_iter().collect::<HashMap<_, _>>())
-                .map_err(|e| format!("UID FETCH {set} BODY.PEEK[]: {e}"))
+                .map_err(|e| format!("UID FETCH {set} {query}: {e}"))
         }
         .await;
         self.checkin(pooled, permit, result).map(Some)
@@ -2030,20 +2031,40 @@ async fn select(session: &mut ImapSession, mailbox: &str) -> Result<(u32, u32), 
     Ok((uid_validity, selected.uid_next.unwrap_or(u32::MAX)))
 }
 
-async fn fetch_body(session: &mut ImapSession, uid: &str) -> Result<Fetched, String> {
+/// The FETCH item of a message body: `BODY.PEEK[]` (never sets `\Seen`) cut one byte past
+/// `max`, so that a server whose `RFC822.SIZE` is wrong (or lies) still sends no more than
+/// the limit and a byte, and the byte says the message is too large.
+fn body_query(max: u64) -> String {
+    format!(
+        "BODY.PEEK[]<0.{}>",
+        max.saturating_add(1).min(u64::from(u32::MAX))
+    )
+}
+
+/// A fetched body, or too large when the server sent more than `max` (it declared less).
+fn bounded(body: Vec<u8>, max: u64) -> Fetched {
+    if body.len() as u64 > max {
+        Fetched::TooLarge(body.len() as u64)
+    } else {
+        Fetched::Body(body)
+    }
+}
+
+async fn fetch_body(session: &mut ImapSession, uid: &str, max: u64) -> Result<Fetched, String> {
+    let query = body_query(max);
     let bodies = read_fetches(
         session
-            .uid_fetch(uid, "BODY.PEEK[]")
+            .uid_fetch(uid, &query)
             .await
-            .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?,
+            .map_err(|e| format!("UID FETCH {uid} {query}: {e}"))?,
         |f| f.body().map(<[u8]>::to_vec),
     )
     .await
-    .map_err(|e| format!("UID FETCH {uid} BODY.PEEK[]: {e}"))?;
+    .map_err(|e| format!("UID FETCH {uid} {query}: {e}"))?;
     Ok(bodies
         .into_iter()
         .next()
-        .map_or(Fetched::Gone, Fetched::Body))
+        .map_or(Fetched::Gone, |b| bounded(b, max)))
 }
 
 /// Reads a `UID FETCH` or `UID STORE` answer to its end one response at a time, keeping
