@@ -198,8 +198,10 @@ async fn assert_reply_ledger(relay: &common::relay::Relay, ledger: &Ledger, labe
         .collect();
     due.sort_unstable();
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Wait on the distinct replies: a repeat must not stand in for a reply still on its way.
+    let distinct = |ids: &[String]| ids.iter().collect::<std::collections::BTreeSet<_>>().len();
     let mut got = relay.message_ids(&REPLY_USERS);
-    while got.len() < due.len() && Instant::now() < deadline {
+    while distinct(&got) < due.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         got = relay.message_ids(&REPLY_USERS);
     }
