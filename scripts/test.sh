@@ -5,7 +5,7 @@
 # SQLite is compiled in (sqlx bundles it). The tests start their own redis-server, their
 # own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root),
 # their own RabbitMQ broker (own node name, ports, epmd and data dir) and their own Dovecot (config, users and a test CA in a short temp dir; mailboxes owned by a
-# dedicated system user) on free loopback ports, and a headless Chromium for the console; this script installs the packages when
+# dedicated system user), their own dnsmasq (TXT records only) on free loopback ports, and a headless Chromium for the console; this script installs the packages when
 # they are missing. A test that
 # needs a server it cannot start fails; none is skipped.
 set -euo pipefail
@@ -37,6 +37,9 @@ need dovecot || [ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
 [ -x /usr/lib/dovecot/lmtp ] || missing+=(dovecot-lmtpd)
 [ -x /usr/sbin/postfix ] || missing+=(postfix)
 need openssl || missing+=(openssl)
+# sender_auth mode = "verify" asks a private dnsmasq for DKIM keys and DMARC policies (the
+# binary only: dnsmasq-base starts no service).
+[ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 # promtool checks the alert rules in deploy/prometheus (Debian ships it with prometheus;
 # installing it starts no server here).

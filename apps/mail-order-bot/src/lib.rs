@@ -2,6 +2,7 @@
 //!
 //! - [`domain`]: reading mail, resolving clients, extracting lines, storing outcomes.
 //! - [`module`]: the bot as a runtime application module (its handler and config section).
+//! - [`dkim`]: `sender_auth.mode = "verify"`: DKIM and DMARC checked by the bot (DNS).
 //! - [`pages`]: the bot's pages in the operator console (outcomes, orders, one message).
 //! - [`compose`]: the configuration turned into a running runtime (the only part that
 //!   knows `runtime-core` and `runtime-adapters`).
@@ -9,6 +10,7 @@
 
 pub mod cli;
 pub mod compose;
+pub mod dkim;
 pub mod domain;
 pub mod module;
 pub mod pages;

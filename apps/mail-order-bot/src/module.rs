@@ -20,7 +20,7 @@ use crate::domain::extract::CsvLimits;
 use crate::domain::message::{identity_of, read_mail_in_stages, sha256_hex, MailFacts, MailLimits};
 use crate::domain::outbox::{self, OutboxQueue, OutboxSource, Scope};
 use crate::domain::reply::{ReplyConfig, ReplyHandler};
-use crate::domain::sender_auth::{Checker, SenderAuthConfig};
+use crate::domain::sender_auth::{Checker, SenderAuthConfig, Verdict};
 use crate::domain::sheets::SheetLimits;
 use crate::domain::store::{Backend, Effects, NewOrder, OrderStore, Recorded, Recording, ReplyTo};
 use crate::domain::{clip, OutcomeKind, MAX_NAMED_INVALID, MAX_STORED_REASON};
@@ -401,6 +401,8 @@ pub struct OrderHandler {
     clients: Arc<ClientDirectory>,
     limits: MailLimits,
     sender_auth: Arc<Checker>,
+    /// `sender_auth.mode = "verify"`: the bot's own DKIM and DMARC check.
+    verifier: Option<Arc<crate::dkim::Verifier>>,
     max_handling_deaths: i64,
     /// Tasks whose reading ended since the last batch began (cleared with the next one).
     handled: Arc<std::sync::Mutex<Vec<String>>>,
@@ -414,6 +416,8 @@ impl OrderHandler {
             clients: Arc::new(ClientDirectory::new(clients)),
             limits: cfg.limits(),
             sender_auth: Arc::new(cfg.sender_auth.checker()),
+            verifier: (cfg.sender_auth.checker() == Checker::Verify)
+                .then(|| Arc::new(crate::dkim::Verifier::new(cfg.sender_auth.resolver_addr()))),
             max_handling_deaths: i64::from(cfg.max_handling_deaths),
             handled: Arc::default(),
         }
@@ -497,7 +501,10 @@ impl OrderHandler {
         let client = self.clients.resolve(sender);
         // Forged mail never makes an order and is never answered (an answer would go to the
         // address it forged); a client whose senders cannot sign may be let through.
-        if let Err(why) = self.sender_auth.check(sender, &facts.auth_results) {
+        if let Err(why) =
+            self.sender_auth
+                .check_with(sender, &facts.auth_results, facts.verified.as_ref())
+        {
             if !client.is_some_and(|c| c.allow_unauthenticated) {
                 rec.reply = None;
                 outcome(
@@ -593,21 +600,38 @@ impl OrderHandler {
             }
         };
         let max_deaths = self.max_handling_deaths;
+        // mode = "verify": the signatures are checked first (DNS lookups, side by side); a
+        // lookup that failed for now makes the message a retry, never a verdict.
+        let verdicts: Vec<Option<Verdict>> = match &self.verifier {
+            Some(verifier) => {
+                futures::future::join_all(tasks.iter().map(|(_, raw)| verifier.verify(raw)))
+                    .await
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            }
+            None => vec![None; n],
+        };
         let parsed = tokio::task::spawn_blocking(move || {
             tasks
                 .into_iter()
-                .map(|(task, raw)| {
+                .zip(verdicts)
+                .map(|((task, raw), verified)| {
                     let died = deaths.get(task.id.as_str()).copied().unwrap_or(0);
                     if died >= max_deaths {
                         return Ok(Prepared::Record(Box::new(poisoned(&task, &raw, died))));
                     }
+                    if let Some(Verdict::Unavailable(why)) = &verified {
+                        return Err(HandlerError::retry(format!("sender_auth verify: {why}")));
+                    }
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let _ = fault("mail.in_parse");
                         let mut span = SpanGuard::none();
-                        let facts = read_mail_in_stages(&raw, &limits, &mut |stage| {
+                        let mut facts = read_mail_in_stages(&raw, &limits, &mut |stage| {
                             span = SpanGuard::none();
                             span = ctx.task_stage(&task, stage);
                         });
+                        facts.verified = verified.clone();
                         drop(raw);
                         span = ctx.task_stage(&task, "decide");
                         let mut decided = this.decide(&facts, task.id.as_str());

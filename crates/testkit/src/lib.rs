@@ -14,12 +14,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod dns;
 mod erp;
 mod oauth;
 mod otlp;
 mod postfix;
 mod proxy;
 mod rabbit;
+pub use dns::DnsServer;
 pub use erp::{ErpMode, ErpRequest, ErpServer};
 pub use oauth::{TokenCounts, TokenMode, TokenServer};
 pub use otlp::{OtlpReceiver, ReceivedSpan};

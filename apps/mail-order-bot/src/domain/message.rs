@@ -153,6 +153,9 @@ pub struct MailFacts {
     /// Its `Authentication-Results` header values, top first, unfolded (at most
     /// [`sender_auth::MAX_HEADERS`](super::sender_auth::MAX_HEADERS)).
     pub auth_results: Vec<String>,
+    /// The bot's own DKIM and DMARC verdict (`sender_auth.mode = "verify"`), handed in by
+    /// the handler; `None` when it did not verify.
+    pub verified: Option<super::sender_auth::Verdict>,
 }
 
 impl MailFacts {
@@ -172,6 +175,7 @@ impl MailFacts {
             references: Vec::new(),
             no_reply: Some("the message could not be parsed".into()),
             auth_results: Vec::new(),
+            verified: None,
         }
     }
 
@@ -716,6 +720,7 @@ fn parse_and_read(
         references,
         auth_results,
         no_reply,
+        verified: None,
     }
 }
 

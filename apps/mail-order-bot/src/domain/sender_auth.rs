@@ -14,6 +14,9 @@
 //! Microsoft 365 writes its header without an authserv-id (`Authentication-Results:
 //! spf=pass (sender IP is …) smtp.mailfrom=…; dkim=pass …; dmarc=pass … header.from=…`):
 //! `authserv_id = "microsoft365"` matches that form, the topmost one.
+//!
+//! `mode = "verify"` checks DKIM and DMARC in the bot itself (`crate::dkim`), against the
+//! configured `resolver`; the verdict it reaches is handed in as a [`Verdict`].
 
 use serde::Deserialize;
 
@@ -31,6 +34,8 @@ pub const MAX_HEADER_BYTES: usize = 4096;
 pub enum Mode {
     /// Trust the receiving MTA's `Authentication-Results` of `authserv_id`.
     AuthenticationResults,
+    /// Verify DKIM signatures and the DMARC policy in the bot, asking `resolver`.
+    Verify,
     /// No check: any `From` is believed. Chosen explicitly, never a default.
     Off,
 }
@@ -47,6 +52,26 @@ pub struct SenderAuthConfig {
     /// Microsoft 365).
     #[serde(default)]
     pub authserv_id: Option<String>,
+    /// `mode = "verify"`: the DNS resolver asked for DKIM keys and DMARC policies, as
+    /// `ip` or `ip:port` (UDP and TCP); the system's (`/etc/resolv.conf`) when absent.
+    #[serde(default)]
+    pub resolver: Option<String>,
+}
+
+/// What the bot's own DKIM and DMARC check (`mode = "verify"`) found for one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A verified signature aligned with `domain`, the message's `From` domain.
+    Pass {
+        /// The `From` domain the signature vouches for.
+        domain: String,
+        /// What passed, for the record.
+        why: String,
+    },
+    /// Not authenticated, and why.
+    Fail(String),
+    /// A lookup failed for the time being: try the message again later.
+    Unavailable(String),
 }
 
 impl SenderAuthConfig {
@@ -57,8 +82,8 @@ impl SenderAuthConfig {
             (None, _) => out.push((
                 "mode",
                 "choose how senders are authenticated: \"authentication-results\" (with the \
-                 authserv_id of your receiving MTA) or \"off\" (any From is believed: forged \
-                 mail makes orders)"
+                 authserv_id of your receiving MTA), \"verify\" (the bot checks DKIM and DMARC) \
+                 or \"off\" (any From is believed: forged mail makes orders)"
                     .to_owned(),
             )),
             (Some(Mode::AuthenticationResults), None | Some("")) => out.push((
@@ -75,13 +100,32 @@ impl SenderAuthConfig {
             }
             _ => {}
         }
+        if let Some(resolver) = &self.resolver {
+            if self.mode != Some(Mode::Verify) {
+                out.push((
+                    "resolver",
+                    "only mode = \"verify\" asks a resolver".to_owned(),
+                ));
+            } else if resolver_addr(resolver).is_none() {
+                out.push((
+                    "resolver",
+                    format!("{resolver:?} is not an IP address, with or without a :port"),
+                ));
+            }
+        }
         out
+    }
+
+    /// The resolver `mode = "verify"` asks, if one is named (and valid).
+    pub fn resolver_addr(&self) -> Option<std::net::SocketAddr> {
+        self.resolver.as_deref().and_then(resolver_addr)
     }
 
     /// The check this section asks for.
     pub fn checker(&self) -> Checker {
         match (self.mode, &self.authserv_id) {
             (Some(Mode::Off), _) => Checker::Off,
+            (Some(Mode::Verify), _) => Checker::Verify,
             (Some(Mode::AuthenticationResults), Some(id)) => {
                 Checker::AuthenticationResults(id.trim().to_ascii_lowercase())
             }
@@ -98,6 +142,8 @@ pub enum Checker {
     Off,
     /// The topmost `Authentication-Results` of this authserv-id decides.
     AuthenticationResults(String),
+    /// The bot's own DKIM and DMARC verdict decides.
+    Verify,
     /// No mode was chosen (a configuration that skipped validation): nothing passes.
     Unconfigured,
 }
@@ -106,14 +152,35 @@ impl Checker {
     /// `Ok(what passed)` when `sender` is authenticated by `headers` (the message's
     /// `Authentication-Results` values, top first); `Err(why not)` otherwise.
     pub fn check(&self, sender: &str, headers: &[String]) -> Result<String, String> {
+        self.check_with(sender, headers, None)
+    }
+
+    /// [`check`](Self::check), with the bot's own verdict for `mode = "verify"`.
+    pub fn check_with(
+        &self,
+        sender: &str,
+        headers: &[String],
+        verified: Option<&Verdict>,
+    ) -> Result<String, String> {
+        let domain = sender
+            .rsplit_once('@')
+            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+            .unwrap_or_default();
         match self {
             Self::Off => Ok("sender_auth off".into()),
             Self::Unconfigured => Err("sender authentication is not configured".into()),
+            Self::Verify => match verified {
+                Some(Verdict::Pass {
+                    domain: signed,
+                    why,
+                }) if *signed == domain => Ok(why.clone()),
+                Some(Verdict::Pass { domain: signed, .. }) => Err(format!(
+                    "the signature vouches for {signed}, not for the sender's {domain}"
+                )),
+                Some(Verdict::Fail(why) | Verdict::Unavailable(why)) => Err(why.clone()),
+                None => Err("the message was not verified".into()),
+            },
             Self::AuthenticationResults(id) => {
-                let domain = sender
-                    .rsplit_once('@')
-                    .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
-                    .unwrap_or_default();
                 let Some(results) =
                     headers
                         .iter()
@@ -199,8 +266,19 @@ pub fn parse(value: &str) -> Results {
     out
 }
 
+/// `ip` or `ip:port` (53 by default).
+fn resolver_addr(value: &str) -> Option<std::net::SocketAddr> {
+    let value = value.trim();
+    value.parse().ok().or_else(|| {
+        value
+            .parse()
+            .ok()
+            .map(|ip| std::net::SocketAddr::new(ip, 53))
+    })
+}
+
 /// Whether `a` and `b` are aligned (relaxed): equal, or one a subdomain of the other.
-fn aligned(a: &str, b: &str) -> bool {
+pub fn aligned(a: &str, b: &str) -> bool {
     let a = a.trim_end_matches('.');
     let b = b.trim_end_matches('.');
     if a.is_empty() || b.is_empty() {
@@ -366,6 +444,7 @@ mod tests {
         let config = SenderAuthConfig {
             mode: Some(Mode::AuthenticationResults),
             authserv_id: Some(" ".into()),
+            resolver: None,
         };
         assert_eq!(config.problems()[0].0, "authserv_id");
     }
