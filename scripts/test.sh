@@ -2,7 +2,8 @@
 # Runs the whole test suite. Installs what the tests need when it is missing, starts any
 # servers on free loopback ports and stops them afterwards.
 #
-# SQLite is compiled in (sqlx bundles it). The tests start their own redis-server, their
+# SQLite is compiled in (sqlx bundles it). The tests start their own redis-server (some with a
+# TLS port), their
 # own PostgreSQL cluster (initdb into a temp dir, as the postgres user when run as root),
 # their own RabbitMQ broker (own node name, ports, epmd and data dir) and their own Dovecot (config, users and a test CA in a short temp dir; mailboxes owned by a
 # dedicated system user), their own dnsmasq (TXT records only) on free loopback ports, and a headless Chromium for the console; this script installs the packages when

@@ -289,12 +289,74 @@ pub fn find(program: &str, install_hint: &str) -> PathBuf {
     panic!("{program} is not installed: run `bash scripts/test.sh`, which installs it ({install_hint})");
 }
 
+/// A test CA and a server certificate signed by it, for `localhost` and `127.0.0.1`, in `d`:
+/// `ca.pem`, `server.pem` and `server.key` (P-256, valid three days; the key readable by all,
+/// for servers that run as another user).
+pub fn make_certificates(d: &Path) {
+    let p = |name: &str| d.join(name).display().to_string();
+    std::fs::write(
+        d.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    let (ca_key, ca_pem) = (p("ca.key"), p("ca.pem"));
+    args.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "3",
+        "-subj",
+        "/CN=plba test CA",
+    ]);
+    run("openssl", &args);
+    let mut args = vec!["req"];
+    args.extend(ec);
+    let (key, csr) = (p("server.key"), p("server.csr"));
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
+    run("openssl", &args);
+    let (pem, ext) = (p("server.pem"), p("server.ext"));
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "3",
+            "-extfile",
+            &ext,
+        ],
+    );
+    run("chmod", &["0644", &key]);
+}
+
 /// A private redis-server.
 pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     /// `appendfsync` of the append-only file; none: no AOF.
     aof: Option<&'static str>,
+    /// The TLS port (`start_tls`), certificates in the data folder.
+    tls_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -320,17 +382,44 @@ impl RedisServer {
     /// Starts redis-server with an AOF synced as `appendfsync` says (`always`, `everysec`,
     /// `no`), or none.
     pub fn start_with(appendfsync: Option<&'static str>) -> Self {
+        Self::launch(appendfsync, false)
+    }
+
+    fn launch(aof: Option<&'static str>, tls: bool) -> Self {
         let mut server = Self {
             port: free_port(),
             dir: tempfile::Builder::new()
                 .prefix("plba-redis")
                 .tempdir()
                 .expect("tempdir"),
-            aof: appendfsync,
+            aof,
+            tls_port: tls.then(free_port),
             child: None,
         };
+        if tls {
+            make_certificates(server.dir.path());
+        }
         server.spawn();
         server
+    }
+
+    /// Starts redis-server with a TLS port as well (a test CA's certificate for `localhost`
+    /// and `127.0.0.1`; clients need no certificate). The plain port stays for readiness.
+    pub fn start_tls() -> Self {
+        Self::launch(None, true)
+    }
+
+    /// `rediss://localhost:TLS_PORT` of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> String {
+        format!(
+            "rediss://localhost:{}",
+            self.tls_port.expect("started with start_tls")
+        )
+    }
+
+    /// The PEM file of the CA that signed the TLS certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     fn spawn(&mut self) {
@@ -348,12 +437,33 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(self.dir.path().join("redis.log"))
+            .args(self.tls_args())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
         self.child = Some(child);
         self.wait_ready();
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        let Some(port) = self.tls_port else {
+            return Vec::new();
+        };
+        let d = self.dir.path();
+        let file = |name: &str| d.join(name).display().to_string();
+        vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            file("server.pem"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
     }
 
     fn wait_ready(&self) {
@@ -448,6 +558,8 @@ pub struct PostgresServer {
     bin: PathBuf,
     run_as: Option<String>,
     databases: std::sync::atomic::AtomicUsize,
+    /// TLS only (`start_tls`): certificates in the folder, `hostssl` rules alone.
+    tls: bool,
 }
 
 impl std::fmt::Debug for PostgresServer {
@@ -468,6 +580,17 @@ fn is_root() -> bool {
 impl PostgresServer {
     /// Creates and starts the cluster. Panics with the server's log when it cannot.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A cluster that accepts TCP connections over TLS only (`ssl = on`, `hostssl` rules
+    /// alone; a test CA's certificate for `localhost` and `127.0.0.1`, see
+    /// [`PostgresServer::ca_file`]).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let bin = postgres_bin_dir();
         let run_as = is_root().then(|| "postgres".to_owned());
         let dir = tempfile::Builder::new()
@@ -492,6 +615,7 @@ impl PostgresServer {
             bin,
             run_as,
             databases: std::sync::atomic::AtomicUsize::new(0),
+            tls,
         };
         let data = server.dir.path().join("data");
         server.run_checked(
@@ -509,17 +633,53 @@ impl PostgresServer {
                 "--no-sync",
             ],
         );
+        if tls {
+            server.use_tls(&data);
+        }
         server.start_server();
         server
     }
 
+    /// Certificates beside the data (the key the server's own, 0600, as PostgreSQL wants)
+    /// and an `hba` file that admits TCP over TLS only.
+    fn use_tls(&self, data: &Path) {
+        let d = self.dir.path();
+        make_certificates(d);
+        let key = d.join("server.key");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        if let Some(user) = &self.run_as {
+            let status = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(&key)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown {user} {}", key.display());
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .expect("write pg_hba.conf");
+    }
+
+    /// The PEM file of the CA that signed a [`PostgresServer::start_tls`] server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     fn start_server(&self) {
         let data = self.dir.path().join("data");
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+        let d = self.dir.path().display();
+        let mut options = format!(
+            "-p {} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
-            self.dir.path().display()
         );
+        if self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.pem -c ssl_key_file={d}/server.key"
+            ));
+        }
         self.run_checked(
             "pg_ctl",
             &[
@@ -739,7 +899,7 @@ impl DovecotServer {
                 &d.join("home").display().to_string(),
             ],
         );
-        Self::make_certificates(&d);
+        make_certificates(&d);
         if options.lmtp {
             find("/usr/lib/dovecot/lmtp", "apt-get install dovecot-lmtpd");
         }
@@ -889,63 +1049,6 @@ service stats {{
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
-    }
-
-    fn make_certificates(d: &Path) {
-        let p = |name: &str| d.join(name).display().to_string();
-        std::fs::write(
-            d.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut args = vec!["req", "-x509"];
-        args.extend(ec);
-        let (ca_key, ca_pem) = (p("ca.key"), p("ca.pem"));
-        args.extend([
-            "-keyout",
-            &ca_key,
-            "-out",
-            &ca_pem,
-            "-days",
-            "3",
-            "-subj",
-            "/CN=plba test CA",
-        ]);
-        run("openssl", &args);
-        let mut args = vec!["req"];
-        args.extend(ec);
-        let (key, csr) = (p("server.key"), p("server.csr"));
-        args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
-        run("openssl", &args);
-        let (pem, ext) = (p("server.pem"), p("server.ext"));
-        run(
-            "openssl",
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_pem,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "3",
-                "-extfile",
-                &ext,
-            ],
-        );
-        run("chmod", &["0644", &key]);
     }
 
     fn spawn(&mut self, binary: &Path) {

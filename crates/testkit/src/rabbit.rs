@@ -18,6 +18,8 @@ pub struct RabbitServer {
     port: u16,
     dist_port: u16,
     epmd_port: u16,
+    /// The AMQPS listener (`start_tls`), certificates in the folder.
+    tls_port: Option<u16>,
     dir: tempfile::TempDir,
     epmd: Option<Child>,
     broker: Option<Child>,
@@ -45,6 +47,16 @@ fn server_script() -> PathBuf {
 impl RabbitServer {
     /// Starts a broker on free ports and waits until it accepts AMQP connections.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A broker with an AMQPS (TLS) listener as well: a test CA's certificate for
+    /// `localhost` and `127.0.0.1`, no client certificates asked for.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("plba-rmq")
             .tempdir()
@@ -53,6 +65,7 @@ impl RabbitServer {
             port: free_port(),
             dist_port: free_port(),
             epmd_port: free_port(),
+            tls_port: tls.then(free_port),
             dir,
             epmd: None,
             broker: None,
@@ -76,15 +89,24 @@ impl RabbitServer {
 
     fn write_config(&self) {
         let d = self.dir.path();
-        std::fs::write(
-            d.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.1 = 127.0.0.1:{}\nloopback_users = none\n\
-                 log.file.level = info\nlog.console = false\n",
-                self.port
-            ),
-        )
-        .expect("write rabbitmq.conf");
+        let mut conf = format!(
+            "listeners.tcp.1 = 127.0.0.1:{}\nloopback_users = none\n\
+             log.file.level = info\nlog.console = false\n",
+            self.port
+        );
+        if let Some(port) = self.tls_port {
+            crate::make_certificates(d);
+            let file = |name: &str| d.join(name).display().to_string();
+            conf.push_str(&format!(
+                "listeners.ssl.1 = 127.0.0.1:{port}\nssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\nssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key"),
+            ));
+        }
+        std::fs::write(d.join("rabbitmq.conf"), conf).expect("write rabbitmq.conf");
         std::fs::write(d.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
         std::fs::write(d.join("rabbitmq-env.conf"), "").expect("write rabbitmq-env.conf");
         // Nodes and CLI tools authenticate with the cookie in $HOME.
@@ -187,6 +209,17 @@ impl RabbitServer {
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `amqps://guest:guest@localhost:TLS_PORT/%2f` of a [`RabbitServer::start_tls`] broker.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("started with start_tls");
+        format!("amqps://guest:guest@localhost:{port}/%2f")
+    }
+
+    /// The PEM file of the CA that signed the AMQPS listener's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// Its AMQP port.

@@ -45,6 +45,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use runtime_contracts::{
@@ -81,8 +82,12 @@ impl QueueKind {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct AmqpQueueConfig {
-    /// Broker URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// Broker URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; `amqps://` is TLS (rustls),
+    /// the broker's certificate checked against the public roots or `ca_file`.
     pub url: String,
+    /// PEM file of the CAs trusted for an `amqps://` broker (a private CA); unset: the
+    /// public (WebPKI) roots.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix of every queue name.
     pub queue_prefix: String,
     /// `quorum` (default) or `classic`.
@@ -114,6 +119,7 @@ impl Default for AmqpQueueConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            ca_file: None,
             queue_prefix: "plba".to_owned(),
             queue_kind: QueueKind::Quorum,
             prefetch: 0,
@@ -140,6 +146,12 @@ impl AmqpQueueConfig {
                 "not an amqp:// or amqps:// URL",
             ));
         }
+        problems.extend(super::link_problems(
+            prefix,
+            &self.url,
+            "amqps://",
+            self.ca_file.as_deref(),
+        ));
         if self.queue_prefix.is_empty()
             || !self
                 .queue_prefix
@@ -498,7 +510,19 @@ impl AmqpQueue {
     }
 
     async fn connect(&self) -> Result<Link, QueueError> {
-        let connect = Connection::connect(&self.config.url, ConnectionProperties::default());
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: match &self.config.ca_file {
+                Some(path) => Some(super::read_ca_file(path).map_err(unavailable)?),
+                None => None,
+            },
+        };
+        let builder = lapin::DefaultConnectionBuilder::new()
+            .map_err(unavailable)?
+            .with_uri_str(self.config.url.clone())
+            .with_properties(ConnectionProperties::default())
+            .with_tls_config(tls);
+        let connect = builder.connect();
         let connection = tokio::time::timeout(
             Duration::from_millis(self.config.connect_timeout_ms),
             connect,

@@ -12,6 +12,57 @@ pub mod amqp;
 #[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
 pub(crate) mod signing;
 
+/// The encrypted link of a broker URL: `secure` is whether its scheme is the TLS one
+/// (`rediss://`, `amqps://`); `ca_file` a PEM bundle of the CAs trusted for it instead of the
+/// public (WebPKI) roots. Problems: a `ca_file` on a plain link (it would protect nothing), one
+/// that cannot be read or holds no certificate, and certificate checks turned off.
+#[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
+pub(crate) fn link_problems(
+    prefix: &str,
+    url: &str,
+    secure_scheme: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Vec<runtime_contracts::ConfigProblem> {
+    use runtime_contracts::ConfigProblem;
+    let mut problems = Vec::new();
+    let secure = url.starts_with(secure_scheme);
+    if secure && url.contains("#insecure") {
+        problems.push(ConfigProblem::new(
+            format!("{prefix}.url"),
+            "#insecure turns certificate checks off; trust a private CA with ca_file instead",
+        ));
+    }
+    if let Some(path) = ca_file {
+        if !secure {
+            problems.push(ConfigProblem::new(
+                format!("{prefix}.ca_file"),
+                format!("needs a {secure_scheme} URL: a plain link is not encrypted"),
+            ));
+        } else if let Err(why) = read_ca_file(path) {
+            problems.push(ConfigProblem::new(format!("{prefix}.ca_file"), why));
+        }
+    }
+    problems
+}
+
+/// The PEM text of a CA bundle: at most 1 MiB, with at least one certificate. The error
+/// names the file.
+#[cfg(any(feature = "queue-redis", feature = "queue-amqp"))]
+pub(crate) fn read_ca_file(path: &std::path::Path) -> Result<String, String> {
+    const MAX: u64 = 1 << 20;
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if size > MAX {
+        return Err(format!("{} is larger than 1 MiB", path.display()));
+    }
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(pem)
+}
+
 /// A named fault point of the fault suite (`failpoints` feature; nothing without it). Its
 /// actions are the `fail` crate's (`panic`, `sleep(ms)`, `pause`, ...); `return` makes the
 /// operation fail as unavailable, `return(abort)` aborts the process there, as `kill -9`

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::{self, Value};
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime};
+use deadpool_redis::{Pool, Runtime};
 use runtime_contracts::{
     AttemptFailure, BoxFuture, ConfigProblem, ConsumerInfo, DeadLetter, DeadLetterPage,
     DeadLetterStore, HealthContributor, HealthStatus, Inspection, Lease, LeaseHolder, LeaseInfo,
@@ -32,8 +32,12 @@ type Conn = redis::aio::MultiplexedConnection;
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct RedisQueueConfig {
-    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`; `rediss://` is TLS (rustls), the server's
+    /// certificate checked against the public roots or `ca_file`.
     pub url: String,
+    /// PEM file of the CAs trusted for a `rediss://` server (a private CA); unset: the
+    /// public (WebPKI) roots.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix of every key.
     pub key_prefix: String,
     /// Consumer name in the group; host name and process id when empty.
@@ -64,6 +68,7 @@ impl Default for RedisQueueConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
+            ca_file: None,
             key_prefix: "plba".to_owned(),
             consumer: String::new(),
             pool_size: 8,
@@ -85,9 +90,15 @@ impl RedisQueueConfig {
         if redis::parse_redis_url(&self.url).is_none() {
             problems.push(ConfigProblem::new(
                 format!("{prefix}.url"),
-                "not a redis:// URL",
+                "not a redis:// or rediss:// URL",
             ));
         }
+        problems.extend(super::link_problems(
+            prefix,
+            &self.url,
+            "rediss://",
+            self.ca_file.as_deref(),
+        ));
         problems.extend(runtime_contracts::config::require_positive(
             prefix,
             &[
@@ -396,10 +407,24 @@ impl RedisQueue {
     /// first operation, and of readiness, not of construction).
     pub fn new(name: impl Into<String>, config: RedisQueueConfig) -> Result<Self, QueueError> {
         let name = name.into();
-        let mut pool_config = PoolConfig::from_url(config.url.clone());
-        pool_config.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size));
-        let pool = pool_config
-            .create_pool(Some(Runtime::Tokio1))
+        let manager = match &config.ca_file {
+            Some(path) => {
+                let pem = super::read_ca_file(path).map_err(unavailable)?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.into_bytes()),
+                };
+                let client = redis::Client::build_with_tls(config.url.as_str(), certificates)
+                    .map_err(unavailable)?;
+                deadpool_redis::Manager::new(client.get_connection_info().clone())
+            }
+            None => deadpool_redis::Manager::new(config.url.as_str()),
+        }
+        .map_err(unavailable)?;
+        let pool = Pool::builder(manager)
+            .config(deadpool_redis::PoolConfig::new(config.pool_size))
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(unavailable)?;
         let signer = Signer::of_queue(config.signing_key_env.as_deref(), &name)?;
         Ok(Self {
