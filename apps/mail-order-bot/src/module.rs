@@ -24,6 +24,7 @@ use crate::domain::sender_auth::{Checker, SenderAuthConfig, Verdict};
 use crate::domain::sheets::SheetLimits;
 use crate::domain::store::{Backend, Effects, NewOrder, OrderStore, Recorded, Recording, ReplyTo};
 use crate::domain::{clip, OutcomeKind, MAX_NAMED_INVALID, MAX_STORED_REASON};
+use crate::helper::{HelperFailure, HelperSettings, ParserPool};
 
 /// The module's configuration key.
 pub const SECTION: &str = "apps.mail_order_bot";
@@ -106,6 +107,35 @@ pub struct BotConfig {
     /// How a sender is authenticated before its client is resolved (`mode` must be chosen).
     #[serde(default)]
     pub sender_auth: SenderAuthConfig,
+    /// Where messages are read: `auto` (helper processes when running as the
+    /// mail-order-bot binary, a blocking thread when the module is embedded elsewhere),
+    /// `process` or `thread`.
+    #[serde(default)]
+    pub parse_isolation: ParseIsolation,
+    /// Longest reading of one message in a helper; beyond, the helper is killed and the
+    /// message `rejected`.
+    #[serde(default = "default_parse_timeout_ms")]
+    pub parse_timeout_ms: u64,
+    /// A helper's memory limit (its data segment), in MiB; a message whose reading needs
+    /// more ends its helper and is `rejected`.
+    #[serde(default = "default_parse_memory_mb")]
+    pub parse_memory_mb: u64,
+    /// The helper program (the mail-order-bot binary); this program when unset.
+    #[serde(default)]
+    pub parse_helper: Option<PathBuf>,
+}
+
+/// `parse_isolation`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParseIsolation {
+    /// Helper processes when this program can serve them, else a thread.
+    #[default]
+    Auto,
+    /// Helper processes (limited in memory, stack and CPU; killed on a timeout).
+    Process,
+    /// A blocking thread of the bot's own process.
+    Thread,
 }
 
 /// `[apps.mail_order_bot.outbox]`.
@@ -123,6 +153,13 @@ impl Default for OutboxConfig {
             lease_ms: default_outbox_lease_ms(),
         }
     }
+}
+
+fn default_parse_timeout_ms() -> u64 {
+    10_000
+}
+fn default_parse_memory_mb() -> u64 {
+    1024
 }
 
 fn default_outbox_lease_ms() -> u64 {
@@ -191,6 +228,28 @@ impl BotConfig {
         }
     }
 
+    /// How helpers are started, when messages are read in them.
+    pub fn parser_settings(&self) -> Option<HelperSettings> {
+        let process = match self.parse_isolation {
+            ParseIsolation::Thread => false,
+            ParseIsolation::Process => true,
+            ParseIsolation::Auto => self.parse_helper.is_some() || crate::helper::serves_helpers(),
+        };
+        if !process {
+            return None;
+        }
+        let program = match &self.parse_helper {
+            Some(path) => path.clone(),
+            None => std::env::current_exe().ok()?,
+        };
+        Some(HelperSettings {
+            program,
+            limits: self.limits(),
+            timeout: std::time::Duration::from_millis(self.parse_timeout_ms),
+            memory_bytes: self.parse_memory_mb.saturating_mul(1024 * 1024),
+        })
+    }
+
     /// Every problem in the section.
     pub fn check(section: Option<&serde_json::Value>) -> Result<Self, Vec<ConfigProblem>> {
         let Some(section) = section else {
@@ -251,8 +310,27 @@ impl BotConfig {
                 ("zip_max_ratio", config.zip_max_ratio),
                 ("sheet_max_cells", config.sheet_max_cells),
                 ("outbox.lease_ms", config.outbox.lease_ms),
+                ("parse_timeout_ms", config.parse_timeout_ms),
             ],
         ));
+        // The helper itself (the binary, its libraries) needs some room before any mail.
+        if config.parse_memory_mb < 64 {
+            problems.push(ConfigProblem::new(
+                format!("{SECTION}.parse_memory_mb"),
+                format!(
+                    "{} MiB is too little for a helper; at least 64",
+                    config.parse_memory_mb
+                ),
+            ));
+        }
+        if let Some(path) = &config.parse_helper {
+            if !path.is_file() {
+                problems.push(ConfigProblem::new(
+                    format!("{SECTION}.parse_helper"),
+                    format!("{} is not a file", path.display()),
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -333,6 +411,13 @@ impl ApplicationModule for MailOrderModule {
                 });
             }
             let handler = OrderHandler::new(store.clone(), &cfg, &clients);
+            // A helper program that is not one is refused at start, not at the first mail.
+            if let Some(pool) = &handler.parser {
+                pool.check().await.map_err(|e| ModuleError::Config {
+                    module: self.name().to_owned(),
+                    message: format!("{SECTION}.parse_helper: {e}"),
+                })?;
+            }
             registry.handler(&cfg.pool, &cfg.task_kind, Arc::new(handler));
             // Without its database the handler can do nothing: while the store is not
             // ready the pool waits, and outages dead-letter no mail.
@@ -404,6 +489,8 @@ pub struct OrderHandler {
     /// `sender_auth.mode = "verify"`: the bot's own DKIM and DMARC check.
     verifier: Option<Arc<crate::dkim::Verifier>>,
     max_handling_deaths: i64,
+    /// Helper processes that read the messages; `None`: a blocking thread does.
+    parser: Option<Arc<ParserPool>>,
     /// Tasks whose reading ended since the last batch began (cleared with the next one).
     handled: Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -419,6 +506,9 @@ impl OrderHandler {
             verifier: (cfg.sender_auth.checker() == Checker::Verify)
                 .then(|| Arc::new(crate::dkim::Verifier::new(cfg.sender_auth.resolver_addr()))),
             max_handling_deaths: i64::from(cfg.max_handling_deaths),
+            parser: cfg
+                .parser_settings()
+                .map(|settings| Arc::new(ParserPool::new(settings))),
             handled: Arc::default(),
         }
     }
@@ -572,12 +662,14 @@ impl OrderHandler {
         }
     }
 
-    /// Reads and decides messages on the blocking pool, one after another on one thread
-    /// (parsing is CPU work on untrusted input: never on the async worker threads; the
-    /// workers of a pool parse their batches side by side). `read_mail` checks the size
-    /// and the nesting before the parser sees the bytes and records a parser panic as
-    /// `rejected`; a panic that still escapes fails that message alone, for good: the
-    /// message is dead-lettered at once and recorded as `failed`, still unread.
+    /// Reads and decides messages, one after another: in helper processes (see
+    /// [`crate::helper`]: a message too slow or too big to read is `rejected`, its helper
+    /// killed or dead), or with `parse_isolation = "thread"` on one blocking thread (never
+    /// on the async worker threads; the workers of a pool parse their batches side by
+    /// side). The reading checks the size and the nesting before the parser sees the bytes
+    /// and records a parser panic as `rejected`; a panic that still escapes fails that
+    /// message alone, for good: it is dead-lettered at once and recorded as `failed`,
+    /// still unread.
     async fn parse(
         &self,
         tasks: Vec<(Arc<Task>, Vec<u8>)>,
@@ -612,17 +704,65 @@ impl OrderHandler {
             }
             None => vec![None; n],
         };
+        if let Some(pool) = self.parser.clone() {
+            // In helper processes, one message after another (a pool's workers read their
+            // batches side by side, each in its own helper).
+            let mut out = Vec::with_capacity(n);
+            for ((task, raw), verified) in tasks.into_iter().zip(verdicts) {
+                let died = deaths.get(task.id.as_str()).copied().unwrap_or(0);
+                if let Some(early) = before_reading(&task, &raw, died, max_deaths, &verified) {
+                    out.push(early);
+                    continue;
+                }
+                let _ = fault("mail.in_parse");
+                let mut span = SpanGuard::none();
+                let read = pool
+                    .read(&raw, &mut |stage| {
+                        span = SpanGuard::none();
+                        span = ctx.task_stage(&task, stage);
+                    })
+                    .await;
+                drop(span);
+                let mut facts = match read {
+                    Ok(facts) => facts,
+                    Err(failure) => match failure.rejection() {
+                        Some(reason) => {
+                            tracing::warn!(task = %task.id, %reason, "a message could not be read");
+                            MailFacts::rejected_unread(&raw, reason)
+                        }
+                        None => {
+                            out.push(Err(match failure {
+                                HelperFailure::Panicked(_) => {
+                                    HandlerError::Permanent(failure.to_string())
+                                }
+                                other => HandlerError::retry(other.to_string()),
+                            }));
+                            continue;
+                        }
+                    },
+                };
+                facts.verified = verified;
+                drop(raw);
+                let span = ctx.task_stage(&task, "decide");
+                let mut decided = this.decide(&facts, task.id.as_str());
+                decided.task = Some(task_pointer(&task));
+                drop(span);
+                out.push(Ok(Prepared::Record(Box::new(decided))));
+            }
+            self.handled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(ids);
+            return out;
+        }
         let parsed = tokio::task::spawn_blocking(move || {
             tasks
                 .into_iter()
                 .zip(verdicts)
                 .map(|((task, raw), verified)| {
                     let died = deaths.get(task.id.as_str()).copied().unwrap_or(0);
-                    if died >= max_deaths {
-                        return Ok(Prepared::Record(Box::new(poisoned(&task, &raw, died))));
-                    }
-                    if let Some(Verdict::Unavailable(why)) = &verified {
-                        return Err(HandlerError::retry(format!("sender_auth verify: {why}")));
+                    if let Some(early) = before_reading(&task, &raw, died, max_deaths, &verified) {
+                        return early;
                     }
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         let _ = fault("mail.in_parse");
@@ -814,9 +954,34 @@ fn task_pointer(task: &Task) -> String {
 /// at this step, as `kill -9` would.
 /// The outcome of a message whose reading stopped the process `died` times: rejected
 /// unread (its identity is the hash of its bytes, so a resent copy is its duplicate).
-fn poisoned(task: &Task, raw: &[u8], died: i64) -> Recording {
+/// What a message comes to before it is read, if it does not get that far: rejected unread
+/// after it stopped the process `max_deaths` times, or a retry while its senders' keys cannot
+/// be looked up.
+fn before_reading(
+    task: &Task,
+    raw: &[u8],
+    died: i64,
+    max_deaths: i64,
+    verified: &Option<Verdict>,
+) -> Option<Result<Prepared, HandlerError>> {
+    if died >= max_deaths {
+        tracing::error!(task = %task.id, deaths = died, "a message stopped the process while it was read; rejected unread");
+        let reason = format!(
+            "max_handling_deaths: the process stopped {died} times while reading this message; it is not read again"
+        );
+        return Some(Ok(Prepared::Record(Box::new(unread(task, raw, reason)))));
+    }
+    if let Some(Verdict::Unavailable(why)) = verified {
+        return Some(Err(HandlerError::retry(format!(
+            "sender_auth verify: {why}"
+        ))));
+    }
+    None
+}
+
+/// A message rejected without being read, for `reason`: named by its bytes' hash.
+fn unread(task: &Task, raw: &[u8], reason: String) -> Recording {
     let hash = sha256_hex(raw);
-    tracing::error!(task = %task.id, deaths = died, "a message stopped the process while it was read; rejected unread");
     Recording {
         identity: format!("sha256:{hash}"),
         fingerprint: hash.clone(),
@@ -825,9 +990,7 @@ fn poisoned(task: &Task, raw: &[u8], died: i64) -> Recording {
         subject: None,
         task_id: task.id.to_string(),
         outcome: OutcomeKind::Rejected,
-        reason: Some(format!(
-            "max_handling_deaths: the process stopped {died} times while reading this message; it is not read again"
-        )),
+        reason: Some(reason),
         order: None,
         reply: None,
         task: Some(task_pointer(task)),

@@ -318,6 +318,39 @@ fn each_bad_config_is_reported_with_its_key() {
             "apps.mail_order_bot.clients_file",
             "/no/such/clients.csv",
         ),
+        (
+            "a helper memory limit too small to start one",
+            Box::new(|t: &str| {
+                t.replace(
+                    "[apps.mail_order_bot]",
+                    "[apps.mail_order_bot]\nparse_memory_mb = 16",
+                )
+            }),
+            "apps.mail_order_bot.parse_memory_mb",
+            "at least 64",
+        ),
+        (
+            "a parse timeout of zero",
+            Box::new(|t: &str| {
+                t.replace(
+                    "[apps.mail_order_bot]",
+                    "[apps.mail_order_bot]\nparse_timeout_ms = 0",
+                )
+            }),
+            "apps.mail_order_bot.parse_timeout_ms",
+            "at least 1",
+        ),
+        (
+            "an unknown isolation",
+            Box::new(|t: &str| {
+                t.replace(
+                    "[apps.mail_order_bot]",
+                    "[apps.mail_order_bot]\nparse_isolation = \"sandbox\"",
+                )
+            }),
+            "apps.mail_order_bot.parse_isolation",
+            "unknown variant",
+        ),
     ];
     for (name, mutate, key, words) in cases {
         eprintln!("case: {name}");

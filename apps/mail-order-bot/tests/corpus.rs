@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use mail_order_bot::domain::clients::load_clients_file;
-use mail_order_bot::domain::message::read_mail;
+use mail_order_bot::domain::message::{read_mail, MailFacts};
 use mail_order_bot::domain::store::{OrderStore, Recorded};
 use mail_order_bot::domain::{OutcomeKind, MAX_STORED_REASON, MAX_STORED_SUBJECT};
+use mail_order_bot::helper::{HelperSettings, ParserPool};
 use mail_order_bot::module::{outcome_of, BotConfig, OrderHandler};
 use plba_testkit::PostgresServer;
 use serde::Deserialize;
@@ -73,8 +74,11 @@ async fn walk(store_url: &str, batch: usize) {
     for case in &cases {
         let raw = std::fs::read(corpus().join(&case.file)).expect("read case");
         let mut limits = cfg.limits();
+        let mut timeout = None;
         for (key, value) in &case.limits {
             match key.as_str() {
+                // Read in a helper process, as the bot reads, stopped after this long.
+                "parse_timeout_ms" => timeout = Some(std::time::Duration::from_millis(*value)),
                 "max_message_bytes" => limits.max_message_bytes = *value as usize,
                 "csv_max_rows" => {
                     limits.csv.max_rows = *value as usize;
@@ -83,7 +87,26 @@ async fn walk(store_url: &str, batch: usize) {
                 other => panic!("{}: unknown limit {other}", case.file),
             }
         }
-        let facts = read_mail(&raw, &limits);
+        let facts = match timeout {
+            None => read_mail(&raw, &limits),
+            Some(timeout) => {
+                let pool = ParserPool::new(HelperSettings {
+                    program: PathBuf::from(env!("CARGO_BIN_EXE_mail-order-bot")),
+                    limits,
+                    timeout,
+                    memory_bytes: 1 << 30,
+                });
+                match pool.read(&raw, &mut |_| {}).await {
+                    Ok(facts) => facts,
+                    Err(failure) => MailFacts::rejected_unread(
+                        &raw,
+                        failure
+                            .rejection()
+                            .unwrap_or_else(|| panic!("{}: {failure}", case.file)),
+                    ),
+                }
+            }
+        };
         let rec = handler.decide(&facts, &case.file);
         read.push((facts, rec));
     }

@@ -202,3 +202,96 @@ fn hostile_mail_is_rejected_and_the_process_lives_on() {
         "{outcomes:#?}"
     );
 }
+
+/// A message within every limit that takes seconds of CPU to read (the `slow-*` fuzz seeds,
+/// corpus case 084), and one whose reading needs more memory than a helper may have: each is
+/// `rejected` with its reason and marked seen, its helper killed or dead; the order beside
+/// them is made by the same process, which exits cleanly.
+#[test]
+fn a_message_too_slow_or_too_big_to_read_is_rejected_and_the_process_lives_on() {
+    let ws = Workspace::new();
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_extract");
+    let mut slow = Vec::new();
+    for entry in std::fs::read_dir(&seeds).expect("fuzz corpus").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("slow-") {
+            ws.deliver_bytes(&name, &std::fs::read(entry.path()).expect("seed"));
+            slow.push(name);
+        }
+    }
+    assert!(!slow.is_empty(), "a slow-* fuzz seed");
+    // 80 MiB of body for a helper limited to 64 MiB (the limit on messages raised to match).
+    let mut big = common::order_mail("big", "buyer@acme.example", &[("SKU-9", 1)]);
+    big.push_str(&"padding line of an oversized mail\r\n".repeat(80 << 20 >> 5));
+    ws.deliver("big", &big);
+    ws.deliver(
+        "good",
+        &common::order_mail("good", "buyer@acme.example", &[("SKU-1", 2)]),
+    );
+    let text = std::fs::read_to_string(ws.config(2, 3)).expect("config");
+    let limited = text.replace(
+        "sender_auth = { mode = \"off\" }",
+        "sender_auth = { mode = \"off\" }\nparse_timeout_ms = 200\nparse_memory_mb = 64\nmax_message_bytes = 134217728",
+    );
+    let limited = limited.replace(
+        "poll_interval_ms = 50",
+        "poll_interval_ms = 50\nmax_message_bytes = 134217728",
+    );
+    assert_ne!(text, limited);
+    let config = ws.dir.path().join("limited.toml");
+    std::fs::write(&config, limited).expect("write config");
+    let (code, stdout, stderr) = BotProcess::spawn(&ws, &config, true).finish();
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(unseen(&ws), 0, "every message is marked seen");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let outcomes = rt.block_on(async { ws.store().await.outcomes().await.expect("outcomes") });
+    let reasons = |prefix: &str| {
+        outcomes
+            .iter()
+            .filter(|o| o.outcome == "rejected")
+            .filter(|o| o.reason.as_deref().is_some_and(|r| r.starts_with(prefix)))
+            .count()
+    };
+    assert_eq!(
+        reasons("parse_timeout_ms: reading the message took longer than 200 ms"),
+        slow.len(),
+        "{outcomes:#?}"
+    );
+    assert_eq!(
+        reasons("parse_memory_mb: reading the message ended its helper process"),
+        1,
+        "{outcomes:#?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| o.outcome == "created").count(),
+        1,
+        "{outcomes:#?}"
+    );
+}
+
+/// A `parse_helper` that is not the bot's binary is refused when the bot starts, with the key
+/// named: never at the first message, never by reading mail in the bot's own process.
+#[test]
+fn a_helper_program_that_is_not_one_is_refused_at_start() {
+    let ws = Workspace::new();
+    ws.deliver(
+        "good",
+        &common::order_mail("good", "buyer@acme.example", &[("SKU-1", 2)]),
+    );
+    let text = std::fs::read_to_string(ws.config(1, 3)).expect("config");
+    let wrong = text.replace(
+        "sender_auth = { mode = \"off\" }",
+        "sender_auth = { mode = \"off\" }\nparse_helper = \"/bin/echo\"",
+    );
+    assert_ne!(text, wrong);
+    let config = ws.dir.path().join("wrong-helper.toml");
+    std::fs::write(&config, wrong).expect("write config");
+    let (code, stdout, stderr) = BotProcess::spawn(&ws, &config, true).finish();
+    assert_ne!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("apps.mail_order_bot.parse_helper")
+            && stderr.contains("/bin/echo is not a mail-order-bot parse helper"),
+        "{stderr}"
+    );
+    assert_eq!(unseen(&ws), 1, "the mail stays unread");
+}

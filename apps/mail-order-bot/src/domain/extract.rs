@@ -15,7 +15,7 @@ pub struct OrderLine {
 
 /// What was extracted from one text or file: lines, and lines that looked like order lines
 /// but were not valid (reported, never dropped silently).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extraction {
     /// Valid lines.
     pub lines: Vec<OrderLine>,
@@ -242,7 +242,7 @@ pub fn lines_from_text_in(text: &str, mode: TextMode) -> (Extraction, bool) {
 }
 
 /// Limits on tables read from attachments and HTML bodies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CsvLimits {
     /// Most data rows read from one table.
     pub max_rows: usize,

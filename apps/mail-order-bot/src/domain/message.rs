@@ -51,7 +51,7 @@ fn usable_message_id(id: Option<&str>) -> Option<String> {
 }
 
 /// Every limit applied to one message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MailLimits {
     /// Largest message read, in bytes; larger ones are `rejected` unparsed.
     pub max_message_bytes: usize,
@@ -112,7 +112,7 @@ pub enum PartKind {
 }
 
 /// The lines found in one part.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartLines {
     /// What kind of part.
     pub kind: PartKind,
@@ -121,7 +121,7 @@ pub struct PartLines {
 }
 
 /// How the message was classified before any client or line was looked at.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MailFacts {
     /// `mid:<Message-ID>`, or `sha256:<hex of the raw bytes>` when there is none.
     pub identity: String,
@@ -177,6 +177,14 @@ impl MailFacts {
             auth_results: Vec::new(),
             verified: None,
         }
+    }
+
+    /// A message `rejected` for `reason` without being read (its reading was stopped, or
+    /// ended the process that read it): named by its Message-ID or its bytes' hash.
+    pub fn rejected_unread(raw: &[u8], reason: String) -> Self {
+        let mut facts = Self::empty(raw, identity_of(raw));
+        facts.rejected = Some(reason);
+        facts
     }
 
     /// The lines of the parts `wanted` accepts, in message order.

@@ -59,7 +59,7 @@ pub struct SenderAuthConfig {
 }
 
 /// What the bot's own DKIM and DMARC check (`mode = "verify"`) found for one message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Verdict {
     /// A verified signature aligned with `domain`, the message's `From` domain.
     Pass {

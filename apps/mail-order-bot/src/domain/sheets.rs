@@ -35,7 +35,7 @@ pub enum SheetFormat {
 }
 
 /// Limits on spreadsheet attachments.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SheetLimits {
     /// Most uncompressed bytes a zip (XLSX, ODS) may declare, all entries together.
     pub max_uncompressed_bytes: u64,

@@ -10,6 +10,7 @@ import base64
 import io
 import os
 import quopri
+import random
 import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -167,6 +168,16 @@ def zip_bomb_xlsx(entry_bytes):
             for _ in range(entry_bytes >> 20):
                 f.write(chunk)
     return buf.getvalue()
+
+
+def slow_xlsx(rows=9990, cols=50):
+    """An honest XLSX within every limit (10,000 rows, 500,000 cells, a 30 MB sheet that
+    inflates at a ratio below 5) that takes seconds of CPU to read: for the parse timeout."""
+    rng = random.Random(7)
+    table = [["SKU", "Quantity"] + ["Note %d" % i for i in range(cols - 2)]]
+    for r in range(rows):
+        table.append(["SKU-%05d" % r, rng.randint(1, 99)] + [rng.randint(0, 10 ** 6) for _ in range(cols - 2)])
+    return xlsx([table])
 
 
 def lying_xlsx(real_bytes, declared=900):
@@ -671,6 +682,10 @@ def main():
          headers(acme, "PO 8300 " + folded, "po8300@acme.example") + "Content-Type: text/plain\n\n" + body,
          "created", ["SKU-8301:2"], reason="; and 2980 more")
 
+    # -- a message within every limit whose reading takes longer than parse_timeout_ms -----------
+    case("084-xlsx-too-slow-to-read", slow_mail(acme), "rejected",
+         reason="parse_timeout_ms: reading the message took longer than 200 ms", parse_timeout_ms=200)
+
     with open(os.path.join(HERE, "expected.toml"), "w", encoding="utf-8") as f:
         f.write("# One [[case]] per .eml file, processed in this order into one store.\n"
                 "# Written by generate.py; `lines` are SKU:quantity in order, `reason` a substring of the\n"
@@ -690,6 +705,11 @@ def main():
     write_fuzz_seeds(acme, nordic)
 
 
+def slow_mail(acme):
+    return with_attachment(acme, "PO slow", "slow@acme.example", "See attachment.", "po-500k-cells.xlsx",
+                           slow_xlsx(), "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+
+
 def write_fuzz_seeds(acme, nordic):
     """Hostile seeds for the fuzz corpus (`fuzz/corpus/parse_extract`): each must hit a limit
     (`tests/fuzz_corpus.rs` reads them on a 2 MiB stack); each aborted the process before."""
@@ -702,6 +722,11 @@ def write_fuzz_seeds(acme, nordic):
                                lying_xlsx(64 << 20), "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")).encode()
     with open(os.path.join(seeds, "rejected-xlsx-lying-sizes-64mb.eml"), "wb") as f:
         f.write(raw)
+    # Within every limit, but seconds of CPU: `slow-*` seeds must be stopped by parse_timeout_ms
+    # (`tests/process.rs`), never hang a worker. The same bytes as corpus case 084.
+    with open(os.path.join(HERE, "084-xlsx-too-slow-to-read.eml"), "rb") as src, \
+            open(os.path.join(seeds, "slow-xlsx-500k-cells.eml"), "wb") as f:
+        f.write(src.read())
 
 
 def toml_str(s):
