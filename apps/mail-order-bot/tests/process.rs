@@ -164,18 +164,24 @@ fn json_logs_are_one_object_a_line_with_each_tasks_trace() {
 /// order: `run --once` ends normally, each is `rejected` with the limit it hit and marked
 /// seen, and the order is made. Before the structure was bounded, one of them aborted the
 /// process (exit 134) and left the mail unread, so every start crashed again.
+/// Delivers the fuzz seeds whose names start with `prefix`; their names.
+fn deliver_seeds(ws: &Workspace, prefix: &str) -> Vec<String> {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_extract");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&seeds).expect("fuzz corpus").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) {
+            ws.deliver_bytes(&name, &std::fs::read(entry.path()).expect("seed"));
+            names.push(name);
+        }
+    }
+    names
+}
+
 #[test]
 fn hostile_mail_is_rejected_and_the_process_lives_on() {
     let ws = Workspace::new();
-    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_extract");
-    let mut hostile = Vec::new();
-    for entry in std::fs::read_dir(&seeds).expect("fuzz corpus").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("rejected-") {
-            ws.deliver_bytes(&name, &std::fs::read(entry.path()).expect("seed"));
-            hostile.push(name);
-        }
-    }
+    let hostile = deliver_seeds(&ws, "rejected-");
     assert!(hostile.len() >= 10, "{hostile:?}");
     ws.deliver(
         "good",
@@ -210,15 +216,7 @@ fn hostile_mail_is_rejected_and_the_process_lives_on() {
 #[test]
 fn a_message_too_slow_or_too_big_to_read_is_rejected_and_the_process_lives_on() {
     let ws = Workspace::new();
-    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_extract");
-    let mut slow = Vec::new();
-    for entry in std::fs::read_dir(&seeds).expect("fuzz corpus").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("slow-") {
-            ws.deliver_bytes(&name, &std::fs::read(entry.path()).expect("seed"));
-            slow.push(name);
-        }
-    }
+    let slow = deliver_seeds(&ws, "slow-");
     assert!(!slow.is_empty(), "a slow-* fuzz seed");
     // 80 MiB of body for a helper limited to 64 MiB (the limit on messages raised to match).
     let mut big = common::order_mail("big", "buyer@acme.example", &[("SKU-9", 1)]);
