@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use runtime_contracts::config::{parse_section_with_unknown, require_positive};
 use runtime_contracts::{
-    ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, HandlerContext,
-    HandlerError, HealthContributor, HealthStatus, ModuleError, ModuleRegistry, Outcome, Probe,
-    SourceError, SpanGuard, Task, TaskHandler,
+    ApplicationModule, AttemptFailure, BoxFuture, ConfigProblem, ConfigProvider, GoneReason,
+    HandlerContext, HandlerError, HealthContributor, HealthStatus, ModuleError, ModuleRegistry,
+    Outcome, Probe, SourceError, SpanGuard, Task, TaskHandler,
 };
 use serde::Deserialize;
 
@@ -521,7 +521,8 @@ impl OrderHandler {
     fn loaded(answer: Result<Option<Vec<u8>>, SourceError>) -> Result<Loaded, HandlerError> {
         match answer {
             Ok(Some(content)) => Ok(Loaded::Mail(content)),
-            Ok(None) => Ok(Loaded::Gone),
+            Ok(None) => Ok(Loaded::Gone(GoneReason::Deleted)),
+            Err(SourceError::Gone { reason, .. }) => Ok(Loaded::Gone(reason)),
             // The source refused to read it whole: a recorded outcome, never a retry.
             Err(SourceError::TooLarge { size, limit, .. }) => Ok(Loaded::TooLarge(format!(
                 "max_message_bytes: the message has {size} bytes, above the source's limit of {limit}"
@@ -639,26 +640,9 @@ impl OrderHandler {
     fn unparsed(task: &Task, loaded: Loaded) -> Result<Prepared, Vec<u8>> {
         match loaded {
             Loaded::Mail(raw) => Err(raw),
-            Loaded::Gone => Ok(Prepared::Done(
-                Outcome::new("skipped").with_detail("message gone"),
-            )),
-            Loaded::TooLarge(reason) => {
-                // The bytes were never read, so the task names the message.
-                let identity = format!("task:{}", task.id);
-                Ok(Prepared::Record(Box::new(Recording {
-                    fingerprint: identity.clone(),
-                    content_sha256: String::new(),
-                    identity,
-                    sender: None,
-                    subject: None,
-                    task_id: task.id.to_string(),
-                    outcome: OutcomeKind::Rejected,
-                    reason: Some(reason),
-                    order: None,
-                    reply: None,
-                    task: None,
-                })))
-            }
+            // Nothing was read, so the task names the message.
+            Loaded::Gone(why) => Ok(unread_task(task, OutcomeKind::Skipped, why.to_string())),
+            Loaded::TooLarge(reason) => Ok(unread_task(task, OutcomeKind::Rejected, reason)),
         }
     }
 
@@ -747,7 +731,7 @@ impl OrderHandler {
                 let mut decided = this.decide(&facts, task.id.as_str());
                 decided.task = Some(task_pointer(&task));
                 drop(span);
-                out.push(Ok(Prepared::Record(Box::new(decided))));
+                out.push(Ok(Box::new(decided)));
             }
             self.handled
                 .lock()
@@ -777,7 +761,7 @@ impl OrderHandler {
                         let mut decided = this.decide(&facts, task.id.as_str());
                         decided.task = Some(task_pointer(&task));
                         drop(span);
-                        Prepared::Record(Box::new(decided))
+                        Box::new(decided)
                     }))
                     .map_err(|panic| {
                         HandlerError::Permanent(format!(
@@ -824,20 +808,16 @@ impl OrderHandler {
             }
         };
         fault("mail.after_parse")?;
-        match prepared {
-            Prepared::Done(outcome) => Ok(outcome),
-            Prepared::Record(rec) => {
-                let committing = ctx.stage("store commit");
-                let recorded = match replayed(task) {
-                    Some(kind) => self.store.record_replay(&rec, kind).await,
-                    None => self.store.record(&rec).await,
-                };
-                drop(committing);
-                let recorded = recorded.map_err(recording_failed)?;
-                fault("mail.after_commit")?;
-                Ok(outcome_of(&rec, &recorded))
-            }
-        }
+        let rec = prepared;
+        let committing = ctx.stage("store commit");
+        let recorded = match replayed(task) {
+            Some(kind) => self.store.record_replay(&rec, kind).await,
+            None => self.store.record(&rec).await,
+        };
+        drop(committing);
+        let recorded = recorded.map_err(recording_failed)?;
+        fault("mail.after_commit")?;
+        Ok(outcome_of(&rec, &recorded))
     }
 
     /// A batch: one load from the source (IMAP: one `UID FETCH` of a UID set), the
@@ -881,13 +861,7 @@ impl OrderHandler {
         if let Err(e) = fault("mail.after_parse") {
             return tasks.iter().map(|_| Err(e.clone())).collect();
         }
-        let recs: Vec<&Recording> = prepared
-            .iter()
-            .filter_map(|p| match p {
-                Ok(Prepared::Record(rec)) => Some(&**rec),
-                _ => None,
-            })
-            .collect();
+        let recs: Vec<&Recording> = prepared.iter().filter_map(|p| p.as_deref().ok()).collect();
         let committing = ctx.batch_stage(tasks, "store commit");
         let mut recorded = self.store.record_batch(&recs).await.into_iter();
         drop(committing);
@@ -896,13 +870,13 @@ impl OrderHandler {
         }
         prepared
             .into_iter()
-            .map(|p| match p? {
-                Prepared::Done(outcome) => Ok(outcome),
-                Prepared::Record(rec) => match recorded.next() {
+            .map(|p| {
+                let rec = p?;
+                match recorded.next() {
                     Some(Ok(recorded)) => Ok(outcome_of(&rec, &recorded)),
                     Some(Err(e)) => Err(recording_failed(e)),
                     None => Err(HandlerError::retry("the store answered too few results")),
-                },
+                }
             })
             .collect()
     }
@@ -969,7 +943,7 @@ fn before_reading(
         let reason = format!(
             "max_handling_deaths: the process stopped {died} times while reading this message; it is not read again"
         );
-        return Some(Ok(Prepared::Record(Box::new(unread(task, raw, reason)))));
+        return Some(Ok(Box::new(unread(task, raw, reason))));
     }
     if let Some(Verdict::Unavailable(why)) = verified {
         return Some(Err(HandlerError::retry(format!(
@@ -1012,19 +986,33 @@ fn recording_failed(e: crate::domain::store::StoreError) -> HandlerError {
     HandlerError::retry(format!("recording the outcome: {e}"))
 }
 
-/// A message read and decided, before its outcome is recorded.
-enum Prepared {
-    /// Nothing to record (the message is gone).
-    Done(Outcome),
-    /// The outcome to record.
-    Record(Box<Recording>),
-}
+/// A message read and decided (or known unread), before its outcome is recorded.
+type Prepared = Box<Recording>;
 
 /// What loading a task's message gave.
 enum Loaded {
     Mail(Vec<u8>),
-    Gone,
+    Gone(GoneReason),
     TooLarge(String),
+}
+
+/// The outcome of a task whose message was never read (gone, or too large to read): the
+/// task names it, as `task:ID`.
+fn unread_task(task: &Task, outcome: OutcomeKind, reason: String) -> Prepared {
+    let identity = format!("task:{}", task.id);
+    Box::new(Recording {
+        fingerprint: identity.clone(),
+        content_sha256: String::new(),
+        identity,
+        sender: None,
+        subject: None,
+        task_id: task.id.to_string(),
+        outcome,
+        reason: Some(reason),
+        order: None,
+        reply: None,
+        task: None,
+    })
 }
 
 /// What the runtime reports for a recorded message.

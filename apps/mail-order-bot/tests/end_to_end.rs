@@ -17,10 +17,19 @@ async fn run_once(ws: &Workspace, workers: usize, max_attempts: u32) -> RuntimeM
 }
 
 async fn run_config(path: &std::path::Path) -> RuntimeManager {
+    let runtime = drained(path, FaultyBot::module()).await;
+    let report = runtime.shutdown().await;
+    assert!(report.drained_in_time);
+    runtime
+}
+
+/// `module` run on the configuration at `path` until its work is done (still running).
+async fn drained(
+    path: &std::path::Path,
+    module: Arc<dyn runtime_contracts::ApplicationModule>,
+) -> RuntimeManager {
     let config = Arc::new(load_config(Some(path), Some(HashMap::new())).expect("config"));
-    let mut runtime = build_runtime(config, FaultyBot::module(), None)
-        .await
-        .expect("runtime");
+    let mut runtime = build_runtime(config, module, None).await.expect("runtime");
     runtime.start().expect("start");
     tokio::time::timeout(
         Duration::from_secs(120),
@@ -28,8 +37,6 @@ async fn run_config(path: &std::path::Path) -> RuntimeManager {
     )
     .await
     .expect("drained within 120 s");
-    let report = runtime.shutdown().await;
-    assert!(report.drained_in_time);
     runtime
 }
 
@@ -245,4 +252,48 @@ async fn a_message_above_the_sources_size_limit_is_rejected_and_completed() {
         ws.seen_flags().values().all(|s| *s),
         "both have an outcome, so both are seen"
     );
+}
+
+/// A message deleted between its publish and its fetch: `skipped` with `message gone`,
+/// recorded under its task and counted; no order, no failure, and the mail beside it made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_deleted_before_its_fetch_is_recorded_as_skipped() {
+    let ws = Workspace::new();
+    ws.deliver(
+        "doomed.1",
+        &order_mail("doomed-1", "purchasing@acme.example", &[("SKU-1", 1)]),
+    );
+    ws.deliver(
+        "kept.1",
+        &order_mail("kept-1", "purchasing@acme.example", &[("SKU-2", 2)]),
+    );
+    let maildir = ws.maildir();
+    let module = common::DeleteBeforeFetch(move |task: &runtime_contracts::Task| {
+        if task.payload["unique"] == "doomed.1" {
+            for sub in ["new", "cur"] {
+                for entry in std::fs::read_dir(maildir.join(sub))
+                    .expect("read")
+                    .flatten()
+                {
+                    if entry.file_name().to_string_lossy().starts_with("doomed.1") {
+                        std::fs::remove_file(entry.path()).expect("delete");
+                    }
+                }
+            }
+        }
+    })
+    .module();
+    let runtime = drained(&ws.config(2, 3), module).await;
+    let metrics = runtime.metrics_text().await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    let outcomes = common::assert_one_skipped(&ws, &status, "task:").await;
+    let created: Vec<_> = outcomes.iter().filter(|o| o.outcome == "created").collect();
+    assert_eq!(created.len(), 1, "the mail beside it is made: {outcomes:?}");
+    assert_eq!(common::orders_so_far(&ws).await, 1);
+    let counted = metrics
+        .lines()
+        .find(|l| l.starts_with("plba_outcomes_total") && l.contains("outcome=\"skipped\""))
+        .unwrap_or_else(|| panic!("no skipped count in:\n{metrics}"));
+    assert!(counted.ends_with(" 1"), "{counted}");
 }

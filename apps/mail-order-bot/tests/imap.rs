@@ -913,3 +913,45 @@ async fn settled_mail_is_moved_into_its_folder_with_move() {
 async fn settled_mail_is_moved_into_its_folder_by_copy_and_expunge_without_move() {
     filing_into_folders(true).await;
 }
+
+/// A message expunged by another client between its publish and its fetch, in a batch:
+/// `skipped` with `message gone` under its task; the other messages of the batch are made
+/// and seen, nothing is dead-lettered. (`uidvalidity changed` is the source's other reason:
+/// `adapters/tests/imap_source.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_expunged_before_its_fetch_is_recorded_as_skipped() {
+    let server = Arc::new(DovecotServer::start(&[(USER, PASSWORD)]));
+    let ws = Workspace::new();
+    let mails: Vec<String> = (0..6)
+        .map(|i| order_mail(&format!("x{i}"), "purchasing@acme.example", &[("SKU-7", 1)]))
+        .collect();
+    server.append(USER, PASSWORD, "INBOX", &bytes(&mails));
+    let config = with_prefetch(imap_config(&ws, "imap_poll", &plain(&server), 3), 8);
+    let other = Arc::clone(&server);
+    let module = common::DeleteBeforeFetch(move |task: &runtime_contracts::Task| {
+        if task.payload["uid"] == 3 {
+            let mut client = other.client(USER, PASSWORD);
+            client.run("SELECT INBOX");
+            client.run("UID STORE 3 +FLAGS.SILENT (\\Deleted)");
+            client.run("UID EXPUNGE 3");
+        }
+    })
+    .module();
+    let loaded = Arc::new(load_config(Some(&config), Some(HashMap::new())).expect("config"));
+    let mut runtime = build_runtime(loaded, module, None).await.expect("runtime");
+    runtime.start().expect("start");
+    drain(&runtime).await;
+    let status = runtime.status().await;
+    runtime.shutdown().await;
+    let outcomes = common::assert_one_skipped(&ws, &status, "task:imap:inbox:INBOX:").await;
+    assert_eq!(
+        outcomes.iter().filter(|o| o.outcome == "created").count(),
+        5,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        seen_split(&server),
+        (5, 0),
+        "the five left are seen, one is gone"
+    );
+}

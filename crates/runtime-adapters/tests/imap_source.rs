@@ -3,7 +3,7 @@
 
 use plba_testkit::DovecotServer;
 use runtime_adapters::sources::imap::{ImapConfig, ImapMode, ImapSource};
-use runtime_contracts::{SourceError, Task, TaskSource};
+use runtime_contracts::{GoneReason, SourceError, Task, TaskSource};
 
 fn source(server: &DovecotServer, dir: &std::path::Path, max_message_bytes: u64) -> ImapSource {
     let pw = dir.join("pw");
@@ -47,9 +47,9 @@ async fn pointers_load_complete_and_go_stale_safely() {
         assert_eq!(flags.len(), 1);
         let probe = pointer(0, uid, None);
         assert_eq!(
-            imap.load_content(&probe).await.expect("stale"),
-            None,
-            "wrong UIDVALIDITY loads as gone"
+            imap.load_content(&probe).await.expect_err("stale").gone(),
+            Some(GoneReason::UidValidityChanged),
+            "wrong UIDVALIDITY loads as gone, with the reason"
         );
         server.uid_validity("u", "pass", "INBOX")
     };
@@ -211,7 +211,10 @@ async fn batches_load_and_complete_each_pointer_for_itself() {
         loaded[3],
         Err(SourceError::TooLarge { size: 4096, .. })
     ));
-    assert_eq!(loaded[4].as_ref().expect("stale"), &None);
+    assert_eq!(
+        loaded[4].as_ref().expect_err("stale").gone(),
+        Some(GoneReason::UidValidityChanged)
+    );
     assert_eq!(
         loaded[5].as_ref().expect("4").as_deref(),
         Some(&messages[4][..])

@@ -121,7 +121,8 @@ impl HandlerContext {
     }
 
     /// Loads the bytes the task points at from its source; `Ok(None)` when the thing
-    /// pointed at is gone (deleted or moved since it was published).
+    /// pointed at was deleted since it was published, [`SourceError::Gone`] when it is
+    /// gone for another reason the source knows (moved, UIDVALIDITY changed).
     pub async fn load_content(&self, task: &Task) -> Result<Option<Vec<u8>>, SourceError> {
         self.source.load_content(task).await
     }

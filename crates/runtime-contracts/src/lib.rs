@@ -48,8 +48,8 @@ pub use queue::{
 };
 pub use shutdown::{CancelSignal, Shutdown};
 pub use source::{
-    Backpressure, Disposition, NoSources, Reconfigure, SourceContext, SourceError, SourceLease,
-    SourceState, SourceStatus, SourceWaker, TaskSource,
+    Backpressure, Disposition, GoneReason, NoSources, Reconfigure, SourceContext, SourceError,
+    SourceLease, SourceState, SourceStatus, SourceWaker, TaskSource,
 };
 pub use task::{AttemptFailure, Headers, Task, TaskError, TaskId};
 pub use trace::{SpanGuard, StageTracer, TraceFactory};

@@ -42,6 +42,55 @@ pub enum SourceError {
         /// The limit.
         limit: u64,
     },
+    /// The content behind the pointer is no longer there, for a reason the source knows
+    /// (`Ok(None)` from [`TaskSource::load_content`] is the same with [`GoneReason::Deleted`]).
+    #[error("source {source_id}: {reason}")]
+    Gone {
+        /// The source's id.
+        source_id: String,
+        /// Why it is gone.
+        reason: GoneReason,
+    },
+}
+
+impl SourceError {
+    /// Why the content is gone, if this error says it is.
+    pub fn gone(&self) -> Option<GoneReason> {
+        match self {
+            Self::Gone { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+}
+
+/// Why the content a task points at is gone: the task is then skipped, never retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum GoneReason {
+    /// Deleted (or expunged) since it was published.
+    Deleted,
+    /// Moved out of the folder the source watches.
+    Moved,
+    /// The IMAP mailbox's UIDVALIDITY changed: the UID names nothing any more.
+    UidValidityChanged,
+}
+
+impl GoneReason {
+    /// The reason as recorded: `message gone`, `moved` or `uidvalidity changed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deleted => "message gone",
+            Self::Moved => "moved",
+            Self::UidValidityChanged => "uidvalidity changed",
+        }
+    }
+}
+
+impl fmt::Display for GoneReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Lifecycle state of a source.
@@ -235,7 +284,8 @@ pub trait TaskSource: Send + Sync {
     /// A snapshot of its progress.
     fn status(&self) -> SourceStatus;
 
-    /// Reads the content the task points at; `Ok(None)` if it is gone.
+    /// Reads the content the task points at; `Ok(None)` if it is gone (deleted), or
+    /// [`SourceError::Gone`] when the source knows another reason.
     fn load_content<'a>(
         &'a self,
         task: &'a Task,

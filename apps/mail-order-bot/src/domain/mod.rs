@@ -74,11 +74,14 @@ pub enum OutcomeKind {
     Rejected,
     /// The message could not be handled after every attempt; it stays unread.
     Failed,
+    /// The message was gone when its task ran (deleted, moved, or its mailbox's UIDVALIDITY
+    /// changed); the reason says which. Nothing was read.
+    Skipped,
 }
 
 impl OutcomeKind {
     /// Every outcome.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Created,
         Self::Duplicate,
         Self::ConflictingDuplicate,
@@ -89,6 +92,7 @@ impl OutcomeKind {
         Self::UnauthenticatedSender,
         Self::Rejected,
         Self::Failed,
+        Self::Skipped,
     ];
 
     /// The stored name.
@@ -104,6 +108,7 @@ impl OutcomeKind {
             Self::UnauthenticatedSender => "unauthenticated_sender",
             Self::Rejected => "rejected",
             Self::Failed => "failed",
+            Self::Skipped => "skipped",
         }
     }
 }

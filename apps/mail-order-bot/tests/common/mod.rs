@@ -599,6 +599,68 @@ impl TaskHandler for Stall {
     }
 }
 
+/// Test-only module: the real bot whose handler first runs `delete` on each task (before
+/// the message is fetched), so that a message can vanish between publish and fetch.
+pub struct DeleteBeforeFetch<F>(pub F);
+
+struct Deleting(Arc<dyn TaskHandler>, Arc<dyn Fn(&Task) + Send + Sync>);
+
+impl TaskHandler for Deleting {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        (self.1)(task);
+        self.0.handle(task, ctx)
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
+        for task in tasks {
+            (self.1)(task);
+        }
+        self.0.handle_batch(tasks, ctx)
+    }
+}
+
+impl<F: Fn(&Task) + Send + Sync + 'static> DeleteBeforeFetch<F> {
+    /// The module to hand `build_runtime`.
+    pub fn module(self) -> Arc<dyn ApplicationModule> {
+        let delete: Arc<dyn Fn(&Task) + Send + Sync> = Arc::new(self.0);
+        Arc::new(WrappedModule::new("delete-before-fetch", move |h| {
+            Arc::new(Deleting(h, Arc::clone(&delete))) as Arc<dyn TaskHandler>
+        }))
+    }
+}
+
+/// Asserts that the run whose status is `status` dead-lettered nothing and that the store
+/// holds exactly one `skipped` outcome, `message gone`, named by a task id starting with
+/// `identity_prefix`; gives every outcome.
+pub async fn assert_one_skipped(
+    ws: &Workspace,
+    status: &runtime_core::RuntimeStatus,
+    identity_prefix: &str,
+) -> Vec<mail_order_bot::domain::store::OutcomeRow> {
+    assert_eq!(
+        status.pools[0].dead_lettered, 0,
+        "a gone message is no failure"
+    );
+    let outcomes = ws.store().await.outcomes().await.expect("outcomes");
+    let skipped: Vec<_> = outcomes.iter().filter(|o| o.outcome == "skipped").collect();
+    assert_eq!(skipped.len(), 1, "{outcomes:?}");
+    assert_eq!(skipped[0].reason.as_deref(), Some("message gone"));
+    assert!(
+        skipped[0].message_identity.starts_with(identity_prefix),
+        "{:?}",
+        skipped[0]
+    );
+    outcomes
+}
+
 impl FaultyBot {
     /// The module to hand `build_runtime`.
     pub fn module() -> Arc<dyn ApplicationModule> {

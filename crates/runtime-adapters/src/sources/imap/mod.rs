@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use runtime_contracts::{
-    BoxFuture, Disposition, SourceContext, SourceError, SourceStatus, Task, TaskSource,
+    BoxFuture, Disposition, GoneReason, SourceContext, SourceError, SourceStatus, Task, TaskSource,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_rustls::rustls::ClientConfig;
@@ -1487,7 +1487,7 @@ impl ImapSource {
             return Ok(Fetched::TooLarge(size));
         }
         let Some((mut pooled, permit)) = self.checkout(pointer, pointer.uid).await? else {
-            return Ok(Fetched::Gone);
+            return Ok(Fetched::Stale);
         };
         let uid = pointer.uid.to_string();
         let session = &mut pooled.session;
@@ -1642,7 +1642,7 @@ impl ImapSource {
             match self.fetch_set(&pointer, &uids).await {
                 Ok(None) => {
                     for (i, _) in members {
-                        out[i] = Some(Ok(Fetched::Gone));
+                        out[i] = Some(Ok(Fetched::Stale));
                     }
                 }
                 Ok(Some(mut bodies)) => {
@@ -1828,10 +1828,15 @@ impl ImapSource {
         (index, pointers, out)
     }
 
-    /// What a fetch means for `load_content`: the bytes, `None` when gone, or too large.
+    /// What a fetch means for `load_content`: the bytes, `None` when expunged, gone with
+    /// its reason when the UIDVALIDITY changed, or too large.
     fn content(&self, fetched: Fetched) -> Result<Option<Vec<u8>>, SourceError> {
         match fetched {
             Fetched::Gone => Ok(None),
+            Fetched::Stale => Err(SourceError::Gone {
+                source_id: self.id.clone(),
+                reason: GoneReason::UidValidityChanged,
+            }),
             Fetched::Body(bytes) => Ok(Some(bytes)),
             Fetched::TooLarge(size) => Err(SourceError::TooLarge {
                 source_id: self.id.clone(),
@@ -2172,7 +2177,10 @@ fn group_by_mailbox(pointers: &[Pointer]) -> Vec<(Pointer, Vec<u32>)> {
 enum Fetched {
     Body(Vec<u8>),
     TooLarge(u64),
+    /// Not in the mailbox any more (expunged).
     Gone,
+    /// The mailbox's UIDVALIDITY is no longer the pointer's.
+    Stale,
 }
 
 impl ImapSource {
