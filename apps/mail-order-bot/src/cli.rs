@@ -41,11 +41,16 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Validate a configuration and print every problem with its key.
+    /// Validate a configuration and print every problem with its key (and every old key
+    /// read under its new name); with --explain, print the documentation of a key instead.
     CheckConfig {
         /// TOML configuration file; the embedded config/default.toml when omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// A dotted key (`pools.orders.max_attempts`, `sources.inbox.poll_interval_ms`):
+        /// print what it does and its default, from the README's configuration table.
+        #[arg(long, value_name = "KEY")]
+        explain: Option<String>,
     },
     /// Ask a running bot (its control plane) for stuck work, poison candidates and
     /// sources without progress, each with what to do. Exits 0 when nothing was found, 4
@@ -240,8 +245,18 @@ pub enum Format {
 /// Runs a parsed command line; returns the process exit code.
 pub async fn execute(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::CheckConfig { config } => match load_config(config.as_deref(), None) {
-            Ok(_) => {
+        Command::CheckConfig {
+            explain: Some(key),
+            config,
+        } => Ok(explain_key(&key, config.as_deref())),
+        Command::CheckConfig {
+            config,
+            explain: None,
+        } => match load_config(config.as_deref(), None) {
+            Ok(manager) => {
+                for warning in manager.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!("configuration is valid");
                 Ok(0)
             }
@@ -574,7 +589,10 @@ async fn config_command(action: ConfigAction) -> anyhow::Result<u8> {
     match action {
         ConfigAction::List { .. } => {
             for row in store.list().await? {
-                println!("{} = {}    (version {})", row.key, row.value, row.version);
+                println!(
+                    "{} = {}    (version {}, config_version {})",
+                    row.key, row.value, row.version, row.config_version
+                );
             }
             Ok(0)
         }
@@ -610,6 +628,38 @@ async fn config_command(action: ConfigAction) -> anyhow::Result<u8> {
     }
 }
 
+/// `check-config --explain KEY`: the key's documentation (for the `type` its section has
+/// in the configuration, when that loads); the exit code.
+fn explain_key(key: &str, config: Option<&std::path::Path>) -> u8 {
+    let loaded = load_config(config, None).ok();
+    let root = loaded.as_ref().map(|m| m.root());
+    let section: Vec<&str> = key.split('.').collect();
+    let table = match section.as_slice() {
+        ["sources", id, ..] => Some(format!("sources.{id}")),
+        ["queue", ..] => Some("queue".to_owned()),
+        _ => None,
+    };
+    let kind = root.as_deref().zip(table).and_then(|(root, table)| {
+        runtime_core::config::lookup(root, &table)
+            .and_then(|t| t.get("type"))
+            .and_then(|t| t.as_str())
+            .map(str::to_owned)
+    });
+    let changes = loaded
+        .as_ref()
+        .map_or(runtime_adapters::KEY_CHANGES, |m| m.key_changes());
+    match crate::explain::explain(key, kind.as_deref(), changes) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(why) => {
+            eprintln!("{why}");
+            EXIT_CONFIG
+        }
+    }
+}
+
 /// Prints why the layered configuration could not be loaded; the exit code.
 fn layered_failure(e: &LayeredError) -> anyhow::Result<u8> {
     match e {
@@ -633,6 +683,9 @@ async fn run(config: Option<PathBuf>, once: bool) -> anyhow::Result<u8> {
         &platform.telemetry,
         "mail-order-bot",
     )?;
+    for warning in manager.warnings() {
+        tracing::warn!(key = %warning.key, "configuration: {}", warning.message);
+    }
     let mut runtime = build_traced_runtime(
         Arc::clone(&manager),
         Arc::new(MailOrderModule),

@@ -413,6 +413,7 @@ fn config_builder(env: Option<HashMap<String, String>>) -> runtime_core::config:
                 .unwrap_or_default()
         })
         .claim(SECTION, move |v| module.validate_config(v))
+        .key_changes(runtime_adapters::KEY_CHANGES)
         .cross_check(cross_check)
         .cross_check(|root| queue_config(root).err().unwrap_or_default());
     if let Some(env) = env {

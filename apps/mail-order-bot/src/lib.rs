@@ -13,6 +13,7 @@ pub mod cli;
 pub mod compose;
 pub mod dkim;
 pub mod domain;
+pub mod explain;
 pub mod helper;
 pub mod module;
 pub mod pages;

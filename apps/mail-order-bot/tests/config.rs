@@ -607,3 +607,113 @@ fn a_syntax_error_does_not_echo_the_line() {
     );
     assert!(!shown.contains("the-secret-admin-token"), "{shown}");
 }
+
+/// `config_version`: a file without it predates versioning, and an old key it uses is
+/// read under its new name with a warning; a file of version 1 gets a problem naming the
+/// new key (not `unknown key`); a version this release does not read is refused; and
+/// `check-config --explain` prints any key's line of the README's table.
+#[test]
+fn configs_are_versioned_and_any_key_is_explained() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let amqp = valid(tmp.path()).replace(
+        "[queue]\ntype = \"memory\"",
+        "[queue]\ntype = \"amqp\"\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nmax_message_bytes = 4096",
+    );
+    assert!(
+        amqp.contains("max_message_bytes"),
+        "the queue section was changed"
+    );
+    let bin = env!("CARGO_BIN_EXE_mail-order-bot");
+    let check = |text: &str, args: &[&str]| {
+        let path = tmp.path().join("versioned.toml");
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(bin)
+            .arg("check-config")
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("check-config");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, out, err) = check(&amqp, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("warning: queue.max_message_bytes: renamed to queue.max_entry_bytes in config_version 1; read as queue.max_entry_bytes"),
+        "{err}"
+    );
+    let path = tmp.path().join("versioned.toml");
+    let manager = load_config(Some(&path), Some(HashMap::new())).expect("valid");
+    assert_eq!(
+        manager.root()["queue"]["max_entry_bytes"],
+        4096,
+        "read under its new name"
+    );
+
+    let (code, _, err) = check(&format!("config_version = 1\n{amqp}"), &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(
+            "queue.max_message_bytes: renamed to queue.max_entry_bytes in config_version 1"
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("unknown key"),
+        "one problem per old key: {err}"
+    );
+
+    let current = format!("config_version = 1\n{}", valid(tmp.path()));
+    assert_eq!(check(&current, &[]).0, Some(0));
+    for (version, words) in [
+        ("2", "newer than this release reads"),
+        ("0", "whole number"),
+        ("\"1\"", "whole number"),
+    ] {
+        let (code, _, err) = check(
+            &current.replacen(
+                "config_version = 1",
+                &format!("config_version = {version}"),
+                1,
+            ),
+            &[],
+        );
+        assert_eq!(code, Some(2), "{version}: {err}");
+        assert!(
+            err.contains("config_version:") && err.contains(words),
+            "{version}: {err}"
+        );
+    }
+
+    // --explain: the key's line, for the type its section has in the configuration.
+    let (code, out, _) = check(&current, &["--explain", "pools.orders.max_attempts"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("`max_attempts` (5)") && out.contains("[pools.NAME]"),
+        "{out}"
+    );
+    let (code, out, _) = check(&current, &["--explain", "sources.inbox.poll_interval_ms"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("(1000)") && out.contains("maildir") && !out.contains("imap_poll"),
+        "the maildir row only: {out}"
+    );
+    let (code, out, _) = check(&amqp, &["--explain", "queue.max_message_bytes"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("renamed to queue.max_entry_bytes")
+            && out.contains("`max_entry_bytes` (65536"),
+        "{out}"
+    );
+    let (code, _, err) = check(&current, &["--explain", "pools.orders.wokers"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("pools.orders.wokers: no such key is documented"),
+        "{err}"
+    );
+}

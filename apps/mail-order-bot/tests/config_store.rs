@@ -97,7 +97,9 @@ async fn scenario(store_url: &str) {
     }
     let (_, listed, _) = cli(&path, &["list"], &[]);
     assert!(
-        listed.starts_with("pools.orders.workers = 3") && listed.lines().count() == 1,
+        listed.starts_with("pools.orders.workers = 3")
+            && listed.ends_with(", config_version 1)")
+            && listed.lines().count() == 1,
         "{listed}"
     );
 

@@ -9,7 +9,8 @@
 //!
 //! ```sql
 //! CREATE TABLE plba_config (key TEXT PRIMARY KEY, value TEXT NOT NULL,
-//!                           version BIGINT NOT NULL, updated_at TEXT NOT NULL);
+//!                           version BIGINT NOT NULL, updated_at TEXT NOT NULL,
+//!                           config_version BIGINT NOT NULL DEFAULT 1);
 //! ```
 
 use std::sync::Once;
@@ -111,6 +112,8 @@ pub struct StoredOverride {
     pub value: String,
     /// The row's version.
     pub version: i64,
+    /// The `config_version` the row was written for (rows older than the column: 1).
+    pub config_version: u32,
 }
 
 /// The table of overrides. See the module docs.
@@ -147,12 +150,29 @@ impl SqlConfigStore {
             .map_err(failed)?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {} (key TEXT PRIMARY KEY, value TEXT NOT NULL, \
-             version BIGINT NOT NULL, updated_at TEXT NOT NULL)",
+             version BIGINT NOT NULL, updated_at TEXT NOT NULL, \
+             config_version BIGINT NOT NULL DEFAULT 1)",
             config.table
         ))
         .execute(&pool)
         .await
         .map_err(failed)?;
+        // A table made before rows recorded their config_version: its rows are version 1.
+        let versioned = sqlx::query(&format!(
+            "SELECT config_version FROM {} WHERE 1 = 0",
+            config.table
+        ))
+        .fetch_all(&pool)
+        .await;
+        if versioned.is_err() {
+            sqlx::query(&format!(
+                "ALTER TABLE {} ADD COLUMN config_version BIGINT NOT NULL DEFAULT 1",
+                config.table
+            ))
+            .execute(&pool)
+            .await
+            .map_err(failed)?;
+        }
         Ok(Self {
             pool,
             table: config.table.clone(),
@@ -198,7 +218,7 @@ impl SqlConfigStore {
     /// Every override, by key.
     pub async fn list(&self) -> Result<Vec<StoredOverride>, ConfigStoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT key, value, version FROM {} ORDER BY key",
+            "SELECT key, value, version, config_version FROM {} ORDER BY key",
             self.table
         ))
         .fetch_all(&self.pool)
@@ -210,6 +230,10 @@ impl SqlConfigStore {
                     key: row.try_get("key").map_err(|e| self.failed(e))?,
                     value: row.try_get("value").map_err(|e| self.failed(e))?,
                     version: row.try_get("version").map_err(|e| self.failed(e))?,
+                    config_version: row
+                        .try_get::<i64, _>("config_version")
+                        .map_err(|e| self.failed(e))
+                        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))?,
                 })
             })
             .collect()
@@ -219,32 +243,36 @@ impl SqlConfigStore {
     /// read first: a change made while reading shows as a newer version next time.
     pub async fn read(&self) -> Result<runtime_core::Overrides, ConfigStoreError> {
         let version = self.version().await?;
-        let entries = self
-            .list()
-            .await?
-            .into_iter()
-            .map(|o| (o.key, o.value))
+        let rows = self.list().await?;
+        let config_versions = rows
+            .iter()
+            .map(|o| (o.key.clone(), o.config_version))
             .collect();
+        let entries = rows.into_iter().map(|o| (o.key, o.value)).collect();
         Ok(runtime_core::Overrides {
             name: self.name.clone(),
             version,
             entries,
+            config_versions,
             allowed: self.allow.clone(),
         })
     }
 
-    /// Sets `key` to the TOML value text `value` (the caller validated it).
+    /// Sets `key` to the TOML value text `value` (the caller validated it), written for
+    /// this release's `config_version`.
     pub async fn set(&self, key: &str, value: &str) -> Result<(), ConfigStoreError> {
         let t = &self.table;
         sqlx::query(&format!(
-            "INSERT INTO {t} (key, value, version, updated_at) \
-             VALUES ($1, $2, (SELECT COALESCE(MAX(version), 0) + 1 FROM {t}), $3) \
+            "INSERT INTO {t} (key, value, version, updated_at, config_version) \
+             VALUES ($1, $2, (SELECT COALESCE(MAX(version), 0) + 1 FROM {t}), $3, $4) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-             version = excluded.version, updated_at = excluded.updated_at"
+             version = excluded.version, updated_at = excluded.updated_at, \
+             config_version = excluded.config_version"
         ))
         .bind(key)
         .bind(value)
         .bind(crate::now_unix_ms().to_string())
+        .bind(i64::from(runtime_core::config::CONFIG_VERSION))
         .execute(&self.pool)
         .await
         .map_err(|e| self.failed(e))?;
@@ -265,6 +293,61 @@ impl SqlConfigStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table made before rows recorded their `config_version` gets the column (its rows
+    /// are version 1); `set` writes this release's version; a row written for a newer
+    /// version than this release reads is refused with its key, the others read.
+    #[tokio::test]
+    async fn rows_record_the_config_version_they_were_written_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("config.db").display());
+        {
+            DRIVERS_FOR_TEST.call_once(sqlx::any::install_default_drivers);
+            let pool = sqlx::any::AnyPoolOptions::new()
+                .connect(&format!("{url}?mode=rwc"))
+                .await
+                .expect("db");
+            sqlx::query("CREATE TABLE plba_config (key TEXT PRIMARY KEY, value TEXT NOT NULL, version BIGINT NOT NULL, updated_at TEXT NOT NULL)")
+                .execute(&pool).await.expect("old table");
+            sqlx::query("INSERT INTO plba_config VALUES ('pools.orders.workers', '3', 1, '0')")
+                .execute(&pool)
+                .await
+                .expect("old row");
+        }
+        let cfg = ConfigStoreConfig {
+            url: url.clone(),
+            table: default_table(),
+            poll_interval_ms: 1000,
+            allow: Vec::new(),
+        };
+        let store = SqlConfigStore::open(&cfg).await.expect("open");
+        let rows = store.list().await.expect("list");
+        assert_eq!(
+            (rows[0].key.as_str(), rows[0].config_version),
+            ("pools.orders.workers", 1)
+        );
+        store.set("pools.orders.prefetch", "8").await.expect("set");
+        sqlx::query("UPDATE plba_config SET config_version = 7 WHERE key = 'pools.orders.workers'")
+            .execute(&store.pool)
+            .await
+            .expect("a newer row");
+        let overrides = store.read().await.expect("read");
+        assert_eq!(
+            overrides.config_versions["pools.orders.prefetch"],
+            runtime_core::config::CONFIG_VERSION
+        );
+        let problems = overrides
+            .to_toml_versioned(&[], runtime_core::config::CONFIG_VERSION)
+            .expect_err("a row of version 7");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "pools.orders.workers");
+        assert!(
+            problems[0].message.contains("written for config_version 7"),
+            "{problems:?}"
+        );
+    }
+
+    static DRIVERS_FOR_TEST: Once = Once::new();
 
     #[test]
     fn passwords_are_not_shown() {

@@ -30,6 +30,18 @@ pub mod sources;
 #[cfg(feature = "oauth2")]
 pub(crate) mod tls;
 
+/// The adapters' renamed and retired configuration keys, oldest first (see
+/// `runtime_core::config::ConfigBuilder::key_changes`).
+pub const KEY_CHANGES: &[runtime_contracts::config::KeyChange] = &[
+    // The AMQP queue's envelope limit had the name of the sources' mail size limit
+    // (`max_message_bytes`, megabytes); it is the Redis queue's `max_entry_bytes`.
+    runtime_contracts::config::KeyChange {
+        old: "queue.max_message_bytes",
+        fate: runtime_contracts::config::KeyFate::Renamed("queue.max_entry_bytes"),
+        version: 1,
+    },
+];
+
 /// Milliseconds since the Unix epoch.
 #[allow(dead_code)]
 pub(crate) fn now_unix_ms() -> u64 {

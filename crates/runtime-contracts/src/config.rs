@@ -24,6 +24,82 @@ impl ConfigProblem {
     }
 }
 
+/// A key of an earlier configuration format: renamed or retired from a `config_version`
+/// on. A configuration that declares an older version (or none, which is version 1) is
+/// read with the key moved to its new name, and a warning; one of that version or later
+/// that still uses the old key gets a problem naming the new one.
+///
+/// ```
+/// use runtime_contracts::config::{KeyChange, KeyFate};
+/// let change = KeyChange { old: "pools.*.concurrency", fate: KeyFate::Renamed("pools.*.workers"), version: 2 };
+/// assert_eq!(change.applies_to("pools.orders.concurrency").as_deref(), Some("pools.orders.workers"));
+/// assert_eq!(change.applies_to("pools.orders.workers"), None);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyChange {
+    /// The old dotted key; `*` stands for one segment (`pools.*.concurrency`).
+    pub old: &'static str,
+    /// What became of it.
+    pub fate: KeyFate,
+    /// The `config_version` from which the old key is no longer read.
+    pub version: u32,
+}
+
+/// What became of an old key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyFate {
+    /// Renamed to this key (its `*` segments are the old key's, in order).
+    Renamed(&'static str),
+    /// Retired: nothing reads it any more; the text says what to do instead.
+    Retired(&'static str),
+}
+
+impl KeyChange {
+    /// Whether `key` is this change's old key: then the key it has become (for a retired
+    /// key, the key itself).
+    pub fn applies_to(&self, key: &str) -> Option<String> {
+        let pattern: Vec<&str> = self.old.split('.').collect();
+        let parts: Vec<&str> = key.split('.').collect();
+        if pattern.len() != parts.len() {
+            return None;
+        }
+        let mut stars = Vec::new();
+        for (p, k) in pattern.iter().zip(&parts) {
+            match *p {
+                "*" => stars.push(*k),
+                p if p == *k => {}
+                _ => return None,
+            }
+        }
+        let KeyFate::Renamed(new) = self.fate else {
+            return Some(key.to_owned());
+        };
+        let mut stars = stars.into_iter();
+        Some(
+            new.split('.')
+                .map(|segment| match segment {
+                    "*" => stars.next().unwrap_or("*"),
+                    s => s,
+                })
+                .collect::<Vec<_>>()
+                .join("."),
+        )
+    }
+
+    /// What a configuration of `config_version` `version` or later that uses the old key
+    /// is told: `renamed to X in config_version N`, or `retired in config_version N: ...`.
+    pub fn message(&self, key: &str) -> String {
+        match self.fate {
+            KeyFate::Renamed(_) => format!(
+                "renamed to {} in config_version {}",
+                self.applies_to(key).unwrap_or_default(),
+                self.version
+            ),
+            KeyFate::Retired(why) => format!("retired in config_version {}: {why}", self.version),
+        }
+    }
+}
+
 /// One problem per key whose value is zero: `must be at least 1`. The one check every
 /// section has (counts, sizes, durations), written once.
 ///

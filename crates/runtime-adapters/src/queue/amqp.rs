@@ -99,7 +99,7 @@ pub struct AmqpQueueConfig {
     /// `worker_lost` (quorum queues).
     pub max_deliveries: u64,
     /// Largest envelope accepted from the broker, in bytes; larger is `undecodable`.
-    pub max_message_bytes: usize,
+    pub max_entry_bytes: usize,
     /// Longest wait for any answer of the broker (ms): a publish confirm, a declare, a
     /// get, a new channel. A broker that stops answering is an error, never a hang.
     pub confirm_timeout_ms: u64,
@@ -124,7 +124,7 @@ impl Default for AmqpQueueConfig {
             queue_kind: QueueKind::Quorum,
             prefetch: 0,
             max_deliveries: 5,
-            max_message_bytes: 64 * 1024,
+            max_entry_bytes: 64 * 1024,
             confirm_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             reconnect_max_ms: 5_000,
@@ -167,7 +167,7 @@ impl AmqpQueueConfig {
             prefix,
             &[
                 ("max_deliveries", self.max_deliveries),
-                ("max_message_bytes", self.max_message_bytes as u64),
+                ("max_entry_bytes", self.max_entry_bytes as u64),
                 ("confirm_timeout_ms", self.confirm_timeout_ms),
                 ("connect_timeout_ms", self.connect_timeout_ms),
                 ("reconnect_max_ms", self.reconnect_max_ms),
@@ -714,7 +714,7 @@ impl AmqpQueue {
             + 1;
         let decoded = signing::decode(
             &delivery.data,
-            self.config.max_message_bytes,
+            self.config.max_entry_bytes,
             self.signer.as_ref(),
         );
         let task = match decoded {

@@ -7,15 +7,18 @@
 //! registers for the adapter or module that reads it. A key nobody claims is an error.
 
 mod platform;
+mod versions;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+use runtime_contracts::config::{KeyChange, KeyFate};
 use runtime_contracts::{ConfigProblem, ConfigProvider, ConfigSubscriber};
 
 pub use platform::{LogFormat, PlatformConfig, PoolConfig, RuntimeConfig};
+pub use versions::{CONFIG_VERSION, VERSION_KEY};
 
 pub use runtime_contracts::config::{parse_section, parse_section_with_unknown};
 
@@ -74,6 +77,8 @@ pub type SectionValidator =
 struct Loaded {
     root: Arc<serde_json::Value>,
     platform: PlatformConfig,
+    /// Old keys read under their new names (see [`KeyChange`]).
+    warnings: Vec<ConfigProblem>,
 }
 
 /// A layer of overrides between the file and the environment: dotted keys with their
@@ -86,6 +91,8 @@ pub struct Overrides {
     pub version: String,
     /// `(dotted key, TOML value text)`, e.g. `("pools.orders.workers", "8")`.
     pub entries: Vec<(String, String)>,
+    /// The `config_version` each key was written for (a key not named: the current one).
+    pub config_versions: std::collections::BTreeMap<String, u32>,
     /// Key patterns the file allows besides [`OVERRIDABLE`] (`[config_store] allow`).
     pub allowed: Vec<String>,
 }
@@ -186,9 +193,59 @@ impl Overrides {
     /// The entries as one TOML document; a value that is not TOML, or a key that is both a
     /// value and a table, is a problem with its key.
     pub fn to_toml(&self) -> Result<String, Vec<ConfigProblem>> {
+        self.to_toml_versioned(&[], CONFIG_VERSION)
+            .map(|(text, _)| text)
+    }
+
+    /// [`Overrides::to_toml`] with each key read as a key of the `config_version` it was
+    /// written for: an old key of an older row under its new name (with a warning), an old
+    /// key of a row of its version or later, or a row newer than `current`, a problem.
+    pub fn to_toml_versioned(
+        &self,
+        changes: &[KeyChange],
+        current: u32,
+    ) -> Result<(String, Vec<ConfigProblem>), Vec<ConfigProblem>> {
         let mut root = toml::Table::new();
         let mut problems = Vec::new();
+        let mut warnings = Vec::new();
         for (key, text) in &self.entries {
+            let written_for = self.config_versions.get(key).copied().unwrap_or(current);
+            if written_for > current {
+                problems.push(ConfigProblem::new(
+                    key.clone(),
+                    format!("was written for config_version {written_for}; this release reads up to {current}"),
+                ));
+                continue;
+            }
+            let mut key = key.clone();
+            if let Some((change, new_key)) = changes
+                .iter()
+                .find_map(|c| c.applies_to(&key).map(|new| (c, new)))
+            {
+                if written_for >= change.version {
+                    problems.push(ConfigProblem::new(key.clone(), change.message(&key)));
+                    continue;
+                }
+                let KeyFate::Renamed(_) = change.fate else {
+                    warnings.push(ConfigProblem::new(
+                        key.clone(),
+                        format!(
+                            "{} (a row of config_version {written_for}); ignored",
+                            change.message(&key)
+                        ),
+                    ));
+                    continue;
+                };
+                warnings.push(ConfigProblem::new(
+                    key.clone(),
+                    format!(
+                        "{} (a row of config_version {written_for}); read as {new_key}",
+                        change.message(&key)
+                    ),
+                ));
+                key = new_key;
+            }
+            let key = &key;
             if !overridable(key, &self.allowed) {
                 problems.push(ConfigProblem::new(
                     key.clone(),
@@ -226,7 +283,7 @@ impl Overrides {
             }
         }
         if problems.is_empty() {
-            Ok(toml::to_string(&root).unwrap_or_default())
+            Ok((toml::to_string(&root).unwrap_or_default(), warnings))
         } else {
             Err(problems)
         }
@@ -258,6 +315,8 @@ pub struct ConfigurationManager {
     env: Option<HashMap<String, String>>,
     validators: Vec<(String, SectionValidator)>,
     cross_checks: Vec<RootValidator>,
+    key_changes: Vec<KeyChange>,
+    format_version: u32,
     loaded: RwLock<Loaded>,
     subscribers: Mutex<Vec<(String, ConfigSubscriber)>>,
 }
@@ -278,12 +337,26 @@ impl fmt::Debug for ConfigurationManager {
 pub type RootValidator = Arc<dyn Fn(&serde_json::Value) -> Vec<ConfigProblem> + Send + Sync>;
 
 /// Builds a [`ConfigurationManager`].
-#[derive(Default)]
 pub struct ConfigBuilder {
     overrides: Option<Overrides>,
     env: Option<HashMap<String, String>>,
     validators: Vec<(String, SectionValidator)>,
     cross_checks: Vec<RootValidator>,
+    key_changes: Vec<KeyChange>,
+    format_version: u32,
+}
+
+impl Default for ConfigBuilder {
+    fn default() -> Self {
+        Self {
+            overrides: None,
+            env: None,
+            validators: Vec::new(),
+            cross_checks: Vec::new(),
+            key_changes: Vec::new(),
+            format_version: CONFIG_VERSION,
+        }
+    }
 }
 
 impl fmt::Debug for ConfigBuilder {
@@ -313,6 +386,20 @@ impl ConfigBuilder {
         self
     }
 
+    /// Adds renamed and retired keys (see [`KeyChange`]): each layer (platform, adapters,
+    /// application) names its own.
+    pub fn key_changes(mut self, changes: &[KeyChange]) -> Self {
+        self.key_changes.extend_from_slice(changes);
+        self
+    }
+
+    /// The newest `config_version` this configuration may declare ([`CONFIG_VERSION`]
+    /// unless set).
+    pub fn format_version(mut self, version: u32) -> Self {
+        self.format_version = version;
+        self
+    }
+
     /// Merges `overrides` (a database's) over the file and under the environment.
     pub fn overrides(mut self, overrides: Overrides) -> Self {
         self.overrides = Some(overrides);
@@ -333,9 +420,12 @@ impl ConfigBuilder {
             env: self.env,
             validators: self.validators,
             cross_checks: self.cross_checks,
+            key_changes: self.key_changes,
+            format_version: self.format_version,
             loaded: RwLock::new(Loaded {
                 root: Arc::new(serde_json::Value::Null),
                 platform: PlatformConfig::default(),
+                warnings: Vec::new(),
             }),
             subscribers: Mutex::new(Vec::new()),
         };
@@ -355,6 +445,17 @@ impl ConfigurationManager {
     /// The platform sections as validated.
     pub fn platform(&self) -> PlatformConfig {
         self.read_lock().platform.clone()
+    }
+
+    /// What the configuration in force was warned of: old keys read under their new names,
+    /// retired keys ignored.
+    pub fn warnings(&self) -> Vec<ConfigProblem> {
+        self.read_lock().warnings.clone()
+    }
+
+    /// The renamed and retired keys this configuration knows.
+    pub fn key_changes(&self) -> &[KeyChange] {
+        &self.key_changes
     }
 
     /// The whole configuration as validated.
@@ -423,12 +524,14 @@ impl ConfigurationManager {
             problems,
         };
         let layer = overrides
-            .map(Overrides::to_toml)
+            .map(|o| o.to_toml_versioned(&self.key_changes, self.format_version))
             .transpose()
             .map_err(report)?;
-        let root = self
+        let (layer, warnings) = layer.unzip();
+        let mut root = self
             .read_root(layer.as_deref())
             .map_err(|p| report(vec![p]))?;
+        let versioned = versions::apply(&mut root, &self.key_changes, self.format_version);
         let mut problems = self.unclaimed_keys(&root);
         let (platform, platform_problems) = PlatformConfig::from_root(&root);
         problems.extend(platform_problems);
@@ -438,10 +541,14 @@ impl ConfigurationManager {
         for check in &self.cross_checks {
             problems.extend(check(&root));
         }
+        versions::replace_unknown(&mut problems, &versioned);
+        let mut warnings = warnings.unwrap_or_default();
+        warnings.extend(versioned.warnings);
         match platform {
             Some(platform) if problems.is_empty() => Ok(Loaded {
                 root: Arc::new(root),
                 platform,
+                warnings,
             }),
             _ => Err(report(problems)),
         }
@@ -482,9 +589,16 @@ impl ConfigurationManager {
     }
 
     fn unclaimed_keys(&self, root: &serde_json::Value) -> Vec<ConfigProblem> {
-        let mut known: BTreeSet<&str> = ["runtime", "pools", "telemetry", "reconcile", "retention"]
-            .into_iter()
-            .collect();
+        let mut known: BTreeSet<&str> = [
+            VERSION_KEY,
+            "runtime",
+            "pools",
+            "telemetry",
+            "reconcile",
+            "retention",
+        ]
+        .into_iter()
+        .collect();
         let mut nested: BTreeSet<(&str, &str)> = BTreeSet::new();
         for (key, _) in &self.validators {
             match key.split_once('.') {
