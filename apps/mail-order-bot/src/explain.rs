@@ -443,7 +443,7 @@ mod tests {
         assert!(unknown.contains("no such key"), "{unknown}");
         let near = explain("pools.orders.poll_interval_ms", None, &[]).expect_err("elsewhere");
         assert!(
-            near.contains("keys of that name: sources.*.poll_interval_ms"),
+            near.contains("keys of that name: ") && near.contains("sources.*.poll_interval_ms"),
             "{near}"
         );
     }

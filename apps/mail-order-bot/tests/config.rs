@@ -89,6 +89,39 @@ fn each_bad_config_is_reported_with_its_key() {
             "unknown key",
         ),
         (
+            "a retry schedule beside the exponential backoff",
+            Box::new(|t: &str| {
+                t.replace(
+                    "handler_timeout_ms = 5000",
+                    "handler_timeout_ms = 5000\n[pools.orders.retry]\nschedule = [\"1m\"]\njitter = 0.1",
+                )
+            }),
+            "pools.orders.retry.schedule",
+            "remove jitter or the schedule",
+        ),
+        (
+            "max_attempts beside a retry schedule",
+            Box::new(|t: &str| {
+                t.replace(
+                    "handler_timeout_ms = 5000",
+                    "handler_timeout_ms = 5000\nmax_attempts = 9\n[pools.orders.retry]\nschedule = [\"1m\", \"5m\"]",
+                )
+            }),
+            "pools.orders.max_attempts",
+            "makes 3 attempts",
+        ),
+        (
+            "a retry step that is no duration",
+            Box::new(|t: &str| {
+                t.replace(
+                    "handler_timeout_ms = 5000",
+                    "handler_timeout_ms = 5000\n[pools.orders.retry]\nschedule = [\"1m\", \"five minutes\"]",
+                )
+            }),
+            "pools.orders.retry.schedule[1]",
+            "is not a duration",
+        ),
+        (
             "unknown section",
             Box::new(|t: &str| format!("{t}\n[telemetrie]\nx = 1\n")),
             "telemetrie",

@@ -502,6 +502,12 @@ async fn dead_letters_are_found_replayed_and_deleted_and_the_order_shows_in_the_
         "two failed attempts in the history: {}",
         detail.text
     );
+    assert!(
+        detail.text.contains("Next attempt at") && detail.text.contains("none: dead-lettered"),
+        "when each retry was due, and that none followed the last: {}",
+        detail.text
+    );
+    assert!(!detail.text.contains("not recorded"), "{}", detail.text);
     assert!(!detail.text.contains("/replay\""), "no replay for a reader");
     let reader_csrf = reader.csrf().await;
     let refused = reader
@@ -869,5 +875,70 @@ async fn an_operator_previews_an_outcome_replay_and_runs_it_after_confirming() {
     assert_eq!(outcomes.len(), 1);
     assert_eq!(outcomes[0].outcome, "no_lines");
     assert!(store.orders_after(0).await.expect("orders").is_empty());
+    p.runtime.shutdown().await;
+}
+
+/// A message whose attempt failed waits for its next one: the Retries page lists it with
+/// the time the stepped schedule (`["1h"]`) gave it, and `/diagnostics` carries the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_retries_show_when_their_next_attempt_is_due() {
+    let p = plane::plane_edited(None, CONTROL, |text| {
+        let edited = text.replace("max_attempts = 2\n", "").replace(
+            "[pools.orders.retry]\ninitial_backoff_ms = 10\nmax_backoff_ms = 50\njitter = 0.1",
+            "[pools.orders.retry]\nschedule = [\"1h\"]",
+        );
+        assert!(
+            edited.contains("schedule = "),
+            "the retry table was replaced"
+        );
+        edited
+    })
+    .await;
+    p.ws.store().await;
+    let _db = refuse_sku_666(&p.ws).await;
+    p.ws.deliver(
+        "1.bad",
+        &order_mail("bad", "purchasing@acme.example", &[("SKU-666", 3)]),
+    );
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    wait_for(Duration::from_secs(60), "a scheduled retry", || async {
+        p.runtime.status().await.queues["orders"].scheduled == 1
+    })
+    .await;
+    let diagnostics = p.runtime.diagnostics().await;
+    assert_eq!(diagnostics.retries.len(), 1, "{diagnostics:?}");
+    let retry = &diagnostics.retries[0];
+    assert_eq!(
+        (retry.task.as_str(), retry.attempts),
+        ("maildir:inbox:1.bad", 1)
+    );
+    let due = retry.next_attempt_at_unix_ms.expect("due");
+    assert!(
+        (before + 3_600_000..before + 3_660_000).contains(&due),
+        "an hour after the failure: {due} vs {before}"
+    );
+    let mut reader = Client::new(&p.app);
+    reader.login("read-token-1-7c1f0e9b2d4a6f835e21").await;
+    let page = reader.get("/ui/retries").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.text
+            .contains("1 task(s) waiting for their next attempt."),
+        "{}",
+        page.text
+    );
+    assert!(
+        page.text.contains("maildir:inbox:1.bad") && page.text.contains("ERP rejected SKU-666"),
+        "{}",
+        page.text
+    );
+    let due_text = chrono::DateTime::from_timestamp_millis(due as i64)
+        .expect("time")
+        .format("%Y-%m-%d %H:%M:%S UTC")
+        .to_string();
+    assert!(page.text.contains(&due_text), "{due_text}: {}", page.text);
     p.runtime.shutdown().await;
 }

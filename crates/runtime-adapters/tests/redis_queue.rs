@@ -34,6 +34,7 @@ fn failure(n: u32) -> AttemptFailure {
         attempt: n,
         reason: format!("boom {n}"),
         at_unix_ms: 0,
+        next_attempt_at_unix_ms: None,
     }
 }
 

@@ -52,6 +52,10 @@ pub struct AttemptFailure {
     pub reason: String,
     /// When it failed, milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
+    /// When the next attempt was scheduled for, milliseconds since the Unix epoch; `None`
+    /// when there was none (the task was dead-lettered) or it was not recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at_unix_ms: Option<u64>,
 }
 
 /// Errors raised when building a task.

@@ -22,7 +22,7 @@ mod health;
 pub mod metrics;
 pub mod reconcile;
 pub mod retention;
-mod retry;
+pub mod retry;
 mod runtime;
 mod shutdown;
 pub mod supervisor;
@@ -40,8 +40,9 @@ pub use metrics::Metrics;
 pub use reconcile::{ReconcileConfig, Reconciler, SweepReport};
 pub use retry::RetryPolicy;
 pub use runtime::{
-    ConfigStatus, Diagnostics, Finding, LeaseReport, QueueFactory, RejectedChange, ReloadReport,
-    RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport, SourceReport,
+    ConfigStatus, Diagnostics, Finding, LeaseReport, PendingRetry, QueueFactory, RejectedChange,
+    ReloadReport, RuntimeBuilder, RuntimeManager, RuntimeState, RuntimeStatus, ShutdownReport,
+    SourceReport,
 };
 pub use shutdown::TokenSignal;
 pub use supervisor::{PoolStatus, WorkerSupervisor};

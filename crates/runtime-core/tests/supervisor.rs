@@ -236,8 +236,14 @@ async fn rig_on(
     needs: Vec<Arc<dyn HealthContributor>>,
     server: Option<Arc<Switch>>,
 ) -> Rig {
+    // Short backoffs, unless the test gives the pool its own retry table.
+    let retry = if pool_toml.contains("[pools.jobs.retry]") {
+        ""
+    } else {
+        "[pools.jobs.retry]\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\n"
+    };
     let text = format!(
-        "[runtime]\nshutdown_deadline_ms = {deadline_ms}\n[pools.jobs]\n{pool_toml}\n[pools.jobs.retry]\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\n"
+        "[runtime]\nshutdown_deadline_ms = {deadline_ms}\n[pools.jobs]\n{pool_toml}\n{retry}"
     );
     let config = ConfigurationManager::builder()
         .env(HashMap::new())
@@ -280,6 +286,16 @@ async fn rig_on(
     }
 }
 
+/// The first `limit` dead letters of the rig's queue.
+async fn dead_page(rig: &Rig, limit: usize) -> DeadLetterPage {
+    rig.queue
+        .dead_letters()
+        .expect("dlq")
+        .list(None, limit)
+        .await
+        .expect("list")
+}
+
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !f() {
@@ -289,6 +305,75 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Records when each attempt began (tokio's clock), then hands the task on.
+struct Timed(Arc<ScriptHandler>, Arc<Mutex<Vec<tokio::time::Instant>>>);
+
+impl TaskHandler for Timed {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
+        self.1
+            .lock()
+            .expect("lock")
+            .push(tokio::time::Instant::now());
+        self.0.handle(task, ctx)
+    }
+    fn on_dead_letter<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a HandlerContext,
+        failure: &'a AttemptFailure,
+    ) -> BoxFuture<'a, ()> {
+        self.0.on_dead_letter(task, ctx, failure)
+    }
+}
+
+/// `[pools.NAME.retry] schedule = ["1m", "5m", "30m"]` on tokio's paused clock: each retry
+/// begins exactly its step after the failure before it, the history says when the next
+/// attempt was due, and after the last step the task is dead-lettered (attempt 4 of 4).
+#[tokio::test(start_paused = true)]
+async fn a_stepped_schedule_retries_after_each_step_then_dead_letters() {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Arc::clone(&times);
+    let rig = rig_with(
+        vec!["retry"],
+        "workers = 1\nhandler_timeout_ms = 1000\n[pools.jobs.retry]\nschedule = [\"1m\", \"5m\", \"30m\"]",
+        1000,
+        move |h| Arc::new(Timed(h, recorder)) as Arc<dyn TaskHandler>,
+    )
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(3 * 3600),
+        rig.runtime.wait_until_idle(Duration::from_millis(50)),
+    )
+    .await
+    .expect("idle");
+    let times = times.lock().expect("lock").clone();
+    assert_eq!(times.len(), 4, "the first attempt and one after each step");
+    let gaps: Vec<u64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+    assert_eq!(gaps, [60, 300, 1800], "each retry waits its step exactly");
+    let dead = rig.handler.dead.lock().expect("lock").clone();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].1.contains("(attempt 4 of 4)"), "{dead:?}");
+    let page = dead_page(&rig, 10).await;
+    let history = &page.items[0].task.history;
+    assert_eq!(history.len(), 4, "{history:?}");
+    for (h, step) in history.iter().zip([60_000, 300_000, 1_800_000]) {
+        assert_eq!(
+            h.next_attempt_at_unix_ms.map(|next| next - h.at_unix_ms),
+            Some(step),
+            "{h:?}"
+        );
+    }
+    assert_eq!(
+        history[3].next_attempt_at_unix_ms, None,
+        "no attempt after the last"
+    );
+    rig.runtime.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,13 +425,7 @@ async fn each_failure_kind_gets_its_policy() {
         .iter()
         .all(|(_, d)| *d == Disposition::DeadLettered));
 
-    let page = rig
-        .queue
-        .dead_letters()
-        .expect("dlq")
-        .list(None, 10)
-        .await
-        .expect("list");
+    let page = dead_page(&rig, 10).await;
     let by_id: HashMap<_, _> = page.items.iter().map(|d| (d.id.as_str(), d)).collect();
     assert_eq!(
         by_id["t1"].task.history.len(),
@@ -420,13 +499,7 @@ async fn retries_join_the_trace_of_the_first_attempt() {
     )
     .await
     .expect("idle");
-    let page = rig
-        .queue
-        .dead_letters()
-        .expect("dlq")
-        .list(None, 1)
-        .await
-        .expect("list");
+    let page = dead_page(&rig, 1).await;
     let task = &page.items[0].task;
     assert_eq!(task.attempt, 2);
     let trace = runtime_core::TraceService::new();
@@ -842,6 +915,7 @@ async fn the_dead_letters_a_queue_holds_at_start_are_handed_back_to_their_source
                     attempt: 1,
                     reason: "never".into(),
                     at_unix_ms: 0,
+                    next_attempt_at_unix_ms: None,
                 },
             )
             .await

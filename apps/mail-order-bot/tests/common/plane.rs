@@ -43,8 +43,19 @@ pub async fn plane(logs: Option<runtime_core::LogControl>) -> Plane {
 /// A running bot (Maildir, in-memory queue, SQLite) and its control plane's router, with
 /// `control` as its `[control]` section.
 pub async fn plane_with(logs: Option<runtime_core::LogControl>, control: &str) -> Plane {
+    plane_edited(logs, control, |text| text).await
+}
+
+/// [`plane_with`], its configuration text first changed by `edit`.
+pub async fn plane_edited(
+    logs: Option<runtime_core::LogControl>,
+    control: &str,
+    edit: impl FnOnce(String) -> String,
+) -> Plane {
     let ws = Workspace::new();
     let config_path = ws.config_with(2, 2, control);
+    let text = edit(std::fs::read_to_string(&config_path).expect("config"));
+    std::fs::write(&config_path, text).expect("config");
     let manager = Arc::new(load_config(Some(&config_path), Some(HashMap::new())).expect("config"));
     let cfg = control_config(manager.root().get("control")).expect("control config");
     let mut runtime = build_runtime(Arc::clone(&manager), Arc::new(MailOrderModule), logs)

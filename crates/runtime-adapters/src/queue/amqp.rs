@@ -749,6 +749,7 @@ impl AmqpQueue {
                     "{REASON_WORKER_LOST}: delivered {deliveries} times without being settled"
                 ),
                 at_unix_ms: now_unix_ms(),
+                next_attempt_at_unix_ms: None,
             };
             tracing::error!(queue = %self.name, task = %task.id, deliveries, "task dead-lettered as worker_lost");
             task.attempt = failure.attempt;

@@ -74,7 +74,7 @@ pub struct PoolConfig {
     /// evenly and suits heavy tasks such as mail; raise it for pools of many small tasks, where
     /// one round trip to the queue per task would dominate.
     pub prefetch: usize,
-    /// Backoff between attempts.
+    /// Delays between attempts: exponential backoff, or a stepped `schedule`.
     pub retry: RetryPolicy,
 }
 
@@ -95,6 +95,26 @@ impl PoolConfig {
     /// The handler timeout as a duration.
     pub fn handler_timeout(&self) -> Duration {
         Duration::from_millis(self.handler_timeout_ms)
+    }
+
+    /// With a retry schedule the attempts are its steps plus one: `max_attempts` is set
+    /// so, and one written beside the schedule is a problem.
+    fn scheduled_attempts(&mut self, prefix: &str, raw: &serde_json::Value) -> Vec<ConfigProblem> {
+        let steps = self.retry.schedule.len();
+        if steps == 0 {
+            return Vec::new();
+        }
+        let attempts = u32::try_from(steps).unwrap_or(u32::MAX).saturating_add(1);
+        self.max_attempts = attempts;
+        if raw.get("max_attempts").is_some() {
+            return vec![ConfigProblem::new(
+                format!("{prefix}.max_attempts"),
+                format!(
+                    "the retry schedule of {steps} steps makes {attempts} attempts (the first and one after each step); leave max_attempts out"
+                ),
+            )];
+        }
+        Vec::new()
     }
 
     fn problems(&self, prefix: &str) -> Vec<ConfigProblem> {
@@ -192,8 +212,13 @@ impl PlatformConfig {
                     let (pool, parse_problems) =
                         parse_section_with_unknown::<PoolConfig>(value, &key);
                     problems.extend(parse_problems);
-                    if let Some(pool) = pool {
+                    if let Some(mut pool) = pool {
                         problems.extend(pool.problems(&key));
+                        if let Some(retry) = value.get("retry") {
+                            problems
+                                .extend(RetryPolicy::raw_problems(&format!("{key}.retry"), retry));
+                        }
+                        problems.extend(pool.scheduled_attempts(&key, value));
                         pools.insert(name.clone(), pool);
                     }
                 }

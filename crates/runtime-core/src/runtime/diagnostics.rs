@@ -20,6 +20,27 @@ pub struct Diagnostics {
     pub findings: Vec<Finding>,
     /// Queues that cannot show their leases (an AMQP broker does not list them).
     pub not_inspected: Vec<String>,
+    /// Tasks waiting for their next attempt, soonest first (at most 100 per queue).
+    #[serde(default)]
+    pub retries: Vec<PendingRetry>,
+}
+
+/// A task waiting in its queue for its next attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRetry {
+    /// The queue (its pool's name).
+    pub queue: String,
+    /// The task.
+    pub task: String,
+    /// Its kind.
+    pub kind: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Why the last one failed.
+    pub last_reason: String,
+    /// When the next attempt is due, milliseconds since the Unix epoch (`None` for a
+    /// retry scheduled before due times were recorded).
+    pub next_attempt_at_unix_ms: Option<u64>,
 }
 
 /// One thing an operator should look at.
@@ -71,6 +92,18 @@ impl RuntimeManager {
             let timeout = pool.handler_timeout();
             match queue.inspect(INSPECT_MAX).await {
                 Ok(Some(inspection)) => {
+                    out.retries
+                        .extend(inspection.retrying.iter().filter_map(|r| {
+                            let last = r.history.last()?;
+                            Some(PendingRetry {
+                                queue: name.clone(),
+                                task: r.task.clone(),
+                                kind: r.kind.clone(),
+                                attempts: last.attempt,
+                                last_reason: last.reason.clone(),
+                                next_attempt_at_unix_ms: last.next_attempt_at_unix_ms,
+                            })
+                        }));
                     queue_findings(
                         &mut out.findings,
                         name,
@@ -103,6 +136,12 @@ impl RuntimeManager {
                 }
             }
         }
+        out.retries.sort_by_key(|r| {
+            (
+                r.next_attempt_at_unix_ms.unwrap_or(u64::MAX),
+                r.task.clone(),
+            )
+        });
         if let Some(sweep) = self.reconciler.as_ref().and_then(|r| r.last()) {
             for source in sweep
                 .sources

@@ -27,7 +27,7 @@ mod parts;
 mod reload;
 mod supervised;
 
-pub use diagnostics::{Diagnostics, Finding};
+pub use diagnostics::{Diagnostics, Finding, PendingRetry};
 use parts::{MeteredQueue, PoolHealth, QueueBackpressure, SourceControl, SourceHealth};
 pub use reload::ReloadReport;
 
@@ -1004,13 +1004,21 @@ fn with_defaults(
     if let (false, Some(v)) = (set("prefetch"), defaults.prefetch) {
         pool.prefetch = v;
     }
-    if let (false, Some(v)) = (set("max_attempts"), defaults.max_attempts) {
+    // A retry schedule decides the attempts and the delays: no default replaces them.
+    let scheduled = retry_set("schedule");
+    if let (false, Some(v)) = (set("max_attempts") || scheduled, defaults.max_attempts) {
         pool.max_attempts = v;
     }
-    if let (false, Some(v)) = (retry_set("initial_backoff_ms"), defaults.initial_backoff_ms) {
+    if let (false, Some(v)) = (
+        retry_set("initial_backoff_ms") || scheduled,
+        defaults.initial_backoff_ms,
+    ) {
         pool.retry.initial_backoff_ms = v;
     }
-    if let (false, Some(v)) = (retry_set("max_backoff_ms"), defaults.max_backoff_ms) {
+    if let (false, Some(v)) = (
+        retry_set("max_backoff_ms") || scheduled,
+        defaults.max_backoff_ms,
+    ) {
         pool.retry.max_backoff_ms = v;
     }
     pool

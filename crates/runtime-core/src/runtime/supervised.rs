@@ -24,6 +24,7 @@ fn restart_policy() -> RetryPolicy {
         max_backoff_ms: 60_000,
         multiplier: 2.0,
         jitter: 0.2,
+        schedule: Vec::new(),
     }
 }
 

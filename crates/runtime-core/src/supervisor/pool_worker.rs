@@ -553,10 +553,14 @@ impl PoolWorker {
                     return false;
                 }
                 let delay = after.unwrap_or_else(|| config.retry.backoff(number));
+                let at = now_unix_ms();
+                let next_at =
+                    at.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
                 let failure = AttemptFailure {
                     attempt: number,
                     reason: reason.clone(),
-                    at_unix_ms: now_unix_ms(),
+                    at_unix_ms: at,
+                    next_attempt_at_unix_ms: Some(next_at),
                 };
                 match self.queue.nack(lease, delay, Some(failure)).await {
                     Ok(()) => {
@@ -567,7 +571,7 @@ impl PoolWorker {
                             .for_class(&self.name, &task.kind, class)
                             .0
                             .inc();
-                        tracing::warn!(task = %task.id, attempt = number, ?delay, %reason, "attempt failed; retry scheduled");
+                        tracing::warn!(task = %task.id, attempt = number, ?delay, next_attempt_at_unix_ms = next_at, %reason, "attempt failed; retry scheduled");
                     }
                     Err(e) => {
                         tracing::error!(task = %task.id, error = %e, "nack failed; the lease will expire and the task reappear")
@@ -728,6 +732,7 @@ impl PoolWorker {
             attempt: lease.task.attempt.saturating_add(1),
             reason: reason.clone(),
             at_unix_ms: now_unix_ms(),
+            next_attempt_at_unix_ms: None,
         };
         if let Err(e) = self.queue.dead_letter(lease, failure.clone()).await {
             tracing::error!(task = %lease.task.id, error = %e, "dead-lettering failed; the lease will expire and the task reappear");

@@ -307,6 +307,7 @@ pub(crate) fn router(
         .route("/ui/login", get(login_form).post(login))
         .route("/ui/logout", post(logout))
         .route("/ui/dead-letters", get(dead_letters))
+        .route("/ui/retries", get(retries))
         .route("/ui/dead-letters/replay", post(replay_matching))
         .route("/ui/dead-letters/{queue}/{id}", get(dead_letter))
         .route("/ui/dead-letters/{queue}/{id}/replay", post(replay_one))
@@ -688,6 +689,23 @@ async fn dead_letters(
         Err(e) => view::problem(&format!("The dead letters could not be read: {e}")),
     };
     view::page("Dead letters", "/ui/dead-letters", &who, &ui.runtime, body).into_response()
+}
+
+/// The tasks waiting for their next attempt, soonest first, with when it is due.
+async fn retries(State(ui): State<Ui>, headers: HeaderMap) -> Response {
+    let who = match ui.who(&headers) {
+        Ok(who) => who,
+        Err(r) => return r,
+    };
+    let diagnostics = ui.runtime.diagnostics().await;
+    view::page(
+        "Retries",
+        "/ui/retries",
+        &who,
+        &ui.runtime,
+        view::retries(&diagnostics.retries, &diagnostics.not_inspected),
+    )
+    .into_response()
 }
 
 async fn dead_letter(

@@ -98,6 +98,7 @@ pub(crate) fn page(
     let mut nav: Vec<(String, String)> = vec![
         ("/ui".to_owned(), "Overview".to_owned()),
         ("/ui/dead-letters".to_owned(), "Dead letters".to_owned()),
+        ("/ui/retries".to_owned(), "Retries".to_owned()),
     ];
     for module in runtime.console_pages() {
         for p in module.pages() {
@@ -508,6 +509,34 @@ pub(crate) fn dead_letters(
     }
 }
 
+pub(crate) fn retries(retries: &[runtime_core::PendingRetry], not_inspected: &[String]) -> Markup {
+    html! {
+        p id="retry-count" { (retries.len()) " task(s) waiting for their next attempt." }
+        @if !not_inspected.is_empty() {
+            p { "Not listed (the queue cannot show what it holds): " (not_inspected.join(", ")) "." }
+        }
+        div class="scroll" {
+            table id="retries" {
+                caption { "Pending retries, soonest first" }
+                thead { tr {
+                    th scope="col" { "Task" } th scope="col" { "Queue" } th scope="col" { "Kind" }
+                    th scope="col" class="num" { "Attempts" } th scope="col" { "Last failure" }
+                    th scope="col" { "Next attempt at" }
+                } }
+                tbody {
+                    @for r in retries {
+                        tr {
+                            td { (r.task) } td { (r.queue) } td { (r.kind) }
+                            td class="num" { (r.attempts) } td { (r.last_reason) }
+                            td { @match r.next_attempt_at_unix_ms { Some(at) => (utc(at)), None => "not recorded" } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn dead_letter(who: &Who, queue: &str, d: &DeadLetter) -> Markup {
     let base = format!(
         "/ui/dead-letters/{}/{}",
@@ -535,10 +564,19 @@ pub(crate) fn dead_letter(who: &Who, queue: &str, d: &DeadLetter) -> Markup {
         div class="scroll" {
             table id="attempts" {
                 caption { "Every failed attempt, oldest first" }
-                thead { tr { th scope="col" class="num" { "Attempt" } th scope="col" { "When" } th scope="col" { "Why" } } }
+                thead { tr { th scope="col" class="num" { "Attempt" } th scope="col" { "When" } th scope="col" { "Why" } th scope="col" { "Next attempt at" } } }
                 tbody {
-                    @for h in &d.task.history {
-                        tr { td class="num" { (h.attempt) } td { (utc(h.at_unix_ms)) } td { (h.reason) } }
+                    @for (i, h) in d.task.history.iter().enumerate() {
+                        tr {
+                            td class="num" { (h.attempt) } td { (utc(h.at_unix_ms)) } td { (h.reason) }
+                            td {
+                                @match (h.next_attempt_at_unix_ms, i + 1 == d.task.history.len()) {
+                                    (Some(next), _) => (utc(next)),
+                                    (None, true) => "none: dead-lettered",
+                                    (None, false) => "not recorded",
+                                }
+                            }
+                        }
                     }
                 }
             }
