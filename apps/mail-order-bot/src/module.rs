@@ -910,14 +910,15 @@ fn replayed(task: &Task) -> Option<OutcomeKind> {
         .find(|k| k.as_str() == kind)
 }
 
-/// What the store keeps of the task that carried a message, to run it again: its source,
-/// kind and pointer.
+/// What the store keeps of the task that carried a message, to run it again and to join
+/// what follows from it to its flow: its source, kind, pointer, id and correlation id.
 fn task_pointer(task: &Task) -> String {
     serde_json::json!({
         "source": &*task.source,
         "kind": &*task.kind,
         "payload": task.payload,
         "id": task.id.as_str(),
+        "correlation_id": &*task.correlation_id,
     })
     .to_string()
 }

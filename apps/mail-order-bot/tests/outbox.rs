@@ -566,3 +566,121 @@ async fn the_cli_previews_and_runs_an_outcome_replay() {
     );
     let _ = bot.wait();
 }
+
+/// One mail followed through its whole flow in the JSON logs: its first attempt fails (the
+/// database refuses the order) and it is dead-lettered; an operator lifts the fault and
+/// replays it; the order is made and its ERP delivery sent. Every step logs the task with
+/// the mail's correlation id, the replay names the dead letter as its cause, and the ERP
+/// effect names the mail's task as its cause, so the chain can be found from one id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mail_is_followed_through_a_dead_letter_its_replay_and_its_effect() {
+    let ws = Workspace::new();
+    let erp = ErpServer::start();
+    let config = ws.config_with(2, 2, &format!("{}{CONTROL}", erp_section(&erp, 8)));
+    let text = std::fs::read_to_string(&config).expect("config").replacen(
+        "log = \"info\"",
+        "log = \"info,runtime_core=debug\"\nlog_format = \"json\"",
+        1,
+    );
+    assert!(text.contains("log_format = \"json\""));
+    std::fs::write(&config, text).expect("config");
+    ws.store().await;
+    let db = common::plane::refuse_sku_666(&ws).await;
+    ws.deliver(
+        "chain",
+        &order_mail("chain", "purchasing@acme.example", &[("SKU-666", 2)]),
+    );
+    let mail = "maildir:inbox:chain";
+    let logs = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (mut bot, addr) = common::plane::spawn_with_control_logs(
+        &config,
+        &[("PLBA_TEST_ERP_AUTH", "Bearer erp-token-7")],
+        Some(Arc::clone(&logs)),
+    );
+    let lines = || logs.lock().expect("logs").clone();
+    wait_for(Duration::from_secs(60), "the dead letter", || async {
+        lines().iter().any(|l| l.contains("task dead-lettered"))
+    })
+    .await;
+    sqlx::query("DROP TRIGGER erp_down")
+        .execute(&db)
+        .await
+        .expect("the fault lifted");
+    let replayed = reqwest::Client::new()
+        .post(format!(
+            "http://{addr}/queues/orders/dead-letters/maildir%3Ainbox%3Achain/replay"
+        ))
+        .bearer_auth(ADMIN.expect("admin"))
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .expect("replay");
+    assert!(
+        replayed.status().is_success(),
+        "{:?}",
+        replayed.text().await
+    );
+    wait_for(Duration::from_secs(60), "the order at the ERP", || async {
+        erp.applied().len() == 1
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the effect's completion",
+        || async {
+            lines()
+                .iter()
+                .any(|l| l.contains("task completed") && l.contains("outbox:"))
+        },
+    )
+    .await;
+    let _ = bot.kill();
+    let _ = bot.wait();
+
+    // Every line of the flow, by its correlation id (an event's own fields).
+    let flow: Vec<serde_json::Value> = lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["fields"]["correlation_id"] == mail)
+        .collect();
+    let step = |message: &str, task: &str, cause: &str| {
+        flow.iter().any(|e| {
+            e["message"] == message
+                && e["fields"]["task"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with(task))
+                && e["fields"]["causation_id"] == cause
+                && e["fields"]["source"].is_string()
+        })
+    };
+    let messages: Vec<String> = flow
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} <- {}",
+                e["message"], e["fields"]["task"], e["fields"]["causation_id"]
+            )
+        })
+        .collect();
+    for (message, task, cause) in [
+        ("published", mail, ""),
+        ("leased", mail, ""),
+        ("attempt failed; retry scheduled", mail, ""),
+        ("task dead-lettered; left unread at its source", mail, ""),
+        ("leased", mail, mail),
+        ("task completed", mail, mail),
+        ("acknowledged", mail, mail),
+        ("leased", "outbox:", mail),
+        ("task completed", "outbox:", mail),
+    ] {
+        assert!(
+            step(message, task, cause),
+            "no {message:?} of {task} caused by {cause:?} in the flow:\n{}",
+            messages.join("\n")
+        );
+    }
+    assert!(
+        lines().iter().any(|l| l.contains("\"pointer\"")),
+        "the task's pointer is in its lines"
+    );
+}

@@ -119,6 +119,14 @@ async fn a_mail_whose_task_was_lost_is_found_by_the_sweep_and_published_again() 
         .await
         .expect("consume");
     assert_eq!(again.len(), 2, "both tasks are back");
+    for lease in &again {
+        let cause = lease.task.causation_id.as_deref().unwrap_or_default();
+        assert!(
+            cause.starts_with("schedule:"),
+            "caused by the sweep's schedule task: {:?}",
+            lease.task
+        );
+    }
     assert_eq!(
         unseen(&ws),
         2,

@@ -168,6 +168,30 @@ impl Task {
         })
     }
 
+    /// Makes a dead letter a task again, for a replay: its attempts start over, and its
+    /// `causation_id` is the dead letter it came from (its own id), so that a replay can be
+    /// told from a first delivery; its correlation and history stay.
+    ///
+    /// ```
+    /// let mut task = runtime_contracts::Task::new("t1", "k", "s", serde_json::Value::Null).unwrap();
+    /// task.attempt = 3;
+    /// task.replayed_from_dead_letter();
+    /// assert_eq!((task.attempt, task.causation_id.as_deref()), (0, Some("t1")));
+    /// ```
+    pub fn replayed_from_dead_letter(&mut self) {
+        self.attempt = 0;
+        self.causation_id = Some(self.id.to_string());
+    }
+
+    /// A task that `cause` made (an effect of its outcome, a run again after a fix): it
+    /// joins `cause`'s business flow (its correlation id) and names it as its cause.
+    #[must_use]
+    pub fn caused_by(mut self, cause_id: &str, correlation_id: &str) -> Self {
+        self.causation_id = Some(cause_id.to_owned());
+        self.correlation_id = correlation_id.into();
+        self
+    }
+
     /// The reason of the latest failed attempt, if any.
     pub fn last_failure(&self) -> Option<&AttemptFailure> {
         self.history.last()

@@ -178,6 +178,12 @@ impl Reconciler {
 
     /// Sweeps every target once.
     pub async fn sweep(&self) -> SweepReport {
+        self.sweep_for(None).await
+    }
+
+    /// [`Reconciler::sweep`] run by the sweep task `cause`: what it publishes again names
+    /// that task as its `causation_id`.
+    pub async fn sweep_for(&self, cause: Option<&Task>) -> SweepReport {
         let older_than = Duration::from_secs(self.config.older_than_secs);
         let mut report = SweepReport {
             at_unix_ms: crate::now_unix_ms(),
@@ -185,7 +191,7 @@ impl Reconciler {
         };
         for target in &self.targets {
             let id = target.source.id().to_owned();
-            let swept = self.sweep_one(target, older_than).await;
+            let swept = self.sweep_one(target, older_than, cause).await;
             let swept = swept.unwrap_or_else(|error| SourceSweep {
                 source: id.clone(),
                 error: Some(error),
@@ -219,6 +225,7 @@ impl Reconciler {
         &self,
         target: &Target,
         older_than: Duration,
+        cause: Option<&Task>,
     ) -> Result<SourceSweep, String> {
         let unsettled = target
             .source
@@ -234,7 +241,11 @@ impl Reconciler {
         for task in unsettled {
             match target.queue.holds(task.id.as_str()).await {
                 Ok(Some(true)) => swept.held += 1,
-                Ok(Some(false)) => lost.push(task),
+                Ok(Some(false)) => {
+                    let mut task = task;
+                    task.causation_id = cause.map(|c| c.id.to_string());
+                    lost.push(task);
+                }
                 Ok(None) => swept.unknown += 1,
                 Err(e) => return Err(format!("asking the queue: {e}")),
             }
@@ -272,11 +283,11 @@ impl Reconciler {
 impl TaskHandler for Reconciler {
     fn handle<'a>(
         &'a self,
-        _task: &'a Task,
+        task: &'a Task,
         _ctx: &'a HandlerContext,
     ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
         Box::pin(async move {
-            let report = self.sweep().await;
+            let report = self.sweep_for(Some(task)).await;
             let detail = report
                 .sources
                 .iter()

@@ -84,6 +84,9 @@ impl TraceService {
                 attempt = task.attempt + 1,
                 pool,
                 correlation_id = %task.correlation_id,
+                causation_id = task.causation_id.as_deref().unwrap_or(""),
+                source = %task.source,
+                pointer = %task.payload,
             )
         } else {
             tracing::info_span!(
@@ -93,6 +96,9 @@ impl TraceService {
                 attempt = task.attempt + 1,
                 pool,
                 correlation_id = %task.correlation_id,
+                causation_id = task.causation_id.as_deref().unwrap_or(""),
+                source = %task.source,
+                pointer = %task.payload,
             )
         };
         if task.headers.is_empty() {

@@ -12,6 +12,7 @@
 //! Dead rows are this queue's dead letters, so operators list, replay and purge them with
 //! the same routes, CLI and console as any other dead letter.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -221,15 +222,73 @@ impl OutboxQueue {
             .fetch_all(self.store.pool())
             .await
             .map_err(unavailable)?;
-        let mut leases = Vec::with_capacity(rows.len());
+        let mut tasks = Vec::with_capacity(rows.len());
         for row in &rows {
-            leases.push(Lease {
-                task: Arc::new(self.task_of(row)?),
-                receipt: u64::try_from(token).unwrap_or(0),
-            });
+            tasks.push(self.task_of(row)?);
         }
+        let flows = self.flows(&tasks).await;
+        let mut leases: Vec<Lease> = tasks
+            .into_iter()
+            .map(|task| {
+                let identity = task.payload["message_identity"]
+                    .as_str()
+                    .unwrap_or_default();
+                let task = match flows.get(identity) {
+                    Some((cause, correlation)) => task.caused_by(cause, correlation),
+                    None => task,
+                };
+                Lease {
+                    task: Arc::new(task),
+                    receipt: u64::try_from(token).unwrap_or(0),
+                }
+            })
+            .collect();
         leases.sort_by_key(|l| row_of(&l.task));
         Ok(leases)
+    }
+
+    /// The flow each effect belongs to: the task that carried its message (the cause) and
+    /// that task's correlation id, by message identity. A lookup that fails leaves the
+    /// effects without (it only names their origin).
+    async fn flows(&self, tasks: &[Task]) -> HashMap<String, (String, String)> {
+        let identities: Vec<&str> = tasks
+            .iter()
+            .filter_map(|t| t.payload["message_identity"].as_str())
+            .collect();
+        if identities.is_empty() {
+            return HashMap::new();
+        }
+        let list: Vec<String> = (1..=identities.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT message_identity, task FROM message_outcomes
+             WHERE task IS NOT NULL AND message_identity IN ({})",
+            list.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for identity in &identities {
+            query = query.bind(*identity);
+        }
+        let rows = match query.fetch_all(self.store.pool()).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "the effects' flows could not be read");
+                return HashMap::new();
+            }
+        };
+        rows.iter()
+            .filter_map(|row| {
+                let identity: String = row.try_get("message_identity").ok()?;
+                let stored: serde_json::Value =
+                    serde_json::from_str(&row.try_get::<String, _>("task").ok()?).ok()?;
+                let id = stored.get("id")?.as_str()?.to_owned();
+                let correlation = stored
+                    .get("correlation_id")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or(&id)
+                    .to_owned();
+                Some((identity, (id, correlation)))
+            })
+            .collect()
     }
 
     /// Settles the row `lease` holds with `set` (an `UPDATE … SET` list whose parameters

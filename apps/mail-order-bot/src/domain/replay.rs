@@ -123,14 +123,17 @@ impl Params {
 fn replay_task(candidate: &ReplayCandidate, kind: OutcomeKind, at_ms: u128) -> Option<Task> {
     let stored: serde_json::Value = serde_json::from_str(&candidate.task).ok()?;
     let text = |name: &str| stored.get(name).and_then(|v| v.as_str());
-    let id = format!("{}~replay~{at_ms}", text("id")?);
+    let first = text("id")?;
+    let id = format!("{first}~replay~{at_ms}");
+    // Caused by the task that first carried the message, in the message's flow.
     let mut task = Task::new(
         id,
         text("kind")?,
         text("source")?,
         stored.get("payload")?.clone(),
     )
-    .ok()?;
+    .ok()?
+    .caused_by(first, text("correlation_id").unwrap_or(first));
     task.headers.insert(
         crate::module::REPLAY_HEADER.to_owned(),
         kind.as_str().to_owned(),
@@ -259,6 +262,15 @@ mod tests {
         assert_eq!(&*t.source, "inbox");
         assert_eq!(t.payload["unique"], "u1");
         assert_eq!(t.headers[crate::module::REPLAY_HEADER], "no_lines");
+        assert_eq!(
+            t.causation_id.as_deref(),
+            Some("maildir:inbox:u1"),
+            "caused by the first task"
+        );
+        assert_eq!(
+            &*t.correlation_id, "maildir:inbox:u1",
+            "in the message's flow"
+        );
         let broken = ReplayCandidate {
             task: "{".into(),
             ..c

@@ -1298,7 +1298,7 @@ impl AmqpQueue {
 
     async fn replay_taken(&self, taken: &Taken) -> Result<(), QueueError> {
         let mut task = taken.letter.task.clone();
-        task.attempt = 0;
+        task.replayed_from_dead_letter();
         let id: Arc<str> = Arc::from(task.id.as_str());
         lock(&self.known).insert(Arc::clone(&id), Known::Pending(Instant::now()));
         self.publish_to(

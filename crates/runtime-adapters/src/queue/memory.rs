@@ -581,7 +581,7 @@ impl DeadLetterStore for MemoryQueue {
                 .and_then(|seq| state.dead.remove(&seq))
             {
                 Some(mut dead) => {
-                    dead.task.attempt = 0;
+                    dead.task.replayed_from_dead_letter();
                     state.ready.push_back(Arc::new(dead.task));
                     Ok(())
                 }
@@ -601,7 +601,7 @@ impl DeadLetterStore for MemoryQueue {
             state.dead_index.clear();
             let count = dead.len();
             for (_, mut d) in dead {
-                d.task.attempt = 0;
+                d.task.replayed_from_dead_letter();
                 state.ready.push_back(Arc::new(d.task));
             }
             count

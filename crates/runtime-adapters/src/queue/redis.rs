@@ -1500,7 +1500,7 @@ impl DeadLetterStore for RedisQueue {
             let Some((entry, mut dead)) = self.dead_entry(&mut conn, id).await? else {
                 return Err(QueueError::DeadLetterNotFound(id.to_owned()));
             };
-            dead.task.attempt = 0;
+            dead.task.replayed_from_dead_letter();
             let envelope = encode(&dead.task, self.signer.as_ref())?;
             let mut pipe = redis::pipe();
             pipe.atomic()

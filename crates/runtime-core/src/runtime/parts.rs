@@ -126,9 +126,13 @@ impl TaskQueue for MeteredQueue {
         let labels = Metrics::labels(self.inner.name(), &task.kind);
         stamp_published_at(&mut task, crate::now_unix_ms());
         Box::pin(async move {
+            let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| task.clone());
             let result = self.inner.publish(task).await;
             if matches!(result, Ok(PublishResult::Enqueued)) {
                 self.metrics.published.get_or_create(&labels).inc();
+            }
+            if let (Some(task), Ok(result)) = (logged, &result) {
+                published(self.inner.name(), &task, *result);
             }
             result
         })
@@ -143,6 +147,7 @@ impl TaskQueue for MeteredQueue {
             stamp_published_at(task, now);
         }
         let kinds: Vec<std::sync::Arc<str>> = tasks.iter().map(|t| t.kind.clone()).collect();
+        let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| tasks.clone());
         Box::pin(async move {
             let results = self.inner.publish_batch(tasks).await?;
             for (kind, result) in kinds.iter().zip(&results) {
@@ -150,6 +155,9 @@ impl TaskQueue for MeteredQueue {
                     let labels = Metrics::labels(self.inner.name(), kind);
                     self.metrics.published.get_or_create(&labels).inc();
                 }
+            }
+            for (task, result) in logged.iter().flatten().zip(&results) {
+                published(self.inner.name(), task, *result);
             }
             Ok(results)
         })
@@ -307,4 +315,19 @@ impl HealthContributor for PoolHealth {
             HealthStatus::Up
         })
     }
+}
+
+/// The debug line of one publish: the task, its flow and what the queue answered.
+fn published(queue: &str, task: &Task, result: PublishResult) {
+    tracing::debug!(
+        task = %task.id,
+        correlation_id = %task.correlation_id,
+        causation_id = task.causation_id.as_deref().unwrap_or(""),
+        source = %task.source,
+        kind = %task.kind,
+        pointer = %task.payload,
+        queue,
+        result = ?result,
+        "published"
+    );
 }

@@ -248,6 +248,8 @@ impl PoolWorker {
     async fn process_all(&self, leases: Vec<Lease>) -> Vec<Lease> {
         let mut units: Vec<Vec<Lease>> = Vec::new();
         for lease in leases {
+            let t = &lease.task;
+            tracing::debug!(task = %t.id, correlation_id = %t.correlation_id, causation_id = cause(t), source = %t.source, kind = %t.kind, attempt = t.attempt + 1, pool = %self.name, "leased");
             let joins = lease.task.attempt == 0
                 && self.sources.contains_key(&*lease.task.source)
                 && self.handlers.contains_key(&*lease.task.kind);
@@ -571,7 +573,7 @@ impl PoolWorker {
                             .for_class(&self.name, &task.kind, class)
                             .0
                             .inc();
-                        tracing::warn!(task = %task.id, attempt = number, ?delay, next_attempt_at_unix_ms = next_at, %reason, "attempt failed; retry scheduled");
+                        tracing::warn!(task = %task.id, correlation_id = %task.correlation_id, causation_id = cause(task), source = %task.source, attempt = number, ?delay, next_attempt_at_unix_ms = next_at, %reason, "attempt failed; retry scheduled");
                     }
                     Err(e) => {
                         tracing::error!(task = %task.id, error = %e, "nack failed; the lease will expire and the task reappear")
@@ -674,6 +676,11 @@ impl PoolWorker {
         }
         if let Err(e) = self.queue.ack_batch(done).await {
             tracing::warn!(tasks = done.len(), error = %e, "ack failed after completion; a redelivery will find the recorded outcomes");
+            return;
+        }
+        for lease in done {
+            let t = &lease.task;
+            tracing::debug!(task = %t.id, correlation_id = %t.correlation_id, causation_id = cause(t), source = %t.source, pool = %self.name, "acknowledged");
         }
     }
 
@@ -696,6 +703,9 @@ impl PoolWorker {
         self.count_outcome(&outcome.kind);
         tracing::info!(
             task = %lease.task.id,
+            correlation_id = %lease.task.correlation_id,
+            causation_id = cause(&lease.task),
+            source = %lease.task.source,
             outcome = %outcome.kind,
             detail = outcome.detail.as_deref().unwrap_or(""),
             "task completed"
@@ -748,7 +758,8 @@ impl PoolWorker {
             .for_class(&self.name, &lease.task.kind, class)
             .1
             .inc();
-        tracing::error!(task = %lease.task.id, %reason, "task dead-lettered; left unread at its source");
+        let t = &lease.task;
+        tracing::error!(task = %t.id, correlation_id = %t.correlation_id, causation_id = cause(t), source = %t.source, %reason, "task dead-lettered; left unread at its source");
         if let Some((handler, hctx)) = handler {
             let notify = AssertUnwindSafe(handler.on_dead_letter(&lease.task, hctx, &failure));
             if notify.catch_unwind().await.is_err() {
@@ -765,4 +776,9 @@ impl Worker for PoolWorker {
     fn run(&self, ctx: WorkerContext) -> BoxFuture<'_, Result<(), WorkerError>> {
         Box::pin(self.run_loop(ctx.index))
     }
+}
+
+/// The task's causation id for a log line (empty when it has none).
+fn cause(task: &Task) -> &str {
+    task.causation_id.as_deref().unwrap_or("")
 }

@@ -553,6 +553,7 @@ pub(crate) fn dead_letter(who: &Who, queue: &str, d: &DeadLetter) -> Markup {
             dt { "Reason" } dd { (d.reason) }
             dt { "Dead since" } dd { (utc(d.dead_at_unix_ms)) }
             dt { "Correlation" } dd { (d.task.correlation_id.as_ref()) }
+            dt { "Caused by" } dd { (d.task.causation_id.as_deref().unwrap_or("nothing: a first delivery")) }
         }
         @if who.admin() {
             div class="actions" {
