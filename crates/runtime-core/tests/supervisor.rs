@@ -307,31 +307,6 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Records when each attempt began (tokio's clock), then hands the task on.
-struct Timed(Arc<ScriptHandler>, Arc<Mutex<Vec<tokio::time::Instant>>>);
-
-impl TaskHandler for Timed {
-    fn handle<'a>(
-        &'a self,
-        task: &'a Task,
-        ctx: &'a HandlerContext,
-    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
-        self.1
-            .lock()
-            .expect("lock")
-            .push(tokio::time::Instant::now());
-        self.0.handle(task, ctx)
-    }
-    fn on_dead_letter<'a>(
-        &'a self,
-        task: &'a Task,
-        ctx: &'a HandlerContext,
-        failure: &'a AttemptFailure,
-    ) -> BoxFuture<'a, ()> {
-        self.0.on_dead_letter(task, ctx, failure)
-    }
-}
-
 /// `[pools.NAME.retry] schedule = ["1m", "5m", "30m"]` on tokio's paused clock: each retry
 /// begins exactly its step after the failure before it, the history says when the next
 /// attempt was due, and after the last step the task is dead-lettered (attempt 4 of 4).
@@ -343,7 +318,13 @@ async fn a_stepped_schedule_retries_after_each_step_then_dead_letters() {
         vec!["retry"],
         "workers = 1\nhandler_timeout_ms = 1000\n[pools.jobs.retry]\nschedule = [\"1m\", \"5m\", \"30m\"]",
         1000,
-        move |h| Arc::new(Timed(h, recorder)) as Arc<dyn TaskHandler>,
+        move |h| {
+            // Notes when each attempt begins (tokio's clock).
+            let note: Arc<dyn Fn(&Task) + Send + Sync> = Arc::new(move |_: &Task| {
+                recorder.lock().expect("lock").push(tokio::time::Instant::now());
+            });
+            Arc::new(plba_testkit::BeforeEach::new(h, note)) as Arc<dyn TaskHandler>
+        },
     )
     .await;
     tokio::time::timeout(

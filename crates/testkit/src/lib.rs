@@ -174,6 +174,59 @@ impl TaskSource for StaticSource {
     }
 }
 
+/// A handler that runs a hook on each task, then hands the task unchanged to the handler
+/// it wraps (every method forwarded): for tests that act between a task's publish and its
+/// handling (delete the message it points at, note the time of each attempt).
+pub struct BeforeEach {
+    inner: Arc<dyn TaskHandler>,
+    hook: Arc<dyn Fn(&Task) + Send + Sync>,
+}
+
+impl std::fmt::Debug for BeforeEach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BeforeEach").finish_non_exhaustive()
+    }
+}
+
+impl BeforeEach {
+    /// `inner`, with `hook` run on each task first.
+    pub fn new(inner: Arc<dyn TaskHandler>, hook: Arc<dyn Fn(&Task) + Send + Sync>) -> Self {
+        Self { inner, hook }
+    }
+}
+
+impl TaskHandler for BeforeEach {
+    fn handle<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a runtime_contracts::HandlerContext,
+    ) -> BoxFuture<'a, Result<runtime_contracts::Outcome, runtime_contracts::HandlerError>> {
+        (self.hook)(task);
+        self.inner.handle(task, ctx)
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        tasks: &'a [Arc<Task>],
+        ctx: &'a runtime_contracts::HandlerContext,
+    ) -> BoxFuture<'a, Vec<Result<runtime_contracts::Outcome, runtime_contracts::HandlerError>>>
+    {
+        for task in tasks {
+            (self.hook)(task);
+        }
+        self.inner.handle_batch(tasks, ctx)
+    }
+
+    fn on_dead_letter<'a>(
+        &'a self,
+        task: &'a Task,
+        ctx: &'a runtime_contracts::HandlerContext,
+        failure: &'a runtime_contracts::AttemptFailure,
+    ) -> BoxFuture<'a, ()> {
+        self.inner.on_dead_letter(task, ctx, failure)
+    }
+}
+
 /// A module that registers one handler for `kind` on `pool` (declaring the pool), and
 /// optionally a source of its own publishing to it; it has no configuration.
 pub struct OneHandler {

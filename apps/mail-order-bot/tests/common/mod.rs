@@ -603,36 +603,12 @@ impl TaskHandler for Stall {
 /// the message is fetched), so that a message can vanish between publish and fetch.
 pub struct DeleteBeforeFetch<F>(pub F);
 
-struct Deleting(Arc<dyn TaskHandler>, Arc<dyn Fn(&Task) + Send + Sync>);
-
-impl TaskHandler for Deleting {
-    fn handle<'a>(
-        &'a self,
-        task: &'a Task,
-        ctx: &'a HandlerContext,
-    ) -> BoxFuture<'a, Result<Outcome, HandlerError>> {
-        (self.1)(task);
-        self.0.handle(task, ctx)
-    }
-
-    fn handle_batch<'a>(
-        &'a self,
-        tasks: &'a [Arc<Task>],
-        ctx: &'a HandlerContext,
-    ) -> BoxFuture<'a, Vec<Result<Outcome, HandlerError>>> {
-        for task in tasks {
-            (self.1)(task);
-        }
-        self.0.handle_batch(tasks, ctx)
-    }
-}
-
 impl<F: Fn(&Task) + Send + Sync + 'static> DeleteBeforeFetch<F> {
     /// The module to hand `build_runtime`.
     pub fn module(self) -> Arc<dyn ApplicationModule> {
         let delete: Arc<dyn Fn(&Task) + Send + Sync> = Arc::new(self.0);
         Arc::new(WrappedModule::new("delete-before-fetch", move |h| {
-            Arc::new(Deleting(h, Arc::clone(&delete))) as Arc<dyn TaskHandler>
+            Arc::new(plba_testkit::BeforeEach::new(h, Arc::clone(&delete))) as Arc<dyn TaskHandler>
         }))
     }
 }
